@@ -1,0 +1,60 @@
+"""The gate G([h, c]) and the hard choice of one expert per vision token.
+
+Training uses hard Gumbel-Softmax with the straight-through estimator (torch's
+`F.gumbel_softmax(hard=True)`): the forward choice is argmax(logits + Gumbel noise), i.e. a
+categorical sample from softmax(logits) whatever tau is; tau only shapes the gradient.
+Sampling uses argmax. The gate probabilities softmax(logits) are kept apart from the choice.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Gate(nn.Module):
+    """MLP on the concatenation [h, c]; the c half is computed once per sample, not per token."""
+
+    def __init__(self, dim: int, cond_dim: int, hidden: int, num_experts: int) -> None:
+        super().__init__()
+        self.token = nn.Linear(dim, hidden)  # W1 restricted to the token half of [h, c]
+        self.cond = nn.Linear(cond_dim, hidden, bias=False)  # W1 restricted to the c half
+        self.out = nn.Linear(hidden, num_experts)
+        nn.init.normal_(self.out.weight, std=0.02)  # small, not zero: routing varies from the start
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """h (B, N, D), c (B, Dc) -> logits (B, N, K)."""
+        return self.out(F.silu(self.token(h) + self.cond(c)[:, None, :]))
+
+
+def sample_choice(logits: torch.Tensor, tau: float, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pick one expert per token. Returns (expert (B, N) long, straight-through one-hot (B, N, K) or None)."""
+    if not training:
+        return logits.argmax(-1), None
+    y = F.gumbel_softmax(logits, tau=tau, hard=True)  # (B, N, K): one-hot forward, soft gradient
+    return y.argmax(-1), y
+
+
+def straight_through_weight(onehot: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """Scale (B, N) with value exactly 1 and the straight-through gradient of the chosen expert.
+
+    Written as y_e - y_e.detach() + 1 rather than y_e so that an expert forced by a hook (whose
+    one-hot entry is 0) still runs at full strength.
+    """
+    y_e = onehot.gather(-1, expert.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, N)
+    return y_e - y_e.detach() + 1.0
+
+
+def balance_loss(expert: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Switch-Transformer balance loss K * sum_k f_k P_k for one routing step.
+
+    f_k: fraction of (non-ablated) tokens whose hard choice is k; P_k: mean gate probability of k.
+    Equals 1 for uniform routing and K when every token and all probability go to one expert.
+    """
+    K = probs.shape[-1]
+    valid = expert >= 0
+    f = torch.bincount(expert[valid], minlength=K).to(probs.dtype) / valid.sum().clamp(min=1)
+    P = probs.reshape(-1, K).mean(0)
+    return K * (f * P).sum()
