@@ -20,6 +20,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _PermuteRows(torch.autograd.Function):
+    """x[perm] whose backward is the inverse permutation (a gather), not index_add's scatter."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 class LoRAExperts(nn.Module):
     def __init__(self, num_experts: int, in_dim: int, out_dim: int, rank: int, scaling: float = 1.0,
                  dropout: float = 0.0) -> None:
@@ -48,8 +62,10 @@ class LoRAExperts(nn.Module):
         x = self.dropout(h).reshape(Bsz * N, D)  # (T, D)
         keys = expert.reshape(-1) + 1  # (T,) 0 = no adapter, k+1 = expert k
         order = torch.argsort(keys, stable=True)  # tokens grouped by expert, spatial order kept inside a group
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
         counts = torch.bincount(keys, minlength=self.num_experts + 1).tolist()
-        groups = x.index_select(0, order).split(counts)  # contiguous views, one per expert
+        groups = _PermuteRows.apply(x, order, inverse).split(counts)  # contiguous views, one per expert
         outs = [x.new_zeros(counts[0], 3 * self.out_dim)] if counts[0] else []
         for k, g in enumerate(groups[1:]):
             if g.shape[0] == 0:
@@ -57,9 +73,7 @@ class LoRAExperts(nn.Module):
             z = (g @ self.A[k]).view(-1, 3, self.rank).transpose(0, 1)  # (3, n_k, r)
             outs.append(torch.bmm(z, self.B[k]).transpose(0, 1).reshape(-1, 3 * self.out_dim))  # (n_k, 3*Do)
         out_sorted = torch.cat(outs) if outs else x.new_zeros(0, 3 * self.out_dim)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        out = out_sorted.index_select(0, inverse) * self.scaling  # (T, 3*Do), spatial order again
+        out = _PermuteRows.apply(out_sorted, inverse, order) * self.scaling  # (T, 3*Do), spatial order again
         if weight is not None:
             out = out * weight.reshape(-1, 1)
         dq, dk, dv = out.view(Bsz, N, 3, self.out_dim).unbind(2)
