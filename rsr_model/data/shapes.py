@@ -1,0 +1,547 @@
+"""Embedded compositional data: coloured shapes with captions and ground truth.
+
+Why: no image data can be downloaded, yet training and GenEval-style scoring need
+captions whose every word is checkable in the pixels.  Each image comes from a
+`Scene` (the ground truth), the caption is generated from the scene, and `score`
+re-detects the objects from pixels alone, so the same module both makes the data
+and judges generated images.
+
+Conventions
+- Scene geometry is in normalised image coordinates: x to the right, y downwards,
+  both in [0, 1]; `size` is the side of an object's square bounding box.  The same
+  scene renders at any resolution.
+- Background is plain black.  Shapes are antialiased from signed distances, so an
+  edge pixel is the object colour scaled by its coverage; dividing a pixel by its
+  brightest channel recovers the object's hue, which is what `score` classifies.
+- GenEval categories (names as GenEval spells them): single_object, two_object,
+  counting, colors, color_attr, position.  Captions say only what the category
+  tests: "a circle", "a circle and a square", "three triangles", "a red circle",
+  "a red circle and a blue square", "a red circle left of a blue square".
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+# --- vocabulary -------------------------------------------------------------------
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")  # default vocabulary
+ALL_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")  # renderable and detectable
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+
+# Well separated in hue (after dividing by the brightest channel), so antialiased or
+# dimmed pixels still classify; all bright enough to stand out from black.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 100, 240),
+    "yellow": (240, 220, 40),
+    "purple": (160, 70, 220),
+    "white": (235, 235, 235),
+}
+COLOURS: tuple[str, ...] = tuple(PALETTE)
+BACKGROUND = (0, 0, 0)
+
+CATEGORIES: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "color_attr", "position")
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
+MAX_OBJECTS = 4
+
+# Geometry (normalised units).  At 32x32: sizes 8-12 px, >= 2.5 px between objects,
+# >= 1 px from the border; position pairs are offset along the named axis by at
+# least 0.1 (3 px) more than along the other axis, so the relation is unambiguous.
+SIZE_RANGE = (0.25, 0.375)
+GAP = 0.08
+MARGIN = 0.03
+REL_MARGIN = 0.1
+
+_PALETTE_ARR = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)  # (C, 3)
+_PALETTE_HUE = _PALETTE_ARR / _PALETTE_ARR.max(axis=1, keepdims=True)  # (C, 3)
+_FG_THRESHOLD = 100  # brightest channel >= this -> foreground (coverage >= ~0.42)
+
+
+# --- scene structure --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Obj:
+    """One shape: centre (cx, cy) and bounding-box side `size`, all normalised."""
+
+    shape: str
+    colour: str
+    cx: float
+    cy: float
+    size: float
+
+    @property
+    def bbox(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) in normalised coordinates; multiply by resolution for pixels."""
+        h = self.size / 2
+        return (self.cx - h, self.cy - h, self.cx + h, self.cy + h)
+
+    def to_dict(self) -> dict:
+        return {"shape": self.shape, "colour": self.colour, "cx": self.cx, "cy": self.cy,
+                "size": self.size, "bbox": list(self.bbox)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Obj":
+        return cls(str(d["shape"]), str(d["colour"]), float(d["cx"]), float(d["cy"]), float(d["size"]))
+
+
+@dataclass(frozen=True)
+class Relation:
+    """objects[a] <kind> objects[b], e.g. kind="left of"."""
+
+    kind: str
+    a: int
+    b: int
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Ground truth of one image: its GenEval category, objects and optional relation."""
+
+    category: str
+    objects: tuple[Obj, ...]
+    relation: Relation | None = None
+
+    def to_dict(self) -> dict:
+        rel = None if self.relation is None else {"kind": self.relation.kind, "a": self.relation.a, "b": self.relation.b}
+        return {"category": self.category, "objects": [o.to_dict() for o in self.objects], "relation": rel}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scene":
+        r = d.get("relation")
+        rel = None if r is None else Relation(str(r["kind"]), int(r["a"]), int(r["b"]))
+        return cls(str(d["category"]), tuple(Obj.from_dict(o) for o in d["objects"]), rel)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, s: str) -> "Scene":
+        return cls.from_dict(json.loads(s))
+
+
+@dataclass(frozen=True)
+class Group:
+    """What a caption asks for: `count` objects of `shape`, of `colour` when not None."""
+
+    shape: str
+    colour: str | None
+    count: int
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The checkable content of a caption: groups, and for position a relation between
+    group 0 and group 1 (every object of group 0 <relation> every object of group 1)."""
+
+    groups: tuple[Group, ...]
+    relation: str | None = None
+    counting: bool = False  # caption uses number words ("one circle" rather than "a circle")
+
+
+# --- scene sampling ---------------------------------------------------------------
+
+def _place(rng: np.random.Generator, sizes: np.ndarray, relation: str | None = None,
+           tries: int = 128) -> np.ndarray:
+    """Centres (k, 2) for boxes of the given sizes: inside the image, pairwise gap >= GAP,
+    and objects 0/1 satisfying `relation` with margin.  Vectorised rejection sampling;
+    shrinks sizes in place (deterministically) if a configuration is hard to find."""
+    k = len(sizes)
+    for _ in range(50):
+        lo = sizes / 2 + MARGIN  # (k,)
+        hi = 1 - lo
+        c = lo[None, :, None] + rng.random((tries, k, 2)) * (hi - lo)[None, :, None]  # (T, k, 2)
+        ok = np.ones(tries, dtype=bool)
+        for i in range(k):
+            for j in range(i + 1, k):
+                d = np.abs(c[:, i] - c[:, j]).max(axis=1)  # Chebyshev distance of centres (T,)
+                ok &= d - (sizes[i] + sizes[j]) / 2 >= GAP
+        if relation is not None:
+            dx = c[:, 1, 0] - c[:, 0, 0]  # b.x - a.x
+            dy = c[:, 1, 1] - c[:, 0, 1]
+            along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+            ok &= along >= np.abs(across) + REL_MARGIN
+        idx = np.flatnonzero(ok)
+        if idx.size:
+            return c[idx[0]]
+        sizes *= 0.92
+    raise RuntimeError("could not place objects")  # unreachable for k <= 4 with default sizes
+
+
+def make_scene(rng: np.random.Generator, category: str | None = None,
+               shapes: Sequence[str] = SHAPES, colours: Sequence[str] = COLOURS) -> Scene:
+    """Sample one scene of `category` (uniform over CATEGORIES when None)."""
+    if category is None:
+        category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
+    ns, nc = len(shapes), len(colours)
+    relation = None
+    if category in ("single_object", "colors"):
+        sh = [shapes[int(rng.integers(ns))]]
+        co = [colours[int(rng.integers(nc))]]
+    elif category == "counting":
+        n = int(rng.integers(1, MAX_OBJECTS + 1))
+        sh = [shapes[int(rng.integers(ns))]] * n
+        co = [colours[int(rng.integers(nc))]] * n
+    else:  # two objects of different shapes
+        si = rng.choice(ns, 2, replace=False)
+        sh = [shapes[int(i)] for i in si]
+        if category == "two_object":
+            co = [colours[int(i)] for i in rng.integers(nc, size=2)]
+        else:  # color_attr, position: distinct colours too
+            co = [colours[int(i)] for i in rng.choice(nc, 2, replace=False)]
+        if category == "position":
+            relation = RELATIONS[int(rng.integers(len(RELATIONS)))]
+    sizes = rng.uniform(*SIZE_RANGE, size=len(sh))
+    centres = _place(rng, sizes, relation)
+    objs = tuple(Obj(s, c, float(x), float(y), float(z)) for s, c, (x, y), z in zip(sh, co, centres, sizes))
+    return Scene(category, objs, None if relation is None else Relation(relation, 0, 1))
+
+
+# --- captions ---------------------------------------------------------------------
+
+def spec_of(scene: Scene) -> Spec:
+    """The caption-level content of a scene (what its category asks to be checked)."""
+    cat, o = scene.category, scene.objects
+    if cat == "single_object":
+        return Spec((Group(o[0].shape, None, 1),))
+    if cat == "two_object":
+        return Spec((Group(o[0].shape, None, 1), Group(o[1].shape, None, 1)))
+    if cat == "counting":
+        return Spec((Group(o[0].shape, None, len(o)),), counting=True)
+    if cat == "colors":
+        return Spec((Group(o[0].shape, o[0].colour, 1),))
+    if cat == "color_attr":
+        return Spec((Group(o[0].shape, o[0].colour, 1), Group(o[1].shape, o[1].colour, 1)))
+    if cat == "position":
+        r = scene.relation
+        a, b = o[r.a], o[r.b]
+        return Spec((Group(a.shape, a.colour, 1), Group(b.shape, b.colour, 1)), r.kind)
+    raise ValueError(f"unknown category {cat!r}")
+
+
+def _phrase(g: Group, counting: bool) -> str:
+    n = NUMBERS[g.count] if (counting or g.count > 1) else "a"
+    noun = PLURALS[g.shape] if g.count > 1 else g.shape
+    return " ".join(w for w in (n, g.colour, noun) if w)
+
+
+def spec_text(spec: Spec) -> str:
+    """Render a Spec as a caption (inverse of `parse_caption`)."""
+    parts = [_phrase(g, spec.counting) for g in spec.groups]
+    if spec.relation:
+        return f"{parts[0]} {spec.relation} {parts[1]}"
+    return " and ".join(parts)
+
+
+def caption(scene: Scene) -> str:
+    """The scene's caption, e.g. "a red circle left of a blue square"."""
+    return spec_text(spec_of(scene))
+
+
+def all_captions(shapes: Sequence[str] = SHAPES, colours: Sequence[str] = COLOURS) -> list[str]:
+    """Every caption `make_scene` can produce with this vocabulary (about 940 by
+    default), e.g. to pre-encode them all once before training."""
+    out: list[str] = []
+    pairs = [(a, b) for a in shapes for b in shapes if a != b]
+    cpairs = [(a, b) for a in colours for b in colours if a != b]
+    out += [spec_text(Spec((Group(s, None, 1),))) for s in shapes]
+    out += [spec_text(Spec((Group(a, None, 1), Group(b, None, 1)))) for a, b in pairs]
+    out += [spec_text(Spec((Group(s, None, n),), counting=True)) for s in shapes for n in NUMBERS]
+    out += [spec_text(Spec((Group(s, c, 1),))) for s in shapes for c in colours]
+    out += [spec_text(Spec((Group(a, ca, 1), Group(b, cb, 1)), rel))
+            for rel in (None, *RELATIONS) for a, b in pairs for ca, cb in cpairs]
+    return out
+
+
+_WORD_NUM = {"a": 1, "an": 1, **{v: k for k, v in NUMBERS.items()}}
+_NOUNS = {**{s: s for s in ALL_SHAPES}, **{p: s for s, p in PLURALS.items()}}
+_REL_RE = re.compile(r"\s+(left of|right of|above|below)\s+")
+
+
+def _parse_phrase(p: str) -> tuple[Group, bool]:
+    words = p.split()
+    if not 2 <= len(words) <= 3 or words[0] not in _WORD_NUM or words[-1] not in _NOUNS:
+        raise ValueError(f"cannot parse phrase {p!r}")
+    colour = words[1] if len(words) == 3 else None
+    if colour is not None and colour not in PALETTE:
+        raise ValueError(f"unknown colour {colour!r}")
+    return Group(_NOUNS[words[-1]], colour, _WORD_NUM[words[0]]), words[0] not in ("a", "an")
+
+
+def parse_caption(text: str) -> Spec:
+    """Parse a caption of this grammar (also prompts such as "two red circles left of a
+    blue square") into a Spec, so prompts can be scored without a Scene."""
+    t = " ".join(text.lower().strip().rstrip(".").split())
+    for prefix in ("a photo of ", "an image of "):
+        t = t.removeprefix(prefix)
+    m = _REL_RE.search(t)
+    if m:
+        parts, relation = [t[:m.start()], t[m.end():]], m.group(1)
+    else:
+        parts, relation = t.split(" and "), None
+    parsed = [_parse_phrase(p) for p in parts]
+    return Spec(tuple(g for g, _ in parsed), relation, any(num for _, num in parsed))
+
+
+# --- rendering --------------------------------------------------------------------
+
+def _sdf(shape_ids: np.ndarray, dx: np.ndarray, dy: np.ndarray, half: np.ndarray) -> np.ndarray:
+    """Signed distance (normalised units, <0 inside) of each object's shape.
+    shape_ids (N,), dx (N,1,W), dy (N,H,1), half (N,1,1) -> (N,H,W)."""
+    out = np.empty((len(shape_ids), dy.shape[1], dx.shape[2]), dtype=np.float32)
+    ax, ay = np.abs(dx), np.abs(dy)
+    for sid, name in enumerate(ALL_SHAPES):
+        m = shape_ids == sid
+        if not m.any():
+            continue
+        X, Y, AX, AY, h = dx[m], dy[m], ax[m], ay[m], half[m]
+        if name == "circle":
+            d = np.sqrt(X * X + Y * Y) - h
+        elif name == "square":
+            d = np.maximum(AX, AY) - h
+        elif name == "triangle":  # apex up, base at the bottom of the box
+            d = np.maximum(Y - h, (2 * AX - Y - h) / np.sqrt(5, dtype=np.float32))
+        else:  # cross: plus sign with arms a third of the box thick
+            t = h / 3
+            d = np.minimum(np.maximum(AX - h, AY - t), np.maximum(AX - t, AY - h))
+        out[m] = d
+    return out
+
+
+def _coverage(shape_ids: np.ndarray, cx: np.ndarray, cy: np.ndarray, size: np.ndarray,
+              res: int) -> np.ndarray:
+    """Antialiased coverage in [0,1] of N objects on a res x res grid: (N, res, res)."""
+    u = (np.arange(res, dtype=np.float32) + 0.5) / res  # pixel centres
+    dx = u[None, None, :] - cx.astype(np.float32)[:, None, None]  # (N,1,W)
+    dy = u[None, :, None] - cy.astype(np.float32)[:, None, None]  # (N,H,1)
+    sd = _sdf(shape_ids, dx, dy, (size.astype(np.float32) / 2)[:, None, None])
+    return np.clip(0.5 - sd * res, 0.0, 1.0)
+
+
+def render_batch(scenes: Sequence[Scene], size: int = 32) -> np.ndarray:
+    """Render scenes together (one vectorised pass over all objects): uint8 (B, H, W, 3)."""
+    B = len(scenes)
+    img_i, slot, sid, cid, cx, cy, sz = [], [], [], [], [], [], []
+    shape_index = {s: i for i, s in enumerate(ALL_SHAPES)}
+    colour_index = {c: i for i, c in enumerate(COLOURS)}
+    for b, sc in enumerate(scenes):
+        for k, o in enumerate(sc.objects):
+            img_i.append(b); slot.append(k); sid.append(shape_index[o.shape]); cid.append(colour_index[o.colour])
+            cx.append(o.cx); cy.append(o.cy); sz.append(o.size)
+    K = max((len(s.objects) for s in scenes), default=0)
+    cov = np.zeros((B, max(K, 1), size, size), dtype=np.float32)  # (B,K,H,W)
+    col = np.zeros((B, max(K, 1), 3), dtype=np.float32)  # (B,K,3)
+    if img_i:
+        img_i, slot = np.array(img_i), np.array(slot)
+        cov[img_i, slot] = _coverage(np.array(sid), np.array(cx), np.array(cy), np.array(sz), size)
+        col[img_i, slot] = _PALETTE_ARR[np.array(cid)]
+    img = np.einsum("bkhw,bkc->bhwc", cov, col)  # objects do not overlap: sum = composite
+    bg = np.asarray(BACKGROUND, dtype=np.float32)
+    if bg.any():
+        img += (1 - cov.sum(1))[..., None] * bg
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def render(scene: Scene, size: int = 32) -> np.ndarray:
+    """Render one scene: uint8 (size, size, 3)."""
+    return render_batch([scene], size)[0]
+
+
+# --- batches ----------------------------------------------------------------------
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+    """uint8 (B,H,W,3) -> float32 (B,3,H,W) in [-1, 1]."""
+    return (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2).copy()
+
+
+def sample_batch(rng: np.random.Generator, batch_size: int, size: int = 32,
+                 categories: Sequence[str] | None = None
+                 ) -> tuple[np.ndarray, list[str], list[Scene]]:
+    """A random batch: (images float32 (B,3,H,W) in [-1,1], captions, scenes).
+    `categories` restricts (uniformly) which categories are drawn."""
+    cats = CATEGORIES if categories is None else tuple(categories)
+    scenes = [make_scene(rng, cats[int(rng.integers(len(cats)))]) for _ in range(batch_size)]
+    return to_model_range(render_batch(scenes, size)), [caption(s) for s in scenes], scenes
+
+
+class ShapesDataset:
+    """A fixed, indexable set of `n` scenes; item i depends only on (seed, i), so a
+    larger set extends a smaller one.  Images are rendered once and kept as uint8.
+    `ds[i]` -> (image float32 (3,H,W) in [-1,1], caption); `ds.scenes[i]` is the truth."""
+
+    def __init__(self, n: int, seed: int = 0, size: int = 32, categories: Sequence[str] | None = None):
+        cats = CATEGORIES if categories is None else tuple(categories)
+        self.size = size
+        self.scenes: list[Scene] = []
+        for i in range(n):
+            rng = np.random.default_rng([seed, i])
+            self.scenes.append(make_scene(rng, cats[int(rng.integers(len(cats)))]))
+        self.captions = [caption(s) for s in self.scenes]
+        chunks = [render_batch(self.scenes[i:i + 1024], size) for i in range(0, n, 1024)]
+        self.images = np.concatenate(chunks) if chunks else np.zeros((0, size, size, 3), np.uint8)  # (n,H,W,3)
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, str]:
+        return to_model_range(self.images[[i]])[0], self.captions[i]
+
+    def batch(self, idx: Sequence[int] | np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """Images float32 (B,3,H,W) in [-1,1] and captions for the given indices."""
+        idx = np.asarray(idx)
+        return to_model_range(self.images[idx]), [self.captions[int(i)] for i in idx]
+
+    def batches(self, batch_size: int, seed: int = 0) -> Iterator[tuple[np.ndarray, list[str]]]:
+        """Endless shuffled batches, deterministic by seed."""
+        rng = np.random.default_rng(seed)
+        while True:
+            perm = rng.permutation(len(self))
+            for s in range(0, len(perm) - batch_size + 1, batch_size):
+                yield self.batch(perm[s:s + batch_size])
+
+
+# --- ground-truth scorer ----------------------------------------------------------
+
+@dataclass
+class Detection:
+    """An object found in pixels (normalised centre/size of its bounding box)."""
+
+    shape: str
+    colour: str
+    cx: float
+    cy: float
+    size: float
+    area: int  # pixels
+    fill: float  # area / bbox area: circle ~0.785, square ~1, triangle ~0.5, cross ~0.56
+    iou: float  # soft IoU with the fitted template of `shape`
+
+
+def _as_uint8_hwc(image: np.ndarray) -> np.ndarray:
+    """Accept uint8 HWC, or float in [-1,1] as HWC or CHW (numpy or torch)."""
+    a = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
+    if a.ndim != 3:
+        raise ValueError(f"expected one image (3 dims), got shape {a.shape}")
+    if a.shape[0] == 3 and a.shape[-1] != 3:
+        a = a.transpose(1, 2, 0)
+    if a.dtype != np.uint8:
+        a = np.clip(np.rint((a.astype(np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
+    return a
+
+
+# Area of each shape relative to its bounding box, and the offset of its centroid below
+# the box centre (in box sides); used to fit a template to a blob's soft moments.
+_FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "cross": 5 / 9}
+_CENTROID_DY = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6, "cross": 0.0}
+
+
+def detect(image: np.ndarray, min_area: float | None = None) -> list[Detection]:
+    """Find objects from pixels alone.
+
+    Foreground = brightest channel >= threshold; objects = 8-connected components
+    (smaller than `min_area` pixels: noise).  Colour = palette hue nearest the blob's
+    mean hue.  Shape: soft coverage (brightness / colour peak) over the blob grown by a
+    pixel gives its area and centroid; for each shape those fix a template (size from
+    area / fill, centre from centroid), and the template with the best soft IoU wins
+    (below 0.5: "unknown").  Using soft coverage keeps 8 px circles apart from squares."""
+    img = _as_uint8_hwc(image)
+    res = img.shape[0]
+    if min_area is None:
+        min_area = max(4.0, 0.1 * (SIZE_RANGE[0] * res) ** 2)
+    f = img.astype(np.float32)
+    peak = f.max(axis=2)  # (H,W)
+    labels, n = ndimage.label(peak >= _FG_THRESHOLD, structure=np.ones((3, 3)))
+    out: list[Detection] = []
+    if n == 0:
+        return out
+    hue = f / np.maximum(peak, 1.0)[..., None]  # (H,W,3)
+    ring = np.ones((3, 3), dtype=bool)
+    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
+        m = labels[sl] == k
+        area = int(m.sum())
+        if area < min_area:
+            continue
+        ys, xs = sl
+        h, w = ys.stop - ys.start, xs.stop - xs.start
+        cid = int(np.argmin(((_PALETTE_HUE - hue[sl][m].mean(axis=0)) ** 2).sum(1)))
+        # window 2 px larger than the box; soft coverage on the blob grown by one pixel
+        y0, y1 = max(ys.start - 2, 0), min(ys.stop + 2, res)
+        x0, x1 = max(xs.start - 2, 0), min(xs.stop + 2, res)
+        lab = labels[y0:y1, x0:x1]
+        region = ndimage.binary_dilation(lab == k, ring) & ((lab == 0) | (lab == k))
+        cov = np.where(region, np.clip(peak[y0:y1, x0:x1] / _PALETTE_ARR[cid].max(), 0, 1), 0)  # (h', w')
+        A = float(cov.sum())
+        v = np.arange(y0, y1, dtype=np.float32) + 0.5
+        u = np.arange(x0, x1, dtype=np.float32) + 0.5
+        gx = float((cov.sum(0) * u).sum() / A) / res  # centroid, normalised
+        gy = float((cov.sum(1) * v).sum() / A) / res
+        sizes = np.array([np.sqrt(A / _FILL[s]) / res for s in ALL_SHAPES], dtype=np.float32)
+        cys = np.array([gy - _CENTROID_DY[s] * z for s, z in zip(ALL_SHAPES, sizes)], dtype=np.float32)
+        dx = (u / res)[None, None, :] - np.full(len(ALL_SHAPES), gx, np.float32)[:, None, None]
+        dy = (v / res)[None, :, None] - cys[:, None, None]
+        tmpl = np.clip(0.5 - _sdf(np.arange(len(ALL_SHAPES)), dx, dy, (sizes / 2)[:, None, None]) * res, 0, 1)
+        iou = np.minimum(tmpl, cov).sum((1, 2)) / np.maximum(np.maximum(tmpl, cov).sum((1, 2)), 1e-6)  # (S,)
+        best = int(np.argmax(iou))
+        shape = ALL_SHAPES[best] if iou[best] >= 0.5 else "unknown"
+        out.append(Detection(shape, COLOURS[cid], (xs.start + xs.stop) / 2 / res, (ys.start + ys.stop) / 2 / res,
+                             max(h, w) / res, area, area / (h * w), float(iou[best])))
+    return out
+
+
+def _members(dets: list[Detection], g: Group, named: dict[tuple[str, str], int]) -> list[Detection]:
+    """Detections standing for group g: its shape and colour; for a group without a colour,
+    those of its shape whose colour no other group names."""
+    if g.colour is not None:
+        return [d for d in dets if d.shape == g.shape and d.colour == g.colour]
+    return [d for d in dets if d.shape == g.shape and (g.shape, d.colour) not in named]
+
+
+def _holds(a: Detection, b: Detection, relation: str) -> bool:
+    """Dominant-axis rule: a is <relation> b when b-a along the named axis is positive,
+    at least 1/20 of the image, and larger than the offset along the other axis."""
+    dx, dy = b.cx - a.cx, b.cy - a.cy
+    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+    return along >= max(abs(across), 0.05)
+
+
+def score(image: np.ndarray, scene: Scene | Spec | str) -> dict:
+    """GenEval-style check of an image against a scene, a Spec, or a caption string.
+
+    Returns {"correct": bool (the caption is satisfied: for each shape it names, the
+    number detected equals the number asked; at least as many of each named colour as
+    asked; the relation for every pair of the two groups), "checks": {name: bool},
+    "exact": bool | None (a Scene only: detected (shape, colour) multiset equals the
+    scene's, so also unnamed colours and no extra objects), "detected": [dict]}.
+    Unnamed shapes are ignored, as in GenEval; stricter than GenEval in one way: counts
+    must be exact in every category ("a circle" fails on an image with two circles)."""
+    dets = detect(image)
+    spec = parse_caption(scene) if isinstance(scene, str) else spec_of(scene) if isinstance(scene, Scene) else scene
+    checks: dict[str, bool] = {}
+    need_total: dict[str, int] = {}
+    need_colour: dict[tuple[str, str], int] = {}
+    for g in spec.groups:
+        need_total[g.shape] = need_total.get(g.shape, 0) + g.count
+        if g.colour is not None:
+            need_colour[g.shape, g.colour] = need_colour.get((g.shape, g.colour), 0) + g.count
+    for shape, n in need_total.items():  # exact count per named shape (other shapes ignored)
+        checks[f"count:{shape}"] = sum(d.shape == shape for d in dets) == n
+    for (shape, colour), n in need_colour.items():  # at least that many of a named colour
+        checks[f"colour:{colour} {shape}"] = sum(d.shape == shape and d.colour == colour for d in dets) >= n
+    if spec.relation:
+        members = [_members(dets, g, need_colour) for g in spec.groups[:2]]
+        checks[f"relation:{spec.relation}"] = bool(members[0]) and bool(members[1]) and all(
+            _holds(a, b, spec.relation) for a in members[0] for b in members[1])
+    exact = None
+    if isinstance(scene, Scene):
+        exact = sorted((d.shape, d.colour) for d in dets) == sorted((o.shape, o.colour) for o in scene.objects)
+    return {"correct": all(checks.values()), "checks": checks, "exact": exact,
+            "category": scene.category if isinstance(scene, Scene) else None,
+            "detected": [d.__dict__.copy() for d in dets]}
