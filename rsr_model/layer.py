@@ -88,6 +88,7 @@ class RSRAttnProcessor(nn.Module):
         self.timestep: torch.Tensor | None = None  # (B,), idem
         self.exit_step: int | None = None
         self.last_balance: torch.Tensor | None = None  # balance loss of the last training forward
+        self.last_load: torch.Tensor | None = None  # (K,) share of tokens per expert, last training forward
 
     # --- hooks -------------------------------------------------------------------------------
     def _fire(self, hp: HookPoint, value, step: int | None = None):
@@ -163,12 +164,15 @@ class RSRAttnProcessor(nn.Module):
         c = self._fire(self.hp_cond, self.cond)  # (B, Dc)
         text = self._text_qkv(attn, y) if y is not None else None
         steps = self.steps if self.exit_step is None else min(self.exit_step, self.steps - 1) + 1
-        h, balances = x, []
+        h, balances, loads = x, [], []
         for s in range(steps):
             h = self._fire(self.hp_steps[s].latent, h, s)  # (B, N, D)
             expert, weight, bal = self._route(h, c, s)
             if bal is not None:
                 balances.append(bal)
+            if self.training:  # routing health for progress bars (cheap: one bincount)
+                valid = expert[expert >= 0]
+                loads.append(torch.bincount(valid, minlength=self.num_experts).float() / max(1, valid.numel()))
             dq, dk, dv = self.experts(h, expert, weight)  # each (B, N, D)
             if s < steps - 1:
                 hv, _ = self._attend(attn, dq, dk, dv, text)
@@ -176,6 +180,7 @@ class RSRAttnProcessor(nn.Module):
             else:
                 hv, ht = self._attend(attn, attn.to_q(x) + dq, attn.to_k(x) + dk, attn.to_v(x) + dv, text)
         self.last_balance = torch.stack(balances).mean() if balances else None
+        self.last_load = torch.stack(loads).mean(0) if loads else None
         hv = attn.to_out[1](attn.to_out[0](hv))  # (B, N, D)
         hv = self._fire(self.hp_out, hv)
         if y is None:

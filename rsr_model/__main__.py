@@ -1,0 +1,141 @@
+"""Command line: `python -m rsr_model train|sample ...`.
+
+Bad input ends with a one-line `error: ...` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 4,8,12, got {s!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import MODES
+    from .tasks import TASKS
+
+    p = Parser(prog="python -m rsr_model", description="Train and sample RSR diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    t = sub.add_parser("train", help="train a preset and write a checkpoint",
+                       description="Train a preset. With no --stage, two-stage presets train the base, then RSR.")
+    t.add_argument("--preset", default="tiny", choices=sorted(TASKS))
+    t.add_argument("--stage", choices=["base", "rsr"], default=None)
+    t.add_argument("--base", type=Path, help="base-stage checkpoint (with --stage rsr)")
+    t.add_argument("--steps", type=positive_int, help="optimizer steps per stage (default: the preset's)")
+    t.add_argument("--out", type=Path, default=Path("sd3_rsr.pt"))
+    t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=positive_int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--save-every", type=positive_int, default=200)
+    t.add_argument("--mode", choices=MODES)
+    t.add_argument("--experts", type=int, help="K")
+    t.add_argument("--latent-steps", type=int, help="L")
+    t.add_argument("--rank", type=int)
+    t.add_argument("--target-layers", type=int_list)
+    t.add_argument("--tau", type=float, help="Gumbel-Softmax temperature")
+    t.add_argument("--balance-weight", type=float)
+    t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    t.add_argument("--pretrained", type=Path, help="local diffusers SD3 folder (preset sd3)")
+    t.add_argument("--data", type=Path, help="image-caption folder with metadata.jsonl (preset sd3)")
+
+    s = sub.add_parser("sample", help="sample images from a checkpoint")
+    s.add_argument("--ckpt", type=Path, default=Path("sd3_rsr.pt"))
+    s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    s.add_argument("--prompts-file", type=Path, help="one prompt (or class label) per line")
+    s.add_argument("--label", action="append", default=[], help="class label (class-conditioned presets)")
+    s.add_argument("--num-samples", type=positive_int, default=1, help="images per prompt")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=positive_int, default=28)
+    s.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--out", type=Path, default=Path("out.png"))
+    s.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def read_items(args) -> list[str]:
+    items = list(args.prompt) + list(args.label)
+    if args.prompts_file:
+        try:
+            items += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read prompts file {args.prompts_file}: {e.__class__.__name__}")
+    if not items:
+        raise UsageError("give at least one --prompt, --label or --prompts-file")
+    return items
+
+
+def cmd_train(args) -> None:
+    from .train import train
+
+    out = train(args)
+    print(f"checkpoint: {out}")
+
+
+def cmd_sample(args) -> None:
+    from .sample import generate, image_grid, load_model, save_png
+
+    if args.out.exists() and not args.overwrite:
+        raise UsageError(f"{args.out} exists; pass --overwrite to replace it")
+    items = read_items(args)
+    task, transformer, _, _ = load_model(args.ckpt)
+    parsed = task.parse_items(items)
+    rows = [it for it in parsed for _ in range(args.num_samples)]
+    seeds = [args.seed + j for j in range(len(rows))]
+    x0 = generate(task, transformer, rows, seeds, steps=args.steps, guidance=args.guidance)
+    save_png(image_grid(task.to_images(x0), cols=args.num_samples if len(parsed) > 1 else None), args.out)
+    print(f"wrote {args.out} ({len(rows)} image(s), seeds {seeds[0]}..{seeds[-1]})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .tasks import TaskError
+    from .train import TrainingError
+
+    try:
+        args = build_parser().parse_args(argv)
+        {"train": cmd_train, "sample": cmd_sample}[args.command](args)
+    except (UsageError, ConfigError, CheckpointError, TaskError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the last checkpoint written is intact", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

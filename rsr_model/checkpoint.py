@@ -1,0 +1,66 @@
+"""Checkpoints: everything needed to rebuild a model without the command line that made it.
+
+One `torch.save` dict (loaded with `weights_only=True`, so opening a checkpoint runs no code):
+
+    format, format_version       "rsr-checkpoint", 1
+    preset, stage                training preset name; "base" | "rsr" (the stage in progress or done)
+    backbone                     {"class": diffusers class name, "config": its config dict}
+    base_state                   the backbone's weights when they were trained here (tiny, dit-digits),
+                                 else None and `pretrained` names the folder they come from (sd3)
+    rsr_config, rsr_state        RSR config dict and weights (None before the RSR stage)
+    mode                         the ablation mode ("rsr", "sft", "no_recursion", "no_modulation")
+    text_encoder                 identity of the frozen text encoder (None for class-conditioned)
+    optimizer, step, stage_steps optimizer state and progress, for --resume
+    rng                          torch/numpy generator states at the save
+    args, losses                 the training arguments and the loss log
+
+Written atomically: a temporary file in the same folder, fsync, then rename, so a run killed
+at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT, FORMAT_VERSION = "rsr-checkpoint", 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line meant for users."""
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **ckpt}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, corrupt or not a torch file: "
+                              f"{type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an RSR checkpoint (no '{FORMAT}' format marker)")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {ckpt.get('format_version')} is not supported "
+                              f"(this code reads version {FORMAT_VERSION})")
+    return ckpt

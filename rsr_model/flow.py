@@ -1,0 +1,49 @@
+"""Rectified-flow (flow matching) training targets and Euler sampling, as SD3 trains.
+
+Noise level sigma in [0, 1]: x_t = (1 - sigma) x_0 + sigma * noise, the transformer predicts
+the velocity noise - x_0, and the model's timestep is sigma * 1000 (diffusers' convention).
+Training sigmas come from diffusers' `compute_density_for_timestep_sampling` (logit-normal by
+default, as in SD3; "uniform" also); sampling uses `FlowMatchEulerDiscreteScheduler`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling
+
+NUM_TRAIN_TIMESTEPS = 1000
+WEIGHTINGS = ("logit_normal", "uniform")
+
+
+def make_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+
+
+def training_pair(x0: torch.Tensor, generator: torch.Generator, weighting: str = "logit_normal"
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (x_t, timestep (B,), target velocity) for clean inputs x0 (B, C, H, W)."""
+    B = x0.shape[0]
+    scheme = "logit_normal" if weighting == "logit_normal" else "none"  # "none" is uniform in diffusers
+    sigma = compute_density_for_timestep_sampling(scheme, B, logit_mean=0.0, logit_std=1.0,
+                                                  generator=generator).to(x0.device, x0.dtype)  # (B,)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    s = sigma.view(B, 1, 1, 1)
+    return (1 - s) * x0 + s * noise, sigma * NUM_TRAIN_TIMESTEPS, noise - x0
+
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@torch.no_grad()
+def sample(denoise: Denoiser, noise: torch.Tensor, steps: int, shift: float = 1.0) -> torch.Tensor:
+    """Euler integration from noise (sigma=1) to x_0. `denoise(x, t (B,), i)` returns the velocity."""
+    sched = make_scheduler(shift)
+    sched.set_timesteps(steps, device=noise.device)
+    x = noise
+    for i, t in enumerate(sched.timesteps):
+        v = denoise(x, t.expand(x.shape[0]).to(x.dtype), i)
+        x = sched.step(v, t, x).prev_sample
+    return x

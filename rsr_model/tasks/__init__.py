@@ -1,0 +1,30 @@
+"""Training presets ("tasks"): what to train on, with which backbone and conditioning.
+
+Each task is a small class with the same surface (see `base.Task`), so training, sampling and
+recording never branch on the preset. Add a preset (e.g. FrozenLake navigation) by adding a
+module here and a line to TASKS.
+"""
+
+from __future__ import annotations
+
+from .base import Task, TaskError
+from .digits_dit import DigitsDiT
+from .shapes_sd3 import TinySD3Shapes
+
+TASKS: dict[str, type[Task]] = {
+    TinySD3Shapes.name: TinySD3Shapes,
+    DigitsDiT.name: DigitsDiT,
+}
+
+
+def register(task: type[Task]) -> None:
+    TASKS[task.name] = task
+
+
+def get_task(name: str, **options) -> Task:
+    if name not in TASKS:
+        raise TaskError(f"unknown preset {name!r}; choose from {', '.join(TASKS)}")
+    return TASKS[name](**options)
+
+
+__all__ = ["TASKS", "Task", "TaskError", "get_task", "register"]

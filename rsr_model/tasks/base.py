@@ -1,0 +1,69 @@
+"""The surface every training preset offers."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import RSRConfig
+
+
+class TaskError(ValueError):
+    """Bad input for a task (data folder, pretrained folder, prompt); one line for users."""
+
+
+class Task:
+    name: str = ""
+    conditioning: str = "text"  # "text" (prompts) or "class" (integer labels)
+    two_stage: bool = True  # train the base first (tiny backbones), or fine-tune RSR only (pretrained)
+    default_steps: dict[str, int] = {"base": 1000, "rsr": 300}
+    batch_size: int = 32
+    lr: dict[str, float] = {"base": 1e-3, "rsr": 1e-3}
+    weighting: str = "logit_normal"
+    shift: float = 1.0
+
+    def default_rsr(self) -> RSRConfig:
+        raise NotImplementedError
+
+    def build_backbone(self, backbone: dict | None = None) -> nn.Module:
+        """A fresh backbone, or the one a checkpoint describes ({"class", "config"})."""
+        raise NotImplementedError
+
+    def backbone_record(self, transformer: nn.Module) -> dict[str, Any]:
+        return {"class": type(transformer).__name__, "config": dict(transformer.config)}
+
+    def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clean training inputs x0 (n, C, H, W) and the transformer's conditioning kwargs."""
+        raise NotImplementedError
+
+    def condition(self, items: Sequence) -> dict[str, torch.Tensor]:
+        """Conditioning kwargs for prompts (text tasks) or labels (class tasks)."""
+        raise NotImplementedError
+
+    def null_condition(self, n: int) -> dict[str, torch.Tensor]:
+        """The unconditional branch of classifier-free guidance."""
+        raise NotImplementedError
+
+    def latent_shape(self, transformer: nn.Module) -> tuple[int, int, int]:
+        c = transformer.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    def to_images(self, x0: torch.Tensor) -> np.ndarray:
+        """Model space (B, C, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
+        x = ((x0.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        x = x.transpose(0, 2, 3, 1)
+        return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+
+    def encoder_identity(self) -> dict | None:
+        return None
+
+    def parse_items(self, items: Sequence[str]) -> list:
+        """Command-line prompts/labels to what `condition` takes."""
+        return list(items)
+
+    def describe(self, item) -> dict[str, Any]:
+        """Ground truth of a conditioning item, for traces (e.g. the scene a caption describes)."""
+        return {}

@@ -1,0 +1,256 @@
+"""Training: the base backbone first (tiny presets), then RSR on the frozen base, as in the paper.
+
+    python -m rsr_model train [--preset tiny] [--stage base|rsr] [--steps N] [--out sd3_rsr.pt]
+    accelerate launch -m rsr_model train ...        # several GPUs / mixed precision
+
+Every random draw of step s (data, noise, timesteps, Gumbel noise, dropout) comes from
+generators seeded by (seed, stage, s), so `--resume` from a checkpoint reaches the same
+weights as an uninterrupted run. The checkpoint (see checkpoint.py) is written atomically
+every `--save-every` steps and at the end of each stage.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import ConfigError, RSRConfig
+from .flow import training_pair
+from .install import RSR, arch_of, get_rsr, install_rsr
+from .tasks import Task, get_task
+
+STAGES = ("base", "rsr")
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (e.g. the loss diverged); one line for users."""
+
+
+@dataclass
+class StepInfo:
+    """What a training callback sees after each optimizer step (recording hooks in here)."""
+
+    stage: str
+    step: int
+    loss: float
+    balance: float | None
+    transformer: nn.Module
+    rsr: RSR | None
+    extra: dict = field(default_factory=dict)
+
+
+def stage_seed(seed: int, stage: str, step: int) -> int:
+    return (seed * 1_000_003 + STAGES.index(stage) * 100_003 + step) % (2**63 - 1)
+
+
+def rsr_config_from_args(task: Task, args: Any) -> RSRConfig:
+    cfg = task.default_rsr()
+    changes = {k: v for k, v in dict(mode=args.mode, num_experts=args.experts, latent_steps=args.latent_steps,
+                                       rank=args.rank, target_layers=args.target_layers, gumbel_tau=args.tau,
+                                       balance_weight=args.balance_weight).items() if v is not None}
+    return RSRConfig.from_dict({**cfg.to_dict(), **changes})
+
+
+def check_targets(transformer: nn.Module, cfg: RSRConfig) -> None:
+    """Fail before any training if RSR cannot go where the config says."""
+    depth = len(getattr(transformer, arch_of(transformer).blocks))
+    bad = [i for i in cfg.target_layers if i >= depth]
+    if bad:
+        raise ConfigError(f"target layer(s) {bad} beyond the model's depth ({depth} blocks: 0..{depth - 1})")
+
+
+def build_from_checkpoint(task: Task, ckpt: dict[str, Any]) -> tuple[nn.Module, RSR | None]:
+    """Rebuild backbone (+ RSR) from a checkpoint dict; raises CheckpointError on mismatch."""
+    transformer = task.build_backbone(ckpt.get("backbone"))
+    want = ckpt.get("backbone", {}).get("class")
+    if want and want != type(transformer).__name__:
+        raise CheckpointError(f"checkpoint holds a {want}, preset {task.name!r} builds a {type(transformer).__name__}")
+    try:
+        if ckpt.get("base_state") is not None:
+            transformer.load_state_dict(ckpt["base_state"], strict=True)
+        rsr = None
+        if ckpt.get("rsr_config") is not None:
+            rsr = install_rsr(transformer, RSRConfig.from_dict(ckpt["rsr_config"]))
+            if ckpt.get("rsr_state") is not None:
+                rsr.load_state_dict(ckpt["rsr_state"], strict=True)
+    except (RuntimeError, KeyError, ConfigError) as e:
+        raise CheckpointError(f"checkpoint weights do not fit the model: {str(e).splitlines()[0][:160]}") from None
+    return transformer, rsr
+
+
+def base_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's own weights, without the RSR processors registered inside it."""
+    return {k: v.detach().cpu() for k, v in transformer.state_dict().items() if ".processor." not in k}
+
+
+class Trainer:
+    def __init__(self, args: Any, callbacks: list[Callable[[StepInfo], None]] | None = None) -> None:
+        from accelerate import Accelerator
+
+        self.args = args
+        self.callbacks = callbacks or []
+        self.out = Path(args.out)
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+        self.task = get_task(args.preset, pretrained=getattr(args, "pretrained", None), data=getattr(args, "data", None))
+        self.losses: list[dict[str, Any]] = []
+        self._prepare()
+
+    # --- set-up -----------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        a, task = self.args, self.task
+        if a.resume:
+            self.ckpt = load_checkpoint(self.out)
+            if self.ckpt.get("preset") != task.name:
+                raise CheckpointError(f"{self.out} was trained with preset {self.ckpt.get('preset')!r}, not {task.name!r}")
+            self.transformer, self.rsr = build_from_checkpoint(task, self.ckpt)
+            self.plan, self.progress = self.ckpt["plan"], dict(self.ckpt["progress"])
+            self.rsr_cfg = RSRConfig.from_dict(self.ckpt["rsr_plan"])
+            self.losses = list(self.ckpt.get("losses", []))
+            return
+        if self.out.exists() and not a.overwrite:
+            raise CheckpointError(f"{self.out} exists; pass --resume to continue it or --overwrite to replace it")
+        stages = [a.stage] if a.stage else (list(STAGES) if task.two_stage else ["rsr"])
+        self.rsr_cfg = rsr_config_from_args(task, a)
+        self.rsr = None
+        if a.stage == "rsr" and task.two_stage:
+            if not a.base:
+                raise ConfigError("--stage rsr needs --base CKPT (a checkpoint of the base stage)")
+            base = load_checkpoint(a.base)
+            if base.get("preset") != task.name:
+                raise CheckpointError(f"{a.base} is a {base.get('preset')!r} checkpoint, not {task.name!r}")
+            base = {**base, "rsr_config": None, "rsr_state": None}
+            self.transformer, _ = build_from_checkpoint(task, base)
+        else:
+            self.transformer = task.build_backbone(None)
+        check_targets(self.transformer, self.rsr_cfg)
+        steps = {s: (a.steps if a.steps is not None else task.default_steps[s]) for s in stages}
+        if any(n <= 0 for n in steps.values()):
+            raise ConfigError(f"--steps must be positive, got {a.steps}")
+        self.plan, self.progress = steps, {s: 0 for s in stages}
+        self.ckpt = {}
+
+    def _record(self, stage: str, opt, sched) -> dict[str, Any]:
+        t = self.accelerator.unwrap_model(self.transformer)
+        return {
+            "preset": self.task.name, "stage": stage, "mode": self.rsr_cfg.mode,
+            "backbone": self.task.backbone_record(t),
+            "pretrained": getattr(self.args, "pretrained", None),
+            "base_state": base_state_dict(t) if self.task.two_stage else None,
+            "rsr_config": self.rsr.config.to_dict() if self.rsr is not None else None,
+            "rsr_state": {k: v.detach().cpu() for k, v in self.rsr.state_dict().items()} if self.rsr is not None else None,
+            "rsr_plan": self.rsr_cfg.to_dict(),
+            "text_encoder": self.task.encoder_identity(),
+            "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
+            "plan": self.plan, "progress": dict(self.progress), "step": self.progress[stage],
+            "rng": {"torch": torch.get_rng_state()},
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
+            "losses": self.losses,
+        }
+
+    # --- loop -------------------------------------------------------------------------------
+    def run(self) -> Path:
+        for stage in self.plan:
+            if self.progress[stage] < self.plan[stage]:
+                self._run_stage(stage)
+        return self.out
+
+    def _run_stage(self, stage: str) -> None:
+        from tqdm import tqdm
+
+        a, task, acc = self.args, self.task, self.accelerator
+        if stage == "rsr" and self.rsr is None:
+            self.rsr = install_rsr(self.transformer, self.rsr_cfg)
+        if stage == "base":
+            self.transformer.requires_grad_(True)
+        params = [p for p in (self.rsr.parameters() if stage == "rsr" else self.transformer.parameters()) if p.requires_grad]
+        lr = a.lr if a.lr is not None else task.lr[stage]
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+        warmup = max(1, min(50, self.plan[stage] // 10))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        start = self.progress[stage]
+        if start and self.ckpt.get("stage") == stage:
+            opt.load_state_dict(self.ckpt["optimizer"])
+            sched.load_state_dict(self.ckpt["lr_scheduler"])
+        model, opt = acc.prepare(self.transformer, opt)
+        model.train()
+        rsr = self.rsr if stage == "rsr" else None
+        bs = a.batch_size or task.batch_size
+        total = self.plan[stage]
+        bar = tqdm(total=total, initial=start, desc=f"{task.name}:{stage}", disable=not acc.is_main_process,
+                   dynamic_ncols=True, file=sys.stderr)
+        log = self._log_writer()
+        last_good = self.progress[stage]
+        for step in range(start, total):
+            seed = stage_seed(a.seed + acc.process_index, stage, step)
+            torch.manual_seed(seed)  # Gumbel noise, dropout, DiT's label dropout
+            gen = torch.Generator().manual_seed(seed)
+            x0, cond = task.batch(np.random.default_rng(seed), bs)
+            xt, t, target = training_pair(x0, gen, task.weighting)
+            xt, t, target = (v.to(acc.device) for v in (xt, t, target))
+            cond = {k: v.to(acc.device) for k, v in cond.items()}
+            with acc.autocast():
+                pred = model(hidden_states=xt, timestep=t, **cond).sample
+                fm = F.mse_loss(pred.float(), target.float())
+                bal = rsr.balance_loss() if rsr is not None else None
+                loss = fm + (rsr.config.balance_weight * bal if bal is not None and rsr.config.experts > 3 else 0.0)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise TrainingError(f"loss became {loss.item()} at {stage} step {step}; stopped. "
+                                    f"Last good checkpoint: {self.out} ({stage} step {last_good})"
+                                    if self.out.exists() else f"loss became {loss.item()} at {stage} step {step}; "
+                                    f"stopped before any checkpoint was written")
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            opt.step()
+            sched.step()
+            self.progress[stage] = step + 1
+            entry = {"stage": stage, "step": step + 1, "loss": round(fm.item(), 6),
+                     "balance": round(bal.item(), 4) if bal is not None else None}
+            if rsr is not None:
+                entry["load"] = [round(x, 3) for x in self._load_share()]
+            self.losses.append(entry)
+            log.writerow([entry["stage"], entry["step"], entry["loss"], entry["balance"] or "",
+                          " ".join(map(str, entry.get("load", [])))])
+            bar.update(1)
+            bar.set_postfix(loss=f"{fm.item():.4f}", **({"bal": f"{bal.item():.3f}",
+                                                          "load": "/".join(f"{x:.2f}" for x in entry["load"])}
+                                                         if bal is not None else {}))
+            for cb in self.callbacks:
+                cb(StepInfo(stage, step + 1, fm.item(), entry["balance"], acc.unwrap_model(model), rsr))
+            if (step + 1) % a.save_every == 0 or step + 1 == total:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    save_checkpoint(self._record(stage, opt, sched), self.out)
+                last_good = step + 1
+        bar.close()
+        self._log_file.flush()
+        self.transformer = acc.unwrap_model(model)
+
+    def _load_share(self) -> list[float]:
+        loads = [l.last_load for l in self.rsr.values() if l.last_load is not None]
+        return torch.stack(loads).mean(0).tolist() if loads else []
+
+    def _log_writer(self):
+        path = self.out.with_suffix(self.out.suffix + ".log.csv")
+        if not hasattr(self, "_log_file"):
+            new = not path.exists() or not self.args.resume
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(path, "w" if new else "a", newline="")
+            self._csv = csv.writer(self._log_file)
+            if new:
+                self._csv.writerow(["stage", "step", "loss", "balance", "load_share"])
+        return self._csv
+
+
+def train(args: Any, callbacks: list[Callable[[StepInfo], None]] | None = None) -> Path:
+    return Trainer(args, callbacks).run()
