@@ -1,0 +1,65 @@
+"""Statistics of expert specialization and latent recursion, on numpy arrays and chunk streams.
+
+Modules (each holds the closed-form functions and the streaming accumulators
+for one family of probes; accumulators have ``update(chunk...)`` / ``result()``
+and keep only fixed-size tables, so memory is bounded by the chunk size):
+
+* :mod:`.running`      -- grouped counting / summing primitives (``np.bincount`` on combined keys)
+* :mod:`.routing`      -- load share, utilisation, dead experts, CV, MaxVio, load entropy,
+                          router confidence, balance and z-loss monitors, sampling disagreement
+* :mod:`.information`  -- MI(expert; label) with Miller-Madow, permutation-null and AMI, soft MI, lift
+* :mod:`.transitions`  -- recursion-step transition matrices, persistence, conditional entropy
+* :mod:`.spatial`      -- same-expert share of 4-neighbour patch pairs vs chance
+* :mod:`.stability`    -- agreement / Cohen's kappa between two routings
+* :mod:`.dynamics`     -- latent convergence across recursion steps, fixed point / orbit / drift
+* :mod:`.decoding`     -- cross-validated linear-probe decodability vs shuffled labels
+* :mod:`.projection`   -- PCA and UMAP with recorded parameters
+* :mod:`.causal`       -- effect summaries of interventions
+"""
+
+from .causal import EffectAccumulator, EffectSummary, effect_summary
+from .decoding import ProbeResult, linear_probe
+from .dynamics import (
+    TRAJECTORY_LABELS,
+    ConvergenceAccumulator,
+    ConvergenceMetrics,
+    ConvergenceSummary,
+    classify_trajectories,
+    convergence_metrics,
+    log_slope_rho,
+)
+from .information import (
+    ContingencyAccumulator,
+    MIResult,
+    conditional_entropy,
+    expected_mutual_information,
+    lift_table,
+    mi_summary,
+    miller_madow_mi,
+    mutual_information,
+    sample_null_tables,
+    soft_mutual_information,
+)
+from .projection import Projection, pca, umap_embedding
+from .routing import (
+    GateAccumulator,
+    GateStats,
+    LoadAccumulator,
+    LoadStats,
+    balance_monitor,
+    counts_from_ids,
+    gate_entropy,
+    load_stats,
+    sampling_disagreement,
+    softmax,
+    top1_margin,
+    z_loss,
+)
+from .running import GroupedCounts, GroupedSums, entropy
+from .spatial import SpatialCoherenceAccumulator, SpatialStats, neighbour_agreement
+from .stability import AgreementAccumulator, AgreementStats, agreement_stats, routing_agreement
+from .transitions import TransitionAccumulator, TransitionStats, transition_stats
+
+import types as _types
+
+__all__ = [n for n, v in globals().items() if not n.startswith("_") and not isinstance(v, _types.ModuleType)]

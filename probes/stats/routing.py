@@ -1,0 +1,324 @@
+"""Expert load and router health: how evenly the gate spreads tokens over experts.
+
+Notation: ``K`` experts, ``N_k`` tokens routed (hard assignment) to expert ``k``,
+``f_k = N_k / N`` the *load share*, ``P_k`` the mean gate probability of expert
+``k`` (the *gate mass*).  All load statistics are computed from count vectors
+of shape ``(..., K)``; leading axes are group keys (layer, recursion step,
+timestep bin ...) and every function is vectorised over them.  Hard load and
+soft gate mass are kept apart (they disagree exactly when the router is
+uncertain or when routing is sampled).
+
+References for the definitions: Switch Transformer (balance loss ``K sum f P``),
+ST-MoE (router z-loss), Shazeer et al. 2017 / V-MoE (CV of the load), DeepSeek
+loss-free balancing (MaxVio), OLMoE / NeMo (dead experts, utilisation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+from typing import Sequence
+
+import numpy as np
+from scipy.special import logsumexp
+
+from .running import GroupedCounts, GroupedSums, entropy, safe_div
+
+
+# --------------------------------------------------------------------------- closed-form statistics
+
+
+@dataclass
+class LoadStats:
+    """Load statistics per group; every field has the group shape (``share`` adds ``K``).
+
+    share:            f_k = N_k / N, the load share of each expert.
+    utilisation:      K f_k, load relative to the balanced 1/K (1 = ideal, 0 = unused).
+    dead:             boolean, f_k <= dead_threshold (expert receives (almost) no tokens).
+    n_dead:           number of dead experts.
+    cv:               coefficient of variation std_k(N_k)/mean_k(N_k) (population std):
+                      0 when balanced, sqrt(K-1) at full collapse onto one expert.
+    max_vio:          MaxVio = max_k N_k / mean_k N_k - 1 = K max_k f_k - 1: 0 balanced, K-1 collapsed.
+    norm_entropy:     H(f)/log K in [0, 1]: 1 balanced, 0 collapsed.
+    effective_experts: exp H(f), the number of equally used experts with the same entropy.
+    n:                number of tokens in the group.
+    """
+
+    share: np.ndarray
+    utilisation: np.ndarray
+    dead: np.ndarray
+    n_dead: np.ndarray
+    cv: np.ndarray
+    max_vio: np.ndarray
+    norm_entropy: np.ndarray
+    effective_experts: np.ndarray
+    n: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {k: np.asarray(v).tolist() for k, v in asdict(self).items()}
+
+
+def counts_from_ids(
+    ids: np.ndarray, n_experts: int, groups: Sequence[np.ndarray | int] = (), group_shape: Sequence[int] = ()
+) -> np.ndarray:
+    """Count expert ids (optionally per group) into an array ``group_shape + (K,)``."""
+    acc = GroupedCounts((n_experts,), group_shape)
+    acc.update([ids], groups)
+    return acc.result()
+
+
+def load_stats(counts: np.ndarray, dead_threshold: float = 0.0) -> LoadStats:
+    """Load statistics from expert counts of shape ``(..., K)`` (see :class:`LoadStats`).
+
+    ``dead_threshold`` is the share at or below which an expert counts as dead
+    (0 means: received no token at all).  Empty groups give NaN statistics.
+    """
+    c = np.asarray(counts, dtype=np.float64)
+    k = c.shape[-1]
+    n = c.sum(axis=-1)
+    share = safe_div(c, n[..., None])
+    mean = n / k
+    # population std of the counts: sqrt(mean_k (N_k - mean)^2)
+    std = np.sqrt(np.mean((c - mean[..., None]) ** 2, axis=-1))
+    cv = safe_div(std, mean)
+    max_vio = safe_div(c.max(axis=-1), mean) - 1.0  # max_k N_k / mean N - 1
+    h = entropy(c, axis=-1)
+    norm_h = h / np.log(k) if k > 1 else np.zeros_like(h)
+    dead = np.where(n[..., None] > 0, share <= dead_threshold, False)
+    return LoadStats(
+        share=share,
+        utilisation=k * share,
+        dead=dead,
+        n_dead=dead.sum(axis=-1),
+        cv=cv,
+        max_vio=max_vio,
+        norm_entropy=norm_h,
+        effective_experts=np.exp(h),
+        n=n.astype(np.int64),
+    )
+
+
+def balance_monitor(load_share: np.ndarray, gate_mass: np.ndarray) -> np.ndarray:
+    """Switch-style balance monitor ``K sum_k f_k P_k`` (without the coefficient alpha).
+
+    ``f`` is the hard load share, ``P`` the mean gate probability.  Equals 1 when
+    both are uniform and K at full collapse (f = P = one-hot).  With top-1 routing
+    it can stay near 1 while the load is imbalanced (f skewed but P flat), so
+    read it next to the CV / entropy of ``f``.
+    """
+    f = np.asarray(load_share, dtype=np.float64)
+    p = np.asarray(gate_mass, dtype=np.float64)
+    return f.shape[-1] * np.sum(f * p, axis=-1)
+
+
+def z_loss(logits: np.ndarray) -> float:
+    """ST-MoE router z-loss monitor ``mean_x (logsumexp_k logit_k(x))^2``.
+
+    Large values mean large router logits (sharp, numerically fragile softmax).
+    """
+    lse = logsumexp(np.asarray(logits, dtype=np.float64), axis=-1)
+    return float(np.mean(lse**2))
+
+
+def gate_entropy(probs: np.ndarray) -> np.ndarray:
+    """Per-token entropy (nats) of the gate distribution ``-sum_k p_k log p_k``."""
+    return entropy(probs, axis=-1)
+
+
+def top1_margin(probs: np.ndarray) -> np.ndarray:
+    """Per-token margin ``p_(1) - p_(2)`` between the two largest gate probabilities.
+
+    Near 0: the router hesitates between two experts; near 1: a confident choice.
+    """
+    p = np.asarray(probs)
+    top2 = np.partition(p, p.shape[-1] - 2, axis=-1)[..., -2:]
+    return (top2[..., 1] - top2[..., 0]).astype(np.float64)
+
+
+def sampling_disagreement(sampled_ids: np.ndarray, probs_or_logits: np.ndarray) -> float:
+    """Share of tokens whose sampled expert differs from ``argmax`` of the router.
+
+    With hard Gumbel-softmax routing the forward choice is a sample from
+    softmax(logits) whatever the temperature, so in training traces this is the
+    rate at which training routing and eval (argmax) routing differ.
+    """
+    am = np.argmax(probs_or_logits, axis=-1)
+    return float(np.mean(np.asarray(sampled_ids) != am))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax along the last axis."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- accumulators
+
+
+class LoadAccumulator:
+    """Streaming expert counts per group; ``result()`` gives :class:`LoadStats`.
+
+    >>> acc = LoadAccumulator(8, group_shape=(n_layers, n_steps, n_tbins))
+    >>> acc.update(ids, layer_idx, step_idx, tbin_idx)   # group arrays broadcast to ids
+    >>> acc.result(keep=("layer",))  # marginal per layer; keep=() for global
+
+    ``group_names`` names the group axes so ``result(keep=...)`` can sum out the
+    others; the default names are ``g0, g1, ...``.
+    """
+
+    def __init__(
+        self,
+        n_experts: int,
+        group_shape: Sequence[int] = (),
+        group_names: Sequence[str] | None = None,
+        dead_threshold: float = 0.0,
+    ) -> None:
+        self.n_experts = int(n_experts)
+        self.counts = GroupedCounts((self.n_experts,), group_shape)
+        self.group_names = tuple(group_names) if group_names else tuple(f"g{i}" for i in range(len(group_shape)))
+        if len(self.group_names) != len(self.counts.group_shape):
+            raise ValueError("group_names must match group_shape")
+        self.dead_threshold = dead_threshold
+
+    def update(self, ids: np.ndarray, *groups: np.ndarray | int) -> None:
+        """Fold in expert ids (any shape) with one group-index array per group axis."""
+        self.counts.update([ids], groups)
+
+    def update_counts(self, counts: np.ndarray) -> None:
+        """Fold in pre-computed counts of shape ``group_shape + (K,)``."""
+        self.counts.add_counts(counts)
+
+    def table(self, keep: Sequence[str] | None = None) -> np.ndarray:
+        """Counts, summed over the group axes not in ``keep`` (``None`` keeps all)."""
+        c = self.counts.result()
+        if keep is None:
+            return c
+        drop = tuple(i for i, name in enumerate(self.group_names) if name not in keep)
+        return c.sum(axis=drop) if drop else c
+
+    def result(self, keep: Sequence[str] | None = None) -> LoadStats:
+        return load_stats(self.table(keep), self.dead_threshold)
+
+
+@dataclass
+class GateStats:
+    """Router statistics per group (from gate probabilities and/or logits).
+
+    gate_mass:            P_k, mean gate probability per expert (shape group + (K,)).
+    load_share:           f_k from the hard choice (given ids, else argmax of probs).
+    mean_entropy:         mean per-token H(p(x)) in nats; low = confident router.
+    mean_norm_entropy:    mean_entropy / log K.
+    mean_margin:          mean top-1 margin p_(1) - p_(2).
+    balance:              K sum_k f_k P_k (1 balanced, K collapsed).
+    z_loss:               mean (logsumexp logits)^2 (NaN without logits).
+    disagreement:         share of tokens where the given (sampled) id != argmax p (NaN without ids).
+    soft_mi:              H(mean_x p(x)) - mean_x H(p(x)) in nats: the soft mutual
+                          information between token and expert (ModuleFormer); high
+                          when each token is routed confidently *and* the experts are
+                          used evenly overall.
+    n:                    tokens per group.
+    """
+
+    gate_mass: np.ndarray
+    load_share: np.ndarray
+    mean_entropy: np.ndarray
+    mean_norm_entropy: np.ndarray
+    mean_margin: np.ndarray
+    balance: np.ndarray
+    z_loss: np.ndarray
+    disagreement: np.ndarray
+    soft_mi: np.ndarray
+    n: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {k: np.asarray(v).tolist() for k, v in asdict(self).items()}
+
+
+class GateAccumulator:
+    """Streaming router-confidence, balance and z-loss monitors per group.
+
+    ``update(probs=..., logits=..., ids=..., groups=(...))``: give ``logits`` (then
+    probabilities are their softmax) or ``probs`` of shape ``(..., K)``;
+    optionally the routed (e.g. Gumbel-sampled) ``ids`` of shape ``(...)`` for
+    the hard load and the sampling-disagreement rate.  Group arrays broadcast to
+    ``probs.shape[:-1]``.
+
+    State per group: sums of P_k, of f_k one-hots, of H(p), of the margin, of
+    lse^2, of disagreements and token counts, so memory is O(groups x K).
+    """
+
+    def __init__(self, n_experts: int, group_shape: Sequence[int] = ()) -> None:
+        self.n_experts = int(n_experts)
+        self.group_shape = tuple(group_shape)
+        # columns: P_1..P_K, H, margin, lse^2, disagree, has_logits, has_ids
+        self._sums = GroupedSums(self.n_experts + 6, self.group_shape)
+        self._load = GroupedCounts((self.n_experts,), self.group_shape)
+
+    def update(
+        self,
+        probs: np.ndarray | None = None,
+        logits: np.ndarray | None = None,
+        ids: np.ndarray | None = None,
+        groups: Sequence[np.ndarray | int] = (),
+    ) -> None:
+        if probs is None and logits is None:
+            raise ValueError("give probs or logits")
+        if logits is not None:
+            logits = np.asarray(logits, dtype=np.float64)
+            lse = logsumexp(logits, axis=-1)
+            p = np.exp(logits - lse[..., None])
+            lse2 = lse**2
+            has_logits = np.ones_like(lse)
+        else:
+            p = np.asarray(probs, dtype=np.float64)
+            lse2 = np.zeros(p.shape[:-1])
+            has_logits = np.zeros(p.shape[:-1])
+        am = np.argmax(p, axis=-1)
+        if ids is not None:
+            hard = np.asarray(ids)
+            disagree = (hard != am).astype(np.float64)
+            has_ids = np.ones(p.shape[:-1])
+        else:
+            hard = am
+            disagree = np.zeros(p.shape[:-1])
+            has_ids = np.zeros(p.shape[:-1])
+        cols = np.concatenate(
+            [
+                p,
+                gate_entropy(p)[..., None],
+                top1_margin(p)[..., None],
+                lse2[..., None],
+                disagree[..., None],
+                has_logits[..., None],
+                has_ids[..., None],
+            ],
+            axis=-1,
+        )
+        self._sums.update(cols, groups)
+        self._load.update([hard], groups)
+
+    def result(self) -> GateStats:
+        k = self.n_experts
+        sums, n = self._sums.result()
+        mean = safe_div(sums, n[..., None])
+        gate_mass = mean[..., :k]
+        load = self._load.result()
+        f = safe_div(load, load.sum(axis=-1, keepdims=True))
+        mean_h = mean[..., k]
+        # soft MI = H(mean_x p(x)) - mean_x H(p(x))  (entropy is concave, so >= 0)
+        soft = entropy(gate_mass, axis=-1) - mean_h
+        z = np.where(sums[..., k + 4] == n, mean[..., k + 2], np.nan)
+        dis = np.where(sums[..., k + 5] == n, mean[..., k + 3], np.nan)
+        return GateStats(
+            gate_mass=gate_mass,
+            load_share=f,
+            mean_entropy=mean_h,
+            mean_norm_entropy=mean_h / np.log(k),
+            mean_margin=mean[..., k + 1],
+            balance=balance_monitor(f, gate_mass),
+            z_loss=z,
+            disagreement=dis,
+            soft_mi=soft,
+            n=n,
+        )

@@ -1,0 +1,223 @@
+"""Streaming accumulators shared by the probe statistics.
+
+Every probe in :mod:`probes.stats` is split into two halves, in the style of
+baukit's ``runningstats``:
+
+* an *accumulator* with ``update(chunk...)`` that folds one chunk of records into
+  a small fixed-size state (counts, sums) and ``result()`` that turns that state
+  into statistics; memory is bounded by the chunk size plus the state, never by
+  the size of the data set;
+* pure *functions* on the state (count tables, sums), so the statistics can also
+  be computed from tables loaded elsewhere.
+
+The workhorse is :class:`GroupedCounts`: a joint histogram of one or more small
+categorical variables (expert id, label, next expert ...) for every cell of a
+grid of group keys (layer, recursion step, timestep bin ...).  Counting is a
+single ``np.bincount`` on a combined integer key,
+
+    key = ((g_0 * G_1 + g_1) * ... ) * (V_0 * V_1 ...) + (v_0 * V_1 + v_1) ...,
+
+which runs at a few nanoseconds per record.  Group indices may be broadcastable
+to the values (e.g. a ``(rows, 1)`` array of layer indices against ``(rows,
+tokens)`` expert ids), so per-row keys never have to be materialised per token
+by the caller.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+def _index_dtype(bound: int) -> type:
+    """Smallest unsigned dtype holding values below ``bound`` (intermediate keys)."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if bound <= np.iinfo(dt).max:
+            return dt
+    return np.intp
+
+
+def _flat_key(
+    parts: Sequence[np.ndarray | int], sizes: Sequence[int], shape: tuple[int, ...] | None = None
+) -> np.ndarray:
+    """Mixed-radix combination of integer arrays (Horner scheme), broadcasting.
+
+    ``key = (...((p_0 * s_1 + p_1) * s_2 + p_2) ...)`` with ``parts[i]`` in
+    ``[0, sizes[i])``.  Intermediate keys use the smallest unsigned dtype that
+    holds them and are updated in place; only the final key is ``intp`` (what
+    ``np.bincount`` needs), so each full-size step costs one or two cheap passes.
+    """
+    key: np.ndarray | None = None
+    bound = 1
+    last = len(parts) - 1
+    for i, (part, size) in enumerate(zip(parts, sizes)):
+        bound *= int(size)
+        dt = np.intp if i == last else _index_dtype(bound)
+        p = np.asarray(part)
+        if key is None:
+            key = p.astype(dt)
+            continue
+        if key.dtype == dt and key.shape == np.broadcast_shapes(key.shape, p.shape):
+            np.multiply(key, size, out=key, casting="unsafe")  # in place: key * size
+        else:
+            key = np.multiply(key, size, dtype=dt, casting="unsafe")
+        if key.shape == np.broadcast_shapes(key.shape, p.shape):
+            np.add(key, p, out=key, dtype=dt, casting="unsafe")  # in place; ranges checked
+        else:
+            key = np.add(key, p, dtype=dt, casting="unsafe")
+    if key is None:
+        key = np.zeros((), dtype=np.intp)
+    if shape is not None and key.shape != shape:
+        key = np.broadcast_to(key, shape)
+    return key
+
+
+class GroupedCounts:
+    """Joint counts of categorical ``values`` for every cell of a group grid.
+
+    Parameters
+    ----------
+    value_sizes:
+        Number of categories of each counted variable, e.g. ``(K,)`` for expert
+        load or ``(K, M)`` for an expert x label contingency table.
+    group_shape:
+        Shape of the grid of group keys, e.g. ``(n_layers, n_steps, n_tbins)``;
+        ``()`` for a single global group.
+
+    ``result()`` returns an ``int64`` array of shape ``group_shape + value_sizes``;
+    marginals over group axes (per layer, per step, global) are plain sums over
+    the leading axes, so one accumulator at the finest grouping serves them all.
+    """
+
+    def __init__(self, value_sizes: Sequence[int], group_shape: Sequence[int] = ()) -> None:
+        self.value_sizes = tuple(int(v) for v in value_sizes)
+        self.group_shape = tuple(int(g) for g in group_shape)
+        self._n_cells = int(np.prod(self.group_shape + self.value_sizes, dtype=np.int64))
+        self._counts = np.zeros(self._n_cells, dtype=np.int64)
+
+    @property
+    def n(self) -> int:
+        """Number of records folded in so far."""
+        return int(self._counts.sum())
+
+    def update(
+        self,
+        values: Sequence[np.ndarray],
+        groups: Sequence[np.ndarray | int] = (),
+    ) -> None:
+        """Count one chunk.
+
+        ``values`` are integer arrays (one per counted variable, same shape);
+        ``groups`` are integer arrays (one per group axis) broadcastable to that
+        shape, or plain ints.  Values outside their range raise ``ValueError``
+        only through an out-of-range total key; callers should pass valid ids.
+        """
+        if len(values) != len(self.value_sizes):
+            raise ValueError(f"expected {len(self.value_sizes)} value arrays, got {len(values)}")
+        if len(groups) != len(self.group_shape):
+            raise ValueError(f"expected {len(self.group_shape)} group arrays, got {len(groups)}")
+        shape = np.broadcast_shapes(*(np.shape(v) for v in values), *(np.shape(g) for g in groups))
+        if int(np.prod(shape)) == 0:
+            return
+        parts = list(groups) + list(values)
+        sizes = self.group_shape + self.value_sizes
+        for part, size in zip(parts, sizes):
+            p = np.asarray(part)
+            if p.size and (p.max() >= size or (p.dtype.kind == "i" and p.min() < 0)):
+                raise ValueError(f"index out of range [0, {size})")
+        # Combine broadcast (small) parts first and full-size parts last, so that
+        # each full-size part costs one pass; count in that permuted cell order
+        # and transpose the (small) table back to the canonical order.
+        full = [int(np.size(p)) == int(np.prod(shape)) and np.ndim(p) == len(shape) for p in parts]
+        order = [i for i in range(len(parts)) if not full[i]] + [i for i in range(len(parts)) if full[i]]
+        key = _flat_key([parts[i] for i in order], [sizes[i] for i in order], shape).reshape(-1)
+        counts = np.bincount(key, minlength=self._n_cells)
+        if order != list(range(len(parts))):
+            counts = counts.reshape([sizes[i] for i in order]).transpose(np.argsort(order)).reshape(-1)
+        self._counts += counts
+
+    def add_counts(self, counts: np.ndarray) -> None:
+        """Fold in an already counted table of shape ``group_shape + value_sizes``."""
+        self._counts += np.asarray(counts, dtype=np.int64).reshape(-1)
+
+    def merge(self, other: "GroupedCounts") -> None:
+        """Combine with an accumulator fed from another stream (same shapes)."""
+        if other.value_sizes != self.value_sizes or other.group_shape != self.group_shape:
+            raise ValueError("cannot merge accumulators of different shape")
+        self._counts += other._counts
+
+    def result(self) -> np.ndarray:
+        """Counts of shape ``group_shape + value_sizes`` (a copy)."""
+        return self._counts.reshape(self.group_shape + self.value_sizes).copy()
+
+
+class GroupedSums:
+    """Per-group sums of float vectors (e.g. gate probabilities, entropies).
+
+    ``update(x, groups)`` with ``x`` of shape ``(..., width)`` and group arrays
+    broadcastable to ``x.shape[:-1]``; ``result()`` gives ``(sums, counts)`` of
+    shapes ``group_shape + (width,)`` and ``group_shape``.  Sums are float64, so
+    means stay accurate over billions of records.
+    """
+
+    def __init__(self, width: int, group_shape: Sequence[int] = ()) -> None:
+        self.width = int(width)
+        self.group_shape = tuple(int(g) for g in group_shape)
+        self._n_groups = int(np.prod(self.group_shape, dtype=np.int64))
+        self._sums = np.zeros((self._n_groups, self.width), dtype=np.float64)
+        self._counts = np.zeros(self._n_groups, dtype=np.int64)
+
+    def update(self, x: np.ndarray, groups: Sequence[np.ndarray | int] = ()) -> None:
+        x = np.asarray(x)
+        if x.shape[-1] != self.width:
+            raise ValueError(f"last axis must have width {self.width}")
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.width)
+        if len(self.group_shape) == 0:
+            self._sums[0] += flat.sum(axis=0, dtype=np.float64)
+            self._counts[0] += flat.shape[0]
+            return
+        key = _flat_key(list(groups), self.group_shape, lead).reshape(-1)
+        self._counts += np.bincount(key, minlength=self._n_groups)
+        for j in range(self.width):  # one weighted bincount per column
+            self._sums[:, j] += np.bincount(key, weights=flat[:, j], minlength=self._n_groups)
+
+    def merge(self, other: "GroupedSums") -> None:
+        self._sums += other._sums
+        self._counts += other._counts
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return (
+            self._sums.reshape(self.group_shape + (self.width,)).copy(),
+            self._counts.reshape(self.group_shape).copy(),
+        )
+
+    def mean(self) -> np.ndarray:
+        """Per-group means (NaN for empty groups)."""
+        s, c = self.result()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return s / c[..., None]
+
+
+def safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """Elementwise ``num / den`` with NaN where ``den == 0``."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = num / den
+    return np.where(den == 0, np.nan, out)
+
+
+def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Shannon entropy in nats, ``H = -sum_k p_k log p_k`` with ``0 log 0 = 0``.
+
+    ``p`` may be unnormalised counts; it is normalised along ``axis`` first.
+    An all-zero vector has entropy NaN.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    tot = p.sum(axis=axis, keepdims=True)
+    q = safe_div(p, tot)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        terms = np.where(q > 0, -q * np.log(np.where(q > 0, q, 1.0)), 0.0)
+    h = terms.sum(axis=axis)
+    return np.where(np.squeeze(tot, axis=axis) > 0, h, np.nan)

@@ -1,0 +1,105 @@
+"""Spatial coherence of routing: do neighbouring image patches share an expert?
+
+Vision tokens lie on an ``h x w`` grid.  Over all 4-neighbour pairs (horizontal
+``(r, c)-(r, c+1)`` and vertical ``(r, c)-(r+1, c)``; there are
+``h (w-1) + (h-1) w`` per map) we count the share routed to the same expert,
+
+    same = #{pairs with e_a = e_b} / #pairs,
+
+and compare it with the chance level ``sum_k p_k^2`` (``p`` = expert shares in the
+same group), the same-expert probability of two tokens drawn independently.
+``same > chance`` means experts own contiguous regions (objects, background);
+``same < chance`` means alternating (checkerboard-like) routing.  The
+chance-corrected score ``(same - chance) / (1 - chance)`` is a kappa: 1 for
+constant maps, 0 at chance, negative for anti-coherence.  This is the 2-D
+analogue of Mixtral's consecutive-token same-expert rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+from typing import Sequence
+
+import numpy as np
+
+from .running import GroupedCounts, GroupedSums, safe_div
+
+
+@dataclass
+class SpatialStats:
+    """Per-group spatial coherence (fields have the group shape).
+
+    same:          share of 4-neighbour pairs with the same expert.
+    same_h, same_v: the same for horizontal and vertical pairs separately.
+    chance:        sum_k p_k^2.
+    lift:          same / chance.
+    kappa:         (same - chance) / (1 - chance).
+    n_pairs:       neighbour pairs counted.
+    """
+
+    same: np.ndarray
+    same_h: np.ndarray
+    same_v: np.ndarray
+    chance: np.ndarray
+    lift: np.ndarray
+    kappa: np.ndarray
+    n_pairs: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {k: np.asarray(v).tolist() for k, v in asdict(self).items()}
+
+
+def neighbour_agreement(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-map counts of same-expert horizontal and vertical neighbour pairs.
+
+    ``maps`` has shape ``(..., h, w)``; returns two int arrays of shape ``(...)``.
+    """
+    m = np.asarray(maps)
+    same_h = np.count_nonzero(m[..., :, 1:] == m[..., :, :-1], axis=(-2, -1))
+    same_v = np.count_nonzero(m[..., 1:, :] == m[..., :-1, :], axis=(-2, -1))
+    return same_h, same_v
+
+
+class SpatialCoherenceAccumulator:
+    """Streaming spatial coherence per group.
+
+    ``update(ids, *groups)``: ``ids`` of shape ``(..., h*w)`` (row-major token
+    order) or ``(..., h, w)``; group arrays broadcast to the map axes ``(...)``.
+    State: same-pair counts per group and expert counts per group.
+    """
+
+    def __init__(self, n_experts: int, grid: tuple[int, int], group_shape: Sequence[int] = ()) -> None:
+        self.n_experts = int(n_experts)
+        self.h, self.w = int(grid[0]), int(grid[1])
+        self.group_shape = tuple(group_shape)
+        self._pairs = GroupedSums(3, self.group_shape)  # same_h, same_v, maps
+        self._experts = GroupedCounts((self.n_experts,), self.group_shape)
+
+    def update(self, ids: np.ndarray, *groups: np.ndarray | int) -> None:
+        a = np.asarray(ids)
+        if a.shape[-1] == self.h * self.w and (a.ndim < 2 or a.shape[-2:] != (self.h, self.w)):
+            a = a.reshape(a.shape[:-1] + (self.h, self.w))
+        lead = a.shape[:-2]
+        sh, sv = neighbour_agreement(a)
+        cols = np.stack([sh, sv, np.ones(lead)], axis=-1).astype(np.float64)
+        self._pairs.update(cols, groups)
+        self._experts.update([a], [np.expand_dims(np.asarray(g), (-2, -1)) if np.ndim(g) else g for g in groups])
+
+    def result(self) -> SpatialStats:
+        sums, _ = self._pairs.result()
+        maps = sums[..., 2]
+        n_h = maps * self.h * (self.w - 1)
+        n_v = maps * (self.h - 1) * self.w
+        counts = self._experts.result().astype(np.float64)
+        p = safe_div(counts, counts.sum(axis=-1, keepdims=True))
+        chance = np.sum(p**2, axis=-1)  # sum_k p_k^2
+        same = safe_div(sums[..., 0] + sums[..., 1], n_h + n_v)
+        return SpatialStats(
+            same=same,
+            same_h=safe_div(sums[..., 0], n_h),
+            same_v=safe_div(sums[..., 1], n_v),
+            chance=chance,
+            lift=safe_div(same, chance),
+            kappa=safe_div(same - chance, 1.0 - chance),
+            n_pairs=(n_h + n_v).astype(np.int64),
+        )
