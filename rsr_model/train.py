@@ -131,6 +131,7 @@ class Trainer:
             base = {**base, "rsr_config": None, "rsr_state": None}
             self.transformer, _ = build_from_checkpoint(task, base)
         else:
+            torch.manual_seed(a.seed)  # the backbone's initial weights
             self.transformer = task.build_backbone(None)
         check_targets(self.transformer, self.rsr_cfg)
         steps = {s: (a.steps if a.steps is not None else task.default_steps[s]) for s in stages}
@@ -169,6 +170,7 @@ class Trainer:
 
         a, task, acc = self.args, self.task, self.accelerator
         if stage == "rsr" and self.rsr is None:
+            torch.manual_seed(a.seed + 1)  # the experts' and gate's initial weights
             self.rsr = install_rsr(self.transformer, self.rsr_cfg)
         if stage == "base":
             self.transformer.requires_grad_(True)
@@ -225,13 +227,13 @@ class Trainer:
             bar.set_postfix(loss=f"{fm.item():.4f}", **({"bal": f"{bal.item():.3f}",
                                                           "load": "/".join(f"{x:.2f}" for x in entry["load"])}
                                                          if bal is not None else {}))
-            for cb in self.callbacks:
-                cb(StepInfo(stage, step + 1, fm.item(), entry["balance"], acc.unwrap_model(model), rsr))
             if (step + 1) % a.save_every == 0 or step + 1 == total:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
                     save_checkpoint(self._record(stage, opt, sched), self.out)
                 last_good = step + 1
+            for cb in self.callbacks:
+                cb(StepInfo(stage, step + 1, fm.item(), entry["balance"], acc.unwrap_model(model), rsr))
         bar.close()
         self._log_file.flush()
         self.transformer = acc.unwrap_model(model)

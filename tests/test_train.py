@@ -1,0 +1,143 @@
+"""Training and sampling entry points on the tiny presets (issue 3)."""
+
+import numpy as np
+import pytest
+import torch
+
+from rsr_model.__main__ import build_parser, main
+from rsr_model.checkpoint import load_checkpoint
+from rsr_model.flow import training_pair
+from rsr_model.sample import generate, load_model
+from rsr_model.tasks import get_task
+from rsr_model.train import Trainer
+
+FAST = ["--batch-size", "4", "--save-every", "1"]
+
+
+def train_args(out, *extra):
+    return build_parser().parse_args(["train", "--out", str(out), *FAST, *extra])
+
+
+def weights(path):
+    ck = load_checkpoint(path)
+    return {**{f"base.{k}": v for k, v in ck["base_state"].items()},
+            **{f"rsr.{k}": v for k, v in (ck["rsr_state"] or {}).items()}}
+
+
+def test_training_lowers_loss_on_fixed_batch():
+    task = get_task("tiny")
+    torch.manual_seed(0)
+    model = task.build_backbone().train()
+    x0, cond = task.batch(np.random.default_rng(0), 8)
+    xt, t, target = training_pair(x0, torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(25):
+        loss = torch.nn.functional.mse_loss(model(hidden_states=xt, timestep=t, **cond).sample, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_resume_equals_uninterrupted_and_checkpoint_round_trip(tmp_path):
+    full = tmp_path / "full.pt"
+    trainer = Trainer(train_args(full, "--steps", "3"))
+    trainer.run()
+    ck = load_checkpoint(full)
+    assert ck["progress"] == {"base": 3, "rsr": 3} and ck["mode"] == "rsr"
+    assert ck["text_encoder"]["name"] and ck["backbone"]["class"] == "SD3Transformer2DModel"
+
+    # Interrupt a second run in the middle of the RSR stage, then resume it.
+    part = tmp_path / "part.pt"
+
+    def crash(info):
+        if info.stage == "rsr" and info.step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(train_args(part, "--steps", "3"), callbacks=[crash]).run()
+    assert load_checkpoint(part)["progress"] == {"base": 3, "rsr": 1}
+    Trainer(train_args(part, "--steps", "3", "--resume")).run()
+    a, b = weights(full), weights(part)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # The checkpoint alone rebuilds the model: same outputs as the trainer's in-memory model.
+    task, model, rsr, _ = load_model(full)
+    assert rsr is not None and rsr.config.mode == "rsr"
+    x0, cond = task.batch(np.random.default_rng(1), 2)
+    t = torch.tensor([500.0, 100.0])
+    live = trainer.transformer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(hidden_states=x0, timestep=t, **cond).sample,
+                                   live(hidden_states=x0, timestep=t, **cond).sample, atol=0, rtol=0)
+
+
+def test_sampling_is_deterministic_per_seed(tmp_path):
+    out = tmp_path / "m.pt"
+    assert main(["train", "--out", str(out), *FAST, "--steps", "2"]) == 0
+    task, model, _, _ = load_model(out)
+    a = generate(task, model, ["a red circle", "two blue squares"], seeds=[0, 1], steps=3)
+    b = generate(task, model, ["a red circle", "two blue squares"], seeds=[0, 1], steps=3)
+    c = generate(task, model, ["a red circle"], seeds=[5], steps=3)
+    assert torch.equal(a, b) and not torch.equal(a[:1], c)
+    # one image does not depend on the rest of the batch
+    torch.testing.assert_close(generate(task, model, ["two blue squares"], seeds=[1], steps=3), a[1:], atol=1e-5, rtol=0)
+    png = tmp_path / "s.png"
+    assert main(["sample", "--ckpt", str(out), "--prompt", "a red circle", "--steps", "2", "--out", str(png)]) == 0
+    assert png.stat().st_size > 0
+
+
+def test_dit_digits_preset(tmp_path):
+    out = tmp_path / "dit.pt"
+    assert main(["train", "--preset", "dit-digits", "--out", str(out), *FAST, "--steps", "2", "--mode", "no_recursion"]) == 0
+    ck = load_checkpoint(out)
+    assert ck["backbone"]["class"] == "DiTTransformer2DModel" and ck["mode"] == "no_recursion"
+    png = tmp_path / "d.png"
+    assert main(["sample", "--ckpt", str(out), "--label", "3", "--label", "7", "--steps", "2", "--out", str(png)]) == 0
+    assert png.exists()
+
+
+def _one_line_error(capsys, argv):
+    capsys.readouterr()  # drop what earlier (successful) commands printed
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
+    # one error line, last, no traceback (progress bars of a run that failed later may precede it)
+    assert rc == 2 and len(lines) == 1 and err.strip().splitlines()[-1] == lines[0] and "Traceback" not in err, (rc, err)
+    return lines[0]
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
+    good = tmp_path / "good.pt"
+    assert main(["train", "--out", str(good), *FAST, "--steps", "1"]) == 0
+    before = good.read_bytes()
+    png = tmp_path / "x.png"
+    assert "not found" in _one_line_error(capsys, ["sample", "--ckpt", str(tmp_path / "missing.pt"), "--prompt", "a", "--out", str(png)])
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(before[: len(before) // 2])
+    assert "not a readable checkpoint" in _one_line_error(capsys, ["sample", "--ckpt", str(corrupt), "--prompt", "a", "--out", str(png)])
+    assert not png.exists()
+    for flag, value in (("--experts", "0"), ("--latent-steps", "-1"), ("--rank", "0")):
+        _one_line_error(capsys, ["train", "--out", str(tmp_path / "n.pt"), "--steps", "1", flag, value])
+    assert "beyond the model's depth" in _one_line_error(capsys, ["train", "--out", str(tmp_path / "n.pt"), "--target-layers", "6"])
+    assert not (tmp_path / "n.pt").exists()
+    # an existing checkpoint is never overwritten by accident
+    assert "exists" in _one_line_error(capsys, ["train", "--out", str(good), "--steps", "1"])
+    assert good.read_bytes() == before
+    # a checkpoint of another architecture as the base of the tiny preset
+    dit = tmp_path / "dit.pt"
+    assert main(["train", "--preset", "dit-digits", "--stage", "base", "--out", str(dit), *FAST, "--steps", "1"]) == 0
+    assert "dit-digits" in _one_line_error(capsys, ["train", "--stage", "rsr", "--base", str(dit), "--out", str(tmp_path / "r.pt")])
+    assert "labels" in _one_line_error(capsys, ["sample", "--ckpt", str(dit), "--label", "12", "--out", str(png)])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "nan.pt"
+    msg = _one_line_error(capsys, ["train", "--out", str(out), *FAST, "--steps", "6", "--lr", "1e30", "--stage", "base"])
+    assert "Last good checkpoint" in msg
+    ck = load_checkpoint(out)  # still readable, at the last finite step
+    assert 1 <= ck["progress"]["base"] < 6
+    assert all(torch.isfinite(v).all() for v in ck["base_state"].values() if v.is_floating_point())
