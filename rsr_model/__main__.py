@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     t.add_argument("--pretrained", type=Path, help="local diffusers SD3 folder (preset sd3)")
     t.add_argument("--data", type=Path, help="image-caption folder with metadata.jsonl (preset sd3)")
+    t.add_argument("--trace", type=Path, help="also write a training trace (HDF5) of the RSR stage here")
+    t.add_argument("--trace-every", type=positive_int, default=50, help="record routing every N steps")
+    t.add_argument("--trace-token-stride", type=positive_int, default=1)
+    t.add_argument("--trace-probs", action="store_true", help="store gate probabilities in the training trace")
 
     s = sub.add_parser("sample", help="sample images from a checkpoint")
     s.add_argument("--ckpt", type=Path, default=Path("sd3_rsr.pt"))
@@ -98,10 +102,27 @@ def read_items(args) -> list[str]:
 
 
 def cmd_train(args) -> None:
-    from .train import train
+    from .train import Trainer
 
-    out = train(args)
-    print(f"checkpoint: {out}")
+    if args.trace:
+        if args.trace.exists() and not (args.overwrite or args.resume):
+            raise UsageError(f"{args.trace} exists; pass --overwrite to replace it")
+        # The CLI is where the pieces are composed; the training library itself knows nothing of traces.
+        from probes.recording import TrainingRecorder
+        from traces import TraceMeta
+    trainer = Trainer(args)
+    if args.trace:
+        meta = TraceMeta(model_config={"preset": trainer.task.name}, rsr_config=trainer.rsr_cfg.to_dict(),
+                         seeds=[args.seed], extra={"trace_every": args.trace_every})
+        recorder = TrainingRecorder(args.trace, args.trace_every, trainer.task, meta,
+                                    token_stride=args.trace_token_stride, probs=args.trace_probs, overwrite=True)
+        trainer.callbacks.append(recorder)
+    try:
+        out = trainer.run()
+    finally:
+        if args.trace:
+            recorder.close()
+    print(f"checkpoint: {out}" + (f"; training trace: {args.trace}" if args.trace else ""))
 
 
 def cmd_sample(args) -> None:

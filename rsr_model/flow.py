@@ -22,13 +22,18 @@ def make_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
 
 
-def training_pair(x0: torch.Tensor, generator: torch.Generator, weighting: str = "logit_normal"
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (x_t, timestep (B,), target velocity) for clean inputs x0 (B, C, H, W)."""
+def training_pair(x0: torch.Tensor, generator: torch.Generator, weighting: str = "logit_normal",
+                  shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (x_t, timestep (B,), target velocity) for clean inputs x0 (B, C, H, W).
+
+    `shift` maps sigma as the sampling scheduler does (sigma' = s*sigma / (1 + (s-1)*sigma)), so
+    a model is trained on the noise levels it will be sampled at (SD3 uses shift 3).
+    """
     B = x0.shape[0]
     scheme = "logit_normal" if weighting == "logit_normal" else "none"  # "none" is uniform in diffusers
     sigma = compute_density_for_timestep_sampling(scheme, B, logit_mean=0.0, logit_std=1.0,
                                                   generator=generator).to(x0.device, x0.dtype)  # (B,)
+    sigma = shift * sigma / (1 + (shift - 1) * sigma)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     s = sigma.view(B, 1, 1, 1)
     return (1 - s) * x0 + s * noise, sigma * NUM_TRAIN_TIMESTEPS, noise - x0

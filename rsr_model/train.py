@@ -119,6 +119,8 @@ class Trainer:
             return
         if self.out.exists() and not a.overwrite:
             raise CheckpointError(f"{self.out} exists; pass --resume to continue it or --overwrite to replace it")
+        if a.stage == "base" and not task.two_stage:
+            raise ConfigError(f"preset {task.name!r} fine-tunes pretrained weights; it has no base stage")
         stages = [a.stage] if a.stage else (list(STAGES) if task.two_stage else ["rsr"])
         self.rsr_cfg = rsr_config_from_args(task, a)
         self.rsr = None
@@ -145,7 +147,7 @@ class Trainer:
         return {
             "preset": self.task.name, "stage": stage, "mode": self.rsr_cfg.mode,
             "backbone": self.task.backbone_record(t),
-            "pretrained": getattr(self.args, "pretrained", None),
+            "pretrained": str(Path(self.args.pretrained).resolve()) if getattr(self.args, "pretrained", None) else None,
             "base_state": base_state_dict(t) if self.task.two_stage else None,
             "rsr_config": self.rsr.config.to_dict() if self.rsr is not None else None,
             "rsr_state": {k: v.detach().cpu() for k, v in self.rsr.state_dict().items()} if self.rsr is not None else None,
@@ -192,12 +194,24 @@ class Trainer:
                    dynamic_ncols=True, file=sys.stderr)
         log = self._log_writer()
         last_good = self.progress[stage]
+        try:
+            self._loop(stage, start, total, model, opt, sched, rsr, bs, bar, log, last_good)
+        finally:
+            bar.close()
+        self._log_file.flush()
+        self.transformer = acc.unwrap_model(model)
+
+    def _loop(self, stage, start, total, model, opt, sched, rsr, bs, bar, log, last_good) -> None:
+        a, task, acc = self.args, self.task, self.accelerator
         for step in range(start, total):
+            for cb in self.callbacks:  # e.g. a recorder attaching hooks for this step only
+                if hasattr(cb, "before"):
+                    cb.before(stage, step + 1, acc.unwrap_model(model), rsr)
             seed = stage_seed(a.seed + acc.process_index, stage, step)
             torch.manual_seed(seed)  # Gumbel noise, dropout, DiT's label dropout
             gen = torch.Generator().manual_seed(seed)
             x0, cond = task.batch(np.random.default_rng(seed), bs)
-            xt, t, target = training_pair(x0, gen, task.weighting)
+            xt, t, target = training_pair(x0, gen, task.weighting, task.shift)
             xt, t, target = (v.to(acc.device) for v in (xt, t, target))
             cond = {k: v.to(acc.device) for k, v in cond.items()}
             with acc.autocast():
@@ -206,7 +220,6 @@ class Trainer:
                 bal = rsr.balance_loss() if rsr is not None else None
                 loss = fm + (rsr.config.balance_weight * bal if bal is not None and rsr.config.experts > 3 else 0.0)
             if not torch.isfinite(loss):
-                bar.close()
                 raise TrainingError(f"loss became {loss.item()} at {stage} step {step}; stopped. "
                                     f"Last good checkpoint: {self.out} ({stage} step {last_good})"
                                     if self.out.exists() else f"loss became {loss.item()} at {stage} step {step}; "
@@ -234,9 +247,6 @@ class Trainer:
                 last_good = step + 1
             for cb in self.callbacks:
                 cb(StepInfo(stage, step + 1, fm.item(), entry["balance"], acc.unwrap_model(model), rsr))
-        bar.close()
-        self._log_file.flush()
-        self.transformer = acc.unwrap_model(model)
 
     def _load_share(self) -> list[float]:
         loads = [l.last_load for l in self.rsr.values() if l.last_load is not None]

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from .base import Task, TaskError
 from .digits_dit import DigitsDiT
+from .sd3_local import PretrainedSD3
 from .shapes_sd3 import TinySD3Shapes
 
 TASKS: dict[str, type[Task]] = {
     TinySD3Shapes.name: TinySD3Shapes,
     DigitsDiT.name: DigitsDiT,
+    PretrainedSD3.name: PretrainedSD3,
 }
 
 

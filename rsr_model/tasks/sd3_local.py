@@ -210,7 +210,7 @@ class PretrainedSD3(Task):
         try:
             with _quiet_loading():
                 t = SD3Transformer2DModel.from_pretrained(self.pretrained, subfolder="transformer",
-                                                          local_files_only=True, torch_dtype=torch.float32)
+                                                          local_files_only=True, dtype=torch.float32)
         except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError, safetensors errors ...
             raise TaskError(f"cannot load the SD3 transformer from {sub}: {_short(e)}") from None
         if not isinstance(t, SD3Transformer2DModel):
@@ -230,7 +230,7 @@ class PretrainedSD3(Task):
                 with _quiet_loading():
                     pipe = StableDiffusion3Pipeline.from_pretrained(
                         self.pretrained, transformer=self._transformer, local_files_only=True,
-                        torch_dtype=torch.float32, **absent)
+                        dtype=torch.float32, **absent)
             except Exception as e:
                 raise TaskError(f"cannot load the SD3 pipeline from {self.pretrained}: {_short(e)}") from None
             for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
@@ -257,6 +257,9 @@ class PretrainedSD3(Task):
         return rsr_config.paper_sd3_medium_middle()
 
     def build_backbone(self, backbone: dict | None = None) -> nn.Module:
+        if backbone is None and self.data is None:
+            # A fresh backbone (no checkpoint record) is only built to train it: say so before loading.
+            raise TaskError("preset sd3 trains on an image-caption folder: pass --data DIR (with metadata.jsonl)")
         t = self._load_transformer()
         if backbone is not None and backbone.get("config") is not None:
             want, have = _public(_jsonable(backbone["config"])), _public(_jsonable(t.config))

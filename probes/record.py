@@ -1,0 +1,187 @@
+"""Record a sampling trace: `python -m probes.record --ckpt sd3_rsr.pt --prompts FILE_OR_TEXT --out run.h5`.
+
+Samples N images per prompt (or class label) with the RSR hook points on and writes an
+`rsr-trace` HDF5 file. Options choose what is stored (layers, recursion steps, timesteps,
+token stride, probabilities, latents and their projection, decoded early-exit states,
+guidance branches) and causal interventions (`--force-expert`, `--ablate-expert`). The
+expected size is printed before anything is written, and `--max-gb` refuses a larger trace.
+Bad input: one line `error: ...` on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def int_list(s: str) -> list[int]:
+    """'0,2,5' or '0:8' (range) or '0:28:4'."""
+    try:
+        if ":" in s:
+            parts = [int(p) if p else None for p in s.split(":")]
+            start, stop, step = (parts + [None, None])[:3]
+            if stop is None:
+                raise ValueError
+            return list(range(start or 0, stop, step or 1))
+        return [int(x) for x in s.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,2,5 or a range 0:28:4, got {s!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m probes.record", description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", type=Path, default=Path("sd3_rsr.pt"))
+    p.add_argument("--prompts", required=True, help="a text file (one prompt or label per line) or the prompt itself")
+    p.add_argument("--num-samples", type=int, default=1, help="images per prompt")
+    p.add_argument("--out", type=Path, default=Path("traces/run.h5"))
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
+    p.add_argument("--steps", type=int, default=28, help="sampler steps")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    g = p.add_argument_group("what to store")
+    g.add_argument("--layers", type=int_list, help="RSR block indices (default: all)")
+    g.add_argument("--rsr-steps", type=int_list, help="recursion steps (default: all)")
+    g.add_argument("--timesteps", type=int_list, help="sampler step indices, e.g. 0:28:4 (default: all)")
+    g.add_argument("--token-stride", type=int, default=1)
+    g.add_argument("--tokens", type=int_list, help="explicit token ids (overrides --token-stride)")
+    g.add_argument("--probs", action="store_true", help="store gate probabilities (float16)")
+    g.add_argument("--latent-tokens", type=int, default=0, help="store h_l of this many tokens")
+    g.add_argument("--latent-dim", type=int, help="project stored latents to this many dims")
+    g.add_argument("--decode", action="store_true", help="store early-exit decoded images per layer and step")
+    g.add_argument("--branches", help="cond,uncond (default: every branch that runs)")
+    g.add_argument("--max-gb", type=float, default=2.0, help="refuse to write a larger trace")
+    i = p.add_argument_group("interventions")
+    i.add_argument("--force-expert", type=int, help="force this expert")
+    i.add_argument("--ablate-expert", type=int, help="remove this expert's adapter where it was chosen")
+    i.add_argument("--region", help="token-grid region ROWS,COLS like 0:4,0:8 (default: all tokens)")
+    i.add_argument("--t-window", help="model timestep window A:B, inclusive (default: all)")
+    i.add_argument("--at-step", type=int, help="recursion step of the intervention (default: all)")
+    i.add_argument("--at-layers", type=int_list, help="layers of the intervention (default: all)")
+    return p
+
+
+def read_items(text: str) -> list[str]:
+    path = Path(text)
+    if path.suffix in (".txt", ".csv", ".lst") or (len(text) < 4096 and path.is_file()):
+        if not path.is_file():
+            raise UsageError(f"prompts file not found: {path}")
+        try:
+            items = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read prompts file {path}: {type(e).__name__}")
+        if not items:
+            raise UsageError(f"prompts file {path} is empty")
+        return items
+    if not text.strip():
+        raise UsageError("--prompts is empty")
+    return [text.strip()]
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run(args) -> None:
+    from tqdm import tqdm
+
+    from rsr_model.sample import load_model
+    from traces import SamplingWriter, TraceMeta, estimate_sampling
+
+    from .interventions import parse
+    from .recording import SamplingRecorder, Selection, sample_table
+
+    for name in ("num_samples", "steps", "batch_size", "token_stride"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_gb <= 0:
+        raise UsageError("--max-gb must be positive")
+    if args.out.exists() and not args.overwrite:
+        raise UsageError(f"{args.out} exists; pass --overwrite to replace it")
+    items = read_items(args.prompts)
+    task, transformer, rsr, ckpt = load_model(args.ckpt)
+    if rsr is None:
+        raise UsageError(f"{args.ckpt} has no RSR layers (a base-stage checkpoint); nothing to record")
+    items = task.parse_items(items)
+    rows = [it for it in items for _ in range(args.num_samples)]
+    seeds = [args.seed + j for j in range(len(rows))]
+    interventions = []
+    for kind, expert in (("force", args.force_expert), ("ablate", args.ablate_expert)):
+        if expert is not None:
+            if expert >= rsr.config.experts:
+                raise UsageError(f"--{kind}-expert {expert}: the model has experts 0..{rsr.config.experts - 1}")
+            interventions.append(parse(kind, expert, args.region, args.t_window, args.at_step, args.at_layers))
+    sel = Selection(layers=args.layers, steps=args.rsr_steps, timesteps=args.timesteps,
+                    token_stride=args.token_stride, tokens=args.tokens, probs=args.probs,
+                    latent_tokens=args.latent_tokens, latent_dim=args.latent_dim, decode=args.decode,
+                    branches=args.branches.split(",") if args.branches else None)
+    try:
+        rec = SamplingRecorder(task, transformer, rsr, sel, interventions, steps=args.steps, guidance=args.guidance)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    layout, samples = rec.layout(), sample_table(task, rows, seeds)
+    est = estimate_sampling(layout, len(rows), samples)
+    print(f"recording {len(rows)} sample(s) x {len(layout.timesteps)} timestep(s) x {len(layout.layer_ids)} layer(s) "
+          f"x {len(layout.step_ids)} step(s) x {len(layout.token_ids)} token(s); {est}", file=sys.stderr)
+    if est.total > args.max_gb * 2**30:
+        raise UsageError(f"expected trace size {est.total / 2**30:.2f} GB exceeds --max-gb {args.max_gb}; "
+                         f"record fewer samples, timesteps, tokens or extras")
+    meta = TraceMeta(
+        model_config={"preset": ckpt["preset"], **ckpt["backbone"]}, rsr_config=rsr.config.to_dict(),
+        checkpoint_sha256=sha256_of(args.ckpt), seeds=seeds,
+        scheduler={"name": "FlowMatchEulerDiscreteScheduler", "shift": task.shift, "num_inference_steps": args.steps,
+                   "guidance_scale": args.guidance},
+        extra={"interventions": [iv.to_dict() for iv in interventions], "mode": ckpt.get("mode"),
+               "token_grid": list(rec.grid), "text_encoder": ckpt.get("text_encoder")})
+    writer = SamplingWriter(args.out, layout, samples, meta, overwrite=args.overwrite)
+    try:
+        with tqdm(total=len(rows) * args.steps, desc="record", unit="img-step", file=sys.stderr) as bar:
+            rec.record(writer, rows, seeds, batch_size=args.batch_size, progress=bar)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    size = args.out.stat().st_size
+    print(f"wrote {args.out} ({size / 2**20:.2f} MiB; expected {est.total / 2**20:.2f} MiB)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rsr_model.checkpoint import CheckpointError
+    from rsr_model.config import ConfigError
+    from rsr_model.tasks import TaskError
+    from traces import TraceError
+
+    from .interventions import InterventionError
+
+    try:
+        run(build_parser().parse_args(argv))
+    except (UsageError, CheckpointError, ConfigError, TaskError, TraceError, InterventionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the trace holds every step written so far", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Recorders: turn the model's hook points into trace files (model -> hooks -> traces).
+
+`SamplingRecorder` samples with hooks on and writes one `rsr-trace` sampling file; 
+`TrainingRecorder` is a trainer callback that writes a training trace every N steps.
+
+What one sampler step costs the recorder: for each selected (layer, step) a hook copies the
+selected tokens' expert ids (and, when asked, gate probabilities and a projected latent
+subset) to the CPU; after the transformer call the buffers are stacked into the writer's
+(B, branch, layer, step, token) block and written as one chunk-aligned write. Counts always
+cover every token, so cheap summaries stay exact even with a token stride.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from rsr_model.install import RSR
+from rsr_model.sample import initial_noise, make_denoiser
+from rsr_model.flow import make_scheduler
+from rsr_model.tasks import Task
+from traces import SampleTable, SamplingLayout, SamplingWriter, TraceMeta, TrainingLayout, TrainingWriter
+
+from .interventions import Intervention
+
+ABLATED = 254  # stored id of a token whose adapter an intervention removed (-1 in the model)
+
+
+@dataclass
+class Selection:
+    """What a recording stores. None means "all" for layers, steps and timesteps."""
+
+    layers: Sequence[int] | None = None
+    steps: Sequence[int] | None = None
+    timesteps: Sequence[int] | None = None  # sampler step indices 0..T-1
+    token_stride: int = 1
+    tokens: Sequence[int] | None = None  # explicit token ids (overrides stride)
+    probs: bool = False
+    latent_tokens: int = 0  # how many tokens' latents (evenly spaced over the grid); 0 = none
+    latent_dim: int | None = None  # project latents to this many dims (random orthonormal); None = full
+    decode: bool = False
+    branches: Sequence[str] | None = None  # subset of ("cond", "uncond"); None = all that run
+
+    def resolve(self, rsr: RSR, n_tokens: int, n_timesteps: int, guided: bool) -> dict[str, Any]:
+        layers = sorted(int(k) for k in rsr.keys()) if self.layers is None else list(self.layers)
+        missing = [l for l in layers if str(l) not in rsr]
+        if missing:
+            raise ValueError(f"layers {missing} have no RSR (RSR layers: {sorted(int(k) for k in rsr.keys())})")
+        L = rsr.config.steps
+        steps = list(range(L)) if self.steps is None else list(self.steps)
+        if any(not 0 <= s < L for s in steps):
+            raise ValueError(f"recursion steps must lie in 0..{L - 1}, got {steps}")
+        ts = list(range(n_timesteps)) if self.timesteps is None else list(self.timesteps)
+        if any(not 0 <= t < n_timesteps for t in ts):
+            raise ValueError(f"timesteps must lie in 0..{n_timesteps - 1}, got {ts}")
+        if self.tokens is not None:
+            tokens = list(self.tokens)
+            if any(not 0 <= t < n_tokens for t in tokens):
+                raise ValueError(f"tokens must lie in 0..{n_tokens - 1}")
+        else:
+            if self.token_stride < 1:
+                raise ValueError("token stride must be at least 1")
+            tokens = list(range(0, n_tokens, self.token_stride))
+        available = ("cond", "uncond") if guided else ("cond",)
+        branches = list(available) if self.branches is None else list(self.branches)
+        bad = [b for b in branches if b not in available]
+        if bad:
+            raise ValueError(f"branches {bad} are not sampled (available: {', '.join(available)})")
+        latent_tokens = None
+        if self.latent_tokens:
+            n = min(self.latent_tokens, n_tokens)
+            latent_tokens = np.unique(np.linspace(0, n_tokens - 1, n).round().astype(int)).tolist()
+        return dict(layers=layers, steps=steps, timesteps=ts, tokens=tokens, branches=branches,
+                    latent_tokens=latent_tokens)
+
+
+def random_projection(dim: int, out: int, seed: int = 0) -> np.ndarray:
+    """(dim, out) matrix with orthonormal columns: distances shrink uniformly, nothing is learned."""
+    g = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(g.standard_normal((dim, out)))
+    return q.astype(np.float32)
+
+
+class _Buffers:
+    """Per-transformer-call capture of the hooked values, keyed by (layer, step)."""
+
+    def __init__(self) -> None:
+        self.expert: dict[tuple[int, int], torch.Tensor] = {}
+        self.counts: dict[tuple[int, int], torch.Tensor] = {}
+        self.prob: dict[tuple[int, int], torch.Tensor] = {}
+        self.latent: dict[tuple[int, int], torch.Tensor] = {}
+
+    def clear(self) -> None:
+        for d in (self.expert, self.counts, self.prob, self.latent):
+            d.clear()
+
+
+def _expert_to_stored(e: torch.Tensor) -> torch.Tensor:
+    return torch.where(e < 0, torch.full_like(e, ABLATED), e).to(torch.uint8)
+
+
+class SamplingRecorder:
+    """Samples prompts (or labels) with hooks on and writes a sampling trace."""
+
+    def __init__(self, task: Task, transformer: nn.Module, rsr: RSR, selection: Selection,
+                 interventions: Sequence[Intervention] = (), steps: int = 28, guidance: float = 3.0) -> None:
+        self.task, self.transformer, self.rsr = task, transformer, rsr
+        self.sel, self.interventions = selection, list(interventions)
+        self.steps, self.guidance = steps, guidance
+        self.K = rsr.config.experts
+        C, H, W = task.latent_shape(transformer)
+        patch = transformer.config.patch_size
+        self.grid = (H // patch, W // patch)
+        self.n_tokens = self.grid[0] * self.grid[1]
+        self.guided = guidance != 1.0
+        self.r = selection.resolve(rsr, self.n_tokens, steps, self.guided)
+        self.dim = next(iter(rsr.values())).experts.in_dim
+        self.projection = None
+        if selection.latent_tokens and selection.latent_dim and selection.latent_dim < self.dim:
+            self.projection = random_projection(self.dim, selection.latent_dim)
+        self.image_shape = tuple(task.to_images(torch.zeros(1, C, H, W)).shape[1:])
+        self._buf = _Buffers()
+
+    # --- layout -----------------------------------------------------------------------------
+    def layout(self) -> SamplingLayout:
+        sched = make_scheduler(self.task.shift)
+        sched.set_timesteps(self.steps)
+        ts = self.r["timesteps"]
+        r = self.r
+        latent_dim = 0
+        if r["latent_tokens"] is not None:
+            latent_dim = self.projection.shape[1] if self.projection is not None else self.dim
+        return SamplingLayout(
+            n_experts=self.K, layers=r["layers"], steps=r["steps"], tokens=r["tokens"], timesteps=ts,
+            timestep_values=[float(sched.timesteps[i]) for i in ts], sigmas=[float(sched.sigmas[i]) for i in ts],
+            branches=tuple(r["branches"]), store_prob=self.sel.probs,
+            latent_tokens=r["latent_tokens"], latent_dim=latent_dim, projection=self.projection,
+            image_shape=self.image_shape, decode_steps=self.sel.decode, decoded_branches=("guided",),
+            counts_scope="all_tokens")
+
+    # --- hooks ------------------------------------------------------------------------------
+    def _hooks(self) -> list:
+        r, buf = self.r, self._buf
+        tokens = torch.as_tensor(r["tokens"])
+        lat = torch.as_tensor(r["latent_tokens"]) if r["latent_tokens"] is not None else None
+        proj = torch.from_numpy(self.projection) if self.projection is not None else None
+        K = self.K
+        out = []
+        for layer in r["layers"]:
+            for s in r["steps"]:
+                key = (layer, s)
+                p = f"blocks.{layer}.rsr.step.{s}"
+
+                def on_expert(e, ctx, key=key):
+                    buf.expert[key] = _expert_to_stored(e[:, tokens]).cpu()  # (2B|B, n_tok)
+                    valid = e.clamp(min=0)
+                    buf.counts[key] = torch.zeros(e.shape[0], K, dtype=torch.int32).scatter_add_(
+                        1, valid.cpu(), (e >= 0).to(torch.int32).cpu())  # (2B|B, K) over all tokens
+                out.append((f"{p}.expert", on_expert))
+                if self.sel.probs:
+                    out.append((f"{p}.probs", lambda v, ctx, key=key: buf.prob.__setitem__(
+                        key, v[:, tokens].to(torch.float16).cpu())))
+                if lat is not None:
+                    def on_latent(h, ctx, key=key):
+                        h = h[:, lat].float()  # (2B|B, n_lat, D)
+                        buf.latent[key] = (h @ proj if proj is not None else h).to(torch.float16).cpu()
+                    out.append((f"{p}.latent", on_latent))
+        return out
+
+    def _stack(self, d: dict, rows: dict[str, slice], B: int) -> np.ndarray:
+        """{(layer, step): (rows_all, ...)} -> (B, branch, layer, step, ...)."""
+        r = self.r
+        per_branch = []
+        for b in r["branches"]:
+            sl = rows[b]
+            per_branch.append(torch.stack([torch.stack([d[(l, s)][sl] for s in r["steps"]], 1)
+                                           for l in r["layers"]], 1))  # (B, layer, step, ...)
+        return torch.stack(per_branch, 1).numpy()
+
+    # --- decode -----------------------------------------------------------------------------
+    def _decode_steps(self, x, t, sigma, cond, uncond, v_final) -> np.ndarray:
+        """Early-exit x0 images (B, 1, layer, step, H, W, C): layer i finished at step s."""
+        r = self.r
+        L = self.rsr.config.steps
+        out = np.zeros((x.shape[0], 1, len(r["layers"]), len(r["steps"]), *self.image_shape), np.uint8)
+        den = make_denoiser(self.transformer, cond, uncond, self.guidance)
+        for li, layer in enumerate(r["layers"]):
+            for si, s in enumerate(r["steps"]):
+                if s == L - 1:
+                    v = v_final  # exiting at the last step is the normal forward
+                else:
+                    self.rsr[str(layer)].exit_step = s
+                    try:
+                        v = den(x, t, -1)  # capture hooks fire again, after this timestep's buffers were stacked
+                    finally:
+                        self.rsr[str(layer)].exit_step = None
+                out[:, 0, li, si] = self.task.to_images(x - sigma * v)
+        return out
+
+    # --- run --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def record(self, writer: SamplingWriter, items: Sequence, seeds: Sequence[int], batch_size: int = 8,
+               progress=None) -> None:
+        r, buf = self.r, self._buf
+        wanted = {t: i for i, t in enumerate(r["timesteps"])}
+        hooks = self._hooks() + [(iv.names(), iv.hook(self.K)) for iv in self.interventions]
+        sched = make_scheduler(self.task.shift)
+        with self.rsr.hooks.hooks(hooks):
+            for start in range(0, len(items), batch_size):
+                chunk, cseeds = list(items[start:start + batch_size]), list(seeds[start:start + batch_size])
+                B = len(chunk)
+                writer.begin_batch(B)
+                ids = torch.arange(start, start + B)
+                cond = self.task.condition(chunk)
+                uncond = self.task.null_condition(B) if self.guided else None
+                rows = {"uncond": slice(0, B), "cond": slice(B, 2 * B)} if self.guided else {"cond": slice(0, B)}
+                self.rsr.set_context(sample_ids=torch.cat([ids, ids]) if self.guided else ids,
+                                     branch=(["uncond"] * B + ["cond"] * B) if self.guided else ["cond"] * B)
+                den = make_denoiser(self.transformer, cond, uncond, self.guidance)
+                sched.set_timesteps(self.steps)
+                x = initial_noise(self.task.latent_shape(self.transformer), cseeds)
+                for i, t in enumerate(sched.timesteps):
+                    tt = t.expand(B).to(x.dtype)
+                    buf.clear()
+                    v = den(x, tt, i)
+                    if i in wanted:
+                        self._write(writer, wanted[i], rows, B, x, tt, float(sched.sigmas[i]), cond, uncond, v)
+                    x = sched.step(v, t, x).prev_sample
+                    if progress is not None:
+                        progress.update(B)
+                writer.write_final(self.task.to_images(x))
+        self.rsr.set_context()
+
+    def _write(self, writer, t_pos, rows, B, x, t, sigma, cond, uncond, v) -> None:
+        buf = self._buf
+        kw: dict[str, Any] = {"counts": self._stack(buf.counts, rows, B)}
+        if self.sel.probs:
+            kw["prob"] = self._stack(buf.prob, rows, B)
+        if self.r["latent_tokens"] is not None:
+            kw["latents"] = self._stack(buf.latent, rows, B)
+        expert = self._stack(buf.expert, rows, B)
+        if self.sel.decode:
+            kw["decoded"] = self._decode_steps(x, t, sigma, cond, uncond, v)
+        writer.write_timestep(t_pos, expert, **kw)
+
+
+def sample_table(task: Task, items: Sequence, seeds: Sequence[int]) -> SampleTable:
+    text = task.conditioning == "text"
+    return SampleTable(prompt=[str(i) if text else f"class {i}" for i in items], seed=list(seeds),
+                       label=None if text else [int(i) for i in items],
+                       scene=[task.describe(i) or "" for i in items])
+
+
+class TrainingRecorder:
+    """Trainer callback: every `every` steps, the routing of that step's batch as events.
+
+    Hooks are attached only on recorded steps (`before`), so other steps run with nothing
+    attached; losses and balance are logged every step (two floats).
+    """
+
+    def __init__(self, path, every: int, task: Task, meta: TraceMeta, token_stride: int = 1,
+                 probs: bool = False, overwrite: bool = False) -> None:
+        self.path, self.every, self.task, self.meta = path, every, task, meta
+        self.token_stride, self.probs, self.overwrite = token_stride, probs, overwrite
+        self.writer: TrainingWriter | None = None
+        self._handles: list = []
+        self._buf = _Buffers()
+        self._t: torch.Tensor | None = None
+
+    def _open(self, rsr: RSR, transformer: nn.Module) -> None:
+        C, H, W = self.task.latent_shape(transformer)
+        p = transformer.config.patch_size
+        n = (H // p) * (W // p)
+        self.tokens = list(range(0, n, self.token_stride))
+        self.layers = sorted(int(k) for k in rsr.keys())
+        self.steps = list(range(rsr.config.steps))
+        self.writer = TrainingWriter(self.path, TrainingLayout(
+            n_experts=rsr.config.experts, layers=self.layers, steps=self.steps, tokens=self.tokens,
+            store_prob=self.probs, counts_scope="all_tokens"), self.meta, overwrite=self.overwrite)
+
+    def before(self, stage: str, step: int, transformer: nn.Module, rsr: RSR | None) -> None:
+        if rsr is None or step % self.every:
+            return
+        if self.writer is None:
+            self._open(rsr, transformer)
+        buf, tokens, K = self._buf, torch.as_tensor(self.tokens), rsr.config.experts
+        buf.clear()
+
+        def on_expert(e, ctx):
+            key = (ctx.layer, ctx.step)
+            buf.expert[key] = _expert_to_stored(e[:, tokens]).cpu()
+            buf.counts[key] = torch.zeros(e.shape[0], K, dtype=torch.int32).scatter_add_(
+                1, e.clamp(min=0).cpu(), (e >= 0).to(torch.int32).cpu())
+            self._t = ctx.timestep
+        hooks = [("*.step.*.expert", on_expert)]
+        if self.probs:
+            hooks.append(("*.step.*.probs", lambda v, ctx: buf.prob.__setitem__(
+                (ctx.layer, ctx.step), v[:, tokens].detach().to(torch.float16).cpu())))
+        for names, fn in hooks:
+            self._handles += rsr.hooks.add(names, fn)
+
+    def __call__(self, info) -> None:  # after the optimizer step
+        if info.rsr is None:
+            return
+        if self.writer is None:
+            self._open(info.rsr, info.transformer)
+        self.writer.log(info.step, loss=info.loss, balance=np.nan if info.balance is None else info.balance)
+        if not self._handles:
+            return
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        buf = self._buf
+        stack = lambda d: torch.stack([torch.stack([d[(l, s)] for s in self.steps], 1) for l in self.layers], 1).numpy()
+        B = buf.expert[(self.layers[0], self.steps[0])].shape[0]
+        kw = {"counts": stack(buf.counts)}
+        if self.probs:
+            kw["prob"] = stack(buf.prob)
+        self.writer.write_events(info.step, np.arange(B) + (info.step - 1) * B,
+                                 self._t.detach().cpu().numpy().astype(np.float64), stack(buf.expert), **kw)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
