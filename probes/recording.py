@@ -208,7 +208,8 @@ class SamplingRecorder:
                progress=None) -> None:
         r, buf = self.r, self._buf
         wanted = {t: i for i, t in enumerate(r["timesteps"])}
-        hooks = self._hooks() + [(iv.names(), iv.hook(self.K)) for iv in self.interventions]
+        # Interventions first: hooks run in order, and the trace must hold the ids the model used.
+        hooks = [(iv.names(), iv.hook(self.K)) for iv in self.interventions] + self._hooks()
         sched = make_scheduler(self.task.shift)
         with self.rsr.hooks.hooks(hooks):
             for start in range(0, len(items), batch_size):

@@ -1,0 +1,172 @@
+"""Recording traces from the tiny model (issue 4): the trace holds what the hooks saw."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from probes.record import main as record_main
+from probes.recording import ABLATED, SamplingRecorder, Selection, sample_table
+from rsr_model.__main__ import main as rsr_main
+from rsr_model.sample import load_model
+from traces import SamplingWriter, TraceError, estimate_sampling, open_trace
+
+PROMPT = "two red circles left of a blue square"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    assert rsr_main(["train", "--out", str(path), "--steps", "2", "--batch-size", "4"]) == 0
+    return path
+
+
+def _record(ckpt, out, *extra):
+    return record_main(["--ckpt", str(ckpt), "--prompts", PROMPT, "--out", str(out), "--steps", "4", *extra])
+
+
+def test_trace_matches_what_the_hooks_saw(ckpt, tmp_path):
+    task, transformer, rsr, _ = load_model(ckpt)
+    sel = Selection(probs=True, latent_tokens=8)
+    rec = SamplingRecorder(task, transformer, rsr, sel, steps=3, guidance=2.0)
+    items, seeds = [PROMPT, "a green triangle", "three blue circles"], [0, 1, 2]
+    writer = SamplingWriter(tmp_path / "t.h5", rec.layout(), sample_table(task, items, seeds))
+    with rsr.hooks.cache(["*.expert", "*.probs", "*.latent"]) as seen:
+        rec.record(writer, items, seeds, batch_size=2)
+    writer.close()
+    with open_trace(tmp_path / "t.h5") as tr:
+        assert tr.complete and tr.n_samples == 3
+        expert, prob, latents = tr.routing(), tr.prob(), tr.latents()
+        counts = tr.counts()
+        branches = list(tr.coords["branch"])
+        lat_idx = tr.coords["stored_token"]
+    layer = int(next(iter(rsr.keys())))
+    L = rsr.config.steps
+    for s in range(L):
+        calls = seen[f"blocks.{layer}.rsr.step.{s}.expert"]
+        pcalls = seen[f"blocks.{layer}.rsr.step.{s}.probs"]
+        lcalls = seen[f"blocks.{layer}.rsr.step.{s}.latent"]
+        assert len(calls) == 2 * 3  # two batches x three sampler steps
+        for call, (ctx, e) in enumerate(calls):
+            batch, t = divmod(call, 3)
+            rows = slice(2 * batch, min(2 * batch + 2, 3))
+            B = rows.stop - rows.start
+            for b, name in enumerate(("uncond", "cond")):
+                got = expert[rows, branches.index(name), t, 0, s]
+                want = e[b * B:(b + 1) * B].numpy()
+                np.testing.assert_array_equal(got, want)
+                np.testing.assert_array_equal(prob[rows, branches.index(name), t, 0, s],
+                                              pcalls[call][1][b * B:(b + 1) * B].to(torch.float16).numpy())
+                np.testing.assert_array_equal(latents[rows, branches.index(name), t, 0, s],
+                                              lcalls[call][1][b * B:(b + 1) * B][:, lat_idx].to(torch.float16).numpy())
+    # counts agree with the ids and cover every token
+    K = rsr.config.experts
+    assert (counts.sum(-1) == expert.shape[-1]).all()
+    np.testing.assert_array_equal(counts, (expert[..., None] == np.arange(K)).sum(-2))
+
+
+def test_selection_stores_exactly_what_was_asked(ckpt, tmp_path):
+    full, part = tmp_path / "full.h5", tmp_path / "part.h5"
+    assert _record(ckpt, full, "--num-samples", "2") == 0
+    assert _record(ckpt, part, "--num-samples", "2", "--rsr-steps", "0,2", "--timesteps", "1,3",
+                   "--token-stride", "4", "--branches", "cond") == 0
+    with open_trace(full) as f, open_trace(part) as p:
+        assert list(p.coords["step"]) == [0, 2] and list(p.coords["timestep"]) == [1, 3]
+        assert list(p.coords["token"]) == list(range(0, 64, 4)) and list(p.coords["branch"]) == ["cond"]
+        assert p.routing().shape == (2, 1, 2, 1, 2, 16)
+        ci = list(f.coords["branch"]).index("cond")
+        want = f.routing()[:, ci:ci + 1][:, :, [1, 3]][:, :, :, :, [0, 2]][..., ::4]
+        np.testing.assert_array_equal(p.routing(), want)
+        # counts always cover all tokens, whatever the stride
+        np.testing.assert_array_equal(p.counts(), f.counts()[:, ci:ci + 1][:, :, [1, 3]][:, :, :, :, [0, 2]])
+        assert not p.has("/routing/prob") and not p.has("/latents/h")
+        np.testing.assert_array_equal(p.final(), f.final())  # same seeds, same images
+
+
+def test_size_estimate_and_max_gb(ckpt, tmp_path, capsys):
+    out = tmp_path / "big.h5"
+    assert _record(ckpt, out, "--num-samples", "3", "--probs", "--latent-tokens", "16", "--latent-dim", "8",
+                   "--decode") == 0
+    err = capsys.readouterr().err
+    expected = float(err.split("expected ")[1].split(" MiB")[0]) * 2**20
+    assert abs(out.stat().st_size - expected) / out.stat().st_size < 0.2, (out.stat().st_size, expected)
+    with open_trace(out) as tr:
+        assert tr.decoded().shape[3:5] == (1, 3) and tr.decoded().max() > 0
+    refused = tmp_path / "refused.h5"
+    assert _record(ckpt, refused, "--max-gb", "1e-6") == 2
+    assert "exceeds --max-gb" in capsys.readouterr().err and not refused.exists()
+
+
+def test_interventions_change_routing_and_are_recorded(ckpt, tmp_path):
+    forced = tmp_path / "forced.h5"
+    assert _record(ckpt, forced, "--force-expert", "1", "--at-step", "0", "--region", "0:4,0:8") == 0
+    with open_trace(forced) as tr:
+        e = tr.routing()  # (1, branch, t, layer, step, 64): an 8x8 token grid
+        grid = e.reshape(*e.shape[:-1], 8, 8)
+        assert (grid[..., 0, :4, :] == 1).all()
+        iv = tr.attrs["interventions"]
+        iv = json.loads(iv) if isinstance(iv, str) else iv
+        assert iv == [{"kind": "force", "expert": 1, "layers": None, "step": 0, "rows": [0, 4], "cols": [0, 8],
+                       "t_min": None, "t_max": None}]
+    ablated = tmp_path / "ablated.h5"
+    assert _record(ckpt, ablated, "--ablate-expert", "0", "--at-step", "1") == 0
+    with open_trace(ablated) as tr:
+        e = tr.routing()
+        assert not (e[..., 1, :] == 0).any() and (e[..., 1, :] == ABLATED).any()
+        assert (e[..., 0, :] == 0).any()  # other steps untouched
+
+
+def test_bad_cli_input(ckpt, tmp_path, capsys):
+    cases = [
+        ["--ckpt", str(tmp_path / "none.pt"), "--prompts", "x"],
+        ["--ckpt", str(ckpt), "--prompts", str(tmp_path / "missing.txt")],
+        ["--ckpt", str(ckpt), "--prompts", "x", "--layers", "5"],
+        ["--ckpt", str(ckpt), "--prompts", "x", "--rsr-steps", "7"],
+        ["--ckpt", str(ckpt), "--prompts", "x", "--force-expert", "9"],
+        ["--ckpt", str(ckpt), "--prompts", "x", "--force-expert", "1", "--region", "bogus"],
+        ["--ckpt", str(ckpt), "--prompts", "x", "--num-samples", "0"],
+        ["--ckpt", str(ckpt), "--prompts", "x", "--timesteps", "a,b"],
+    ]
+    for argv in cases:
+        out = tmp_path / "o.h5"
+        capsys.readouterr()
+        assert record_main([*argv, "--out", str(out), "--steps", "2"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert [l for l in err if l.startswith("error:")] == [err[-1]] and "Traceback" not in "".join(err), err
+        assert not out.exists()
+
+
+def test_sigkill_mid_recording_leaves_flushed_steps_readable(ckpt, tmp_path):
+    out = tmp_path / "killed.h5"
+    proc = subprocess.Popen([sys.executable, "-m", "probes.record", "--ckpt", str(ckpt), "--prompts", PROMPT,
+                             "--num-samples", "4", "--batch-size", "1", "--steps", "40", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            time.sleep(0.5)
+            try:
+                with open_trace(out) as tr:
+                    if tr.written.sum() >= 3:
+                        break
+            except TraceError:
+                pass
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with open_trace(out) as tr:
+        assert not tr.complete
+        written = tr.written.astype(bool)  # (sample, timestep)
+        assert written.sum() >= 3 and not written.all()
+        e = np.moveaxis(tr.routing(), 2, 1)  # (sample, timestep, branch, layer, step, token)
+        K = tr.coords["expert"].size
+        assert (e[written] < K).all()  # every flushed step is readable and valid
+        assert (e[~written] == 255).all()  # the rest reads as unwritten
