@@ -1,0 +1,389 @@
+"""Lazy, validating trace reader: selections, streaming blocks, and following a live file.
+
+Files are opened in SWMR-read mode whenever HDF5 allows it: that is the only mode in which a
+file whose writer was killed (or is still running) opens without external tools, and it
+costs nothing for finished files. Opening reads only attributes and small coordinates;
+every data access reads just the chunks its selection touches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the Blosc/Zstd filters)
+import numpy as np
+
+from . import select
+from .errors import TraceError
+from .schema import (AXIS_COORDS, JSON_ATTRS, KINDS, OUTER_AXES, REQUIRED, SCHEMA_NAME,
+                     SCHEMA_VERSION, VALUE_AXES)
+
+# Chunk cache per open dataset: big enough for every chunk one slice read touches.
+_CACHE = dict(rdcc_nbytes=32 << 20, rdcc_nslots=10007)
+
+
+@dataclass
+class Block:
+    """One stored chunk's worth of data with the coordinates of every axis it spans."""
+
+    data: np.ndarray
+    dims: tuple[str, ...]
+    coords: dict[str, Any]
+
+
+@dataclass
+class Progress:
+    """What `follow()` reports each time a live trace grows."""
+
+    steps: int
+    new_steps: int
+    closed: bool
+
+
+def open_trace(path: str | os.PathLike) -> "TraceReader":
+    """Open and validate a trace; raises TraceError (one line) if it is not a usable one."""
+    p = Path(path)
+    if not p.is_file():
+        raise TraceError(f"{p}: no such file")
+    if not h5py.is_hdf5(p):
+        raise TraceError(f"{p}: not an HDF5 file (no HDF5 signature; truncated to nothing or another format)")
+    # Plain open first: it checks the stored end-of-file, so truncation is caught. A file
+    # whose writer is running or was killed refuses plain opens (consistency flags, lock);
+    # SWMR-read mode is made for exactly those files.
+    try:
+        f = h5py.File(p, "r", **_CACHE)
+    except OSError as exc:
+        first = _first_line(exc)
+        if "truncated" in first:
+            raise TraceError(f"{p}: HDF5 file is truncated or damaged ({first})") from None
+        try:
+            f = h5py.File(p, "r", swmr=True, **_CACHE)
+        except OSError as exc2:
+            raise TraceError(f"{p}: HDF5 file cannot be opened, truncated or damaged "
+                             f"({_first_line(exc2)})") from None
+    try:
+        return TraceReader(f, p)
+    except BaseException:
+        f.close()
+        raise
+
+
+class TraceReader:
+    """Read access to one trace (a rank file or a joined file). Use as a context manager."""
+
+    def __init__(self, f: h5py.File, path: Path) -> None:
+        self._f = f
+        self.path = path
+        self._ds: dict[str, h5py.Dataset] = {}
+        self._validate()
+        self.attrs = self._load_attrs()
+        self.kind: str = self.attrs["kind"]
+        self.coords = self._load_coords()
+
+    # Validation -------------------------------------------------------------------------
+    def _validate(self) -> None:
+        a = self._f.attrs
+        name = _text(a.get("schema"))
+        if name != SCHEMA_NAME:
+            what = "no 'schema' attribute" if name is None else f"schema {name!r}"
+            raise TraceError(f"{self.path}: foreign HDF5 file ({what}, expected {SCHEMA_NAME!r})")
+        try:
+            version = int(a["schema_version"])
+        except (KeyError, TypeError, ValueError):
+            raise TraceError(f"{self.path}: {SCHEMA_NAME} file without a readable schema_version") from None
+        if version > SCHEMA_VERSION:
+            raise TraceError(f"{self.path}: schema version {version} is newer than this reader "
+                             f"(supports {SCHEMA_VERSION}); upgrade the traces package")
+        if version < SCHEMA_VERSION:
+            raise TraceError(f"{self.path}: schema version {version} is older than supported "
+                             f"version {SCHEMA_VERSION}; re-record the trace")
+        kind = _text(a.get("kind"))
+        if kind not in KINDS:
+            raise TraceError(f"{self.path}: unknown trace kind {kind!r} (expected one of {KINDS})")
+        for path in REQUIRED[kind]:
+            if path not in self._f:
+                raise TraceError(f"{self.path}: missing required dataset {path}")
+
+    def _load_attrs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in self._f.attrs.items():
+            v = _text(v) if isinstance(v, (str, bytes)) else (v.item() if isinstance(v, np.generic) else v)
+            if k in JSON_ATTRS and isinstance(v, str):
+                try:
+                    v = json.loads(v)
+                except json.JSONDecodeError:
+                    pass
+            out[k] = v
+        return out
+
+    def _load_coords(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for axis, paths in AXIS_COORDS.items():
+            if axis in ("event", "log"):
+                continue  # growing; read through events() / train()
+            for i, p in enumerate(paths):
+                if p in self._f:
+                    arr = self._f[p][()]
+                    if arr.dtype.kind == "O":
+                        arr = np.array([_text(x) for x in arr])
+                    out[axis if i == 0 else p.rsplit("/", 1)[1]] = arr
+        if self.kind == "sampling":
+            out["sample"] = out["sample"][: self.n_samples]
+        return out
+
+    # Basic properties ---------------------------------------------------------------------
+    def dataset(self, path: str) -> h5py.Dataset:
+        """The h5py dataset (cached, refreshed by `refresh()`)."""
+        if path not in self._ds:
+            if path not in self._f:
+                raise TraceError(f"{self.path}: trace has no dataset {path}")
+            self._ds[path] = self._f[path]
+        return self._ds[path]
+
+    def has(self, path: str) -> bool:
+        return path in self._f
+
+    def axes(self, path: str) -> tuple[str, ...]:
+        return tuple(_text(x) for x in self.dataset(path).attrs["axes"])
+
+    @property
+    def complete(self) -> bool:
+        """True only when the writer closed cleanly (root attribute)."""
+        return bool(self._f.attrs["complete"])
+
+    @property
+    def closed(self) -> bool:
+        """True once the writer reached close(); visible to live readers before `complete`."""
+        return bool(self.dataset("/progress/closed")[0])
+
+    @property
+    def steps(self) -> int:
+        """Write calls flushed so far (the live-reader cursor)."""
+        return int(self.dataset("/progress/steps")[0])
+
+    @property
+    def n_samples(self) -> int:
+        """Samples begun so far (sampling traces); see `written` for which cells hold data."""
+        return int(self.dataset("/routing/expert").shape[0]) if self.kind == "sampling" else 0
+
+    @property
+    def n_events(self) -> int:
+        """Events whose data is flushed (training traces)."""
+        if self.kind != "training":
+            return 0
+        return min(int(self.dataset("/progress/events")[0]), self.dataset("/routing/expert").shape[0])
+
+    @property
+    def written(self) -> np.ndarray:
+        """(sample, timestep) bool mask of flushed cells (sampling traces)."""
+        return self.dataset("/progress/written")[: self.n_samples].astype(bool)
+
+    @property
+    def final_written(self) -> np.ndarray:
+        return self.dataset("/progress/final_written")[: self.n_samples].astype(bool)
+
+    # Selections -----------------------------------------------------------------------
+    def read(self, path: str, **sel: Any) -> np.ndarray:
+        """Select from any gridded dataset by axis name, e.g. read('/latents/h', layer=12).
+
+        Each axis takes None (all), an int (axis dropped), a slice, a list/array of ints or a
+        bool mask; `layer` ints are block indices (coordinate values; slices stay positional);
+        `branch` also takes names ('cond'). Unwritten cells hold the fill value (255 for
+        expert ids, NaN for floats, -1 for counts, 0 for images).
+        """
+        return select.read(self.dataset(path), self._keys(path, sel), self._chunks(path))
+
+    def _chunks(self, path: str) -> tuple[int, ...]:
+        """Chunk shape, or for a virtual dataset (joined ranks) the write cell shape."""
+        d = self.dataset(path)
+        if d.chunks:
+            return d.chunks
+        return tuple(1 if a in OUTER_AXES else n for a, n in zip(self.axes(path), d.shape))
+
+    def _keys(self, path: str, sel: dict[str, Any]) -> list[Any]:
+        axes = self.axes(path)
+        unknown = set(sel) - set(axes)
+        if unknown:
+            raise TraceError(f"{path} has no axis {sorted(unknown)}; axes are {list(axes)}")
+        shape = list(self.dataset(path).shape)
+        if axes[0] == "event":
+            shape[0] = self.n_events
+        return [select.resolve(sel.get(ax), ax, n, self.coords.get(ax), ax in VALUE_AXES)
+                for ax, n in zip(axes, shape)]
+
+    def routing(self, **sel: Any) -> np.ndarray:
+        """Expert ids (uint8). Axes: sample, branch, timestep, layer, step, token (sampling);
+        event, layer, step, token (training)."""
+        return self.read("/routing/expert", **sel)
+
+    def prob(self, **sel: Any) -> np.ndarray:
+        """Gate probabilities (float16), routing axes plus expert."""
+        return self.read("/routing/prob", **sel)
+
+    def counts(self, **sel: Any) -> np.ndarray:
+        """Expert counts (int32), routing axes with token replaced by expert."""
+        return self.read("/routing/counts", **sel)
+
+    def latents(self, **sel: Any) -> np.ndarray:
+        """h_l of the stored token subset (float16): ..., stored_token, dim."""
+        return self.read("/latents/h", **sel)
+
+    def decoded(self, **sel: Any) -> np.ndarray:
+        """Early-exit decoded images (uint8): sample, decoded_branch, timestep, layer, step, H, W, C."""
+        return self.read("/decoded/step", **sel)
+
+    def final(self, **sel: Any) -> np.ndarray:
+        """Final images (uint8): sample, height, width, channel."""
+        return self.read("/decoded/final", **sel)
+
+    def index(self, coord: str, values: Any) -> np.ndarray:
+        """Positions of coordinate values, e.g. index('timestep_value', [999, 500])."""
+        if coord not in self.coords:
+            raise TraceError(f"no coordinate {coord!r}; have {sorted(self.coords)}")
+        return select._lookup(np.atleast_1d(values), coord, self.coords[coord])
+
+    def samples(self) -> dict[str, Any]:
+        """Per-sample metadata of the recorded samples: prompt, seed, label, scene (parsed)."""
+        n = self.n_samples
+        prompt = [_text(x) for x in self.dataset("/samples/prompt")[:n]]
+        scene = [_maybe_json(_text(x)) for x in self.dataset("/samples/scene")[:n]]
+        return {"sample": self.coords["sample"], "prompt": prompt,
+                "seed": self.dataset("/samples/seed")[:n], "label": self.dataset("/samples/label")[:n],
+                "scene": scene}
+
+    def events(self) -> dict[str, np.ndarray]:
+        """Training events: step, sample, timestep, label (flushed events only)."""
+        n = self.n_events
+        return {k: self.dataset(f"/events/{k}")[:n] for k in ("step", "sample", "timestep", "label")}
+
+    def train(self) -> dict[str, np.ndarray]:
+        """Training scalars by name (loss, balance, ...) plus their training 'step'."""
+        n = int(self.dataset("/progress/logs")[0])
+        out = {"step": self.dataset("/train/step")[:n]}
+        for name, d in self._f["train"].items():
+            if name != "step":
+                out[name] = self.dataset(d.name)[:n]
+        return out
+
+    # Streaming -------------------------------------------------------------------------
+    def iter_chunks(self, path: str = "/routing/expert", *, only_written: bool = True,
+                    **sel: Any) -> Iterator[Block]:
+        """Yield one Block per stored chunk cell (sample x branch x timestep, or event).
+
+        Lets statistics stream over a trace of any size with one chunk in memory; cells not
+        yet written (live or killed runs) are skipped unless only_written=False.
+        """
+        d = self.dataset(path)
+        axes = self.axes(path)
+        keys = self._keys(path, sel)
+        n_outer = next((i for i, a in enumerate(axes) if a not in OUTER_AXES), len(axes))
+        outer = [np.atleast_1d(np.arange(k.start, k.stop, k.step) if isinstance(k, slice) else k)
+                 for k in keys[:n_outer]]
+        mask = self._written_lookup(axes) if only_written else None
+        ev = self.events() if self.kind == "training" else None
+        for combo in itertools.product(*outer):
+            pos = dict(zip(axes[:n_outer], (int(c) for c in combo)))
+            if mask is not None and not mask(pos):
+                continue
+            data = select.read(d, [int(c) for c in combo] + keys[n_outer:], self._chunks(path))
+            yield Block(data, axes[n_outer:], self._block_coords(pos, axes[n_outer:], keys[n_outer:], ev))
+
+    def _written_lookup(self, axes: tuple[str, ...]):
+        if self.kind == "sampling" and "sample" in axes and "timestep" in axes:
+            w = self.written
+            return lambda p: bool(w[p["sample"], p["timestep"]] if "timestep" in p else w[p["sample"]].any())
+        if self.kind == "training":
+            n = self.n_events
+            return lambda p: p["event"] < n
+        return None
+
+    def _block_coords(self, pos: dict[str, int], inner: tuple[str, ...], keys: list[Any],
+                      ev: dict[str, np.ndarray] | None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for ax, i in pos.items():
+            if ax == "event" and ev is not None:
+                out.update(event=i, train_step=int(ev["step"][i]), sample=int(ev["sample"][i]),
+                           timestep=float(ev["timestep"][i]))
+                continue
+            c = self.coords.get(ax)
+            out[ax] = c[i].item() if c is not None else i
+            if ax == "timestep":
+                out["timestep_value"] = float(self.coords["timestep_value"][i])
+                out["sigma"] = float(self.coords["sigma"][i])
+        for ax, k in zip(inner, keys):
+            c = self.coords.get(ax)
+            if c is not None:
+                out[ax] = c[k] if not isinstance(k, int) else c[k].item()
+        return out
+
+    # Live files ---------------------------------------------------------------------------
+    def refresh(self) -> int:
+        """Pick up what a running writer flushed since; returns the step counter."""
+        if self._f.swmr_mode:
+            for d in self._ds.values():
+                d.refresh()
+            self.dataset("/progress/steps").refresh()
+            self.dataset("/progress/closed").refresh()
+        if self.kind == "sampling":
+            self.coords["sample"] = self._f["/coords/sample"][: self.n_samples]
+        return self.steps
+
+    def follow(self, poll_s: float = 0.1, idle_timeout_s: float | None = 60.0) -> Iterator[Progress]:
+        """Yield Progress whenever the step counter grows; stop when the writer closes
+        cleanly, or after idle_timeout_s without growth (a dead writer)."""
+        last = 0
+        idle_since = time.monotonic()
+        while True:
+            n = self.refresh()
+            closed = self.closed
+            if n > last or closed:
+                yield Progress(steps=n, new_steps=n - last, closed=closed)
+                last, idle_since = n, time.monotonic()
+            if closed:
+                return
+            if idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s:
+                return
+            time.sleep(poll_s)
+
+    # Lifecycle ------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._ds.clear()
+        self._f.close()
+
+    def __enter__(self) -> "TraceReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<TraceReader {self.path} kind={self.kind} steps={self.steps} complete={self.complete}>"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _text(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    if isinstance(v, np.ndarray) and v.shape == ():
+        return _text(v[()])
+    return v
+
+
+def _maybe_json(s: str) -> Any:
+    if not s:
+        return None
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        return s

@@ -1,0 +1,150 @@
+"""Join per-rank trace files into one file through HDF5 virtual datasets (VDS).
+
+Each rank writes its own file (no parallel HDF5, no collective metadata). The joined file
+holds one VDS mapping per rank for every growing dataset (concatenated along the sample or
+event axis), small copies of coordinates and per-sample tables, and summed progress
+counters, so `open_trace` reads it like a single-rank trace. Source paths are stored
+relative to the joined file, so the directory can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import hdf5plugin  # noqa: F401
+import numpy as np
+
+from .errors import TraceError
+from .reader import open_trace
+from .schema import AXIS_COORDS, LIBVER
+
+_SKIP_ATTRS = {"DIMENSION_LIST", "REFERENCE_LIST", "CLASS", "NAME"}
+_COUNTERS_SUM = ("/progress/steps", "/progress/events", "/progress/logs")
+
+
+def join_ranks(rank_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,
+               overwrite: bool = False) -> Path:
+    """Write `out_path`, a trace whose growing datasets are VDS over `rank_paths` in order.
+
+    The extent joined is what each rank file holds now (join after the ranks have closed).
+    """
+    out = Path(out_path)
+    if out.exists() and not overwrite:
+        raise TraceError(f"{out} exists (pass overwrite=True to replace it)")
+    if not rank_paths:
+        raise TraceError("join_ranks needs at least one rank file")
+    extents, complete, kinds = [], [], set()
+    for p in rank_paths:
+        with open_trace(p) as r:
+            kinds.add(r.kind)
+            complete.append(r.complete)
+            logs = int(r.dataset("/progress/logs")[0]) if r.kind == "training" else 0
+            extents.append({"sample": r.n_samples, "event": r.n_events, "log": logs})
+    if len(kinds) != 1:
+        raise TraceError(f"cannot join traces of different kinds {sorted(kinds)}")
+    srcs = [h5py.File(p, "r", swmr=True) for p in rank_paths]
+    try:
+        _check_compatible(srcs, rank_paths)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rel = [os.path.relpath(Path(p).resolve(), out.resolve().parent) for p in rank_paths]
+        with h5py.File(out, "w", libver=LIBVER) as dst:
+            _write(dst, srcs, rel, extents)
+            for k, v in srcs[0].attrs.items():
+                dst.attrs[k] = v
+            dst.attrs["complete"] = all(complete)
+            dst.attrs["rank"] = -1
+            dst.attrs["joined_from"] = json.dumps(rel)
+    finally:
+        for s in srcs:
+            s.close()
+    return out
+
+
+def _datasets(f: h5py.File) -> list[str]:
+    names: list[str] = []
+    f.visititems(lambda n, o: names.append("/" + n) if isinstance(o, h5py.Dataset) else None)
+    return names
+
+
+def _check_compatible(srcs: list[h5py.File], paths: Sequence) -> None:
+    ref = _datasets(srcs[0])
+    for s, p in zip(srcs[1:], paths[1:]):
+        if _datasets(s) != ref:
+            raise TraceError(f"{p}: datasets differ from {paths[0]}; record ranks with one layout")
+        for name in ref:
+            a, b = srcs[0][name], s[name]
+            if a.attrs.get("growing") or _axis0(a) == "sample":
+                if a.shape[1:] != b.shape[1:]:
+                    raise TraceError(f"{p}: {name} shape {b.shape} does not match {a.shape}")
+            elif name.startswith("/coords/") and not _same(a[()], b[()]):
+                raise TraceError(f"{p}: coordinate {name} differs from {paths[0]}")
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    nan_ok = a.dtype.kind == "f" and b.dtype.kind == "f"
+    return a.shape == b.shape and np.array_equal(a, b, equal_nan=nan_ok)
+
+
+def _axis0(d: h5py.Dataset) -> str | None:
+    axes = d.attrs.get("axes")
+    if axes is None or len(axes) == 0:
+        return None
+    x = axes[0]
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _write(dst: h5py.File, srcs: list[h5py.File], rel: list[str], extents: list[dict[str, int]]) -> None:
+    for name in _datasets(srcs[0]):
+        d0 = srcs[0][name]
+        axis0 = _axis0(d0)
+        if d0.attrs.get("growing"):
+            n = [e[axis0] for e in extents]
+            layout = h5py.VirtualLayout(shape=(sum(n), *d0.shape[1:]), dtype=d0.dtype,
+                                        maxshape=(sum(n), *d0.shape[1:]))
+            start = 0
+            for src, r, k in zip(srcs, rel, n):
+                if k:
+                    layout[start:start + k] = h5py.VirtualSource(r, name, shape=src[name].shape)[:k]
+                start += k
+            fill = d0.fillvalue
+            new = dst.create_virtual_dataset(name, layout, fillvalue=fill)
+        elif axis0 == "sample":
+            parts = [src[name][: e["sample"]] for src, e in zip(srcs, extents)]
+            new = _plain(dst, name, np.concatenate(parts), d0.dtype)
+        elif name in _COUNTERS_SUM:
+            new = _plain(dst, name, np.array([sum(int(s[name][0]) for s in srcs)]), d0.dtype)
+        elif name == "/progress/closed":
+            new = _plain(dst, name, np.array([min(int(s[name][0]) for s in srcs)]), d0.dtype)
+        else:
+            new = _plain(dst, name, d0[()], d0.dtype)
+        for k, v in d0.attrs.items():
+            if k not in _SKIP_ATTRS:
+                new.attrs[k] = v
+    _scales(dst)
+
+
+def _plain(dst: h5py.File, name: str, data: np.ndarray, dtype) -> h5py.Dataset:
+    # chunked, never contiguous: contiguous data is unreadable in SWMR-read mode
+    return dst.create_dataset(name, data=data, dtype=dtype, chunks=True if np.ndim(data) else None)
+
+
+def _scales(dst: h5py.File) -> None:
+    coord_paths = {p for ps in AXIS_COORDS.values() for p in ps}
+    for p in coord_paths:
+        if p in dst:
+            dst[p].make_scale(p.rsplit("/", 1)[1])
+    for name in _datasets(dst):
+        d = dst[name]
+        axes = d.attrs.get("axes")
+        if axes is None or name in coord_paths:
+            continue
+        for i, ax in enumerate(axes):
+            ax = ax.decode() if isinstance(ax, bytes) else str(ax)
+            d.dims[i].label = ax
+            for cp in AXIS_COORDS.get(ax, ()):
+                if cp in dst:
+                    d.dims[i].attach_scale(dst[cp])
