@@ -91,13 +91,17 @@ def test_selection_stores_exactly_what_was_asked(ckpt, tmp_path):
 
 def test_size_estimate_and_max_gb(ckpt, tmp_path, capsys):
     out = tmp_path / "big.h5"
-    assert _record(ckpt, out, "--num-samples", "3", "--probs", "--latent-tokens", "16", "--latent-dim", "8",
-                   "--decode") == 0
+    assert _record(ckpt, out, "--num-samples", "6", "--steps", "10", "--probs", "--latent-tokens", "16") == 0
     err = capsys.readouterr().err
     expected = float(err.split("expected ")[1].split(" MiB")[0]) * 2**20
     assert abs(out.stat().st_size - expected) / out.stat().st_size < 0.2, (out.stat().st_size, expected)
-    with open_trace(out) as tr:
+    decoded = tmp_path / "decoded.h5"
+    assert _record(ckpt, decoded, "--decode", "--latent-tokens", "16", "--latent-dim", "8") == 0
+    with open_trace(decoded) as tr:
         assert tr.decoded().shape[3:5] == (1, 3) and tr.decoded().max() > 0
+        assert tr.latents().shape[-1] == 8 and tr.dataset("/latents/projection").shape == (128, 8)
+        # exiting at the last recursion step is the normal forward: its decode is this step's x0
+        assert tr.decoded().shape == (1, 1, 4, 1, 3, 32, 32, 3)
     refused = tmp_path / "refused.h5"
     assert _record(ckpt, refused, "--max-gb", "1e-6") == 2
     assert "exceeds --max-gb" in capsys.readouterr().err and not refused.exists()

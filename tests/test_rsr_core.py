@@ -246,3 +246,22 @@ def test_remove_restores_and_weights_round_trip(sd3, tmp_path):
     assert loaded.config == rsr.config
     with torch.no_grad():
         torch.testing.assert_close(run(fresh, inputs), adapted, atol=0, rtol=0)
+
+
+def test_early_exit_finishes_the_layer_at_a_step(sd3):
+    model, inputs = sd3
+    rsr = install_rsr(model, preset("tiny", target_layers=[2]))
+    randomize_rsr(rsr, scale=0.2)
+    with torch.no_grad():
+        full = run(model, inputs)
+        rsr.set_exit_step(2)  # L - 1: the normal forward
+        torch.testing.assert_close(run(model, inputs), full, atol=0, rtol=0)
+        outs = []
+        for s in (0, 1):
+            rsr.set_exit_step(s)
+            with rsr.hooks.cache("*.expert") as seen:
+                outs.append(run(model, inputs))
+            assert sorted(seen) == [f"blocks.2.rsr.step.{i}.expert" for i in range(s + 1)]  # later steps never run
+        rsr.set_exit_step(None)
+        torch.testing.assert_close(run(model, inputs), full, atol=0, rtol=0)
+    assert (outs[0] - full).abs().max() > 1e-4 and (outs[0] - outs[1]).abs().max() > 1e-5
