@@ -113,6 +113,8 @@ class Trainer:
             if self.ckpt.get("preset") != task.name:
                 raise CheckpointError(f"{self.out} was trained with preset {self.ckpt.get('preset')!r}, not {task.name!r}")
             self.transformer, self.rsr = build_from_checkpoint(task, self.ckpt)
+            if self.ckpt.get("train_state") is not None:  # mid-base-stage: raw weights, not the EMA
+                self.transformer.load_state_dict(self.ckpt["train_state"], strict=True)
             self.plan, self.progress = self.ckpt["plan"], dict(self.ckpt["progress"])
             self.rsr_cfg = RSRConfig.from_dict(self.ckpt["rsr_plan"])
             self.losses = list(self.ckpt.get("losses", []))
@@ -144,11 +146,20 @@ class Trainer:
 
     def _record(self, stage: str, opt, sched) -> dict[str, Any]:
         t = self.accelerator.unwrap_model(self.transformer)
+        train_state = ema_state = None
+        base = base_state_dict(t) if self.task.two_stage else None
+        if self._ema is not None:  # sampling uses the EMA weights; resuming needs the raw ones too
+            params = list(t.parameters())
+            train_state, ema_state = base, self._ema.state_dict()
+            self._ema.store(params)
+            self._ema.copy_to(params)
+            base = base_state_dict(t)
+            self._ema.restore(params)
         return {
             "preset": self.task.name, "stage": stage, "mode": self.rsr_cfg.mode,
             "backbone": self.task.backbone_record(t),
             "pretrained": str(Path(self.args.pretrained).resolve()) if getattr(self.args, "pretrained", None) else None,
-            "base_state": base_state_dict(t) if self.task.two_stage else None,
+            "base_state": base, "train_state": train_state, "ema": ema_state,
             "rsr_config": self.rsr.config.to_dict() if self.rsr is not None else None,
             "rsr_state": {k: v.detach().cpu() for k, v in self.rsr.state_dict().items()} if self.rsr is not None else None,
             "rsr_plan": self.rsr_cfg.to_dict(),
@@ -177,6 +188,14 @@ class Trainer:
         if stage == "base":
             self.transformer.requires_grad_(True)
         params = [p for p in (self.rsr.parameters() if stage == "rsr" else self.transformer.parameters()) if p.requires_grad]
+        self._ema = None
+        if stage == "base" and a.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            # Sampling quality of small diffusion models depends a lot on weight averaging.
+            self._ema = EMAModel(params, decay=a.ema_decay, use_ema_warmup=True)
+            if self.progress[stage] and self.ckpt.get("ema") is not None:
+                self._ema.load_state_dict(self.ckpt["ema"])
         lr = a.lr if a.lr is not None else task.lr[stage]
         opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
         warmup = max(1, min(50, self.plan[stage] // 10))
@@ -200,6 +219,9 @@ class Trainer:
             bar.close()
         self._log_file.flush()
         self.transformer = acc.unwrap_model(model)
+        if self._ema is not None:  # the RSR stage freezes the averaged base
+            self._ema.copy_to(list(self.transformer.parameters()))
+            self._ema = None
 
     def _loop(self, stage, start, total, model, opt, sched, rsr, bs, bar, log, last_good) -> None:
         a, task, acc = self.args, self.task, self.accelerator
@@ -228,6 +250,8 @@ class Trainer:
             acc.backward(loss)
             opt.step()
             sched.step()
+            if self._ema is not None:
+                self._ema.step(model.parameters())
             self.progress[stage] = step + 1
             entry = {"stage": stage, "step": step + 1, "loss": round(fm.item(), 6),
                      "balance": round(bal.item(), 4) if bal is not None else None}

@@ -49,15 +49,20 @@ def test_resume_equals_uninterrupted_and_checkpoint_round_trip(tmp_path):
     assert ck["progress"] == {"base": 3, "rsr": 3} and ck["mode"] == "rsr"
     assert ck["text_encoder"]["name"] and ck["backbone"]["class"] == "SD3Transformer2DModel"
 
-    # Interrupt a second run in the middle of the RSR stage, then resume it.
+    # Interrupt a second run in the middle of each stage, resuming it each time.
     part = tmp_path / "part.pt"
 
-    def crash(info):
-        if info.stage == "rsr" and info.step == 1:
-            raise KeyboardInterrupt
+    def crash_at(stage, step):
+        def cb(info):
+            if (info.stage, info.step) == (stage, step):
+                raise KeyboardInterrupt
+        return cb
 
     with pytest.raises(KeyboardInterrupt):
-        Trainer(train_args(part, "--steps", "3"), callbacks=[crash]).run()
+        Trainer(train_args(part, "--steps", "3"), callbacks=[crash_at("base", 2)]).run()
+    assert load_checkpoint(part)["progress"] == {"base": 2, "rsr": 0}
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(train_args(part, "--steps", "3", "--resume"), callbacks=[crash_at("rsr", 1)]).run()
     assert load_checkpoint(part)["progress"] == {"base": 3, "rsr": 1}
     Trainer(train_args(part, "--steps", "3", "--resume")).run()
     a, b = weights(full), weights(part)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole path on a fresh machine: set up, train the tiny RSR model (base, then RSR),
+# sample images, record a trace with hook points on, and report on it. Outputs: runs/demo/.
+# DEMO_STEPS=50 ./scripts/demo.sh runs a quick smoke version (same commands, fewer steps).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+out=runs/demo
+mkdir -p "$out"
+steps=()
+[ -n "${DEMO_STEPS:-}" ] && steps=(--steps "$DEMO_STEPS")
+
+echo "== 1. train (tiny preset: base stage, then RSR on the frozen base)"
+python -m rsr_model train --out "$out/sd3_rsr.pt" --overwrite "${steps[@]}"
+echo "== 2. sample"
+python -m rsr_model sample --ckpt "$out/sd3_rsr.pt" --prompts-file examples/prompts.txt --num-samples 4 \
+    --out "$out/samples.png" --overwrite
+echo "== 3. record a trace (routing, gate probabilities, 64-token latents, early-exit decodes)"
+python -m probes.record --ckpt "$out/sd3_rsr.pt" --prompts examples/prompts.txt --num-samples 4 \
+    --probs --latent-tokens 64 --decode --timesteps 0:28:3 --out "$out/trace.h5" --overwrite
+echo "== 4. report"
+python -m probes.report "$out/trace.h5" --json "$out/report.json" --figures "$out/figures" --overwrite
+echo "outputs in $out/: sd3_rsr.pt, samples.png, trace.h5, report.json, figures/"
