@@ -12,8 +12,7 @@ cover every token, so cheap summaries stay exact even with a token stride.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,11 +23,12 @@ from rsr_model.install import RSR
 from rsr_model.sample import initial_noise, make_denoiser
 from rsr_model.flow import make_scheduler
 from rsr_model.tasks import Task
-from traces import SampleTable, SamplingLayout, SamplingWriter, TraceMeta, TrainingLayout, TrainingWriter
+from traces import (EXPERT_ABLATED, SampleTable, SamplingLayout, SamplingWriter, TraceMeta, TrainingLayout,
+                    TrainingWriter)
 
 from .interventions import Intervention
 
-ABLATED = 254  # stored id of a token whose adapter an intervention removed (-1 in the model)
+ABLATED = EXPERT_ABLATED  # stored id of a token whose adapter an intervention removed (-1 in the model)
 
 
 @dataclass

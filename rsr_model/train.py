@@ -12,7 +12,6 @@ every `--save-every` steps and at the end of each stage.
 from __future__ import annotations
 
 import csv
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import nn
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RSRConfig
 from .flow import training_pair
-from .install import RSR, arch_of, get_rsr, install_rsr
+from .install import RSR, arch_of, install_rsr
 from .tasks import Task, get_task
 
 STAGES = ("base", "rsr")

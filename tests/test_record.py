@@ -1,7 +1,5 @@
 """Recording traces from the tiny model (issue 4): the trace holds what the hooks saw."""
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +13,7 @@ from probes.record import main as record_main
 from probes.recording import ABLATED, SamplingRecorder, Selection, sample_table
 from rsr_model.__main__ import main as rsr_main
 from rsr_model.sample import load_model
-from traces import SamplingWriter, TraceError, estimate_sampling, open_trace
+from traces import SamplingWriter, TraceError, open_trace
 
 PROMPT = "two red circles left of a blue square"
 
@@ -114,9 +112,7 @@ def test_interventions_change_routing_and_are_recorded(ckpt, tmp_path):
         e = tr.routing()  # (1, branch, t, layer, step, 64): an 8x8 token grid
         grid = e.reshape(*e.shape[:-1], 8, 8)
         assert (grid[..., 0, :4, :] == 1).all()
-        iv = tr.attrs["interventions"]
-        iv = json.loads(iv) if isinstance(iv, str) else iv
-        assert iv == [{"kind": "force", "expert": 1, "layers": None, "step": 0, "rows": [0, 4], "cols": [0, 8],
+        assert tr.attrs["interventions"] == [{"kind": "force", "expert": 1, "layers": None, "step": 0, "rows": [0, 4], "cols": [0, 8],
                        "t_min": None, "t_max": None}]
     ablated = tmp_path / "ablated.h5"
     assert _record(ckpt, ablated, "--ablate-expert", "0", "--at-step", "1") == 0

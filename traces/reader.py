@@ -22,7 +22,7 @@ import numpy as np
 
 from . import select
 from .errors import TraceError
-from .schema import (AXIS_COORDS, JSON_ATTRS, KINDS, OUTER_AXES, REQUIRED, SCHEMA_NAME,
+from .schema import (AXIS_COORDS, JSON_ATTRS, ROOT_ATTRS, KINDS, OUTER_AXES, REQUIRED, SCHEMA_NAME,
                      SCHEMA_VERSION, VALUE_AXES)
 
 # Chunk cache per open dataset: big enough for every chunk one slice read touches.
@@ -115,7 +115,8 @@ class TraceReader:
         out: dict[str, Any] = {}
         for k, v in self._f.attrs.items():
             v = _text(v) if isinstance(v, (str, bytes)) else (v.item() if isinstance(v, np.generic) else v)
-            if k in JSON_ATTRS and isinstance(v, str):
+            # Schema JSON attributes, and extra attributes a writer stored as JSON (TraceMeta.extra).
+            if isinstance(v, str) and (k in JSON_ATTRS or (k not in ROOT_ATTRS and v[:1] in "[{")):
                 try:
                     v = json.loads(v)
                 except json.JSONDecodeError:

@@ -27,6 +27,7 @@ JSON_ATTRS = ("model_config", "rsr_config", "seeds", "scheduler", "joined_from")
 
 # Fill values: what a reader sees where nothing was written yet.
 EXPERT_FILL = 255
+EXPERT_ABLATED = 254  # an intervention removed the adapter of this token (expert -1 in the model)
 COUNT_FILL = -1
 
 # Axis name -> coordinate datasets attached as dimension scales (first is the primary one).
