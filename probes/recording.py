@@ -86,6 +86,50 @@ def random_projection(dim: int, out: int, seed: int = 0) -> np.ndarray:
     return q.astype(np.float32)
 
 
+class _BackgroundWrites:
+    """Runs a writer's calls in order on one background thread, so HDF5 compression and
+    flushes overlap the next transformer call (torch releases the GIL while it computes).
+
+    A call that fails re-raises its error at the next `submit` or at `join`. A process killed
+    meanwhile loses only queued calls; every call that ran is flushed, as with direct writes.
+    """
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._q: "queue.Queue" = queue.Queue(maxsize=4)  # bounded: memory stays a few steps' worth
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            fn, args, kw = item
+            if self._error is None:
+                try:
+                    fn(*args, **kw)
+                except BaseException as e:  # handed to the caller's thread
+                    self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def submit(self, fn, *args, **kw) -> None:
+        self._raise()
+        self._q.put((fn, args, kw))
+
+    def join(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+        self._raise()
+
+
 class _Buffers:
     """Per-transformer-call capture of the hooked values, keyed by (layer, step)."""
 
@@ -206,36 +250,43 @@ class SamplingRecorder:
     @torch.no_grad()
     def record(self, writer: SamplingWriter, items: Sequence, seeds: Sequence[int], batch_size: int = 8,
                progress=None) -> None:
-        r, buf = self.r, self._buf
-        wanted = {t: i for i, t in enumerate(r["timesteps"])}
+        wanted = {t: i for i, t in enumerate(self.r["timesteps"])}
         # Interventions first: hooks run in order, and the trace must hold the ids the model used.
         hooks = [(iv.names(), iv.hook(self.K)) for iv in self.interventions] + self._hooks()
         sched = make_scheduler(self.task.shift)
-        with self.rsr.hooks.hooks(hooks):
-            for start in range(0, len(items), batch_size):
-                chunk, cseeds = list(items[start:start + batch_size]), list(seeds[start:start + batch_size])
-                B = len(chunk)
-                writer.begin_batch(B)
-                ids = torch.arange(start, start + B)
-                cond = self.task.condition(chunk)
-                uncond = self.task.null_condition(B) if self.guided else None
-                rows = {"uncond": slice(0, B), "cond": slice(B, 2 * B)} if self.guided else {"cond": slice(0, B)}
-                self.rsr.set_context(sample_ids=torch.cat([ids, ids]) if self.guided else ids,
-                                     branch=(["uncond"] * B + ["cond"] * B) if self.guided else ["cond"] * B)
-                den = make_denoiser(self.transformer, cond, uncond, self.guidance)
-                sched.set_timesteps(self.steps)
-                x = initial_noise(self.task.latent_shape(self.transformer), cseeds)
-                for i, t in enumerate(sched.timesteps):
-                    tt = t.expand(B).to(x.dtype)
-                    buf.clear()
-                    v = den(x, tt, i)
-                    if i in wanted:
-                        self._write(writer, wanted[i], rows, B, x, tt, float(sched.sigmas[i]), cond, uncond, v)
-                    x = sched.step(v, t, x).prev_sample
-                    if progress is not None:
-                        progress.update(B)
-                writer.write_final(self.task.to_images(x))
-        self.rsr.set_context()
+        self._bg = _BackgroundWrites()
+        try:
+            with self.rsr.hooks.hooks(hooks):
+                self._record(writer, items, seeds, batch_size, progress, sched, wanted)
+        finally:
+            self._bg.join()
+            self.rsr.set_context()
+
+    def _record(self, writer, items, seeds, batch_size, progress, sched, wanted) -> None:
+        buf = self._buf
+        for start in range(0, len(items), batch_size):
+            chunk, cseeds = list(items[start:start + batch_size]), list(seeds[start:start + batch_size])
+            B = len(chunk)
+            self._bg.submit(writer.begin_batch, B)
+            ids = torch.arange(start, start + B)
+            cond = self.task.condition(chunk)
+            uncond = self.task.null_condition(B) if self.guided else None
+            rows = {"uncond": slice(0, B), "cond": slice(B, 2 * B)} if self.guided else {"cond": slice(0, B)}
+            self.rsr.set_context(sample_ids=torch.cat([ids, ids]) if self.guided else ids,
+                                 branch=(["uncond"] * B + ["cond"] * B) if self.guided else ["cond"] * B)
+            den = make_denoiser(self.transformer, cond, uncond, self.guidance)
+            sched.set_timesteps(self.steps)
+            x = initial_noise(self.task.latent_shape(self.transformer), cseeds)
+            for i, t in enumerate(sched.timesteps):
+                tt = t.expand(B).to(x.dtype)
+                buf.clear()
+                v = den(x, tt, i)
+                if i in wanted:
+                    self._write(writer, wanted[i], rows, B, x, tt, float(sched.sigmas[i]), cond, uncond, v)
+                x = sched.step(v, t, x).prev_sample
+                if progress is not None:
+                    progress.update(B)
+            self._bg.submit(writer.write_final, self.task.to_images(x))
 
     def _write(self, writer, t_pos, rows, B, x, t, sigma, cond, uncond, v) -> None:
         buf = self._buf
@@ -247,7 +298,7 @@ class SamplingRecorder:
         expert = self._stack(buf.expert, rows, B)
         if self.sel.decode:
             kw["decoded"] = self._decode_steps(x, t, sigma, cond, uncond, v)
-        writer.write_timestep(t_pos, expert, **kw)
+        self._bg.submit(writer.write_timestep, t_pos, expert, **kw)
 
 
 def sample_table(task: Task, items: Sequence, seeds: Sequence[int]) -> SampleTable:
