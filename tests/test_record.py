@@ -170,3 +170,21 @@ def test_sigkill_mid_recording_leaves_flushed_steps_readable(ckpt, tmp_path):
         K = tr.coords["expert"].size
         assert (e[written] < K).all()  # every flushed step is readable and valid
         assert (e[~written] == 255).all()  # the rest reads as unwritten
+
+
+def test_training_trace_flag(tmp_path):
+    out, trace = tmp_path / "m.pt", tmp_path / "train.h5"
+    assert rsr_main(["train", "--out", str(out), "--steps", "4", "--batch-size", "3", "--trace", str(trace),
+                     "--trace-every", "2", "--trace-probs"]) == 0
+    with open_trace(trace) as tr:
+        assert tr.kind == "training" and tr.complete
+        ev, logs = tr.events(), tr.train()
+        assert sorted(set(ev["step"])) == [2, 4] and len(ev["step"]) == 2 * 3  # batch of 3 on steps 2 and 4
+        assert list(logs["step"]) == [1, 2, 3, 4] and np.isfinite(logs["loss"]).all()
+        e, p = tr.routing(), tr.prob()
+        K = tr.coords["expert"].size
+        assert e.shape[0] == 6 and (e < K).all()
+        np.testing.assert_allclose(p.astype(np.float32).sum(-1), 1.0, atol=1e-2)
+        assert ((ev["timestep"] > 0) & (ev["timestep"] < 1000)).all()
+    # an existing trace is not overwritten by a new run
+    assert rsr_main(["train", "--out", str(tmp_path / "n.pt"), "--steps", "1", "--trace", str(trace)]) == 2
