@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=28, help="sampler steps")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rank", type=int, help="record only samples rank::world-size (default: $RANK or 0)")
+    p.add_argument("--world-size", type=int, help="number of ranks (default: $WORLD_SIZE or 1); "
+                   "join rank files with python -m traces.join")
     g = p.add_argument_group("what to store")
     g.add_argument("--layers", type=int_list, help="RSR block indices (default: all)")
     g.add_argument("--rsr-steps", type=int_list, help="recursion steps (default: all)")
@@ -124,6 +127,15 @@ def run(args) -> None:
     items = task.parse_items(items)
     rows = [it for it in items for _ in range(args.num_samples)]
     seeds = [args.seed + j for j in range(len(rows))]
+    # Distributed: each rank records a strided shard under the global sample ids, one file per rank.
+    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
+    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"--rank must lie in 0..world-size-1, got rank {rank} of {world}")
+    sample_ids = list(range(len(rows)))[rank::world]
+    rows, seeds = [rows[i] for i in sample_ids], [seeds[i] for i in sample_ids]
+    if not rows:
+        raise UsageError(f"rank {rank} of {world} has no samples to record")
     interventions = []
     for kind, expert in (("force", args.force_expert), ("ablate", args.ablate_expert)):
         if expert is not None:
@@ -138,7 +150,7 @@ def run(args) -> None:
         rec = SamplingRecorder(task, transformer, rsr, sel, interventions, steps=args.steps, guidance=args.guidance)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    layout, samples = rec.layout(), sample_table(task, rows, seeds)
+    layout, samples = rec.layout(), sample_table(task, rows, seeds, sample_ids)
     est = estimate_sampling(layout, len(rows), samples)
     print(f"recording {len(rows)} sample(s) x {len(layout.timesteps)} timestep(s) x {len(layout.layer_ids)} layer(s) "
           f"x {len(layout.step_ids)} step(s) x {len(layout.token_ids)} token(s); {est}", file=sys.stderr)
@@ -152,10 +164,10 @@ def run(args) -> None:
                    "guidance_scale": args.guidance},
         extra={"interventions": [iv.to_dict() for iv in interventions], "mode": ckpt.get("mode"),
                "token_grid": list(rec.grid), "text_encoder": ckpt.get("text_encoder")})
-    writer = SamplingWriter(args.out, layout, samples, meta, overwrite=args.overwrite)
+    writer = SamplingWriter(args.out, layout, samples, meta, rank=rank, world_size=world, overwrite=args.overwrite)
     try:
         with tqdm(total=len(rows) * args.steps, desc="record", unit="img-step", file=sys.stderr) as bar:
-            rec.record(writer, rows, seeds, batch_size=args.batch_size, progress=bar)
+            rec.record(writer, rows, seeds, batch_size=args.batch_size, progress=bar, sample_ids=sample_ids)
     except BaseException:
         writer.abort()
         raise

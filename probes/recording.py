@@ -249,7 +249,12 @@ class SamplingRecorder:
     # --- run --------------------------------------------------------------------------------
     @torch.no_grad()
     def record(self, writer: SamplingWriter, items: Sequence, seeds: Sequence[int], batch_size: int = 8,
-               progress=None) -> None:
+               progress=None, sample_ids: Sequence[int] | None = None) -> None:
+        """Sample `items` (one per seed) batch by batch, writing every selected timestep.
+
+        `sample_ids` are the global ids hooks see in their context (a rank's shard); default 0..n-1.
+        """
+        self._ids = torch.as_tensor(list(sample_ids) if sample_ids is not None else range(len(items)))
         wanted = {t: i for i, t in enumerate(self.r["timesteps"])}
         # Interventions first: hooks run in order, and the trace must hold the ids the model used.
         hooks = [(iv.names(), iv.hook(self.K)) for iv in self.interventions] + self._hooks()
@@ -268,7 +273,7 @@ class SamplingRecorder:
             chunk, cseeds = list(items[start:start + batch_size]), list(seeds[start:start + batch_size])
             B = len(chunk)
             self._bg.submit(writer.begin_batch, B)
-            ids = torch.arange(start, start + B)
+            ids = self._ids[start:start + B]
             cond = self.task.condition(chunk)
             uncond = self.task.null_condition(B) if self.guided else None
             rows = {"uncond": slice(0, B), "cond": slice(B, 2 * B)} if self.guided else {"cond": slice(0, B)}
@@ -301,11 +306,13 @@ class SamplingRecorder:
         self._bg.submit(writer.write_timestep, t_pos, expert, **kw)
 
 
-def sample_table(task: Task, items: Sequence, seeds: Sequence[int]) -> SampleTable:
+def sample_table(task: Task, items: Sequence, seeds: Sequence[int],
+                 sample_ids: Sequence[int] | None = None) -> SampleTable:
     text = task.conditioning == "text"
     return SampleTable(prompt=[str(i) if text else f"class {i}" for i in items], seed=list(seeds),
                        label=None if text else [int(i) for i in items],
-                       scene=[task.describe(i) or "" for i in items])
+                       scene=[task.describe(i) or "" for i in items],
+                       sample_id=None if sample_ids is None else list(sample_ids))
 
 
 class TrainingRecorder:

@@ -188,3 +188,19 @@ def test_training_trace_flag(tmp_path):
         assert ((ev["timestep"] > 0) & (ev["timestep"] < 1000)).all()
     # an existing trace is not overwritten by a new run
     assert rsr_main(["train", "--out", str(tmp_path / "n.pt"), "--steps", "1", "--trace", str(trace)]) == 2
+
+
+def test_two_rank_recording_joins_into_one_trace(ckpt, tmp_path):
+    from traces.join import main as join_main
+
+    whole = tmp_path / "whole.h5"
+    assert _record(ckpt, whole, "--num-samples", "3") == 0
+    ranks = [tmp_path / f"r{r}.h5" for r in range(2)]
+    for r, path in enumerate(ranks):
+        assert _record(ckpt, path, "--num-samples", "3", "--rank", str(r), "--world-size", "2") == 0
+    joined = tmp_path / "joined.h5"
+    assert join_main([str(joined), *map(str, ranks)]) == 0
+    with open_trace(whole) as w, open_trace(joined) as j:
+        assert list(j.coords["sample"]) == [0, 2, 1]  # rank 0 holds samples 0 and 2, rank 1 sample 1
+        np.testing.assert_array_equal(j.routing()[[0, 2, 1]], w.routing())
+        np.testing.assert_array_equal(j.final()[[0, 2, 1]], w.final())

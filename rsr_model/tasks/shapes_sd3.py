@@ -30,6 +30,7 @@ class TinySD3Shapes(Task):
     batch_size = 32
     lr = {"base": 1e-3, "rsr": 1e-3}
     caption_dropout = 0.1
+    size, patch = 32, 4  # image side and patch side: (size / patch)^2 vision tokens
 
     def __init__(self, **_: object) -> None:
         self._encoder = None
@@ -47,13 +48,14 @@ class TinySD3Shapes(Task):
 
     def build_backbone(self, backbone: dict | None = None) -> nn.Module:
         if backbone is None:
-            return tiny_sd3(patch_size=4, num_layers=6, attention_head_dim=32, num_attention_heads=4)
+            return tiny_sd3(sample_size=self.size, patch_size=self.patch, pos_embed_max_size=self.size // self.patch,
+                            num_layers=6, attention_head_dim=32, num_attention_heads=4)
         from diffusers import SD3Transformer2DModel
 
         return SD3Transformer2DModel.from_config(backbone["config"])
 
     def batch(self, rng: np.random.Generator, n: int):
-        images, captions, _ = shapes.sample_batch(rng, n, size=32)
+        images, captions, _ = shapes.sample_batch(rng, n, size=self.size)
         drop = rng.random(n) < self.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop)]
         return torch.from_numpy(images), self.condition(captions)
