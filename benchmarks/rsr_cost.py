@@ -90,7 +90,7 @@ def run(name: str, reps: int) -> None:
     L = 3
     cases = {
         "base": make_case(size, 0, L),
-        "K1": make_case(size, 1, L), "K8": make_case(size, 8, L),
+        "K1": make_case(size, 1, L), "K2": make_case(size, 2, L), "K8": make_case(size, 8, L),
         "dense_K1": make_case(size, 1, L, dense=True), "dense_K8": make_case(size, 8, L, dense=True),
         "K8_nohooks": make_case(size, 8, L, hooks=False),
     }
@@ -103,6 +103,7 @@ def run(name: str, reps: int) -> None:
     for k, v in t.items():
         print(f"  {k:<11} {v * 1e3:9.1f} ms")
     print(f"  sparse  time(K=8)/time(K=1):        {t['K8'] / t['K1']:.3f}   (target <= 1.15)")
+    print(f"  sparse  time(K=8)/time(K=2):        {t['K8'] / t['K2']:.3f}   (both gated: dispatch cost alone)")
     print(f"  dense   time(K=8)/time(K=1):        {t['dense_K8'] / t['dense_K1']:.3f}   (contrast)")
     print(f"  time(RSR K=8, L=3)/time(base):      {t['K8'] / t['base']:.3f}   (ideal about L = {L}; "
           f"{t['K8'] / t['base'] / L:.3f} of it)")
