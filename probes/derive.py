@@ -1,0 +1,8 @@
+"""`python -m probes.derive TRACE`: store PCA/UMAP projections of latents under /derived (see probes.derived)."""
+
+import sys
+
+from .derived import main
+
+if __name__ == "__main__":
+    sys.exit(main())

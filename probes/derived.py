@@ -1,0 +1,207 @@
+"""Projections of stored latents written back into the trace under `/derived`, so a dashboard
+reads them instead of recomputing.
+
+    python -m probes.derive TRACE [--components 3] [--umap] [--umap-points 5000] [--overwrite]
+    python -m probes.report TRACE --derive ...           (same, before the report)
+
+Layout written (every dataset carries an `axes` attribute, so `TraceReader.read` selects it):
+
+    /derived                         attrs: source="/latents/h", created, trace_steps
+    /derived/pca/coords              float32 (sample, branch, timestep, layer, step, stored_token, component)
+                                     PCA coordinates of every stored latent (NaN where unwritten);
+                                     one PCA per layer (latent spaces of layers differ)
+    /derived/pca/components          float32 (layer, component, dim)
+    /derived/pca/mean                float32 (layer, dim)
+    /derived/pca/explained_variance_ratio  float64 (layer, component)
+        attrs: params = JSON {layer: probes.stats.pca params}, fit_points (per layer, JSON), method="pca"
+    /derived/umap/coords             float32 (point, 2): UMAP of a subsample of latents per layer
+    /derived/umap/index              int32 (point, 6): grid position (sample, branch, timestep,
+                                     layer, step, stored_token) of each point (layer as position)
+        attrs: params = JSON {layer: probes.stats.umap_embedding params}, method="umap"
+
+When it may write: the trace must be complete (its writer closed cleanly) — a live or killed
+trace is refused — and nobody may have it open (HDF5 file locking refuses r+ while a reader,
+e.g. the dashboard, holds it; that is reported as a one-line error). Existing projections are
+replaced only with overwrite=True. PCA is fitted on a subsample of at most `fit_points`
+latents per layer, then every latent is projected chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from traces import TraceError, open_trace
+
+from .stats import pca, umap_embedding
+
+_STR = h5py.string_dtype()
+
+
+class DeriveError(Exception):
+    """One-line user error (the CLI prints it and exits 2)."""
+
+
+def _collect(tr, fit_points: int, seed: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per layer position: (latents (n, D) float32, grid index (n, 6)) subsample, chunk by chunk."""
+    shape = tr.dataset("/latents/h").shape
+    nl, ns, nst = shape[3], shape[4], shape[5]
+    n_blocks = max(1, int(tr.written.sum()) * shape[1])
+    per_block = max(1, min(nst, fit_points // max(1, n_blocks * ns)))
+    rng = np.random.default_rng(seed)
+    X: dict[int, list] = {l: [] for l in range(nl)}
+    I: dict[int, list] = {l: [] for l in range(nl)}
+    bpos = {str(b): i for i, b in enumerate(tr.coords["branch"])}
+    tpos = {int(t): i for i, t in enumerate(tr.coords["timestep"])}
+    for blk in tr.iter_chunks("/latents/h"):
+        c = blk.coords
+        pick = np.sort(rng.choice(nst, size=per_block, replace=False))
+        for l in range(nl):
+            for s in range(ns):
+                v = blk.data[l, s, pick].astype(np.float32)
+                ok = np.isfinite(v).all(axis=1)
+                X[l].append(v[ok])
+                idx = np.stack([np.full(len(pick), int(c["sample"])), np.full(len(pick), bpos[str(c["branch"])]),
+                                np.full(len(pick), tpos[int(c["timestep"])]), np.full(len(pick), l),
+                                np.full(len(pick), s), pick], axis=1)[ok]
+                I[l].append(idx)
+    return {l: (np.concatenate(X[l]) if X[l] else np.zeros((0, shape[-1]), np.float32),
+                np.concatenate(I[l]) if I[l] else np.zeros((0, 6), np.int64)) for l in range(nl)}
+
+
+def derive(path: str | Path, n_components: int = 3, fit_points: int = 20000, umap: bool = False,
+           umap_points: int = 5000, seed: int = 0, overwrite: bool = False) -> dict[str, Any]:
+    """Compute PCA (and optionally UMAP) of the trace's latents and store them under /derived.
+
+    Returns a summary dict (what was written, with parameters). Raises DeriveError/TraceError.
+    """
+    path = Path(path)
+    with open_trace(path) as tr:
+        if tr.kind != "sampling" or not tr.has("/latents/h"):
+            raise DeriveError(f"{path}: no stored latents (/latents/h); record with --latent-tokens N")
+        if not tr.complete:
+            raise DeriveError(f"{path}: trace is not complete (live or killed writer); /derived is written "
+                              f"only into finished traces")
+        if tr.has("/derived") and not overwrite:
+            raise DeriveError(f"{path}: /derived exists; pass --overwrite to replace it")
+        samples = _collect(tr, fit_points, seed)
+        shape = tr.dataset("/latents/h").shape
+        layers = [int(x) for x in tr.coords["layer"]]
+        steps_written = tr.steps
+    fits = {}
+    for l, (X, _) in samples.items():
+        if len(X) < 2:
+            raise DeriveError(f"{path}: too few written latents for a projection")
+        fits[l] = pca(X, n_components=n_components, method="full" if X.shape[1] <= 256 else "randomized",
+                      seed=seed)
+    k = min(f.params["n_components"] for f in fits.values())
+    ump = {}
+    if umap:
+        for l, (X, idx) in samples.items():
+            if len(X) > umap_points:
+                keep = np.sort(np.random.default_rng(seed).choice(len(X), umap_points, replace=False))
+                X, idx = X[keep], idx[keep]
+            ump[l] = (umap_embedding(X, n_components=2, seed=seed, n_neighbors=min(15, max(2, len(X) - 1))), idx)
+    try:
+        f = h5py.File(path, "r+")
+    except OSError as e:
+        raise DeriveError(f"{path}: cannot open for writing (is it open elsewhere, e.g. the dashboard, "
+                          f"or read-only?): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    try:
+        if "derived" in f:
+            del f["derived"]
+        g = f.create_group("derived")
+        g.attrs.update(source="/latents/h", created=time.strftime("%Y-%m-%dT%H:%M:%S"), trace_steps=steps_written)
+        p = g.create_group("pca")
+        out_shape = tuple(shape[:-1]) + (k,)
+        cd = p.create_dataset("coords", shape=out_shape, dtype=np.float32, fillvalue=np.nan,
+                              chunks=(1, 1, 1) + out_shape[3:], compression="gzip", compression_opts=4)
+        cd.attrs["axes"] = np.array(["sample", "branch", "timestep", "layer", "step", "stored_token", "component"],
+                                    dtype=_STR)
+        comps = np.stack([fits[l].components[:k] for l in range(len(layers))])
+        means = np.stack([fits[l].mean for l in range(len(layers))])
+        p.create_dataset("components", data=comps).attrs["axes"] = np.array(["layer", "component", "dim"], dtype=_STR)
+        p.create_dataset("mean", data=means).attrs["axes"] = np.array(["layer", "dim"], dtype=_STR)
+        p.create_dataset("explained_variance_ratio",
+                         data=np.stack([fits[l].explained_variance_ratio[:k] for l in range(len(layers))])
+                         ).attrs["axes"] = np.array(["layer", "component"], dtype=_STR)
+        params = {str(layers[l]): fits[l].params for l in fits}
+        p.attrs.update(method="pca", params=json.dumps(params), n_components=k,
+                       fit_points=json.dumps({str(layers[l]): int(len(samples[l][0])) for l in samples}))
+        src = f["latents/h"]
+        written = f["progress/written"][: shape[0]].astype(bool)
+        for s in range(shape[0]):
+            for t in range(shape[2]):
+                if not written[s, t]:
+                    continue
+                h = src[s, :, t].astype(np.float32)  # (branch, layer, step, tok, D)
+                z = np.einsum("blstd,lkd->blstk", h - means[None, :, None, None, :], comps)
+                cd[s, :, t] = z
+        if ump:
+            u = g.create_group("umap")
+            coords = np.concatenate([ump[l][0].coords for l in sorted(ump)])
+            index = np.concatenate([ump[l][1] for l in sorted(ump)]).astype(np.int32)
+            u.create_dataset("coords", data=coords).attrs["axes"] = np.array(["point", "component"], dtype=_STR)
+            u.create_dataset("index", data=index).attrs["axes"] = np.array(["point", "position"], dtype=_STR)
+            u.attrs.update(method="umap", params=json.dumps({str(layers[l]): ump[l][0].params for l in ump}),
+                           index_columns=json.dumps(["sample", "branch", "timestep", "layer", "step", "stored_token"]))
+        f.flush()
+    finally:
+        f.close()
+    return {"pca": {"n_components": k, "params": {str(layers[l]): fits[l].params for l in fits}},
+            "umap": {str(layers[l]): ump[l][0].params for l in ump} if ump else None}
+
+
+def load_derived(path: str | Path) -> dict[str, Any]:
+    """Read /derived back: {'pca': {coords, components, mean, explained_variance_ratio, params},
+    'umap': {coords, index, params} | None}; {} if the trace has none."""
+    with open_trace(path) as tr:
+        if not tr.has("/derived"):
+            return {}
+        out: dict[str, Any] = {}
+        if tr.has("/derived/pca"):
+            d = tr.dataset("/derived/pca/coords")
+            g = d.parent
+            out["pca"] = {"coords": d[()], "components": g["components"][()], "mean": g["mean"][()],
+                          "explained_variance_ratio": g["explained_variance_ratio"][()],
+                          "params": json.loads(g.attrs["params"]), "fit_points": json.loads(g.attrs["fit_points"])}
+        if tr.has("/derived/umap"):
+            d = tr.dataset("/derived/umap/coords")
+            g = d.parent
+            out["umap"] = {"coords": d[()], "index": g["index"][()], "params": json.loads(g.attrs["params"]),
+                           "index_columns": json.loads(g.attrs["index_columns"])}
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    class P(argparse.ArgumentParser):
+        def error(self, message):
+            raise DeriveError(f"{self.prog}: {message}")
+
+    p = P(prog="python -m probes.derive", description="Store PCA/UMAP projections of a trace's latents under /derived.")
+    p.add_argument("trace", type=Path)
+    p.add_argument("--components", type=int, default=3)
+    p.add_argument("--fit-points", type=int, default=20000)
+    p.add_argument("--umap", action="store_true", help="also a UMAP embedding of a subsample (slow: numba start-up)")
+    p.add_argument("--umap-points", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    try:
+        a = p.parse_args(argv)
+        if a.components < 1 or a.fit_points < 2 or a.umap_points < 4:
+            raise DeriveError("--components >= 1, --fit-points >= 2, --umap-points >= 4")
+        r = derive(a.trace, a.components, a.fit_points, a.umap, a.umap_points, a.seed, a.overwrite)
+    except (DeriveError, TraceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote /derived into {a.trace}: pca ({r['pca']['n_components']} components)"
+          + (" and umap" if r["umap"] else ""))
+    return 0

@@ -1,0 +1,376 @@
+"""`python -m probes.report TRACE [--json OUT] [--figures DIR] [--timestep-bins N] [--permutations N]`
+
+Computes the probes of issue 5 over a trace (streaming; `probes.analysis`), prints a summary
+table per layer and recursion step, and optionally writes the JSON and PNG figures:
+
+    --json OUT        the full result (structure below)
+    --figures DIR     expert_share_by_timestep.png (paper Fig. 4: stacked expert share vs diffusion
+                      timestep, one panel per recursion step, a row per layer) and, when the trace
+                      has latents, latent_trajectories.png (paper Fig. 3: PCA of h_l, lines
+                      joining recursion steps, coloured by diffusion timestep)
+    --derive          first store PCA projections of the latents under /derived (probes.derived)
+    --compare OTHER   also routing stability against another trace with the same grid
+                      (e.g. another checkpoint, same prompts and seeds)
+    --no-probes       skip the linear probes (the slowest part)
+    --overwrite       replace existing output files (never replaced otherwise)
+
+Bad input (missing or foreign trace, existing output without --overwrite, unwritable
+output): one line `error: ...` on stderr, exit code 2.
+
+JSON structure (schema "rsr-report", version 1; nats; null where undefined):
+
+    schema, schema_version
+    trace:    path, kind, complete, checkpoint_sha256, experts (K), layers, steps, timesteps,
+              timestep_values, branches, samples|events, n_tokens_stored, token_grid, has_prob, ...
+    options:  timestep_bins, permutations, max_latent_points
+    timestep_bins: [{bin, timesteps, timestep_values, t_max, t_min}]   (bin 0 = noisiest)
+    checks:   records, invalid_records, counts_vs_ids_max_abs_diff (0 = /routing/counts agree
+              with the stored ids; null when a token stride makes them incomparable),
+              share_sum_max_abs_dev (load shares sum to 1 at every coordinate)
+    global:   load (LoadStats over everything), gate (GateStats, with probs)
+    layers: {"<layer>": {
+        load:        LoadStats of the layer (all steps)
+        mi:          {label: MIResult over all steps + labels; "recursion_step" also has lift,
+                      by_timestep_bin}
+        transitions: {"<l>-><l+1>": TransitionStats (matrix K x K, persistence, chance,
+                      persistence_lift, cond_entropy, next_entropy, mi, n) + by_timestep_bin}
+        convergence: {dist_to_last[L], rel_step[L-1], step_cos[L-2], contraction[L-2],
+                      log_rho_mean, rho, label_share[3] (fixed_point, orbit, drift), n, by_timestep_bin}
+        steps: {"<step>": {
+            load:                 LoadStats: share[K], utilisation[K], dead[K], n_dead, cv, max_vio,
+                                  norm_entropy, effective_experts, n
+            load_by_timestep_bin: [LoadStats per bin]
+            load_by_branch:       {branch: LoadStats}
+            share_by_timestep:    {timestep_value[T], share[T][K]}  (Figure 4's data)
+            gate:                 GateStats: gate_mass[K], load_share[K], mean_entropy,
+                                  mean_norm_entropy, mean_margin, balance (K sum f P), z_loss
+                                  (null: logits not stored), disagreement, soft_mi, n
+            gate_by_timestep_bin: [GateStats per bin]
+            mi:                   {label: MIResult (mi, mi_mm, mi_corrected, null_mean, null_std,
+                                  p_value, emi, ami, nmi, h_e, h_y, mi_bits, n) + labels[M],
+                                  lift[K][M] = P(e|y)/P(e), by_timestep_bin [{mi, mi_mm, n}]}
+                                  labels: timestep_bin, position, branch, prompt, colour, shape,
+                                  count, relation, class (those with >= 2 values)
+            spatial:              SpatialStats (same, same_h, same_v, chance, lift, kappa, n_pairs)
+            spatial_by_timestep_bin: [...]
+            stability:            {seeds|adjacent_timesteps|branches: {agreement, chance, kappa, n,
+                                  by_timestep_bin}}
+        }}
+    }}
+    linear_probes: {"<layer>": {target: ProbeResult (accuracy, accuracy_std, baseline (shuffled
+                   labels), chance, fold_accuracy, n, n_classes, n_splits, C) | {skipped}}}
+    compare:  (with --compare) probes.analysis.compare_traces output
+    derived:  (with --derive) what was written under /derived
+    notes:    [what was skipped and why]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class ReportError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ReportError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m probes.report", description=__doc__.splitlines()[0])
+    p.add_argument("trace", type=Path)
+    p.add_argument("--json", type=Path, help="write the full result as JSON here")
+    p.add_argument("--figures", type=Path, help="write PNG figures into this directory")
+    p.add_argument("--timestep-bins", type=int, default=4)
+    p.add_argument("--permutations", type=int, default=199, help="permutation-null tables per MI (0: none)")
+    p.add_argument("--max-latent-points", type=int, default=20000)
+    p.add_argument("--no-probes", action="store_true", help="skip the linear probes")
+    p.add_argument("--derive", action="store_true", help="store PCA of the latents under /derived first")
+    p.add_argument("--compare", type=Path, help="another trace with the same grid (checkpoint stability)")
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _f(x: Any, fmt: str = "{:.3f}") -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "-"
+    return fmt.format(x)
+
+
+def summary_table(r: dict) -> str:
+    t = r["trace"]
+    lines = [f"trace {t['path']}  kind={t['kind']}  K={t['experts']}  layers={t['layers']}  steps={t['steps']}  "
+             + (f"samples={t.get('samples')} timesteps={len(t.get('timesteps', []))} branches={t.get('branches')}"
+                if t["kind"] == "sampling" else f"events={t.get('events')}")]
+    c = r["checks"]
+    lines.append(f"checks: counts vs ids max |diff| = {c['counts_vs_ids_max_abs_diff']}, "
+                 f"share sums max |dev| = {_f(c['share_sum_max_abs_dev'], '{:.1e}')}, "
+                 f"invalid records = {c['invalid_records']}")
+    head = (f"{'layer':>5} {'step':>4} | {'load share':<24} {'CV':>5} {'MaxVio':>6} {'Hnorm':>5} {'Eff':>5} "
+            f"{'dead':>4} | {'Hgate':>5} {'margin':>6} {'bal':>5} {'softMI':>6} | {'MI(t)':>6} {'AMI(t)':>6} "
+            f"{'MI(pos)':>7} {'best label':<22} | {'persist/ch':>10} | {'spat/ch':>9} | {'seedK':>5} {'adjK':>5}")
+    lines += [head, "-" * len(head)]
+    for layer, lo in r["layers"].items():
+        steps = list(lo["steps"])
+        for i, (step, d) in enumerate(lo["steps"].items()):
+            ld = d["load"]
+            share = " ".join(_f(s, "{:.2f}") for s in ld["share"])
+            g = d.get("gate", {})
+            mi = d.get("mi", {})
+            mt, mp = mi.get("timestep_bin", {}), mi.get("position", {})
+            others = {k: v for k, v in mi.items() if k not in ("timestep_bin", "position")}
+            best = "-"
+            if others:
+                k, v = max(others.items(), key=lambda kv: kv[1].get("ami") or -1)
+                best = f"{k} AMI={_f(v.get('ami'))} p={_f(v.get('p_value'), '{:.2g}')}"
+            tr = lo.get("transitions", {})
+            key = f"{step}->{steps[i + 1]}" if i + 1 < len(steps) else None
+            pc = "-"
+            if key and key in tr:
+                pc = f"{_f(tr[key]['persistence'], '{:.2f}')}/{_f(tr[key]['chance'], '{:.2f}')}"
+            sp = d.get("spatial")
+            spc = f"{_f(sp['same'], '{:.2f}')}/{_f(sp['chance'], '{:.2f}')}" if sp else "-"
+            st = d.get("stability", {})
+            lines.append(
+                f"{layer:>5} {step:>4} | {share:<24} {_f(ld['cv'], '{:.2f}'):>5} {_f(ld['max_vio'], '{:.2f}'):>6} "
+                f"{_f(ld['norm_entropy'], '{:.2f}'):>5} {_f(ld['effective_experts'], '{:.2f}'):>5} {ld['n_dead']:>4} | "
+                f"{_f(g.get('mean_entropy'), '{:.2f}'):>5} {_f(g.get('mean_margin'), '{:.2f}'):>6} "
+                f"{_f(g.get('balance'), '{:.2f}'):>5} {_f(g.get('soft_mi'), '{:.3f}'):>6} | "
+                f"{_f(mt.get('mi')):>6} {_f(mt.get('ami')):>6} {_f(mp.get('mi')):>7} {best:<22} | {pc:>10} | "
+                f"{spc:>9} | {_f(st.get('seeds', {}).get('kappa'), '{:.2f}'):>5} "
+                f"{_f(st.get('adjacent_timesteps', {}).get('kappa'), '{:.2f}'):>5}")
+        cv = lo.get("convergence")
+        if cv:
+            shares = ", ".join(f"{n} {_f(s, '{:.2f}')}" for n, s in zip(cv["labels"], cv["label_share"]))
+            lines.append(f"      layer {layer} latents: rho={_f(cv['rho'])} step cos={[_f(x) for x in cv['step_cos']]} "
+                         f"rel step={[_f(x) for x in cv['rel_step']]}  trajectories: {shares}")
+    for layer, probes in r.get("linear_probes", {}).items():
+        parts = [f"{k} {_f(v.get('accuracy'), '{:.2f}')} (shuffled {_f(v.get('baseline'), '{:.2f}')})"
+                 for k, v in probes.items() if "accuracy" in v]
+        lines.append(f"linear probes, layer {layer}: " + "; ".join(parts))
+    lines.append("columns: load share per expert; CV, MaxVio, normalised load entropy, effective experts, dead "
+                 "experts; gate entropy (nats), top-1 margin, balance K*sum f*P, soft MI; MI/AMI with the timestep "
+                 "bin, MI with position; the label with the highest AMI; persistence to the next step vs chance; "
+                 "same-expert neighbours vs chance; Cohen's kappa across seeds and adjacent timesteps")
+    for n in r.get("notes", []):
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def figure_expert_share(r: dict, path: Path) -> None:
+    """Paper Fig. 4: expert share vs diffusion timestep, one panel per recursion step (rows: layers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = r["layers"]
+    steps = max(len(lo["steps"]) for lo in layers.values())
+    K = r["trace"]["experts"]
+    fig, axes = plt.subplots(len(layers), steps, figsize=(3.2 * steps + 1.2, 2.8 * len(layers)), squeeze=False,
+                             sharey=True)
+    colors = plt.get_cmap("tab10" if K <= 10 else "tab20")(np.arange(K) % (10 if K <= 10 else 20))
+    sampling = r["trace"]["kind"] == "sampling"
+    for i, (layer, lo) in enumerate(layers.items()):
+        for j, (step, d) in enumerate(lo["steps"].items()):
+            ax = axes[i, j]
+            if sampling:
+                sb = d["share_by_timestep"]
+                x = np.asarray(sb["timestep_value"], float)
+                y = np.nan_to_num(np.asarray(sb["share"], float))
+            else:
+                x = np.asarray([0.5 * (b["t_min"] + b["t_max"]) for b in r["timestep_bins"]])
+                y = np.nan_to_num(np.asarray([b["share"] for b in d["load_by_timestep_bin"]], float))
+            order = np.argsort(x)
+            if len(x) > 1:
+                ax.stackplot(x[order], y[order].T, colors=colors, labels=[f"expert {k}" for k in range(K)])
+            else:
+                bottom = 0.0
+                for k in range(K):
+                    ax.bar(x, y[:, k], bottom=bottom, color=colors[k], width=50, label=f"expert {k}")
+                    bottom = bottom + y[:, k]
+            ax.set_xlim(x.max() if len(x) else 1000, x.min() if len(x) else 0)  # noise (high t) on the left
+            ax.set_ylim(0, 1)
+            ax.set_title(f"layer {layer}, recursion step {step}", fontsize=9)
+            if i == len(layers) - 1:
+                ax.set_xlabel("diffusion timestep")
+            if j == 0:
+                ax.set_ylabel("expert share")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.suptitle("Expert share by diffusion timestep, per recursion step", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1 - 1.0 / (3.2 * steps + 1.2), 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure_latent_trajectories(r: dict, lat: dict, path: Path, n_timesteps: int = 6) -> None:
+    """Paper Fig. 3: latent trajectories across recursion steps for several diffusion timesteps.
+
+    Points are h_l averaged over the stored tokens of one image (first layer, first branch), so
+    the picture shows how the image's latent state moves with l and with t, not where single
+    patches sit; PCA (2 components) is fitted on these points. Thin lines: one sample; thick
+    lines with step labels: the mean over samples; colour: diffusion timestep.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .stats import pca
+
+    X, meta = lat["X"], lat["meta"]
+    col = {c: i for i, c in enumerate(lat["columns"])}
+    sel = (meta[:, col["layer"]] == 0) & (meta[:, col["branch"]] == 0)
+    X, meta = X[sel].astype(np.float64), meta[sel]
+    keys, inv = np.unique(meta[:, [col["sample"], col["timestep"], col["step"]]], axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    P = np.zeros((len(keys), X.shape[1]))
+    np.add.at(P, inv, X)
+    P /= np.bincount(inv, minlength=len(keys))[:, None]
+    proj = pca(P, n_components=2, method="full")
+    Z = proj.coords
+    ts = np.unique(keys[:, 1])
+    chosen = ts[np.unique(np.linspace(0, len(ts) - 1, min(n_timesteps, len(ts))).round().astype(int))]
+    tv = np.asarray(r["trace"]["timestep_values"], float)
+    cmap = plt.get_cmap("viridis")
+    norm = plt.Normalize(vmin=tv.min(), vmax=tv.max() if tv.max() > tv.min() else tv.min() + 1)
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    steps = np.unique(keys[:, 2])
+    for t in chosen:
+        colr = cmap(norm(tv[t]))
+        for s_ in np.unique(keys[keys[:, 1] == t, 0]):
+            m = (keys[:, 0] == s_) & (keys[:, 1] == t)
+            o = np.argsort(keys[m, 2])
+            ax.plot(Z[m][o, 0], Z[m][o, 1], "-", color=colr, alpha=0.35, lw=0.9)
+        mean = np.stack([Z[(keys[:, 1] == t) & (keys[:, 2] == s)].mean(axis=0) for s in steps])
+        ax.plot(mean[:, 0], mean[:, 1], "-o", color=colr, lw=2.4, ms=5, label=f"t={tv[t]:.0f}")
+        ax.plot(mean[-1, 0], mean[-1, 1], "s", color=colr, ms=8, mec="k")
+        for k, s in enumerate(steps):
+            ax.annotate(f"l={int(r['trace']['steps'][s])}", mean[k], fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=norm)
+    fig.colorbar(sm, ax=ax, label="diffusion timestep")
+    ev = proj.explained_variance_ratio
+    ax.set_xlabel(f"PC1 ({100 * ev[0]:.0f}%)")
+    ax.set_ylabel(f"PC2 ({100 * ev[1]:.0f}%)")
+    ax.set_title(f"Latent trajectories across recursion steps (layer {r['trace']['layers'][0]}, "
+                 f"{r['trace']['branches'][0]}; token-mean h_l, square = last step)", fontsize=9)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _check_out(path: Path | None, overwrite: bool, is_dir: bool = False) -> None:
+    if path is None:
+        return
+    if is_dir:
+        if path.exists() and not path.is_dir():
+            raise ReportError(f"--figures {path} exists and is not a directory")
+        for name in ("expert_share_by_timestep.png", "latent_trajectories.png"):
+            if (path / name).exists() and not overwrite:
+                raise ReportError(f"{path / name} exists; pass --overwrite to replace it")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ReportError(f"cannot create --figures directory {path}: {e.strerror or e}") from None
+        if not os.access(path, os.W_OK):
+            raise ReportError(f"--figures directory {path} is not writable")
+        return
+    if path.exists() and not overwrite:
+        raise ReportError(f"{path} exists; pass --overwrite to replace it")
+    if path.exists() and path.is_dir():
+        raise ReportError(f"{path} is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ReportError(f"cannot write {path}: directory {parent} missing or not writable")
+
+
+def run(args) -> dict:
+    from traces import open_trace
+
+    from .analysis import Options, analyze, compare_traces, jsonable
+
+    if args.timestep_bins < 1:
+        raise ReportError("--timestep-bins must be at least 1")
+    if args.permutations < 0:
+        raise ReportError("--permutations must be >= 0")
+    _check_out(args.json, args.overwrite)
+    _check_out(args.figures, args.overwrite, is_dir=True)
+    derived = None
+    if args.derive:
+        from .derived import derive
+
+        derived = derive(args.trace, overwrite=args.overwrite)
+    t0 = time.perf_counter()
+    opt = Options(n_bins=args.timestep_bins, n_perm=args.permutations, max_latent_points=args.max_latent_points,
+                  linear_probes=not args.no_probes)
+    with open_trace(args.trace) as tr:
+        r = analyze(tr, opt)
+    lat = r.pop("_latents", None)
+    if args.compare:
+        r["compare"] = compare_traces(args.trace, args.compare, n_bins=args.timestep_bins)
+    if derived is not None:
+        r["derived"] = derived
+    r["elapsed_s"] = round(time.perf_counter() - t0, 3)
+    r = jsonable(r)
+    print(summary_table(r))
+    if args.json:
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(r, indent=1))
+            os.replace(tmp, args.json)
+        except OSError as e:
+            raise ReportError(f"cannot write {args.json}: {e.strerror or e}") from None
+        print(f"wrote {args.json}")
+    if args.figures:
+        out = args.figures / "expert_share_by_timestep.png"
+        figure_expert_share(r, out)
+        print(f"wrote {out}")
+        if lat is not None and r["trace"]["kind"] == "sampling":
+            out = args.figures / "latent_trajectories.png"
+            figure_latent_trajectories(r, lat, out)
+            print(f"wrote {out}")
+        else:
+            print("no latents in the trace: latent trajectory figure skipped")
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    from traces import TraceError
+
+    from .derived import DeriveError
+
+    try:
+        run(build_parser().parse_args(argv))
+    except (ReportError, TraceError, DeriveError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Report, derived projections and causal effects on a real recorded trace of the tiny model (issue 5)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from probes.analysis import Options, analyze
+from probes.causal import causal_effect
+from probes.derived import derive, load_derived
+from probes.interventions import Intervention
+from probes.record import main as record_main
+from probes.report import main as report_main
+from rsr_model.__main__ import main as rsr_main
+from traces import open_trace
+
+PROMPTS = "two red circles left of a blue square\na green triangle\n"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("report")
+    ckpt = d / "tiny.pt"
+    assert rsr_main(["train", "--out", str(ckpt), "--steps", "2", "--batch-size", "4"]) == 0
+    (d / "prompts.txt").write_text(PROMPTS)
+    trace = d / "run.h5"
+    assert record_main(["--ckpt", str(ckpt), "--prompts", str(d / "prompts.txt"), "--num-samples", "2",
+                        "--steps", "4", "--out", str(trace), "--probs", "--latent-tokens", "16"]) == 0
+    return {"dir": d, "ckpt": ckpt, "trace": trace}
+
+
+def test_load_shares_and_counts_agree_with_ids(env):
+    with open_trace(env["trace"]) as tr:
+        K = len(tr.coords["expert"])
+        ids, counts = tr.routing(), tr.counts()
+        assert np.array_equal(tr.coords["token"], np.arange(ids.shape[-1]))  # all tokens stored
+        share = counts / counts.sum(axis=-1, keepdims=True)
+        assert np.allclose(share.sum(axis=-1), 1.0)
+        from_ids = (ids[..., None] == np.arange(K)).sum(axis=-2)
+        assert np.array_equal(from_ids, counts)
+        r = analyze(tr, Options(n_perm=19, linear_probes=False))
+    assert r["checks"]["counts_vs_ids_max_abs_diff"] == 0
+    assert r["checks"]["share_sum_max_abs_dev"] < 1e-12
+    for lo in r["layers"].values():
+        for d in lo["steps"].values():
+            assert abs(sum(d["load"]["share"]) - 1) < 1e-9
+            assert all(abs(sum(s) - 1) < 1e-9 for s in d["share_by_timestep"]["share"])
+            assert d["load"]["n"] == counts.shape[0] * counts.shape[1] * counts.shape[2] * ids.shape[-1]
+
+
+def test_report_cli_table_json_figures(env, capsys):
+    d = env["dir"]
+    out, figs = d / "r.json", d / "figs"
+    assert report_main([str(env["trace"]), "--json", str(out), "--figures", str(figs), "--permutations", "19"]) == 0
+    text = capsys.readouterr().out
+    assert "load share" in text and "MaxVio" in text and "linear probes" in text
+    r = json.loads(out.read_text())
+    assert r["schema"] == "rsr-report" and r["schema_version"] == 1
+    for key in ("trace", "options", "timestep_bins", "checks", "global", "layers", "linear_probes", "notes"):
+        assert key in r
+    layer = r["layers"][str(r["trace"]["layers"][0])]
+    for key in ("steps", "load", "mi", "transitions", "convergence"):
+        assert key in layer
+    step = layer["steps"]["0"]
+    for key in ("load", "load_by_timestep_bin", "load_by_branch", "share_by_timestep", "gate", "mi", "spatial",
+                "stability"):
+        assert key in step
+    assert {"timestep_bin", "position", "branch", "prompt"} <= set(step["mi"])
+    for key in ("mi", "mi_mm", "ami", "p_value", "mi_corrected", "lift"):
+        assert key in step["mi"]["prompt"]
+    assert {"seeds", "adjacent_timesteps", "branches"} <= set(step["stability"])
+    assert step["gate"]["z_loss"] is None and any("z-loss" in n for n in r["notes"])
+    for name in ("expert_share_by_timestep.png", "latent_trajectories.png"):
+        png = (figs / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # never overwrite without --overwrite
+    assert report_main([str(env["trace"]), "--json", str(out), "--no-probes"]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["missing", "foreign", "unwritable", "bad_bins"])
+def test_bad_input_exits_2_with_one_line(env, tmp_path, capsys, case):
+    args = [str(env["trace"]), "--no-probes"]
+    if case == "missing":
+        args[0] = str(tmp_path / "nope.h5")
+    elif case == "foreign":
+        import h5py
+
+        with h5py.File(tmp_path / "f.h5", "w") as f:
+            f["x"] = 1
+        args[0] = str(tmp_path / "f.h5")
+    elif case == "unwritable":
+        args += ["--json", str(tmp_path / "no" / "such" / "dir" / "r.json")]
+    else:
+        args += ["--timestep-bins", "0"]
+    assert report_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+
+
+def test_derived_written_with_parameters_and_reread(env, tmp_path):
+    trace = tmp_path / "d.h5"
+    shutil.copy(env["trace"], trace)
+    derive(trace, n_components=3)
+    d = load_derived(trace)
+    with open_trace(trace) as tr:
+        lat = tr.latents()
+        assert tr.has("/derived/pca/coords")
+        sel = tr.read("/derived/pca/coords", sample=0, layer=int(tr.coords["layer"][0]))
+    coords = d["pca"]["coords"]
+    assert coords.shape == lat.shape[:-1] + (3,)
+    assert sel.shape == coords[0, :, :, 0].shape
+    (layer, params), = d["pca"]["params"].items()
+    assert params["method"] == "pca" and params["n_components"] == 3 and params["n_features"] == lat.shape[-1]
+    # coordinates are the stored projection of the stored latents
+    x = lat[1, 0, 2, 0].astype(np.float32)
+    z = (x - d["pca"]["mean"][0]) @ d["pca"]["components"][0].T
+    assert np.allclose(z, coords[1, 0, 2, 0], atol=1e-3)
+    with pytest.raises(Exception, match="overwrite"):
+        derive(trace)
+
+
+def test_causal_effect_zero_when_nothing_changes_and_nonzero_when_forced(env):
+    from rsr_model.sample import load_model
+
+    from .conftest import randomize_rsr
+
+    task, transformer, rsr, _ = load_model(env["ckpt"])
+    randomize_rsr(rsr, scale=0.2)
+    items, seeds = ["a green triangle", "two red circles left of a blue square"], [0, 1]
+    never = Intervention("ablate", 0, t_min=5000.0, t_max=6000.0)  # timesteps lie in [0, 1000]
+    r0 = causal_effect(task, transformer, rsr, items, seeds, [never], steps=3, guidance=2.0)
+    assert r0["denoiser"]["mse"] == 0 and r0["final"]["mse"] == 0 and r0["image_mean_abs_diff"] == 0
+    r1 = causal_effect(task, transformer, rsr, items, seeds, [Intervention("force", 1)], steps=3, guidance=2.0)
+    assert r1["denoiser"]["pooled_relative_change"] > 1e-3
+    assert r1["final"]["pooled_relative_change"] > 1e-3
+    assert len(r1["denoiser_by_timestep"]) == 3
