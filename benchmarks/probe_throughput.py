@@ -1,8 +1,21 @@
-"""Throughput of the probe statistics on synthetic data.
+"""Throughput of the probe statistics, on a synthetic trace on disk and on synthetic data.
 
-    python -m benchmarks.probe_throughput [--records 150e6] [--chunk-rows 4096] [--skip-umap]
+    python -m benchmarks.probe_throughput [--trace runs/bench/trace_io.h5] [--no-trace]
+        [--records 150e6] [--chunk-rows 4096] [--skip-umap]
 
-1. Routing probes.  Synthetic routing with the trace layout (sample, branch,
+0. Routing probes over a trace on disk (default on; --no-trace skips it).  The synthetic
+   trace of the traces issue (64 samples x 28 timesteps x 4 layers x 5 recursion steps x
+   4096 tokens, K=8: 146.8 M routing records, spatially coherent ids from
+   traces.synthetic) is written with `benchmarks.trace_io.write_trace` unless the file
+   already holds it, then streamed chunk by chunk (one chunk = one (sample, timestep),
+   81,920 records) through the real report pass, `probes.analysis.analyze` without
+   linear probes: load, counts-vs-ids check, MI for every label (timestep bin, recursion
+   step, position, prompt), transitions, spatial coherence and adjacent-timestep
+   stability, then the statistics (permutation nulls, expected MI).  Rates: the
+   streaming pass (read + decompress + fold every chunk) and end to end.  Memory: peak
+   RSS growth over the whole analysis, against the trace's raw id bytes.  Run first so
+   the RSS baseline is clean.
+1. Routing probes in memory.  Synthetic routing with the trace layout (sample, branch,
    timestep, layer, step, token) is generated chunk by chunk (uint8 expert ids,
    never the whole set) and streamed through the four routing accumulators:
    load per (layer, step, timestep bin); expert x timestep-bin contingency per
@@ -31,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import trace_io
+from probes.analysis import Options, analyze
 from probes.stats import (
     ContingencyAccumulator,
     LoadAccumulator,
@@ -147,6 +162,73 @@ def bench_memory(chunk_rows: int, n_chunks: int = 4, seed: int = 1) -> float:
     return peak / 2**20
 
 
+def trace_shape() -> tuple[int, ...]:
+    return (trace_io.S, 1, trace_io.T, len(trace_io.LAYERS), trace_io.STEPS, trace_io.N)
+
+
+def ensure_trace(path: Path, batch: int = 16) -> dict:
+    """Make sure `path` holds the synthetic trace of `benchmarks.trace_io` (complete, every
+    cell written); write it there if the file does not exist. A different file under that
+    name is an error (never overwritten)."""
+    from traces import open_trace
+
+    if path.exists():
+        with open_trace(path) as tr:
+            ok = (tr.kind == "sampling" and tr.complete and tr.dataset("/routing/expert").shape == trace_shape()
+                  and len(tr.coords["expert"]) == trace_io.K and bool(np.all(tr.written)))
+        if not ok:
+            raise SystemExit(f"error: {path} exists but is not the synthetic benchmark trace "
+                             f"{trace_shape()}; remove it or pass --trace elsewhere")
+        return {"written": False, "path": str(path), "file_mib": path.stat().st_size / 2**20}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    w = trace_io.write_trace(path, batch)
+    return {"written": True, "path": str(path), "write_seconds": time.perf_counter() - t,
+            "file_mib": w["file"] / 2**20}
+
+
+def bench_trace(path: Path, n_perm: int) -> dict:
+    """Stream the trace through `probes.analysis.analyze` (routing probes, no linear probes)."""
+    info = ensure_trace(path)
+    opt = Options(n_perm=n_perm, linear_probes=False)
+    rss0 = rss_mib()
+    timings: dict = {}
+    t = time.perf_counter()
+    r = analyze(str(path), opt, timings=timings)
+    total = time.perf_counter() - t
+    rss1 = rss_mib()
+    records = int(r["checks"]["records"])
+    assert records == int(np.prod(trace_shape())), records
+    assert r["checks"]["invalid_records"] == 0 and r["checks"]["counts_vs_ids_max_abs_diff"] == 0
+    layer0 = r["layers"][str(trace_io.LAYERS[0])]
+    step0 = layer0["steps"]["0"]
+    return {
+        **info,
+        "records": records,
+        "chunks": int(timings["chunks"]),
+        "chunk_records": records // int(timings["chunks"]),
+        "stream_seconds": timings["stream_s"],
+        "assemble_seconds": timings["assemble_s"],
+        "total_seconds": total,
+        "stream_records_per_s": records / timings["stream_s"],
+        "total_records_per_s": records / total,
+        "permutations": n_perm,
+        "raw_ids_mib": records / 2**20,
+        "rss_before_mib": rss0,
+        "rss_peak_mib": rss1,
+        "rss_growth_mib": rss1 - rss0,
+        "check": {
+            "share_sum_max_abs_dev": r["checks"]["share_sum_max_abs_dev"],
+            "counts_vs_ids_max_abs_diff": r["checks"]["counts_vs_ids_max_abs_diff"],
+            "invalid_records": r["checks"]["invalid_records"],
+            "mi_labels": sorted(step0["mi"]),
+            "spatial_kappa_layer0_step0": float(step0["spatial"]["kappa"]),
+            "persistence_layer0_0->1": float(layer0["transitions"]["0->1"]["persistence"]),
+            "adjacent_timestep_agreement_layer0_step0": float(step0["stability"]["adjacent_timesteps"]["agreement"]),
+        },
+    }
+
+
 def make_latents(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
     """Clustered latents: 20 clusters in a 64-dim subspace of R^d plus isotropic noise."""
     basis = rng.standard_normal((64, d), dtype=np.float32) / 8
@@ -159,6 +241,11 @@ def make_latents(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", default="runs/bench/trace_io.h5",
+                    help="synthetic trace streamed by the report pass (written if missing)")
+    ap.add_argument("--no-trace", action="store_true", help="skip the on-disk trace benchmark")
+    ap.add_argument("--trace-permutations", type=int, default=Options.n_perm,
+                    help="permutation-null tables per MI table in the trace benchmark")
     ap.add_argument("--records", type=float, default=150e6)
     ap.add_argument("--chunk-rows", type=int, default=4096, help="rows of steps x tokens = 1024 records each")
     ap.add_argument("--pca-n", type=int, default=100_000)
@@ -170,6 +257,20 @@ def main() -> None:
     args = ap.parse_args()
 
     res: dict = {"cpus": os.cpu_count(), "threads": os.environ.get("OMP_NUM_THREADS")}
+    if not args.no_trace:
+        tb = bench_trace(Path(args.trace), args.trace_permutations)
+        res["trace"] = tb
+        how = (f"written in {tb['write_seconds']:.1f} s" if tb["written"] else "already there, reused")
+        print(f"trace: {tb['path']} ({tb['file_mib']:.1f} MiB on disk, {how})")
+        print(f"trace: {tb['records']:,} records in {tb['chunks']} chunks of {tb['chunk_records']:,}, "
+              f"probes.analysis.analyze without linear probes")
+        print(f"trace: streaming pass {tb['stream_records_per_s'] / 1e6:.1f} M records/s "
+              f"({tb['stream_seconds']:.2f} s: read + decompress + every routing probe)")
+        print(f"trace: statistics {tb['assemble_seconds']:.2f} s ({tb['permutations']} permutations per MI table, "
+              f"expected MI); end to end {tb['total_records_per_s'] / 1e6:.1f} M records/s ({tb['total_seconds']:.2f} s)")
+        print(f"trace: peak RSS {tb['rss_peak_mib']:.0f} MiB, growth over the analysis {tb['rss_growth_mib']:.0f} MiB "
+              f"(raw ids of the trace {tb['raw_ids_mib']:.0f} MiB)")
+        print(f"trace checks: {tb['check']}")
     r = bench_routing(args.records, args.chunk_rows)
     res["routing"] = r
     print(f"routing: {r['records']:,} records in {r['chunks']} chunks of {r['chunk_records']:,}")

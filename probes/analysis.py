@@ -37,12 +37,12 @@ Conventions
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from traces import TraceReader, open_trace
 
@@ -135,53 +135,6 @@ class Options:
     probe_C: float = 0.1  # L2-regularised: converges in ~100 lbfgs iterations on float16 latents
     seed: int = 0
     linear_probes: bool = True
-
-
-def _fast_emi(rows: np.ndarray, cols: np.ndarray, n_sd: float = 12.0) -> float:
-    """`probes.stats.expected_mutual_information` with the hypergeometric pmf from log-gamma
-    (same window of +-n_sd standard deviations). scipy's `hypergeom.pmf` costs ~50 ms per
-    cell at 10^4 records on 2 cores, which made the report's AMI take 30 s; this takes ~1 ms."""
-    from scipy.special import gammaln
-
-    a = np.asarray(rows, dtype=np.int64)
-    b = np.asarray(cols, dtype=np.int64)
-    a, b = a[a > 0], b[b > 0]
-    n = int(a.sum())
-    if n <= 1:
-        return 0.0
-    lg_n = gammaln(n + 1)
-    emi = 0.0
-    for ai in a.tolist():
-        for bj in b.tolist():
-            mu = ai * bj / n
-            sd = math.sqrt((ai / n) * (bj / n) * (n - ai) * (n - bj) / (n - 1.0))
-            lo = max(1, ai + bj - n, int(math.floor(mu - n_sd * sd)))
-            hi = min(ai, bj, int(math.ceil(mu + n_sd * sd)))
-            if hi < lo:
-                continue
-            k = np.arange(lo, hi + 1, dtype=np.float64)
-            logp = (gammaln(ai + 1) + gammaln(n - ai + 1) + gammaln(bj + 1) + gammaln(n - bj + 1) - lg_n
-                    - gammaln(k + 1) - gammaln(ai - k + 1) - gammaln(bj - k + 1) - gammaln(n - ai - bj + k + 1))
-            emi += float(np.sum(np.exp(logp) * k / n * np.log(n * k / (float(ai) * float(bj)))))
-    return max(emi, 0.0)
-
-
-def mi_full(table: np.ndarray, n_perm: int, seed: int):
-    """`mi_summary` with the fast analytic expected MI and the AMI recomputed from it."""
-    from .stats.running import safe_div
-
-    r = mi_summary(table, n_perm=n_perm, seed=seed, analytic_emi=False)
-    t = np.asarray(table, dtype=np.int64)
-    flat = t.reshape((-1,) + t.shape[-2:])
-    emi = np.array([_fast_emi(x.sum(axis=1), x.sum(axis=0)) if x.sum() else np.nan for x in flat])
-    emi = emi.reshape(t.shape[:-2])
-    avg = 0.5 * (r.h_e + r.h_y)
-    den = avg - emi
-    den = np.where(den < 0, np.minimum(den, -np.finfo(float).eps), np.maximum(den, np.finfo(float).eps))
-    r.emi = emi
-    r.ami = np.where(avg == 0, 1.0, (r.mi - emi) / den)
-    del safe_div
-    return r
 
 
 # --------------------------------------------------------------------------- main pass
@@ -319,17 +272,30 @@ class _Pass:
         self.count_check_cells = 0
         self.invalid = 0
         self.records = 0
-        self.gate = GateAccumulator(K, (nl, ns, nb, self.nB)) if tr.has("/routing/prob") else None
+        self.gate = (GateAccumulator(K, (nl, ns, nb, self.nB), ("layer", "step", "tbin", "branch"))
+                     if tr.has("/routing/prob") else None)
         self.mi: dict[str, ContingencyAccumulator] = {}
         for lab in labels:
             shape = (nl, nb) if lab.kind == "step" else (nl, ns, nb)
             self.mi[lab.name] = ContingencyAccumulator(K, len(lab.values), shape)
         self.trans = TransitionAccumulator(K, (nl, nb, ns - 1)) if g.consecutive_steps else None
-        self.spatial = SpatialCoherenceAccumulator(K, g.grid, (nl, ns, nb)) if g.full_grid else None
+        self.spatial = (SpatialCoherenceAccumulator(K, g.grid, (nl, ns, nb), ("layer", "step", "tbin"))
+                        if g.full_grid else None)
         self.seeds = AgreementAccumulator(K, (nl, ns, nb))
         self.adjacent = AgreementAccumulator(K, (nl, ns, nb))
         self.branch = AgreementAccumulator(K, (nl, ns, nb, max(self.nB - 1, 1)))
         self.seed_skipped = 0
+        # per-chunk histograms by np.bincount on combined keys, with the key offsets of the
+        # (layer, step[, position]) cell of every record precomputed once: an id >= K is
+        # clipped to the extra slot K (invalid), which is dropped, so no masking is needed.
+        pos = next((lab.codes for lab in labels if lab.kind == "position"), None)
+        self.n_pos = int(pos.max()) + 1 if pos is not None else 1
+        cell = (np.arange(nl).reshape(-1, 1, 1) * ns + np.arange(ns).reshape(1, -1, 1))  # (nl, ns, 1)
+        pos_part = np.asarray(pos, dtype=np.intp).reshape(1, 1, -1) if pos is not None else np.zeros((1, 1, 1), np.intp)
+        self._hkey = ((cell * self.n_pos + pos_part) * (K + 1)).astype(np.intp)  # (nl, ns, N | 1)
+        self._hsize = nl * ns * self.n_pos * (K + 1)
+        self._pkey = (cell * (K + 1) ** 2).astype(np.intp)  # pair tables (nl, ns, 1)
+        self._psize = nl * ns * (K + 1) ** 2
         # caches for the comparisons (bounded by one sample's routing each)
         self._cur_sample = None
         self._cur: dict[tuple[int, int], np.ndarray] = {}
@@ -370,72 +336,59 @@ class _Pass:
             bpos, tpos = 0, None
             self.counts[:, :, tb, 0] += np.maximum(counts, 0)
         self.records += ids.size
-        valid = ids < K
-        all_valid = bool(valid.all())
-        if not all_valid:
-            self.invalid += int(ids.size - valid.sum())
+        e = np.minimum(ids, K)  # ids >= K (unwritten, ablated) -> slot K
+        # one histogram per chunk: (layer, step, position code, expert | invalid)
+        hist = np.bincount((self._hkey + e).reshape(-1), minlength=self._hsize).reshape(nl, ns, self.n_pos, K + 1)
+        n_invalid = int(hist[..., K].sum())
+        all_valid = n_invalid == 0
+        self.invalid += n_invalid
+        hist = hist[..., :K]
+        idc = hist.sum(axis=2)  # (nl, ns, K) expert counts of the valid ids
         # counts vs ids (only exact when every token is stored)
-        idc = np.stack([np.stack([np.bincount(ids[l, s][valid[l, s]], minlength=K)[:K] for s in range(ns)])
-                        for l in range(nl)])
         self.ids_counts += idc
         if g.full_grid or len(g.tokens) == self._n_all_tokens():
             self.count_check_max = max(self.count_check_max, int(np.abs(idc - counts).max()))
             self.count_check_cells += nl * ns
-
-        def upd(fn, vals, groups, mask=None):
-            """fn(*vals, *groups), flattening with `mask` where ids are invalid."""
-            if mask is None:
-                fn(*vals, *groups)
-                return
-            shape = mask.shape
-            fn(*[np.broadcast_to(v, shape)[mask] for v in vals],
-               *[np.broadcast_to(x, shape)[mask] if np.ndim(x) else x for x in groups])
-
-        m = None if all_valid else valid
         # gate
         if self.gate is not None and prob is not None:
             p = prob.astype(np.float64)
-            if m is None:
+            if all_valid:
                 self.gate.update(probs=p, ids=ids, groups=(self.Lg, self.Sg, tb, bpos))
             else:
+                m = ids < K
                 self.gate.update(probs=p[m], ids=ids[m], groups=(np.broadcast_to(self.Lg, m.shape)[m],
                                                                   np.broadcast_to(self.Sg, m.shape)[m], tb, bpos))
-        # MI labels
+        # MI labels: all from the histogram (a chunk has one timestep bin, branch, sample)
+        S_ = slice(None)
         for lab in self.labels:
             acc = self.mi[lab.name]
-            if lab.kind == "bin":
-                upd(acc.update, [ids, np.int64(tb)], [self.Lg, self.Sg, tb], m)
-            elif lab.kind == "step":
-                upd(acc.update, [ids, self.Sg], [self.Lg, tb], m)
-            elif lab.kind == "position":
-                upd(acc.update, [ids, lab.codes.reshape(1, 1, -1)], [self.Lg, self.Sg, tb], m)
-            elif lab.kind == "branch":
-                upd(acc.update, [ids, np.int64(bpos)], [self.Lg, self.Sg, tb], m)
-            elif lab.kind == "sample":
-                upd(acc.update, [ids, np.int64(lab.codes[int(c["sample"])])], [self.Lg, self.Sg, tb], m)
-            elif lab.kind == "event":
-                upd(acc.update, [ids, np.int64(lab.codes[int(c["event"])])], [self.Lg, self.Sg, tb], m)
-        # transitions
+            if lab.kind == "step":  # table (nl, nb, K, ns)
+                acc.add_counts(idc.transpose(0, 2, 1), at=(S_, tb))
+            elif lab.kind == "position":  # table (nl, ns, nb, K, P)
+                acc.add_counts(hist.transpose(0, 1, 3, 2), at=(S_, S_, tb))
+            else:  # one label value per chunk; table (nl, ns, nb, K, M)
+                code = {"bin": tb, "branch": bpos}.get(lab.kind)
+                if code is None:
+                    code = int(lab.codes[int(c["sample" if lab.kind == "sample" else "event"])])
+                acc.add_counts(idc, at=(S_, S_, tb, S_, code))
+        # transitions: table (nl, nb, ns-1, K, K)
         if self.trans is not None:
-            a, b = ids[:, :-1], ids[:, 1:]
-            step = np.arange(ns - 1).reshape(1, -1, 1)
-            mm = None if all_valid else (a < K) & (b < K)
-            upd(self.trans.update, [a, b], [self.Lg, tb, step], mm)
+            self.trans.add_counts(self._pairs(e, e, 1)[:, :-1], at=(S_, tb))
         # spatial
         if self.spatial is not None:
             h, w = g.grid
             maps = ids.reshape(nl, ns, h, w)
             lg, sg = np.arange(nl).reshape(-1, 1), np.arange(ns).reshape(1, -1)
             if all_valid:
-                self.spatial.update(maps, lg, sg, tb)
+                self.spatial.update(maps, lg, sg, tb, expert_counts=idc)
             else:
-                mv = valid.all(axis=-1)
+                mv = (ids < K).all(axis=-1)
                 if mv.any():
                     self.spatial.update(maps[mv], np.broadcast_to(lg, mv.shape)[mv],
                                         np.broadcast_to(sg, mv.shape)[mv], tb)
         # stability
         if self.by_time:
-            self._stability(c, ids, tb, bpos, tpos)
+            self._stability(c, e, tb, bpos, tpos)
         # latents
         if lat is not None and self.has_lat:
             self._latents(c, ids, lat, tb, bpos, tpos)
@@ -444,14 +397,23 @@ class _Pass:
         g = self.g.grid
         return g[0] * g[1] if g else -1
 
-    def _agree(self, acc, a, b, groups):
+    def _pairs(self, a: np.ndarray, b: np.ndarray, shift: int = 0) -> np.ndarray:
+        """Joint counts (nl, ns, K, K) of two routings of the same tokens, valid pairs only.
+
+        ``a``, ``b`` hold ids clipped to K (invalid = K); ``shift=1`` pairs step s of ``a``
+        with step s+1 of ``b`` (the transitions; the last step row stays empty)."""
         K = self.g.K
-        mask = (a < K) & (b < K)
-        if mask.all():
-            acc.update(a, b, *groups)
-        else:
-            shape = mask.shape
-            acc.update(a[mask], b[mask], *[np.broadcast_to(x, shape)[mask] if np.ndim(x) else x for x in groups])
+        nl, ns = self._pkey.shape[:2]
+        if shift:
+            a, b = a[:, :-shift], b[:, shift:]
+        key = np.multiply(a, K + 1, dtype=np.intp)
+        key += self._pkey[:, : ns - shift]
+        key += b
+        t = np.bincount(key.reshape(-1), minlength=self._psize).reshape(nl, ns, K + 1, K + 1)
+        return t[..., :K, :K]
+
+    def _agree(self, acc, a, b, at):
+        acc.add_counts(self._pairs(a, b), at=at)
 
     def _stability(self, c, ids, tb, bpos, tpos) -> None:
         s = int(c["sample"])
@@ -459,17 +421,17 @@ class _Pass:
             self._finish_sample()
             self._cur_sample = s
             self._cur = {}
-        groups = (self.Lg, self.Sg, tb)
+        S_ = slice(None)  # tables (nl, ns, nb[, branch], K, K); ids are clipped to K
         prev = self._cur.get((bpos, tpos - 1))
         if prev is not None:  # adjacent recorded timesteps, binned by the earlier one
-            self._agree(self.adjacent, prev, ids, (self.Lg, self.Sg, self.g.bin_of({"timestep": self.g.timesteps[tpos - 1]})))
+            self._agree(self.adjacent, prev, ids, (S_, S_, self.g.bin_of({"timestep": self.g.timesteps[tpos - 1]})))
         if bpos > 0 and (0, tpos) in self._cur:
-            self._agree(self.branch, self._cur[(0, tpos)], ids, (self.Lg, self.Sg, tb, bpos - 1))
+            self._agree(self.branch, self._cur[(0, tpos)], ids, (S_, S_, tb, bpos - 1))
         prompt = self._prompt_of[s]
         if self._ref_prompt == prompt and self._ref_sample != s:
             ref = self._ref.get((bpos, tpos))
             if ref is not None:
-                self._agree(self.seeds, ref, ids, groups)
+                self._agree(self.seeds, ref, ids, (S_, S_, tb))
         self._cur[(bpos, tpos)] = ids
 
     def _finish_sample(self) -> None:
@@ -515,25 +477,30 @@ LAT_META = ("layer", "step", "tbin", "timestep", "sample", "branch", "token", "e
 # --------------------------------------------------------------------------- analysis entry point
 
 
-def analyze(tr: TraceReader | str, options: Options | None = None) -> dict[str, Any]:
+def analyze(tr: TraceReader | str, options: Options | None = None,
+            timings: dict[str, float] | None = None) -> dict[str, Any]:
     """Every routing / latent probe of issue 5 (not the causal one) over a whole trace.
 
     Returns a JSON-ready dict; see `probes.report` for its documented structure.
     Also returns, under the private key "_latents", the latent subsample used for the
-    figures (removed before writing JSON).
+    figures (removed before writing JSON). A `timings` dict, if given, receives
+    `stream_s` (the chunk-by-chunk pass: reading, decompressing and folding every chunk),
+    `assemble_s` (statistics from the accumulated tables: permutation nulls, expected MI,
+    linear probes) and `chunks`.
     """
     opt = options or Options()
     own = not isinstance(tr, TraceReader)
     if own:
         tr = open_trace(tr)
     try:
-        return _analyze(tr, opt)
+        return _analyze(tr, opt, timings if timings is not None else {})
     finally:
         if own:
             tr.close()
 
 
-def _analyze(tr: TraceReader, opt: Options) -> dict[str, Any]:
+def _analyze(tr: TraceReader, opt: Options, timings: dict[str, float]) -> dict[str, Any]:
+    t0 = time.perf_counter()
     g = _setup(tr, opt)
     labels, notes = _labels(tr, g)
     P = _Pass(tr, g, labels, opt)
@@ -542,14 +509,19 @@ def _analyze(tr: TraceReader, opt: Options) -> dict[str, Any]:
     it_counts = tr.iter_chunks("/routing/counts")
     it_prob = tr.iter_chunks("/routing/prob") if P.gate is not None else None
     it_lat = tr.iter_chunks("/latents/h") if P.has_lat else None
+    n_chunks = 0
     for blk in it_ids:
         cb = next(it_counts)
         pb = next(it_prob).data if it_prob is not None else None
         lb = next(it_lat).data if it_lat is not None else None
         P.block(blk.coords, blk.data, cb.data, pb, lb)
+        n_chunks += 1
     if P.by_time:
         P._finish_sample()
-    return _assemble(tr, g, labels, notes, P, opt)
+    t1 = time.perf_counter()
+    out = _assemble(tr, g, labels, notes, P, opt)
+    timings.update(stream_s=t1 - t0, assemble_s=time.perf_counter() - t1, chunks=n_chunks)
+    return out
 
 
 def _assemble(tr, g: _Grid, labels, notes, P: _Pass, opt: Options) -> dict[str, Any]:
@@ -584,8 +556,10 @@ def _assemble(tr, g: _Grid, labels, notes, P: _Pass, opt: Options) -> dict[str, 
     load_l = load_stats(cbins.sum(axis=(1, 2, 3)))
     load_g = load_stats(cbins.sum(axis=(0, 1, 2, 3)))
 
-    gate_res = P.gate.result() if P.gate is not None else None
-    gate_marg = _gate_marginals(P) if P.gate is not None else None
+    gate_marg = None
+    if P.gate is not None:  # pooled over branches; per (layer, step, bin), (layer, step), global
+        gate_marg = {"lsb": P.gate.result(keep=("layer", "step", "tbin")),
+                     "ls": P.gate.result(keep=("layer", "step")), "g": P.gate.result(keep=())}
 
     mi_res = {}
     for lab in labels:
@@ -593,21 +567,18 @@ def _assemble(tr, g: _Grid, labels, notes, P: _Pass, opt: Options) -> dict[str, 
         if lab.kind == "step":  # (nl, nb, K, M)
             tot = t.sum(axis=1)
             mi_res[lab.name] = dict(
-                lab=lab, total=mi_full(tot, opt.n_perm, opt.seed),
+                lab=lab, total=mi_summary(tot, n_perm=opt.n_perm, seed=opt.seed),
                 by_bin=mi_summary(t, n_perm=0, analytic_emi=False), table=tot)
         else:  # (nl, ns, nb, K, M)
             tot = t.sum(axis=2)
             mi_res[lab.name] = dict(
-                lab=lab, total=mi_full(tot, opt.n_perm, opt.seed),
+                lab=lab, total=mi_summary(tot, n_perm=opt.n_perm, seed=opt.seed),
                 by_bin=mi_summary(t, n_perm=0, analytic_emi=False), table=tot,
-                all_steps=mi_full(tot.sum(axis=1), opt.n_perm, opt.seed))
-    spatial = P.spatial.result() if P.spatial is not None else None
-    spatial_tot = None
+                all_steps=mi_summary(tot.sum(axis=1), n_perm=opt.n_perm, seed=opt.seed))
+    spatial = spatial_tot = None
     if P.spatial is not None:
-        # totals over bins: re-derive from the accumulator state
-        sums, _ = P.spatial._pairs.result()
-        ex = P.spatial._experts.result()
-        spatial_tot = _spatial_from(sums.sum(axis=2), ex.sum(axis=2), g.grid)
+        spatial = P.spatial.result()  # (nl, ns, nb)
+        spatial_tot = P.spatial.result(keep=("layer", "step"))  # pooled over timestep bins
     trans_tot = trans_bin = None
     if P.trans is not None:
         from .stats import transition_stats
@@ -643,7 +614,7 @@ def _assemble(tr, g: _Grid, labels, notes, P: _Pass, opt: Options) -> dict[str, 
                 tot = c.sum(axis=-1, keepdims=True)
                 d["share_by_timestep"] = {"timestep_value": g.timestep_values.tolist(),
                                           "share": np.where(tot > 0, c / np.maximum(tot, 1), np.nan).tolist()}
-            if gate_res is not None:
+            if gate_marg is not None:
                 d["gate"] = _gate_at(gate_marg["ls"], (li, si))
                 d["gate_by_timestep_bin"] = [_gate_at(gate_marg["lsb"], (li, si, b)) for b in range(nb)]
             mi = {}
@@ -703,7 +674,7 @@ def _assemble(tr, g: _Grid, labels, notes, P: _Pass, opt: Options) -> dict[str, 
         "layers": layers_out,
         "notes": notes,
     }
-    if gate_res is not None:
+    if gate_marg is not None:
         out["global"]["gate"] = _gate_at(gate_marg["g"], ())
     if P.has_lat and P.lat_X:
         X = np.concatenate(P.lat_X)
@@ -712,45 +683,6 @@ def _assemble(tr, g: _Grid, labels, notes, P: _Pass, opt: Options) -> dict[str, 
         if opt.linear_probes:
             out["linear_probes"] = _probes(X, meta, tr, g, labels, opt, notes)
     return out
-
-
-def _spatial_from(sums: np.ndarray, experts: np.ndarray, grid):
-    from .stats.spatial import SpatialStats
-    from .stats.running import safe_div
-
-    h, w = grid
-    maps = sums[..., 2]
-    n_h, n_v = maps * h * (w - 1), maps * (h - 1) * w
-    p = safe_div(experts.astype(float), experts.sum(axis=-1, keepdims=True))
-    chance = np.sum(p**2, axis=-1)
-    same = safe_div(sums[..., 0] + sums[..., 1], n_h + n_v)
-    return SpatialStats(same=same, same_h=safe_div(sums[..., 0], n_h), same_v=safe_div(sums[..., 1], n_v),
-                        chance=chance, lift=safe_div(same, chance), kappa=safe_div(same - chance, 1.0 - chance),
-                        n_pairs=(n_h + n_v).astype(np.int64))
-
-
-def _gate_marginals(P: _Pass) -> dict[str, Any]:
-    """Gate statistics at (layer, step), (layer, step, bin) and global, from the accumulator state."""
-    from .stats.routing import GateStats, balance_monitor
-    from .stats.running import entropy, safe_div
-
-    K = P.g.K
-    sums, n = P.gate._sums.result()  # (nl, ns, nb, nB, K+6)
-    load = P.gate._load.result()
-
-    def make(axes):
-        s, c, ld = sums.sum(axis=axes), n.sum(axis=axes), load.sum(axis=axes)
-        mean = safe_div(s, c[..., None])
-        gm = mean[..., :K]
-        f = safe_div(ld, ld.sum(axis=-1, keepdims=True))
-        mh = mean[..., K]
-        dis = np.where(s[..., K + 5] == c, mean[..., K + 3], np.nan)
-        return GateStats(gate_mass=gm, load_share=f, mean_entropy=mh, mean_norm_entropy=mh / np.log(K),
-                         mean_margin=mean[..., K + 1], balance=balance_monitor(f, gm),
-                         z_loss=np.full(c.shape, np.nan), disagreement=dis,
-                         soft_mi=entropy(gm, axis=-1) - mh, n=c)
-
-    return {"lsb": make((3,)), "ls": make((2, 3)), "g": make((0, 1, 2, 3))}
 
 
 def _gate_at(stats, idx) -> dict:
@@ -822,9 +754,7 @@ def _probes(X, meta, tr, g: _Grid, labels, opt: Options, notes: list) -> dict:
         for name, y in targets.items():
             keep = y < g.K if name == "expert" else np.ones(len(y), bool)
             try:
-                # one BLAS thread: with torch's OpenMP pool also loaded, OpenBLAS threads contend
-                # and a 2k x 128 probe takes 15 s instead of 0.1 s (measured on 2 cores)
-                with warnings.catch_warnings(), threadpool_limits(1):
+                with warnings.catch_warnings():  # linear_probe limits BLAS to one thread itself
                     warnings.simplefilter("ignore")  # ConvergenceWarning: the held-out accuracy is what counts
                     r = linear_probe(Xl[keep], y[keep], n_splits=opt.probe_splits, max_samples=opt.probe_max_samples,
                                      C=opt.probe_C, max_iter=200, seed=opt.seed)

@@ -129,6 +129,30 @@ def test_analytic_ami_matches_sklearn():
     assert expected_mutual_information(table.sum(1), table.sum(0)) == pytest.approx(r.emi)
 
 
+def test_expected_mi_matches_sklearn_and_exact_sum():
+    """The log-gamma EMI equals sklearn's EMI (1e-9) and the exact full-support sum with
+    scipy's hypergeometric pmf, also for large N where the +-12 sd window is used."""
+    from sklearn.metrics.cluster._expected_mutual_info_fast import expected_mutual_information as sk_emi
+
+    rng = np.random.default_rng(11)
+    for n, k, m in [(2, 2, 2), (50, 3, 7), (300, 5, 3), (2000, 8, 16)]:
+        e, y = rng.integers(0, k, n), rng.integers(0, m, n)
+        table = np.zeros((k, m), np.int64)
+        np.add.at(table, (e, y), 1)
+        got = expected_mutual_information(table.sum(1), table.sum(0))
+        assert got == pytest.approx(sk_emi(table[table.sum(1) > 0][:, table.sum(0) > 0], n), rel=1e-9, abs=1e-12)
+    rows, cols = np.array([400_000, 250_000, 0, 350_000]), np.array([600_000, 400_000])
+    n = int(rows.sum())
+    exact = 0.0
+    for a in rows[rows > 0]:
+        for b in cols:
+            nij = np.arange(max(1, a + b - n), min(a, b) + 1)
+            pmf = sps.hypergeom.pmf(nij, n, a, b)
+            exact += float(np.sum(pmf * nij / n * np.log(n * nij / (float(a) * float(b)))))
+    assert expected_mutual_information(rows, cols) == pytest.approx(exact, rel=1e-6)
+    assert exact == pytest.approx((len(rows) - 2) * (len(cols) - 1) / (2 * n), rel=1e-3)  # ~ (K-1)(M-1)/2N
+
+
 def test_lift_and_soft_mi():
     table = np.array([[30, 10], [10, 50]])
     lift = lift_table(table)
@@ -219,6 +243,67 @@ def test_gate_accumulator_monitors():
 
 
 # ---------------------------------------------------------------- transitions, spatial, stability
+
+
+def test_gate_and_spatial_marginals_equal_pooled_accumulation():
+    """result(keep=...) of the gate and spatial accumulators equals accumulating with the
+    coarser grouping directly (pooled sums, not averaged group means)."""
+    rng = np.random.default_rng(21)
+    k, h, w = 4, 4, 5
+    fine_g = GateAccumulator(k, (2, 3), ("layer", "bin"))
+    layer_g, glob_g = GateAccumulator(k, (2,)), GateAccumulator(k)
+    fine_s = SpatialCoherenceAccumulator(k, (h, w), (2, 3), ("layer", "bin"))
+    bin_s, glob_s = SpatialCoherenceAccumulator(k, (h, w), (3,)), SpatialCoherenceAccumulator(k, (h, w))
+    for _ in range(6):
+        n = int(rng.integers(5, 40))
+        p = softmax(rng.normal(size=(n, k)) * 2)
+        ids = np.array([rng.choice(k, p=q) for q in p])
+        lay, b = rng.integers(0, 2, n), rng.integers(0, 3, n)
+        fine_g.update(probs=p, ids=ids, groups=(lay, b))
+        layer_g.update(probs=p, ids=ids, groups=(lay,))
+        glob_g.update(probs=p, ids=ids)
+        maps = rng.integers(0, k, (3, h * w))
+        ml, mb = rng.integers(0, 2, 3), rng.integers(0, 3, 3)
+        fine_s.update(maps, ml, mb)
+        bin_s.update(maps, mb)
+        glob_s.update(maps)
+    for got, want in [(fine_g.result(keep=("layer",)), layer_g.result()), (fine_g.result(keep=()), glob_g.result())]:
+        for f in ("gate_mass", "load_share", "mean_entropy", "mean_margin", "balance", "disagreement", "soft_mi", "n"):
+            np.testing.assert_allclose(getattr(got, f), getattr(want, f), rtol=1e-12, atol=1e-12)
+    assert fine_g.result(keep=("layer", "bin")).n.shape == (2, 3) == fine_g.result().n.shape
+    for got, want in [(fine_s.result(keep=("bin",)), bin_s.result()), (fine_s.result(keep=()), glob_s.result())]:
+        for f in ("same", "same_h", "same_v", "chance", "lift", "kappa", "n_pairs"):
+            np.testing.assert_allclose(getattr(got, f), getattr(want, f), rtol=1e-12)
+    with pytest.raises(ValueError, match="unknown group axis"):
+        fine_g.result(keep=("step",))
+    with pytest.raises(ValueError):
+        GateAccumulator(k, (2,), ("a", "b"))
+    # pre-counted expert counts give the same state as counting the maps
+    maps = rng.integers(0, k, (2, 3, h * w))
+    a = SpatialCoherenceAccumulator(k, (h, w), (2, 3))
+    b = SpatialCoherenceAccumulator(k, (h, w), (2, 3))
+    lg, sg = np.arange(2).reshape(-1, 1), np.arange(3).reshape(1, -1)
+    a.update(maps, lg, sg)
+    b.update(maps, lg, sg, expert_counts=(maps[..., None] == np.arange(k)).sum(-2))
+    for f in ("same", "chance", "kappa", "n_pairs"):
+        np.testing.assert_array_equal(getattr(a.result(), f), getattr(b.result(), f))
+
+
+def test_add_counts_at_a_block_equals_counting_records():
+    """Folding a chunk whose label is one value from its expert counts (add_counts(at=...))
+    gives the same table as counting its records."""
+    rng = np.random.default_rng(22)
+    k, m = 5, 3
+    a, b = ContingencyAccumulator(k, m, (2, 4)), ContingencyAccumulator(k, m, (2, 4))
+    for _ in range(5):
+        ids = rng.integers(0, k, (2, 50))
+        label, grp = int(rng.integers(0, m)), int(rng.integers(0, 4))
+        a.update(ids, label, np.arange(2).reshape(-1, 1), grp)
+        per = (ids[..., None] == np.arange(k)).sum(-2)  # (2, K)
+        b.add_counts(per, at=(slice(None), grp, slice(None), label))
+    np.testing.assert_array_equal(a.table(), b.table())
+    with pytest.raises(ValueError):
+        b.add_counts(np.ones((2, k)) * 0.5, at=(slice(None), 0, slice(None), 0))
 
 
 def test_markov_chain_transitions_recovered():

@@ -49,6 +49,66 @@ def test_load_shares_and_counts_agree_with_ids(env):
             assert d["load"]["n"] == counts.shape[0] * counts.shape[1] * counts.shape[2] * ids.shape[-1]
 
 
+def test_ablated_ids_are_left_out_of_every_statistic(env):
+    """A trace recorded with --ablate-expert holds id 254 where the expert was ablated: those
+    records are counted as invalid and excluded, and what remains still adds up."""
+    from probes.recording import ABLATED
+
+    trace = env["dir"] / "ablated.h5"
+    assert record_main(["--ckpt", str(env["ckpt"]), "--prompts", str(env["dir"] / "prompts.txt"),
+                        "--num-samples", "2", "--steps", "4", "--out", str(trace), "--probs",
+                        "--ablate-expert", "0", "--at-step", "1"]) == 0
+    with open_trace(trace) as tr:
+        K = len(tr.coords["expert"])
+        steps = [int(s) for s in tr.coords["step"]]
+        ids, counts = tr.routing(), tr.counts()
+        r = analyze(tr, Options(n_perm=19, linear_probes=False))
+    n_ablated = int((ids == ABLATED).sum())
+    assert n_ablated > 0 and int((ids >= K).sum()) == n_ablated  # nothing unwritten
+    assert r["checks"]["records"] == ids.size
+    assert r["checks"]["invalid_records"] == n_ablated
+    assert any("invalid" in n for n in r["notes"])
+    valid_counts = (ids[..., None] == np.arange(K)).sum(axis=-2)  # ids >= K match no expert
+    assert np.array_equal(valid_counts, counts)
+    assert r["checks"]["counts_vs_ids_max_abs_diff"] == 0
+    assert r["checks"]["share_sum_max_abs_dev"] < 1e-12
+    for li, (layer, lo) in enumerate(r["layers"].items()):
+        for si, step in enumerate(steps):
+            d = lo["steps"][str(step)]
+            n_valid = int((ids[:, :, :, li, si] < K).sum())
+            assert abs(sum(d["load"]["share"]) - 1) < 1e-9
+            assert d["load"]["n"] == n_valid
+            assert all(abs(sum(s) - 1) < 1e-9 for s in d["share_by_timestep"]["share"])
+            assert d["mi"]["timestep_bin"]["n"] == n_valid  # MI tables hold the valid ids only
+            assert d["gate"]["n"] == n_valid
+            assert abs(sum(d["gate"]["load_share"]) - 1) < 1e-9
+            if step == 1:
+                assert n_valid < ids[:, :, :, li, si].size
+                assert d["load"]["share"][0] == 0  # the ablated expert got nothing there
+        n_trans = sum(v["n"] for v in lo["transitions"].values())
+        both = (ids[:, :, :, li, :-1] < K) & (ids[:, :, :, li, 1:] < K)
+        assert n_trans == int(both.sum())
+
+
+def test_training_trace_load_and_sampling_disagreement(tmp_path):
+    trace = tmp_path / "train.h5"
+    assert rsr_main(["train", "--out", str(tmp_path / "m.pt"), "--steps", "4", "--batch-size", "3",
+                     "--trace", str(trace), "--trace-every", "2", "--trace-probs"]) == 0
+    r = analyze(str(trace), Options(n_perm=19, linear_probes=False))
+    assert r["trace"]["kind"] == "training" and r["trace"]["events"] == 6
+    assert r["checks"]["invalid_records"] == 0 and r["checks"]["counts_vs_ids_max_abs_diff"] == 0
+    assert r["checks"]["share_sum_max_abs_dev"] < 1e-12
+    dis = [r["global"]["gate"]["disagreement"]]
+    for lo in r["layers"].values():
+        assert abs(sum(lo["load"]["share"]) - 1) < 1e-9
+        for d in lo["steps"].values():
+            assert abs(sum(d["load"]["share"]) - 1) < 1e-9
+            assert all(abs(sum(b["share"]) - 1) < 1e-9 for b in d["load_by_timestep_bin"] if b["n"])
+            dis.append(d["gate"]["disagreement"])
+            dis += [b["disagreement"] for b in d["gate_by_timestep_bin"] if b["n"]]
+    assert all(x is not None and 0.0 <= x <= 1.0 for x in dis)
+
+
 def test_report_cli_table_json_figures(env, capsys):
     d = env["dir"]
     out, figs = d / "r.json", d / "figs"

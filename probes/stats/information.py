@@ -33,11 +33,12 @@ batch of permutations, independent of N.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, asdict
 from typing import Sequence
 
 import numpy as np
-from scipy.stats import hypergeom
+from scipy.special import gammaln
 
 from .running import GroupedCounts, entropy, safe_div
 
@@ -119,6 +120,11 @@ def expected_mutual_information(row_sums: np.ndarray, col_sums: np.ndarray, n_sd
     mass is negligible (a Gaussian tail at 12 sd is ~1e-33), so the result
     matches the exact sum (checked against sklearn in the tests) while the cost
     grows only like sqrt(N).
+
+    The pmf is evaluated from log-gamma functions,
+    ``log P = lgC(a_i) + lgC(b_j) - lg N! - lg n! - lg (a_i-n)! - lg (b_j-n)! - lg (N-a_i-b_j+n)!``
+    with the margin terms computed once per row / column: ~1 ms per table where
+    ``scipy.stats.hypergeom.pmf`` took ~50 ms per cell.
     """
     a = np.asarray(row_sums, dtype=np.int64)
     b = np.asarray(col_sums, dtype=np.int64)
@@ -127,18 +133,23 @@ def expected_mutual_information(row_sums: np.ndarray, col_sums: np.ndarray, n_sd
     n = int(a.sum())
     if n <= 1:
         return 0.0
+    # log a! (N-a)! per margin entry, log N!
+    lg_a = gammaln(a + 1.0) + gammaln(n - a + 1.0)
+    lg_b = gammaln(b + 1.0) + gammaln(n - b + 1.0)
+    lg_n = float(gammaln(n + 1.0))
     emi = 0.0
-    for ai in a.tolist():  # python ints: products of counts overflow int64
-        for bj in b.tolist():
+    for i, ai in enumerate(a.tolist()):  # python ints: products of counts overflow int64
+        for j, bj in enumerate(b.tolist()):
             mu = ai * bj / n
-            sd = float(np.sqrt((ai / n) * (bj / n) * (n - ai) * (n - bj) / (n - 1.0)))
-            lo = max(1, ai + bj - n, int(np.floor(mu - n_sd * sd)))
-            hi = min(ai, bj, int(np.ceil(mu + n_sd * sd)))
+            sd = math.sqrt((ai / n) * (bj / n) * (n - ai) * (n - bj) / (n - 1.0))
+            lo = max(1, ai + bj - n, int(math.floor(mu - n_sd * sd)))
+            hi = min(ai, bj, int(math.ceil(mu + n_sd * sd)))
             if hi < lo:
                 continue
-            nij = np.arange(lo, hi + 1)
-            pmf = hypergeom.pmf(nij, n, ai, bj)
-            emi += float(np.sum(pmf * nij / n * np.log(n * nij / (float(ai) * float(bj)))))
+            k = np.arange(lo, hi + 1, dtype=np.float64)
+            logp = (float(lg_a[i] + lg_b[j]) - lg_n
+                    - gammaln(k + 1.0) - gammaln(ai - k + 1.0) - gammaln(bj - k + 1.0) - gammaln(n - ai - bj + k + 1.0))
+            emi += float(np.sum(np.exp(logp) * (k / n) * np.log(n * k / (float(ai) * float(bj)))))
     return max(emi, 0.0)
 
 
@@ -282,6 +293,11 @@ class ContingencyAccumulator:
     def update(self, ids: np.ndarray, labels: np.ndarray, *groups: np.ndarray | int) -> None:
         """Fold in expert ids and labels (broadcastable to each other), one group array per axis."""
         self.counts.update([ids, labels], groups)
+
+    def add_counts(self, counts: np.ndarray, at: tuple | None = None) -> None:
+        """Fold in pre-counted records (see :meth:`GroupedCounts.add_counts`), e.g. a chunk
+        whose label is one value: ``acc.add_counts(expert_counts, at=(..., slice(None), label))``."""
+        self.counts.add_counts(counts, at)
 
     def merge(self, other: "ContingencyAccumulator") -> None:
         self.counts.merge(other.counts)

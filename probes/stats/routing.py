@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from scipy.special import logsumexp
 
-from .running import GroupedCounts, GroupedSums, entropy, safe_div
+from .running import GroupedCounts, GroupedSums, entropy, group_axis_names, safe_div, sum_groups
 
 
 # --------------------------------------------------------------------------- closed-form statistics
@@ -176,9 +176,7 @@ class LoadAccumulator:
     ) -> None:
         self.n_experts = int(n_experts)
         self.counts = GroupedCounts((self.n_experts,), group_shape)
-        self.group_names = tuple(group_names) if group_names else tuple(f"g{i}" for i in range(len(group_shape)))
-        if len(self.group_names) != len(self.counts.group_shape):
-            raise ValueError("group_names must match group_shape")
+        self.group_names = group_axis_names(group_names, len(self.counts.group_shape))
         self.dead_threshold = dead_threshold
 
     def update(self, ids: np.ndarray, *groups: np.ndarray | int) -> None:
@@ -191,11 +189,7 @@ class LoadAccumulator:
 
     def table(self, keep: Sequence[str] | None = None) -> np.ndarray:
         """Counts, summed over the group axes not in ``keep`` (``None`` keeps all)."""
-        c = self.counts.result()
-        if keep is None:
-            return c
-        drop = tuple(i for i, name in enumerate(self.group_names) if name not in keep)
-        return c.sum(axis=drop) if drop else c
+        return sum_groups(self.counts.result(), self.group_names, keep)
 
     def result(self, keep: Sequence[str] | None = None) -> LoadStats:
         return load_stats(self.table(keep), self.dead_threshold)
@@ -246,11 +240,18 @@ class GateAccumulator:
 
     State per group: sums of P_k, of f_k one-hots, of H(p), of the margin, of
     lse^2, of disagreements and token counts, so memory is O(groups x K).
+
+    ``group_names`` names the group axes (default ``g0, g1, ...``) so that
+    ``result(keep=...)`` gives the statistics of the marginal groups, e.g.
+    ``result(keep=("layer",))`` per layer, ``result(keep=())`` global.  Marginals
+    are computed from the pooled sums (token-weighted), not by averaging group means.
     """
 
-    def __init__(self, n_experts: int, group_shape: Sequence[int] = ()) -> None:
+    def __init__(self, n_experts: int, group_shape: Sequence[int] = (),
+                 group_names: Sequence[str] | None = None) -> None:
         self.n_experts = int(n_experts)
-        self.group_shape = tuple(group_shape)
+        self.group_shape = tuple(int(g) for g in group_shape)
+        self.group_names = group_axis_names(group_names, len(self.group_shape))
         # columns: P_1..P_K, H, margin, lse^2, disagree, has_logits, has_ids
         self._sums = GroupedSums(self.n_experts + 6, self.group_shape)
         self._load = GroupedCounts((self.n_experts,), self.group_shape)
@@ -298,12 +299,16 @@ class GateAccumulator:
         self._sums.update(cols, groups)
         self._load.update([hard], groups)
 
-    def result(self) -> GateStats:
+    def result(self, keep: Sequence[str] | None = None) -> GateStats:
+        """Statistics per group; ``keep`` names the group axes to keep (the others are
+        summed out; ``None`` keeps all, ``()`` gives the global statistics)."""
         k = self.n_experts
         sums, n = self._sums.result()
+        sums = sum_groups(sums, self.group_names, keep)
+        n = sum_groups(n, self.group_names, keep)
         mean = safe_div(sums, n[..., None])
         gate_mass = mean[..., :k]
-        load = self._load.result()
+        load = sum_groups(self._load.result(), self.group_names, keep)
         f = safe_div(load, load.sum(axis=-1, keepdims=True))
         mean_h = mean[..., k]
         # soft MI = H(mean_x p(x)) - mean_x H(p(x))  (entropy is concave, so >= 0)

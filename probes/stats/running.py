@@ -136,9 +136,43 @@ class GroupedCounts:
             counts = counts.reshape([sizes[i] for i in order]).transpose(np.argsort(order)).reshape(-1)
         self._counts += counts
 
-    def add_counts(self, counts: np.ndarray) -> None:
-        """Fold in an already counted table of shape ``group_shape + value_sizes``."""
-        self._counts += np.asarray(counts, dtype=np.int64).reshape(-1)
+    def add_counts(self, counts: np.ndarray, at: tuple | None = None) -> None:
+        """Fold in already counted records.
+
+        Without ``at``, ``counts`` is a whole table of shape ``group_shape + value_sizes``.
+        With ``at``, an index into that table (ints and slices, e.g.
+        ``(slice(None), slice(None), tbin, slice(None), label)``), ``counts`` is added to
+        that part only (it must broadcast to it): a chunk whose group or label is one
+        value is folded in from its per-expert counts without counting records again.
+        """
+        c = np.asarray(counts)
+        if c.dtype.kind not in "iub":
+            raise ValueError("counts must be integers")
+        if at is None:
+            self._counts += c.astype(np.int64, copy=False).reshape(-1)
+            return
+        view = self._counts.reshape(self.group_shape + self.value_sizes)  # a view: updated in place
+        view[at] += c
+
+    def add_grouped(self, counts: np.ndarray, groups: Sequence[np.ndarray | int]) -> None:
+        """Fold in counts of shape ``lead + value_sizes`` whose group indices (one array or
+        int per group axis, broadcastable to ``lead``) are given: ``counts[i]`` is added to
+        the table row of group ``groups[i]``.  For small pre-counted tables (e.g. per map)."""
+        c = np.asarray(counts)
+        nv = len(self.value_sizes)
+        if c.shape[c.ndim - nv:] != self.value_sizes:
+            raise ValueError(f"counts must end with the value axes {self.value_sizes}")
+        lead = c.shape[: c.ndim - nv]
+        view = self._counts.reshape((-1,) + self.value_sizes)
+        if len(groups) != len(self.group_shape):
+            raise ValueError(f"expected {len(self.group_shape)} group arrays, got {len(groups)}")
+        for part, size in zip(groups, self.group_shape):
+            p = np.asarray(part)
+            if p.size and (p.max() >= size or p.min() < 0):
+                raise ValueError(f"index out of range [0, {size})")
+        key = _flat_key(list(groups), self.group_shape, lead).reshape(-1) if groups else np.zeros(
+            int(np.prod(lead)), dtype=np.intp)
+        np.add.at(view, key, c.reshape((-1,) + self.value_sizes))
 
     def merge(self, other: "GroupedCounts") -> None:
         """Combine with an accumulator fed from another stream (same shapes)."""
@@ -197,6 +231,31 @@ class GroupedSums:
         s, c = self.result()
         with np.errstate(invalid="ignore", divide="ignore"):
             return s / c[..., None]
+
+
+def group_axis_names(group_names: Sequence[str] | None, n_axes: int) -> tuple[str, ...]:
+    """Names of the group axes: ``group_names`` checked against the grid, or ``g0, g1, ...``."""
+    names = tuple(str(x) for x in group_names) if group_names else tuple(f"g{i}" for i in range(n_axes))
+    if len(names) != n_axes:
+        raise ValueError("group_names must match group_shape")
+    if len(set(names)) != len(names):
+        raise ValueError(f"group names must be distinct, got {names}")
+    return names
+
+
+def sum_groups(arr: np.ndarray, group_names: Sequence[str], keep: Sequence[str] | None) -> np.ndarray:
+    """Marginal of a per-group array (group axes first, named ``group_names``) over the
+    group axes *not* in ``keep``; ``keep=None`` keeps every axis, ``keep=()`` sums them all.
+    Kept axes stay in their original order.  Unknown names raise ``ValueError``."""
+    a = np.asarray(arr)
+    if keep is None:
+        return a
+    keep = (keep,) if isinstance(keep, str) else tuple(keep)
+    unknown = [k for k in keep if k not in group_names]
+    if unknown:
+        raise ValueError(f"unknown group axis {unknown[0]!r}; the group axes are {tuple(group_names)}")
+    drop = tuple(i for i, name in enumerate(group_names) if name not in keep)
+    return a.sum(axis=drop) if drop else a
 
 
 def safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:

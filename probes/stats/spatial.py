@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .running import GroupedCounts, GroupedSums, safe_div
+from .running import GroupedCounts, GroupedSums, group_axis_names, safe_div, sum_groups
 
 
 @dataclass
@@ -66,16 +66,24 @@ class SpatialCoherenceAccumulator:
     ``update(ids, *groups)``: ``ids`` of shape ``(..., h*w)`` (row-major token
     order) or ``(..., h, w)``; group arrays broadcast to the map axes ``(...)``.
     State: same-pair counts per group and expert counts per group.
+
+    ``group_names`` names the group axes (default ``g0, g1, ...``);
+    ``result(keep=...)`` pools the pair and expert counts over the other axes
+    (``keep=()``: global), so a marginal's chance level uses the marginal's shares.
     """
 
-    def __init__(self, n_experts: int, grid: tuple[int, int], group_shape: Sequence[int] = ()) -> None:
+    def __init__(self, n_experts: int, grid: tuple[int, int], group_shape: Sequence[int] = (),
+                 group_names: Sequence[str] | None = None) -> None:
         self.n_experts = int(n_experts)
         self.h, self.w = int(grid[0]), int(grid[1])
-        self.group_shape = tuple(group_shape)
+        self.group_shape = tuple(int(g) for g in group_shape)
+        self.group_names = group_axis_names(group_names, len(self.group_shape))
         self._pairs = GroupedSums(3, self.group_shape)  # same_h, same_v, maps
         self._experts = GroupedCounts((self.n_experts,), self.group_shape)
 
-    def update(self, ids: np.ndarray, *groups: np.ndarray | int) -> None:
+    def update(self, ids: np.ndarray, *groups: np.ndarray | int, expert_counts: np.ndarray | None = None) -> None:
+        """Fold in maps; ``expert_counts`` (shape ``maps + (K,)``: each map's expert counts),
+        when the caller has them already, saves counting the ids again."""
         a = np.asarray(ids)
         if a.shape[-1] == self.h * self.w and (a.ndim < 2 or a.shape[-2:] != (self.h, self.w)):
             a = a.reshape(a.shape[:-1] + (self.h, self.w))
@@ -83,14 +91,23 @@ class SpatialCoherenceAccumulator:
         sh, sv = neighbour_agreement(a)
         cols = np.stack([sh, sv, np.ones(lead)], axis=-1).astype(np.float64)
         self._pairs.update(cols, groups)
-        self._experts.update([a], [np.expand_dims(np.asarray(g), (-2, -1)) if np.ndim(g) else g for g in groups])
+        if expert_counts is not None:
+            c = np.asarray(expert_counts)
+            if c.shape != lead + (self.n_experts,):
+                raise ValueError(f"expert_counts must have shape {lead + (self.n_experts,)}")
+            self._experts.add_grouped(c, groups)
+        else:
+            self._experts.update([a], [np.expand_dims(np.asarray(g), (-2, -1)) if np.ndim(g) else g for g in groups])
 
-    def result(self) -> SpatialStats:
+    def result(self, keep: Sequence[str] | None = None) -> SpatialStats:
+        """Coherence per group; ``keep`` names the group axes to keep (the others are
+        summed out; ``None`` keeps all, ``()`` gives the global figures)."""
         sums, _ = self._pairs.result()
+        sums = sum_groups(sums, self.group_names, keep)
         maps = sums[..., 2]
         n_h = maps * self.h * (self.w - 1)
         n_v = maps * (self.h - 1) * self.w
-        counts = self._experts.result().astype(np.float64)
+        counts = sum_groups(self._experts.result(), self.group_names, keep).astype(np.float64)
         p = safe_div(counts, counts.sum(axis=-1, keepdims=True))
         chance = np.sum(p**2, axis=-1)  # sum_k p_k^2
         same = safe_div(sums[..., 0] + sums[..., 1], n_h + n_v)

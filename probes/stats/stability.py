@@ -64,6 +64,10 @@ class AgreementAccumulator:
     def update(self, ids_a: np.ndarray, ids_b: np.ndarray, *groups: np.ndarray | int) -> None:
         self.counts.update([ids_a, ids_b], groups)
 
+    def add_counts(self, counts: np.ndarray, at: tuple | None = None) -> None:
+        """Fold in pre-counted confusion tables (see :meth:`GroupedCounts.add_counts`)."""
+        self.counts.add_counts(counts, at)
+
     def merge(self, other: "AgreementAccumulator") -> None:
         self.counts.merge(other.counts)
 

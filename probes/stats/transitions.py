@@ -103,6 +103,10 @@ class TransitionAccumulator:
         extra = [np.expand_dims(np.asarray(g), -2) if np.ndim(g) else g for g in groups]
         self.counts.update([a[..., :-1, :], a[..., 1:, :]], extra + [step])
 
+    def add_counts(self, counts: np.ndarray, at: tuple | None = None) -> None:
+        """Fold in pre-counted (from, to) tables (see :meth:`GroupedCounts.add_counts`)."""
+        self.counts.add_counts(counts, at)
+
     def merge(self, other: "TransitionAccumulator") -> None:
         self.counts.merge(other.counts)
 
