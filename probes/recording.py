@@ -148,6 +148,20 @@ def _expert_to_stored(e: torch.Tensor) -> torch.Tensor:
     return torch.where(e < 0, torch.full_like(e, ABLATED), e).to(torch.uint8)
 
 
+def _token_picker(tokens: Sequence[int], n_tokens: int):
+    """(rows, N, ...) -> the stored tokens; no copy when every token is stored."""
+    if list(tokens) == list(range(n_tokens)):
+        return lambda t: t
+    index = torch.as_tensor(list(tokens))
+    return lambda t: t[:, index]
+
+
+def _all_token_counts(e: torch.Tensor, K: int) -> torch.Tensor:
+    """(rows, N) expert ids, -1 = ablated -> (rows, K) int32 counts over every token."""
+    return torch.zeros(e.shape[0], K, dtype=torch.int32).scatter_add_(
+        1, e.clamp(min=0).cpu(), (e >= 0).to(torch.int32).cpu())
+
+
 class SamplingRecorder:
     """Samples prompts (or labels) with hooks on and writes a sampling trace."""
 
@@ -190,7 +204,10 @@ class SamplingRecorder:
     # --- hooks ------------------------------------------------------------------------------
     def _hooks(self) -> list:
         r, buf = self.r, self._buf
-        tokens = torch.as_tensor(r["tokens"])
+        pick = _token_picker(r["tokens"], self.n_tokens)
+        # With every token stored the writer counts them on its own thread; with a subset the
+        # hook counts all tokens here, so counts stay exact.
+        count_here = len(r["tokens"]) != self.n_tokens
         lat = torch.as_tensor(r["latent_tokens"]) if r["latent_tokens"] is not None else None
         proj = torch.from_numpy(self.projection) if self.projection is not None else None
         K = self.K
@@ -201,14 +218,13 @@ class SamplingRecorder:
                 p = f"blocks.{layer}.rsr.step.{s}"
 
                 def on_expert(e, ctx, key=key):
-                    buf.expert[key] = _expert_to_stored(e[:, tokens]).cpu()  # (2B|B, n_tok)
-                    valid = e.clamp(min=0)
-                    buf.counts[key] = torch.zeros(e.shape[0], K, dtype=torch.int32).scatter_add_(
-                        1, valid.cpu(), (e >= 0).to(torch.int32).cpu())  # (2B|B, K) over all tokens
+                    buf.expert[key] = _expert_to_stored(pick(e)).cpu()  # (2B|B, n_tok)
+                    if count_here:
+                        buf.counts[key] = _all_token_counts(e, K)  # (2B|B, K)
                 out.append((f"{p}.expert", on_expert))
                 if self.sel.probs:
                     out.append((f"{p}.probs", lambda v, ctx, key=key: buf.prob.__setitem__(
-                        key, v[:, tokens].to(torch.float16).cpu())))
+                        key, pick(v).to(torch.float16).cpu())))
                 if lat is not None:
                     def on_latent(h, ctx, key=key):
                         h = h[:, lat].float()  # (2B|B, n_lat, D)
@@ -295,7 +311,7 @@ class SamplingRecorder:
 
     def _write(self, writer, t_pos, rows, B, x, t, sigma, cond, uncond, v) -> None:
         buf = self._buf
-        kw: dict[str, Any] = {"counts": self._stack(buf.counts, rows, B)}
+        kw: dict[str, Any] = {"counts": self._stack(buf.counts, rows, B) if buf.counts else None}
         if self.sel.probs:
             kw["prob"] = self._stack(buf.prob, rows, B)
         if self.r["latent_tokens"] is not None:
@@ -334,8 +350,8 @@ class TrainingRecorder:
     def _open(self, rsr: RSR, transformer: nn.Module) -> None:
         C, H, W = self.task.latent_shape(transformer)
         p = transformer.config.patch_size
-        n = (H // p) * (W // p)
-        self.tokens = list(range(0, n, self.token_stride))
+        self.n_tokens = (H // p) * (W // p)
+        self.tokens = list(range(0, self.n_tokens, self.token_stride))
         self.layers = sorted(int(k) for k in rsr.keys())
         self.steps = list(range(rsr.config.steps))
         self.writer = TrainingWriter(self.path, TrainingLayout(
@@ -347,19 +363,19 @@ class TrainingRecorder:
             return
         if self.writer is None:
             self._open(rsr, transformer)
-        buf, tokens, K = self._buf, torch.as_tensor(self.tokens), rsr.config.experts
+        buf, K = self._buf, rsr.config.experts
+        pick = _token_picker(self.tokens, self.n_tokens)
         buf.clear()
 
         def on_expert(e, ctx):
             key = (ctx.layer, ctx.step)
-            buf.expert[key] = _expert_to_stored(e[:, tokens]).cpu()
-            buf.counts[key] = torch.zeros(e.shape[0], K, dtype=torch.int32).scatter_add_(
-                1, e.clamp(min=0).cpu(), (e >= 0).to(torch.int32).cpu())
+            buf.expert[key] = _expert_to_stored(pick(e.detach())).cpu()
+            buf.counts[key] = _all_token_counts(e.detach(), K)
             self._t = ctx.timestep
         hooks = [("*.step.*.expert", on_expert)]
         if self.probs:
             hooks.append(("*.step.*.probs", lambda v, ctx: buf.prob.__setitem__(
-                (ctx.layer, ctx.step), v[:, tokens].detach().to(torch.float16).cpu())))
+                (ctx.layer, ctx.step), pick(v.detach()).to(torch.float16).cpu())))
         for names, fn in hooks:
             self._handles += rsr.hooks.add(names, fn)
 

@@ -187,11 +187,13 @@ def _check(name: str, arr: Any, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _counts(expert: np.ndarray, k: int) -> np.ndarray:
-    """Expert counts over the last axis, vectorised with one bincount."""
+    """Expert counts over the last axis, vectorised with one bincount; ids >= k (ablated,
+    unwritten) go to an overflow slot that is dropped."""
     lead = expert.shape[:-1]
     m = int(np.prod(lead))
-    flat = expert.reshape(m, -1).astype(np.int64) + (np.arange(m, dtype=np.int64) * k)[:, None]
-    return np.bincount(flat.ravel(), minlength=m * k).reshape(*lead, k).astype(np.int32)
+    ids = np.minimum(expert.reshape(m, -1), k).astype(np.int64)
+    flat = ids + (np.arange(m, dtype=np.int64) * (k + 1))[:, None]
+    return np.bincount(flat.ravel(), minlength=m * (k + 1)).reshape(*lead, k + 1)[..., :k].astype(np.int32)
 
 
 class SamplingWriter(_BaseWriter):
