@@ -317,10 +317,8 @@ class _Pass:
             pos = {int(t): i for i, t in enumerate(g.tokens)}
             self.lat_routed = np.array([pos.get(int(t), -1) for t in stored])
             n_blocks = int(tr.written.sum()) * self.nB
-            per_block = nl * ns * len(stored)
             self.lat_keep = max(1, min(len(stored), opt.max_latent_points // max(1, n_blocks * nl * ns)))
             self.lat_rng = np.random.default_rng(opt.seed)
-            del per_block
 
     # ---- one chunk cell ----
     def block(self, c: dict, ids: np.ndarray, counts: np.ndarray, prob: np.ndarray | None,
@@ -525,7 +523,7 @@ def _analyze(tr: TraceReader, opt: Options, timings: dict[str, float]) -> dict[s
 
 
 def _assemble(tr, g: _Grid, labels, notes, P: _Pass, opt: Options) -> dict[str, Any]:
-    K, nl, ns, nb = g.K, len(g.layers), len(g.steps), g.n_bins
+    ns, nb = len(g.steps), g.n_bins
     if P.invalid:
         notes.append(f"{P.invalid} routing records with invalid ids (>= K: unwritten or ablated) left out")
     notes.append("z-loss unavailable: traces store gate probabilities, not logits")

@@ -93,7 +93,6 @@ def expert_effects(ckpt: str | Path, items: Sequence, seeds: Sequence[int], step
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
 
     from rsr_model.checkpoint import CheckpointError
     from rsr_model.config import ConfigError
@@ -101,13 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     from rsr_model.tasks import TaskError
 
     from .interventions import InterventionError, parse
-    from .record import UsageError, read_items
+    from rsr_model.cli import Parser, UsageError
 
-    class P(argparse.ArgumentParser):
-        def error(self, message):
-            raise UsageError(f"{self.prog}: {message}")
+    from .record import read_items
 
-    p = P(prog="python -m probes.causal", description="Causal effect of ablating or forcing an expert.")
+    p = Parser(prog="python -m probes.causal", description="Causal effect of ablating or forcing an expert.")
     p.add_argument("--ckpt", type=Path, required=True)
     p.add_argument("--prompts", required=True)
     p.add_argument("--num-samples", type=int, default=1)

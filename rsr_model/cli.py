@@ -1,0 +1,43 @@
+"""What every command line of the project shares: bad input ends in one `error:` line on
+stderr and exit code 2, never a traceback; Ctrl-C ends with exit code 130."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+from typing import Callable
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message is the one line the user sees."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def run_main(body: Callable[[], None], errors: tuple[type[BaseException], ...] = (),
+             interrupted: str = "interrupted") -> int:
+    """Run a command; the exception types in `errors` (and UsageError) become one-line errors."""
+    try:
+        body()
+    except (UsageError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"error: {interrupted}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
