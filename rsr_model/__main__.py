@@ -100,8 +100,9 @@ def cmd_train(args) -> None:
     from .train import Trainer
 
     if args.trace:
-        if args.trace.exists() and not (args.overwrite or args.resume):
-            raise UsageError(f"{args.trace} exists; pass --overwrite to replace it")
+        if args.trace.exists() and not args.overwrite:
+            raise UsageError(f"{args.trace} exists; give a new --trace path (e.g. for a resumed run) "
+                             f"or pass --overwrite to replace it")
         # The CLI is where the pieces are composed; the training library itself knows nothing of traces.
         from probes.recording import TrainingRecorder
         from traces import TraceMeta
@@ -110,7 +111,8 @@ def cmd_train(args) -> None:
         meta = TraceMeta(model_config={"preset": trainer.task.name}, rsr_config=trainer.rsr_cfg.to_dict(),
                          seeds=[args.seed], extra={"trace_every": args.trace_every})
         recorder = TrainingRecorder(args.trace, args.trace_every, trainer.task, meta,
-                                    token_stride=args.trace_token_stride, probs=args.trace_probs, overwrite=True)
+                                    token_stride=args.trace_token_stride, probs=args.trace_probs,
+                                    overwrite=args.overwrite)
         trainer.callbacks.append(recorder)
     try:
         out = trainer.run()

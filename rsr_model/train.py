@@ -89,7 +89,8 @@ def build_from_checkpoint(task: Task, ckpt: dict[str, Any]) -> tuple[nn.Module, 
 
 def base_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
     """The backbone's own weights, without the RSR processors registered inside it."""
-    return {k: v.detach().cpu() for k, v in transformer.state_dict().items() if ".processor." not in k}
+    # clone: on CPU .cpu() is the live tensor, and the EMA swap below writes into it in place
+    return {k: v.detach().cpu().clone() for k, v in transformer.state_dict().items() if ".processor." not in k}
 
 
 class Trainer:
@@ -112,9 +113,11 @@ class Trainer:
             if self.ckpt.get("preset") != task.name:
                 raise CheckpointError(f"{self.out} was trained with preset {self.ckpt.get('preset')!r}, not {task.name!r}")
             self.transformer, self.rsr = build_from_checkpoint(task, self.ckpt)
-            if self.ckpt.get("train_state") is not None:  # mid-base-stage: raw weights, not the EMA
-                self.transformer.load_state_dict(self.ckpt["train_state"], strict=True)
             self.plan, self.progress = self.ckpt["plan"], dict(self.ckpt["progress"])
+            base_unfinished = self.progress.get("base", 0) < self.plan.get("base", 0)
+            if base_unfinished and self.ckpt.get("train_state") is not None:
+                # continue from the raw weights; the EMA ones (base_state) are for sampling
+                self.transformer.load_state_dict(self.ckpt["train_state"], strict=True)
             self.rsr_cfg = RSRConfig.from_dict(self.ckpt["rsr_plan"])
             self.losses = list(self.ckpt.get("losses", []))
             return

@@ -61,6 +61,9 @@ def test_resume_equals_uninterrupted_and_checkpoint_round_trip(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         Trainer(train_args(part, "--steps", "3"), callbacks=[crash_at("base", 2)]).run()
     assert load_checkpoint(part)["progress"] == {"base": 2, "rsr": 0}
+    with pytest.raises(KeyboardInterrupt):  # right after the base stage's last checkpoint
+        Trainer(train_args(part, "--steps", "3", "--resume"), callbacks=[crash_at("base", 3)]).run()
+    assert load_checkpoint(part)["progress"] == {"base": 3, "rsr": 0}
     with pytest.raises(KeyboardInterrupt):
         Trainer(train_args(part, "--steps", "3", "--resume"), callbacks=[crash_at("rsr", 1)]).run()
     assert load_checkpoint(part)["progress"] == {"base": 3, "rsr": 1}
