@@ -2,10 +2,23 @@
 
     python -m probes.record --ckpt sd3_rsr.pt --prompts FILE_OR_TEXT --out run.h5   # record
     python -m probes.report run.h5 --json report.json --figures figs/               # analyse
+    python -m probes.causal --ckpt sd3_rsr.pt --prompts "..." --ablate-expert 1     # intervene
+
+The names below are imported on first use, so `python -m probes.<command>` loads only what
+that command needs.
 """
 
-from .analysis import Options, analyze, compare_traces
-from .causal import causal_effect, expert_effects
-from .derived import derive, load_derived
+from importlib import import_module
 
-__all__ = ["Options", "analyze", "compare_traces", "causal_effect", "expert_effects", "derive", "load_derived"]
+_EXPORTS = {
+    "Options": "analysis", "analyze": "analysis", "compare_traces": "analysis",
+    "causal_effect": "causal", "expert_effects": "causal",
+    "derive": "derived", "load_derived": "derived",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'probes' has no attribute {name!r}")
