@@ -26,7 +26,8 @@ from rsr_model.hooks import HookRegistry
 from rsr_model.layer import RSRAttnProcessor, RunState
 
 SIZES = {
-    "tiny": dict(dim=128, heads=4, n=256, m=16, batch=8, rank=8),
+    # the tiny preset as it trains: 24x24 RGB, patch 2 (144 tokens), 16 text tokens, batch 32
+    "tiny": dict(dim=128, heads=4, n=144, m=16, batch=32, rank=8),
     "sd3": dict(dim=1536, heads=24, n=1024, m=154, batch=2, rank=128),
 }
 

@@ -66,16 +66,20 @@ class LoRAExperts(nn.Module):
         inverse[order] = torch.arange(order.numel(), device=order.device)
         counts = torch.bincount(keys, minlength=self.num_experts + 1).tolist()
         groups = _PermuteRows.apply(x, order, inverse).split(counts)  # contiguous views, one per expert
+        # The per-token scale (LoRA scaling x straight-through weight) multiplies the rank-3r
+        # intermediate, not the 3*D_out output: same value and gradient, D_out/r times less work.
+        if weight is None:
+            scales = [self.scaling] * len(groups)
+        else:
+            scales = _PermuteRows.apply(weight.reshape(-1, 1) * self.scaling, order, inverse).split(counts)
         outs = [x.new_zeros(counts[0], 3 * self.out_dim)] if counts[0] else []
         for k, g in enumerate(groups[1:]):
             if g.shape[0] == 0:
                 continue
-            z = (g @ self.A[k]).view(-1, 3, self.rank).transpose(0, 1)  # (3, n_k, r)
+            z = ((g @ self.A[k]) * scales[k + 1]).view(-1, 3, self.rank).transpose(0, 1)  # (3, n_k, r)
             outs.append(torch.bmm(z, self.B[k]).transpose(0, 1).reshape(-1, 3 * self.out_dim))  # (n_k, 3*Do)
         out_sorted = torch.cat(outs) if outs else x.new_zeros(0, 3 * self.out_dim)
-        out = _PermuteRows.apply(out_sorted, inverse, order) * self.scaling  # (T, 3*Do), spatial order again
-        if weight is not None:
-            out = out * weight.reshape(-1, 1)
+        out = _PermuteRows.apply(out_sorted, inverse, order)  # (T, 3*Do), spatial order again
         dq, dk, dv = out.view(Bsz, N, 3, self.out_dim).unbind(2)
         return dq, dk, dv
 
