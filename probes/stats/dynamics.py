@@ -28,19 +28,19 @@ Classification of a trajectory (thresholds are keyword arguments):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from .running import GroupedSums, safe_div
+from .running import ArrayResult, GroupedSums, safe_div
 
 TRAJECTORY_LABELS: tuple[str, ...] = ("fixed_point", "orbit", "drift")
 FIXED_POINT, ORBIT, DRIFT = 0, 1, 2
 
 
 @dataclass
-class ConvergenceMetrics:
+class ConvergenceMetrics(ArrayResult):
     """Per-trajectory metrics; leading shape ``(...)`` of the latents.
 
     dist_to_last: (..., L)    ||h_l - h_{L-1}||
@@ -59,9 +59,6 @@ class ConvergenceMetrics:
     rho: np.ndarray
     mean_cos: np.ndarray
     label: np.ndarray
-
-    def to_dict(self) -> dict:
-        return {k: np.asarray(v).tolist() for k, v in asdict(self).items()}
 
 
 def log_slope_rho(step_norms: np.ndarray, floor: float = 1e-30) -> np.ndarray:
@@ -130,7 +127,7 @@ def convergence_metrics(
 
 
 @dataclass
-class ConvergenceSummary:
+class ConvergenceSummary(ArrayResult):
     """Group means of the per-step metrics and label shares (group shape + step axis)."""
 
     dist_to_last: np.ndarray
@@ -140,9 +137,6 @@ class ConvergenceSummary:
     log_rho_mean: np.ndarray
     label_share: np.ndarray  # group + (3,), order TRAJECTORY_LABELS
     n: np.ndarray
-
-    def to_dict(self) -> dict:
-        return {k: np.asarray(v).tolist() for k, v in asdict(self).items()}
 
 
 class ConvergenceAccumulator:

@@ -33,13 +33,13 @@ batch of permutations, independent of N.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from scipy.special import gammaln
 
-from .running import GroupedCounts, entropy, safe_div
+from .running import ArrayResult, GroupedCounts, entropy, safe_div
 
 
 # --------------------------------------------------------------------------- plug-in quantities
@@ -256,7 +256,7 @@ def sample_null_tables(
 
 
 @dataclass
-class MIResult:
+class MIResult(ArrayResult):
     """MI summary for one or more tables (fields have the group shape), nats unless noted.
 
     mi:            plug-in estimate.
@@ -285,9 +285,6 @@ class MIResult:
     h_y: np.ndarray
     mi_bits: np.ndarray
     n: np.ndarray
-
-    def to_dict(self) -> dict:
-        return {k: np.asarray(v).tolist() for k, v in asdict(self).items()}
 
 
 def mi_summary(

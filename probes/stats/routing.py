@@ -15,20 +15,20 @@ loss-free balancing (MaxVio), OLMoE / NeMo (dead experts, utilisation).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from scipy.special import logsumexp
 
-from .running import GroupedCounts, GroupedSums, entropy, group_axis_names, safe_div, sum_groups
+from .running import ArrayResult, GroupedCounts, GroupedSums, entropy, group_axis_names, safe_div, sum_groups
 
 
 # --------------------------------------------------------------------------- closed-form statistics
 
 
 @dataclass
-class LoadStats:
+class LoadStats(ArrayResult):
     """Load statistics per group; every field has the group shape (``share`` adds ``K``).
 
     share:            f_k = N_k / N, the load share of each expert.
@@ -52,9 +52,6 @@ class LoadStats:
     norm_entropy: np.ndarray
     effective_experts: np.ndarray
     n: np.ndarray
-
-    def to_dict(self) -> dict:
-        return {k: np.asarray(v).tolist() for k, v in asdict(self).items()}
 
 
 def counts_from_ids(
@@ -196,7 +193,7 @@ class LoadAccumulator:
 
 
 @dataclass
-class GateStats:
+class GateStats(ArrayResult):
     """Router statistics per group (from gate probabilities and/or logits).
 
     gate_mass:            P_k, mean gate probability per expert (shape group + (K,)).
@@ -224,9 +221,6 @@ class GateStats:
     disagreement: np.ndarray
     soft_mi: np.ndarray
     n: np.ndarray
-
-    def to_dict(self) -> dict:
-        return {k: np.asarray(v).tolist() for k, v in asdict(self).items()}
 
 
 class GateAccumulator:

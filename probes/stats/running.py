@@ -25,6 +25,7 @@ by the caller.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Sequence
 
 import numpy as np
@@ -280,3 +281,10 @@ def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
         terms = np.where(q > 0, -q * np.log(np.where(q > 0, q, 1.0)), 0.0)
     h = terms.sum(axis=axis)
     return np.where(np.squeeze(tot, axis=axis) > 0, h, np.nan)
+
+
+class ArrayResult:
+    """Base of the result dataclasses: `to_dict()` gives every field as nested lists (JSON-ready)."""
+
+    def to_dict(self) -> dict:
+        return {k: np.asarray(v).tolist() for k, v in asdict(self).items()}

@@ -17,16 +17,16 @@ analogue of Mixtral's consecutive-token same-expert rate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from .running import GroupedCounts, GroupedSums, group_axis_names, safe_div, sum_groups
+from .running import ArrayResult, GroupedCounts, GroupedSums, group_axis_names, safe_div, sum_groups
 
 
 @dataclass
-class SpatialStats:
+class SpatialStats(ArrayResult):
     """Per-group spatial coherence (fields have the group shape).
 
     same:          share of 4-neighbour pairs with the same expert.
@@ -44,9 +44,6 @@ class SpatialStats:
     lift: np.ndarray
     kappa: np.ndarray
     n_pairs: np.ndarray
-
-    def to_dict(self) -> dict:
-        return {k: np.asarray(v).tolist() for k, v in asdict(self).items()}
 
 
 def neighbour_agreement(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

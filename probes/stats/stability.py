@@ -13,16 +13,16 @@ guidance branch (conditional vs unconditional), or training checkpoint (OLMoE's
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from .running import GroupedCounts, safe_div
+from .running import ArrayResult, GroupedCounts, safe_div
 
 
 @dataclass
-class AgreementStats:
+class AgreementStats(ArrayResult):
     """Per-group agreement statistics (``confusion`` adds ``(K, K)``)."""
 
     agreement: np.ndarray
@@ -30,9 +30,6 @@ class AgreementStats:
     kappa: np.ndarray
     confusion: np.ndarray
     n: np.ndarray
-
-    def to_dict(self) -> dict:
-        return {k: np.asarray(v).tolist() for k, v in asdict(self).items()}
 
 
 def agreement_stats(confusion: np.ndarray) -> AgreementStats:

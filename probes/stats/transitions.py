@@ -17,17 +17,17 @@ This is the recursion-step analogue of OLMoE's cross-layer routing counts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from .information import conditional_entropy, mutual_information
-from .running import GroupedCounts, entropy, safe_div
+from .running import ArrayResult, GroupedCounts, entropy, safe_div
 
 
 @dataclass
-class TransitionStats:
+class TransitionStats(ArrayResult):
     """Transition statistics per group (``matrix`` adds ``(K, K)``).
 
     matrix:            P(e_{l+1} = j | e_l = i) (rows with no tokens are NaN).
@@ -48,9 +48,6 @@ class TransitionStats:
     next_entropy: np.ndarray
     mi: np.ndarray
     n: np.ndarray
-
-    def to_dict(self) -> dict:
-        return {k: np.asarray(v).tolist() for k, v in asdict(self).items()}
 
 
 def transition_stats(joint: np.ndarray) -> TransitionStats:
