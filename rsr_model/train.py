@@ -26,7 +26,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RSRConfig
 from .flow import training_pair
 from .install import RSR, arch_of, install_rsr
-from .tasks import Task, get_task
+from .tasks import Task, TaskError, get_task
 
 STAGES = ("base", "rsr")
 
@@ -70,10 +70,10 @@ def check_targets(transformer: nn.Module, cfg: RSRConfig) -> None:
 
 def build_from_checkpoint(task: Task, ckpt: dict[str, Any]) -> tuple[nn.Module, RSR | None]:
     """Rebuild backbone (+ RSR) from a checkpoint dict; raises CheckpointError on mismatch."""
-    transformer = task.build_backbone(ckpt.get("backbone"))
-    want = ckpt.get("backbone", {}).get("class")
-    if want and want != type(transformer).__name__:
-        raise CheckpointError(f"checkpoint holds a {want}, preset {task.name!r} builds a {type(transformer).__name__}")
+    try:
+        transformer = task.build_backbone(ckpt.get("backbone"))
+    except TaskError as e:  # e.g. a checkpoint of another architecture
+        raise CheckpointError(str(e)) from None
     try:
         if ckpt.get("base_state") is not None:
             transformer.load_state_dict(ckpt["base_state"], strict=True)

@@ -140,6 +140,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert main(["train", "--preset", "dit-digits", "--stage", "base", "--out", str(dit), *FAST, "--steps", "1"]) == 0
     assert "dit-digits" in _one_line_error(capsys, ["train", "--stage", "rsr", "--base", str(dit), "--out", str(tmp_path / "r.pt")])
     assert "labels" in _one_line_error(capsys, ["sample", "--ckpt", str(dit), "--label", "12", "--out", str(png)])
+    # the architecture itself is checked too, not only the preset's name
+    from rsr_model.checkpoint import CheckpointError
+    from rsr_model.train import build_from_checkpoint
+
+    with pytest.raises(CheckpointError, match="DiTTransformer2DModel"):
+        build_from_checkpoint(get_task("tiny"), load_checkpoint(dit))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):

@@ -17,6 +17,7 @@ class TaskError(ValueError):
 
 class Task:
     name: str = ""
+    backbone_class: str = ""  # the diffusers transformer class the preset trains
     conditioning: str = "text"  # "text" (prompts) or "class" (integer labels)
     two_stage: bool = True  # train the base first (tiny backbones), or fine-tune RSR only (pretrained)
     default_steps: dict[str, int] = {"base": 1000, "rsr": 300}
@@ -28,9 +29,22 @@ class Task:
     def default_rsr(self) -> RSRConfig:
         raise NotImplementedError
 
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def new_backbone(self) -> nn.Module:
+        """A freshly initialised backbone (presets that train their own base)."""
+        raise NotImplementedError
+
     def build_backbone(self, backbone: dict | None = None) -> nn.Module:
         """A fresh backbone, or the one a checkpoint describes ({"class", "config"})."""
-        raise NotImplementedError
+        if backbone is None:
+            return self.new_backbone()
+        if backbone.get("class") != self.backbone_class:
+            raise TaskError(f"checkpoint holds a {backbone.get('class')}, preset {self.name!r} uses a {self.backbone_class}")
+        import diffusers
+
+        return getattr(diffusers, self.backbone_class).from_config(backbone["config"])
 
     def backbone_record(self, transformer: nn.Module) -> dict[str, Any]:
         return {"class": type(transformer).__name__, "config": dict(transformer.config)}

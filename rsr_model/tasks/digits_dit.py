@@ -21,24 +21,18 @@ NUM_CLASSES = 10
 
 class DigitsDiT(Task):
     name = "dit-digits"
+    backbone_class = "DiTTransformer2DModel"
     conditioning = "class"
     two_stage = True
     default_steps = {"base": 1500, "rsr": 400}
     batch_size = 64
     lr = {"base": 1e-3, "rsr": 1e-3}
 
-    def __init__(self, **_: object) -> None:
-        pass
-
     def default_rsr(self) -> rsr_config.RSRConfig:
         return rsr_config.tiny(target_layers=[2])
 
-    def build_backbone(self, backbone: dict | None = None) -> nn.Module:
-        if backbone is None:
-            return tiny_dit(num_layers=6, num_embeds_ada_norm=NUM_CLASSES)
-        from diffusers import DiTTransformer2DModel
-
-        return DiTTransformer2DModel.from_config(backbone["config"])
+    def new_backbone(self) -> nn.Module:
+        return tiny_dit(num_layers=6, num_embeds_ada_norm=NUM_CLASSES)
 
     def batch(self, rng: np.random.Generator, n: int):
         x, y = digits.sample_batch(rng, n, size=16, channels=1)

@@ -159,6 +159,7 @@ class _Cache:
 
 class PretrainedSD3(Task):
     name = "sd3"
+    backbone_class = "SD3Transformer2DModel"
     conditioning = "text"
     two_stage = False
     default_steps = {"rsr": 1000}  # replaced by EPOCHS over the caption folder when --data is given

@@ -26,6 +26,7 @@ MAX_TOKENS = 16
 
 class TinySD3Shapes(Task):
     name = "tiny"
+    backbone_class = "SD3Transformer2DModel"
     conditioning = "text"
     two_stage = True
     default_steps = {"base": 1800, "rsr": 400}
@@ -48,13 +49,9 @@ class TinySD3Shapes(Task):
     def default_rsr(self) -> rsr_config.RSRConfig:
         return rsr_config.tiny(target_layers=[2])
 
-    def build_backbone(self, backbone: dict | None = None) -> nn.Module:
-        if backbone is None:
-            return tiny_sd3(sample_size=self.size, patch_size=self.patch, pos_embed_max_size=self.size // self.patch,
-                            num_layers=6, attention_head_dim=32, num_attention_heads=4)
-        from diffusers import SD3Transformer2DModel
-
-        return SD3Transformer2DModel.from_config(backbone["config"])
+    def new_backbone(self) -> nn.Module:
+        return tiny_sd3(sample_size=self.size, patch_size=self.patch, pos_embed_max_size=self.size // self.patch,
+                        num_layers=6, attention_head_dim=32, num_attention_heads=4)
 
     def batch(self, rng: np.random.Generator, n: int):
         images, captions, _ = shapes.sample_batch(rng, n, size=self.size)
