@@ -47,14 +47,20 @@ def straight_through_weight(onehot: torch.Tensor, expert: torch.Tensor) -> torch
     return y_e - y_e.detach() + 1.0
 
 
-def balance_loss(expert: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+def load_share(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(K,) fraction of the non-ablated tokens whose hard choice is each expert (no gradient)."""
+    valid = expert[expert >= 0]
+    return torch.bincount(valid, minlength=num_experts).float() / max(1, valid.numel())
+
+
+def balance_loss(expert: torch.Tensor, probs: torch.Tensor, share: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-Transformer balance loss K * sum_k f_k P_k for one routing step.
 
-    f_k: fraction of (non-ablated) tokens whose hard choice is k; P_k: mean gate probability of k.
-    Equals 1 for uniform routing and K when every token and all probability go to one expert.
+    f_k: `load_share` of the hard choices (pass it if already computed); P_k: mean gate
+    probability of k. Equals 1 for uniform routing and K when every token and all
+    probability go to one expert.
     """
     K = probs.shape[-1]
-    valid = expert >= 0
-    f = torch.bincount(expert[valid], minlength=K).to(probs.dtype) / valid.sum().clamp(min=1)
+    f = load_share(expert, K) if share is None else share
     P = probs.reshape(-1, K).mean(0)
-    return K * (f * P).sum()
+    return K * (f.to(P.dtype) * P).sum()

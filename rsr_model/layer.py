@@ -40,7 +40,7 @@ from torch import nn
 
 from .config import RSRConfig
 from .experts import LoRAExperts
-from .gate import Gate, balance_loss, sample_choice, straight_through_weight
+from .gate import Gate, balance_loss, load_share, sample_choice, straight_through_weight
 from .hooks import HookContext, HookPoint, HookRegistry
 
 HOOK_POINTS: dict[str, str] = {
@@ -100,7 +100,7 @@ class RSRAttnProcessor(nn.Module):
 
     # --- routing -----------------------------------------------------------------------------
     def _route(self, h: torch.Tensor, c: torch.Tensor, s: int):
-        """Returns expert (B, N), straight-through weight (B, N) or None, and the step's balance loss or None."""
+        """Returns expert (B, N), straight-through weight (B, N) or None, and probs (B, N, K) or None."""
         pts = self.hp_steps[s]
         B, N, _ = h.shape
         if self.gate is None:
@@ -116,8 +116,7 @@ class RSRAttnProcessor(nn.Module):
         expert, onehot = sample_choice(logits, self.config.gumbel_tau, self.training)
         expert = self._checked(self._fire(pts.expert, expert, s), pts)
         weight = straight_through_weight(onehot, expert) if onehot is not None else None
-        bal = balance_loss(expert, probs) if self.training else None
-        return expert, weight, bal
+        return expert, weight, probs
 
     def _checked(self, expert: torch.Tensor, pts: StepPoints) -> torch.Tensor:
         if pts.expert.fns and expert.numel() and (int(expert.min()) < -1 or int(expert.max()) >= self.num_experts):
@@ -167,12 +166,12 @@ class RSRAttnProcessor(nn.Module):
         h, balances, loads = x, [], []
         for s in range(steps):
             h = self._fire(self.hp_steps[s].latent, h, s)  # (B, N, D)
-            expert, weight, bal = self._route(h, c, s)
-            if bal is not None:
-                balances.append(bal)
-            if self.training:  # routing health for progress bars (cheap: one bincount)
-                valid = expert[expert >= 0]
-                loads.append(torch.bincount(valid, minlength=self.num_experts).float() / max(1, valid.numel()))
+            expert, weight, probs = self._route(h, c, s)
+            if self.training:  # routing health for progress bars, and the balance loss
+                share = load_share(expert, self.num_experts)
+                loads.append(share)
+                if self.gate is not None:
+                    balances.append(balance_loss(expert, probs, share))
             dq, dk, dv = self.experts(h, expert, weight)  # each (B, N, D)
             if s < steps - 1:
                 hv, _ = self._attend(attn, dq, dk, dv, text)
