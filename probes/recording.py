@@ -138,6 +138,7 @@ class _Buffers:
         self.counts: dict[tuple[int, int], torch.Tensor] = {}
         self.prob: dict[tuple[int, int], torch.Tensor] = {}
         self.latent: dict[tuple[int, int], torch.Tensor] = {}
+        self.active = True  # hooks copy nothing while False (timesteps that are not recorded)
 
     def clear(self) -> None:
         for d in (self.expert, self.counts, self.prob, self.latent):
@@ -158,8 +159,8 @@ def _token_picker(tokens: Sequence[int], n_tokens: int):
 
 def _all_token_counts(e: torch.Tensor, K: int) -> torch.Tensor:
     """(rows, N) expert ids, -1 = ablated -> (rows, K) int32 counts over every token."""
-    return torch.zeros(e.shape[0], K, dtype=torch.int32).scatter_add_(
-        1, e.clamp(min=0).cpu(), (e >= 0).to(torch.int32).cpu())
+    counts = torch.zeros(e.shape[0], K, dtype=torch.int32, device=e.device)
+    return counts.scatter_add_(1, e.clamp(min=0), (e >= 0).to(torch.int32)).cpu()
 
 
 class SamplingRecorder:
@@ -218,15 +219,19 @@ class SamplingRecorder:
                 p = f"blocks.{layer}.rsr.step.{s}"
 
                 def on_expert(e, ctx, key=key):
+                    if not buf.active:
+                        return
                     buf.expert[key] = _expert_to_stored(pick(e)).cpu()  # (2B|B, n_tok)
                     if count_here:
                         buf.counts[key] = _all_token_counts(e, K)  # (2B|B, K)
                 out.append((f"{p}.expert", on_expert))
                 if self.sel.probs:
-                    out.append((f"{p}.probs", lambda v, ctx, key=key: buf.prob.__setitem__(
+                    out.append((f"{p}.probs", lambda v, ctx, key=key: buf.active and buf.prob.__setitem__(
                         key, pick(v).to(torch.float16).cpu())))
                 if lat is not None:
                     def on_latent(h, ctx, key=key):
+                        if not buf.active:
+                            return
                         h = h[:, lat].float()  # (2B|B, n_lat, D)
                         buf.latent[key] = (h @ proj if proj is not None else h).to(torch.float16).cpu()
                     out.append((f"{p}.latent", on_latent))
@@ -249,6 +254,7 @@ class SamplingRecorder:
         L = self.rsr.config.steps
         out = np.zeros((x.shape[0], 1, len(r["layers"]), len(r["steps"]), *self.image_shape), np.uint8)
         den = make_denoiser(self.transformer, cond, uncond, self.guidance)
+        self._buf.active = False  # this timestep's buffers are stacked already; the extra forwards copy nothing
         for li, layer in enumerate(r["layers"]):
             for si, s in enumerate(r["steps"]):
                 if s == L - 1:
@@ -256,7 +262,7 @@ class SamplingRecorder:
                 else:
                     self.rsr[str(layer)].exit_step = s
                     try:
-                        v = den(x, t, -1)  # capture hooks fire again, after this timestep's buffers were stacked
+                        v = den(x, t, -1)
                     finally:
                         self.rsr[str(layer)].exit_step = None
                 out[:, 0, li, si] = self.task.to_images(x - sigma * v)
@@ -301,6 +307,7 @@ class SamplingRecorder:
             for i, t in enumerate(sched.timesteps):
                 tt = t.expand(B).to(x.dtype)
                 buf.clear()
+                buf.active = i in wanted  # unrecorded timesteps run with the hooks idle
                 v = den(x, tt, i)
                 if i in wanted:
                     self._write(writer, wanted[i], rows, B, x, tt, float(sched.sigmas[i]), cond, uncond, v)
@@ -352,6 +359,7 @@ class TrainingRecorder:
         p = transformer.config.patch_size
         self.n_tokens = (H // p) * (W // p)
         self.tokens = list(range(0, self.n_tokens, self.token_stride))
+        self._pick = _token_picker(self.tokens, self.n_tokens)
         self.layers = sorted(int(k) for k in rsr.keys())
         self.steps = list(range(rsr.config.steps))
         self.writer = TrainingWriter(self.path, TrainingLayout(
@@ -364,7 +372,7 @@ class TrainingRecorder:
         if self.writer is None:
             self._open(rsr, transformer)
         buf, K = self._buf, rsr.config.experts
-        pick = _token_picker(self.tokens, self.n_tokens)
+        pick = self._pick
         buf.clear()
 
         def on_expert(e, ctx):
