@@ -93,15 +93,14 @@ def expert_effects(ckpt: str | Path, items: Sequence, seeds: Sequence[int], step
 
 
 def main(argv: list[str] | None = None) -> int:
-
     from rsr_model.checkpoint import CheckpointError
+    from rsr_model.cli import Parser, UsageError, run_main
     from rsr_model.config import ConfigError
     from rsr_model.sample import load_model
     from rsr_model.tasks import TaskError
 
-    from .interventions import InterventionError, parse
-    from rsr_model.cli import Parser, UsageError
-
+    from .analysis import jsonable
+    from .interventions import InterventionError, from_cli
     from .record import read_items
 
     p = Parser(prog="python -m probes.causal", description="Causal effect of ablating or forcing an expert.")
@@ -118,12 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--at-step", type=int)
     p.add_argument("--json", type=Path)
     p.add_argument("--overwrite", action="store_true")
-    try:
+
+    def body() -> None:
         a = p.parse_args(argv)
         if a.force_expert is None and a.ablate_expert is None:
             raise UsageError("give --force-expert or --ablate-expert")
         if a.json and a.json.exists() and not a.overwrite:
             raise UsageError(f"{a.json} exists; pass --overwrite to replace it")
+        if a.json and not a.json.resolve().parent.is_dir():
+            raise UsageError(f"cannot write {a.json}: no folder {a.json.parent}")
         if a.num_samples < 1 or a.steps < 1:
             raise UsageError("--num-samples and --steps must be at least 1")
         task, transformer, rsr, _ = load_model(a.ckpt)
@@ -131,23 +133,15 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"{a.ckpt} has no RSR layers")
         items = task.parse_items(read_items(a.prompts))
         rows = [it for it in items for _ in range(a.num_samples)]
-        ivs = []
-        for kind, e in (("force", a.force_expert), ("ablate", a.ablate_expert)):
-            if e is not None:
-                if not 0 <= e < rsr.config.experts:
-                    raise UsageError(f"--{kind}-expert {e}: the model has experts 0..{rsr.config.experts - 1}")
-                ivs.append(parse(kind, e, a.region, a.t_window, a.at_step))
+        ivs = from_cli(rsr, a.force_expert, a.ablate_expert, a.region, a.t_window, a.at_step)
         r = causal_effect(task, transformer, rsr, rows, [a.seed + j for j in range(len(rows))], ivs, a.steps, a.guidance)
-    except (UsageError, CheckpointError, ConfigError, TaskError, InterventionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"denoiser relative change {r['denoiser']['pooled_relative_change']:.4g}, "
-          f"final x0 relative change {r['final']['pooled_relative_change']:.4g}, "
-          f"image mean |diff| {r['image_mean_abs_diff']:.3g} / 255")
-    if a.json:
-        a.json.write_text(json.dumps(r, indent=1))
-    return 0
+        print(f"denoiser relative change {r['denoiser']['pooled_relative_change']:.4g}, "
+              f"final x0 relative change {r['final']['pooled_relative_change']:.4g}, "
+              f"image mean |diff| {r['image_mean_abs_diff']:.3g} / 255")
+        if a.json:
+            a.json.write_text(json.dumps(jsonable(r), indent=1))  # NaN -> null: valid JSON
 
+    return run_main(body, (CheckpointError, ConfigError, TaskError, InterventionError, OSError))
 
 if __name__ == "__main__":
     sys.exit(main())

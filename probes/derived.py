@@ -179,9 +179,7 @@ def load_derived(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    from rsr_model.cli import Parser, UsageError
+    from rsr_model.cli import Parser, run_main
 
     p = Parser(prog="python -m probes.derive", description="Store PCA/UMAP projections of a trace's latents under /derived.")
     p.add_argument("trace", type=Path)
@@ -191,14 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--umap-points", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
-    try:
+    def body() -> None:
         a = p.parse_args(argv)
         if a.components < 1 or a.fit_points < 2 or a.umap_points < 4:
             raise DeriveError("--components >= 1, --fit-points >= 2, --umap-points >= 4")
         r = derive(a.trace, a.components, a.fit_points, a.umap, a.umap_points, a.seed, a.overwrite)
-    except (UsageError, DeriveError, TraceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote /derived into {a.trace}: pca ({r['pca']['n_components']} components)"
-          + (" and umap" if r["umap"] else ""))
-    return 0
+        print(f"wrote /derived into {a.trace}: pca ({r['pca']['n_components']} components)"
+              + (" and umap" if r["umap"] else ""))
+
+    return run_main(body, (DeriveError, TraceError, OSError))

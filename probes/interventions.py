@@ -100,6 +100,25 @@ def _range(text: str | None, what: str, cast=int):
     return tuple(None if g is None else cast(float(g)) for g in m.groups())
 
 
+def from_cli(rsr, force: int | None, ablate: int | None, region: str | None = None,
+             t_window: str | None = None, step: int | None = None,
+             layers: list[int] | None = None) -> list[Intervention]:
+    """The interventions a command line asks for, checked against the installed RSR."""
+    K, L = rsr.config.experts, rsr.config.steps
+    if step is not None and not 0 <= step < L:
+        raise InterventionError(f"--at-step {step}: the model has recursion steps 0..{L - 1}")
+    missing = [i for i in (layers or []) if str(i) not in rsr]
+    if missing:
+        raise InterventionError(f"--at-layers {missing}: RSR layers are {sorted(int(k) for k in rsr.keys())}")
+    out = []
+    for kind, expert in (("force", force), ("ablate", ablate)):
+        if expert is not None:
+            if not 0 <= expert < K:
+                raise InterventionError(f"--{kind}-expert {expert}: the model has experts 0..{K - 1}")
+            out.append(parse(kind, expert, region, t_window, step, layers))
+    return out
+
+
 def parse(kind: str, expert: int, region: str | None = None, t_window: str | None = None,
           step: int | None = None, layers: list[int] | None = None) -> Intervention:
     """Build an intervention from CLI strings: region 'r0:r1,c0:c1' (token grid), t_window 'a:b'."""

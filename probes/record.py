@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-from rsr_model.cli import Parser, UsageError, run_main, sha256_file
+from rsr_model.cli import Parser, UsageError, env_int, read_lines, run_main, sha256_file
 
 
 def int_list(s: str) -> list[int]:
@@ -73,17 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_items(text: str) -> list[str]:
+    """--prompts: a file of prompts (one per line) or the prompt itself."""
     path = Path(text)
     if path.suffix in (".txt", ".csv", ".lst") or (len(text) < 4096 and path.is_file()):
-        if not path.is_file():
-            raise UsageError(f"prompts file not found: {path}")
-        try:
-            items = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read prompts file {path}: {type(e).__name__}")
-        if not items:
-            raise UsageError(f"prompts file {path} is empty")
-        return items
+        return read_lines(path)
     if not text.strip():
         raise UsageError("--prompts is empty")
     return [text.strip()]
@@ -95,12 +88,16 @@ def run(args) -> None:
     from rsr_model.sample import load_model
     from traces import SamplingWriter, TraceMeta, estimate_sampling
 
-    from .interventions import parse
+    from .interventions import from_cli
     from .recording import SamplingRecorder, Selection, sample_table
 
     for name in ("num_samples", "steps", "batch_size", "token_stride"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.latent_tokens < 0 or (args.latent_dim is not None and args.latent_dim < 1):
+        raise UsageError("--latent-tokens must be >= 0 and --latent-dim >= 1")
+    if not args.out.parent.is_dir() and args.out.parent.exists():
+        raise UsageError(f"{args.out.parent} is not a folder")
     if args.max_gb <= 0:
         raise UsageError("--max-gb must be positive")
     if args.out.exists() and not args.overwrite:
@@ -113,20 +110,16 @@ def run(args) -> None:
     rows = [it for it in items for _ in range(args.num_samples)]
     seeds = [args.seed + j for j in range(len(rows))]
     # Distributed: each rank records a strided shard under the global sample ids, one file per rank.
-    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
-    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    rank = args.rank if args.rank is not None else env_int("RANK", 0)
+    world = args.world_size if args.world_size is not None else env_int("WORLD_SIZE", 1)
     if world < 1 or not 0 <= rank < world:
         raise UsageError(f"--rank must lie in 0..world-size-1, got rank {rank} of {world}")
     sample_ids = list(range(len(rows)))[rank::world]
     rows, seeds = [rows[i] for i in sample_ids], [seeds[i] for i in sample_ids]
     if not rows:
         raise UsageError(f"rank {rank} of {world} has no samples to record")
-    interventions = []
-    for kind, expert in (("force", args.force_expert), ("ablate", args.ablate_expert)):
-        if expert is not None:
-            if expert >= rsr.config.experts:
-                raise UsageError(f"--{kind}-expert {expert}: the model has experts 0..{rsr.config.experts - 1}")
-            interventions.append(parse(kind, expert, args.region, args.t_window, args.at_step, args.at_layers))
+    interventions = from_cli(rsr, args.force_expert, args.ablate_expert, args.region, args.t_window,
+                             args.at_step, args.at_layers)
     sel = Selection(layers=args.layers, steps=args.rsr_steps, timesteps=args.timesteps,
                     token_stride=args.token_stride, tokens=args.tokens, probs=args.probs,
                     latent_tokens=args.latent_tokens, latent_dim=args.latent_dim, decode=args.decode,
@@ -170,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from .interventions import InterventionError
 
     return run_main(lambda: run(build_parser().parse_args(argv)),
-                    (CheckpointError, ConfigError, TaskError, TraceError, InterventionError),
+                    (CheckpointError, ConfigError, TaskError, TraceError, InterventionError, OSError),
                     interrupted="interrupted; the trace holds every step written so far")
 
 

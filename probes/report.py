@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .derived import DeriveError
 
-    return run_main(lambda: run(build_parser().parse_args(argv)), (ReportError, TraceError, DeriveError))
+    return run_main(lambda: run(build_parser().parse_args(argv)), (ReportError, TraceError, DeriveError, OSError))
 
 
 if __name__ == "__main__":

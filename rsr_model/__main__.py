@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-from .cli import Parser, UsageError, run_main
+from .cli import Parser, UsageError, read_lines, run_main
 
 
 def positive_int(s: str) -> int:
@@ -87,10 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def read_items(args) -> list[str]:
     items = list(args.prompt) + list(args.label)
     if args.prompts_file:
-        try:
-            items += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read prompts file {args.prompts_file}: {e.__class__.__name__}")
+        items += read_lines(args.prompts_file)
     if not items:
         raise UsageError("give at least one --prompt, --label or --prompts-file")
     return items

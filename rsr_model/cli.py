@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -33,6 +34,31 @@ def run_main(body: Callable[[], None], errors: tuple[type[BaseException], ...] =
         print(f"error: {interrupted}", file=sys.stderr)
         return 130
     return 0
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Non-empty stripped lines of a text file (prompts, labels); UsageError if unreadable or empty."""
+    path = Path(path)
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise UsageError(f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {type(e).__name__}") from None
+    if not lines:
+        raise UsageError(f"{path} is empty")
+    return lines
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer environment variable (e.g. RANK set by a launcher); UsageError if it is not one."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def sha256_file(path: str | Path) -> str:

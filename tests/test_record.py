@@ -207,3 +207,22 @@ def test_two_rank_recording_joins_into_one_trace(ckpt, tmp_path):
         assert list(j.coords["sample"]) == [0, 2, 1]  # rank 0 holds samples 0 and 2, rank 1 sample 1
         np.testing.assert_array_equal(j.routing()[[0, 2, 1]], w.routing())
         np.testing.assert_array_equal(j.final()[[0, 2, 1]], w.final())
+
+
+def test_intervention_and_output_errors_are_one_line(ckpt, tmp_path, capsys):
+    from probes.causal import main as causal_main
+    from traces.join import main as join_main
+
+    out = tmp_path / "o.h5"
+    for argv in (["--force-expert", "1", "--at-step", "9"], ["--ablate-expert", "0", "--at-layers", "5"]):
+        capsys.readouterr()
+        assert _record(ckpt, out, *argv) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error:")
+        assert not out.exists()
+    for argv in (["--force-expert", "1", "--at-step", "9"], ["--ablate-expert", "1", "--json", str(tmp_path / "no/x.json")]):
+        capsys.readouterr()
+        assert causal_main(["--ckpt", str(ckpt), "--prompts", PROMPT, "--steps", "2", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().startswith("error:") and "Traceback" not in err
+    capsys.readouterr()
+    assert join_main(["--bogus"]) == 2 and capsys.readouterr().err.startswith("error:")

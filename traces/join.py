@@ -13,15 +13,23 @@ from .errors import TraceError
 from .vds import join_ranks
 
 
+class _Parser(argparse.ArgumentParser):
+    # traces depends on numpy and h5py only, so it does not borrow rsr_model.cli's parser
+    def error(self, message: str):
+        raise TraceError(f"{self.prog}: {message}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m traces.join", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="python -m traces.join", description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("ranks", nargs="+")
     ap.add_argument("--overwrite", action="store_true")
-    args = ap.parse_args(argv)
     try:
+        args = ap.parse_args(argv)
+        if args.out in args.ranks:
+            raise TraceError(f"{args.out} is also a rank file; the joined trace needs a new path")
         path = join_ranks(args.ranks, args.out, overwrite=args.overwrite)
-    except TraceError as e:
+    except (TraceError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path} (virtual datasets over {len(args.ranks)} rank file(s))")
