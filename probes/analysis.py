@@ -267,7 +267,6 @@ class _Pass:
         # load from counts: (layer, step, timestep|bin, branch, K)
         self.by_time = tr.kind == "sampling"
         self.counts = np.zeros((nl, ns, self.nT if self.by_time else nb, self.nB, K), np.int64)
-        self.ids_counts = np.zeros((nl, ns, K), np.int64)  # from expert ids (consistency check)
         self.count_check_max = 0
         self.count_check_cells = 0
         self.invalid = 0
@@ -301,7 +300,6 @@ class _Pass:
         self._cur: dict[tuple[int, int], np.ndarray] = {}
         self._ref_prompt = None
         self._ref: dict[tuple[int, int], np.ndarray] = {}
-        self._ref_blocks: dict[tuple[int, int], np.ndarray] = {}
         self._seen_prompts: set = set()
         self._prompt_of = list(tr.samples()["prompt"]) if tr.kind == "sampling" else None
         # latents
@@ -343,7 +341,6 @@ class _Pass:
         hist = hist[..., :K]
         idc = hist.sum(axis=2)  # (nl, ns, K) expert counts of the valid ids
         # counts vs ids (only exact when every token is stored)
-        self.ids_counts += idc
         if g.full_grid or len(g.tokens) == self._n_all_tokens():
             self.count_check_max = max(self.count_check_max, int(np.abs(idc - counts).max()))
             self.count_check_cells += nl * ns
@@ -613,8 +610,8 @@ def _assemble(tr, g: _Grid, labels, notes, P: _Pass, opt: Options) -> dict[str, 
                 d["share_by_timestep"] = {"timestep_value": g.timestep_values.tolist(),
                                           "share": np.where(tot > 0, c / np.maximum(tot, 1), np.nan).tolist()}
             if gate_marg is not None:
-                d["gate"] = _gate_at(gate_marg["ls"], (li, si))
-                d["gate_by_timestep_bin"] = [_gate_at(gate_marg["lsb"], (li, si, b)) for b in range(nb)]
+                d["gate"] = _stats_at(gate_marg["ls"], (li, si))
+                d["gate_by_timestep_bin"] = [_stats_at(gate_marg["lsb"], (li, si, b)) for b in range(nb)]
             mi = {}
             for name, r in mi_res.items():
                 if r["lab"].kind == "step":
@@ -673,7 +670,7 @@ def _assemble(tr, g: _Grid, labels, notes, P: _Pass, opt: Options) -> dict[str, 
         "notes": notes,
     }
     if gate_marg is not None:
-        out["global"]["gate"] = _gate_at(gate_marg["g"], ())
+        out["global"]["gate"] = _stats_at(gate_marg["g"], ())
     if P.has_lat and P.lat_X:
         X = np.concatenate(P.lat_X)
         meta = np.concatenate(P.lat_meta)
@@ -681,10 +678,6 @@ def _assemble(tr, g: _Grid, labels, notes, P: _Pass, opt: Options) -> dict[str, 
         if opt.linear_probes:
             out["linear_probes"] = _probes(X, meta, tr, g, labels, opt, notes)
     return out
-
-
-def _gate_at(stats, idx) -> dict:
-    return _stats_at(stats, idx)
 
 
 def _lift(table: np.ndarray) -> list:

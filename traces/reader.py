@@ -289,11 +289,12 @@ class TraceReader:
                  for k in keys[:n_outer]]
         mask = self._written_lookup(axes) if only_written else None
         ev = self.events() if self.kind == "training" else None
+        chunks = self._chunks(path)  # once: on a joined file it reads HDF5 attributes
         for combo in itertools.product(*outer):
             pos = dict(zip(axes[:n_outer], (int(c) for c in combo)))
             if mask is not None and not mask(pos):
                 continue
-            data = select.read(d, [int(c) for c in combo] + keys[n_outer:], self._chunks(path))
+            data = select.read(d, [int(c) for c in combo] + keys[n_outer:], chunks)
             yield Block(data, axes[n_outer:], self._block_coords(pos, axes[n_outer:], keys[n_outer:], ev))
 
     def _written_lookup(self, axes: tuple[str, ...]):
