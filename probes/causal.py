@@ -93,14 +93,11 @@ def expert_effects(ckpt: str | Path, items: Sequence, seeds: Sequence[int], step
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rsr_model.checkpoint import CheckpointError
     from rsr_model.cli import Parser, UsageError, run_main
-    from rsr_model.config import ConfigError
     from rsr_model.sample import load_model
-    from rsr_model.tasks import TaskError
 
     from .analysis import jsonable
-    from .interventions import InterventionError, from_cli
+    from .interventions import from_cli
     from .record import read_items
 
     p = Parser(prog="python -m probes.causal", description="Causal effect of ablating or forcing an expert.")
@@ -141,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.json:
             a.json.write_text(json.dumps(jsonable(r), indent=1))  # NaN -> null: valid JSON
 
-    return run_main(body, (CheckpointError, ConfigError, TaskError, InterventionError, OSError))
+    return run_main(body)
 
 if __name__ == "__main__":
     sys.exit(main())

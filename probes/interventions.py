@@ -9,6 +9,7 @@ spec is plain data so it can be stored in a trace's attributes and replayed.
 
 from __future__ import annotations
 
+from traces.errors import UserError
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -17,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 
-class InterventionError(ValueError):
+class InterventionError(UserError):
     """A malformed intervention spec; one line for users."""
 
 

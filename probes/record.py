@@ -155,15 +155,7 @@ def run(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rsr_model.checkpoint import CheckpointError
-    from rsr_model.config import ConfigError
-    from rsr_model.tasks import TaskError
-    from traces import TraceError
-
-    from .interventions import InterventionError
-
     return run_main(lambda: run(build_parser().parse_args(argv)),
-                    (CheckpointError, ConfigError, TaskError, TraceError, InterventionError, OSError),
                     interrupted="interrupted; the trace holds every step written so far")
 
 

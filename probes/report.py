@@ -8,7 +8,7 @@ table per layer and recursion step, and optionally writes the JSON and PNG figur
                       timestep, one panel per recursion step, a row per layer) and, when the trace
                       has latents, latent_trajectories.png (paper Fig. 3: PCA of h_l, lines
                       joining recursion steps, coloured by diffusion timestep)
-    --derive          first store PCA projections of the latents under /derived (probes.derived)
+    --derive          first store PCA projections of the latents under /derived (probes.projections)
     --compare OTHER   also routing stability against another trace with the same grid
                       (e.g. another checkpoint, same prompts and seeds)
     --no-probes       skip the linear probes (the slowest part)
@@ -66,6 +66,7 @@ JSON structure (schema "rsr-report", version 1; nats; null where undefined):
 
 from __future__ import annotations
 
+from traces.errors import UserError
 import argparse
 import json
 import os
@@ -79,7 +80,7 @@ import numpy as np
 from rsr_model.cli import Parser, run_main
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     pass
 
 
@@ -316,7 +317,7 @@ def run(args) -> dict:
     _check_out(args.figures, args.overwrite, is_dir=True)
     derived = None
     if args.derive:
-        from .derived import derive
+        from .projections import derive
 
         derived = derive(args.trace, overwrite=args.overwrite)
     t0 = time.perf_counter()
@@ -354,11 +355,7 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from traces import TraceError
-
-    from .derived import DeriveError
-
-    return run_main(lambda: run(build_parser().parse_args(argv)), (ReportError, TraceError, DeriveError, OSError))
+    return run_main(lambda: run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -135,17 +135,11 @@ def cmd_sample(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .tasks import TaskError
-    from .train import TrainingError
-
     def body() -> None:
         args = build_parser().parse_args(argv)
         {"train": cmd_train, "sample": cmd_sample}[args.command](args)
 
-    return run_main(body, (ConfigError, CheckpointError, TaskError, TrainingError),
-                    interrupted="interrupted; the last checkpoint written is intact")
+    return run_main(body, interrupted="interrupted; the last checkpoint written is intact")
 
 
 if __name__ == "__main__":

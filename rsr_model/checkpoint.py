@@ -20,6 +20,7 @@ at any moment leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+from traces.errors import UserError
 import os
 import tempfile
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 FORMAT, FORMAT_VERSION = "rsr-checkpoint", 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message is one line meant for users."""
 
 

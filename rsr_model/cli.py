@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from traces.errors import UserError
 
-class UsageError(Exception):
+
+class UsageError(UserError):
     """Bad command-line input; the message is the one line the user sees."""
 
 
@@ -22,12 +24,12 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def run_main(body: Callable[[], None], errors: tuple[type[BaseException], ...] = (),
-             interrupted: str = "interrupted") -> int:
-    """Run a command; the exception types in `errors` (and UsageError) become one-line errors."""
+def run_main(body: Callable[[], None], interrupted: str = "interrupted") -> int:
+    """Run a command: a `UserError` (every package's user-facing errors derive from it) or an
+    OSError (unreadable file, full disk) becomes one `error:` line and exit 2."""
     try:
         body()
-    except (UsageError, *errors) as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

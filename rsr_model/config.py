@@ -1,4 +1,4 @@
-"""RSR configuration: one dataclass, the paper's ablations as modes, named presets.
+"""RSR configuration: one dataclass, the paper's ablations as modes, named configurations (`rsr_config(name)`).
 
 The paper's ablations are configurations, not forks (DESIGN.md):
 
@@ -14,6 +14,7 @@ the mode actually runs.
 
 from __future__ import annotations
 
+from traces.errors import UserError
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 MODES = ("rsr", "sft", "no_recursion", "no_modulation")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot be built; the message is one line meant for users."""
 
 
@@ -99,7 +100,7 @@ class RSRConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Named presets, as tiny factory functions (DiT / nanoGPT style).
+# Named RSR configurations, as tiny factory functions (DiT / nanoGPT style).
 def tiny(**kw: Any) -> RSRConfig:
     """For tests and the CPU demo: the middle block of the tiny SD3 backbone."""
     return RSRConfig(**{**dict(num_experts=4, latent_steps=3, rank=8, target_layers=[2], gate_hidden=64), **kw})
@@ -120,7 +121,7 @@ def paper_dit_xl(**kw: Any) -> RSRConfig:
     return RSRConfig(**{**dict(num_experts=5, latent_steps=5, rank=128, target_layers=[12], gate_hidden=256), **kw})
 
 
-PRESETS = {
+RSR_CONFIGS = {
     "tiny": tiny,
     "paper_sd3_medium_middle": paper_sd3_medium_middle,
     "paper_sd3_medium_multi": paper_sd3_medium_multi,
@@ -128,7 +129,7 @@ PRESETS = {
 }
 
 
-def preset(name: str, **kw: Any) -> RSRConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown RSR preset {name!r}; choose from {', '.join(PRESETS)}")
-    return PRESETS[name](**kw)
+def rsr_config(name: str, **kw: Any) -> RSRConfig:
+    if name not in RSR_CONFIGS:
+        raise ConfigError(f"unknown RSR configuration {name!r}; choose from {', '.join(RSR_CONFIGS)}")
+    return RSR_CONFIGS[name](**kw)

@@ -11,6 +11,7 @@ every `--save-every` steps and at the end of each stage.
 
 from __future__ import annotations
 
+from traces.errors import UserError
 import csv
 import sys
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from .tasks import Task, TaskError, get_task
 STAGES = ("base", "rsr")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """Training stopped (e.g. the loss diverged); one line for users."""
 
 

@@ -9,6 +9,6 @@ set +e
 python -m pytest "$@"
 rc=$?
 set -e
-# pytest exits 5 when it collects no test; that is not a failure of the code.
-if [ $rc -eq 5 ]; then echo "no tests collected"; exit 0; fi
+# pytest exits 5 when it collects no test: a suite that ran nothing has shown nothing, so fail.
+if [ $rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi
 exit $rc

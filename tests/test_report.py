@@ -8,7 +8,7 @@ import pytest
 
 from probes.analysis import Options, analyze
 from probes.causal import causal_effect
-from probes.derived import derive, load_derived
+from probes.projections import derive, load_derived
 from probes.interventions import Intervention
 from probes.record import main as record_main
 from probes.report import main as report_main

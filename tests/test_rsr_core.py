@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from rsr_model import MODES, ConfigError, install_rsr, load_rsr, preset, remove_rsr
+from rsr_model import MODES, ConfigError, install_rsr, load_rsr, rsr_config, remove_rsr
 from rsr_model.experts import LoRAExperts
 from rsr_model.gate import balance_loss, sample_choice
 
@@ -20,7 +20,7 @@ def test_identity_at_init(arch, mode, request):
     model, inputs = request.getfixturevalue(arch)
     with torch.no_grad():
         ref = run(model, inputs)
-        rsr = install_rsr(model, preset("tiny", mode=mode, target_layers=[1, 2]))
+        rsr = install_rsr(model, rsr_config("tiny", mode=mode, target_layers=[1, 2]))
         out = run(model, inputs)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     # ... and the experts are really on the path: non-zero B changes the output.
@@ -30,24 +30,24 @@ def test_identity_at_init(arch, mode, request):
 
 
 def test_modes_resolve_to_paper_ablations():
-    assert (preset("tiny", mode="sft").experts, preset("tiny", mode="sft").steps) == (1, 1)
-    assert (preset("tiny", mode="no_recursion").experts, preset("tiny", mode="no_recursion").steps) == (4, 1)
-    assert (preset("tiny", mode="no_modulation").experts, preset("tiny", mode="no_modulation").steps) == (1, 3)
-    assert (preset("tiny", mode="rsr").experts, preset("tiny", mode="rsr").steps) == (4, 3)
-    assert not preset("tiny", mode="no_modulation").has_gate
+    assert (rsr_config("tiny", mode="sft").experts, rsr_config("tiny", mode="sft").steps) == (1, 1)
+    assert (rsr_config("tiny", mode="no_recursion").experts, rsr_config("tiny", mode="no_recursion").steps) == (4, 1)
+    assert (rsr_config("tiny", mode="no_modulation").experts, rsr_config("tiny", mode="no_modulation").steps) == (1, 3)
+    assert (rsr_config("tiny", mode="rsr").experts, rsr_config("tiny", mode="rsr").steps) == (4, 3)
+    assert not rsr_config("tiny", mode="no_modulation").has_gate
 
 
 @pytest.mark.parametrize("kw", [dict(num_experts=0), dict(latent_steps=-1), dict(rank=0), dict(mode="bogus"),
                                 dict(target_layers=[])])
 def test_bad_config_rejected(kw):
     with pytest.raises(ConfigError):
-        preset("tiny", **kw)
+        rsr_config("tiny", **kw)
 
 
 def test_target_layer_beyond_depth(sd3):
     model, _ = sd3
     with pytest.raises(ConfigError, match="beyond the model's depth"):
-        install_rsr(model, preset("tiny", target_layers=[9]))
+        install_rsr(model, rsr_config("tiny", target_layers=[9]))
 
 
 def test_sft_equals_peft_lora(sd3):
@@ -60,7 +60,7 @@ def test_sft_equals_peft_lora(sd3):
                    target_modules=[f"transformer_blocks.{i}.attn.{p}" for i in layers for p in ("to_q", "to_k", "to_v")]),
         copy.deepcopy(model))
     rsr_model_ = copy.deepcopy(model)
-    rsr = install_rsr(rsr_model_, preset("tiny", mode="sft", rank=r, lora_alpha=8, target_layers=layers))
+    rsr = install_rsr(rsr_model_, rsr_config("tiny", mode="sft", rank=r, lora_alpha=8, target_layers=layers))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for i in layers:
@@ -111,7 +111,7 @@ def _train_step(model, rsr, inputs, opt):
 def test_gradients_reach_gate_experts_and_every_step(sd3):
     model, inputs = sd3
     model.train()
-    rsr = install_rsr(model, preset("tiny", target_layers=[2]))
+    rsr = install_rsr(model, rsr_config("tiny", target_layers=[2]))
     layer = rsr["2"]
     opt = torch.optim.AdamW(rsr.parameters(), lr=1e-2)
     _train_step(model, rsr, inputs, opt)
@@ -131,7 +131,7 @@ def test_gradients_reach_gate_experts_and_every_step(sd3):
 
 def test_text_tokens_never_routed(sd3):
     model, inputs = sd3
-    rsr = install_rsr(model, preset("tiny", target_layers=[2]))
+    rsr = install_rsr(model, rsr_config("tiny", target_layers=[2]))
     calls = {"add_q_proj": 0, "add_k_proj": 0, "add_v_proj": 0}
     attn = model.transformer_blocks[2].attn
     for name in calls:
@@ -171,7 +171,7 @@ def test_balance_loss_closed_forms():
 
 def test_hook_points_names_shapes_and_context(sd3):
     model, inputs = sd3
-    cfg = preset("tiny", target_layers=[1, 2])
+    cfg = rsr_config("tiny", target_layers=[1, 2])
     rsr = install_rsr(model, cfg)
     names = rsr.hooks.names()
     B, N, D, K = 2, 256, 128, cfg.experts
@@ -198,7 +198,7 @@ def test_hook_points_names_shapes_and_context(sd3):
 
 def test_hooks_remove_exactly_and_force_expert(sd3):
     model, inputs = sd3
-    rsr = install_rsr(model, preset("tiny", target_layers=[2]))
+    rsr = install_rsr(model, rsr_config("tiny", target_layers=[2]))
     randomize_rsr(rsr)
     with torch.no_grad():
         ref = run(model, inputs)
@@ -231,7 +231,7 @@ def test_remove_restores_and_weights_round_trip(sd3, tmp_path):
     keys = set(model.state_dict())
     with torch.no_grad():
         ref = run(model, inputs)
-    rsr = install_rsr(model, preset("tiny", target_layers=[0, 2]))
+    rsr = install_rsr(model, rsr_config("tiny", target_layers=[0, 2]))
     randomize_rsr(rsr, seed=4)
     with torch.no_grad():
         adapted = run(model, inputs)
@@ -250,7 +250,7 @@ def test_remove_restores_and_weights_round_trip(sd3, tmp_path):
 
 def test_early_exit_finishes_the_layer_at_a_step(sd3):
     model, inputs = sd3
-    rsr = install_rsr(model, preset("tiny", target_layers=[2]))
+    rsr = install_rsr(model, rsr_config("tiny", target_layers=[2]))
     randomize_rsr(rsr, scale=0.2)
     with torch.no_grad():
         full = run(model, inputs)

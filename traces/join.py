@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import TraceError
+from .errors import TraceError, UserError
 from .vds import join_ranks
 
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out in args.ranks:
             raise TraceError(f"{args.out} is also a rank file; the joined trace needs a new path")
         path = join_ranks(args.ranks, args.out, overwrite=args.overwrite)
-    except (TraceError, OSError) as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path} (virtual datasets over {len(args.ranks)} rank file(s))")

@@ -17,7 +17,7 @@ and keep only fixed-size tables, so memory is bounded by the chunk size):
 * :mod:`.causal`       -- effect summaries of interventions
 """
 
-from .causal import EffectAccumulator, EffectSummary, effect_summary
+from .effects import EffectAccumulator, EffectSummary, effect_summary
 from .decoding import ProbeResult, linear_probe
 from .dynamics import (
     TRAJECTORY_LABELS,

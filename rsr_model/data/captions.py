@@ -29,6 +29,7 @@ state and the folder, so a resumed run sees the same batches as an uninterrupted
 
 from __future__ import annotations
 
+from traces.errors import UserError
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ METADATA = "metadata.jsonl"
 LAYOUT_HINT = 'one JSON object per line: {"file_name": "a.png", "text": "a caption"}'
 
 
-class CaptionFolderError(ValueError):
+class CaptionFolderError(UserError):
     """An image-caption folder that cannot be used; the message is one line for users."""
 
 

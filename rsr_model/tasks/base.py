@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from traces.errors import UserError
 from typing import Any, Sequence
 
 import numpy as np
@@ -11,7 +12,7 @@ from torch import nn
 from ..config import RSRConfig
 
 
-class TaskError(ValueError):
+class TaskError(UserError):
     """Bad input for a task (data folder, pretrained folder, prompt); one line for users."""
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import config as rsr_config
+from .. import config
 from ..backbones import tiny_dit
 from ..data import digits
 from .base import Task, TaskError
@@ -28,8 +28,8 @@ class DigitsDiT(Task):
     batch_size = 64
     lr = {"base": 1e-3, "rsr": 1e-3}
 
-    def default_rsr(self) -> rsr_config.RSRConfig:
-        return rsr_config.tiny(target_layers=[2])
+    def default_rsr(self) -> config.RSRConfig:
+        return config.tiny(target_layers=[2])
 
     def new_backbone(self) -> nn.Module:
         return tiny_dit(num_layers=6, num_embeds_ada_norm=NUM_CLASSES)

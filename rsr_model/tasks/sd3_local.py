@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import config as rsr_config
+from .. import config
 from .base import Task, TaskError
 
 PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
@@ -254,8 +254,8 @@ class PretrainedSD3(Task):
         return float(getattr(c, "shift_factor", None) or 0.0), float(getattr(c, "scaling_factor", None) or 1.0)
 
     # --- Task surface -------------------------------------------------------------------------
-    def default_rsr(self) -> rsr_config.RSRConfig:
-        return rsr_config.paper_sd3_medium_middle()
+    def default_rsr(self) -> config.RSRConfig:
+        return config.paper_sd3_medium_middle()
 
     def build_backbone(self, backbone: dict | None = None) -> nn.Module:
         if backbone is None and self.data is None:

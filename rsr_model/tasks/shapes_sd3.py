@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import config as rsr_config
+from .. import config
 from ..backbones import tiny_sd3
 from ..data import shapes
 from .base import Task, TaskError
@@ -46,8 +46,8 @@ class TinySD3Shapes(Task):
             self._encoder = TextEncoder()
         return self._encoder
 
-    def default_rsr(self) -> rsr_config.RSRConfig:
-        return rsr_config.tiny(target_layers=[2])
+    def default_rsr(self) -> config.RSRConfig:
+        return config.tiny(target_layers=[2])
 
     def new_backbone(self) -> nn.Module:
         return tiny_sd3(sample_size=self.size, patch_size=self.patch, pos_embed_max_size=self.size // self.patch,

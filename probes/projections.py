@@ -28,6 +28,7 @@ latents per layer, then every latent is projected chunk by chunk.
 
 from __future__ import annotations
 
+from traces.errors import UserError
 import json
 import time
 from pathlib import Path
@@ -36,14 +37,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from traces import TraceError, open_trace
+from traces import open_trace
 
 from .stats import pca, umap_embedding
 
 _STR = h5py.string_dtype()
 
 
-class DeriveError(Exception):
+class DeriveError(UserError):
     """One-line user error (the CLI prints it and exits 2)."""
 
 
@@ -197,4 +198,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote /derived into {a.trace}: pca ({r['pca']['n_components']} components)"
               + (" and umap" if r["umap"] else ""))
 
-    return run_main(body, (DeriveError, TraceError, OSError))
+    return run_main(body)
