@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from probes.record import main as record_main
-from probes.recording import ABLATED, SamplingRecorder, Selection, sample_table
+from rsr_model.recorders import ABLATED, SamplingRecorder, Selection, sample_table
 from rsr_model.__main__ import main as rsr_main
 from rsr_model.sample import load_model
 from traces import SamplingWriter, TraceError, open_trace
