@@ -12,6 +12,7 @@ import torch
 from probes.record import main as record_main
 from rsr_model.recorders import ABLATED, SamplingRecorder, Selection, sample_table
 from rsr_model.__main__ import main as rsr_main
+from rsr_model.hooks import hook_name
 from rsr_model.sample import load_model
 from traces import SamplingWriter, TraceError, open_trace
 
@@ -44,12 +45,12 @@ def test_trace_matches_what_the_hooks_saw(ckpt, tmp_path):
         counts = tr.counts()
         branches = list(tr.coords["branch"])
         lat_idx = tr.coords["stored_token"]
-    layer = int(next(iter(rsr.keys())))
+    layer = rsr.layer_indices[0]
     L = rsr.config.steps
     for s in range(L):
-        calls = seen[f"blocks.{layer}.rsr.step.{s}.expert"]
-        pcalls = seen[f"blocks.{layer}.rsr.step.{s}.probs"]
-        lcalls = seen[f"blocks.{layer}.rsr.step.{s}.latent"]
+        calls = seen[hook_name(layer, "expert", s)]
+        pcalls = seen[hook_name(layer, "probs", s)]
+        lcalls = seen[hook_name(layer, "latent", s)]
         assert len(calls) == 2 * 3  # two batches x three sampler steps
         for call, (ctx, e) in enumerate(calls):
             batch, t = divmod(call, 3)

@@ -67,7 +67,7 @@ def test_sft_equals_peft_lora(sd3):
     with torch.no_grad():
         for i in layers:
             attn = peft_model.transformer_blocks[i].attn
-            ex = rsr[str(i)].experts
+            ex = rsr.layer(i).experts
             for j, p in enumerate(("to_q", "to_k", "to_v")):
                 lin = getattr(attn, p)
                 lin.lora_B["default"].weight.copy_(torch.randn(lin.lora_B["default"].weight.shape, generator=g) * 0.1)
