@@ -176,6 +176,13 @@ def test_sigkill_mid_recording_leaves_flushed_steps_readable(ckpt, tmp_path):
         assert (e[~written] == 255).all()  # the rest reads as unwritten
 
 
+def test_model_side_never_imports_probes():
+    """Data flow one way: the training command and the recorders work without the probes package."""
+    code = ("import sys, rsr_model.__main__, rsr_model.recorders, rsr_model.sample; "
+            "sys.exit(sorted(m for m in sys.modules if m.split('.')[0] == 'probes') != [])")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 def test_training_trace_flag(tmp_path):
     out, trace = tmp_path / "m.pt", tmp_path / "train.h5"
     assert rsr_main(["train", "--out", str(out), "--steps", "4", "--batch-size", "3", "--trace", str(trace),
