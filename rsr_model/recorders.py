@@ -31,7 +31,7 @@ from .sample import generate
 from .tasks import Task
 
 
-class Intervention(Protocol):
+class RoutingIntervention(Protocol):
     """What a recorder needs of an intervention (probes.interventions.Intervention): which expert
     hook points it replaces, and the hook that does it."""
 
@@ -179,7 +179,7 @@ class SamplingRecorder:
     """Samples prompts (or labels) with hooks on and writes a sampling trace."""
 
     def __init__(self, task: Task, transformer: nn.Module, rsr: RSR, selection: Selection,
-                 interventions: Sequence[Intervention] = (), steps: int = 28, guidance: float = 3.0) -> None:
+                 interventions: Sequence[RoutingIntervention] = (), steps: int = 28, guidance: float = 3.0) -> None:
         self.task, self.transformer, self.rsr = task, transformer, rsr
         self.sel, self.interventions = selection, list(interventions)
         self.steps, self.guidance = steps, guidance

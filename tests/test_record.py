@@ -1,4 +1,4 @@
-"""Recording traces from the tiny model (issue 4): the trace holds what the hooks saw."""
+"""Recording traces from the tiny model: the trace holds what the hooks saw."""
 
 import signal
 import subprocess

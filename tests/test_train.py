@@ -1,4 +1,4 @@
-"""Training and sampling entry points on the tiny presets (issue 3)."""
+"""Training and sampling entry points on the tiny presets."""
 
 import numpy as np
 import pytest
