@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from probes.recording import SamplingRecorder, Selection, sample_table
+from rsr_model.recorders import SamplingRecorder, Selection, sample_table
 from rsr_model.install import install_rsr
 from rsr_model.sample import generate, load_model
 from rsr_model.tasks import get_task
@@ -79,7 +79,7 @@ def main() -> None:
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.samples} samples x {args.steps} steps, guidance 3, batch {args.batch_size}, "
-          f"K={rsr.config.experts}, L={rsr.config.steps}, layers {sorted(int(k) for k in rsr.keys())}; "
+          f"K={rsr.config.experts}, L={rsr.config.steps}, layers {rsr.layer_indices}; "
           f"median of {args.reps}")
     for k, v in med.items():
         print(f"  {k:<26} {v:7.2f} s   ratio {v / med['none']:.3f}")

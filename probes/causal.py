@@ -34,36 +34,25 @@ from .stats import EffectAccumulator, effect_summary
 def causal_effect(task, transformer, rsr, items: Sequence, seeds: Sequence[int],
                   interventions: Sequence[Intervention], steps: int = 8, guidance: float = 3.0) -> dict[str, Any]:
     """Effect of `interventions` (applied together) on the denoiser output and the final image."""
-    from rsr_model.flow import make_scheduler
-    from rsr_model.sample import initial_noise, make_denoiser
+    from rsr_model.flow import SamplerStep
+    from rsr_model.sample import generate
 
     K = rsr.config.experts
     hooks = [(iv.names(), iv.hook(K)) for iv in interventions]
-    cond = task.condition(list(items))
-    uncond = task.null_condition(len(items)) if guidance != 1.0 else None
-    den = make_denoiser(transformer, cond, uncond, guidance)
-    sched = make_scheduler(task.shift)
-    sched.set_timesteps(steps)
-    noise = initial_noise(task.latent_shape(transformer), seeds)
-
     local = EffectAccumulator()
     by_t = []
-    x = noise.clone()
-    for i, t in enumerate(sched.timesteps):
-        tt = t.expand(x.shape[0]).to(x.dtype)
-        v = den(x, tt, i)
+
+    def compare_velocity(step: SamplerStep) -> None:
+        """The intervened denoiser at the baseline trajectory's x_t."""
         with rsr.hooks.hooks(hooks):
-            v_int = den(x, tt, i)
-        local.update(v.numpy(), v_int.numpy())
-        by_t.append({"index": i, "timestep_value": float(t), **effect_summary(v.numpy(), v_int.numpy()).to_dict()})
-        x = sched.step(v, t, x).prev_sample
-    base = x
-    sched.set_timesteps(steps)
-    x = noise.clone()
+            v_int = step.denoise(step.x, step.t, step.index)
+        local.update(step.v.numpy(), v_int.numpy())
+        by_t.append({"index": step.index, "timestep_value": float(step.t[0]),
+                     **effect_summary(step.v.numpy(), v_int.numpy()).to_dict()})
+
+    base = generate(task, transformer, items, seeds, steps, guidance, on_step=compare_velocity)
     with rsr.hooks.hooks(hooks):
-        for i, t in enumerate(sched.timesteps):
-            v = den(x, t.expand(x.shape[0]).to(x.dtype), i)
-            x = sched.step(v, t, x).prev_sample
+        x = generate(task, transformer, items, seeds, steps, guidance)
     img_a = task.to_images(base).astype(np.float64)
     img_b = task.to_images(x).astype(np.float64)
     return {

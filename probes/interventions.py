@@ -9,13 +9,15 @@ spec is plain data so it can be stored in a trace's attributes and replayed.
 
 from __future__ import annotations
 
-from traces.errors import UserError
 import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
+
+from rsr_model.hooks import hook_name
+from traces.errors import UserError
 
 
 class InterventionError(UserError):
@@ -36,15 +38,10 @@ class Intervention:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def pattern(self) -> str:
-        layer = "*" if self.layers is None else "{}"
-        step = "*" if self.step is None else str(self.step)
-        return f"blocks.{layer}.rsr.step.{step}.expert"
-
     def names(self) -> list[str]:
-        if self.layers is None:
-            return [self.pattern()]
-        return [f"blocks.{i}.rsr.step.{'*' if self.step is None else self.step}.expert" for i in self.layers]
+        """Glob patterns of the expert hook points this intervention replaces."""
+        step = "*" if self.step is None else self.step
+        return [hook_name(layer, "expert", step) for layer in (["*"] if self.layers is None else self.layers)]
 
     def hook(self, n_experts: int) -> Callable:
         if not 0 <= self.expert < n_experts:
@@ -108,9 +105,9 @@ def from_cli(rsr, force: int | None, ablate: int | None, region: str | None = No
     K, L = rsr.config.experts, rsr.config.steps
     if step is not None and not 0 <= step < L:
         raise InterventionError(f"--at-step {step}: the model has recursion steps 0..{L - 1}")
-    missing = [i for i in (layers or []) if str(i) not in rsr]
+    missing = [i for i in (layers or []) if i not in rsr.layer_indices]
     if missing:
-        raise InterventionError(f"--at-layers {missing}: RSR layers are {sorted(int(k) for k in rsr.keys())}")
+        raise InterventionError(f"--at-layers {missing}: RSR layers are {rsr.layer_indices}")
     out = []
     for kind, expert in (("force", force), ("ablate", ablate)):
         if expert is not None:

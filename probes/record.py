@@ -89,7 +89,7 @@ def run(args) -> None:
     from traces import SamplingWriter, TraceMeta, estimate_sampling
 
     from .interventions import from_cli
-    from .recording import SamplingRecorder, Selection, sample_table
+    from rsr_model.recorders import SamplingRecorder, Selection, sample_table
 
     for name in ("num_samples", "steps", "batch_size", "token_stride"):
         if getattr(args, name) < 1:

@@ -101,8 +101,9 @@ def cmd_train(args) -> None:
             raise UsageError(f"{args.trace} exists; give a new --trace path (e.g. for a resumed run) "
                              f"or pass --overwrite to replace it")
         # The CLI is where the pieces are composed; the training library itself knows nothing of traces.
-        from probes.recording import TrainingRecorder
         from traces import TraceMeta
+
+        from .recorders import TrainingRecorder
     trainer = Trainer(args)
     if args.trace:
         meta = TraceMeta(model_config={"preset": trainer.task.name}, rsr_config=trainer.rsr_cfg.to_dict(),

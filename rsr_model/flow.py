@@ -8,6 +8,7 @@ default, as in SD3; "uniform" also); sampling uses `FlowMatchEulerDiscreteSchedu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -42,13 +43,30 @@ def training_pair(x0: torch.Tensor, generator: torch.Generator, weighting: str =
 Denoiser = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
+@dataclass
+class SamplerStep:
+    """One Euler step as `on_step` sees it: after the denoiser call, before x moves on."""
+
+    index: int  # sampler step 0..steps-1
+    t: torch.Tensor  # (B,) model timestep values
+    sigma: float  # noise level of x
+    x: torch.Tensor  # x_t the denoiser saw
+    v: torch.Tensor  # the velocity it predicted
+    denoise: Denoiser  # for further calls at this x_t (early-exit decodes, interventions)
+
+
 @torch.no_grad()
-def sample(denoise: Denoiser, noise: torch.Tensor, steps: int, shift: float = 1.0) -> torch.Tensor:
-    """Euler integration from noise (sigma=1) to x_0. `denoise(x, t (B,), i)` returns the velocity."""
+def sample(denoise: Denoiser, noise: torch.Tensor, steps: int, shift: float = 1.0,
+           on_step: Callable[[SamplerStep], None] | None = None) -> torch.Tensor:
+    """Euler integration from noise (sigma=1) to x_0. `denoise(x, t (B,), i)` returns the velocity;
+    `on_step` sees every step (recorders write traces there, causal probes compare velocities)."""
     sched = make_scheduler(shift)
     sched.set_timesteps(steps, device=noise.device)
     x = noise
     for i, t in enumerate(sched.timesteps):
-        v = denoise(x, t.expand(x.shape[0]).to(x.dtype), i)
+        tt = t.expand(x.shape[0]).to(x.dtype)
+        v = denoise(x, tt, i)
+        if on_step is not None:
+            on_step(SamplerStep(i, tt, float(sched.sigmas[i]), x, v, denoise))
         x = sched.step(v, t, x).prev_sample
     return x

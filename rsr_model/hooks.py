@@ -11,6 +11,9 @@ diffusion model:
 A hook is `fn(value, ctx) -> value | None`; returning a tensor replaces the value (force or
 ablate experts, patch latents), returning None only reads. With nothing attached a hook point
 is a truthiness check on an empty list: the model code guards with `if point.fns:`.
+
+`HOOK_POINTS` lists the points of one RSR layer; `hook_name` is the one place their names
+are built, and `hook_table` renders the table the README shows.
 """
 
 from __future__ import annotations
@@ -23,6 +26,53 @@ from typing import Any, Callable, Iterator
 import torch
 
 HookFn = Callable[[Any, "HookContext"], Any]
+
+
+@dataclass(frozen=True)
+class HookPointSpec:
+    """One hook point of an RSR layer: its name pattern, the value's shape and what it holds."""
+
+    pattern: str  # with {i} for the block index and, per recursion step, {s}
+    shape: str  # B batch, N vision tokens, D width, K experts
+    value: str
+
+    @property
+    def per_step(self) -> bool:
+        return "{s}" in self.pattern
+
+
+# The hook points of the RSR layer on block i, in the order one forward fires them.
+HOOK_POINTS: dict[str, HookPointSpec] = {
+    "cond": HookPointSpec("blocks.{i}.rsr.cond", "(B, D)",
+                          "conditioning c the gate reads (SD3: temb; DiT: timestep + class)"),
+    "latent": HookPointSpec("blocks.{i}.rsr.step.{s}.latent", "(B, N, D)",
+                            "h_s, the latent entering recursion step s (h_0 = x)"),
+    "logits": HookPointSpec("blocks.{i}.rsr.step.{s}.logits", "(B, N, K)",
+                            "gate logits (zeros of shape (B, N, 1) without a gate)"),
+    "probs": HookPointSpec("blocks.{i}.rsr.step.{s}.probs", "(B, N, K)",
+                           "gate probabilities (not the sampled choice; ones without a gate)"),
+    "expert": HookPointSpec("blocks.{i}.rsr.step.{s}.expert", "(B, N)",
+                            "chosen expert (int64); return a tensor to force (0..K-1), -1 to ablate"),
+    "out": HookPointSpec("blocks.{i}.rsr.out", "(B, N, D)", "vision output of the attention (after to_out)"),
+}
+
+
+def hook_name(layer: int | str, point: str, step: int | str | None = None) -> str:
+    """Name of hook point `point` (a key of HOOK_POINTS) of block `layer`, at recursion step
+    `step` for per-step points. Pass "*" for layer or step to get a glob pattern."""
+    spec = HOOK_POINTS.get(point)
+    if spec is None:
+        raise KeyError(f"no hook point {point!r}; points are {', '.join(HOOK_POINTS)}")
+    if spec.per_step != (step is not None):
+        raise ValueError(f"hook point {point!r} {'needs' if spec.per_step else 'takes no'} recursion step")
+    return spec.pattern.format(i=layer, s=step)
+
+
+def hook_table() -> str:
+    """The markdown table of HOOK_POINTS (the README holds exactly this)."""
+    rows = ["| name | shape | value |", "|---|---|---|"]
+    rows += [f"| `{spec.pattern}` | {spec.shape} | {spec.value} |" for spec in HOOK_POINTS.values()]
+    return "\n".join(rows) + "\n"
 
 
 @dataclass

@@ -38,6 +38,17 @@ class RSR(nn.ModuleDict):
         self._restore: list = []  # (attention module, original processor)
         self._handles: list = []  # torch forward-hook handles on conditioning modules
 
+    @property
+    def layer_indices(self) -> list[int]:
+        """Block indices that carry an RSR layer, ascending."""
+        return sorted(int(k) for k in self.keys())
+
+    def layer(self, index: int) -> RSRAttnProcessor:
+        """The RSR layer on block `index`."""
+        if str(index) not in self:
+            raise KeyError(f"block {index} has no RSR layer (RSR layers: {self.layer_indices})")
+        return self[str(index)]
+
     def balance_loss(self) -> torch.Tensor | None:
         """Mean balance loss K*sum f P of the last training forward over RSR layers (None if no gate)."""
         losses = [l.last_balance for l in self.values() if l.last_balance is not None]

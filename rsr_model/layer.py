@@ -2,7 +2,7 @@
 
 It replaces the processor of one `Attention` module (SD3's joint attention, or DiT's
 self-attention) and reuses that module's own frozen projections and norms; it owns only
-the experts and the gate. The rule (DESIGN.md, "The RSR mechanism"):
+the experts and the gate. The rule:
 
     h_0 = x                                   # normalized vision tokens entering attention
     for s = 0 .. L-1:                         # recursion steps, 0-based in code and names
@@ -17,17 +17,9 @@ text tokens are never routed. The layer's q/k norms (if any) apply to every step
 as in the layer's own processor. Setting `exit_step = s` finishes the layer at step s
 (the early-exit decode of an intermediate state).
 
-Hook points of block i (shapes for batch B, N vision tokens, width D, K experts):
-
-    blocks.{i}.rsr.cond               (B, Dc)    conditioning c read by the gate (SD3 temb; DiT t+class)
-    blocks.{i}.rsr.step.{s}.latent    (B, N, D)  h_s, the latent entering step s (h_0 = x)
-    blocks.{i}.rsr.step.{s}.logits    (B, N, K)  gate logits
-    blocks.{i}.rsr.step.{s}.probs     (B, N, K)  gate probabilities softmax(logits), not the choice
-    blocks.{i}.rsr.step.{s}.expert    (B, N)     chosen expert (int64); replace to force (0..K-1)
-                                                 or ablate (-1: no adapter for that token)
-    blocks.{i}.rsr.out                (B, N, D)  vision output of the attention (after to_out)
-
-Modes without a gate (K = 1) still fire logits (zeros) and probs (ones) of shape (B, N, 1).
+Each layer fires the hook points of `hooks.HOOK_POINTS` (the table in the README):
+the conditioning, then per recursion step the latent, gate logits and probabilities and the
+chosen expert, then the attention output.
 """
 
 from __future__ import annotations
@@ -41,16 +33,7 @@ from torch import nn
 from .config import RSRConfig
 from .experts import LoRAExperts
 from .gate import Gate, balance_loss, load_share, sample_choice, straight_through_weight
-from .hooks import HookContext, HookPoint, HookRegistry
-
-HOOK_POINTS: dict[str, str] = {
-    "blocks.{i}.rsr.cond": "(B, Dc)",
-    "blocks.{i}.rsr.step.{s}.latent": "(B, N, D)",
-    "blocks.{i}.rsr.step.{s}.logits": "(B, N, K)",
-    "blocks.{i}.rsr.step.{s}.probs": "(B, N, K)",
-    "blocks.{i}.rsr.step.{s}.expert": "(B, N)",
-    "blocks.{i}.rsr.out": "(B, N, D)",
-}
+from .hooks import HookContext, HookPoint, HookRegistry, hook_name
 
 
 class RunState:
@@ -78,11 +61,11 @@ class RSRAttnProcessor(nn.Module):
         self.num_experts, self.steps = config.experts, config.steps
         self.experts = LoRAExperts(self.num_experts, dim, dim, config.rank, config.scaling, config.lora_dropout)
         self.gate = Gate(dim, cond_dim, config.gate_hidden, self.num_experts) if config.has_gate else None
-        p = f"blocks.{layer_index}.rsr"
-        self.hp_cond = registry.point(f"{p}.cond")
-        self.hp_steps = [StepPoints(*(registry.point(f"{p}.step.{s}.{k}") for k in ("latent", "logits", "probs", "expert")))
+        self.hp_cond = registry.point(hook_name(layer_index, "cond"))
+        self.hp_steps = [StepPoints(*(registry.point(hook_name(layer_index, k, s))
+                                      for k in ("latent", "logits", "probs", "expert")))
                          for s in range(self.steps)]
-        self.hp_out = registry.point(f"{p}.out")
+        self.hp_out = registry.point(hook_name(layer_index, "out"))
         self.state = state
         self.cond: torch.Tensor | None = None  # (B, Dc), written by the conditioning-module forward hook
         self.timestep: torch.Tensor | None = None  # (B,), idem

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .flow import sample as flow_sample
+from .flow import SamplerStep, sample as flow_sample
 from .install import RSR
 from .tasks import Task, TaskError, get_task
 from .train import build_from_checkpoint
@@ -61,12 +61,16 @@ def make_denoiser(transformer: nn.Module, cond: dict[str, torch.Tensor], uncond:
 
 @torch.no_grad()
 def generate(task: Task, transformer: nn.Module, items: Sequence, seeds: Sequence[int], steps: int = 28,
-             guidance: float = 3.0, before: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """x0 (B, C, H, W) in model space for conditioning items (prompts or labels), one per seed."""
+             guidance: float = 3.0, before: Callable[[int, torch.Tensor], None] | None = None,
+             on_step: Callable[[SamplerStep], None] | None = None) -> torch.Tensor:
+    """x0 (B, C, H, W) in model space for conditioning items (prompts or labels), one per seed.
+
+    `before` and `on_step` are the denoiser's and the sampler's callbacks (see make_denoiser, flow.sample).
+    """
     cond = task.condition(list(items))
     uncond = task.null_condition(len(items)) if guidance != 1.0 else None
     noise = initial_noise(task.latent_shape(transformer), seeds)
-    return flow_sample(make_denoiser(transformer, cond, uncond, guidance, before), noise, steps, task.shift)
+    return flow_sample(make_denoiser(transformer, cond, uncond, guidance, before), noise, steps, task.shift, on_step)
 
 
 def image_grid(images: np.ndarray, cols: int | None = None, scale: int = 4) -> np.ndarray:

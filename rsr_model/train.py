@@ -11,7 +11,6 @@ every `--save-every` steps and at the end of each stage.
 
 from __future__ import annotations
 
-from traces.errors import UserError
 import csv
 import sys
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from traces.errors import UserError
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RSRConfig
@@ -182,9 +183,12 @@ class Trainer:
         return self.out
 
     def _run_stage(self, stage: str) -> None:
+        """One stage, as one flat loop in labelled phases (in the manner of nanoGPT's train.py)."""
         from tqdm import tqdm
 
         a, task, acc = self.args, self.task, self.accelerator
+
+        # --- model and optimizer ----------------------------------------------------------------
         if stage == "rsr" and self.rsr is None:
             torch.manual_seed(a.seed + 1)  # the experts' and gate's initial weights
             self.rsr = install_rsr(self.transformer, self.rsr_cfg)
@@ -203,77 +207,85 @@ class Trainer:
         opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
         warmup = max(1, min(50, self.plan[stage] // 10))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-        start = self.progress[stage]
+        start, total = self.progress[stage], self.plan[stage]
         if start and self.ckpt.get("stage") == stage:
             opt.load_state_dict(self.ckpt["optimizer"])
             sched.load_state_dict(self.ckpt["lr_scheduler"])
         model, opt = acc.prepare(self.transformer, opt)
         model.train()
         rsr = self.rsr if stage == "rsr" else None
-        bs = a.batch_size or task.batch_size
-        total = self.plan[stage]
+        batch_size = a.batch_size or task.batch_size
         bar = tqdm(total=total, initial=start, desc=f"{task.name}:{stage}", disable=not acc.is_main_process,
                    dynamic_ncols=True, file=sys.stderr)
         log = self._log_writer()
-        last_good = self.progress[stage]
+        last_good = start  # the step of the newest checkpoint, for the divergence message
+
         try:
-            self._loop(stage, start, total, model, opt, sched, rsr, bs, bar, log, last_good)
+            for step in range(start, total):
+                for cb in self.callbacks:  # e.g. a recorder attaching hooks for this step only
+                    if hasattr(cb, "before"):
+                        cb.before(stage, step + 1, acc.unwrap_model(model), rsr)
+
+                # --- batch: every random draw of this step comes from (seed, stage, step) -----
+                seed = stage_seed(a.seed + acc.process_index, stage, step)
+                torch.manual_seed(seed)  # Gumbel noise, dropout, DiT's label dropout
+                x0, cond = task.batch(np.random.default_rng(seed), batch_size)
+                xt, t, target = training_pair(x0, torch.Generator().manual_seed(seed), task.weighting, task.shift)
+                xt, t, target = (v.to(acc.device) for v in (xt, t, target))
+                cond = {k: v.to(acc.device) for k, v in cond.items()}
+
+                # --- forward and loss ---------------------------------------------------------
+                with acc.autocast():
+                    pred = model(hidden_states=xt, timestep=t, **cond).sample
+                    fm = F.mse_loss(pred.float(), target.float())
+                    bal = rsr.balance_loss() if rsr is not None else None
+                    loss = fm + (rsr.config.balance_weight * bal if bal is not None and rsr.config.experts > 3 else 0.0)
+                if not torch.isfinite(loss):
+                    raise self._diverged(loss.item(), stage, step, last_good)
+
+                # --- backward and optimizer step ----------------------------------------------
+                opt.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                opt.step()
+                sched.step()
+                if self._ema is not None:
+                    self._ema.step(model.parameters())
+                self.progress[stage] = step + 1
+
+                # --- log, checkpoint, callbacks -----------------------------------------------
+                entry = {"stage": stage, "step": step + 1, "loss": round(fm.item(), 6),
+                         "balance": round(bal.item(), 4) if bal is not None else None}
+                if rsr is not None:
+                    entry["load"] = [round(x, 3) for x in self._load_share()]
+                self.losses.append(entry)
+                log.writerow([entry["stage"], entry["step"], entry["loss"], entry["balance"] or "",
+                              " ".join(map(str, entry.get("load", [])))])
+                bar.update(1)
+                bar.set_postfix(loss=f"{fm.item():.4f}", **({"bal": f"{bal.item():.3f}",
+                                                              "load": "/".join(f"{x:.2f}" for x in entry["load"])}
+                                                             if bal is not None else {}))
+                if (step + 1) % a.save_every == 0 or step + 1 == total:
+                    acc.wait_for_everyone()
+                    if acc.is_main_process:
+                        save_checkpoint(self._record(stage, opt, sched), self.out)
+                    last_good = step + 1
+                for cb in self.callbacks:
+                    cb(StepInfo(stage, step + 1, fm.item(), entry["balance"], acc.unwrap_model(model), rsr))
         finally:
             bar.close()
+
+        # --- end of stage -----------------------------------------------------------------------
         self._log_file.flush()
         self.transformer = acc.unwrap_model(model)
         if self._ema is not None:  # the RSR stage freezes the averaged base
             self._ema.copy_to(list(self.transformer.parameters()))
             self._ema = None
 
-    def _loop(self, stage, start, total, model, opt, sched, rsr, bs, bar, log, last_good) -> None:
-        a, task, acc = self.args, self.task, self.accelerator
-        for step in range(start, total):
-            for cb in self.callbacks:  # e.g. a recorder attaching hooks for this step only
-                if hasattr(cb, "before"):
-                    cb.before(stage, step + 1, acc.unwrap_model(model), rsr)
-            seed = stage_seed(a.seed + acc.process_index, stage, step)
-            torch.manual_seed(seed)  # Gumbel noise, dropout, DiT's label dropout
-            gen = torch.Generator().manual_seed(seed)
-            x0, cond = task.batch(np.random.default_rng(seed), bs)
-            xt, t, target = training_pair(x0, gen, task.weighting, task.shift)
-            xt, t, target = (v.to(acc.device) for v in (xt, t, target))
-            cond = {k: v.to(acc.device) for k, v in cond.items()}
-            with acc.autocast():
-                pred = model(hidden_states=xt, timestep=t, **cond).sample
-                fm = F.mse_loss(pred.float(), target.float())
-                bal = rsr.balance_loss() if rsr is not None else None
-                loss = fm + (rsr.config.balance_weight * bal if bal is not None and rsr.config.experts > 3 else 0.0)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at {stage} step {step}; stopped. "
-                                    f"Last good checkpoint: {self.out} ({stage} step {last_good})"
-                                    if self.out.exists() else f"loss became {loss.item()} at {stage} step {step}; "
-                                    f"stopped before any checkpoint was written")
-            opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            opt.step()
-            sched.step()
-            if self._ema is not None:
-                self._ema.step(model.parameters())
-            self.progress[stage] = step + 1
-            entry = {"stage": stage, "step": step + 1, "loss": round(fm.item(), 6),
-                     "balance": round(bal.item(), 4) if bal is not None else None}
-            if rsr is not None:
-                entry["load"] = [round(x, 3) for x in self._load_share()]
-            self.losses.append(entry)
-            log.writerow([entry["stage"], entry["step"], entry["loss"], entry["balance"] or "",
-                          " ".join(map(str, entry.get("load", [])))])
-            bar.update(1)
-            bar.set_postfix(loss=f"{fm.item():.4f}", **({"bal": f"{bal.item():.3f}",
-                                                          "load": "/".join(f"{x:.2f}" for x in entry["load"])}
-                                                         if bal is not None else {}))
-            if (step + 1) % a.save_every == 0 or step + 1 == total:
-                acc.wait_for_everyone()
-                if acc.is_main_process:
-                    save_checkpoint(self._record(stage, opt, sched), self.out)
-                last_good = step + 1
-            for cb in self.callbacks:
-                cb(StepInfo(stage, step + 1, fm.item(), entry["balance"], acc.unwrap_model(model), rsr))
+    def _diverged(self, loss: float, stage: str, step: int, last_good: int) -> TrainingError:
+        if self.out.exists():
+            return TrainingError(f"loss became {loss} at {stage} step {step}; stopped. "
+                                 f"Last good checkpoint: {self.out} ({stage} step {last_good})")
+        return TrainingError(f"loss became {loss} at {stage} step {step}; stopped before any checkpoint was written")
 
     def _load_share(self) -> list[float]:
         loads = [l.last_load for l in self.rsr.values() if l.last_load is not None]

@@ -1,4 +1,4 @@
-"""Recording traces from the tiny model (issue 4): the trace holds what the hooks saw."""
+"""Recording traces from the tiny model: the trace holds what the hooks saw."""
 
 import signal
 import subprocess
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from probes.record import main as record_main
-from probes.recording import ABLATED, SamplingRecorder, Selection, sample_table
+from rsr_model.recorders import ABLATED, SamplingRecorder, Selection, sample_table
 from rsr_model.__main__ import main as rsr_main
+from rsr_model.hooks import hook_name
 from rsr_model.sample import load_model
 from traces import SamplingWriter, TraceError, open_trace
 
@@ -44,12 +45,12 @@ def test_trace_matches_what_the_hooks_saw(ckpt, tmp_path):
         counts = tr.counts()
         branches = list(tr.coords["branch"])
         lat_idx = tr.coords["stored_token"]
-    layer = int(next(iter(rsr.keys())))
+    layer = rsr.layer_indices[0]
     L = rsr.config.steps
     for s in range(L):
-        calls = seen[f"blocks.{layer}.rsr.step.{s}.expert"]
-        pcalls = seen[f"blocks.{layer}.rsr.step.{s}.probs"]
-        lcalls = seen[f"blocks.{layer}.rsr.step.{s}.latent"]
+        calls = seen[hook_name(layer, "expert", s)]
+        pcalls = seen[hook_name(layer, "probs", s)]
+        lcalls = seen[hook_name(layer, "latent", s)]
         assert len(calls) == 2 * 3  # two batches x three sampler steps
         for call, (ctx, e) in enumerate(calls):
             batch, t = divmod(call, 3)
@@ -173,6 +174,13 @@ def test_sigkill_mid_recording_leaves_flushed_steps_readable(ckpt, tmp_path):
         K = tr.coords["expert"].size
         assert (e[written] < K).all()  # every flushed step is readable and valid
         assert (e[~written] == 255).all()  # the rest reads as unwritten
+
+
+def test_model_side_never_imports_probes():
+    """Data flow one way: the training command and the recorders work without the probes package."""
+    code = ("import sys, rsr_model.__main__, rsr_model.recorders, rsr_model.sample; "
+            "sys.exit(sorted(m for m in sys.modules if m.split('.')[0] == 'probes') != [])")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_training_trace_flag(tmp_path):

@@ -52,7 +52,7 @@ def test_load_shares_and_counts_agree_with_ids(env):
 def test_ablated_ids_are_left_out_of_every_statistic(env):
     """A trace recorded with --ablate-expert holds id 254 where the expert was ablated: those
     records are counted as invalid and excluded, and what remains still adds up."""
-    from probes.recording import ABLATED
+    from rsr_model.recorders import ABLATED
 
     trace = env["dir"] / "ablated.h5"
     assert record_main(["--ckpt", str(env["ckpt"]), "--prompts", str(env["dir"] / "prompts.txt"),

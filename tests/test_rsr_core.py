@@ -1,13 +1,15 @@
-"""Properties of the RSR mechanism on real (tiny) diffusers models: DESIGN.md and issue 2."""
+"""Properties of the RSR mechanism on real (tiny) diffusers models."""
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
 
-from rsr_model import MODES, ConfigError, install_rsr, load_rsr, rsr_config, remove_rsr
+from rsr_model import HOOK_POINTS, MODES, ConfigError, hook_name, install_rsr, load_rsr, rsr_config, remove_rsr
+from rsr_model.hooks import hook_table
 from rsr_model.experts import LoRAExperts
 from rsr_model.gate import balance_loss, sample_choice
 
@@ -65,7 +67,7 @@ def test_sft_equals_peft_lora(sd3):
     with torch.no_grad():
         for i in layers:
             attn = peft_model.transformer_blocks[i].attn
-            ex = rsr[str(i)].experts
+            ex = rsr.layer(i).experts
             for j, p in enumerate(("to_q", "to_k", "to_v")):
                 lin = getattr(attn, p)
                 lin.lora_B["default"].weight.copy_(torch.randn(lin.lora_B["default"].weight.shape, generator=g) * 0.1)
@@ -112,13 +114,13 @@ def test_gradients_reach_gate_experts_and_every_step(sd3):
     model, inputs = sd3
     model.train()
     rsr = install_rsr(model, rsr_config("tiny", target_layers=[2]))
-    layer = rsr["2"]
+    layer = rsr.layer(2)
     opt = torch.optim.AdamW(rsr.parameters(), lr=1e-2)
     _train_step(model, rsr, inputs, opt)
     assert layer.experts.B.grad.abs().sum() > 0  # B gets gradient even at zero init
     opt.step()
     # Force step s onto expert s so that each step's adapter is identifiable by its gradient.
-    forced = {f"blocks.2.rsr.step.{s}.expert": (lambda s: lambda e, ctx: torch.full_like(e, s))(s) for s in range(3)}
+    forced = {hook_name(2, "expert", s): (lambda s: lambda e, ctx: torch.full_like(e, s))(s) for s in range(3)}
     with rsr.hooks.hooks(forced):
         _train_step(model, rsr, inputs, opt)
     for s in range(3):
@@ -175,25 +177,35 @@ def test_hook_points_names_shapes_and_context(sd3):
     rsr = install_rsr(model, cfg)
     names = rsr.hooks.names()
     B, N, D, K = 2, 256, 128, cfg.experts
-    expected = {}
+    sizes = {"B": B, "N": N, "D": D, "K": K}
+    expected = {}  # every name HOOK_POINTS promises, with the shape its table gives
     for i in (1, 2):
-        expected[f"blocks.{i}.rsr.cond"] = (B, D)
-        expected[f"blocks.{i}.rsr.out"] = (B, N, D)
-        for s in range(cfg.steps):
-            expected.update({f"blocks.{i}.rsr.step.{s}.latent": (B, N, D), f"blocks.{i}.rsr.step.{s}.logits": (B, N, K),
-                             f"blocks.{i}.rsr.step.{s}.probs": (B, N, K), f"blocks.{i}.rsr.step.{s}.expert": (B, N)})
-    assert sorted(names) == sorted(expected)
-    assert rsr.hooks.names("blocks.2.rsr.step.*.expert") == [f"blocks.2.rsr.step.{s}.expert" for s in range(3)]
+        for point, spec in HOOK_POINTS.items():
+            shape = tuple(sizes[d] for d in spec.shape.strip("()").split(", "))
+            for s in (range(cfg.steps) if spec.per_step else [None]):
+                expected[hook_name(i, point, s)] = shape
+    assert sorted(names) == sorted(expected) and rsr.layer_indices == [1, 2] and rsr.layer(2) is rsr["2"]
+    assert hook_name(2, "probs", 1) == "blocks.2.rsr.step.1.probs" and hook_name(1, "cond") == "blocks.1.rsr.cond"
+    assert rsr.hooks.names(hook_name(2, "expert", "*")) == [hook_name(2, "expert", s) for s in range(3)]
     rsr.set_context(sample_ids=torch.tensor([10, 11]), train_step=5)
     with rsr.hooks.cache() as cache, torch.no_grad():
         run(model, inputs)
     for name, shape in expected.items():
         assert len(cache[name]) == 1 and tuple(cache[name][0][1].shape) == shape, name
-    ctx = cache["blocks.2.rsr.step.1.probs"][0][0]
+    ctx = cache[hook_name(2, "probs", 1)][0][0]
     assert (ctx.layer, ctx.step, ctx.train_step) == (2, 1, 5)
     assert torch.equal(ctx.timestep, inputs["timestep"]) and torch.equal(ctx.sample_ids, torch.tensor([10, 11]))
-    torch.testing.assert_close(cache["blocks.2.rsr.step.0.probs"][0][1],
-                               cache["blocks.2.rsr.step.0.logits"][0][1].softmax(-1))
+    torch.testing.assert_close(cache[hook_name(2, "probs", 0)][0][1],
+                               cache[hook_name(2, "logits", 0)][0][1].softmax(-1))
+
+
+def test_readme_hook_table_is_hook_points():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert hook_table() in readme
+    with pytest.raises(ValueError):
+        hook_name(0, "expert")  # a per-step point needs its step
+    with pytest.raises(KeyError):
+        hook_name(0, "gate")
 
 
 def test_hooks_remove_exactly_and_force_expert(sd3):
@@ -205,14 +217,14 @@ def test_hooks_remove_exactly_and_force_expert(sd3):
         with rsr.hooks.cache("*.expert") as free:
             run(model, inputs)
         assert any(len(v[0][1].unique()) > 1 for v in free.values())  # the gate really routes
-        keep = rsr.hooks.add("blocks.2.rsr.out", lambda v, ctx: None)  # a reader that stays
+        keep = rsr.hooks.add(hook_name(2, "out"), lambda v, ctx: None)  # a reader that stays
         with rsr.hooks.hooks({"*.step.*.expert": lambda e, ctx: torch.zeros_like(e)}):
             with rsr.hooks.cache("*.expert") as forced:
                 forced_out = run(model, inputs)
         assert all((v[0][1] == 0).all() for v in forced.values())
         assert (forced_out - ref).abs().max() > 1e-4
         assert [len(rsr.hooks.points[n].fns) for n in rsr.hooks.names()] == [
-            1 if n == "blocks.2.rsr.out" else 0 for n in rsr.hooks.names()]
+            1 if n == hook_name(2, "out") else 0 for n in rsr.hooks.names()]
         torch.testing.assert_close(run(model, inputs), ref, atol=0, rtol=0)
         keep[0].remove()
         assert not rsr.hooks.active
@@ -261,7 +273,7 @@ def test_early_exit_finishes_the_layer_at_a_step(sd3):
             rsr.set_exit_step(s)
             with rsr.hooks.cache("*.expert") as seen:
                 outs.append(run(model, inputs))
-            assert sorted(seen) == [f"blocks.2.rsr.step.{i}.expert" for i in range(s + 1)]  # later steps never run
+            assert sorted(seen) == [hook_name(2, "expert", i) for i in range(s + 1)]  # later steps never run
         rsr.set_exit_step(None)
         torch.testing.assert_close(run(model, inputs), full, atol=0, rtol=0)
     assert (outs[0] - full).abs().max() > 1e-4 and (outs[0] - outs[1]).abs().max() > 1e-5

@@ -1,4 +1,4 @@
-"""Training and sampling entry points on the tiny presets (issue 3)."""
+"""Training and sampling entry points on the tiny presets."""
 
 import numpy as np
 import pytest
@@ -101,6 +101,15 @@ def test_sampling_is_deterministic_per_seed(tmp_path):
     b = generate(task, model, ["a red circle", "two blue squares"], seeds=[0, 1], steps=3)
     c = generate(task, model, ["a red circle"], seeds=[5], steps=3)
     assert torch.equal(a, b) and not torch.equal(a[:1], c)
+    # the sampler's on_step sees each Euler step and changes nothing; its denoiser reproduces v
+    seen = []
+
+    def on_step(step):
+        assert torch.equal(step.denoise(step.x, step.t, step.index), step.v)
+        seen.append((step.index, step.sigma, step.x.shape))
+    watched = generate(task, model, ["a red circle", "two blue squares"], seeds=[0, 1], steps=3, on_step=on_step)
+    assert torch.equal(watched, a) and [i for i, _, _ in seen] == [0, 1, 2]
+    assert seen[0][1] == 1.0 and seen[0][2] == a.shape and seen[0][1] > seen[1][1] > seen[2][1] > 0
     # one image does not depend on the rest of the batch
     torch.testing.assert_close(generate(task, model, ["two blue squares"], seeds=[1], steps=3), a[1:], atol=1e-5, rtol=0)
     png = tmp_path / "s.png"

@@ -1,7 +1,9 @@
 """Recorders: turn the model's hook points into trace files (model -> hooks -> traces).
 
-`SamplingRecorder` samples with hooks on and writes one `rsr-trace` sampling file; 
-`TrainingRecorder` is a trainer callback that writes a training trace every N steps.
+`SamplingRecorder` samples with hooks on and writes one `rsr-trace` sampling file;
+`TrainingRecorder` is a trainer callback that writes a training trace every N steps. Both
+live beside the hook points so that the training command and the probes use them alike;
+they write only through `traces`, which knows nothing of the model.
 
 What one sampler step costs the recorder: for each selected (layer, step) a hook copies the
 selected tokens' expert ids (and, when asked, gate probabilities and a projected latent
@@ -13,20 +15,30 @@ cover every token, so cheap summaries stay exact even with a token stride.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from rsr_model.install import RSR
-from rsr_model.sample import initial_noise, make_denoiser
-from rsr_model.flow import make_scheduler
-from rsr_model.tasks import Task
 from traces import (EXPERT_ABLATED, SampleTable, SamplingLayout, SamplingWriter, TraceMeta, TrainingLayout,
                     TrainingWriter)
 
-from .interventions import Intervention
+from .flow import SamplerStep, make_scheduler
+from .hooks import HookFn, hook_name
+from .install import RSR
+from .sample import generate
+from .tasks import Task
+
+
+class RoutingIntervention(Protocol):
+    """What a recorder needs of an intervention (probes.interventions.Intervention): which expert
+    hook points it replaces, and the hook that does it."""
+
+    def names(self) -> list[str]: ...
+
+    def hook(self, n_experts: int) -> HookFn: ...
+
 
 ABLATED = EXPERT_ABLATED  # stored id of a token whose adapter an intervention removed (-1 in the model)
 
@@ -47,10 +59,10 @@ class Selection:
     branches: Sequence[str] | None = None  # subset of ("cond", "uncond"); None = all that run
 
     def resolve(self, rsr: RSR, n_tokens: int, n_timesteps: int, guided: bool) -> dict[str, Any]:
-        layers = sorted(int(k) for k in rsr.keys()) if self.layers is None else list(self.layers)
-        missing = [l for l in layers if str(l) not in rsr]
+        layers = rsr.layer_indices if self.layers is None else list(self.layers)
+        missing = [l for l in layers if l not in rsr.layer_indices]
         if missing:
-            raise ValueError(f"layers {missing} have no RSR (RSR layers: {sorted(int(k) for k in rsr.keys())})")
+            raise ValueError(f"layers {missing} have no RSR (RSR layers: {rsr.layer_indices})")
         L = rsr.config.steps
         steps = list(range(L)) if self.steps is None else list(self.steps)
         if any(not 0 <= s < L for s in steps):
@@ -167,7 +179,7 @@ class SamplingRecorder:
     """Samples prompts (or labels) with hooks on and writes a sampling trace."""
 
     def __init__(self, task: Task, transformer: nn.Module, rsr: RSR, selection: Selection,
-                 interventions: Sequence[Intervention] = (), steps: int = 28, guidance: float = 3.0) -> None:
+                 interventions: Sequence[RoutingIntervention] = (), steps: int = 28, guidance: float = 3.0) -> None:
         self.task, self.transformer, self.rsr = task, transformer, rsr
         self.sel, self.interventions = selection, list(interventions)
         self.steps, self.guidance = steps, guidance
@@ -216,7 +228,6 @@ class SamplingRecorder:
         for layer in r["layers"]:
             for s in r["steps"]:
                 key = (layer, s)
-                p = f"blocks.{layer}.rsr.step.{s}"
 
                 def on_expert(e, ctx, key=key):
                     if not buf.active:
@@ -224,9 +235,9 @@ class SamplingRecorder:
                     buf.expert[key] = _expert_to_stored(pick(e)).cpu()  # (2B|B, n_tok)
                     if count_here:
                         buf.counts[key] = _all_token_counts(e, K)  # (2B|B, K)
-                out.append((f"{p}.expert", on_expert))
+                out.append((hook_name(layer, "expert", s), on_expert))
                 if self.sel.probs:
-                    out.append((f"{p}.probs", lambda v, ctx, key=key: buf.active and buf.prob.__setitem__(
+                    out.append((hook_name(layer, "probs", s), lambda v, ctx, key=key: buf.active and buf.prob.__setitem__(
                         key, pick(v).to(torch.float16).cpu())))
                 if lat is not None:
                     def on_latent(h, ctx, key=key):
@@ -234,10 +245,10 @@ class SamplingRecorder:
                             return
                         h = h[:, lat].float()  # (2B|B, n_lat, D)
                         buf.latent[key] = (h @ proj if proj is not None else h).to(torch.float16).cpu()
-                    out.append((f"{p}.latent", on_latent))
+                    out.append((hook_name(layer, "latent", s), on_latent))
         return out
 
-    def _stack(self, d: dict, rows: dict[str, slice], B: int) -> np.ndarray:
+    def _stack(self, d: dict, rows: dict[str, slice]) -> np.ndarray:
         """{(layer, step): (rows_all, ...)} -> (B, branch, layer, step, ...)."""
         r = self.r
         per_branch = []
@@ -248,24 +259,23 @@ class SamplingRecorder:
         return torch.stack(per_branch, 1).numpy()
 
     # --- decode -----------------------------------------------------------------------------
-    def _decode_steps(self, x, t, sigma, cond, uncond, v_final) -> np.ndarray:
+    def _decode_steps(self, step: SamplerStep) -> np.ndarray:
         """Early-exit x0 images (B, 1, layer, step, H, W, C): layer i finished at step s."""
         r = self.r
         L = self.rsr.config.steps
-        out = np.zeros((x.shape[0], 1, len(r["layers"]), len(r["steps"]), *self.image_shape), np.uint8)
-        den = make_denoiser(self.transformer, cond, uncond, self.guidance)
-        self._buf.active = False  # this timestep's buffers are stacked already; the extra forwards copy nothing
+        out = np.zeros((step.x.shape[0], 1, len(r["layers"]), len(r["steps"]), *self.image_shape), np.uint8)
         for li, layer in enumerate(r["layers"]):
             for si, s in enumerate(r["steps"]):
                 if s == L - 1:
-                    v = v_final  # exiting at the last step is the normal forward
+                    v = step.v  # exiting at the last step is the normal forward
                 else:
-                    self.rsr[str(layer)].exit_step = s
+                    self.rsr.layer(layer).exit_step = s
                     try:
-                        v = den(x, t, -1)
+                        # sampler index -1: this timestep's buffers are stacked already, the hooks copy nothing
+                        v = step.denoise(step.x, step.t, -1)
                     finally:
-                        self.rsr[str(layer)].exit_step = None
-                out[:, 0, li, si] = self.task.to_images(x - sigma * v)
+                        self.rsr.layer(layer).exit_step = None
+                out[:, 0, li, si] = self.task.to_images(step.x - step.sigma * v)
         return out
 
     # --- run --------------------------------------------------------------------------------
@@ -276,56 +286,52 @@ class SamplingRecorder:
 
         `sample_ids` are the global ids hooks see in their context (a rank's shard); default 0..n-1.
         """
-        self._ids = torch.as_tensor(list(sample_ids) if sample_ids is not None else range(len(items)))
-        wanted = {t: i for i, t in enumerate(self.r["timesteps"])}
+        ids = torch.as_tensor(list(sample_ids) if sample_ids is not None else range(len(items)))
         # Interventions first: hooks run in order, and the trace must hold the ids the model used.
         hooks = [(iv.names(), iv.hook(self.K)) for iv in self.interventions] + self._hooks()
-        sched = make_scheduler(self.task.shift)
         self._bg = _BackgroundWrites()
         try:
             with self.rsr.hooks.hooks(hooks):
-                self._record(writer, items, seeds, batch_size, progress, sched, wanted)
+                for start in range(0, len(items), batch_size):
+                    self._record_batch(writer, items[start:start + batch_size], seeds[start:start + batch_size],
+                                       ids[start:start + batch_size], progress)
         finally:
             self._bg.join()
             self.rsr.set_context()
 
-    def _record(self, writer, items, seeds, batch_size, progress, sched, wanted) -> None:
-        buf = self._buf
-        for start in range(0, len(items), batch_size):
-            chunk, cseeds = list(items[start:start + batch_size]), list(seeds[start:start + batch_size])
-            B = len(chunk)
-            self._bg.submit(writer.begin_batch, B)
-            ids = self._ids[start:start + B]
-            cond = self.task.condition(chunk)
-            uncond = self.task.null_condition(B) if self.guided else None
-            rows = {"uncond": slice(0, B), "cond": slice(B, 2 * B)} if self.guided else {"cond": slice(0, B)}
-            self.rsr.set_context(sample_ids=torch.cat([ids, ids]) if self.guided else ids,
-                                 branch=(["uncond"] * B + ["cond"] * B) if self.guided else ["cond"] * B)
-            den = make_denoiser(self.transformer, cond, uncond, self.guidance)
-            sched.set_timesteps(self.steps)
-            x = initial_noise(self.task.latent_shape(self.transformer), cseeds)
-            for i, t in enumerate(sched.timesteps):
-                tt = t.expand(B).to(x.dtype)
-                buf.clear()
-                buf.active = i in wanted  # unrecorded timesteps run with the hooks idle
-                v = den(x, tt, i)
-                if i in wanted:
-                    self._write(writer, wanted[i], rows, B, x, tt, float(sched.sigmas[i]), cond, uncond, v)
-                x = sched.step(v, t, x).prev_sample
-                if progress is not None:
-                    progress.update(B)
-            self._bg.submit(writer.write_final, self.task.to_images(x))
+    def _record_batch(self, writer: SamplingWriter, items: Sequence, seeds: Sequence[int], ids: torch.Tensor,
+                      progress) -> None:
+        buf, B = self._buf, len(items)
+        wanted = {t: i for i, t in enumerate(self.r["timesteps"])}  # sampler step -> position in the trace
+        rows = {"uncond": slice(0, B), "cond": slice(B, 2 * B)} if self.guided else {"cond": slice(0, B)}
+        self._bg.submit(writer.begin_batch, B)
+        self.rsr.set_context(sample_ids=torch.cat([ids, ids]) if self.guided else ids,
+                             branch=(["uncond"] * B + ["cond"] * B) if self.guided else ["cond"] * B)
 
-    def _write(self, writer, t_pos, rows, B, x, t, sigma, cond, uncond, v) -> None:
+        def before_call(i: int, t: torch.Tensor) -> None:
+            buf.clear()
+            buf.active = i in wanted  # unrecorded timesteps (and early-exit decodes) run with the hooks idle
+
+        def on_step(step: SamplerStep) -> None:
+            if step.index in wanted:
+                self._write(writer, wanted[step.index], rows, step)
+            if progress is not None:
+                progress.update(B)
+
+        x = generate(self.task, self.transformer, list(items), list(seeds), self.steps, self.guidance,
+                     before=before_call, on_step=on_step)
+        self._bg.submit(writer.write_final, self.task.to_images(x))
+
+    def _write(self, writer: SamplingWriter, t_pos: int, rows: dict[str, slice], step: SamplerStep) -> None:
         buf = self._buf
-        kw: dict[str, Any] = {"counts": self._stack(buf.counts, rows, B) if buf.counts else None}
+        kw: dict[str, Any] = {"counts": self._stack(buf.counts, rows) if buf.counts else None}
         if self.sel.probs:
-            kw["prob"] = self._stack(buf.prob, rows, B)
+            kw["prob"] = self._stack(buf.prob, rows)
         if self.r["latent_tokens"] is not None:
-            kw["latents"] = self._stack(buf.latent, rows, B)
-        expert = self._stack(buf.expert, rows, B)
+            kw["latents"] = self._stack(buf.latent, rows)
+        expert = self._stack(buf.expert, rows)
         if self.sel.decode:
-            kw["decoded"] = self._decode_steps(x, t, sigma, cond, uncond, v)
+            kw["decoded"] = self._decode_steps(step)
         self._bg.submit(writer.write_timestep, t_pos, expert, **kw)
 
 
@@ -360,7 +366,7 @@ class TrainingRecorder:
         self.n_tokens = (H // p) * (W // p)
         self.tokens = list(range(0, self.n_tokens, self.token_stride))
         self._pick = _token_picker(self.tokens, self.n_tokens)
-        self.layers = sorted(int(k) for k in rsr.keys())
+        self.layers = rsr.layer_indices
         self.steps = list(range(rsr.config.steps))
         self.writer = TrainingWriter(self.path, TrainingLayout(
             n_experts=rsr.config.experts, layers=self.layers, steps=self.steps, tokens=self.tokens,
@@ -380,9 +386,9 @@ class TrainingRecorder:
             buf.expert[key] = _expert_to_stored(pick(e.detach())).cpu()
             buf.counts[key] = _all_token_counts(e.detach(), K)
             self._t = ctx.timestep
-        hooks = [("*.step.*.expert", on_expert)]
+        hooks = [(hook_name("*", "expert", "*"), on_expert)]
         if self.probs:
-            hooks.append(("*.step.*.probs", lambda v, ctx: buf.prob.__setitem__(
+            hooks.append((hook_name("*", "probs", "*"), lambda v, ctx: buf.prob.__setitem__(
                 (ctx.layer, ctx.step), pick(v.detach()).to(torch.float16).cpu())))
         for names, fn in hooks:
             self._handles += rsr.hooks.add(names, fn)
