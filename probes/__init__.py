@@ -3,6 +3,7 @@
     python -m probes.record --ckpt sd3_rsr.pt --prompts FILE_OR_TEXT --out run.h5   # record
     python -m probes.report run.h5 --json report.json --figures figs/               # analyse
     python -m probes.causal --ckpt sd3_rsr.pt --prompts "..." --ablate-expert 1     # intervene
+    python -m probes.routing_value --ckpt sd3_rsr.pt --json rv.json                  # does routing matter?
 
 The names below are imported on first use, so `python -m probes.<command>` loads only what
 that command needs.
@@ -13,7 +14,8 @@ from importlib import import_module
 _EXPORTS = {
     "Options": "analysis", "analyze": "analysis", "compare_traces": "analysis",
     "causal_effect": "causal", "expert_effects": "causal",
-    "derive": "derived", "load_derived": "derived",
+    "derive": "projections", "load_derived": "projections",
+    "routing_value": "routing_value", "held_out_batches": "routing_value",
 }
 __all__ = list(_EXPORTS)
 

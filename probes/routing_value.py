@@ -33,6 +33,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from rsr_model.hooks import hook_name
+
 ROUTING_VALUE_SCHEMA = "rsr-routing-value"
 ROUTING_VALUE_VERSION = 1
 HELD_OUT_SEED = 2_000_003  # far from the training streams (seeded per stage and step)
@@ -91,7 +93,7 @@ def gate_load(transformer, rsr, batches: Sequence[HeldOutBatch]) -> dict[tuple[i
         key = (ctx.layer, ctx.step)
         counts[key] = counts.get(key, torch.zeros(K)) + torch.bincount(ids[ids >= 0].reshape(-1), minlength=K)
 
-    with rsr.hooks.hooks({"*.expert": count}):
+    with rsr.hooks.hooks({hook_name("*", "expert", "*"): count}):
         for b in batches:
             transformer(hidden_states=b.xt, timestep=b.t, **b.cond)
     return {k: c / c.sum() for k, c in counts.items()}
@@ -148,7 +150,7 @@ def routing_value(transformer, rsr, batches: Sequence[HeldOutBatch], random_draw
     if random_draws < 1:
         raise ValueError("random_draws must be >= 1")
     K, L = rsr.config.experts, rsr.config.steps
-    scopes = [(str(s), f"*.step.{s}.expert") for s in range(L)] + [("all", "*.expert")]
+    scopes = [(str(s), hook_name("*", "expert", s)) for s in range(L)] + [("all", hook_name("*", "expert", "*"))]
     gate = np.stack([_losses(transformer, b, rsr, None, None) for b in batches])  # (bins, n)
     load = gate_load(transformer, rsr, batches)
     out: dict[str, Any] = {}
