@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-layers", type=int_list)
     t.add_argument("--tau", type=float, help="Gumbel-Softmax temperature")
     t.add_argument("--balance-weight", type=float)
+    t.add_argument("--gate-lr-scale", type=float, help="gate learning rate / experts' (RSR stage; default: the preset's)")
     t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     t.add_argument("--pretrained", type=Path, help="local diffusers SD3 folder (preset sd3)")
     t.add_argument("--data", type=Path, help="image-caption folder with metadata.jsonl (preset sd3)")

@@ -182,6 +182,17 @@ class Trainer:
                 self._run_stage(stage)
         return self.out
 
+    def _param_groups(self, stage: str, params: list, lr: float) -> list[dict]:
+        """One group, or in the RSR stage the gate apart: a flat gate only learns from expert
+        differences, so its learning rate may be scaled (--gate-lr-scale)."""
+        scale = getattr(self.args, "gate_lr_scale", None)
+        scale = self.task.gate_lr_scale if scale is None else scale
+        if stage != "rsr" or scale == 1.0:
+            return [{"params": params}]
+        gate = {id(p) for layer in self.rsr.values() if layer.gate is not None for p in layer.gate.parameters()}
+        return [{"params": [p for p in params if id(p) not in gate]},
+                {"params": [p for p in params if id(p) in gate], "lr": lr * scale}]
+
     def _run_stage(self, stage: str) -> None:
         """One stage, as one flat loop in labelled phases (in the manner of nanoGPT's train.py)."""
         from tqdm import tqdm
@@ -204,7 +215,7 @@ class Trainer:
             if self.progress[stage] and self.ckpt.get("ema") is not None:
                 self._ema.load_state_dict(self.ckpt["ema"])
         lr = a.lr if a.lr is not None else task.lr[stage]
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+        opt = torch.optim.AdamW(self._param_groups(stage, params, lr), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
         warmup = max(1, min(50, self.plan[stage] // 10))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
         start, total = self.progress[stage], self.plan[stage]

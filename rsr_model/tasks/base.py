@@ -24,6 +24,7 @@ class Task:
     default_steps: dict[str, int] = {"base": 1000, "rsr": 300}
     batch_size: int = 32
     lr: dict[str, float] = {"base": 1e-3, "rsr": 1e-3}
+    gate_lr_scale: float = 1.0  # the gate's learning rate relative to the experts' (RSR stage)
     weighting: str = "logit_normal"
     shift: float = 1.0
 
