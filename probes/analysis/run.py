@@ -12,7 +12,7 @@ from .families import FAMILIES, Part, ProbeFamily
 from .setup import Context, Options, TraceGrid, grid_of, labels_of
 
 REPORT_SCHEMA = "rsr-report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # probes/REPORT.md: 2 adds expert_change
 
 
 def stream(trace: TraceReader, families: list[ProbeFamily], context: Context) -> int:

@@ -3,6 +3,7 @@ module and one entry in `FAMILIES` (docs/probes.md walks through an example)."""
 
 from .base import Part, ProbeFamily
 from .convergence import ConvergenceFamily
+from .expert_change import ExpertChangeFamily
 from .gate import GateFamily
 from .information import InformationFamily
 from .load import LoadFamily
@@ -18,6 +19,7 @@ FAMILIES: list[type[ProbeFamily]] = [
     TransitionFamily,
     SpatialFamily,
     StabilityFamily,
+    ExpertChangeFamily,
     ConvergenceFamily,
     ProjectionFamily,
 ]
