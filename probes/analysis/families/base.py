@@ -28,8 +28,9 @@ class Part:
 class ProbeFamily(Stat):
     """One family of probes over the stream (a `Stat`: update / merge / result / state_dict).
 
-    A family is built from the pass's `Context`; when it cannot run on this trace, its
-    constructor sets `skipped` to the reason (a report note) and the pass never feeds it.
+    A family is built from the pass's `Context`: `unavailable(context)` says why it cannot
+    run on this trace (the reason becomes a report note and the pass never feeds it),
+    otherwise `setup()` allocates its tables.
     `needs` names the datasets beyond /routing/expert and /routing/counts it reads (the pass
     reads a dataset only if some running family needs it). `update(chunk)` folds one chunk
     cell (keep it vectorised: a few whole-array operations per chunk, no loop over tokens);
@@ -38,11 +39,28 @@ class ProbeFamily(Stat):
 
     name: str = ""
     needs: tuple[str, ...] = ()
+    sampling_only = False  # compares samples / timesteps: not for training traces
 
     def __init__(self, context: Context) -> None:
         self.context = context
         self.grid = context.grid
-        self.skipped: str | None = None
+        self.skipped = self.unavailable(context)
+        if self.skipped is None:
+            self.setup()
+
+    @classmethod
+    def unavailable(cls, context: Context) -> str | None:
+        """Why this family cannot run on the trace, or None."""
+        if cls.sampling_only and not context.grid.sampling:
+            return f"{cls.name} skipped: it needs a sampling trace"
+        return None
+
+    def setup(self) -> None:
+        """Allocate the tables (only when the family runs)."""
+
+    def cells(self) -> list[tuple[int, int]]:
+        """(layer index, step index) of every recorded cell, in report order."""
+        return [(li, si) for li in range(len(self.grid.layers)) for si in range(len(self.grid.steps))]
 
     def update(self, chunk: Chunk) -> None:
         raise NotImplementedError

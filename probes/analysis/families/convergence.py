@@ -11,6 +11,7 @@ from ..chunk import Chunk
 from ..setup import Context
 from .base import Part, ProbeFamily
 
+NO_LATENTS = "latent convergence, linear probes and projections skipped: no /latents/h"
 FIELDS = ("dist_to_last", "rel_step", "step_cos", "contraction", "log_rho_mean", "label_share")
 
 
@@ -18,16 +19,19 @@ class ConvergenceFamily(ProbeFamily):
     name = "convergence"
     needs = ("/latents/h",)
 
-    def __init__(self, context: Context) -> None:
-        super().__init__(context)
-        grid = self.grid
+    @classmethod
+    def unavailable(cls, context: Context) -> str | None:
+        grid = context.grid
         if not (grid.sampling and context.trace.has("/latents/h")):
-            self.skipped = "latent convergence, linear probes and projections skipped: no /latents/h"
-        elif not (len(grid.steps) >= 3 and grid.consecutive_steps):
-            self.skipped = "latent convergence skipped: needs >= 3 consecutive recorded recursion steps"
-        else:
-            self.convergence = ConvergenceAccumulator(len(grid.steps), (len(grid.layers), grid.n_bins))
-            self.layer_index = np.arange(len(grid.layers)).reshape(-1, 1)
+            return NO_LATENTS
+        if not (len(grid.steps) >= 3 and grid.consecutive_steps):
+            return "latent convergence skipped: needs >= 3 consecutive recorded recursion steps"
+        return None
+
+    def setup(self) -> None:
+        grid = self.grid
+        self.convergence = ConvergenceAccumulator(len(grid.steps), (len(grid.layers), grid.n_bins))
+        self.layer_index = np.arange(len(grid.layers)).reshape(-1, 1)
 
     def update(self, chunk: Chunk) -> None:
         trajectories = np.moveaxis(chunk.latents.astype(np.float32), 1, 2)  # (layer, token, step, dim)

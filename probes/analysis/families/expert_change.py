@@ -7,20 +7,15 @@ from __future__ import annotations
 import numpy as np
 
 from ..chunk import Chunk
-from ..setup import Context
 from .base import Part, ProbeFamily
 
 
 class ExpertChangeFamily(ProbeFamily):
     name = "expert_change"
+    sampling_only = True
 
-    def __init__(self, context: Context) -> None:
-        super().__init__(context)
-        grid = self.grid
-        if not grid.sampling:
-            self.skipped = "expert change skipped: it compares adjacent timesteps of a sampling trace"
-            return
-        shape = (len(grid.layers), len(grid.steps), grid.n_bins)
+    def setup(self) -> None:
+        shape = (len(self.grid.layers), len(self.grid.steps), self.grid.n_bins)
         self.changed = np.zeros(shape, np.int64)  # tokens whose expert changed
         self.pairs = np.zeros(shape, np.int64)  # tokens valid at both timesteps
         self.previous: dict[int, tuple[int, int, np.ndarray]] = {}  # branch -> (sample, timestep, clipped ids)
@@ -41,10 +36,9 @@ class ExpertChangeFamily(ProbeFamily):
             share_by_bin = self.changed / self.pairs
             share = self.changed.sum(axis=2) / self.pairs.sum(axis=2)
         part = Part()
-        for li in range(len(self.grid.layers)):
-            for si in range(len(self.grid.steps)):
-                part.steps[li, si] = {"expert_change": {
-                    "share": share[li, si], "n": self.pairs[li, si].sum(),
-                    "by_timestep_bin": [{"share": share_by_bin[li, si, b], "n": self.pairs[li, si, b]}
-                                        for b in range(self.grid.n_bins)]}}
+        for cell in self.cells():
+            part.steps[cell] = {"expert_change": {
+                "share": share[cell], "n": self.pairs[cell].sum(),
+                "by_timestep_bin": [{"share": share_by_bin[cell + (b,)], "n": self.pairs[cell + (b,)]}
+                                    for b in range(self.grid.n_bins)]}}
         return part

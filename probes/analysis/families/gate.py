@@ -16,13 +16,15 @@ class GateFamily(ProbeFamily):
     name = "gate"
     needs = ("/routing/prob",)
 
-    def __init__(self, context: Context) -> None:
-        super().__init__(context)
-        grid = self.grid
+    @classmethod
+    def unavailable(cls, context: Context) -> str | None:
         if not context.trace.has("/routing/prob"):
-            self.skipped = ("router confidence, balance monitor, soft MI and sampling disagreement need "
-                            "/routing/prob (record with --probs)")
-            return
+            return ("router confidence, balance monitor, soft MI and sampling disagreement need /routing/prob "
+                    "(record with --probs)")
+        return None
+
+    def setup(self) -> None:
+        grid = self.grid
         self.gate = GateAccumulator(grid.n_experts, (len(grid.layers), len(grid.steps), grid.n_bins,
                                                       len(grid.branches)), ("layer", "step", "tbin", "branch"))
         self.layer_index = np.arange(len(grid.layers)).reshape(-1, 1, 1)
@@ -47,9 +49,7 @@ class GateFamily(ProbeFamily):
         if self.grid.sampling:
             part.notes.append("sampling disagreement in a sampling trace is argmax routing vs stored id (0 unless an "
                               "intervention or a float16 tie); it is meaningful in training traces")
-        for li in range(len(self.grid.layers)):
-            for si in range(len(self.grid.steps)):
-                part.steps[li, si] = {"gate": stats_at(per_step, (li, si)),
-                                      "gate_by_timestep_bin": [stats_at(per_bin, (li, si, b))
-                                                               for b in range(self.grid.n_bins)]}
+        for cell in self.cells():
+            part.steps[cell] = {"gate": stats_at(per_step, cell),
+                                "gate_by_timestep_bin": [stats_at(per_bin, cell + (b,)) for b in range(self.grid.n_bins)]}
         return part

@@ -12,7 +12,7 @@ from typing import Any
 from ...stats import ContingencyAccumulator, lift_table, mi_summary
 from ..chunk import Chunk
 from ..results import stats_at
-from ..setup import Context, Label
+from ..setup import Label
 from .base import Part, ProbeFamily
 
 ALL = slice(None)
@@ -21,11 +21,10 @@ ALL = slice(None)
 class InformationFamily(ProbeFamily):
     name = "information"
 
-    def __init__(self, context: Context) -> None:
-        super().__init__(context)
+    def setup(self) -> None:
         grid = self.grid
         n_layers, n_steps = len(grid.layers), len(grid.steps)
-        self.labels = context.labels
+        self.labels = self.context.labels
         self.tables = {lab.name: ContingencyAccumulator(grid.n_experts, len(lab.values),
                                                         (n_layers, grid.n_bins) if lab.kind == "step"
                                                         else (n_layers, n_steps, grid.n_bins))
@@ -50,9 +49,9 @@ class InformationFamily(ProbeFamily):
         summaries = {lab.name: self._summaries(lab) for lab in self.labels}
         for li in range(len(self.grid.layers)):
             part.layers[li] = {"mi": {lab.name: self._layer_mi(lab, summaries[lab.name], li) for lab in self.labels}}
-            for si in range(len(self.grid.steps)):
-                part.steps[li, si] = {"mi": {lab.name: self._mi_at(lab, summaries[lab.name], (li, si))
-                                             for lab in self.labels if lab.kind != "step"}}
+        for cell in self.cells():
+            part.steps[cell] = {"mi": {lab.name: self._mi_at(lab, summaries[lab.name], cell)
+                                       for lab in self.labels if lab.kind != "step"}}
         return part
 
     def _summaries(self, lab: Label) -> dict[str, Any]:

@@ -11,15 +11,13 @@ import numpy as np
 from ...stats import load_stats
 from ..chunk import Chunk
 from ..results import stats_at
-from ..setup import Context
 from .base import Part, ProbeFamily
 
 
 class LoadFamily(ProbeFamily):
     name = "load"
 
-    def __init__(self, context: Context) -> None:
-        super().__init__(context)
+    def setup(self) -> None:
         grid = self.grid
         # sampling: per recorded timestep (Figure 4's data); training: per timestep bin
         n_time = grid.n_timesteps if grid.sampling else grid.n_bins

@@ -14,6 +14,7 @@ from ...stats import linear_probe
 from ..chunk import Chunk
 from ..setup import Context
 from .base import Part, ProbeFamily
+from .convergence import NO_LATENTS
 
 LATENT_COLUMNS = ("layer", "step", "tbin", "timestep", "sample", "branch", "token", "expert")
 
@@ -22,12 +23,12 @@ class ProjectionFamily(ProbeFamily):
     name = "projections"
     needs = ("/latents/h",)
 
-    def __init__(self, context: Context) -> None:
-        super().__init__(context)
-        trace, grid, opt = context.trace, self.grid, context.options
-        if not (grid.sampling and trace.has("/latents/h")):
-            self.skipped = "latent convergence, linear probes and projections skipped: no /latents/h"
-            return
+    @classmethod
+    def unavailable(cls, context: Context) -> str | None:
+        return None if context.grid.sampling and context.trace.has("/latents/h") else NO_LATENTS
+
+    def setup(self) -> None:
+        trace, grid, opt = self.context.trace, self.grid, self.context.options
         self.latent_tokens = np.asarray(trace.coords["stored_token"], dtype=np.int64)
         position = {int(t): i for i, t in enumerate(grid.tokens)}
         self.routed_position = np.array([position.get(int(t), -1) for t in self.latent_tokens])  # -1: not routed

@@ -15,12 +15,14 @@ from .base import Part, ProbeFamily
 class SpatialFamily(ProbeFamily):
     name = "spatial"
 
-    def __init__(self, context: Context) -> None:
-        super().__init__(context)
+    @classmethod
+    def unavailable(cls, context: Context) -> str | None:
+        if not context.grid.full_grid:
+            return "spatial coherence skipped: the stored tokens are not the full token grid (stride or subset)"
+        return None
+
+    def setup(self) -> None:
         grid = self.grid
-        if not grid.full_grid:
-            self.skipped = "spatial coherence skipped: the stored tokens are not the full token grid (stride or subset)"
-            return
         n_layers, n_steps = len(grid.layers), len(grid.steps)
         self.spatial = SpatialCoherenceAccumulator(grid.n_experts, grid.token_grid, (n_layers, n_steps, grid.n_bins),
                                                    ("layer", "step", "tbin"))
@@ -43,9 +45,7 @@ class SpatialFamily(ProbeFamily):
         per_bin = self.spatial.result()  # (layer, step, bin)
         total = self.spatial.result(keep=("layer", "step"))  # pooled over timestep bins
         part = Part()
-        for li in range(len(self.grid.layers)):
-            for si in range(len(self.grid.steps)):
-                part.steps[li, si] = {"spatial": stats_at(total, (li, si)),
-                                      "spatial_by_timestep_bin": [stats_at(per_bin, (li, si, b))
-                                                                  for b in range(self.grid.n_bins)]}
+        for cell in self.cells():
+            part.steps[cell] = {"spatial": stats_at(total, cell),
+                                "spatial_by_timestep_bin": [stats_at(per_bin, cell + (b,)) for b in range(self.grid.n_bins)]}
         return part

@@ -13,7 +13,6 @@ import numpy as np
 from ...stats import AgreementAccumulator, agreement_stats
 from ..chunk import Chunk
 from ..results import stats_at
-from ..setup import Context
 from .base import Part, ProbeFamily
 
 ALL = slice(None)
@@ -21,19 +20,16 @@ ALL = slice(None)
 
 class StabilityFamily(ProbeFamily):
     name = "stability"
+    sampling_only = True
 
-    def __init__(self, context: Context) -> None:
-        super().__init__(context)
+    def setup(self) -> None:
         grid = self.grid
-        if not grid.sampling:
-            self.skipped = "routing stability skipped: it compares samples of a sampling trace"
-            return
         shape = (len(grid.layers), len(grid.steps), grid.n_bins)
         self.seeds = AgreementAccumulator(grid.n_experts, shape)
         self.adjacent = AgreementAccumulator(grid.n_experts, shape)
         self.branches = AgreementAccumulator(grid.n_experts, shape + (max(len(grid.branches) - 1, 1),))
         self.seed_skipped = np.zeros((), np.int64)
-        self.prompt_of = list(context.trace.samples()["prompt"])
+        self.prompt_of = list(self.context.trace.samples()["prompt"])
         self.current_sample: int | None = None
         self.current: dict[tuple[int, int], np.ndarray] = {}  # (branch, timestep) -> clipped ids
         self.reference_prompt = self.reference_sample = None
@@ -82,11 +78,8 @@ class StabilityFamily(ProbeFamily):
         if self.seed_skipped:
             part.notes.append(f"seed stability: {int(self.seed_skipped)} samples skipped (same-prompt samples not "
                               "consecutive)")
-        for li in range(len(self.grid.layers)):
-            for si in range(len(self.grid.steps)):
-                if kinds:
-                    part.steps[li, si] = {"stability": {name: self._at(total, per_bin, (li, si))
-                                                        for name, (total, per_bin) in kinds.items()}}
+        for cell in self.cells() if kinds else []:
+            part.steps[cell] = {"stability": {name: self._at(total, per_bin, cell) for name, (total, per_bin) in kinds.items()}}
         return part
 
     def _at(self, total, per_bin, index: tuple) -> dict:

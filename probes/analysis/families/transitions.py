@@ -13,13 +13,14 @@ from .base import Part, ProbeFamily
 class TransitionFamily(ProbeFamily):
     name = "transitions"
 
-    def __init__(self, context: Context) -> None:
-        super().__init__(context)
-        grid = self.grid
-        if not grid.consecutive_steps:
-            self.skipped = "transitions skipped: fewer than 2 or non-consecutive recorded recursion steps"
-            return
-        self.transitions = TransitionAccumulator(grid.n_experts, (len(grid.layers), grid.n_bins, len(grid.steps) - 1))
+    @classmethod
+    def unavailable(cls, context: Context) -> str | None:
+        enough = context.grid.consecutive_steps
+        return None if enough else "transitions skipped: fewer than 2 or non-consecutive recorded recursion steps"
+
+    def setup(self) -> None:
+        shape = (len(self.grid.layers), self.grid.n_bins, len(self.grid.steps) - 1)
+        self.transitions = TransitionAccumulator(self.grid.n_experts, shape)
 
     def update(self, chunk: Chunk) -> None:  # table (layer, bin, step pair, K, K)
         pairs = chunk.tables.pairs(chunk.clipped, chunk.clipped, shift=1)[:, :-1]
