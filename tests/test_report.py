@@ -336,3 +336,30 @@ def test_expert_change_is_one_minus_adjacent_agreement(env):
             adjacent = d["stability"]["adjacent_timesteps"]
             assert d["expert_change"]["n"] == adjacent["n"]
             assert d["expert_change"]["share"] == pytest.approx(1 - adjacent["agreement"])
+
+
+def test_probe_families_save_restore_and_merge(env):
+    """Every running family's state survives state_dict / load_state_dict, and merging a
+    second pass over the same trace doubles the counts and keeps the shares."""
+    from probes.analysis.families import FAMILIES
+    from probes.analysis.run import stream
+    from probes.analysis.setup import Context, grid_of, labels_of
+
+    opt = Options(n_perm=0, linear_probes=False)
+    with open_trace(env["trace"]) as tr:
+        grid = grid_of(tr, opt)
+        context = Context(tr, grid, labels_of(tr, grid)[0], opt)
+        passes = [[f(context) for f in FAMILIES] for _ in range(2)]
+        for families in passes:
+            stream(tr, [f for f in families if f.skipped is None], context)
+        fresh = [f(context) for f in FAMILIES]
+    assert all(f.skipped is None for f in fresh)  # the fixture trace has everything
+    for done, new in zip(passes[0], fresh):
+        new.load_state_dict(done.state_dict())
+        assert json.dumps(jsonable(new.result().steps), sort_keys=True) == json.dumps(
+            jsonable(done.result().steps), sort_keys=True), done.name
+    load, again = passes[0][0], passes[1][0]
+    before = jsonable(load.result().steps[0, 0]["load"])
+    load.merge(again)
+    after = jsonable(load.result().steps[0, 0]["load"])
+    assert after["n"] == 2 * before["n"] and after["share"] == pytest.approx(before["share"])
