@@ -18,18 +18,23 @@ class ExpertChangeFamily(ProbeFamily):
         shape = (len(self.grid.layers), len(self.grid.steps), self.grid.n_bins)
         self.changed = np.zeros(shape, np.int64)  # tokens whose expert changed
         self.pairs = np.zeros(shape, np.int64)  # tokens valid at both timesteps
-        self.previous: dict[int, tuple[int, int, np.ndarray]] = {}  # branch -> (sample, timestep, clipped ids)
+        # branch -> (sample, timestep, clipped ids, all valid) of the branch's previous chunk
+        self.previous: dict[int, tuple[int, int, np.ndarray, bool]] = {}
 
     def update(self, chunk: Chunk) -> None:
         last = self.previous.get(chunk.branch)
-        self.previous[chunk.branch] = (chunk.sample, chunk.timestep, chunk.clipped)
+        self.previous[chunk.branch] = (chunk.sample, chunk.timestep, chunk.clipped, chunk.all_valid)
         if last is None or last[:2] != (chunk.sample, chunk.timestep - 1):
             return
-        k, earlier = self.grid.n_experts, last[2]
-        both = (earlier < k) & (chunk.clipped < k)
-        earlier_bin = self.grid.bin_of({"timestep": self.grid.timesteps[chunk.timestep - 1]})
-        self.pairs[:, :, earlier_bin] += both.sum(axis=-1)
-        self.changed[:, :, earlier_bin] += (both & (earlier != chunk.clipped)).sum(axis=-1)
+        earlier, ids = last[2], chunk.clipped
+        at = (slice(None), slice(None), self.grid.bin_of({"timestep": self.grid.timesteps[chunk.timestep - 1]}))
+        if last[3] and chunk.all_valid:  # the common case: one comparison pass
+            self.pairs[at] += ids.shape[-1]
+            self.changed[at] += np.count_nonzero(earlier != ids, axis=-1)
+            return
+        both = (earlier < self.grid.n_experts) & (ids < self.grid.n_experts)
+        self.pairs[at] += np.count_nonzero(both, axis=-1)
+        self.changed[at] += np.count_nonzero(both & (earlier != ids), axis=-1)
 
     def result(self) -> Part:
         with np.errstate(invalid="ignore", divide="ignore"):
