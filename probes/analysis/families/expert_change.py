@@ -20,6 +20,7 @@ class ExpertChangeFamily(ProbeFamily):
         self.pairs = np.zeros(shape, np.int64)  # tokens valid at both timesteps
         # branch -> (sample, timestep, clipped ids, all valid) of the branch's previous chunk
         self.previous: dict[int, tuple[int, int, np.ndarray, bool]] = {}
+        self.bin_of_timestep = [self.grid.bin_of({"timestep": t}) for t in self.grid.timesteps]
 
     def update(self, chunk: Chunk) -> None:
         last = self.previous.get(chunk.branch)
@@ -27,14 +28,14 @@ class ExpertChangeFamily(ProbeFamily):
         if last is None or last[:2] != (chunk.sample, chunk.timestep - 1):
             return
         earlier, ids = last[2], chunk.clipped
-        at = (slice(None), slice(None), self.grid.bin_of({"timestep": self.grid.timesteps[chunk.timestep - 1]}))
+        at = (slice(None), slice(None), self.bin_of_timestep[chunk.timestep - 1])
         if last[3] and chunk.all_valid:  # the common case: one comparison pass
             self.pairs[at] += ids.shape[-1]
-            self.changed[at] += np.count_nonzero(earlier != ids, axis=-1)
+            self.changed[at] += (earlier != ids).sum(axis=-1)
             return
         both = (earlier < self.grid.n_experts) & (ids < self.grid.n_experts)
-        self.pairs[at] += np.count_nonzero(both, axis=-1)
-        self.changed[at] += np.count_nonzero(both & (earlier != ids), axis=-1)
+        self.pairs[at] += both.sum(axis=-1)
+        self.changed[at] += (both & (earlier != ids)).sum(axis=-1)
 
     def result(self) -> Part:
         with np.errstate(invalid="ignore", divide="ignore"):
