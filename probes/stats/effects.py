@@ -13,23 +13,20 @@ the first axis:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import numpy as np
 
-from .running import Stat, safe_div
+from .running import ArrayResult, Stat, safe_div
 
 
 @dataclass
-class EffectSummary:
+class EffectSummary(ArrayResult):
     mse: float
     relative_change: float
     relative_change_std: float
     pooled_relative_change: float
     n_samples: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class EffectAccumulator(Stat):
