@@ -1,9 +1,9 @@
 """`python -m probes.report TRACE [--json OUT] [--figures DIR] [--timestep-bins N] [--permutations N]`
 
-Computes the probes of issue 5 over a trace (streaming; `probes.analysis`), prints a summary
+Computes the probes over a trace (streaming; `probes.analysis`), prints a summary
 table per layer and recursion step, and optionally writes the JSON and PNG figures:
 
-    --json OUT        the full result (structure below)
+    --json OUT        the full result (documented in probes/REPORT.md)
     --figures DIR     expert_share_by_timestep.png (paper Fig. 4: stacked expert share vs diffusion
                       timestep, one panel per recursion step, a row per layer) and, when the trace
                       has latents, latent_trajectories.png (paper Fig. 3: PCA of h_l, lines
@@ -17,51 +17,8 @@ table per layer and recursion step, and optionally writes the JSON and PNG figur
 Bad input (missing or foreign trace, existing output without --overwrite, unwritable
 output): one line `error: ...` on stderr, exit code 2.
 
-JSON structure (schema "rsr-report", version 1; nats; null where undefined):
-
-    schema, schema_version
-    trace:    path, kind, complete, checkpoint_sha256, experts (K), layers, steps, timesteps,
-              timestep_values, branches, samples|events, n_tokens_stored, token_grid, has_prob, ...
-    options:  timestep_bins, permutations, max_latent_points
-    timestep_bins: [{bin, timesteps, timestep_values, t_max, t_min}]   (bin 0 = noisiest)
-    checks:   records, invalid_records, counts_vs_ids_max_abs_diff (0 = /routing/counts agree
-              with the stored ids; null when a token stride makes them incomparable),
-              share_sum_max_abs_dev (load shares sum to 1 at every coordinate)
-    global:   load (LoadStats over everything), gate (GateStats, with probs)
-    layers: {"<layer>": {
-        load:        LoadStats of the layer (all steps)
-        mi:          {label: MIResult over all steps + labels; "recursion_step" also has lift,
-                      by_timestep_bin}
-        transitions: {"<l>-><l+1>": TransitionStats (matrix K x K, persistence, chance,
-                      persistence_lift, cond_entropy, next_entropy, mi, n) + by_timestep_bin}
-        convergence: {dist_to_last[L], rel_step[L-1], step_cos[L-2], contraction[L-2],
-                      log_rho_mean, rho, label_share[3] (fixed_point, orbit, drift), n, by_timestep_bin}
-        steps: {"<step>": {
-            load:                 LoadStats: share[K], utilisation[K], dead[K], n_dead, cv, max_vio,
-                                  norm_entropy, effective_experts, n
-            load_by_timestep_bin: [LoadStats per bin]
-            load_by_branch:       {branch: LoadStats}
-            share_by_timestep:    {timestep_value[T], share[T][K]}  (Figure 4's data)
-            gate:                 GateStats: gate_mass[K], load_share[K], mean_entropy,
-                                  mean_norm_entropy, mean_margin, balance (K sum f P), z_loss
-                                  (null: logits not stored), disagreement, soft_mi, n
-            gate_by_timestep_bin: [GateStats per bin]
-            mi:                   {label: MIResult (mi, mi_mm, mi_corrected, null_mean, null_std,
-                                  p_value, emi, ami, nmi, h_e, h_y, mi_bits, n) + labels[M],
-                                  lift[K][M] = P(e|y)/P(e), by_timestep_bin [{mi, mi_mm, n}]}
-                                  labels: timestep_bin, position, branch, prompt, colour, shape,
-                                  count, relation, class (those with >= 2 values)
-            spatial:              SpatialStats (same, same_h, same_v, chance, lift, kappa, n_pairs)
-            spatial_by_timestep_bin: [...]
-            stability:            {seeds|adjacent_timesteps|branches: {agreement, chance, kappa, n,
-                                  by_timestep_bin}}
-        }}
-    }}
-    linear_probes: {"<layer>": {target: ProbeResult (accuracy, accuracy_std, baseline (shuffled
-                   labels), chance, fold_accuracy, n, n_classes, n_splits, C) | {skipped}}}
-    compare:  (with --compare) probes.analysis.compare_traces output
-    derived:  (with --derive) what was written under /derived
-    notes:    [what was skipped and why]
+The JSON is documented, key by key and versioned, in `probes/REPORT.md` (schema
+"rsr-report"); `tests/test_report.py` checks a real report against that document.
 """
 
 from __future__ import annotations
@@ -126,7 +83,7 @@ def summary_table(r: dict) -> str:
         for i, (step, d) in enumerate(lo["steps"].items()):
             ld = d["load"]
             share = " ".join(_f(s, "{:.2f}") for s in ld["share"])
-            g = d.get("gate", {})
+            gate = d.get("gate", {})
             mi = d.get("mi", {})
             mt, mp = mi.get("timestep_bin", {}), mi.get("position", {})
             others = {k: v for k, v in mi.items() if k not in ("timestep_bin", "position")}
@@ -134,19 +91,19 @@ def summary_table(r: dict) -> str:
             if others:
                 k, v = max(others.items(), key=lambda kv: kv[1].get("ami") or -1)
                 best = f"{k} AMI={_f(v.get('ami'))} p={_f(v.get('p_value'), '{:.2g}')}"
-            tr = lo.get("transitions", {})
+            transitions = lo.get("transitions", {})
             key = f"{step}->{steps[i + 1]}" if i + 1 < len(steps) else None
             pc = "-"
-            if key and key in tr:
-                pc = f"{_f(tr[key]['persistence'], '{:.2f}')}/{_f(tr[key]['chance'], '{:.2f}')}"
+            if key and key in transitions:
+                pc = f"{_f(transitions[key]['persistence'], '{:.2f}')}/{_f(transitions[key]['chance'], '{:.2f}')}"
             sp = d.get("spatial")
             spc = f"{_f(sp['same'], '{:.2f}')}/{_f(sp['chance'], '{:.2f}')}" if sp else "-"
             st = d.get("stability", {})
             lines.append(
                 f"{layer:>5} {step:>4} | {share:<24} {_f(ld['cv'], '{:.2f}'):>5} {_f(ld['max_vio'], '{:.2f}'):>6} "
                 f"{_f(ld['norm_entropy'], '{:.2f}'):>5} {_f(ld['effective_experts'], '{:.2f}'):>5} {ld['n_dead']:>4} | "
-                f"{_f(g.get('mean_entropy'), '{:.2f}'):>5} {_f(g.get('mean_margin'), '{:.2f}'):>6} "
-                f"{_f(g.get('balance'), '{:.2f}'):>5} {_f(g.get('soft_mi'), '{:.3f}'):>6} | "
+                f"{_f(gate.get('mean_entropy'), '{:.2f}'):>5} {_f(gate.get('mean_margin'), '{:.2f}'):>6} "
+                f"{_f(gate.get('balance'), '{:.2f}'):>5} {_f(gate.get('soft_mi'), '{:.3f}'):>6} | "
                 f"{_f(mt.get('mi')):>6} {_f(mt.get('ami')):>6} {_f(mp.get('mi')):>7} {best:<22} | {pc:>10} | "
                 f"{spc:>9} | {_f(st.get('seeds', {}).get('kappa'), '{:.2f}'):>5} "
                 f"{_f(st.get('adjacent_timesteps', {}).get('kappa'), '{:.2f}'):>5}")
@@ -239,10 +196,10 @@ def figure_latent_trajectories(r: dict, lat: dict, path: Path, n_timesteps: int 
     X, meta = X[sel].astype(np.float64), meta[sel]
     keys, inv = np.unique(meta[:, [col["sample"], col["timestep"], col["step"]]], axis=0, return_inverse=True)
     inv = inv.reshape(-1)
-    P = np.zeros((len(keys), X.shape[1]))
-    np.add.at(P, inv, X)
-    P /= np.bincount(inv, minlength=len(keys))[:, None]
-    proj = pca(P, n_components=2, method="full")
+    image_means = np.zeros((len(keys), X.shape[1]))  # token-mean h_l per (sample, timestep, step)
+    np.add.at(image_means, inv, X)
+    image_means /= np.bincount(inv, minlength=len(keys))[:, None]
+    proj = pca(image_means, n_components=2, method="full")
     Z = proj.coords
     ts = np.unique(keys[:, 1])
     chosen = ts[np.unique(np.linspace(0, len(ts) - 1, min(n_timesteps, len(ts))).round().astype(int))]
@@ -253,8 +210,8 @@ def figure_latent_trajectories(r: dict, lat: dict, path: Path, n_timesteps: int 
     steps = np.unique(keys[:, 2])
     for t in chosen:
         colr = cmap(norm(tv[t]))
-        for s_ in np.unique(keys[keys[:, 1] == t, 0]):
-            m = (keys[:, 0] == s_) & (keys[:, 1] == t)
+        for sample in np.unique(keys[keys[:, 1] == t, 0]):
+            m = (keys[:, 0] == sample) & (keys[:, 1] == t)
             o = np.argsort(keys[m, 2])
             ax.plot(Z[m][o, 0], Z[m][o, 1], "-", color=colr, alpha=0.35, lw=0.9)
         mean = np.stack([Z[(keys[:, 1] == t) & (keys[:, 2] == s)].mean(axis=0) for s in steps])

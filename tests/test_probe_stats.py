@@ -402,6 +402,50 @@ def test_grouped_counts_streaming_equals_one_shot():
         one.update([np.array([5])], [np.array([0])])
 
 
+def _split_feeds(rng: np.random.Generator):
+    """(fresh accumulator, feed(acc, chunk index)) for every accumulator of probes.stats."""
+    k = 4
+    ids = rng.integers(0, k, (2, 3, 16))
+    other = np.where(rng.random(ids.shape) < 0.3, rng.integers(0, k, ids.shape), ids)
+    probs = softmax(rng.normal(size=ids.shape + (k,)))
+    lat = rng.normal(size=(2, 6, 5, 8))
+    y, z = rng.normal(size=(2, 5, 3)), rng.normal(size=(2, 5, 3))
+    layer = np.arange(2).reshape(-1, 1, 1)
+    return [
+        (lambda: LoadAccumulator(k, (2,)), lambda a, i: a.update(ids[i], 0)),
+        (lambda: ContingencyAccumulator(k, 3, (2,)), lambda a, i: a.update(ids[i], ids[i] % 3, 1)),
+        (lambda: AgreementAccumulator(k, (2,)), lambda a, i: a.update(ids[i], other[i], 0)),
+        (lambda: TransitionAccumulator(k), lambda a, i: a.update(ids[i, :-1], ids[i, 1:])),
+        (lambda: GateAccumulator(k, (2,)), lambda a, i: a.update(probs=probs[i], ids=ids[i], groups=(layer[i],))),
+        (lambda: SpatialCoherenceAccumulator(k, (4, 4)), lambda a, i: a.update(ids[i])),
+        (lambda: ConvergenceAccumulator(5, (2,)), lambda a, i: a.update(lat[i], 1)),
+        (lambda: EffectAccumulator(), lambda a, i: a.update(y[i], z[i])),
+    ]
+
+
+def _same(a, b) -> bool:
+    a, b = (x.to_dict() if hasattr(x, "to_dict") else {"v": np.asarray(x).tolist()} for x in (a, b))
+    return all(np.allclose(np.asarray(a[f], float), np.asarray(b[f], float), equal_nan=True) for f in a)
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_every_accumulator_has_the_stat_contract(case):
+    """update / merge / result / state_dict / load_state_dict: two halves merged, or a state
+    saved and loaded into a fresh accumulator, give the statistics of one pass."""
+    make, feed = _split_feeds(np.random.default_rng(case))[case]
+    whole, first, second, restored = make(), make(), make(), make()
+    for i in range(2):
+        feed(whole, i)
+    feed(first, 0)
+    feed(second, 1)
+    first.merge(second)
+    assert _same(whole.result(), first.result())
+    restored.load_state_dict(whole.state_dict())
+    assert _same(whole.result(), restored.result())
+    with pytest.raises(ValueError):
+        restored.merge(object())
+
+
 # ---------------------------------------------------------------- latent dynamics
 
 

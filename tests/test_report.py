@@ -1,12 +1,14 @@
 """Report, derived projections and causal effects on a real recorded trace of the tiny model (issue 5)."""
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from probes.analysis import Options, analyze
+from probes.analysis import Options, analyze, jsonable
 from probes.causal import causal_effect
 from probes.projections import derive, load_derived
 from probes.interventions import Intervention
@@ -15,7 +17,7 @@ from probes.report import main as report_main
 from rsr_model.__main__ import main as rsr_main
 from traces import open_trace
 
-PROMPTS = "two red circles left of a blue square\na green triangle\n"
+PROMPTS = "two red circles left of a blue square\na green triangle\na red triangle\n"
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +118,7 @@ def test_report_cli_table_json_figures(env, capsys):
     text = capsys.readouterr().out
     assert "load share" in text and "MaxVio" in text and "linear probes" in text
     r = json.loads(out.read_text())
-    assert r["schema"] == "rsr-report" and r["schema_version"] == 1
+    assert r["schema"] == "rsr-report" and r["schema_version"] == 2
     for key in ("trace", "options", "timestep_bins", "checks", "global", "layers", "linear_probes", "notes"):
         assert key in r
     layer = r["layers"][str(r["trace"]["layers"][0])]
@@ -196,3 +198,168 @@ def test_causal_effect_zero_when_nothing_changes_and_nonzero_when_forced(env):
     assert r1["denoiser"]["pooled_relative_change"] > 1e-3
     assert r1["final"]["pooled_relative_change"] > 1e-3
     assert len(r1["denoiser_by_timestep"]) == 3
+
+
+# --------------------------------------------------------------------------- the report's contract
+
+REPORT_DOC = Path(__file__).resolve().parents[1] / "probes" / "REPORT.md"
+
+
+def _documented_paths() -> tuple[set[str], set[str]]:
+    """(required, optional) key patterns of probes/REPORT.md, `{Type}` expanded."""
+    text = REPORT_DOC.read_text()
+    type_block = text.split("```")[1]
+    key_block = text.split("## Key paths")[1].split("```")[1]
+    types = {line.split()[0]: line.split()[1:] for line in type_block.strip().splitlines()}
+    required, optional = set(), set()
+    for line in key_block.strip().splitlines():
+        path = line.split()[0]
+        target = optional if path.endswith("?") else required
+        path = path.rstrip("?")
+        m = re.fullmatch(r"(.*)\.\{(\w+)\}", path)
+        target.update(f"{m.group(1)}.{field}" for field in types[m.group(2)]) if m else target.add(path)
+    return required, optional
+
+
+def _report_paths(x, prefix: str = "") -> set[str]:
+    """Leaf key paths of a JSON value: lists of objects become `name[]`, other lists are leaves."""
+    if isinstance(x, dict) and x:
+        return set().union(*(_report_paths(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in x.items()))
+    if isinstance(x, list) and x and all(isinstance(v, dict) for v in x):
+        return set().union(*(_report_paths(v, prefix + "[]") for v in x))
+    return {prefix}
+
+
+def _matches(pattern: str, path: str) -> bool:
+    """`pattern` from REPORT.md: `<name>` matches any key, a final `*` any subtree."""
+    want, have = pattern.split("."), path.split(".")
+    if want[-1] == "*":
+        want, have = want[:-1], have[: len(want) - 1]
+    if len(want) != len(have):
+        return False
+    for w, h in zip(want, have):
+        regex = "".join("[^.]+" if part.startswith("<") else re.escape(part) for part in re.split(r"(<[^>]*>)", w))
+        if not re.fullmatch(regex, h):
+            return False
+    return True
+
+
+def test_report_json_is_the_documented_contract(env, tmp_path):
+    """Every key path REPORT.md promises is in a real report (CLI, --derive, --compare), and
+    every key path of the report is documented."""
+    trace = tmp_path / "t.h5"
+    shutil.copy(env["trace"], trace)
+    out = tmp_path / "r.json"
+    assert report_main([str(trace), "--json", str(out), "--permutations", "9", "--derive",
+                        "--compare", str(env["trace"])]) == 0
+    paths = _report_paths(json.loads(out.read_text()))
+    required, optional = _documented_paths()
+    assert len(required) > 100
+    undocumented = {p for p in paths if not any(_matches(d, p) for d in required | optional)}
+    missing = {d for d in required if not any(_matches(d, p) for p in paths)}
+    assert not undocumented, sorted(undocumented)
+    assert not missing, sorted(missing)
+    # a training trace holds only documented keys too
+    train = tmp_path / "train.h5"
+    assert rsr_main(["train", "--out", str(tmp_path / "m.pt"), "--steps", "2", "--batch-size", "2",
+                     "--trace", str(train), "--trace-every", "1"]) == 0
+    paths = _report_paths(jsonable(analyze(str(train), Options(n_perm=0, linear_probes=False))))
+    assert not {p for p in paths if not any(_matches(d, p) for d in required | optional)}
+
+
+# --------------------------------------------------------------------------- prompt attributes
+
+
+def test_prompt_attributes_come_from_the_trace(env):
+    """The recorder writes the task's prompt attributes into /samples/scene; the MI labels are
+    read from there (any attribute names), and a trace without them gets a note."""
+    with open_trace(env["trace"]) as tr:
+        scenes = list(tr.samples()["scene"])
+        r = analyze(tr, Options(n_perm=0, linear_probes=False))
+    first = scenes[0] if isinstance(scenes[0], dict) else json.loads(scenes[0])
+    assert first["attributes"] == {"colour": "red", "shape": "circle", "count": "2", "relation": "left of"}
+    step = next(iter(next(iter(r["layers"].values()))["steps"].values()))
+    assert "colour" in step["mi"]  # red, green, red: a partition of its own
+    assert any(n.startswith("shape MI skipped") for n in r["notes"])
+
+
+def test_trace_without_prompt_attributes_gets_a_note(tmp_path):
+    path = _write_trace(tmp_path / "old.h5", np.zeros((3, 2, 8), np.uint8), scene=[{"caption": "a red circle"}] * 2)
+    r = analyze(str(path), Options(n_perm=0, linear_probes=False))
+    assert any(n.startswith("prompt-attribute MI skipped") for n in r["notes"])
+
+
+# --------------------------------------------------------------------------- the example probe
+
+
+def _write_trace(path, ids_by_time: np.ndarray, scene=None):
+    """A sampling trace of 2 samples (same prompt), one layer, whose routing at recorded
+    timestep t is `ids_by_time[t]` (step, token) for sample 0 and all zeros for sample 1."""
+    from traces.layout import SampleTable, SamplingLayout
+    from traces.writer import SamplingWriter
+
+    n_t, n_steps, n_tokens = ids_by_time.shape
+    layout = SamplingLayout(n_experts=4, layers=[0], steps=n_steps, tokens=n_tokens, timesteps=list(range(n_t)),
+                            timestep_values=[900.0 - 400 * t for t in range(n_t)])
+    table = SampleTable(prompt=["p", "p"], seed=[0, 1], scene=scene)
+    with SamplingWriter(path, layout, table) as w:
+        w.begin_batch(2)
+        for t in range(n_t):
+            e = np.zeros((2, 1, 1, n_steps, n_tokens), np.uint8)
+            e[0, 0, 0] = ids_by_time[t]
+            w.write_timestep(t, e)
+    return path
+
+
+def test_expert_change_known_answer(tmp_path):
+    """Share of tokens whose expert changes between adjacent recorded timesteps, invalid ids
+    left out, binned by the earlier timestep."""
+    ids = np.zeros((3, 2, 8), np.uint8)  # (timestep, step, token)
+    ids[:, 0] = [[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 2, 2], [0, 0, 0, 254, 1, 1, 2, 2]]
+    ids[:, 1] = [[3] * 8, [3] * 8, [3, 3, 3, 3, 0, 0, 0, 0]]
+    path = _write_trace(tmp_path / "k.h5", ids)
+    r = analyze(str(path), Options(n_bins=3, n_perm=0, linear_probes=False))
+    steps = r["layers"]["0"]["steps"]
+    first, second = jsonable(steps["0"]["expert_change"]), jsonable(steps["1"]["expert_change"])
+    # sample 0: step 0 changes 2 of 8, then 0 of 7 (one ablated); sample 1 never changes (16 + 16 pairs)
+    assert first["n"] == 8 + 7 + 16 and first["share"] == pytest.approx(2 / 31)
+    assert [b["n"] for b in first["by_timestep_bin"]] == [16, 15, 0]
+    assert first["by_timestep_bin"][0]["share"] == pytest.approx(2 / 16) and first["by_timestep_bin"][2]["share"] is None
+    assert second["n"] == 32 and second["share"] == pytest.approx(4 / 32)
+    assert second["by_timestep_bin"][1]["share"] == pytest.approx(4 / 16)
+
+
+def test_expert_change_is_one_minus_adjacent_agreement(env):
+    r = analyze(str(env["trace"]), Options(n_perm=0, linear_probes=False))
+    for lo in r["layers"].values():
+        for d in lo["steps"].values():
+            adjacent = d["stability"]["adjacent_timesteps"]
+            assert d["expert_change"]["n"] == adjacent["n"]
+            assert d["expert_change"]["share"] == pytest.approx(1 - adjacent["agreement"])
+
+
+def test_probe_families_save_restore_and_merge(env):
+    """Every running family's state survives state_dict / load_state_dict, and merging a
+    second pass over the same trace doubles the counts and keeps the shares."""
+    from probes.analysis.families import FAMILIES
+    from probes.analysis.run import stream
+    from probes.analysis.setup import Context, grid_of, labels_of
+
+    opt = Options(n_perm=0, linear_probes=False)
+    with open_trace(env["trace"]) as tr:
+        grid = grid_of(tr, opt)
+        context = Context(tr, grid, labels_of(tr, grid)[0], opt)
+        passes = [[f(context) for f in FAMILIES] for _ in range(2)]
+        for families in passes:
+            stream(tr, [f for f in families if f.skipped is None], context)
+        fresh = [f(context) for f in FAMILIES]
+    assert all(f.skipped is None for f in fresh)  # the fixture trace has everything
+    for done, new in zip(passes[0], fresh):
+        new.load_state_dict(done.state_dict())
+        assert json.dumps(jsonable(new.result().steps), sort_keys=True) == json.dumps(
+            jsonable(done.result().steps), sort_keys=True), done.name
+    load, again = passes[0][0], passes[1][0]
+    before = jsonable(load.result().steps[0, 0]["load"])
+    load.merge(again)
+    after = jsonable(load.result().steps[0, 0]["load"])
+    assert after["n"] == 2 * before["n"] and after["share"] == pytest.approx(before["share"])

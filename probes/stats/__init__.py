@@ -1,8 +1,10 @@
 """Statistics of expert specialization and latent recursion, on numpy arrays and chunk streams.
 
 Modules (each holds the closed-form functions and the streaming accumulators
-for one family of probes; accumulators have ``update(chunk...)`` / ``result()``
-and keep only fixed-size tables, so memory is bounded by the chunk size):
+for one family of probes). Every accumulator is a :class:`.running.Stat`:
+``update(chunk...)``, ``merge(other)``, ``result()``, ``state_dict()`` /
+``load_state_dict()``, and keeps only fixed-size tables, so memory is bounded by
+the chunk size:
 
 * :mod:`.running`      -- grouped counting / summing primitives (``np.bincount`` on combined keys)
 * :mod:`.routing`      -- load share, utilisation, dead experts, CV, MaxVio, load entropy,
@@ -14,7 +16,7 @@ and keep only fixed-size tables, so memory is bounded by the chunk size):
 * :mod:`.dynamics`     -- latent convergence across recursion steps, fixed point / orbit / drift
 * :mod:`.decoding`     -- cross-validated linear-probe decodability vs shuffled labels
 * :mod:`.projection`   -- PCA and UMAP with recorded parameters
-* :mod:`.causal`       -- effect summaries of interventions
+* :mod:`.effects`      -- effect summaries of interventions
 """
 
 from .effects import EffectAccumulator, EffectSummary, effect_summary
@@ -55,7 +57,7 @@ from .routing import (
     top1_margin,
     z_loss,
 )
-from .running import GroupedCounts, GroupedSums, entropy
+from .running import GroupedCounts, GroupedSums, Stat, entropy
 from .spatial import SpatialCoherenceAccumulator, SpatialStats, neighbour_agreement
 from .stability import AgreementAccumulator, AgreementStats, agreement_stats, routing_agreement
 from .transitions import TransitionAccumulator, TransitionStats, transition_stats

@@ -14,7 +14,7 @@ the representation (cf. Huginn's ``classify_loops`` for the recursion step).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -23,9 +23,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from .running import ArrayResult
+
 
 @dataclass
-class ProbeResult:
+class ProbeResult(ArrayResult):
     """accuracy: mean held-out accuracy over folds; accuracy_std: its std over folds;
     baseline: mean accuracy with shuffled labels; chance: majority-class share;
     fold_accuracy: per fold; n, n_classes, n_splits, C: setup."""
@@ -39,9 +41,6 @@ class ProbeResult:
     n_classes: int
     n_splits: int
     C: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _stratified_subsample(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

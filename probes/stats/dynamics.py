@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .running import ArrayResult, GroupedSums, safe_div
+from .running import ArrayResult, GroupedSums, Stat, safe_div
 
 TRAJECTORY_LABELS: tuple[str, ...] = ("fixed_point", "orbit", "drift")
 FIXED_POINT, ORBIT, DRIFT = 0, 1, 2
@@ -139,7 +139,7 @@ class ConvergenceSummary(ArrayResult):
     n: np.ndarray
 
 
-class ConvergenceAccumulator:
+class ConvergenceAccumulator(Stat):
     """Streaming means of the convergence metrics per recursion step, per group.
 
     ``update(latents, *groups)`` with latents ``(..., L, D)``; group arrays broadcast

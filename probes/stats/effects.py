@@ -13,36 +13,34 @@ the first axis:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import numpy as np
 
-from .running import safe_div
+from .running import ArrayResult, Stat, safe_div
 
 
 @dataclass
-class EffectSummary:
+class EffectSummary(ArrayResult):
     mse: float
     relative_change: float
     relative_change_std: float
     pooled_relative_change: float
     n_samples: int
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-
-class EffectAccumulator:
+class EffectAccumulator(Stat):
     """Streaming version: ``update(baseline, intervened)`` per chunk of samples (axis 0)."""
 
     def __init__(self) -> None:
-        self._sq = 0.0  # sum (y' - y)^2
-        self._ref = 0.0  # sum y^2
-        self._elems = 0
-        self._rel = 0.0
-        self._rel2 = 0.0
-        self._n = 0
-        self._n_rel = 0  # samples with a non-zero baseline (relative change defined)
+        # 0-d arrays (updated in place), so that they are the state of the Stat contract
+        self._sq = np.zeros(())  # sum (y' - y)^2
+        self._ref = np.zeros(())  # sum y^2
+        self._elems = np.zeros((), np.int64)
+        self._rel = np.zeros(())
+        self._rel2 = np.zeros(())
+        self._n = np.zeros((), np.int64)
+        self._n_rel = np.zeros((), np.int64)  # samples with a non-zero baseline (relative change defined)
 
     def update(self, baseline: np.ndarray, intervened: np.ndarray) -> None:
         y = np.asarray(baseline, dtype=np.float64)
@@ -63,14 +61,14 @@ class EffectAccumulator:
         self._n_rel += int(np.isfinite(rel).sum())
 
     def result(self) -> EffectSummary:
-        mean_rel = self._rel / self._n_rel if self._n_rel else float("nan")
-        var = self._rel2 / self._n_rel - mean_rel**2 if self._n_rel else float("nan")
+        mean_rel = float(self._rel / self._n_rel) if self._n_rel else float("nan")
+        var = float(self._rel2 / self._n_rel) - mean_rel**2 if self._n_rel else float("nan")
         return EffectSummary(
-            mse=self._sq / self._elems if self._elems else float("nan"),
+            mse=float(self._sq / self._elems) if self._elems else float("nan"),
             relative_change=mean_rel,
             relative_change_std=float(np.sqrt(max(var, 0.0))),
             pooled_relative_change=float(np.sqrt(self._sq / self._ref)) if self._ref > 0 else float("nan"),
-            n_samples=self._n,
+            n_samples=int(self._n),
         )
 
 

@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 from scipy.special import gammaln
 
-from .running import ArrayResult, GroupedCounts, entropy, safe_div
+from .running import ArrayResult, GroupedCounts, Stat, entropy, safe_div
 
 
 # --------------------------------------------------------------------------- plug-in quantities
@@ -349,7 +349,7 @@ def mi_summary(
     )
 
 
-class ContingencyAccumulator:
+class ContingencyAccumulator(Stat):
     """Streaming expert x label count table (optionally per group).
 
     >>> acc = ContingencyAccumulator(n_experts=8, n_labels=10, group_shape=(n_layers,))
@@ -369,9 +369,6 @@ class ContingencyAccumulator:
         """Fold in pre-counted records (see :meth:`GroupedCounts.add_counts`), e.g. a chunk
         whose label is one value: ``acc.add_counts(expert_counts, at=(..., slice(None), label))``."""
         self.counts.add_counts(counts, at)
-
-    def merge(self, other: "ContingencyAccumulator") -> None:
-        self.counts.merge(other.counts)
 
     def table(self) -> np.ndarray:
         """Counts ``group_shape + (K, M)``."""

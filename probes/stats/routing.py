@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from scipy.special import logsumexp
 
-from .running import ArrayResult, GroupedCounts, GroupedSums, entropy, group_axis_names, safe_div, sum_groups
+from .running import ArrayResult, GroupedCounts, GroupedSums, Stat, entropy, group_axis_names, safe_div, sum_groups
 
 
 # --------------------------------------------------------------------------- closed-form statistics
@@ -153,7 +153,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- accumulators
 
 
-class LoadAccumulator:
+class LoadAccumulator(Stat):
     """Streaming expert counts per group; ``result()`` gives :class:`LoadStats`.
 
     >>> acc = LoadAccumulator(8, group_shape=(n_layers, n_steps, n_tbins))
@@ -223,7 +223,7 @@ class GateStats(ArrayResult):
     n: np.ndarray
 
 
-class GateAccumulator:
+class GateAccumulator(Stat):
     """Streaming router-confidence, balance and z-loss monitors per group.
 
     ``update(probs=..., logits=..., ids=..., groups=(...))``: give ``logits`` (then

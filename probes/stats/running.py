@@ -73,7 +73,64 @@ def _flat_key(
     return key
 
 
-class GroupedCounts:
+class Stat:
+    """The one contract of every streaming statistic (after baukit's ``runningstats.Stat``).
+
+    * ``update(...)`` folds one chunk into a fixed-size state;
+    * ``merge(other)`` adds the state of the same statistic fed from another stream;
+    * ``result(...)`` gives the statistics of everything folded in so far;
+    * ``state_dict()`` / ``load_state_dict(state)`` save and restore that state as named
+      numpy arrays (e.g. to resume a pass or combine passes run in other processes).
+
+    The state is every numpy-array attribute plus every nested ``Stat`` attribute (their
+    arrays under ``"name.field"``); merging adds the arrays.  A subclass with other state
+    (running maxima, lists) overrides ``merge`` / ``state_dict`` / ``load_state_dict``.
+    """
+
+    def update(self, *args, **kwargs) -> None:
+        raise NotImplementedError
+
+    def result(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def _state(self) -> dict:
+        return {k: v for k, v in vars(self).items() if isinstance(v, (np.ndarray, Stat))}
+
+    def merge(self, other: "Stat") -> None:
+        """Add ``other``'s state (same class, same shapes) to this one."""
+        if type(other) is not type(self):
+            raise ValueError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
+        theirs = other._state()
+        for name, mine in self._state().items():
+            if isinstance(mine, Stat):
+                mine.merge(theirs[name])
+            elif mine.shape != theirs[name].shape:
+                raise ValueError("cannot merge accumulators of different shape")
+            else:
+                mine += theirs[name]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for name, value in self._state().items():
+            if isinstance(value, Stat):
+                out.update({f"{name}.{k}": a for k, a in value.state_dict().items()})
+            else:
+                out[name] = value.copy()
+        return out
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        for name, value in self._state().items():
+            if isinstance(value, Stat):
+                prefix = name + "."
+                value.load_state_dict({k[len(prefix):]: a for k, a in state.items() if k.startswith(prefix)})
+                continue
+            loaded = np.asarray(state[name])
+            if loaded.shape != value.shape:
+                raise ValueError(f"state {name!r} has shape {loaded.shape}, expected {value.shape}")
+            value[...] = loaded
+
+
+class GroupedCounts(Stat):
     """Joint counts of categorical ``values`` for every cell of a group grid.
 
     Parameters
@@ -175,18 +232,12 @@ class GroupedCounts:
             int(np.prod(lead)), dtype=np.intp)
         np.add.at(view, key, c.reshape((-1,) + self.value_sizes))
 
-    def merge(self, other: "GroupedCounts") -> None:
-        """Combine with an accumulator fed from another stream (same shapes)."""
-        if other.value_sizes != self.value_sizes or other.group_shape != self.group_shape:
-            raise ValueError("cannot merge accumulators of different shape")
-        self._counts += other._counts
-
     def result(self) -> np.ndarray:
         """Counts of shape ``group_shape + value_sizes`` (a copy)."""
         return self._counts.reshape(self.group_shape + self.value_sizes).copy()
 
 
-class GroupedSums:
+class GroupedSums(Stat):
     """Per-group sums of float vectors (e.g. gate probabilities, entropies).
 
     ``update(x, groups)`` with ``x`` of shape ``(..., width)`` and group arrays
@@ -216,10 +267,6 @@ class GroupedSums:
         self._counts += np.bincount(key, minlength=self._n_groups)
         for j in range(self.width):  # one weighted bincount per column
             self._sums[:, j] += np.bincount(key, weights=flat[:, j], minlength=self._n_groups)
-
-    def merge(self, other: "GroupedSums") -> None:
-        self._sums += other._sums
-        self._counts += other._counts
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         return (

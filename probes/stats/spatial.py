@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .running import ArrayResult, GroupedCounts, GroupedSums, group_axis_names, safe_div, sum_groups
+from .running import ArrayResult, GroupedCounts, GroupedSums, Stat, group_axis_names, safe_div, sum_groups
 
 
 @dataclass
@@ -57,7 +57,7 @@ def neighbour_agreement(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return same_h, same_v
 
 
-class SpatialCoherenceAccumulator:
+class SpatialCoherenceAccumulator(Stat):
     """Streaming spatial coherence per group.
 
     ``update(ids, *groups)``: ``ids`` of shape ``(..., h*w)`` (row-major token

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .running import ArrayResult, GroupedCounts, safe_div
+from .running import ArrayResult, GroupedCounts, Stat, safe_div
 
 
 @dataclass
@@ -52,7 +52,7 @@ def routing_agreement(ids_a: np.ndarray, ids_b: np.ndarray, n_experts: int) -> A
     return acc.result()
 
 
-class AgreementAccumulator:
+class AgreementAccumulator(Stat):
     """Streaming confusion table between two routings, optionally per group."""
 
     def __init__(self, n_experts: int, group_shape: Sequence[int] = ()) -> None:
@@ -64,9 +64,6 @@ class AgreementAccumulator:
     def add_counts(self, counts: np.ndarray, at: tuple | None = None) -> None:
         """Fold in pre-counted confusion tables (see :meth:`GroupedCounts.add_counts`)."""
         self.counts.add_counts(counts, at)
-
-    def merge(self, other: "AgreementAccumulator") -> None:
-        self.counts.merge(other.counts)
 
     def result(self) -> AgreementStats:
         return agreement_stats(self.counts.result())

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from .information import conditional_entropy, mutual_information
-from .running import ArrayResult, GroupedCounts, entropy, safe_div
+from .running import ArrayResult, GroupedCounts, Stat, entropy, safe_div
 
 
 @dataclass
@@ -70,7 +70,7 @@ def transition_stats(joint: np.ndarray) -> TransitionStats:
     )
 
 
-class TransitionAccumulator:
+class TransitionAccumulator(Stat):
     """Streaming joint counts of (expert at step l, expert at step l+1).
 
     Two ways to feed it:
@@ -103,9 +103,6 @@ class TransitionAccumulator:
     def add_counts(self, counts: np.ndarray, at: tuple | None = None) -> None:
         """Fold in pre-counted (from, to) tables (see :meth:`GroupedCounts.add_counts`)."""
         self.counts.add_counts(counts, at)
-
-    def merge(self, other: "TransitionAccumulator") -> None:
-        self.counts.merge(other.counts)
 
     def table(self) -> np.ndarray:
         return self.counts.result()

@@ -79,4 +79,9 @@ class TinySD3Shapes(Task):
             spec = shapes.parse_caption(item)
         except Exception:
             return {}
-        return {"spec": shapes.spec_text(spec), "caption": item}
+        out = {"spec": shapes.spec_text(spec), "caption": item}
+        if spec.groups:  # what the probes' MI and linear probes read from /samples/scene
+            first = spec.groups[0]
+            out["attributes"] = {"colour": str(first.colour), "shape": str(first.shape), "count": str(first.count),
+                                 "relation": str(spec.relation) if spec.relation else "none"}
+        return out

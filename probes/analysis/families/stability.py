@@ -1,0 +1,87 @@
+"""Routing stability: agreement and Cohen's kappa between two routings of the same tokens.
+
+seeds: each sample against the first sample of the same prompt (same branch, timestep,
+layer, step, token); adjacent_timesteps: each recorded timestep against the next recorded
+one, binned by the earlier one; branches: every branch against the first ("cond" first in
+recorded traces). Only one sample's routing (plus the reference sample's) is kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...stats import AgreementAccumulator, agreement_stats
+from ..chunk import Chunk
+from ..results import stats_at
+from .base import Part, ProbeFamily
+
+ALL = slice(None)
+
+
+class StabilityFamily(ProbeFamily):
+    name = "stability"
+    sampling_only = True
+
+    def setup(self) -> None:
+        grid = self.grid
+        shape = (len(grid.layers), len(grid.steps), grid.n_bins)
+        self.seeds = AgreementAccumulator(grid.n_experts, shape)
+        self.adjacent = AgreementAccumulator(grid.n_experts, shape)
+        self.branches = AgreementAccumulator(grid.n_experts, shape + (max(len(grid.branches) - 1, 1),))
+        self.seed_skipped = np.zeros((), np.int64)
+        self.prompt_of = list(self.context.trace.samples()["prompt"])
+        self.current_sample: int | None = None
+        self.current: dict[tuple[int, int], np.ndarray] = {}  # (branch, timestep) -> clipped ids
+        self.reference_prompt = self.reference_sample = None
+        self.reference: dict[tuple[int, int], np.ndarray] = {}
+        self.seen_prompts: set = set()
+
+    def update(self, chunk: Chunk) -> None:
+        if chunk.sample != self.current_sample:
+            self._finish_sample()
+            self.current_sample, self.current = chunk.sample, {}
+        branch, time, ids, pairs = chunk.branch, chunk.timestep, chunk.clipped, chunk.tables.pairs
+        previous = self.current.get((branch, time - 1))
+        if previous is not None:
+            earlier_bin = self.grid.bin_of({"timestep": self.grid.timesteps[time - 1]})
+            self.adjacent.add_counts(pairs(previous, ids), at=(ALL, ALL, earlier_bin))
+        if branch > 0 and (0, time) in self.current:
+            self.branches.add_counts(pairs(self.current[0, time], ids), at=(ALL, ALL, chunk.timestep_bin, branch - 1))
+        if self.reference_prompt == self.prompt_of[chunk.sample] and self.reference_sample != chunk.sample:
+            reference = self.reference.get((branch, time))
+            if reference is not None:
+                self.seeds.add_counts(pairs(reference, ids), at=(ALL, ALL, chunk.timestep_bin))
+        self.current[branch, time] = ids
+
+    def _finish_sample(self) -> None:
+        if self.current_sample is None:
+            return
+        prompt = self.prompt_of[self.current_sample]
+        if prompt not in self.seen_prompts:
+            self.seen_prompts.add(prompt)
+            self.reference_prompt, self.reference_sample, self.reference = prompt, self.current_sample, self.current
+        elif prompt != self.reference_prompt:
+            self.seed_skipped += 1  # same prompt seen before but its reference was evicted
+
+    def result(self) -> Part:
+        self._finish_sample()
+        self.current_sample, self.current = None, {}
+        part, kinds = Part(), {}
+        for name, acc in (("seeds", self.seeds), ("adjacent_timesteps", self.adjacent), ("branches", self.branches)):
+            confusion = acc.counts.result()
+            if name == "branches":
+                confusion = confusion.sum(axis=3)  # over the non-reference branches
+            if confusion.sum():
+                kinds[name] = (agreement_stats(confusion.sum(axis=2)), agreement_stats(confusion))
+        if "seeds" not in kinds:
+            part.notes.append("seed stability skipped: no prompt was sampled with more than one seed")
+        if self.seed_skipped:
+            part.notes.append(f"seed stability: {int(self.seed_skipped)} samples skipped (same-prompt samples not "
+                              "consecutive)")
+        for cell in self.cells() if kinds else []:
+            part.steps[cell] = {"stability": {name: self._at(total, per_bin, cell) for name, (total, per_bin) in kinds.items()}}
+        return part
+
+    def _at(self, total, per_bin, index: tuple) -> dict:
+        return {**stats_at(total, index, drop=("confusion",)),
+                "by_timestep_bin": [stats_at(per_bin, index + (b,), drop=("confusion",)) for b in range(self.grid.n_bins)]}

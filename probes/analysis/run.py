@@ -1,0 +1,96 @@
+"""The streaming pass: build the families, fold every chunk cell into each, assemble the report."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from traces import TraceReader
+
+from .chunk import ChunkTables, make_chunk
+from .families import FAMILIES, Part, ProbeFamily
+from .setup import Context, Options, TraceGrid, grid_of, labels_of
+
+REPORT_SCHEMA = "rsr-report"
+REPORT_VERSION = 2  # probes/REPORT.md: 2 adds expert_change
+
+
+def stream(trace: TraceReader, families: list[ProbeFamily], context: Context) -> int:
+    """Fold every chunk cell of the trace into the running families; returns the chunk count."""
+    grid, tables = context.grid, ChunkTables(context.grid, context.labels)
+    needed = {name for family in families for name in family.needs if trace.has(name)}
+    extra = {name: trace.iter_chunks(name) for name in ("/routing/prob", "/latents/h") if name in needed}
+    counts = trace.iter_chunks("/routing/counts")
+    n_chunks = 0
+    for block in trace.iter_chunks("/routing/expert"):
+        data = {name: next(it).data for name, it in extra.items()}
+        chunk = make_chunk(grid, tables, block.coords, block.data, next(counts).data,
+                           data.get("/routing/prob"), data.get("/latents/h"))
+        for family in families:
+            family.update(chunk)
+        n_chunks += 1
+    return n_chunks
+
+
+def run_pass(trace: TraceReader, options: Options, timings: dict[str, float]) -> dict[str, Any]:
+    start = time.perf_counter()
+    grid = grid_of(trace, options)
+    labels, notes = labels_of(trace, grid)
+    context = Context(trace, grid, labels, options)
+    families = [family(context) for family in FAMILIES]
+    running = [f for f in families if f.skipped is None]
+    n_chunks = stream(trace, running, context)
+    streamed = time.perf_counter()
+    report = skeleton(trace, grid, options, notes)
+    notes.append("z-loss unavailable: traces store gate probabilities, not logits")
+    for family in families:
+        if family.skipped is not None:
+            if family.skipped not in notes:
+                notes.append(family.skipped)
+            continue
+        add_part(report, family.result())
+    timings.update(stream_s=streamed - start, assemble_s=time.perf_counter() - streamed, chunks=n_chunks)
+    return report
+
+
+def skeleton(trace: TraceReader, grid: TraceGrid, options: Options, notes: list[str]) -> dict[str, Any]:
+    """The report's fixed keys, in order; the families fill in the rest."""
+    return {
+        "schema": REPORT_SCHEMA, "schema_version": REPORT_VERSION,
+        "trace": trace_info(trace, grid),
+        "options": {"timestep_bins": grid.n_bins, "permutations": options.n_perm,
+                    "max_latent_points": options.max_latent_points},
+        "timestep_bins": grid.bins,
+        "checks": {}, "global": {},
+        "layers": {str(layer): {"steps": {str(step): {} for step in grid.steps}} for layer in grid.layers},
+        "notes": notes,
+    }
+
+
+def add_part(report: dict[str, Any], part: Part) -> None:
+    layers = list(report["layers"].values())
+    for key, value in part.top.items():
+        if isinstance(report.get(key), dict) and key not in ("layers",):
+            report[key].update(value)
+        else:
+            report[key] = value
+    for li, keys in part.layers.items():
+        layers[li].update(keys)
+    for (li, si), keys in part.steps.items():
+        list(layers[li]["steps"].values())[si].update(keys)
+    report["notes"] += [n for n in part.notes if n not in report["notes"]]
+
+
+def trace_info(trace: TraceReader, grid: TraceGrid) -> dict[str, Any]:
+    info = {"path": str(trace.path), "kind": trace.kind, "complete": trace.complete,
+            "checkpoint_sha256": trace.attrs.get("checkpoint_sha256"), "experts": grid.n_experts,
+            "layers": grid.layers, "steps": grid.steps, "n_tokens_stored": int(len(grid.tokens)),
+            "token_grid": list(grid.token_grid) if grid.token_grid else None, "full_token_grid": grid.full_grid,
+            "has_prob": trace.has("/routing/prob"), "has_latents": trace.has("/latents/h"),
+            "has_decoded": trace.has("/decoded/step"), "interventions": trace.attrs.get("interventions")}
+    if grid.sampling:
+        info.update(samples=int(trace.n_samples), branches=grid.branches, timesteps=grid.timesteps.tolist(),
+                    timestep_values=grid.timestep_values.tolist(), written_cells=int(trace.written.sum()))
+    else:
+        info.update(events=int(trace.n_events))
+    return info
