@@ -1,0 +1,73 @@
+"""A plain verdict per layer and recursion step: is the routing specialization, or noise?
+
+Routing statistics describe which expert the argmax picked; an argmax over a flat gate still
+picks one, and on millions of tokens a tiny MI is "significant". The verdict weighs the three
+pieces of evidence a researcher would, in this order:
+
+1. the gate's confidence (`gate.mean_margin`, top-1 minus top-2 probability, needs
+   /routing/prob): below FLAT_MARGIN the choice is an argmax over a flat gate, whatever the MI;
+2. the routing value (`probes.routing_value`): the loss with the gate's routing against random
+   routing with the same load, with its bootstrap interval; "specialized" needs its lower end
+   above MIN_VALUE (the gate's assignment lowers the loss by at least that fraction);
+3. the structure of the routing: the largest adjusted MI of the expert with any label, with its
+   permutation p. Without a routing value, structure alone gives "structured routing (value not
+   measured)", never "specialized".
+
+Labels: "flat_gate", "specialized", "chance", "structured_unmeasured".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FLAT_MARGIN = 0.05  # mean top-1 minus top-2 gate probability below which the gate is flat
+MIN_VALUE = 0.02  # routing value (relative loss reduction vs same-load random) that counts
+MIN_AMI = 0.05  # adjusted MI that counts as structure
+MAX_P = 0.01
+
+
+def _strongest_label(mi: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    scored = [(name, r) for name, r in mi.items() if r.get("ami") is not None]
+    if not scored:
+        return None, {}
+    return max(scored, key=lambda kv: kv[1]["ami"])
+
+
+def step_verdict(step_report: dict[str, Any], value: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Verdict of one (layer, step) of a report; `value` is that step's routing-value scope, if measured."""
+    margin = step_report.get("gate", {}).get("mean_margin")
+    label, mi = _strongest_label(step_report.get("mi", {}))
+    evidence: dict[str, Any] = {"margin": margin, "strongest_label": label, "ami": mi.get("ami"),
+                                "p_value": mi.get("p_value")}
+    if value is not None:
+        evidence.update(routing_value=value["value"], routing_value_ci95=value["value_ci95"],
+                        gate_below_every_forced=value["gate_below_every_forced"])
+    structured = mi.get("ami") is not None and mi["ami"] >= MIN_AMI and (mi.get("p_value") or 1.0) <= MAX_P
+    if margin is not None and margin < FLAT_MARGIN:
+        kind, text = "flat_gate", f"argmax over a flat gate (margin {margin:.3f})"
+    elif value is not None and value["value_ci95"][0] > MIN_VALUE:
+        kind = "specialized"
+        text = (f"specialized (routing value {value['value']:.3f} [{value['value_ci95'][0]:.3f}, "
+                f"{value['value_ci95'][1]:.3f}], AMI({label}) {_num(mi.get('ami'))}, p {_num(mi.get('p_value'), '.2g')})")
+    elif value is not None or not structured:
+        kind = "chance"
+        shown = (f"routing value {value['value']:.3f} [{value['value_ci95'][0]:.3f}, {value['value_ci95'][1]:.3f}]"
+                 if value is not None else f"AMI({label}) {_num(mi.get('ami'))}, p {_num(mi.get('p_value'), '.2g')}")
+        text = f"routing not distinguishable from chance ({shown})"
+    else:
+        kind = "structured_unmeasured"
+        text = (f"structured routing, value not measured (AMI({label}) {_num(mi.get('ami'))}, "
+                f"p {_num(mi.get('p_value'), '.2g')}; run probes.routing_value)")
+    return {"label": kind, "text": text, "evidence": evidence}
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def add_verdicts(report: dict[str, Any], routing_value: dict[str, Any] | None = None) -> None:
+    """Write `layers.<layer>.steps.<step>.verdict` into a report (routing value per recursion step)."""
+    scopes = (routing_value or {}).get("scopes", {})
+    for layer in report["layers"].values():
+        for step, step_report in layer["steps"].items():
+            step_report["verdict"] = step_verdict(step_report, scopes.get(str(step)))
