@@ -3,7 +3,8 @@
 Writers (`SamplingWriter`, `TrainingWriter`) stream what a sampler or trainer produces into a
 crash-safe SWMR file; `open_trace` reads it back lazily; `join_ranks` merges rank files
 through virtual datasets; `estimate_sampling`/`estimate_training` predict sizes up front.
-This package depends on numpy, h5py and hdf5plugin only.
+This package depends on numpy and h5py, plus hdf5plugin for the default Blosc compression
+(portable traces, `portable=True`, use gzip and read anywhere; `python -m traces convert`).
 """
 
 from .errors import TraceError

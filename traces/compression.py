@@ -50,7 +50,8 @@ if hdf5plugin is not None:
     })
 
 # HDF5 filter ids of plugins, for messages about missing ones.
-PLUGIN_NAMES = {32001: "Blosc", 32015: "Zstd", 32008: "Bitshuffle", 32004: "LZ4"}
+BLOSC_ID = 32001
+PLUGIN_NAMES = {BLOSC_ID: "Blosc", 32015: "Zstd", 32008: "Bitshuffle", 32004: "LZ4"}
 _BUILTIN = {1, 2, 3, 4, 5, 6}  # deflate, shuffle, fletcher32, szip, nbit, scaleoffset
 
 
@@ -70,7 +71,12 @@ def filter_kwargs(name: str, portable: bool = False) -> dict[str, Any]:
 
 
 def missing_plugin(dataset: h5py.Dataset) -> str | None:
-    """Name of a filter `dataset` is compressed with that this HDF5 cannot decode, else None."""
+    """Name of a filter `dataset` is compressed with that this HDF5 cannot decode, else None.
+
+    A virtual dataset (joined ranks) has no filters of its own; its rank files use Blosc
+    unless they were written portable."""
+    if dataset.is_virtual:
+        return None if h5py.h5z.filter_avail(BLOSC_ID) else "Blosc"
     plist = dataset.id.get_create_plist()
     for i in range(plist.get_nfilters()):
         fid = plist.get_filter(i)[0]
