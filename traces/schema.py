@@ -217,7 +217,7 @@ DERIVED: tuple[Dataset, ...] = (
             Chunking(outer=3), "gzip-4", when="pca"),
     Dataset("/derived/pca/components", ("layer", "component", "dim"), "float32", chunks=None, role="table", when="pca"),
     Dataset("/derived/pca/mean", ("layer", "dim"), "float32", chunks=None, role="table", when="pca"),
-    Dataset("/derived/pca/explained_variance_ratio", ("layer", "component"), "float64", chunks=None,
+    Dataset("/derived/pca/explained_variance_ratio", ("layer", "component"), "float32", chunks=None,
             role="table", when="pca"),
     Dataset("/derived/umap/coords", ("point", "component"), "float32", chunks=None, role="table", when="umap"),
     Dataset("/derived/umap/index", ("point", "position"), "int32", chunks=None, role="table", when="umap"),
