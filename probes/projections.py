@@ -5,7 +5,7 @@ reads them instead of recomputing.
     python -m probes.report TRACE --derive ...           (same, before the report)
 
 What is written is registered in the trace schema (`traces.schema.DERIVED`, documented in
-traces/SCHEMA.md, "Derived projections") and written through `traces.derived.DerivedWriter`:
+traces/SCHEMA.md, "Derived projections") and written through `traces.derived.open_derived`:
 PCA coordinates of every stored latent on the latents' grid (one PCA per layer: latent spaces
 of layers differ), the fitted components, means and explained variance ratios with the
 parameters used, and optionally a UMAP of a subsample with each point's grid position.
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from traces import open_trace
-from traces.derived import DerivedWriter
+from traces.derived import open_derived
 from traces.errors import UserError
 
 from .stats import pca, umap_embedding
@@ -98,7 +98,7 @@ def derive(path: str | Path, n_components: int = 3, fit_points: int = 20000, uma
             ump[l] = (umap_embedding(X, n_components=2, seed=seed, n_neighbors=min(15, max(2, len(X) - 1))), idx)
     comps = np.stack([fits[l].components[:k] for l in range(len(layers))])
     means = np.stack([fits[l].mean for l in range(len(layers))])
-    with DerivedWriter(path, source="/latents/h", trace_steps=steps_written) as out:
+    with open_derived(path, source="/latents/h", trace_steps=steps_written) as out:
         coords = out.create("/derived/pca/coords", shape=tuple(shape[:-1]) + (k,))
         out.create("/derived/pca/components", comps)
         out.create("/derived/pca/mean", means)

@@ -9,7 +9,7 @@ import pytest
 
 from traces import SamplingLayout, TraceError, TrainingLayout, TrainingWriter
 from traces.compression import FILTERS
-from traces.derived import DerivedWriter
+from traces.derived import open_derived
 from traces.schema import MAX_EXPERTS, datasets
 from traces.synthetic import write_synthetic
 
@@ -62,7 +62,7 @@ def test_training_trace_is_the_table(tmp_path):
 
 def test_derived_writer_accepts_only_registered_names(tmp_path):
     path = write_synthetic(tmp_path / "s.h5", FULL, n_samples=1, batch=1)
-    with DerivedWriter(path, source="/latents/h", trace_steps=1) as out:
+    with open_derived(path, source="/latents/h", trace_steps=1) as out:
         with pytest.raises(TraceError, match="not a /derived dataset"):
             out.create("/derived/pca/other", np.zeros(3))
         with pytest.raises(TraceError, match="no schema attributes"):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
@@ -25,7 +26,7 @@ _SPECS = {spec.path: spec for spec in DERIVED}
 
 
 class DerivedWriter:
-    """Replaces `/derived` of a complete trace; use as a context manager.
+    """Replaces `/derived` of a complete trace (open it with `open_derived`).
 
     Opening needs exclusive access: HDF5 file locking refuses it while any reader (e.g. the
     dashboard) holds the file, which is reported as a one-line TraceError.
@@ -65,12 +66,13 @@ class DerivedWriter:
             raise TraceError(f"{group} has no schema attributes {sorted(unknown)} (traces.schema.DERIVED_ATTRS)")
         self.file.require_group(group).attrs.update(values)
 
-    def close(self) -> None:
-        self.file.flush()
-        self.file.close()
 
-    def __enter__(self) -> "DerivedWriter":
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+@contextmanager
+def open_derived(path: str | os.PathLike, source: str, trace_steps: int) -> Iterator[DerivedWriter]:
+    """`with open_derived(trace, "/latents/h", steps) as out:` replace the trace's /derived."""
+    writer = DerivedWriter(path, source, trace_steps)
+    try:
+        yield writer
+    finally:
+        writer.file.close()
