@@ -119,13 +119,15 @@ def test_portable_trace_opens_with_plain_h5py_without_the_plugin(blosc_trace, tm
 
 def test_reader_without_plugin_says_what_to_install(blosc_trace, tmp_path):
     portable = convert_trace(blosc_trace, tmp_path / "p.h5")
+    joined = join_ranks([blosc_trace], tmp_path / "joined.h5")
     empty = tmp_path / "no_plugins"
     empty.mkdir()
     script = BLOCKED + (
         "from traces import open_trace, TraceError, SamplingWriter, SampleTable\n"
         f"tr = open_trace({str(blosc_trace)!r})\n"
+        f"joined = open_trace({str(joined)!r})\n"
         "print('counts', int(tr.counts().sum()))\n"  # unfiltered data still reads
-        "for read in (lambda: tr.routing(layer=3), lambda: next(tr.iter_chunks(layer=7))):\n"
+        "for read in (lambda: tr.routing(layer=3), lambda: next(tr.iter_chunks(layer=7)), lambda: joined.routing()):\n"
         "    try:\n        read()\n    except TraceError as e:\n        print('ERR', e)\n"
         f"print('portable', open_trace({str(portable)!r}).routing().shape)\n")
     env = dict(os.environ, HDF5_PLUGIN_PATH=str(empty), PYTHONPATH=str(ROOT))
@@ -133,7 +135,8 @@ def test_reader_without_plugin_says_what_to_install(blosc_trace, tmp_path):
     assert r.returncode == 0, r.stderr
     errors = [line for line in r.stdout.splitlines() if line.startswith("ERR")]
     assert errors == [f"ERR {blosc_trace}: /routing/expert: {plugin_hint('Blosc')}",
-                      f"ERR {blosc_trace}: /routing/expert: {plugin_hint('Blosc')}"]
+                      f"ERR {blosc_trace}: /routing/expert: {plugin_hint('Blosc')}",
+                      f"ERR {joined}: /routing/expert: {plugin_hint('Blosc')}"]
     assert "pip install hdf5plugin" in errors[0] and "python -m traces convert --portable" in errors[0]
     assert "portable (4, 2, 3, 2, 2, 256)" in r.stdout
 

@@ -79,15 +79,14 @@ class _BaseWriter:
 
     def _create(self, spec: Dataset, lengths: dict[str, int], data: Any) -> h5py.Dataset:
         f = self._f
-        if spec.role == "counter":
-            return f.create_dataset(spec.path, shape=(1,), chunks=(1,), maxshape=(1,), dtype="i8", fillvalue=0)
         dtype = _STR if spec.dtype == "str" else np.dtype(spec.dtype)
-        if spec.role == "grid":
+        if spec.role in ("grid", "counter"):  # created empty, filled by write calls
             shape = spec.shape(lengths)
-            d = f.create_dataset(spec.path, shape=(0, *shape[1:]), maxshape=(None, *shape[1:]), dtype=dtype,
+            d = f.create_dataset(spec.path, shape=(0, *shape[1:]) if spec.grows else shape,
+                                 maxshape=(None if spec.grows else shape[0], *shape[1:]), dtype=dtype,
                                  chunks=spec.chunk_shape(shape), fillvalue=spec.fill,
                                  **filter_kwargs(spec.filter, self.portable))
-        else:
+        else:  # contents known up front
             arr = np.asarray(data, dtype=spec.numpy_dtype)
             d = f.create_dataset(spec.path, data=arr, dtype=dtype, chunks=spec.chunk_shape(arr.shape),
                                  maxshape=(None,) if spec.grows else None)
@@ -95,7 +94,7 @@ class _BaseWriter:
             # labels and attachments edit attributes, so scales are wired up at the SWMR switch
             d.make_scale(spec.path.rsplit("/", 1)[1])
             self._scales[spec.path] = d
-        else:
+        elif spec.axes:
             d.attrs["axes"] = np.array(spec.axes, dtype=_STR)
         if spec.grows:
             d.attrs["growing"] = True
