@@ -10,7 +10,7 @@ This package depends on numpy and h5py, plus hdf5plugin for the default Blosc co
 from .errors import TraceError
 from .layout import SampleTable, SamplingLayout, TraceMeta, TrainingLayout
 from .reader import Block, Progress, TraceReader, open_trace
-from .schema import EXPERT_ABLATED, EXPERT_FILL, SCHEMA_NAME, SCHEMA_VERSION, WRITER_VERSION
+from .schema import EXPERT_ABLATED, EXPERT_FILL, MAX_EXPERTS, SCHEMA_NAME, SCHEMA_VERSION, WRITER_VERSION
 from .size import SizeEstimate, estimate_sampling, estimate_training
 from .vds import join_ranks
 from .writer import SamplingWriter, TrainingWriter
@@ -19,5 +19,5 @@ __all__ = [
     "TraceError", "SampleTable", "SamplingLayout", "TrainingLayout", "TraceMeta",
     "SamplingWriter", "TrainingWriter", "open_trace", "TraceReader", "Block", "Progress",
     "join_ranks", "estimate_sampling", "estimate_training", "SizeEstimate",
-    "SCHEMA_NAME", "SCHEMA_VERSION", "WRITER_VERSION", "EXPERT_FILL", "EXPERT_ABLATED",
+    "SCHEMA_NAME", "SCHEMA_VERSION", "WRITER_VERSION", "EXPERT_FILL", "EXPERT_ABLATED", "MAX_EXPERTS",
 ]
