@@ -4,20 +4,11 @@ reads them instead of recomputing.
     python -m probes.derive TRACE [--components 3] [--umap] [--umap-points 5000] [--overwrite]
     python -m probes.report TRACE --derive ...           (same, before the report)
 
-Layout written (every dataset carries an `axes` attribute, so `TraceReader.read` selects it):
-
-    /derived                         attrs: source="/latents/h", created, trace_steps
-    /derived/pca/coords              float32 (sample, branch, timestep, layer, step, stored_token, component)
-                                     PCA coordinates of every stored latent (NaN where unwritten);
-                                     one PCA per layer (latent spaces of layers differ)
-    /derived/pca/components          float32 (layer, component, dim)
-    /derived/pca/mean                float32 (layer, dim)
-    /derived/pca/explained_variance_ratio  float64 (layer, component)
-        attrs: params = JSON {layer: probes.stats.pca params}, fit_points (per layer, JSON), method="pca"
-    /derived/umap/coords             float32 (point, 2): UMAP of a subsample of latents per layer
-    /derived/umap/index              int32 (point, 6): grid position (sample, branch, timestep,
-                                     layer, step, stored_token) of each point (layer as position)
-        attrs: params = JSON {layer: probes.stats.umap_embedding params}, method="umap"
+What is written is registered in the trace schema (`traces.schema.DERIVED`, documented in
+traces/SCHEMA.md, "Derived projections") and written through `traces.derived.open_derived`:
+PCA coordinates of every stored latent on the latents' grid (one PCA per layer: latent spaces
+of layers differ), the fitted components, means and explained variance ratios with the
+parameters used, and optionally a UMAP of a subsample with each point's grid position.
 
 When it may write: the trace must be complete (its writer closed cleanly) — a live or killed
 trace is refused — and nobody may have it open (HDF5 file locking refuses r+ while a reader,
@@ -28,20 +19,17 @@ latents per layer, then every latent is projected chunk by chunk.
 
 from __future__ import annotations
 
-from traces.errors import UserError
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from traces import open_trace
+from traces.derived import open_derived
+from traces.errors import UserError
 
 from .stats import pca, umap_embedding
-
-_STR = h5py.string_dtype()
 
 
 class DeriveError(UserError):
@@ -108,52 +96,31 @@ def derive(path: str | Path, n_components: int = 3, fit_points: int = 20000, uma
                 keep = np.sort(np.random.default_rng(seed).choice(len(X), umap_points, replace=False))
                 X, idx = X[keep], idx[keep]
             ump[l] = (umap_embedding(X, n_components=2, seed=seed, n_neighbors=min(15, max(2, len(X) - 1))), idx)
-    try:
-        f = h5py.File(path, "r+")
-    except OSError as e:
-        raise DeriveError(f"{path}: cannot open for writing (is it open elsewhere, e.g. the dashboard, "
-                          f"or read-only?): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    try:
-        if "derived" in f:
-            del f["derived"]
-        g = f.create_group("derived")
-        g.attrs.update(source="/latents/h", created=time.strftime("%Y-%m-%dT%H:%M:%S"), trace_steps=steps_written)
-        p = g.create_group("pca")
-        out_shape = tuple(shape[:-1]) + (k,)
-        cd = p.create_dataset("coords", shape=out_shape, dtype=np.float32, fillvalue=np.nan,
-                              chunks=(1, 1, 1) + out_shape[3:], compression="gzip", compression_opts=4)
-        cd.attrs["axes"] = np.array(["sample", "branch", "timestep", "layer", "step", "stored_token", "component"],
-                                    dtype=_STR)
-        comps = np.stack([fits[l].components[:k] for l in range(len(layers))])
-        means = np.stack([fits[l].mean for l in range(len(layers))])
-        p.create_dataset("components", data=comps).attrs["axes"] = np.array(["layer", "component", "dim"], dtype=_STR)
-        p.create_dataset("mean", data=means).attrs["axes"] = np.array(["layer", "dim"], dtype=_STR)
-        p.create_dataset("explained_variance_ratio",
-                         data=np.stack([fits[l].explained_variance_ratio[:k] for l in range(len(layers))])
-                         ).attrs["axes"] = np.array(["layer", "component"], dtype=_STR)
-        params = {str(layers[l]): fits[l].params for l in fits}
-        p.attrs.update(method="pca", params=json.dumps(params), n_components=k,
-                       fit_points=json.dumps({str(layers[l]): int(len(samples[l][0])) for l in samples}))
-        src = f["latents/h"]
-        written = f["progress/written"][: shape[0]].astype(bool)
+    comps = np.stack([fits[l].components[:k] for l in range(len(layers))])
+    means = np.stack([fits[l].mean for l in range(len(layers))])
+    with open_derived(path, source="/latents/h", trace_steps=steps_written) as out:
+        coords = out.create("/derived/pca/coords", shape=tuple(shape[:-1]) + (k,))
+        out.create("/derived/pca/components", comps)
+        out.create("/derived/pca/mean", means)
+        out.create("/derived/pca/explained_variance_ratio",
+                   np.stack([fits[l].explained_variance_ratio[:k] for l in range(len(layers))]))
+        out.set_attrs("/derived/pca", method="pca", params=json.dumps({str(layers[l]): fits[l].params for l in fits}),
+                      n_components=k,
+                      fit_points=json.dumps({str(layers[l]): int(len(samples[l][0])) for l in samples}))
+        src = out.file["latents/h"]
+        written = out.file["progress/written"][: shape[0]].astype(bool)
         for s in range(shape[0]):
             for t in range(shape[2]):
                 if not written[s, t]:
                     continue
                 h = src[s, :, t].astype(np.float32)  # (branch, layer, step, tok, D)
-                z = np.einsum("blstd,lkd->blstk", h - means[None, :, None, None, :], comps)
-                cd[s, :, t] = z
+                coords[s, :, t] = np.einsum("blstd,lkd->blstk", h - means[None, :, None, None, :], comps)
         if ump:
-            u = g.create_group("umap")
-            coords = np.concatenate([ump[l][0].coords for l in sorted(ump)])
-            index = np.concatenate([ump[l][1] for l in sorted(ump)]).astype(np.int32)
-            u.create_dataset("coords", data=coords).attrs["axes"] = np.array(["point", "component"], dtype=_STR)
-            u.create_dataset("index", data=index).attrs["axes"] = np.array(["point", "position"], dtype=_STR)
-            u.attrs.update(method="umap", params=json.dumps({str(layers[l]): ump[l][0].params for l in ump}),
-                           index_columns=json.dumps(["sample", "branch", "timestep", "layer", "step", "stored_token"]))
-        f.flush()
-    finally:
-        f.close()
+            out.create("/derived/umap/coords", np.concatenate([ump[l][0].coords for l in sorted(ump)]))
+            out.create("/derived/umap/index", np.concatenate([ump[l][1] for l in sorted(ump)]))
+            out.set_attrs("/derived/umap", method="umap",
+                          params=json.dumps({str(layers[l]): ump[l][0].params for l in ump}),
+                          index_columns=json.dumps(["sample", "branch", "timestep", "layer", "step", "stored_token"]))
     return {"pca": {"n_components": k, "params": {str(layers[l]): fits[l].params for l in fits}},
             "umap": {str(layers[l]): ump[l][0].params for l in ump} if ump else None}
 

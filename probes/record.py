@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decode", action="store_true", help="store early-exit decoded images per layer and step")
     g.add_argument("--branches", help="cond,uncond (default: every branch that runs)")
     g.add_argument("--max-gb", type=float, default=2.0, help="refuse to write a larger trace")
+    g.add_argument("--portable", action="store_true",
+                   help="gzip instead of Blosc: plain h5py/h5dump/HDFView read it without hdf5plugin (larger)")
     i = p.add_argument_group("interventions")
     i.add_argument("--force-expert", type=int, help="force this expert")
     i.add_argument("--ablate-expert", type=int, help="remove this expert's adapter where it was chosen")
@@ -129,7 +131,7 @@ def run(args) -> None:
     except ValueError as e:
         raise UsageError(str(e)) from None
     layout, samples = rec.layout(), sample_table(task, rows, seeds, sample_ids)
-    est = estimate_sampling(layout, len(rows), samples)
+    est = estimate_sampling(layout, len(rows), samples, portable=args.portable)
     print(f"recording {len(rows)} sample(s) x {len(layout.timesteps)} timestep(s) x {len(layout.layer_ids)} layer(s) "
           f"x {len(layout.step_ids)} step(s) x {len(layout.token_ids)} token(s); {est}", file=sys.stderr)
     if est.total > args.max_gb * 2**30:
@@ -142,7 +144,8 @@ def run(args) -> None:
                    "guidance_scale": args.guidance},
         extra={"interventions": [iv.to_dict() for iv in interventions], "mode": ckpt.get("mode"),
                "token_grid": list(rec.grid), "text_encoder": ckpt.get("text_encoder")})
-    writer = SamplingWriter(args.out, layout, samples, meta, rank=rank, world_size=world, overwrite=args.overwrite)
+    writer = SamplingWriter(args.out, layout, samples, meta, rank=rank, world_size=world, overwrite=args.overwrite,
+                            portable=args.portable)
     try:
         with tqdm(total=len(rows) * args.steps, desc="record", unit="img-step", file=sys.stderr) as bar:
             rec.record(writer, rows, seeds, batch_size=args.batch_size, progress=bar, sample_ids=sample_ids)

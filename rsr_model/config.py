@@ -15,6 +15,7 @@ the mode actually runs.
 from __future__ import annotations
 
 from traces.errors import UserError
+from traces.schema import MAX_EXPERTS
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -50,8 +51,9 @@ class RSRConfig:
         for name in ("num_experts", "latent_steps", "rank", "gate_hidden"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.num_experts > 255:
-            raise ConfigError("num_experts must be at most 255 (expert ids are stored as uint8)")
+        if self.num_experts > MAX_EXPERTS:
+            raise ConfigError(f"num_experts must be at most {MAX_EXPERTS} (traces store expert ids as uint8, "
+                              f"with two marker values)")
         if not self.target_layers:
             raise ConfigError("target_layers must name at least one block")
         if any(i < 0 for i in self.target_layers):

@@ -54,3 +54,12 @@ def test_routing_costs_at_most_0_4_bytes_per_record(tmp_path):
         d = r.dataset("/routing/expert")
         bpr = d.id.get_storage_size() / d.size
     assert bpr <= 0.4, bpr
+
+
+def test_portable_estimate_within_20_percent(tmp_path):
+    lo = SamplingLayout(n_experts=8, layers=[0, 4, 8, 12], steps=5, tokens=1024, timesteps=list(range(8)),
+                        branches=("cond", "uncond"))
+    est = estimate_sampling(lo, 8, portable=True)
+    real = os.path.getsize(write_synthetic(tmp_path / "p.h5", lo, n_samples=8, batch=4, portable=True))
+    assert _within(est.total, real), (est.total, real)
+    assert est.total > estimate_sampling(lo, 8).total  # gzip costs more than Blosc

@@ -1,10 +1,11 @@
-"""HDF5 filters used by the writer, and the measurement that chose them.
+"""HDF5 filters of traces, the portable alternative, and the measurement that chose them.
 
 The choice (see SCHEMA.md, "Compression") is Blosc + zstd level 3 + bit-shuffle for expert ids:
 expert ids use at most 3 of 8 bits when K <= 8, bit-shuffle turns the 5 empty bit planes into
-runs that cost nothing, and zstd then finds the spatial coherence. Readers need `hdf5plugin`
-imported, which this package always does; gzip would be the only filter every HDF5 tool
-can read without it, and it is kept in the comparison for that reason.
+runs that cost nothing, and zstd then finds the spatial coherence. Reading Blosc needs
+`hdf5plugin` (this package imports it when installed). gzip is the one filter every HDF5 tool
+reads without plugins, so portable traces (`portable=True`, `python -m traces convert
+--portable`) use gzip + shuffle wherever the default uses Blosc.
 """
 
 from __future__ import annotations
@@ -14,35 +15,80 @@ import time
 from typing import Any
 
 import h5py
-import hdf5plugin
 import numpy as np
 
-# Filter keyword sets for h5py.create_dataset, by role.
+from .errors import TraceError
+
+try:
+    import hdf5plugin  # registers the Blosc/Zstd filters with HDF5
+except ImportError:  # portable traces still read and write without it
+    hdf5plugin = None
+
+PORTABLE_FILTER = "gzip-4+shuffle"
+
+
+class PluginMissing(TraceError):
+    """A trace needs an HDF5 filter plugin that is not installed."""
+
+
+# Filter keyword sets for h5py.create_dataset, by name (the `filter` column of traces.schema).
 FILTERS: dict[str, dict[str, Any]] = {
     "none": {},
+    "gzip-4": {"compression": "gzip", "compression_opts": 4},
     "gzip-4+shuffle": {"compression": "gzip", "compression_opts": 4, "shuffle": True},
     "gzip-1+shuffle": {"compression": "gzip", "compression_opts": 1, "shuffle": True},
     "lzf+shuffle": {"compression": "lzf", "shuffle": True},
-    "zstd-3": dict(hdf5plugin.Zstd(clevel=3)),
-    "blosc-lz4+bitshuffle": dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.BITSHUFFLE)),
-    "blosc-zstd3+bitshuffle": dict(hdf5plugin.Blosc(cname="zstd", clevel=3, shuffle=hdf5plugin.Blosc.BITSHUFFLE)),
-    "blosc-zstd3+shuffle": dict(hdf5plugin.Blosc(cname="zstd", clevel=3, shuffle=hdf5plugin.Blosc.SHUFFLE)),
-    "blosc-lz4+shuffle": dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)),
 }
+if hdf5plugin is not None:
+    _blosc = hdf5plugin.Blosc
+    FILTERS.update({
+        "zstd-3": dict(hdf5plugin.Zstd(clevel=3)),
+        "blosc-lz4+bitshuffle": dict(_blosc(cname="lz4", clevel=5, shuffle=_blosc.BITSHUFFLE)),
+        "blosc-zstd3+bitshuffle": dict(_blosc(cname="zstd", clevel=3, shuffle=_blosc.BITSHUFFLE)),
+        "blosc-zstd3+shuffle": dict(_blosc(cname="zstd", clevel=3, shuffle=_blosc.SHUFFLE)),
+        "blosc-lz4+shuffle": dict(_blosc(cname="lz4", clevel=5, shuffle=_blosc.SHUFFLE)),
+    })
 
-# What the writer uses for each kind of dataset (chosen by `compare_filters` runs, SCHEMA.md).
-ROLE_FILTER: dict[str, str] = {
-    "expert": "blosc-zstd3+bitshuffle",   # uint8 ids: best ratio, fast both ways
-    "prob": "blosc-zstd3+bitshuffle",     # float16 probabilities: ~1.14x, fastest read
-    "latents": "blosc-zstd3+shuffle",     # float16 activations barely compress (~1.1x)
-    "decoded": "blosc-zstd3+shuffle",     # uint8 images
-    "small": "none",                      # counts, masks: tiny, overwritten in place
-}
+# HDF5 filter ids of plugins, for messages about missing ones.
+BLOSC_ID = 32001
+PLUGIN_NAMES = {BLOSC_ID: "Blosc", 32015: "Zstd", 32008: "Bitshuffle", 32004: "LZ4"}
+_BUILTIN = {1, 2, 3, 4, 5, 6}  # deflate, shuffle, fletcher32, szip, nbit, scaleoffset
 
 
-def filter_kwargs(role: str) -> dict[str, Any]:
-    """h5py create_dataset keywords for a dataset role (`expert`, `prob`, ...)."""
-    return dict(FILTERS[ROLE_FILTER[role]])
+def chosen_filter(name: str, portable: bool) -> str:
+    """The filter to write for a schema filter name: itself, or gzip + shuffle if `portable`
+    and it needs a plugin."""
+    return PORTABLE_FILTER if portable and not (name == "none" or name.startswith("gzip")) else name
+
+
+def filter_kwargs(name: str, portable: bool = False) -> dict[str, Any]:
+    """h5py create_dataset keywords for a schema filter name (see `chosen_filter`)."""
+    name = chosen_filter(name, portable)
+    if name not in FILTERS:
+        raise PluginMissing(f"writing {name} needs hdf5plugin: pip install hdf5plugin (or write a portable "
+                            f"trace: portable=True, `--portable`)")
+    return dict(FILTERS[name])
+
+
+def missing_plugin(dataset: h5py.Dataset) -> str | None:
+    """Name of a filter `dataset` is compressed with that this HDF5 cannot decode, else None.
+
+    A virtual dataset (joined ranks) has no filters of its own; its rank files use Blosc
+    unless they were written portable."""
+    if dataset.is_virtual:
+        return None if h5py.h5z.filter_avail(BLOSC_ID) else "Blosc"
+    plist = dataset.id.get_create_plist()
+    for i in range(plist.get_nfilters()):
+        fid = plist.get_filter(i)[0]
+        if fid not in _BUILTIN and not h5py.h5z.filter_avail(fid):
+            return PLUGIN_NAMES.get(fid, f"HDF5 filter {fid}")
+    return None
+
+
+def plugin_hint(name: str = "Blosc") -> str:
+    """What a user without hdf5plugin should do (the one-line error of the reader)."""
+    return (f"this trace uses {name} compression: pip install hdf5plugin "
+            f"(or convert it with `python -m traces convert --portable`)")
 
 
 def compare_filters(

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import TraceError
+from .schema import MAX_EXPERTS, REQUIRED_SCALARS
 
 
 def _ids(x: Sequence[int] | int, what: str) -> np.ndarray:
@@ -22,6 +23,12 @@ def _ids(x: Sequence[int] | int, what: str) -> np.ndarray:
     if arr.ndim != 1 or arr.size == 0:
         raise TraceError(f"{what} must be a non-empty 1-D list of integers")
     return arr.astype(np.int64)
+
+
+def _check_experts(n: int) -> None:
+    if not 1 <= n <= MAX_EXPERTS:
+        raise TraceError(f"n_experts must be in 1..{MAX_EXPERTS} (uint8 ids; 254 = ablated, "
+                         f"255 = unwritten), got {n}")
 
 
 @dataclass(frozen=True)
@@ -53,8 +60,7 @@ class SamplingLayout:
     counts_scope: str = "stored_tokens"
 
     def __post_init__(self) -> None:
-        if not 1 <= self.n_experts <= 254:
-            raise TraceError(f"n_experts must be in 1..254 (uint8 ids, 255 = unwritten), got {self.n_experts}")
+        _check_experts(self.n_experts)
         for name in ("layers", "steps", "tokens", "timesteps"):
             _ids(getattr(self, name), name)
         t = len(self.timesteps)
@@ -99,6 +105,34 @@ class SamplingLayout:
         return (len(self.branches), len(self.timestep_ids), len(self.layer_ids),
                 len(self.step_ids), len(self.token_ids))
 
+    def features(self) -> set[str]:
+        """Optional parts of the schema this layout turns on (`Dataset.when` in traces.schema)."""
+        out = set()
+        if self.store_prob:
+            out.add("prob")
+        if self.latent_tokens is not None:
+            out.add("latents")
+            if self.projection is not None:
+                out.add("projection")
+        if self.image_shape is not None:
+            out.add("images")
+            if self.decode_steps:
+                out.add("decoded_steps")
+        return out
+
+    def axis_lengths(self, n_samples: int) -> dict[str, int]:
+        """Length of every axis of a trace holding `n_samples` samples."""
+        nb, nt, nl, ns, nn = self.cell_shape()
+        out = dict(sample=n_samples, branch=nb, timestep=nt, layer=nl, step=ns, token=nn, expert=self.n_experts,
+                   decoded_branch=len(self.decoded_branches))
+        if self.latent_tokens is not None:
+            out.update(stored_token=len(self.latent_token_ids), dim=self.latent_dim)
+        if self.projection is not None:
+            out["source_dim"] = int(np.shape(self.projection)[0])
+        if self.image_shape is not None:
+            out.update(zip(("height", "width", "channel"), self.image_shape))
+        return out
+
 
 @dataclass(frozen=True)
 class TrainingLayout:
@@ -116,17 +150,23 @@ class TrainingLayout:
     counts_scope: str = "stored_tokens"
 
     def __post_init__(self) -> None:
-        if not 1 <= self.n_experts <= 254:
-            raise TraceError(f"n_experts must be in 1..254, got {self.n_experts}")
+        _check_experts(self.n_experts)
         for name in ("layers", "steps", "tokens"):
             _ids(getattr(self, name), name)
-        missing = {"loss", "balance"} - set(self.scalars)
+        missing = set(REQUIRED_SCALARS) - set(self.scalars)
         if missing:
             raise TraceError(f"training scalars must include {sorted(missing)}")
 
     layer_ids = SamplingLayout.layer_ids
     step_ids = SamplingLayout.step_ids
     token_ids = SamplingLayout.token_ids
+
+    def features(self) -> set[str]:
+        return {"prob"} if self.store_prob else set()
+
+    def axis_lengths(self, n_events: int = 0, n_logs: int = 0) -> dict[str, int]:
+        return dict(event=n_events, log=n_logs, layer=len(self.layer_ids), step=len(self.step_ids),
+                    token=len(self.token_ids), expert=self.n_experts)
 
 
 @dataclass

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import h5py
-import hdf5plugin  # noqa: F401  (registers the Blosc/Zstd filters)
 import numpy as np
 
 from . import select
+from .compression import missing_plugin, plugin_hint  # also registers the Blosc filters if installed
 from .errors import TraceError
 from .schema import (AXIS_COORDS, JSON_ATTRS, ROOT_ATTRS, KINDS, OUTER_AXES, REQUIRED, SCHEMA_NAME,
-                     SCHEMA_VERSION, VALUE_AXES)
+                     SCHEMA_VERSION, VALUE_AXES, find)
 
 # Chunk cache per open dataset: big enough for every chunk one slice read touches.
 _CACHE = dict(rdcc_nbytes=32 << 20, rdcc_nslots=10007)
@@ -140,6 +140,11 @@ class TraceReader:
         return out
 
     # Basic properties ---------------------------------------------------------------------
+    @property
+    def file(self) -> h5py.File:
+        """The open h5py file (for tools that copy or inspect it as a whole)."""
+        return self._f
+
     def dataset(self, path: str) -> h5py.Dataset:
         """The h5py dataset (cached, refreshed by `refresh()`)."""
         if path not in self._ds:
@@ -199,13 +204,26 @@ class TraceReader:
         `branch` also takes names ('cond'). Unwritten cells hold the fill value (255 for
         expert ids, NaN for floats, -1 for counts, 0 for images).
         """
-        return select.read(self.dataset(path), self._keys(path, sel), self._chunks(path))
+        return self._select(self.dataset(path), self._keys(path, sel), self._chunks(path))
+
+    def _select(self, d: h5py.Dataset, keys: list[Any], chunks: tuple[int, ...]) -> np.ndarray:
+        """select.read, with a missing compression plugin reported as what to install."""
+        try:
+            return select.read(d, keys, chunks)
+        except OSError:
+            missing = missing_plugin(d)
+            if missing is None:
+                raise
+            raise TraceError(f"{self.path}: {d.name}: {plugin_hint(missing)}") from None
 
     def _chunks(self, path: str) -> tuple[int, ...]:
-        """Chunk shape, or for a virtual dataset (joined ranks) the write cell shape."""
+        """Chunk shape, or for a virtual dataset (joined ranks) the schema's chunk rule."""
         d = self.dataset(path)
         if d.chunks:
             return d.chunks
+        spec = find(self.kind, path)
+        if spec is not None and spec.chunks is not None:
+            return spec.chunk_shape(d.shape)
         return tuple(1 if a in OUTER_AXES else n for a, n in zip(self.axes(path), d.shape))
 
     def _keys(self, path: str, sel: dict[str, Any]) -> list[Any]:
@@ -294,7 +312,7 @@ class TraceReader:
             pos = dict(zip(axes[:n_outer], (int(c) for c in combo)))
             if mask is not None and not mask(pos):
                 continue
-            data = select.read(d, [int(c) for c in combo] + keys[n_outer:], chunks)
+            data = self._select(d, [int(c) for c in combo] + keys[n_outer:], chunks)
             yield Block(data, axes[n_outer:], self._block_coords(pos, axes[n_outer:], keys[n_outer:], ev))
 
     def _written_lookup(self, axes: tuple[str, ...]):

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Sequence
 
 import h5py
-import hdf5plugin  # noqa: F401
 import numpy as np
 
 from .errors import TraceError

@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import hdf5plugin  # noqa: F401  (registers the Blosc/Zstd filters)
 import numpy as np
 
 from .compression import filter_kwargs
 from .errors import TraceError
 from .layout import SampleTable, SamplingLayout, TraceMeta, TrainingLayout
-from .schema import (AXIS_COORDS, COUNT_FILL, EXPERT_FILL, LIBVER, SCHEMA_NAME, SCHEMA_VERSION,
-                     WRITER_VERSION, chunk_shape)
+from .schema import AXIS_COORDS, LIBVER, SCHEMA_NAME, SCHEMA_VERSION, WRITER_VERSION, Dataset, datasets
 
 _STR = h5py.string_dtype("utf-8")
 
@@ -36,8 +34,9 @@ class _BaseWriter:
     kind = ""
 
     def __init__(self, path: str | os.PathLike, meta: TraceMeta | None, rank: int,
-                 world_size: int, overwrite: bool) -> None:
+                 world_size: int, overwrite: bool, portable: bool) -> None:
         self.path = Path(path)
+        self.portable = portable
         if self.path.exists() and not overwrite:
             raise TraceError(f"{self.path} exists (pass overwrite=True to replace it)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,34 +65,40 @@ class _BaseWriter:
                 raise TraceError(f"extra attribute {key!r} clashes with a schema attribute")
             a[key] = meta.to_json(value)
 
-    # Creation helpers ---------------------------------------------------------------
-    def _coord(self, path: str, values: Any, growing: bool = False) -> h5py.Dataset:
-        """A coordinate dataset (chunked: contiguous data is unreadable under SWMR)."""
-        arr = np.asarray(values)
-        dtype = _STR if arr.dtype.kind in "UO" else arr.dtype
-        n = 4096 if growing else min(max(len(arr), 1), 4096)
-        d = self._f.create_dataset(path, data=arr, dtype=dtype, chunks=(n,),
-                                   maxshape=(None,) if growing else (len(arr),))
-        d.make_scale(path.rsplit("/", 1)[1])
-        if growing:
+    # Creation from the schema table ---------------------------------------------------
+    def _create_datasets(self, kind: str, features: set[str], lengths: dict[str, int],
+                         values: dict[str, Any], scalars: tuple[str, ...] = ()) -> dict[str, list[h5py.Dataset]]:
+        """Create every dataset of `kind` the layout turns on, in table order; returns the
+        ones that grow along axis 0, by the name of that axis."""
+        growing: dict[str, list[h5py.Dataset]] = {}
+        for spec in datasets(kind, features, scalars):
+            d = self._create(spec, lengths, values.get(spec.path))
+            if spec.grows:
+                growing.setdefault(spec.axes[0], []).append(d)
+        return growing
+
+    def _create(self, spec: Dataset, lengths: dict[str, int], data: Any) -> h5py.Dataset:
+        f = self._f
+        dtype = _STR if spec.dtype == "str" else np.dtype(spec.dtype)
+        if spec.role in ("grid", "counter"):  # created empty, filled by write calls
+            shape = spec.shape(lengths)
+            d = f.create_dataset(spec.path, shape=(0, *shape[1:]) if spec.grows else shape,
+                                 maxshape=(None if spec.grows else shape[0], *shape[1:]), dtype=dtype,
+                                 chunks=spec.chunk_shape(shape), fillvalue=spec.fill,
+                                 **filter_kwargs(spec.filter, self.portable))
+        else:  # contents known up front
+            arr = np.asarray(data, dtype=spec.numpy_dtype)
+            d = f.create_dataset(spec.path, data=arr, dtype=dtype, chunks=spec.chunk_shape(arr.shape),
+                                 maxshape=(None,) if spec.grows else None)
+        if spec.role == "coord":
+            # labels and attachments edit attributes, so scales are wired up at the SWMR switch
+            d.make_scale(spec.path.rsplit("/", 1)[1])
+            self._scales[spec.path] = d
+        elif spec.axes:
+            d.attrs["axes"] = np.array(spec.axes, dtype=_STR)
+        if spec.grows:
             d.attrs["growing"] = True
-        self._scales[path] = d
         return d
-
-    def _grid(self, path: str, axes: tuple[str, ...], shape: tuple[int, ...], dtype: Any,
-              role: str, fill: Any, n_outer: int, chunks: tuple[int, ...] | None = None) -> h5py.Dataset:
-        """A dataset that grows along axis 0, chunked so one write call covers whole chunks."""
-        dt = np.dtype(dtype)
-        d = self._f.create_dataset(
-            path, shape=(0, *shape[1:]), maxshape=(None, *shape[1:]), dtype=dt,
-            chunks=chunks or chunk_shape(shape, dt.itemsize, n_outer), fillvalue=fill,
-            **filter_kwargs(role))
-        d.attrs["axes"] = np.array(axes, dtype=_STR)
-        d.attrs["growing"] = True
-        return d
-
-    def _counter(self, path: str) -> h5py.Dataset:
-        return self._f.create_dataset(path, shape=(1,), chunks=(1,), maxshape=(1,), dtype="i8", fillvalue=0)
 
     def _attach_scales(self) -> None:
         """Label every axis and attach its coordinates (before SWMR: it edits attributes)."""
@@ -208,84 +213,50 @@ class SamplingWriter(_BaseWriter):
 
     def __init__(self, path: str | os.PathLike, layout: SamplingLayout, samples: SampleTable,
                  meta: TraceMeta | None = None, *, rank: int = 0, world_size: int = 1,
-                 overwrite: bool = False) -> None:
-        super().__init__(path, meta, rank, world_size, overwrite)
+                 overwrite: bool = False, portable: bool = False) -> None:
+        super().__init__(path, meta, rank, world_size, overwrite, portable)
         self.layout = layout
         self.samples = samples
         self._batch = slice(0, 0)
         try:
-            self._create(layout, samples)
+            growing = self._create_datasets("sampling", layout.features(), layout.axis_lengths(len(samples)),
+                                            self._values(layout, samples))
+            self._growing = growing["sample"]
+            self._f["/routing/counts"].attrs["scope"] = layout.counts_scope
         except BaseException:
             self._f.close()
             raise
         self._start_swmr()
 
-    def _create(self, lo: SamplingLayout, st: SampleTable) -> None:
-        nb, nt, nl, ns, nn = lo.cell_shape()
-        k = lo.n_experts
-        nsamp = len(st)
-        ids = np.arange(nsamp) if st.sample_id is None else np.asarray(st.sample_id)
-        self._coord("/coords/sample", ids.astype(np.int64))
-        self._coord("/coords/branch", np.array(list(lo.branches), dtype=object))
-        self._coord("/coords/timestep", lo.timestep_ids)
+    def _values(self, lo: SamplingLayout, st: SampleTable) -> dict[str, Any]:
+        """Contents of the datasets written once: coordinates, per-sample columns, projection."""
+        nsamp, nt = len(st), len(lo.timestep_ids)
         nan = np.full(nt, np.nan)
-        self._coord("/coords/timestep_value", np.asarray(lo.timestep_values if lo.timestep_values is not None else nan, dtype=np.float64))
-        self._coord("/coords/sigma", np.asarray(lo.sigmas if lo.sigmas is not None else nan, dtype=np.float64))
-        self._coord("/coords/layer", lo.layer_ids)
-        self._coord("/coords/step", lo.step_ids)
-        self._coord("/coords/token", lo.token_ids)
-        self._coord("/coords/expert", np.arange(k, dtype=np.int64))
-
-        s = self._f.create_group("samples")
-        s.create_dataset("prompt", data=np.array(list(st.prompt), dtype=object), dtype=_STR)
-        s.create_dataset("seed", data=np.asarray(st.seed, dtype=np.int64))
-        s.create_dataset("label", data=np.asarray(st.label if st.label is not None else [-1] * nsamp, dtype=np.int32))
-        scenes = [sc if isinstance(sc, str) else TraceMeta.to_json(sc) for sc in (st.scene or [""] * nsamp)]
-        s.create_dataset("scene", data=np.array(scenes, dtype=object), dtype=_STR)
-        for d in s.values():
-            d.attrs["axes"] = np.array(["sample"], dtype=_STR)
-
-        g: list[h5py.Dataset] = []
-        g.append(self._grid("/routing/expert", ("sample", "branch", "timestep", "layer", "step", "token"),
-                            (nsamp, nb, nt, nl, ns, nn), np.uint8, "expert", EXPERT_FILL, 3))
-        c = self._grid("/routing/counts", ("sample", "branch", "timestep", "layer", "step", "expert"),
-                       (nsamp, nb, nt, nl, ns, k), np.int32, "small", COUNT_FILL, 1,
-                       chunks=(1, nb, nt, nl, ns, k))
-        c.attrs["scope"] = lo.counts_scope
-        g.append(c)
-        if lo.store_prob:
-            g.append(self._grid("/routing/prob", ("sample", "branch", "timestep", "layer", "step", "token", "expert"),
-                                (nsamp, nb, nt, nl, ns, nn, k), np.float16, "prob", np.nan, 3))
-        lt = lo.latent_token_ids
-        if lt is not None:
-            self._coord("/latents/token_index", lt)
-            self._coord("/coords/dim", np.arange(lo.latent_dim, dtype=np.int64))
-            if lo.projection is not None:
-                p = np.asarray(lo.projection, dtype=np.float32)
-                self._coord("/coords/source_dim", np.arange(p.shape[0], dtype=np.int64))
-                pd = self._f.create_dataset("/latents/projection", data=p, chunks=p.shape)
-                pd.attrs["axes"] = np.array(["source_dim", "dim"], dtype=_STR)
-            g.append(self._grid("/latents/h", ("sample", "branch", "timestep", "layer", "step", "stored_token", "dim"),
-                                (nsamp, nb, nt, nl, ns, len(lt), lo.latent_dim), np.float16, "latents", np.nan, 3))
+        out: dict[str, Any] = {
+            "/coords/sample": np.arange(nsamp) if st.sample_id is None else st.sample_id,
+            "/coords/branch": list(lo.branches),
+            "/coords/timestep": lo.timestep_ids,
+            "/coords/timestep_value": nan if lo.timestep_values is None else lo.timestep_values,
+            "/coords/sigma": nan if lo.sigmas is None else lo.sigmas,
+            "/coords/layer": lo.layer_ids,
+            "/coords/step": lo.step_ids,
+            "/coords/token": lo.token_ids,
+            "/coords/expert": np.arange(lo.n_experts),
+            "/samples/prompt": list(st.prompt),
+            "/samples/seed": st.seed,
+            "/samples/label": st.label if st.label is not None else [-1] * nsamp,
+            "/samples/scene": [sc if isinstance(sc, str) else TraceMeta.to_json(sc) for sc in (st.scene or [""] * nsamp)],
+            "/latents/token_index": lo.latent_token_ids,
+            "/coords/dim": np.arange(lo.latent_dim),
+            "/coords/decoded_branch": list(lo.decoded_branches),
+        }
+        if lo.projection is not None:
+            out["/latents/projection"] = lo.projection
+            out["/coords/source_dim"] = np.arange(np.shape(lo.projection)[0])
         if lo.image_shape is not None:
-            h, w, ch = lo.image_shape
-            self._coord("/coords/height", np.arange(h, dtype=np.int64))
-            self._coord("/coords/width", np.arange(w, dtype=np.int64))
-            self._coord("/coords/channel", np.arange(ch, dtype=np.int64))
-            if lo.decode_steps:
-                self._coord("/coords/decoded_branch", np.array(list(lo.decoded_branches), dtype=object))
-                g.append(self._grid("/decoded/step",
-                                    ("sample", "decoded_branch", "timestep", "layer", "step", "height", "width", "channel"),
-                                    (nsamp, len(lo.decoded_branches), nt, nl, ns, h, w, ch), np.uint8, "decoded", 0, 3))
-            g.append(self._grid("/decoded/final", ("sample", "height", "width", "channel"),
-                                (nsamp, h, w, ch), np.uint8, "decoded", 0, 1))
-        g.append(self._grid("/progress/written", ("sample", "timestep"), (nsamp, nt), np.uint8,
-                            "small", 0, 1, chunks=(256, nt)))
-        g.append(self._grid("/progress/final_written", ("sample",), (nsamp,), np.uint8, "small", 0, 1,
-                            chunks=(256,)))
-        self._counter("/progress/steps")
-        self._counter("/progress/closed")
-        self._growing = g
+            for name, n in zip(("height", "width", "channel"), lo.image_shape):
+                out[f"/coords/{name}"] = np.arange(n)
+        return out
 
     def begin_batch(self, n: int) -> slice:
         """Open the next `n` samples (rows of the SampleTable); returns their positions."""
@@ -371,44 +342,23 @@ class TrainingWriter(_BaseWriter):
     kind = "training"
 
     def __init__(self, path: str | os.PathLike, layout: TrainingLayout, meta: TraceMeta | None = None,
-                 *, rank: int = 0, world_size: int = 1, overwrite: bool = False) -> None:
-        super().__init__(path, meta, rank, world_size, overwrite)
+                 *, rank: int = 0, world_size: int = 1, overwrite: bool = False, portable: bool = False) -> None:
+        super().__init__(path, meta, rank, world_size, overwrite, portable)
         self.layout = layout
         self._events = 0
         self._logs = 0
         try:
-            self._create(layout)
+            values = {"/coords/layer": layout.layer_ids, "/coords/step": layout.step_ids,
+                      "/coords/token": layout.token_ids, "/coords/expert": np.arange(layout.n_experts),
+                      "/events/step": [], "/events/sample": [], "/events/timestep": [], "/train/step": []}
+            growing = self._create_datasets("training", layout.features(), layout.axis_lengths(), values,
+                                            tuple(layout.scalars))
+            self._event_ds, self._log_ds = growing["event"], growing["log"]
+            self._f["/routing/counts"].attrs["scope"] = layout.counts_scope
         except BaseException:
             self._f.close()
             raise
         self._start_swmr()
-
-    def _create(self, lo: TrainingLayout) -> None:
-        nl, ns, nn, k = len(lo.layer_ids), len(lo.step_ids), len(lo.token_ids), lo.n_experts
-        self._coord("/coords/layer", lo.layer_ids)
-        self._coord("/coords/step", lo.step_ids)
-        self._coord("/coords/token", lo.token_ids)
-        self._coord("/coords/expert", np.arange(k, dtype=np.int64))
-        self._coord("/events/step", np.zeros(0, np.int64), growing=True)
-        self._coord("/events/sample", np.zeros(0, np.int64), growing=True)
-        self._coord("/events/timestep", np.zeros(0, np.float64), growing=True)
-        self._coord("/train/step", np.zeros(0, np.int64), growing=True)
-        ev = [self._scales[p] for p in ("/events/step", "/events/sample", "/events/timestep")]
-        ev.append(self._grid("/events/label", ("event",), (0,), np.int32, "small", -1, 1, chunks=(4096,)))
-        ev.append(self._grid("/routing/expert", ("event", "layer", "step", "token"), (0, nl, ns, nn),
-                             np.uint8, "expert", EXPERT_FILL, 1))
-        ev.append(self._grid("/routing/counts", ("event", "layer", "step", "expert"), (0, nl, ns, k),
-                             np.int32, "small", COUNT_FILL, 1, chunks=(64, nl, ns, k)))
-        ev[-1].attrs["scope"] = lo.counts_scope
-        if lo.store_prob:
-            ev.append(self._grid("/routing/prob", ("event", "layer", "step", "token", "expert"),
-                                 (0, nl, ns, nn, k), np.float16, "prob", np.nan, 1))
-        logs = [self._scales["/train/step"]]
-        for name in lo.scalars:
-            logs.append(self._grid(f"/train/{name}", ("log",), (0,), np.float32, "small", np.nan, 1, chunks=(4096,)))
-        for c in ("/progress/steps", "/progress/events", "/progress/logs", "/progress/closed"):
-            self._counter(c)
-        self._event_ds, self._log_ds = ev, logs
 
     def write_events(self, train_step: int, sample: Any, timestep: Any, expert: Any, *,
                      label: Any = None, prob: Any = None, counts: Any = None) -> slice:

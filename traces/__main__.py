@@ -1,0 +1,21 @@
+"""`python -m traces COMMAND ...`: `join` rank files, `convert` compression (see each --help)."""
+
+from __future__ import annotations
+
+import sys
+
+from . import convert, join
+
+COMMANDS = {"join": join.main, "convert": convert.main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(f"error: python -m traces: expected a command, one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
