@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probes", action="store_true", help="skip the linear probes")
     p.add_argument("--derive", action="store_true", help="store PCA of the latents under /derived first")
     p.add_argument("--compare", type=Path, help="another trace with the same grid (checkpoint stability)")
+    p.add_argument("--routing-value", type=Path,
+                   help="a probes.routing_value JSON of the trace's checkpoint: adds it and uses it in the verdicts")
     p.add_argument("--overwrite", action="store_true")
     return p
 
@@ -112,6 +114,15 @@ def summary_table(r: dict) -> str:
             shares = ", ".join(f"{n} {_f(s, '{:.2f}')}" for n, s in zip(cv["labels"], cv["label_share"]))
             lines.append(f"      layer {layer} latents: rho={_f(cv['rho'])} step cos={[_f(x) for x in cv['step_cos']]} "
                          f"rel step={[_f(x) for x in cv['rel_step']]}  trajectories: {shares}")
+    for layer, lo in r["layers"].items():
+        for step, d in lo["steps"].items():
+            if "verdict" in d:
+                lines.append(f"verdict layer {layer} step {step}: {d['verdict']['text']}")
+    if "routing_value" in r:
+        from .routing_value import summary_lines
+
+        lines += ["routing value (flow-matching loss on held-out batches; value = 1 - gate/random):",
+                  *summary_lines(r["routing_value"])]
     for layer, probes in r.get("linear_probes", {}).items():
         parts = [f"{k} {_f(v.get('accuracy'), '{:.2f}')} (shuffled {_f(v.get('baseline'), '{:.2f}')})"
                  for k, v in probes.items() if "accuracy" in v]
@@ -261,10 +272,33 @@ def _check_out(path: Path | None, overwrite: bool, is_dir: bool = False) -> None
         raise ReportError(f"cannot write {path}: directory {parent} missing or not writable")
 
 
+def _read_routing_value(path: Path) -> dict:
+    from .routing_value import ROUTING_VALUE_SCHEMA
+
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"--routing-value {path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise ReportError(f"--routing-value {path}: not a JSON file ({type(e).__name__})") from None
+    if not isinstance(value, dict) or value.get("schema") != ROUTING_VALUE_SCHEMA:
+        raise ReportError(f"--routing-value {path}: not a probes.routing_value result")
+    return value
+
+
+def _check_same_checkpoint(report: dict, value: dict, path: Path) -> None:
+    """A routing value of another checkpoint must not decide this trace's verdicts."""
+    a, b = report["trace"].get("checkpoint_sha256"), value.get("checkpoint_sha256")
+    if a and b and a != b:
+        raise ReportError(f"--routing-value {path} was measured on another checkpoint than the trace's "
+                          f"(sha256 {b[:12]} vs {a[:12]})")
+
+
 def run(args) -> dict:
     from traces import open_trace
 
     from .analysis import Options, analyze, compare_traces, jsonable
+    from .verdict import add_verdicts
 
     if args.timestep_bins < 1:
         raise ReportError("--timestep-bins must be at least 1")
@@ -272,6 +306,7 @@ def run(args) -> dict:
         raise ReportError("--permutations must be >= 0")
     _check_out(args.json, args.overwrite)
     _check_out(args.figures, args.overwrite, is_dir=True)
+    value = _read_routing_value(args.routing_value) if args.routing_value else None
     derived = None
     if args.derive:
         from .projections import derive
@@ -287,6 +322,10 @@ def run(args) -> dict:
         r["compare"] = compare_traces(args.trace, args.compare, n_bins=args.timestep_bins)
     if derived is not None:
         r["derived"] = derived
+    if value is not None:
+        _check_same_checkpoint(r, value, args.routing_value)
+        r["routing_value"] = value
+        add_verdicts(r, value)
     r["elapsed_s"] = round(time.perf_counter() - t0, 3)
     r = jsonable(r)
     print(summary_table(r))

@@ -190,7 +190,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rsr_model.cli import Parser, UsageError, run_main
+    from rsr_model.cli import Parser, UsageError, run_main, sha256_file
 
     p = Parser(prog="python -m probes.routing_value", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", type=Path, required=True)
@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         result = routing_value(transformer, rsr, held_out_batches(task, a.samples, a.bins, a.seed),
                                a.random_draws)
         result["checkpoint"] = str(a.ckpt)
+        result["checkpoint_sha256"] = sha256_file(a.ckpt)
         print("\n".join(summary_lines(result)))
         if a.json is not None:
             a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -118,7 +118,7 @@ def test_report_cli_table_json_figures(env, capsys):
     text = capsys.readouterr().out
     assert "load share" in text and "MaxVio" in text and "linear probes" in text
     r = json.loads(out.read_text())
-    assert r["schema"] == "rsr-report" and r["schema_version"] == 2
+    assert r["schema"] == "rsr-report" and r["schema_version"] == 3
     for key in ("trace", "options", "timestep_bins", "checks", "global", "layers", "linear_probes", "notes"):
         assert key in r
     layer = r["layers"][str(r["trace"]["layers"][0])]
@@ -363,3 +363,32 @@ def test_probe_families_save_restore_and_merge(env):
     load.merge(again)
     after = jsonable(load.result().steps[0, 0]["load"])
     assert after["n"] == 2 * before["n"] and after["share"] == pytest.approx(before["share"])
+
+
+def test_verdicts_with_the_checkpoints_routing_value(env, tmp_path, capsys):
+    """Every step gets a verdict; with the routing value of the trace's own checkpoint it uses it,
+    and a barely trained (flat) gate is never called specialized."""
+    from probes.routing_value import main as value_main
+
+    value = tmp_path / "rv.json"
+    assert value_main(["--ckpt", str(env["ckpt"]), "--samples", "4", "--bins", "2", "--random-draws", "1",
+                       "--json", str(value)]) == 0
+    out = tmp_path / "r.json"
+    assert report_main([str(env["trace"]), "--no-probes", "--json", str(out), "--routing-value", str(value)]) == 0
+    text = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert r["routing_value"]["schema"] == "rsr-routing-value"
+    for layer in r["layers"].values():
+        for step, d in layer["steps"].items():
+            v = d["verdict"]
+            assert v["label"] != "specialized" and v["text"] in text
+            assert v["evidence"]["routing_value"] == r["routing_value"]["scopes"][step]["value"]
+    # a routing value of another checkpoint, or not a routing value at all, is refused in one line
+    other = json.loads(value.read_text())
+    other["checkpoint_sha256"] = "0" * 64
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    (tmp_path / "junk.json").write_text("{}")
+    for bad in ("other.json", "junk.json", "missing.json"):
+        assert report_main([str(env["trace"]), "--no-probes", "--routing-value", str(tmp_path / bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err

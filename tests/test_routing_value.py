@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from probes.routing_value import HeldOutBatch, bin_edges, routing_value, summary_lines
+from probes.stats import mi_summary
+from probes.verdict import step_verdict
 from rsr_model import install_rsr, rsr_config
 from rsr_model.backbones import tiny_sd3
 
@@ -65,6 +67,25 @@ def _batches(model, rsr, teacher):
     return out
 
 
+def _step_evidence(model, rsr, batches, step="*"):
+    """A report-like step entry measured on `batches`: gate margin and MI of expert with the band."""
+    K = rsr.config.experts
+    table, margins = np.zeros((K, len(batches)), np.int64), []
+
+    def on_probs(p, ctx):
+        top = p.topk(2, dim=-1).values
+        margins.append(float((top[..., 0] - top[..., 1]).mean()))
+
+    for b, batch in enumerate(batches):
+        def on_expert(ids, ctx, b=b):
+            table[:, b] += np.bincount(ids.reshape(-1).numpy(), minlength=K)
+        with torch.no_grad(), rsr.hooks.hooks({f"*.step.{step}.expert": on_expert, f"*.step.{step}.probs": on_probs}):
+            model(hidden_states=batch.xt, timestep=batch.t, **batch.cond)
+    mi = mi_summary(table, n_perm=199, seed=0)
+    return {"gate": {"mean_margin": float(np.mean(margins))},
+            "mi": {"timestep_bin": {"ami": float(mi.ami), "p_value": float(mi.p_value)}}}
+
+
 def test_band_specialized_experts_are_found_and_the_gate_beats_random():
     model, rsr = _model()
     _train_gate_to_route_by_band(model, rsr)
@@ -77,6 +98,8 @@ def test_band_specialized_experts_are_found_and_the_gate_beats_random():
     for name, r in result["scopes"].items():
         assert r["overall"]["gate"] < r["overall"]["none"], name
     assert "all" in "\n".join(summary_lines(result))
+    verdict = step_verdict(_step_evidence(model, rsr, _batches(model, rsr, lambda b: b)), every_step)
+    assert verdict["label"] == "specialized", verdict["text"]
 
 
 def test_identical_experts_give_no_routing_value():
@@ -93,6 +116,11 @@ def test_identical_experts_give_no_routing_value():
         assert np.allclose(forced, forced[0], rtol=1e-4), name
     every_step = result["scopes"]["all"]  # the adapter matters, not which copy of it
     assert every_step["overall"]["gate"] > 1e-6 and every_step["overall"]["none"] < 1e-10
+    # the untrained gate is flat, and its (position-following) argmax must not read as specialization
+    verdict = step_verdict(_step_evidence(model, rsr, _batches(model, rsr, lambda b: -1)), every_step)
+    assert verdict["label"] in ("flat_gate", "chance"), verdict["text"]
+    sharp = {"gate": {"mean_margin": 0.9}, "mi": {"timestep_bin": {"ami": 0.4, "p_value": 0.005}}}
+    assert step_verdict(sharp, every_step)["label"] == "chance"  # structure that does not lower the loss
 
 
 def test_random_draws_must_be_positive():

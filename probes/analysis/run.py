@@ -7,12 +7,13 @@ from typing import Any
 
 from traces import TraceReader
 
+from ..verdict import add_verdicts
 from .chunk import ChunkTables, make_chunk
 from .families import FAMILIES, Part, ProbeFamily
 from .setup import Context, Options, TraceGrid, grid_of, labels_of
 
 REPORT_SCHEMA = "rsr-report"
-REPORT_VERSION = 2  # probes/REPORT.md: 2 adds expert_change
+REPORT_VERSION = 3  # probes/REPORT.md: 2 adds expert_change, 3 the verdicts
 
 
 def stream(trace: TraceReader, families: list[ProbeFamily], context: Context) -> int:
@@ -49,6 +50,7 @@ def run_pass(trace: TraceReader, options: Options, timings: dict[str, float]) ->
                 notes.append(family.skipped)
             continue
         add_part(report, family.result())
+    add_verdicts(report)  # from the trace's own evidence; the report CLI adds the routing value
     timings.update(stream_s=streamed - start, assemble_s=time.perf_counter() - streamed, chunks=n_chunks)
     return report
 

@@ -1,0 +1,34 @@
+"""The verdict rules: a flat gate is flat whatever the MI; specialized needs a routing value."""
+
+from probes.verdict import step_verdict
+
+
+def step(margin, ami, p):
+    return {"gate": {"mean_margin": margin}, "mi": {"timestep_bin": {"ami": ami, "p_value": p},
+                                                    "position": {"ami": ami / 2, "p_value": p}}}
+
+
+def value(v, lo, hi):
+    return {"value": v, "value_ci95": [lo, hi], "gate_below_every_forced": True}
+
+
+def test_flat_gate_wins_over_everything():
+    v = step_verdict(step(0.006, 0.5, 0.005), value(0.3, 0.2, 0.4))
+    assert v["label"] == "flat_gate" and "0.006" in v["text"]
+
+
+def test_specialized_needs_a_value_whose_interval_clears_the_bar():
+    assert step_verdict(step(0.4, 0.2, 0.005), value(0.1, 0.05, 0.15))["label"] == "specialized"
+    assert step_verdict(step(0.4, 0.2, 0.005), value(0.03, -0.01, 0.07))["label"] == "chance"
+
+
+def test_structure_without_a_value_is_not_called_specialized():
+    v = step_verdict(step(0.4, 0.2, 0.005))
+    assert v["label"] == "structured_unmeasured" and "timestep_bin" in v["text"]
+    assert step_verdict(step(0.4, 0.01, 0.005))["label"] == "chance"  # significant but tiny
+    assert step_verdict(step(0.4, 0.2, 0.3))["label"] == "chance"  # large but not significant
+
+
+def test_no_gate_probabilities():
+    v = step_verdict({"mi": {}})
+    assert v["label"] == "chance" and v["evidence"]["margin"] is None
