@@ -4,7 +4,7 @@
         [--records 150e6] [--chunk-rows 4096] [--skip-umap]
 
 0. Routing probes over a trace on disk (default on; --no-trace skips it).  The synthetic
-   trace of the traces issue (64 samples x 28 timesteps x 4 layers x 5 recursion steps x
+   trace of benchmarks.trace_io (64 samples x 28 timesteps x 4 layers x 5 recursion steps x
    4096 tokens, K=8: 146.8 M routing records, spatially coherent ids from
    traces.synthetic) is written with `benchmarks.trace_io.write_trace` unless the file
    already holds it, then streamed chunk by chunk (one chunk = one (sample, timestep),

@@ -1,4 +1,4 @@
-"""Recording overhead, as ratios of sampling time measured in one run (issue 4 budgets).
+"""Recording overhead, as ratios of sampling time measured in one run, against the targets below.
 
     python -m benchmarks.record_cost [--ckpt CKPT] [--samples 16] [--steps 28] [--reps 3]
 

@@ -67,6 +67,30 @@ def _f(x: Any, fmt: str = "{:.3f}") -> str:
     return fmt.format(x)
 
 
+def _mean(x) -> float | None:
+    a = np.asarray(x, dtype=float) if x is not None else np.array([np.nan])
+    return float(np.nanmean(a)) if np.isfinite(a).any() else None
+
+
+def _training_curve_lines(curves: dict | None) -> list[str]:
+    """One line per window of training steps (means over layers and recursion steps)."""
+    if not curves:
+        return []
+    lines = ["specialization over training (means over layers and steps; MI of expert with timestep bin and step):",
+             f"{'steps':>11} {'loss':>7} {'Hgate':>6} {'margin':>6} {'AMI(t)':>7} {'p(t)':>5} {'MI(step)':>8} {'p(s)':>5}"]
+    for w, (a, b) in enumerate(zip(curves["window_start_step"], curves["window_end_step"])):
+        if a is None:
+            continue
+        pick = lambda key, sub: _mean(curves[key][sub][w])  # noqa: E731
+        entropy = _mean(curves["gate_norm_entropy"][w]) if curves.get("gate_norm_entropy") else None
+        margin = _mean(curves["gate_margin"][w]) if curves.get("gate_margin") else None
+        lines.append(f"{f'{a}-{b}':>11} {_f((curves.get('loss') or [None] * (w + 1))[w], '{:.4f}'):>7} "
+                     f"{_f(entropy, '{:.3f}'):>6} {_f(margin, '{:.3f}'):>6} {_f(pick('mi_timestep_bin', 'ami')):>7} "
+                     f"{_f(pick('mi_timestep_bin', 'p_value'), '{:.2g}'):>5} {_f(pick('mi_recursion_step', 'mi')):>8} "
+                     f"{_f(pick('mi_recursion_step', 'p_value'), '{:.2g}'):>5}")
+    return lines
+
+
 def summary_table(r: dict) -> str:
     t = r["trace"]
     lines = [f"trace {t['path']}  kind={t['kind']}  K={t['experts']}  layers={t['layers']}  steps={t['steps']}  "
@@ -118,6 +142,7 @@ def summary_table(r: dict) -> str:
         for step, d in lo["steps"].items():
             if "verdict" in d:
                 lines.append(f"verdict layer {layer} step {step}: {d['verdict']['text']}")
+    lines += _training_curve_lines(r.get("training_curves"))
     if "routing_value" in r:
         from .routing_value import summary_lines
 

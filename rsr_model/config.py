@@ -1,6 +1,6 @@
 """RSR configuration: one dataclass, the paper's ablations as modes, named configurations (`rsr_config(name)`).
 
-The paper's ablations are configurations, not forks (DESIGN.md):
+The paper's ablations are configurations, not forks (docs/design.md, "Modes"):
 
     mode            experts  steps  gate
     rsr             K        L      yes      full Recursive Sparse Reasoning

@@ -1,4 +1,4 @@
-"""Report, derived projections and causal effects on a real recorded trace of the tiny model (issue 5)."""
+"""Report, derived projections and causal effects on a real recorded trace of the tiny model."""
 
 import json
 import re
@@ -109,6 +109,18 @@ def test_training_trace_load_and_sampling_disagreement(tmp_path):
             dis.append(d["gate"]["disagreement"])
             dis += [b["disagreement"] for b in d["gate_by_timestep_bin"] if b["n"]]
     assert all(x is not None and 0.0 <= x <= 1.0 for x in dis)
+    # specialization over training: one window per recorded step here (steps 2 and 4)
+    curves = r["training_curves"]
+    assert curves["window_start_step"] == curves["window_end_step"] == [2, 4]
+    assert curves["records"][0] == curves["records"][1] and sum(curves["records"]) == r["checks"]["records"]
+    with open_trace(trace) as tr:
+        logged = tr.train()  # every step: steps 1-2 go to the first window, 3-4 to the second
+    assert curves["loss"] == pytest.approx([float(np.mean(logged["loss"][:2])), float(np.mean(logged["loss"][2:]))])
+    for window in curves["gate_norm_entropy"]:
+        assert all(0.0 < h <= 1.0 for layer in window for h in layer)
+    for window in curves["load_share"]:
+        assert all(abs(sum(s) - 1) < 1e-9 for layer in window for s in layer)
+    assert np.asarray(curves["mi_timestep_bin"]["mi"]).shape == (len(curves["records"]), 1, 3)
 
 
 def test_report_cli_table_json_figures(env, capsys):

@@ -32,7 +32,7 @@ base from that folder). `two_stage = False`: the trainer runs the "rsr" stage on
   works; "" is also the unconditional prompt when sampling, as in the SD3 pipeline.
 - Sampling uses the folder's scheduler `shift` (3.0 for SD3) and decodes with the VAE.
 
-Defaults from the paper's Table 4 (see ../../shared/DESIGN.md): `paper_sd3_medium_middle`
+Defaults from the paper's Table 4 (see docs/design.md, "Training recipe"; the lost learning rate: "Ambiguities" A12): `paper_sd3_medium_middle`
 (K = 5 experts, L = 5 latent steps, LoRA rank 128, Gumbel tau 5.0, looped layer 12 of the 24
 SD3-medium blocks; pass `--target-layers 4,8,12` for the multi-layer run); AdamW with betas
 (0.9, 0.999) and weight decay 0 (set by the trainer). The learning rate did not survive the

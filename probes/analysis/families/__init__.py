@@ -10,6 +10,7 @@ from .load import LoadFamily
 from .projections import LATENT_COLUMNS, ProjectionFamily
 from .spatial import SpatialFamily
 from .stability import StabilityFamily
+from .training_curves import TrainingCurvesFamily
 from .transitions import TransitionFamily
 
 FAMILIES: list[type[ProbeFamily]] = [
@@ -22,6 +23,7 @@ FAMILIES: list[type[ProbeFamily]] = [
     ExpertChangeFamily,
     ConvergenceFamily,
     ProjectionFamily,
+    TrainingCurvesFamily,
 ]
 
 __all__ = ["FAMILIES", "LATENT_COLUMNS", "Part", "ProbeFamily"] + [f.__name__ for f in FAMILIES]
