@@ -45,3 +45,13 @@ def randomize_rsr(rsr, scale=0.05, seed=0):
     with torch.no_grad():
         for layer in rsr.values():
             layer.experts.B.copy_(torch.randn(layer.experts.B.shape, generator=g) * scale)
+
+
+def one_error_line(err: str) -> str:
+    """The message of a command that failed as every command must: exactly one `error:` line on
+    stderr, the last line (progress bars of work done before the failure may precede it), and
+    no traceback. Returns that line."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
+    return errors[0]

@@ -17,6 +17,8 @@ from probes.report import main as report_main
 from rsr_model.__main__ import main as rsr_main
 from traces import open_trace
 
+from .conftest import one_error_line
+
 PROMPTS = "two red circles left of a blue square\na green triangle\na red triangle\n"
 
 
@@ -169,8 +171,7 @@ def test_bad_input_exits_2_with_one_line(env, tmp_path, capsys, case):
     else:
         args += ["--timestep-bins", "0"]
     assert report_main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    one_error_line(capsys.readouterr().err)
 
 
 def test_derived_written_with_parameters_and_reread(env, tmp_path):
@@ -365,8 +366,11 @@ def test_probe_families_save_restore_and_merge(env):
         for families in passes:
             stream(tr, [f for f in families if f.skipped is None], context)
         fresh = [f(context) for f in FAMILIES]
-    assert all(f.skipped is None for f in fresh)  # the fixture trace has everything
+    # the fixture (sampling) trace has everything but what only training traces give
+    assert [f.name for f in fresh if f.skipped is not None] == ["training_curves"]
     for done, new in zip(passes[0], fresh):
+        if new.skipped is not None:
+            continue
         new.load_state_dict(done.state_dict())
         assert json.dumps(jsonable(new.result().steps), sort_keys=True) == json.dumps(
             jsonable(done.result().steps), sort_keys=True), done.name
@@ -402,5 +406,4 @@ def test_verdicts_with_the_checkpoints_routing_value(env, tmp_path, capsys):
     (tmp_path / "junk.json").write_text("{}")
     for bad in ("other.json", "junk.json", "missing.json"):
         assert report_main([str(env["trace"]), "--no-probes", "--routing-value", str(tmp_path / bad)]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and "\n" not in err
+        one_error_line(capsys.readouterr().err)

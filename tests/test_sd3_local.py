@@ -17,6 +17,8 @@ import torch
 
 from rsr_model.__main__ import main
 
+from .conftest import one_error_line
+
 PROMPTS = ["a red circle", "a blue square", "two green triangles", "a red circle left of a blue square",
            "three circles", "a yellow square"]
 
@@ -96,12 +98,8 @@ def trained(setup):
     return out
 
 
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:"), err
-    return lines[0]
+def error_of(capsys) -> str:
+    return one_error_line(capsys.readouterr().err)
 
 
 # --- the local from_pretrained path ---------------------------------------------------------------
@@ -186,7 +184,7 @@ def test_train_then_sample(setup, trained, tmp_path, capsys):
                      "pretrained": str(tmp_path / "gone")}, moved)
     capsys.readouterr()
     assert main(["sample", "--ckpt", str(moved), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "m.png")]) == 2
-    assert "not found" in one_error_line(capsys) and not (tmp_path / "m.png").exists()
+    assert "not found" in error_of(capsys) and not (tmp_path / "m.png").exists()
 
 
 def test_resume_continues_the_run(setup, tmp_path):
@@ -284,14 +282,14 @@ def test_bad_input_one_line_exit_2_nothing_written(case, setup, tmp_path, capsys
     new = tmp_path / "new.pt"
     capsys.readouterr()
     assert main(args + ["--out", str(new)]) == 2
-    line = one_error_line(capsys)
+    line = error_of(capsys)
     assert all(w in line for w in words), line
     assert not new.exists() and not list(tmp_path.glob(".new.pt.*"))
 
     old = tmp_path / "old.pt"
     old.write_bytes(b"previous checkpoint")
     assert main(args + ["--out", str(old), "--overwrite"]) == 2
-    one_error_line(capsys)
+    error_of(capsys)
     assert old.read_bytes() == b"previous checkpoint"
 
 
@@ -300,4 +298,4 @@ def test_default_target_layer_beyond_a_small_model(setup, tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--preset", "sd3", "--pretrained", str(setup["pretrained"]), "--data", str(setup["data"]),
                  "--steps", "1", "--out", str(out)]) == 2
-    assert "beyond the model's depth" in one_error_line(capsys) and not out.exists()
+    assert "beyond the model's depth" in error_of(capsys) and not out.exists()

@@ -11,6 +11,8 @@ from rsr_model.sample import generate, load_model
 from rsr_model.tasks import get_task
 from rsr_model.train import Trainer
 
+from .conftest import one_error_line
+
 FAST = ["--batch-size", "4", "--save-every", "1"]
 
 
@@ -130,41 +132,49 @@ def test_dit_digits_preset(tmp_path):
 def _one_line_error(capsys, argv):
     capsys.readouterr()  # drop what earlier (successful) commands printed
     rc = main(argv)
-    err = capsys.readouterr().err
-    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
-    # one error line, last, no traceback (progress bars of a run that failed later may precede it)
-    assert rc == 2 and len(lines) == 1 and err.strip().splitlines()[-1] == lines[0] and "Traceback" not in err, (rc, err)
-    return lines[0]
+    assert rc == 2
+    return one_error_line(capsys.readouterr().err)
 
 
-def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
-    good = tmp_path / "good.pt"
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """Checkpoints the bad-input cases refer to: a good tiny one, a truncated copy, a DiT one."""
+    d = tmp_path_factory.mktemp("bad_inputs")
+    good, dit = d / "good.pt", d / "dit.pt"
     assert main(["train", "--out", str(good), *FAST, "--steps", "1"]) == 0
-    before = good.read_bytes()
-    png = tmp_path / "x.png"
-    assert "not found" in _one_line_error(capsys, ["sample", "--ckpt", str(tmp_path / "missing.pt"), "--prompt", "a", "--out", str(png)])
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(before[: len(before) // 2])
-    assert "not a readable checkpoint" in _one_line_error(capsys, ["sample", "--ckpt", str(corrupt), "--prompt", "a", "--out", str(png)])
-    assert not png.exists()
-    for flag, value in (("--experts", "0"), ("--latent-steps", "-1"), ("--rank", "0")):
-        _one_line_error(capsys, ["train", "--out", str(tmp_path / "n.pt"), "--steps", "1", flag, value])
-    assert "beyond the model's depth" in _one_line_error(capsys, ["train", "--out", str(tmp_path / "n.pt"), "--target-layers", "6"])
-    assert not (tmp_path / "n.pt").exists()
-    # an existing checkpoint is never overwritten by accident
-    assert "exists" in _one_line_error(capsys, ["train", "--out", str(good), "--steps", "1"])
-    assert good.read_bytes() == before
-    # a checkpoint of another architecture as the base of the tiny preset
-    dit = tmp_path / "dit.pt"
     assert main(["train", "--preset", "dit-digits", "--stage", "base", "--out", str(dit), *FAST, "--steps", "1"]) == 0
-    assert "dit-digits" in _one_line_error(capsys, ["train", "--stage", "rsr", "--base", str(dit), "--out", str(tmp_path / "r.pt")])
-    assert "labels" in _one_line_error(capsys, ["sample", "--ckpt", str(dit), "--label", "12", "--out", str(png)])
-    # the architecture itself is checked too, not only the preset's name
+    (d / "corrupt.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    return d
+
+
+# (argv with {d}: the made checkpoints' folder, {t}: this test's tmp_path; fragment of the error)
+BAD_INPUTS = [
+    (["sample", "--ckpt", "{t}/missing.pt", "--prompt", "a", "--out", "{t}/x.png"], "not found"),
+    (["sample", "--ckpt", "{d}/corrupt.pt", "--prompt", "a", "--out", "{t}/x.png"], "not a readable checkpoint"),
+    (["train", "--out", "{t}/n.pt", "--steps", "1", "--experts", "0"], "experts"),
+    (["train", "--out", "{t}/n.pt", "--steps", "1", "--latent-steps", "-1"], "steps"),
+    (["train", "--out", "{t}/n.pt", "--steps", "1", "--rank", "0"], "rank"),
+    (["train", "--out", "{t}/n.pt", "--target-layers", "6"], "beyond the model's depth"),
+    (["train", "--out", "{d}/good.pt", "--steps", "1"], "exists"),  # never overwritten by accident
+    (["train", "--stage", "rsr", "--base", "{d}/dit.pt", "--out", "{t}/r.pt"], "dit-digits"),
+    (["sample", "--ckpt", "{d}/dit.pt", "--label", "12", "--out", "{t}/x.png"], "labels"),
+]
+
+
+@pytest.mark.parametrize("argv, fragment", BAD_INPUTS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD_INPUTS])
+def test_bad_inputs_give_one_line_errors(made, tmp_path, capsys, argv, fragment):
+    before = {p.name: p.read_bytes() for p in made.iterdir()}
+    assert fragment in _one_line_error(capsys, [a.format(d=made, t=tmp_path) for a in argv])
+    assert list(tmp_path.iterdir()) == []  # no output written
+    assert {p.name: p.read_bytes() for p in made.iterdir()} == before  # nothing existing changed
+
+
+def test_checkpoint_architecture_is_checked_not_only_its_preset_name(made):
     from rsr_model.checkpoint import CheckpointError
     from rsr_model.train import build_from_checkpoint
 
     with pytest.raises(CheckpointError, match="DiTTransformer2DModel"):
-        build_from_checkpoint(get_task("tiny"), load_checkpoint(dit))
+        build_from_checkpoint(get_task("tiny"), load_checkpoint(made / "dit.pt"))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
