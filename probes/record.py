@@ -84,15 +84,8 @@ def read_items(text: str) -> list[str]:
     return [text.strip()]
 
 
-def run(args) -> None:
-    from tqdm import tqdm
-
-    from rsr_model.sample import load_model
-    from traces import SamplingWriter, TraceMeta, estimate_sampling
-
-    from .interventions import from_cli
-    from rsr_model.recorders import SamplingRecorder, Selection, sample_table
-
+def check_args(args) -> None:
+    """Flags that can be judged before any model is loaded."""
     for name in ("num_samples", "steps", "batch_size", "token_stride"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -104,6 +97,31 @@ def run(args) -> None:
         raise UsageError("--max-gb must be positive")
     if args.out.exists() and not args.overwrite:
         raise UsageError(f"{args.out} exists; pass --overwrite to replace it")
+
+
+def rank_shard(args, n_rows: int) -> tuple[int, int, list[int]]:
+    """(rank, world size, global sample ids of this rank): each rank records a strided shard
+    under the global sample ids, one file per rank."""
+    rank = args.rank if args.rank is not None else env_int("RANK", 0)
+    world = args.world_size if args.world_size is not None else env_int("WORLD_SIZE", 1)
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"--rank must lie in 0..world-size-1, got rank {rank} of {world}")
+    sample_ids = list(range(n_rows))[rank::world]
+    if not sample_ids:
+        raise UsageError(f"rank {rank} of {world} has no samples to record")
+    return rank, world, sample_ids
+
+
+def run(args) -> None:
+    from tqdm import tqdm
+
+    from rsr_model.sample import load_model
+    from traces import SamplingWriter, TraceMeta, estimate_sampling
+
+    from .interventions import from_cli
+    from rsr_model.recorders import SamplingRecorder, Selection, sample_table
+
+    check_args(args)
     items = read_items(args.prompts)
     task, transformer, rsr, ckpt = load_model(args.ckpt)
     if rsr is None:
@@ -111,15 +129,8 @@ def run(args) -> None:
     items = task.parse_items(items)
     rows = [it for it in items for _ in range(args.num_samples)]
     seeds = [args.seed + j for j in range(len(rows))]
-    # Distributed: each rank records a strided shard under the global sample ids, one file per rank.
-    rank = args.rank if args.rank is not None else env_int("RANK", 0)
-    world = args.world_size if args.world_size is not None else env_int("WORLD_SIZE", 1)
-    if world < 1 or not 0 <= rank < world:
-        raise UsageError(f"--rank must lie in 0..world-size-1, got rank {rank} of {world}")
-    sample_ids = list(range(len(rows)))[rank::world]
+    rank, world, sample_ids = rank_shard(args, len(rows))
     rows, seeds = [rows[i] for i in sample_ids], [seeds[i] for i in sample_ids]
-    if not rows:
-        raise UsageError(f"rank {rank} of {world} has no samples to record")
     interventions = from_cli(rsr, args.force_expert, args.ablate_expert, args.region, args.t_window,
                              args.at_step, args.at_layers)
     sel = Selection(layers=args.layers, steps=args.rsr_steps, timesteps=args.timesteps,

@@ -91,48 +91,49 @@ def _training_curve_lines(curves: dict | None) -> list[str]:
     return lines
 
 
-def summary_table(r: dict) -> str:
-    t = r["trace"]
-    lines = [f"trace {t['path']}  kind={t['kind']}  K={t['experts']}  layers={t['layers']}  steps={t['steps']}  "
-             + (f"samples={t.get('samples')} timesteps={len(t.get('timesteps', []))} branches={t.get('branches')}"
-                if t["kind"] == "sampling" else f"events={t.get('events')}")]
-    c = r["checks"]
-    lines.append(f"checks: counts vs ids max |diff| = {c['counts_vs_ids_max_abs_diff']}, "
-                 f"share sums max |dev| = {_f(c['share_sum_max_abs_dev'], '{:.1e}')}, "
-                 f"invalid records = {c['invalid_records']}")
+def _step_row(layer: str, step: str, d: dict, transition: dict | None) -> str:
+    """One row of the summary table: load, router, MI, transitions, spatial, stability of a step."""
+    ld, gate, mi = d["load"], d.get("gate", {}), d.get("mi", {})
+    share = " ".join(_f(s, "{:.2f}") for s in ld["share"])
+    mt, mp = mi.get("timestep_bin", {}), mi.get("position", {})
+    others = {k: v for k, v in mi.items() if k not in ("timestep_bin", "position")}
+    best = "-"
+    if others:
+        k, v = max(others.items(), key=lambda kv: kv[1].get("ami") or -1)
+        best = f"{k} AMI={_f(v.get('ami'))} p={_f(v.get('p_value'), '{:.2g}')}"
+    pc = f"{_f(transition['persistence'], '{:.2f}')}/{_f(transition['chance'], '{:.2f}')}" if transition else "-"
+    sp = d.get("spatial")
+    spc = f"{_f(sp['same'], '{:.2f}')}/{_f(sp['chance'], '{:.2f}')}" if sp else "-"
+    st = d.get("stability", {})
+    return (f"{layer:>5} {step:>4} | {share:<24} {_f(ld['cv'], '{:.2f}'):>5} {_f(ld['max_vio'], '{:.2f}'):>6} "
+            f"{_f(ld['norm_entropy'], '{:.2f}'):>5} {_f(ld['effective_experts'], '{:.2f}'):>5} {ld['n_dead']:>4} | "
+            f"{_f(gate.get('mean_entropy'), '{:.2f}'):>5} {_f(gate.get('mean_margin'), '{:.2f}'):>6} "
+            f"{_f(gate.get('balance'), '{:.2f}'):>5} {_f(gate.get('soft_mi'), '{:.3f}'):>6} | "
+            f"{_f(mt.get('mi')):>6} {_f(mt.get('ami')):>6} {_f(mp.get('mi')):>7} {best:<22} | {pc:>10} | "
+            f"{spc:>9} | {_f(st.get('seeds', {}).get('kappa'), '{:.2f}'):>5} "
+            f"{_f(st.get('adjacent_timesteps', {}).get('kappa'), '{:.2f}'):>5}")
+
+
+def _header_lines(r: dict) -> list[str]:
+    t, c = r["trace"], r["checks"]
     head = (f"{'layer':>5} {'step':>4} | {'load share':<24} {'CV':>5} {'MaxVio':>6} {'Hnorm':>5} {'Eff':>5} "
             f"{'dead':>4} | {'Hgate':>5} {'margin':>6} {'bal':>5} {'softMI':>6} | {'MI(t)':>6} {'AMI(t)':>6} "
             f"{'MI(pos)':>7} {'best label':<22} | {'persist/ch':>10} | {'spat/ch':>9} | {'seedK':>5} {'adjK':>5}")
-    lines += [head, "-" * len(head)]
+    return [f"trace {t['path']}  kind={t['kind']}  K={t['experts']}  layers={t['layers']}  steps={t['steps']}  "
+            + (f"samples={t.get('samples')} timesteps={len(t.get('timesteps', []))} branches={t.get('branches')}"
+               if t["kind"] == "sampling" else f"events={t.get('events')}"),
+            f"checks: counts vs ids max |diff| = {c['counts_vs_ids_max_abs_diff']}, "
+            f"share sums max |dev| = {_f(c['share_sum_max_abs_dev'], '{:.1e}')}, invalid records = {c['invalid_records']}",
+            head, "-" * len(head)]
+
+
+def summary_table(r: dict) -> str:
+    lines = _header_lines(r)
     for layer, lo in r["layers"].items():
         steps = list(lo["steps"])
         for i, (step, d) in enumerate(lo["steps"].items()):
-            ld = d["load"]
-            share = " ".join(_f(s, "{:.2f}") for s in ld["share"])
-            gate = d.get("gate", {})
-            mi = d.get("mi", {})
-            mt, mp = mi.get("timestep_bin", {}), mi.get("position", {})
-            others = {k: v for k, v in mi.items() if k not in ("timestep_bin", "position")}
-            best = "-"
-            if others:
-                k, v = max(others.items(), key=lambda kv: kv[1].get("ami") or -1)
-                best = f"{k} AMI={_f(v.get('ami'))} p={_f(v.get('p_value'), '{:.2g}')}"
-            transitions = lo.get("transitions", {})
             key = f"{step}->{steps[i + 1]}" if i + 1 < len(steps) else None
-            pc = "-"
-            if key and key in transitions:
-                pc = f"{_f(transitions[key]['persistence'], '{:.2f}')}/{_f(transitions[key]['chance'], '{:.2f}')}"
-            sp = d.get("spatial")
-            spc = f"{_f(sp['same'], '{:.2f}')}/{_f(sp['chance'], '{:.2f}')}" if sp else "-"
-            st = d.get("stability", {})
-            lines.append(
-                f"{layer:>5} {step:>4} | {share:<24} {_f(ld['cv'], '{:.2f}'):>5} {_f(ld['max_vio'], '{:.2f}'):>6} "
-                f"{_f(ld['norm_entropy'], '{:.2f}'):>5} {_f(ld['effective_experts'], '{:.2f}'):>5} {ld['n_dead']:>4} | "
-                f"{_f(gate.get('mean_entropy'), '{:.2f}'):>5} {_f(gate.get('mean_margin'), '{:.2f}'):>6} "
-                f"{_f(gate.get('balance'), '{:.2f}'):>5} {_f(gate.get('soft_mi'), '{:.3f}'):>6} | "
-                f"{_f(mt.get('mi')):>6} {_f(mt.get('ami')):>6} {_f(mp.get('mi')):>7} {best:<22} | {pc:>10} | "
-                f"{spc:>9} | {_f(st.get('seeds', {}).get('kappa'), '{:.2f}'):>5} "
-                f"{_f(st.get('adjacent_timesteps', {}).get('kappa'), '{:.2f}'):>5}")
+            lines.append(_step_row(layer, step, d, lo.get("transitions", {}).get(key)))
         cv = lo.get("convergence")
         if cv:
             shares = ", ".join(f"{n} {_f(s, '{:.2f}')}" for n, s in zip(cv["labels"], cv["label_share"]))
