@@ -1,0 +1,10 @@
+"""placeholder"""
+from dash import html
+
+
+def layout(ctx):
+    return html.Div(id="compare-body")
+
+
+def register(app, ctx):
+    pass
