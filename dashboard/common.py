@@ -35,6 +35,7 @@ class Context:
     jobs: Jobs = field(default_factory=Jobs)
     # derived results that cost a pass over the trace: (trace id, steps, name, args) -> value
     memo: dict = field(default_factory=dict)
+    model: Any = None  # (task, transformer, rsr) of ckpt, loaded on first use
 
     def cached(self, tid: str, name: str, fn: Callable[[], Any], *key: Any) -> Any:
         steps = self.registry.reader(tid).steps

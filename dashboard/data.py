@@ -20,7 +20,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 from traces import TraceReader, open_trace
 from traces.errors import TraceError, UserError
@@ -46,6 +47,7 @@ class Entry:
     report: dict | None = None
     report_steps: int = -1
     report_time: float = 0.0
+    busy: str | None = None  # why the file is withheld (a writer such as probes.derive has it)
 
     @property
     def label(self) -> str:
@@ -109,6 +111,8 @@ class Registry:
         """The open reader of a served trace (opened once); TraceError with the reason if unusable."""
         e = self.entry(tid)
         with e.lock:
+            if e.busy:
+                raise TraceError(f"{e.path.name}: {e.busy}; try again in a moment")
             if e.reader is None:
                 self._open(e)
             if e.reader is None:
@@ -131,6 +135,21 @@ class Registry:
             if e.reader is not None:
                 e.reader.close()
                 e.reader = None
+
+    @contextmanager
+    def exclusive(self, tid: str, why: str) -> Iterator[Path]:
+        """Withhold a trace from the page while something writes into it (yields its path)."""
+        e = self.entry(tid)
+        with e.lock:
+            e.busy = why
+            if e.reader is not None:
+                e.reader.close()
+                e.reader = None
+        try:
+            yield e.path
+        finally:
+            with e.lock:
+                e.busy, e.report = None, None
 
     def refresh(self, tid: str) -> int:
         """Pick up what a live writer flushed; returns the step counter."""
