@@ -83,11 +83,17 @@ def points(tr, method: str, layer: int) -> dict[str, np.ndarray]:
             "timestep": t, "step": r, "token": token, "expert": expert, "prompt": prompt_code.reshape(-1)[s]}
 
 
+def shown(n_points: int, n: int) -> np.ndarray:
+    """Which of the points the scatter draws (a fixed random subset of n); a selection's
+    pointIndex indexes this array."""
+    if n_points <= n:
+        return np.arange(n_points)
+    return np.sort(np.random.default_rng(1).choice(n_points, n, replace=False))
+
+
 def scatter_figure(tr, pts: dict, colour: str, n: int) -> go.Figure:
     K = len(tr.coords["expert"])
-    show = np.arange(len(pts["x"]))
-    if len(show) > n:
-        show = np.sort(np.random.default_rng(1).choice(len(show), n, replace=False))
+    show = shown(len(pts["x"]), n)
     if colour == "expert":
         c, marker = pts["expert"][show], dict(cmin=-0.5, cmax=K - 0.5, colorscale=discrete_colourscale(K))
         marker["colorbar"] = dict(title="expert", thickness=10, tickvals=list(range(K)))
@@ -97,7 +103,7 @@ def scatter_figure(tr, pts: dict, colour: str, n: int) -> go.Figure:
         c, marker = pts["token"][show].astype(np.float32), dict(colorscale="Turbo")
     else:
         c, marker = pts[colour][show].astype(np.float32), dict(colorscale="Turbo")
-    fig = go.Figure(go.Scattergl(x=pts["x"][show], y=pts["y"][show], mode="markers", customdata=show.astype(np.int32),
+    fig = go.Figure(go.Scattergl(x=pts["x"][show], y=pts["y"][show], mode="markers", 
                                  marker=dict(color=c, size=4 if len(show) < 20000 else 2, opacity=0.7,
                                              **{"colorbar": dict(title=colour, thickness=10), **marker}),
                                  hoverinfo="none"))
@@ -208,13 +214,14 @@ def register(app: dash.Dash, ctx: Context) -> None:
 
     @app.callback(Output("lat-table", "data"), Output("lat-table", "columns"), Output("lat-patches", "children"),
                   Input("lat-scatter", "selectedData"), State("sel-trace", "value"), State("sel-layer", "value"),
-                  State("lat-method", "value"), prevent_initial_call=True)
+                  State("lat-method", "value"), State("lat-max", "value"), prevent_initial_call=True)
     @guarded
-    def select(selected, tid, layer, method):
+    def select(selected, tid, layer, method, n):
         if not selected or not selected.get("points"):
             return [], [], []
         tr, pts = pts_of(tid, method, layer)
-        rows = np.asarray([p["customdata"] for p in selected["points"] if "customdata" in p], np.int64)
+        show = shown(len(pts["x"]), n)
+        rows = show[np.asarray([p["pointIndex"] for p in selected["points"]], np.int64)]
         tv = tr.coords["timestep_value"]
         prompts = tr.samples()["prompt"]
         data = [{"sample": int(pts["sample"][i]), "t": float(tv[pts["timestep"][i]]), "step": int(pts["step"][i]),
@@ -232,13 +239,13 @@ def register(app: dash.Dash, ctx: Context) -> None:
 
     @app.callback(Output("lat-tip", "show"), Output("lat-tip", "bbox"), Output("lat-tip", "children"),
                   Input("lat-scatter", "hoverData"), State("sel-trace", "value"), State("sel-layer", "value"),
-                  State("lat-method", "value"), prevent_initial_call=True)
-    def hover(hover_data, tid, layer, method):
-        if not hover_data or "customdata" not in hover_data["points"][0]:
+                  State("lat-method", "value"), State("lat-max", "value"), prevent_initial_call=True)
+    def hover(hover_data, tid, layer, method, n):
+        if not hover_data or "pointIndex" not in hover_data["points"][0]:
             return False, dash.no_update, dash.no_update
         pt = hover_data["points"][0]
         tr, pts = pts_of(tid, method, layer)
-        i = int(pt["customdata"])
+        i = int(shown(len(pts["x"]), n)[pt["pointIndex"]])
         im = patch(tr, int(pts["sample"][i]), int(pts["timestep"][i]), layer, int(pts["step"][i]), int(pts["token"][i]))
         label = (f"sample {pts['sample'][i]}, t={tr.coords['timestep_value'][pts['timestep'][i]]:.0f}, "
                  f"step {pts['step'][i]}, token {pts['token'][i]}, expert {pts['expert'][i]}")
