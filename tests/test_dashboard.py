@@ -380,3 +380,32 @@ def test_browser_intervention_changes_the_image(browser, env):
     after = driver.find_element(By.ID, "iv-img-after").get_attribute("src")
     assert before != after
     assert console_errors(driver) == []
+
+
+def test_live_trace_updates_without_reload(tmp_path):
+    """A trace whose writer is still running (SWMR): the page's live poll picks up new steps."""
+    from traces import SampleTable, SamplingLayout, SamplingWriter
+    from traces.synthetic import coherent_routing
+
+    path = tmp_path / "live.h5"
+    lo = SamplingLayout(n_experts=4, layers=[1], steps=2, tokens=64, timesteps=[0, 1, 2],
+                        timestep_values=[900.0, 500.0, 100.0])
+    ids = coherent_routing(np.random.default_rng(0), (2, 3, 1, 1, 2, 64), n_experts=4, cell=4)
+    live = "..version.data...live-status.children...live-tick.disabled.."
+    with SamplingWriter(path, lo, SampleTable(prompt=["a", "b"], seed=[0, 1])) as w:
+        w.begin_batch(2)
+        w.write_timestep(0, ids[:, 0])
+        ctx = make_context([str(path)], permutations=9)
+        app = create_app(ctx)
+        tid = ctx.registry.ids()[0]
+        first = call(app, live, {"sel-trace.value": tid, "version.data": 0}, "live-tick.n_intervals")
+        assert first["version"]["data"] == 1 and "live" in first["live-status"]["children"]
+        w.write_timestep(1, ids[:, 1])
+        second = call(app, live, {"sel-trace.value": tid, "version.data": 1}, "live-tick.n_intervals")
+        assert second["version"]["data"] == 2
+        out = call(app, ROUTING, {"tabs.value": "routing", "sel-trace.value": tid, "sel-sample.value": 1,
+                                  "sel-branch.value": "cond", "sel-t.value": 1, "sel-layer.value": 1,
+                                  "sel-step.value": 1}, "version.data")
+        assert "t=500" in out["routing-map"]["figure"]["layout"]["title"]["text"]  # the step written while open
+        assert "msg-error" not in json.dumps(out["routing-msg"])
+    ctx.registry.close()

@@ -16,7 +16,7 @@ import numpy as np
 import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html
 
-from probes.interventions import Intervention
+
 
 from ..common import GRAPH_CONFIG, Context, discrete_colourscale, fmt, message, png_uri, routing_rgb
 from .routing import token_grid
@@ -64,12 +64,14 @@ def model(ctx: Context):
         return ctx.model
 
 
-def run_intervention(ctx: Context, tr, sample: int, iv: Intervention, layer: int, step: int,
+def run_intervention(ctx: Context, tr, sample: int, iv, layer: int, step: int,
                      t_index: int) -> dict[str, Any]:
-    """Sample the trace's prompt and seed with and without `iv`; images and the routing of
+    """Sample the trace's prompt and seed with and without `iv` (a `probes.interventions.Intervention`,
+    imported on first use: torch is loaded only when someone intervenes); images and the routing of
     (layer, step) at the sampler call nearest the selected timestep, before and after."""
     import torch
 
+    from probes.interventions import Intervention
     from rsr_model.sample import generate
 
     task, transformer, rsr = model(ctx)
@@ -162,6 +164,8 @@ def register(app: dash.Dash, ctx: Context) -> None:
                   State("iv-kind", "value"), State("iv-only-step", "value"), State("iv-window", "value"),
                   State("iv-region", "data"), prevent_initial_call=True)
     def start(_n, tid, sample, t, layer, step, expert, kind, only_step, window, region):
+        from probes.interventions import Intervention
+
         tr = ctx.registry.reader(tid)
         step_value = int(tr.coords["step"][step or 0])
         iv = Intervention(kind, int(expert or 0), layers=(int(layer),), step=step_value if only_step else None,
