@@ -68,8 +68,6 @@ def make_trace(path: Path) -> None:
 
 def routing_moves(app, tid: str, moves: int) -> dict[str, float]:
     """Server time of routing-map updates (Patch) for slider moves, through the Flask stack."""
-    from dashboard.views import routing  # noqa: F401  (registered by create_app)
-
     client = app.server.test_client()
     output = ("..routing-map.figure...routing-decoded.src...routing-final.src...routing-decoded-note.children"
               "...routing-msg.children...routing-key.data..")

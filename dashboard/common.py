@@ -107,6 +107,24 @@ def guarded(fn: Callable) -> Callable:
     return run
 
 
+def view_body(app, view: str, output, *inputs) -> Callable:
+    """Register `fn(trace_id, *input_values)` as the callback that fills a view's body. It runs
+    only while the view's tab is open and a trace is selected (callbacks of hidden views
+    would cost every slider move), and any failure becomes a message in the view."""
+    import dash
+    from dash import Input
+
+    def register(fn: Callable) -> Callable:
+        @app.callback(output, Input("tabs", "value"), Input("sel-trace", "value"), *inputs)
+        @functools.wraps(fn)
+        def run(open_view, tid, *values):
+            if open_view != view or tid is None:
+                return dash.no_update
+            return guarded(fn)(tid, *values)
+        return run
+    return register
+
+
 def fmt(x: Any, spec: str = "{:.3f}") -> str:
     if x is None or (isinstance(x, float) and not np.isfinite(x)):
         return "–"

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html
 from plotly.subplots import make_subplots
 
-from ..common import GRAPH_CONFIG, Context, expert_colour, fmt, guarded, message
+from ..common import GRAPH_CONFIG, Context, expert_colour, fmt, message, view_body
 
 
 def layout(ctx: Context):
@@ -64,14 +64,15 @@ def register(app: dash.Dash, ctx: Context) -> None:
             return dash.no_update, dash.no_update
         opts = [o for o in ctx.registry.options() if o["value"] != tid and ctx.registry.entry(o["value"]).error is None]
         ids = [o["value"] for o in opts]
-        return opts, current if current in ids else (ids[0] if ids else None)
+        try:  # default: the first other trace of the same kind
+            kind = ctx.registry.reader(tid).kind
+            same = [i for i in ids if ctx.registry.reader(i).kind == kind]
+        except Exception:  # noqa: BLE001 -- the body says what is wrong with the selected trace
+            same = ids
+        return opts, current if current in ids else (same[0] if same else None)
 
-    @app.callback(Output("compare-body", "children"), Input("tabs", "value"), Input("sel-trace", "value"),
-                  Input("cmp-other", "value"))
-    @guarded
-    def render(view, tid, other):
-        if view != "compare" or tid is None:
-            return dash.no_update
+    @view_body(app, "compare", Output("compare-body", "children"), Input("cmp-other", "value"))
+    def render(tid, other):
         if other is None:
             return message("choose a second trace recorded with the same prompts, seeds and grid")
         cmp = ctx.registry.compare(tid, other)

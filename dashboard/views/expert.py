@@ -20,7 +20,7 @@ from dash import Input, Output, dcc, html
 
 from probes.views import expert_position_counts, top_tokens
 
-from ..common import GRAPH_CONFIG, Context, expert_colour, fmt, guarded, message, png_uri
+from ..common import GRAPH_CONFIG, Context, expert_colour, fmt, message, png_uri, view_body
 from .routing import token_grid
 
 CROP_TOKENS = 3  # crop = this many tokens square around the token
@@ -143,14 +143,10 @@ def causal(ctx: Context, tid: str, tr, k: int) -> html.Div:
 
 
 def register(app: dash.Dash, ctx: Context) -> None:
-    @app.callback(Output("expert-body", "children"),
-                  Input("tabs", "value"), Input("sel-trace", "value"), Input("sel-expert", "value"),
-                  Input("sel-layer", "value"), Input("sel-step", "value"), Input("version", "data"))
-    @guarded
-    def render(view, tid, k, layer, step, _version):
-        if view != "expert":
-            return dash.no_update
-        if tid is None or k is None:
+    @view_body(app, "expert", Output("expert-body", "children"), Input("sel-expert", "value"),
+               Input("sel-layer", "value"), Input("sel-step", "value"), Input("version", "data"))
+    def render(tid, k, layer, step, _version):
+        if k is None:
             return None
         tr = ctx.registry.reader(tid)
         report = ctx.registry.report(tid)

@@ -8,7 +8,7 @@ import dash
 import numpy as np
 from dash import Input, Output, dcc, html
 
-from ..common import Context, guarded, message, png_uri, routing_rgb
+from ..common import Context, message, png_uri, routing_rgb, view_body
 from .routing import token_grid
 
 TILE_PX = 96
@@ -31,13 +31,10 @@ def tile(image: np.ndarray, ids: np.ndarray | None, K: int, grid: tuple[int, int
 
 
 def register(app: dash.Dash, ctx: Context) -> None:
-    @app.callback(Output("filmstrip-body", "children"), Input("tabs", "value"), Input("sel-trace", "value"),
-                  Input("sel-sample", "value"), Input("sel-branch", "value"), Input("sel-layer", "value"),
-                  Input("film-overlay", "value"), Input("version", "data"))
-    @guarded
-    def render(view, tid, sample, branch, layer, overlay, _version):
-        if view != "filmstrip" or tid is None:
-            return dash.no_update
+    @view_body(app, "filmstrip", Output("filmstrip-body", "children"), Input("sel-sample", "value"),
+               Input("sel-branch", "value"), Input("sel-layer", "value"), Input("film-overlay", "value"),
+               Input("version", "data"))
+    def render(tid, sample, branch, layer, overlay, _version):
         tr = ctx.registry.reader(tid)
         if tr.kind != "sampling" or not tr.has("/decoded/step"):
             return message("this trace has no early-exit decodes (record a sampling trace with --decode)")

@@ -16,7 +16,7 @@ from plotly.subplots import make_subplots
 
 from probes.views import transition_flows
 
-from ..common import GRAPH_CONFIG, Context, expert_colour, fmt, guarded
+from ..common import GRAPH_CONFIG, Context, expert_colour, fmt, view_body
 
 
 def layout(ctx: Context):
@@ -91,12 +91,9 @@ def register(app: dash.Dash, ctx: Context) -> None:
             {"label": f"bin {b['bin']}: t {b['t_max']:.0f}…{b['t_min']:.0f}", "value": b["bin"]}
             for b in report["timestep_bins"]]
 
-    @app.callback(Output("flow-body", "children"), Input("tabs", "value"), Input("sel-trace", "value"),
-                  Input("sel-layer", "value"), Input("flow-bin", "value"), Input("version", "data"))
-    @guarded
-    def render(view, tid, layer, time_bin, _version):
-        if view != "flow" or tid is None:
-            return dash.no_update
+    @view_body(app, "flow", Output("flow-body", "children"), Input("sel-layer", "value"), Input("flow-bin", "value"),
+               Input("version", "data"))
+    def render(tid, layer, time_bin, _version):
         report = ctx.registry.report(tid)
         time_bin = None if time_bin in (None, "all") else int(time_bin)
         if not report["layers"][str(layer)].get("transitions"):

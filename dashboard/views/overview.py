@@ -18,7 +18,7 @@ from plotly.subplots import make_subplots
 
 from probes.views import FLAT_GATE_MARGIN, flat_gate
 
-from ..common import GRAPH_CONFIG, Context, fmt, guarded, message
+from ..common import GRAPH_CONFIG, Context, fmt, message, view_body
 
 
 def layout(ctx: Context):
@@ -104,15 +104,9 @@ def evidence(report: dict, layer: int, step: int) -> html.Div:
 
 
 def register(app: dash.Dash, ctx: Context) -> None:
-    @app.callback(Output("overview-body", "children"),
-                  Input("tabs", "value"), Input("sel-trace", "value"), Input("sel-layer", "value"),
-                  Input("sel-step", "value"), Input("version", "data"))
-    @guarded
-    def render(view, tid, layer, step, _version):
-        if view != "overview":
-            return dash.no_update
-        if tid is None:
-            return None
+    @view_body(app, "overview", Output("overview-body", "children"), Input("sel-layer", "value"),
+               Input("sel-step", "value"), Input("version", "data"))
+    def render(tid, layer, step, _version):
         report = ctx.registry.report(tid)
         K = report["trace"]["experts"]
         buttons = [html.Button(f"expert {k} →", id={"type": "open-expert", "k": k}, className="btn")

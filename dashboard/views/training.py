@@ -14,7 +14,7 @@ from plotly.subplots import make_subplots
 
 from probes.views import FLAT_GATE_MARGIN, training_curves
 
-from ..common import GRAPH_CONFIG, Context, expert_colour, guarded, message
+from ..common import GRAPH_CONFIG, Context, expert_colour, message, view_body
 
 
 def layout(ctx: Context):
@@ -56,12 +56,8 @@ def routing_figure(cur: dict, K: int) -> go.Figure:
 
 
 def register(app: dash.Dash, ctx: Context) -> None:
-    @app.callback(Output("training-body", "children"), Input("tabs", "value"), Input("sel-trace", "value"),
-                  Input("version", "data"))
-    @guarded
-    def render(view, tid, _version):
-        if view != "training" or tid is None:
-            return dash.no_update
+    @view_body(app, "training", Output("training-body", "children"), Input("version", "data"))
+    def render(tid, _version):
         tr = ctx.registry.reader(tid)
         if tr.kind != "training":
             return message("this is a sampling trace; training health needs a training trace "
