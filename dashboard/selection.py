@@ -115,7 +115,7 @@ def valid_selection(ctx: Context, want: dict[str, Any]) -> tuple[dict[str, Any],
         out["sample"] = _int(want.get("sample"), 0, max(n, 1))
         out["branch"] = want.get("branch") if want.get("branch") in branches else branches[0]
         out["t"] = _int(want.get("t"), 0, len(tv))
-        every = max(1, len(tv) // 7)
+        every = max(1, -(-len(tv) // 6))  # about six labels: more overlap on a laptop screen
         opts["t"] = (max(len(tv) - 1, 0), {i: f"{v:.0f}" for i, v in enumerate(tv) if i % every == 0})
         opts["branch"] = branches
     else:

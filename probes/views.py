@@ -52,21 +52,26 @@ def expert_position_counts(tr: TraceReader, layer: int, step: int, timestep: int
 
 def top_tokens(tr: TraceReader, expert: int, layer: int, step: int, n: int = 20) -> list[dict[str, Any]]:
     """The n tokens with the highest gate probability for `expert` among tokens routed to it
-    (by stored id when the trace has no probabilities), with their grid position."""
+    (by stored id when the trace has no probabilities), with their grid position; `sample` and
+    `timestep` are positions on those axes."""
     has_prob = tr.has("/routing/prob")
     path = "/routing/prob" if has_prob else "/routing/expert"
+    # Blocks carry coordinate values; selections and the result use positions on each axis.
+    sample_pos = {int(v): i for i, v in enumerate(tr.coords["sample"])}
+    time_pos = {int(v): i for i, v in enumerate(tr.coords["timestep"])}
     best: list[tuple[float, dict]] = []
     for blk in tr.iter_chunks(path, layer=layer, step=step):
         c = blk.coords
-        ids = tr.routing(sample=int(c["sample"]), branch=str(c["branch"]), timestep=int(c["timestep"]),
-                         layer=layer, step=step) if has_prob else blk.data
+        s, t = sample_pos[int(c["sample"])], time_pos[int(c["timestep"])]
+        ids = tr.routing(sample=s, branch=str(c["branch"]), timestep=t, layer=layer, step=step) if has_prob \
+            else blk.data
         score = blk.data[..., expert].astype(np.float64) if has_prob else np.ones(ids.shape)
         score = np.where(ids == expert, score, -np.inf).reshape(-1)
         for i in np.argsort(score)[::-1][:n]:
             if not np.isfinite(score[i]):
                 break
-            best.append((float(score[i]), {"sample": int(c["sample"]), "branch": str(c["branch"]),
-                                           "timestep": int(c["timestep"]), "timestep_value": c["timestep_value"],
+            best.append((float(score[i]), {"sample": s, "branch": str(c["branch"]),
+                                           "timestep": t, "timestep_value": c["timestep_value"],
                                            "token": int(tr.coords["token"][i]), "prob": float(score[i])
                                            if has_prob else None}))
         best = sorted(best, key=lambda x: -x[0])[:n]
@@ -140,12 +145,13 @@ def training_curves(tr: TraceReader, window: int | None = None, n_bins: int = 4,
             ent[w] += gate_entropy(p).sum()
             marg[w] += top1_margin(p).sum()
             n_prob[w] += p[..., 0].size
-    load = load_stats(counts)
-    res = mi_summary(mi.table(), n_perm=n_perm)
+    seen = counts.sum(axis=1) > 0  # windows without recorded events are left out, not drawn as zeros
+    load = load_stats(counts[seen])
+    res = mi_summary(mi.table()[seen], n_perm=n_perm)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return {"step": (steps.min() + window * (np.arange(n_win) + 0.5)).tolist(), "window": window,
+        return {"step": (steps.min() + window * (np.arange(n_win)[seen] + 0.5)).tolist(), "window": window,
                 "share": load.share.tolist(), "norm_entropy": load.norm_entropy.tolist(),
-                "gate_entropy": (ent / n_prob).tolist() if has_prob else None,
-                "margin": (marg / n_prob).tolist() if has_prob else None,
+                "gate_entropy": (ent / n_prob)[seen].tolist() if has_prob else None,
+                "margin": (marg / n_prob)[seen].tolist() if has_prob else None,
                 "mi": res.mi.tolist(), "mi_null_mean": res.null_mean.tolist(),
                 "mi_null_std": res.null_std.tolist(), "mi_p_value": res.p_value.tolist()}

@@ -14,7 +14,7 @@ K = 3
 def sampling_trace(tmp_path):
     """2 samples x 2 timesteps x 1 layer x 2 steps x 4 tokens with known ids and probabilities."""
     path = tmp_path / "s.h5"
-    lo = SamplingLayout(n_experts=K, layers=[5], steps=2, tokens=4, timesteps=[0, 1], timestep_values=[900.0, 100.0],
+    lo = SamplingLayout(n_experts=K, layers=[5], steps=2, tokens=4, timesteps=[3, 7], timestep_values=[900.0, 100.0],
                         store_prob=True)
     ids = np.zeros((2, 2, 1, 1, 2, 4), np.uint8)  # sample, timestep, branch, layer, step, token
     ids[..., 0, :] = [0, 1, 2, 0]  # step 0
@@ -80,7 +80,7 @@ def test_training_curves_known_shares_and_mi(tmp_path):
     """Expert = timestep bin in the first window (MI = log 2), constant in the second (MI = 0)."""
     path = tmp_path / "t.h5"
     with TrainingWriter(path, TrainingLayout(n_experts=2, layers=[1], steps=1, tokens=4)) as w:
-        for step in range(4):
+        for step in (0, 1, 2, 3, 6, 7):  # steps 4-5 not recorded: that window is left out
             t = np.array([100.0, 900.0, 100.0, 900.0])
             if step < 2:
                 e = np.repeat((t > 500).astype(np.uint8)[:, None, None, None], 4, axis=-1)
@@ -90,8 +90,8 @@ def test_training_curves_known_shares_and_mi(tmp_path):
             w.log(step, loss=1.0 / (step + 1), balance=1.0)
     with open_trace(path) as tr:
         cur = training_curves(tr, window=2, n_bins=2, n_perm=19)
-    assert cur["step"] == [1.0, 3.0]
-    assert np.allclose(cur["share"], [[0.5, 0.5], [1.0, 0.0]])
+    assert cur["step"] == [1.0, 3.0, 7.0]
+    assert np.allclose(cur["share"], [[0.5, 0.5], [1.0, 0.0], [1.0, 0.0]])
     assert cur["mi"][0] == pytest.approx(np.log(2)) and cur["mi"][1] == pytest.approx(0.0)
     assert cur["mi_p_value"][0] < 0.1
     assert cur["gate_entropy"] is None  # no probabilities stored

@@ -30,7 +30,7 @@ def agreement_figure(cmp: dict) -> go.Figure:
     kappa = np.array([[cmp["layers"][l][s].get("kappa") or np.nan for s in steps] for l in layers], float)
     agree = np.array([[cmp["layers"][l][s].get("agreement") or np.nan for s in steps] for l in layers], float)
     fig.add_trace(go.Heatmap(z=kappa, x=[f"step {s}" for s in steps], y=[f"layer {l}" for l in layers], zmin=-1,
-                             zmax=1, colorscale="RdBu_r", customdata=agree, text=np.round(kappa, 2),
+                             zmax=1, colorscale="RdBu_r", customdata=agree, showscale=False, text=np.round(kappa, 2),
                              texttemplate="%{text}", hovertemplate="%{y} %{x}<br>kappa %{z:.3f}<br>agreement "
                                                                    "%{customdata:.3f}<extra></extra>"), row=1, col=1)
     for l in layers:

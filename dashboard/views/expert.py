@@ -111,7 +111,7 @@ def crops(tr, k: int, layer: int, step: int) -> html.Div:
         crop = im[r0:r0 + CROP_TOKENS * ph, c0:c0 + CROP_TOKENS * pw]
         p = "" if b["prob"] is None else f"p={b['prob']:.2f}"
         figs.append(html.Figure([html.Img(src=png_uri(crop, max(1, CROP_PX // max(crop.shape[:2]))), width=CROP_PX),
-                                 html.Figcaption(f"s{b['sample']} t={b['timestep_value']:.0f} {p}")]))
+                                 html.Figcaption(f"s{b['sample']} {b['branch']} t={b['timestep_value']:.0f} {p}")]))
     title = "top tokens (highest gate probability), crops of the final image" if tr.has("/routing/prob") else \
         "tokens routed to it (no gate probabilities stored), crops of the final image"
     return html.Div([html.H3(title), html.Div(figs or ["never chosen here"], className="crops")], className="panel",

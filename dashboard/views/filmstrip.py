@@ -11,7 +11,7 @@ from dash import Input, Output, dcc, html
 from ..common import Context, message, png_uri, routing_rgb, view_body
 from .routing import token_grid
 
-TILE_PX = 96
+TILE_PX = 72
 OVERLAY_ALPHA = 0.45
 
 

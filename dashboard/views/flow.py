@@ -40,7 +40,8 @@ def matrices_figure(report: dict, layer: str, time_bin: int | None) -> go.Figure
         fig.add_trace(go.Heatmap(z=m, x=[f"e{j}" for j in range(K)], y=[f"e{j}" for j in range(K)], zmin=0, zmax=1,
                                  colorscale="Blues", showscale=i == 0, text=np.round(m, 2), texttemplate="%{text}",
                                  hovertemplate="from %{y} to %{x}: %{z:.3f}<extra></extra>"), row=1, col=i + 1)
-    fig.update_yaxes(autorange="reversed", title_text="from (step s)", col=1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(title_text="from (step s)", col=1)
     fig.update_xaxes(title_text="to (step s+1)")
     fig.update_layout(height=300, margin=dict(l=50, r=10, t=40, b=40), title=dict(
         text=f"layer {layer}: transition matrices between recursion steps", font_size=12))

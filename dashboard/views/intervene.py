@@ -21,7 +21,7 @@ from dash import Input, Output, State, dcc, html
 from ..common import GRAPH_CONFIG, Context, discrete_colourscale, fmt, message, png_uri, routing_rgb
 from .routing import token_grid
 
-IMAGE_PX = 180
+IMAGE_PX = 140
 _model_lock = threading.Lock()
 
 
@@ -44,9 +44,9 @@ def layout(ctx: Context):
         html.Div(id="iv-msg"),
         html.Div([
             html.Div([html.H3("paint the region (box-select); none = whole image"),
-                      dcc.Graph(id="iv-grid", config=GRAPH_CONFIG, style={"width": "330px", "height": "330px"}),
+                      dcc.Graph(id="iv-grid", config=GRAPH_CONFIG, style={"width": "300px", "height": "300px"}),
                       html.Div(id="iv-region-text")], className="panel"),
-            html.Div(id="iv-result", className="cols"),
+            html.Div(id="iv-result", className="cols", style={"flex": "1", "minWidth": "600px"}),
         ], className="cols"),
         dcc.Store(id="iv-region"), dcc.Store(id="iv-job"),
         dcc.Interval(id="iv-poll", interval=500, disabled=True),
@@ -112,8 +112,8 @@ def result_view(tr, r: dict, K: int) -> list:
         for key, ids in (("before", r["ids_before"]), ("after", r["ids_after"])):
             valid = np.where(ids < 0, K, ids)  # -1 (ablated): grey
             panels.append(html.Div([html.H3(f"routing {key}"),
-                                    html.Img(src=png_uri(routing_rgb(valid, K, grid), max(1, 120 // grid[0])),
-                                             width=120)], className="panel"))
+                                    html.Img(src=png_uri(routing_rgb(valid, K, grid), max(1, 100 // grid[0])),
+                                             width=100)], className="panel"))
         panels.append(html.Div(f"tokens whose expert changed: {changed.mean():.1%}"))
     panels.append(html.Div(f"{r['item']!r}, seed {r['seed']}, {r['steps']} steps, guidance {r['guidance']}: image mean "
                            f"|diff| {fmt(r['image_mean_abs_diff'], '{:.3g}')} / 255, x0 mean |diff| "
@@ -145,7 +145,7 @@ def register(app: dash.Dash, ctx: Context) -> None:
             fig.add_shape(type="rect", x0=region["cols"][0] - 0.5, x1=region["cols"][1] - 0.5,
                           y0=region["rows"][0] - 0.5, y1=region["rows"][1] - 0.5, line=dict(color="black", width=3))
         fig.update_yaxes(autorange="reversed", scaleanchor="x")
-        fig.update_layout(dragmode="select", margin=dict(l=20, r=10, t=10, b=20), height=330)
+        fig.update_layout(dragmode="select", margin=dict(l=20, r=10, t=10, b=20), height=300)
         return fig
 
     @app.callback(Output("iv-region", "data"), Output("iv-region-text", "children"), Input("iv-grid", "selectedData"),
