@@ -53,7 +53,8 @@ def create_app(ctx: Context) -> dash.Dash:
         if tr.complete:
             return dash.no_update, "", False
         steps = ctx.registry.refresh(tid)
-        label = f"live: {steps} steps written" + (" (writer closed)" if tr.closed else "")
+        label = (f"incomplete trace: {steps} steps written (writer closed without finishing)" if tr.closed else
+                 f"incomplete trace: {steps} steps written; updating while its writer runs")
         return (steps if steps != version else dash.no_update), label, False
 
     return app

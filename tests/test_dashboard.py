@@ -399,7 +399,7 @@ def test_live_trace_updates_without_reload(tmp_path):
         app = create_app(ctx)
         tid = ctx.registry.ids()[0]
         first = call(app, live, {"sel-trace.value": tid, "version.data": 0}, "live-tick.n_intervals")
-        assert first["version"]["data"] == 1 and "live" in first["live-status"]["children"]
+        assert first["version"]["data"] == 1 and "1 steps written" in first["live-status"]["children"]
         w.write_timestep(1, ids[:, 1])
         second = call(app, live, {"sel-trace.value": tid, "version.data": 1}, "live-tick.n_intervals")
         assert second["version"]["data"] == 2

@@ -112,7 +112,8 @@ def crops(tr, k: int, layer: int, step: int) -> html.Div:
         p = "" if b["prob"] is None else f"p={b['prob']:.2f}"
         figs.append(html.Figure([html.Img(src=png_uri(crop, max(1, CROP_PX // max(crop.shape[:2]))), width=CROP_PX),
                                  html.Figcaption(f"s{b['sample']} {b['branch']} t={b['timestep_value']:.0f} {p}")]))
-    title = "top tokens (highest gate probability), crops of the final image" if tr.has("/routing/prob") else \
+    title = (f"top tokens (highest gate probability; uniform = 1/K = {1 / len(tr.coords['expert']):.2f}), crops of "
+             f"the final image") if tr.has("/routing/prob") else \
         "tokens routed to it (no gate probabilities stored), crops of the final image"
     return html.Div([html.H3(title), html.Div(figs or ["never chosen here"], className="crops")], className="panel",
                     style={"maxWidth": "640px"})

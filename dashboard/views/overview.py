@@ -93,8 +93,10 @@ def evidence(report: dict, layer: int, step: int) -> html.Div:
         [html.Div("gate probabilities not stored (record with --probs): entropy and margin unknown")]
     if flat_gate(g):
         gate_lines.append(html.Div(f"⚠ argmax over a flat gate: mean top-1 margin {g['mean_margin']:.3f} < "
-                                   f"{FLAT_GATE_MARGIN}; the chosen expert flips on tiny probability differences, "
-                                   f"so read the routing as near-random", className="flag"))
+                                   f"{FLAT_GATE_MARGIN} (soft MI {fmt(g.get('soft_mi'), '{:.4f}')} nats): the gate "
+                                   f"is nearly uniform and the chosen expert is decided by tiny probability "
+                                   f"differences, so it flips under small perturbations; routing structure here is "
+                                   f"structure of those differences, not of confident choices", className="flag"))
     ld = d.get("load", {})
     gate_lines.append(html.Div(f"load: effective experts {fmt(ld.get('effective_experts'), '{:.2f}')} of "
                                f"{report['trace']['experts']}, CV {fmt(ld.get('cv'), '{:.2f}')}, dead {ld.get('n_dead')}"))

@@ -65,7 +65,7 @@ def register(app: dash.Dash, ctx: Context) -> None:
         logs = tr.train()
         cur = ctx.cached(tid, "training", lambda: training_curves(tr))
         K = len(tr.coords["expert"])
-        live = "" if tr.complete else " (live: updates as the run writes)"
+        live = "" if tr.complete else " (incomplete: updates while the run writes)"
         return html.Div([
             html.Div(f"{tr.n_events} routing events, {len(logs['step'])} logged steps{live}"),
             html.Div(dcc.Graph(figure=scalars_figure(logs), config=GRAPH_CONFIG), className="panel"),
