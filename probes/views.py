@@ -20,8 +20,8 @@ import numpy as np
 
 from traces import TraceReader
 
-from .stats import (ContingencyAccumulator, counts_from_ids, gate_entropy, load_stats, mi_summary,
-                    top1_margin)
+# `probes.stats` (which loads scikit-learn) is imported inside the functions that count: the
+# dashboard imports this module at start-up and needs only the light helpers for its first page.
 
 # A mean top-1 margin below this (probability units) means the argmax is decided by noise-level
 # differences between near-equal gate probabilities.
@@ -38,6 +38,8 @@ def expert_position_counts(tr: TraceReader, layer: int, step: int, timestep: int
                            branch: str | int | None = None) -> np.ndarray:
     """(K, n_tokens) counts of each expert at each stored token over the written samples (and
     timesteps, unless one is given); ids >= K (unwritten, ablated) are not counted."""
+    from .stats import counts_from_ids
+
     K = len(tr.coords["expert"])
     n_tok = len(tr.coords["token"])
     out = np.zeros((K, n_tok), np.int64)
@@ -117,6 +119,8 @@ def training_curves(tr: TraceReader, window: int | None = None, n_bins: int = 4,
     recursion steps pooled): load share, normalised load entropy, mean gate entropy and
     top-1 margin (when probabilities are stored), and MI(expert; timestep bin) with its
     permutation null. `window` defaults to about 20 windows over the recorded steps."""
+    from .stats import ContingencyAccumulator, counts_from_ids, gate_entropy, load_stats, mi_summary, top1_margin
+
     ev = tr.events()
     K = len(tr.coords["expert"])
     if len(ev["step"]) == 0:
