@@ -4,8 +4,9 @@ On a synthetic trace of 64 samples x 28 timesteps x 5 recursion steps x 4 layers
 (K=8; 64 stored latent tokens of 32 dims, 32x32 early-exit decodes; written once into
 runs/bench/dashboard.h5 with PCA projections, by a child process) it measures:
 
-* the report: first analysis (cold, in a child process: its peak memory is the streaming
-  analysis's) and a second start (cache beside the trace);
+* the report: first analysis (cold; the dashboard runs `probes.report` in a child process,
+  whose peak memory is reported apart from the server's) and a second start (cache beside
+  the trace);
 * first page interactive from `python -m dashboard` start with a warm cache (headless
   Chromium, launched beforehand, until the overview figure is drawn; HTTP only with
   --no-browser), of which the Python imports alone, and that server's resident memory;
@@ -45,7 +46,9 @@ def cold_report(path: Path) -> None:
     t0 = time.perf_counter()
     ctx.registry.report(ctx.registry.ids()[0])
     print(json.dumps({"report_first_s": time.perf_counter() - t0,
-                      "report_first_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "report_first_server_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "report_first_analysis_peak_rss_mib":
+                          resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 
 
 def make_trace(path: Path) -> None:

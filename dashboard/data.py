@@ -5,7 +5,7 @@ or `*.h5` found under the folders given). Pages and callbacks name a trace only 
 id (a hash of its resolved path); an id that is not in the registry is refused, so no path
 taken from a request ever reaches the file system.
 
-Reports (`probes.analysis.analyze`) are cached beside the trace as `<trace>.report.json`,
+Reports (`probes.analysis.analyze`, run as `python -m probes.report` in a child process) are cached beside the trace as `<trace>.report.json`,
 keyed by the file's SHA-256. The checksum itself is remembered in that file together with the
 file's size and mtime, so a second start neither re-hashes nor re-analyses an unchanged trace.
 A live (incomplete) trace is analysed in memory and re-analysed when it has grown.
@@ -16,6 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -169,30 +172,36 @@ class Registry:
             tr = self.reader(tid)
             if tr.complete:
                 if e.report is None:
-                    e.report = self._cached_report(e, tr)
+                    e.report = self._cached_report(e)
                 return e.report
             steps = tr.refresh()
             stale = steps != e.report_steps and time.monotonic() - e.report_time > self.live_reanalyse_s
             if e.report is None or stale:
-                e.report = self._analyse(tr)
+                e.report = self._analyse(e.path)
                 e.report_steps, e.report_time = steps, time.monotonic()
             return e.report
 
-    def _analyse(self, tr: TraceReader) -> dict:
-        from probes.analysis import Options, analyze, jsonable
+    def _analyse(self, path: Path) -> dict:
+        """The report, computed by `python -m probes.report` in a child process: the server's
+        memory stays what serving needs, and a crash inside the analysis cannot take it down."""
+        with tempfile.TemporaryDirectory(prefix="dashboard-report-") as tmp:
+            out = Path(tmp) / "report.json"
+            cmd = [sys.executable, "-m", "probes.report", str(path), "--json", str(out),
+                   "--permutations", str(self.n_perm)] + ([] if self.linear_probes else ["--no-probes"])
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0 or not out.is_file():
+                lines = [x for x in done.stderr.splitlines() if x.strip()] or [f"exit code {done.returncode}"]
+                raise TraceError(f"{path.name}: analysis failed: {lines[-1].removeprefix('error: ')}")
+            return json.loads(out.read_text())
 
-        r = analyze(tr, Options(n_perm=self.n_perm, linear_probes=self.linear_probes))
-        r.pop("_latents", None)
-        return jsonable(r)
-
-    def _cached_report(self, e: Entry, tr: TraceReader) -> dict:
+    def _cached_report(self, e: Entry) -> dict:
         cache = cache_path(e.path, REPORT_SUFFIX)
         sha = file_checksum(e.path, cache)
         options = {"permutations": self.n_perm, "linear_probes": self.linear_probes}
         stored = _read_json(cache)
         if stored and stored.get("sha256") == sha and stored.get("dashboard_options") == options:
             return stored["report"]
-        report = self._analyse(tr)
+        report = self._analyse(e.path)
         st = e.path.stat()
         _write_json(cache, {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                             "dashboard_options": options, "report": report})

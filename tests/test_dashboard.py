@@ -164,9 +164,7 @@ def test_report_cache_is_keyed_by_checksum(env, monkeypatch):
     stored = json.loads(cache.read_text())
     assert len(stored["sha256"]) == 64 and stored["report"]["trace"]["experts"] == first["trace"]["experts"]
     reg.close()
-    import probes.analysis
-
-    monkeypatch.setattr(probes.analysis, "analyze", lambda *a, **k: pytest.fail("re-analysed an unchanged trace"))
+    monkeypatch.setattr(Registry, "_analyse", lambda *a: pytest.fail("re-analysed an unchanged trace"))
     again = Registry([env["trace"]], n_perm=19)
     t0 = time.perf_counter()
     assert again.report(tid) == first
