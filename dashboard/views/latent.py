@@ -18,7 +18,7 @@ from dash import Input, Output, State, dash_table, dcc, html
 
 from probes.views import trajectory_means
 
-from ..common import GRAPH_CONFIG, Context, discrete_colourscale, guarded, message, png_uri
+from ..common import GRAPH_CONFIG, Context, discrete_colourscale, error_text, guarded, message, png_uri
 from .routing import token_grid
 
 MAX_POINTS = 300_000
@@ -181,7 +181,6 @@ def register(app: dash.Dash, ctx: Context) -> None:
             tr, pts = pts_of(tid, method, layer)
             return scatter_figure(tr, pts, colour, n), None, hidden
         except Exception as exc:  # noqa: BLE001 -- shown in the view
-            from ..common import error_text
             return go.Figure(), message(error_text(exc), "error"), hidden
 
     @app.callback(Output("lat-job", "data"), Output("lat-poll", "disabled"), Input("lat-derive", "n_clicks"),
