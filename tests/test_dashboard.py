@@ -2,6 +2,7 @@
 command line, the report cache, and the page driven in a real headless browser (Chromium)."""
 
 import json
+import re
 import shutil
 import socket
 import threading
@@ -51,7 +52,10 @@ def app_ctx(env):
 def call(app, output: str, values: dict, changed: str | None = None):
     """POST one callback the way the page does; `values` maps 'id.prop' to the value of every
     Input/State (missing ones are None). Returns {component id: {prop: value}}."""
+    if output not in app.callback_map:  # outputs with allow_duplicate carry an '@hash' suffix
+        output = next(k for k in app.callback_map if re.sub(r"@[0-9a-f]+", "", k) == output)
     cb = app.callback_map[output]
+
     def fill(items):
         return [{"id": i["id"], "property": i["property"], "value": values.get(f"{i['id']}.{i['property']}")}
                 for i in items]
@@ -60,7 +64,10 @@ def call(app, output: str, values: dict, changed: str | None = None):
                "state": fill(cb["state"]), "changedPropIds": [changed] if changed else []}
     r = app.server.test_client().post("/_dash-update-component", json=payload)
     assert r.status_code in (200, 204), r.data[:500]
-    return {} if r.status_code == 204 else r.get_json()["response"]
+    if r.status_code == 204:
+        return {}
+    return {cid: {re.sub(r"@[0-9a-f]+", "", prop): v for prop, v in props.items()}
+            for cid, props in r.get_json()["response"].items()}
 
 
 def text_of(component) -> str:
@@ -406,4 +413,30 @@ def test_live_trace_updates_without_reload(tmp_path):
                                   "sel-step.value": 1}, "version.data")
         assert "t=500" in out["routing-map"]["figure"]["layout"]["title"]["text"]  # the step written while open
         assert "msg-error" not in json.dumps(out["routing-msg"])
+    ctx.registry.close()
+
+
+def test_projections_computed_from_the_page(env, tmp_path):
+    """A trace with latents but no /derived: the button's job releases the file, runs
+    probes.derive, and the explorer then draws the projections."""
+    path = tmp_path / "plain.h5"
+    shutil.copy(env["trace"], path)
+    ctx = make_context([str(path)], permutations=9)
+    app = create_app(ctx)
+    tid = ctx.registry.ids()[0]
+    ctx.registry.reader(tid)  # held open, as the page does
+    job = call(app, "..lat-job.data...lat-poll.disabled..", {"lat-derive.n_clicks": 1, "sel-trace.value": tid},
+               "lat-derive.n_clicks")["lat-job"]["data"]
+    poll = "..lat-msg.children...lat-poll.disabled...lat-done.data.."
+    for _ in range(600):
+        out = call(app, poll, {"lat-job.data": job, "lat-done.data": 0}, "lat-poll.n_intervals")
+        if out["lat-poll"]["disabled"]:
+            break
+        assert "⏳" in text_of(out["lat-msg"]["children"])  # progress while it runs
+        time.sleep(0.1)
+    assert "projections computed" in text_of(out["lat-msg"]["children"]) and out["lat-done"]["data"] == 1
+    fig = call(app, "..lat-scatter.figure...lat-msg.children...lat-derive.style..",
+               {"tabs.value": "latent", "sel-trace.value": tid, "sel-layer.value": 2, "lat-method.value": "pca",
+                "lat-colour.value": "timestep", "lat-max.value": 10000}, "lat-done.data")
+    assert fig["lat-scatter"]["figure"]["data"][0]["type"] == "scattergl"
     ctx.registry.close()
