@@ -5,6 +5,8 @@ Each function reads only the chunks it needs (through `TraceReader`), folds them
 computes nothing itself.
 
 * `expert_position_counts` -- how often each expert is chosen at each token (heat maps)
+* `position_lift`          -- those counts as lift P(expert | token) / P(expert)
+* `share_difference`       -- load share of one report minus another's, per layer and step
 * `top_tokens`             -- the tokens an expert is most confident on (image crops)
 * `transition_flows`       -- recursion-step flows (Sankey links) from a report's transitions
 * `trajectory_means`       -- per-image mean latent projection per recursion step (paper Fig. 3)
@@ -49,6 +51,27 @@ def expert_position_counts(tr: TraceReader, layer: int, step: int, timestep: int
         valid = ids < K
         rows = np.broadcast_to(tok, ids.shape)
         out += counts_from_ids(rows[valid] * K + ids[valid], K * n_tok).reshape(n_tok, K).T
+    return out
+
+
+def position_lift(counts: np.ndarray) -> np.ndarray:
+    """Lift P(k | token) / P(k) from (K, n_tokens) counts; NaN where a token has no records."""
+    counts = np.asarray(counts, float)
+    per_token = counts.sum(axis=0)
+    share = counts.sum(axis=1) / max(counts.sum(), 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (counts / per_token) / share[:, None]
+
+
+def share_difference(a: dict, b: dict) -> dict[str, list[float]]:
+    """{"<layer> <step>": share_b - share_a per expert} for the (layer, step) cells both reports hold."""
+    out = {}
+    for layer, lo in a["layers"].items():
+        for step, d in lo["steps"].items():
+            other = b["layers"].get(layer, {}).get("steps", {}).get(step)
+            if other is not None:
+                out[f"{layer} {step}"] = (np.asarray(other["load"]["share"], float)
+                                          - np.asarray(d["load"]["share"], float)).tolist()
     return out
 
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from probes.views import (expert_position_counts, flat_gate, top_tokens, training_curves, trajectory_means,
-                          transition_flows)
+from probes.views import (expert_position_counts, flat_gate, position_lift, share_difference, top_tokens,
+                          training_curves, trajectory_means, transition_flows)
 from traces import SampleTable, SamplingLayout, SamplingWriter, TrainingLayout, TrainingWriter, open_trace
 
 K = 3
@@ -39,6 +39,15 @@ def test_expert_position_counts(sampling_trace):
     assert c0.tolist() == [[4, 0, 0, 4], [0, 4, 0, 0], [0, 0, 4, 0]]
     assert c1.tolist() == [[0, 0, 0, 1], [4, 4, 0, 0], [0, 0, 4, 3]]
     assert c1_t1.tolist() == [[0, 0, 0, 1], [2, 2, 0, 0], [0, 0, 2, 1]]
+
+
+def test_position_lift_and_share_difference():
+    counts = np.array([[3, 1, 0], [1, 3, 0]])  # expert x token; token 2 never recorded
+    lift = position_lift(counts)
+    assert np.allclose(lift[:, :2], [[1.5, 0.5], [0.5, 1.5]]) and np.isnan(lift[:, 2]).all()
+    a = {"layers": {"2": {"steps": {"0": {"load": {"share": [0.5, 0.5]}}, "1": {"load": {"share": [1.0, 0.0]}}}}}}
+    b = {"layers": {"2": {"steps": {"0": {"load": {"share": [0.25, 0.75]}}}}}}
+    assert share_difference(a, b) == {"2 0": [-0.25, 0.25]}  # cells only one report holds are left out
 
 
 def test_top_tokens_ranks_by_gate_probability(sampling_trace):

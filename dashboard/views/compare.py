@@ -11,6 +11,8 @@ import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html
 from plotly.subplots import make_subplots
 
+from probes.views import share_difference
+
 from ..common import GRAPH_CONFIG, Context, expert_colour, fmt, message, view_body
 
 
@@ -44,13 +46,11 @@ def agreement_figure(cmp: dict) -> go.Figure:
 
 
 def share_difference_figure(a: dict, b: dict) -> go.Figure:
-    K = a["trace"]["experts"]
-    cells = [(l, s) for l, lo in a["layers"].items() for s in lo["steps"] if s in b["layers"].get(l, {}).get("steps", {})]
+    diff = share_difference(a, b)
     fig = go.Figure()
-    for k in range(K):
-        diff = [b["layers"][l]["steps"][s]["load"]["share"][k] - a["layers"][l]["steps"][s]["load"]["share"][k]
-                for l, s in cells]
-        fig.add_trace(go.Bar(x=[f"L{l} s{s}" for l, s in cells], y=diff, name=f"e{k}", marker_color=expert_colour(k)))
+    for k in range(a["trace"]["experts"]):
+        fig.add_trace(go.Bar(x=[f"L{cell.replace(' ', ' s')}" for cell in diff], y=[d[k] for d in diff.values()],
+                             name=f"e{k}", marker_color=expert_colour(k)))
     fig.update_layout(barmode="group", height=260, margin=dict(l=50, r=10, t=30, b=40), yaxis_title="share B − A",
                       title=dict(text="load share difference per expert (other − selected)", font_size=12))
     return fig

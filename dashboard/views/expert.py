@@ -18,7 +18,7 @@ import numpy as np
 import plotly.graph_objects as go
 from dash import Input, Output, dcc, html
 
-from probes.views import expert_position_counts, top_tokens
+from probes.views import expert_position_counts, position_lift, top_tokens
 
 from ..common import GRAPH_CONFIG, Context, expert_colour, fmt, message, png_uri, view_body
 from .routing import token_grid
@@ -52,12 +52,8 @@ def timing_figure(report: dict, k: int) -> go.Figure:
 
 
 def position_figure(counts: np.ndarray, k: int, grid: tuple[int, int], tokens: np.ndarray) -> go.Figure:
-    total = counts.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        freq = counts[k] / total
-        lift = freq / (counts[k].sum() / total.sum())
     z = np.full(grid[0] * grid[1], np.nan)
-    z[tokens] = lift
+    z[tokens] = position_lift(counts)[k]
     fig = go.Figure(go.Heatmap(z=z.reshape(grid), zmid=1, colorscale="RdBu_r", colorbar=dict(title="lift", thickness=10),
                                hovertemplate="row %{y}, col %{x}<br>lift %{z:.2f}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", scaleanchor="x")
