@@ -2,6 +2,7 @@
 # The whole path on a fresh machine: set up, train the tiny RSR model (base, then RSR),
 # sample images, record a trace with hook points on, and report on it. Outputs: runs/demo/.
 # DEMO_STEPS=50 ./scripts/demo.sh runs a quick smoke version (same commands, fewer steps).
+# ./scripts/demo.sh --serve ends by starting the dashboard on the outputs (http://127.0.0.1:8050/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -23,3 +24,10 @@ python -m probes.record --ckpt "$out/sd3_rsr.pt" --prompts examples/prompts.txt 
 echo "== 4. report"
 python -m probes.report "$out/trace.h5" --json "$out/report.json" --figures "$out/figures" --overwrite
 echo "outputs in $out/: sd3_rsr.pt, samples.png, trace.h5, report.json, figures/"
+echo "== 5. projections of the latents for the dashboard's latent explorer"
+python -m probes.derive "$out/trace.h5" --overwrite
+dashboard=(python -m dashboard "$out" --ckpt "$out/sd3_rsr.pt")
+echo "== look: ${dashboard[*]}   then open http://127.0.0.1:8050/"
+for arg in "$@"; do
+  if [ "$arg" = "--serve" ]; then exec "${dashboard[@]}"; fi
+done

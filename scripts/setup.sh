@@ -10,3 +10,16 @@ if ! python -c "import torch, diffusers, h5py, dash" 2>/dev/null || [ ! -f .venv
   pip install -q -c constraints.txt -e ".[test]"
   touch .venv/.installed
 fi
+# The dashboard's browser tests drive headless Chromium through chromedriver (Debian/Ubuntu
+# packages chromium + chromium-driver); install them when missing and we may (root or sudo).
+if ! command -v chromedriver >/dev/null 2>&1 || \
+   ! { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }; then
+  sudo=""
+  [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && sudo="sudo -n"
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; }; then
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver \
+      >/dev/null || echo "warning: could not install chromium/chromium-driver; browser tests will be skipped" >&2
+  else
+    echo "note: chromium/chromium-driver not found and cannot be installed here; browser tests will be skipped" >&2
+  fi
+fi

@@ -1,0 +1,174 @@
+"""View 5, expert page (SAE-Vis / Neuronpedia style), for the selected expert k:
+
+* when it fires: its lift over 1/K across timesteps, one line per (layer, step);
+* where: lift map over the token grid at the selected layer and step (counts from
+  `probes.views.expert_position_counts`, relative to the expert's overall share);
+* what it prefers: lift P(k | label) / P(k) per prompt and prompt attribute, with the
+  label's MI p-value (from the report);
+* its top tokens as image crops (`probes.views.top_tokens`, highest gate probability);
+* which experts it follows / precedes across recursion steps (report transitions) vs chance;
+* its causal effect when a `probes.causal` result is stored beside the trace
+  (`<trace>.causal.json`) or the trace was recorded under an intervention.
+"""
+
+from __future__ import annotations
+
+import dash
+import numpy as np
+import plotly.graph_objects as go
+from dash import Input, Output, dcc, html
+
+from probes.views import expert_position_counts, position_lift, top_tokens
+
+from ..common import GRAPH_CONFIG, Context, expert_colour, fmt, message, png_uri, view_body
+from .routing import token_grid
+
+CROP_TOKENS = 3  # crop = this many tokens square around the token
+CROP_PX = 72
+
+
+def layout(ctx: Context):
+    return html.Div(id="expert-body")
+
+
+def timing_figure(report: dict, k: int) -> go.Figure:
+    fig = go.Figure()
+    K = report["trace"]["experts"]
+    sampling = report["trace"]["kind"] == "sampling"
+    for layer, lo in report["layers"].items():
+        for step, d in lo["steps"].items():
+            if sampling:
+                x = d["share_by_timestep"]["timestep_value"]
+                y = np.asarray(d["share_by_timestep"]["share"], float)[:, k] * K
+            else:
+                x = [0.5 * (b["t_min"] + b["t_max"]) for b in report["timestep_bins"]]
+                y = np.asarray([b["share"] for b in d["load_by_timestep_bin"]], float)[:, k] * K
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"L{layer} s{step}"))
+    fig.add_hline(y=1, line_dash="dot", annotation_text="uniform (1/K)", annotation_font_size=10)
+    fig.update_xaxes(autorange="reversed", title="diffusion timestep (noise → clean)")
+    fig.update_layout(height=260, margin=dict(l=40, r=10, t=30, b=40), yaxis_title="lift",
+                      title=dict(text=f"expert {k}: lift over 1/K by timestep", font_size=12), legend_font_size=9)
+    return fig
+
+
+def position_figure(counts: np.ndarray, k: int, grid: tuple[int, int], tokens: np.ndarray) -> go.Figure:
+    z = np.full(grid[0] * grid[1], np.nan)
+    z[tokens] = position_lift(counts)[k]
+    fig = go.Figure(go.Heatmap(z=z.reshape(grid), zmid=1, colorscale="RdBu_r", colorbar=dict(title="lift", thickness=10),
+                               hovertemplate="row %{y}, col %{x}<br>lift %{z:.2f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", scaleanchor="x")
+    fig.update_layout(height=260, width=300, margin=dict(l=30, r=10, t=30, b=20),
+                      title=dict(text="where (lift per token)", font_size=12))
+    return fig
+
+
+def preference_figure(report: dict, layer: int, step_value: int, k: int) -> go.Figure:
+    d = report["layers"][str(layer)]["steps"][str(step_value)]
+    fig = go.Figure()
+    for label, m in d.get("mi", {}).items():
+        if label in ("timestep_bin", "position") or not m.get("lift"):
+            continue
+        names = [str(x) for x in m.get("labels", [])]
+        lift = np.asarray(m["lift"], float)[k]
+        fig.add_trace(go.Bar(x=[f"{label}: {n}"[:40] for n in names], y=lift,
+                             name=f"{label} (p={fmt(m.get('p_value'), '{:.2g}')})"))
+    fig.add_hline(y=1, line_dash="dot")
+    fig.update_layout(height=260, margin=dict(l=40, r=10, t=30, b=90), yaxis_title="lift P(k|label)/P(k)",
+                      title=dict(text="prompts and attributes it prefers", font_size=12), legend_font_size=9,
+                      xaxis_tickfont_size=9)
+    return fig
+
+
+def neighbours(report: dict, layer: int, k: int) -> html.Div:
+    lo = report["layers"][str(layer)]
+    rows = []
+    for key, tr_ in lo.get("transitions", {}).items():
+        m = np.asarray(tr_["matrix"], float)
+        nxt, prev = m[k], m[:, k]
+        rows.append(html.Div(f"{key}: after expert {k} → " + ", ".join(
+            f"e{j} {p:.2f}" for j, p in sorted(enumerate(nxt), key=lambda x: -np.nan_to_num(x[1]))[:3])
+            + f"; P(stay) chance {fmt(tr_.get('chance'), '{:.2f}')}; into {k} from: " + ", ".join(
+            f"e{j} {p:.2f}" for j, p in sorted(enumerate(prev), key=lambda x: -np.nan_to_num(x[1]))[:3])))
+    return html.Div([html.H3("follows / precedes (recursion steps)")] + (rows or ["no consecutive recorded steps"]),
+                    className="panel", style={"maxWidth": "600px"})
+
+
+def crops(tr, k: int, layer: int, step: int) -> html.Div:
+    if not tr.has("/decoded/final"):
+        return html.Div("no final images in this trace (record with --decode) — no crops", className="panel")
+    h, w = token_grid(tr)
+    best = top_tokens(tr, k, layer, step, n=16)
+    figs = []
+    for b in best:
+        im = tr.final(sample=b["sample"])
+        ph, pw = im.shape[0] // h, im.shape[1] // w
+        r, c = divmod(b["token"], w)
+        r0, c0 = max(0, r - CROP_TOKENS // 2) * ph, max(0, c - CROP_TOKENS // 2) * pw
+        crop = im[r0:r0 + CROP_TOKENS * ph, c0:c0 + CROP_TOKENS * pw]
+        p = "" if b["prob"] is None else f"p={b['prob']:.2f}"
+        figs.append(html.Figure([html.Img(src=png_uri(crop, max(1, CROP_PX // max(crop.shape[:2]))), width=CROP_PX),
+                                 html.Figcaption(f"s{b['sample']} {b['branch']} t={b['timestep_value']:.0f} {p}")]))
+    title = (f"top tokens (highest gate probability; uniform = 1/K = {1 / len(tr.coords['expert']):.2f}), crops of "
+             f"the final image") if tr.has("/routing/prob") else \
+        "tokens routed to it (no gate probabilities stored), crops of the final image"
+    return html.Div([html.H3(title), html.Div(figs or ["never chosen here"], className="crops")], className="panel",
+                    style={"maxWidth": "640px"})
+
+
+def causal(ctx: Context, tid: str, tr, k: int) -> html.Div:
+    lines = []
+    result = ctx.registry.causal(tid)
+    if result:
+        for kind in ("ablate", "force"):
+            r = result.get(f"{kind}:{k}")
+            if r:
+                lines.append(html.Div(f"{kind} expert {k}: denoiser relative change "
+                                      f"{fmt(r['denoiser'].get('pooled_relative_change'), '{:.3g}')}, image mean |diff| "
+                                      f"{fmt(r.get('image_mean_abs_diff'), '{:.3g}')} / 255"))
+        if "interventions" in result and any(iv.get("expert") == k for iv in result["interventions"]):
+            lines.append(html.Div(f"{result['interventions']}: denoiser relative change "
+                                  f"{fmt(result['denoiser'].get('pooled_relative_change'), '{:.3g}')}, image mean |diff| "
+                                  f"{fmt(result.get('image_mean_abs_diff'), '{:.3g}')} / 255"))
+    ivs = tr.attrs.get("interventions") or []
+    for iv in ivs if isinstance(ivs, list) else []:
+        if iv.get("expert") == k:
+            lines.append(html.Div(f"this trace was recorded under {iv['kind']} of expert {k}"))
+    if not lines:
+        lines = ["no causal result stored for this expert: run `python -m probes.causal ... --json "
+                 "<trace>.causal.json`, or use the Intervene view (needs --ckpt)"]
+    return html.Div([html.H3("causal effect")] + lines, className="panel", style={"maxWidth": "600px"})
+
+
+def register(app: dash.Dash, ctx: Context) -> None:
+    @view_body(app, "expert", Output("expert-body", "children"), Input("sel-expert", "value"),
+               Input("sel-layer", "value"), Input("sel-step", "value"), Input("version", "data"))
+    def render(tid, k, layer, step, _version):
+        if k is None:
+            return None
+        tr = ctx.registry.reader(tid)
+        report = ctx.registry.report(tid)
+        step = step or 0
+        step_value = int(tr.coords["step"][step])
+        ld = report["layers"][str(layer)]["steps"][str(step_value)]["load"]
+        head = html.H3([html.Span("■ ", style={"color": expert_colour(k)}),
+                        f"Expert {k} — share {fmt(ld['share'][k], '{:.3f}')} at layer {layer}, step {step_value} "
+                        f"(uniform {1 / report['trace']['experts']:.3f})"], id="expert-title")
+        parts = [head, html.Div([html.Div(dcc.Graph(figure=timing_figure(report, k), config=GRAPH_CONFIG),
+                                          className="panel", style={"flex": "1", "minWidth": "380px"})],
+                                className="cols")]
+        second = []
+        if tr.kind == "sampling":
+            counts = ctx.cached(tid, "position", lambda: expert_position_counts(tr, layer, step), layer, step)
+            second.append(html.Div(dcc.Graph(figure=position_figure(counts, k, token_grid(tr), tr.coords["token"]),
+                                             config=GRAPH_CONFIG), className="panel"))
+            second.append(html.Div(dcc.Graph(figure=preference_figure(report, layer, step_value, k),
+                                             config=GRAPH_CONFIG), className="panel", style={"flex": "1",
+                                                                                             "minWidth": "360px"}))
+        parts[1].children += second
+        row3 = [neighbours(report, layer, k), causal(ctx, tid, tr, k)]
+        if tr.kind == "sampling":
+            row3.insert(0, ctx.cached(tid, "crops", lambda: crops(tr, k, layer, step), k, layer, step))
+        parts.append(html.Div(row3, className="cols"))
+        if tr.kind != "sampling":
+            parts.append(message("training trace: no token grid or images; see Training health"))
+        return html.Div(parts)

@@ -1,0 +1,254 @@
+"""View 4, latent explorer: the stored PCA / UMAP projections of h (`/derived`, written by
+`probes.derive`) as a WebGL scatter, coloured by expert, timestep, recursion step, token
+position, prompt or sample. Box / lasso selection fills a table and a grid of the selected
+tokens' image patches (from the early-exit decode of that state, else the final image);
+hovering a point shows its patch. "Trajectories" draws the paper's Figure 3: per image, the
+mean projected latent across recursion steps, coloured by diffusion timestep.
+
+A trace with latents but no projections offers to compute them (a background job with a
+progress line); the trace is released while `probes.derive` writes into it.
+"""
+
+from __future__ import annotations
+
+import dash
+import numpy as np
+import plotly.graph_objects as go
+from dash import Input, Output, State, dash_table, dcc, html
+
+from probes.views import trajectory_means
+
+from ..common import GRAPH_CONFIG, Context, discrete_colourscale, error_text, guarded, message, png_uri
+from .routing import token_grid
+
+MAX_POINTS = 300_000
+PATCH_PX = 48
+COLOUR_BY = ["expert", "timestep", "step", "position", "prompt", "sample"]
+
+
+def layout(ctx: Context):
+    return html.Div([
+        html.Div([
+            html.Label("projection "), dcc.RadioItems(id="lat-method", options=["pca", "umap"], value="pca", inline=True),
+            html.Label(" colour by "), dcc.Dropdown(id="lat-colour", options=COLOUR_BY, value="expert", clearable=False,
+                                                    style={"width": "120px"}),
+            html.Label(" points "), dcc.Dropdown(id="lat-max", options=[10_000, 50_000, 100_000, MAX_POINTS],
+                                                 value=50_000, clearable=False, style={"width": "100px"}),
+            html.Button("Figure 3: trajectories", id="lat-traj", className="btn"),
+            html.Button("compute projections", id="lat-derive", className="btn", style={"display": "none"}),
+        ], className="row"),
+        html.Div(id="lat-msg"),
+        html.Div([
+            html.Div([dcc.Graph(id="lat-scatter", config=GRAPH_CONFIG, style={"height": "470px", "width": "640px"}),
+                      dcc.Tooltip(id="lat-tip")], className="panel"),
+            html.Div([html.H3("selection"), html.Div(id="lat-patches", className="crops"),
+                      dash_table.DataTable(id="lat-table", page_size=8, style_table={"width": "560px"},
+                                           style_cell={"fontSize": "11px", "padding": "2px"})],
+                     className="panel", style={"width": "580px"}),
+        ], className="cols"),
+        dcc.Store(id="lat-job"), dcc.Store(id="lat-done", data=0),
+        dcc.Interval(id="lat-poll", interval=500, disabled=True),
+    ])
+
+
+def points(tr, method: str, layer: int) -> dict[str, np.ndarray]:
+    """Every stored projected latent of a layer with its grid position (sample, branch,
+    timestep, step, stored token) and expert; at most MAX_POINTS (a fixed random subset)."""
+    layers = [int(x) for x in tr.coords["layer"]]
+    if method == "umap":
+        if not tr.has("/derived/umap/coords"):
+            raise LookupError("no UMAP stored: run `python -m probes.derive TRACE --umap --overwrite`")
+        idx = tr.dataset("/derived/umap/index")[()]
+        keep = idx[:, 3] == layers.index(layer)
+        xy = tr.dataset("/derived/umap/coords")[()][keep]
+        s, b, t, r, st = (idx[keep][:, i] for i in (0, 1, 2, 4, 5))
+    else:
+        c = tr.read("/derived/pca/coords", layer=layer)  # (sample, branch, timestep, step, stored_token, comp)
+        s, b, t, r, st = (a.reshape(-1) for a in np.indices(c.shape[:-1]))
+        xy = c.reshape(-1, c.shape[-1])[:, :2]
+        ok = np.isfinite(xy).all(axis=1)
+        xy, s, b, t, r, st = xy[ok], s[ok], b[ok], t[ok], r[ok], st[ok]
+    if len(xy) > MAX_POINTS:
+        pick = np.sort(np.random.default_rng(0).choice(len(xy), MAX_POINTS, replace=False))
+        xy, s, b, t, r, st = xy[pick], s[pick], b[pick], t[pick], r[pick], st[pick]
+    token = tr.coords["stored_token"][st]
+    routing_pos = np.searchsorted(tr.coords["token"], token)
+    ids = tr.routing(layer=layer)  # (sample, branch, timestep, step, token) of one layer
+    K = len(tr.coords["expert"])
+    expert = ids[s, b, t, r, np.minimum(routing_pos, ids.shape[-1] - 1)].astype(np.int64)
+    expert[(routing_pos >= ids.shape[-1]) | (expert >= K)] = -1
+    prompts = tr.samples()["prompt"]
+    _, prompt_code = np.unique(np.asarray(prompts, object).astype(str), return_inverse=True)
+    return {"x": xy[:, 0].astype(np.float32), "y": xy[:, 1].astype(np.float32), "sample": s, "branch": b,
+            "timestep": t, "step": r, "token": token, "expert": expert, "prompt": prompt_code.reshape(-1)[s]}
+
+
+def shown(n_points: int, n: int) -> np.ndarray:
+    """Which of the points the scatter draws (a fixed random subset of n); a selection's
+    pointIndex indexes this array."""
+    if n_points <= n:
+        return np.arange(n_points)
+    return np.sort(np.random.default_rng(1).choice(n_points, n, replace=False))
+
+
+def scatter_figure(tr, pts: dict, colour: str, n: int) -> go.Figure:
+    K = len(tr.coords["expert"])
+    show = shown(len(pts["x"]), n)
+    if colour == "expert":
+        c, marker = pts["expert"][show], dict(cmin=-0.5, cmax=K - 0.5, colorscale=discrete_colourscale(K))
+        marker["colorbar"] = dict(title="expert", thickness=10, tickvals=list(range(K)))
+    elif colour == "timestep":
+        c, marker = tr.coords["timestep_value"][pts["timestep"][show]].astype(np.float32), dict(colorscale="Viridis")
+    elif colour == "position":
+        c, marker = pts["token"][show].astype(np.float32), dict(colorscale="Turbo")
+    else:
+        c, marker = pts[colour][show].astype(np.float32), dict(colorscale="Turbo")
+    fig = go.Figure(go.Scattergl(x=pts["x"][show], y=pts["y"][show], mode="markers", 
+                                 marker=dict(color=c, size=4 if len(show) < 20000 else 2, opacity=0.7,
+                                             **{"colorbar": dict(title=colour, thickness=10), **marker}),
+                                 hoverinfo="none"))
+    fig.update_layout(dragmode="lasso", margin=dict(l=30, r=10, t=30, b=30), height=470, title=dict(
+        text=f"{len(show):,} of {len(pts['x']):,} points, coloured by {colour}", font_size=12))
+    return fig
+
+
+def trajectory_figure(tr, layer: int, n_timesteps: int = 6) -> go.Figure:
+    """Paper Fig. 3 from the stored PCA: image-mean latent per recursion step, one line per
+    (sample, timestep), thick line = mean over samples, colour = timestep."""
+    c = tr.read("/derived/pca/coords", layer=layer, branch=0)  # (sample, timestep, step, token, comp)
+    means = trajectory_means(c)[..., :2]  # (sample, timestep, step, 2)
+    tv = tr.coords["timestep_value"]
+    chosen = np.unique(np.linspace(0, len(tv) - 1, min(n_timesteps, len(tv))).round().astype(int))
+    fig = go.Figure()
+    lo, hi = float(np.min(tv)), float(np.max(tv))
+    for t in chosen:
+        colour = _viridis((tv[t] - lo) / (hi - lo or 1))
+        for s in range(means.shape[0]):
+            fig.add_trace(go.Scatter(x=means[s, t, :, 0], y=means[s, t, :, 1], mode="lines", line=dict(color=colour,
+                                     width=1), opacity=0.35, showlegend=False, hoverinfo="skip"))
+        m = np.nanmean(means[:, t], axis=0)
+        fig.add_trace(go.Scatter(x=m[:, 0], y=m[:, 1], mode="lines+markers+text", line=dict(color=colour, width=3),
+                                 text=[f"l={int(x)}" for x in tr.coords["step"]], textposition="top center",
+                                 name=f"t={tv[t]:.0f}"))
+    fig.update_layout(height=470, margin=dict(l=30, r=10, t=30, b=30), xaxis_title="PC1", yaxis_title="PC2",
+                      title=dict(text=f"latent trajectories across recursion steps, layer {layer} (paper Fig. 3)",
+                                 font_size=12))
+    return fig
+
+
+def _viridis(u: float) -> str:
+    from plotly.colors import sample_colorscale
+
+    return sample_colorscale("Viridis", [float(np.clip(u, 0, 1))])[0]
+
+
+def patch(tr, s: int, t: int, layer: int, r: int, token: int) -> np.ndarray | None:
+    h, w = token_grid(tr)
+    if tr.has("/decoded/step"):
+        im = tr.decoded(sample=s, decoded_branch=0, timestep=t, layer=layer, step=r)
+    elif tr.has("/decoded/final"):
+        im = tr.final(sample=s)
+    else:
+        return None
+    ph, pw = im.shape[0] // h, im.shape[1] // w
+    row, col = divmod(int(token), w)
+    r0, c0 = max(0, row - 1) * ph, max(0, col - 1) * pw
+    return im[r0:r0 + 3 * ph, c0:c0 + 3 * pw]
+
+
+def register(app: dash.Dash, ctx: Context) -> None:
+    def pts_of(tid, method, layer):
+        tr = ctx.registry.reader(tid)
+        return tr, ctx.cached(tid, "latent-points", lambda: points(tr, method, layer), method, layer)
+
+    @app.callback(Output("lat-scatter", "figure"), Output("lat-msg", "children"), Output("lat-derive", "style"),
+                  Input("tabs", "value"), Input("sel-trace", "value"), Input("sel-layer", "value"),
+                  Input("lat-method", "value"), Input("lat-colour", "value"), Input("lat-max", "value"),
+                  Input("lat-traj", "n_clicks"), Input("lat-done", "data"), Input("version", "data"))
+    def render(view, tid, layer, method, colour, n, traj, _done, _version):
+        hidden = {"display": "none"}
+        if view != "latent" or tid is None:
+            return dash.no_update, dash.no_update, dash.no_update
+        try:
+            tr = ctx.registry.reader(tid)
+            if tr.kind != "sampling" or not tr.has("/latents/h"):
+                return go.Figure(), message("this trace stores no latents: record with --latent-tokens N"), hidden
+            if not tr.has("/derived/pca/coords"):
+                return go.Figure(), message("latents stored but no projections yet: compute them here "
+                                            "(or run `python -m probes.derive TRACE`)"), {}
+            if dash.ctx.triggered_id == "lat-traj":
+                return trajectory_figure(tr, layer), None, hidden
+            tr, pts = pts_of(tid, method, layer)
+            return scatter_figure(tr, pts, colour, n), None, hidden
+        except Exception as exc:  # noqa: BLE001 -- shown in the view
+            return go.Figure(), message(error_text(exc), "error"), hidden
+
+    @app.callback(Output("lat-job", "data"), Output("lat-poll", "disabled"), Input("lat-derive", "n_clicks"),
+                  State("sel-trace", "value"), prevent_initial_call=True)
+    def start_derive(_n, tid):
+        from probes.projections import derive
+
+        def work(job):
+            job.message = "computing PCA of the stored latents"
+            try:
+                with ctx.registry.exclusive(tid, "projections are being written into it") as path:
+                    return derive(path)
+            finally:
+                ctx.memo.clear()
+        return ctx.jobs.start(f"derive:{tid}", work).id, False
+
+    @app.callback(Output("lat-msg", "children", allow_duplicate=True), Output("lat-poll", "disabled", allow_duplicate=True),
+                  Output("lat-done", "data"), Input("lat-poll", "n_intervals"), State("lat-job", "data"),
+                  State("lat-done", "data"), prevent_initial_call=True)
+    def poll(_n, job_id, done):
+        job = ctx.jobs.get(job_id)
+        if job is None:
+            return dash.no_update, True, dash.no_update
+        st = job.status()
+        if not st["done"]:
+            return message(f"⏳ {st['message']}… {st['elapsed_s']:.1f} s"), False, dash.no_update
+        if st["error"]:
+            return message(st["error"], "error"), True, dash.no_update
+        return message(f"projections computed in {st['elapsed_s']:.1f} s"), True, (done or 0) + 1
+
+    @app.callback(Output("lat-table", "data"), Output("lat-table", "columns"), Output("lat-patches", "children"),
+                  Input("lat-scatter", "selectedData"), State("sel-trace", "value"), State("sel-layer", "value"),
+                  State("lat-method", "value"), State("lat-max", "value"), prevent_initial_call=True)
+    @guarded
+    def select(selected, tid, layer, method, n):
+        if not selected or not selected.get("points"):
+            return [], [], []
+        tr, pts = pts_of(tid, method, layer)
+        show = shown(len(pts["x"]), n)
+        rows = show[np.asarray([p["pointIndex"] for p in selected["points"]], np.int64)]
+        tv = tr.coords["timestep_value"]
+        prompts = tr.samples()["prompt"]
+        data = [{"sample": int(pts["sample"][i]), "t": float(tv[pts["timestep"][i]]), "step": int(pts["step"][i]),
+                 "token": int(pts["token"][i]), "expert": int(pts["expert"][i]),
+                 "prompt": prompts[pts["sample"][i]][:30]} for i in rows[:1000]]
+        cols = [{"name": k, "id": k} for k in ("sample", "t", "step", "token", "expert", "prompt")]
+        tiles = []
+        for i in rows[:24]:
+            im = patch(tr, int(pts["sample"][i]), int(pts["timestep"][i]), layer, int(pts["step"][i]),
+                       int(pts["token"][i]))
+            if im is not None:
+                tiles.append(html.Figure([html.Img(src=png_uri(im, max(1, PATCH_PX // im.shape[0])), width=PATCH_PX),
+                                          html.Figcaption(f"e{int(pts['expert'][i])}")]))
+        return data, cols, [html.Div(f"{len(rows):,} selected; patches of the first {len(tiles)}:")] + tiles
+
+    @app.callback(Output("lat-tip", "show"), Output("lat-tip", "bbox"), Output("lat-tip", "children"),
+                  Input("lat-scatter", "hoverData"), State("sel-trace", "value"), State("sel-layer", "value"),
+                  State("lat-method", "value"), State("lat-max", "value"), prevent_initial_call=True)
+    def hover(hover_data, tid, layer, method, n):
+        if not hover_data or "pointIndex" not in hover_data["points"][0]:
+            return False, dash.no_update, dash.no_update
+        pt = hover_data["points"][0]
+        tr, pts = pts_of(tid, method, layer)
+        i = int(shown(len(pts["x"]), n)[pt["pointIndex"]])
+        im = patch(tr, int(pts["sample"][i]), int(pts["timestep"][i]), layer, int(pts["step"][i]), int(pts["token"][i]))
+        label = (f"sample {pts['sample'][i]}, t={tr.coords['timestep_value'][pts['timestep'][i]]:.0f}, "
+                 f"step {pts['step'][i]}, token {pts['token'][i]}, expert {pts['expert'][i]}")
+        body = [html.Div(label, style={"fontSize": "11px"})]
+        if im is not None:
+            body.insert(0, html.Img(src=png_uri(im, max(1, PATCH_PX // im.shape[0])), width=PATCH_PX))
+        return True, pt.get("bbox"), body

@@ -1,0 +1,152 @@
+"""View 1, specialization overview: the paper's Figure 4 made interactive, beside the evidence.
+
+Left: expert share across diffusion timesteps, one panel per (layer, recursion step), coloured
+by lift over 1/K (share x K; 1 = uniform), raw share on hover. Clicking a cell selects that
+timestep, layer, step and expert. Right: for the selected layer and step, the mutual
+information of the expert with each label against its permutation null (bar = MI, whisker =
+null mean + 2 sd), with p-value and AMI, and the gate's entropy and top-1 margin; a gate
+whose mean margin is below `probes.views.FLAT_GATE_MARGIN` is flagged as a flat gate.
+"""
+
+from __future__ import annotations
+
+import dash
+import numpy as np
+import plotly.graph_objects as go
+from dash import ALL, Input, Output, State, dcc, html
+from plotly.subplots import make_subplots
+
+from probes.views import FLAT_GATE_MARGIN, flat_gate
+
+from ..common import GRAPH_CONFIG, Context, fmt, message, view_body
+
+
+def layout(ctx: Context):
+    return html.Div(id="overview-body")
+
+
+def share_figure(report: dict) -> go.Figure:
+    layers = report["layers"]
+    K = report["trace"]["experts"]
+    n_steps = max(len(lo["steps"]) for lo in layers.values())
+    titles = [f"layer {l} · step {s}" for l, lo in layers.items() for s in lo["steps"]]
+    fig = make_subplots(rows=len(layers), cols=n_steps, subplot_titles=titles, shared_yaxes=True,
+                        horizontal_spacing=0.02, vertical_spacing=0.08)
+    sampling = report["trace"]["kind"] == "sampling"
+    for i, (layer, lo) in enumerate(layers.items()):
+        for j, (step, d) in enumerate(lo["steps"].items()):
+            if sampling:
+                x = np.asarray(d["share_by_timestep"]["timestep_value"], float)
+                share = np.asarray(d["share_by_timestep"]["share"], float)
+            else:
+                x = np.asarray([0.5 * (b["t_min"] + b["t_max"]) for b in report["timestep_bins"]])
+                share = np.asarray([b["share"] for b in d["load_by_timestep_bin"]], float)
+            fig.add_trace(go.Heatmap(
+                x=[f"{v:.0f}" for v in x], y=[f"e{k}" for k in range(K)], z=(share * K).T, customdata=share.T,
+                zmin=0, zmax=2, zmid=1, colorscale="RdBu_r", showscale=(i == 0 and j == 0),
+                colorbar=dict(title="lift", len=0.6, thickness=10),
+                hovertemplate="t=%{x}<br>expert %{y}<br>share %{customdata:.3f}<br>lift %{z:.2f}<extra>"
+                              + f"layer {layer} step {step}</extra>",
+                meta=[int(layer), int(step)]), row=i + 1, col=j + 1)
+    fig.update_xaxes(title_text="", tickfont_size=9, type="category")
+    fig.update_layout(height=min(620, 170 + 150 * len(layers)), margin=dict(l=40, r=10, t=40, b=30),
+                      title=dict(text="Expert share by diffusion timestep (noise → clean), lift over 1/K",
+                                 font_size=13))
+    return fig
+
+
+def evidence(report: dict, layer: int, step: int) -> html.Div:
+    lo = report["layers"].get(str(layer))
+    if lo is None:
+        return message(f"layer {layer} is not in the report", "warn")
+    d = lo["steps"].get(str(int(report["trace"]["steps"][step])))
+    if d is None:
+        return message(f"recursion step {step} is not in the report", "warn")
+    mis = {**{k: v for k, v in d.get("mi", {}).items()}, **{"recursion_step (layer)": v for k, v in lo.get("mi", {}).items()
+                                                            if k == "recursion_step"}}
+    names = list(mis)
+    mi = [mis[k].get("mi") for k in names]
+    null_hi = [(mis[k].get("null_mean") or 0) + 2 * (mis[k].get("null_std") or 0) for k in names]
+    fig = go.Figure([
+        go.Bar(x=names, y=[m if m is not None else 0 for m in mi], name="MI (nats)", marker_color="#1f77b4",
+               customdata=[[mis[k].get("p_value"), mis[k].get("ami"), mis[k].get("n")] for k in names],
+               hovertemplate="%{x}<br>MI %{y:.4f} nats<br>p %{customdata[0]}<br>AMI %{customdata[1]:.4f}"
+                             "<br>n %{customdata[2]}<extra></extra>"),
+        go.Scatter(x=names, y=null_hi, mode="markers", marker=dict(symbol="line-ew", size=22, line_width=2,
+                                                                  color="#d62728"),
+                   name="null mean + 2 sd"),
+    ])
+    fig.update_layout(height=240, margin=dict(l=40, r=10, t=30, b=60), title=dict(
+        text=f"MI of the expert with each label, layer {layer} step {step}", font_size=12),
+        legend=dict(orientation="h", y=1.15, font_size=10), yaxis_title="nats")
+    rows = [html.Tr([html.Th(h) for h in ("label", "MI", "null ± sd", "p", "AMI")])]
+    for k in names:
+        m = mis[k]
+        rows.append(html.Tr([html.Td(k), html.Td(fmt(m.get("mi"), "{:.4f}")),
+                             html.Td(f"{fmt(m.get('null_mean'), '{:.4f}')} ± {fmt(m.get('null_std'), '{:.4f}')}"),
+                             html.Td(fmt(m.get("p_value"), "{:.3g}")), html.Td(fmt(m.get("ami"), "{:.4f}"))]))
+    g = d.get("gate") or {}
+    gate_lines = [html.Div(f"gate entropy {fmt(g.get('mean_entropy'), '{:.3f}')} nats "
+                           f"(normalised {fmt(g.get('mean_norm_entropy'), '{:.3f}')}), top-1 margin "
+                           f"{fmt(g.get('mean_margin'), '{:.3f}')}, sampled ≠ argmax "
+                           f"{fmt(g.get('disagreement'), '{:.3f}')}")] if g.get("n") else \
+        [html.Div("gate probabilities not stored (record with --probs): entropy and margin unknown")]
+    if flat_gate(g):
+        gate_lines.append(html.Div(f"⚠ argmax over a flat gate: mean top-1 margin {g['mean_margin']:.3f} < "
+                                   f"{FLAT_GATE_MARGIN} (soft MI {fmt(g.get('soft_mi'), '{:.4f}')} nats): the gate "
+                                   f"is nearly uniform and the chosen expert is decided by tiny probability "
+                                   f"differences, so it flips under small perturbations; routing structure here is "
+                                   f"structure of those differences, not of confident choices", className="flag"))
+    ld = d.get("load", {})
+    gate_lines.append(html.Div(f"load: effective experts {fmt(ld.get('effective_experts'), '{:.2f}')} of "
+                               f"{report['trace']['experts']}, CV {fmt(ld.get('cv'), '{:.2f}')}, dead {ld.get('n_dead')}"))
+    return html.Div([dcc.Graph(figure=fig, config=GRAPH_CONFIG, id="overview-mi"),
+                     html.Table(rows, className="evidence"), html.Div(gate_lines)], className="panel",
+                    style={"width": "440px"})
+
+
+def register(app: dash.Dash, ctx: Context) -> None:
+    @view_body(app, "overview", Output("overview-body", "children"), Input("sel-layer", "value"),
+               Input("sel-step", "value"), Input("version", "data"))
+    def render(tid, layer, step, _version):
+        report = ctx.registry.report(tid)
+        K = report["trace"]["experts"]
+        buttons = [html.Button(f"expert {k} →", id={"type": "open-expert", "k": k}, className="btn")
+                   for k in range(K)]
+        return html.Div([
+            html.Div([dcc.Graph(id="overview-share", figure=share_figure(report), config=GRAPH_CONFIG)],
+                     className="panel", style={"flex": "1", "minWidth": "520px"}),
+            html.Div([evidence(report, layer, step or 0),
+                      html.Div(["open an expert's page: ", *buttons])]),
+        ], className="cols")
+
+    @app.callback(Output("nav", "data", allow_duplicate=True), Input({"type": "open-expert", "k": ALL}, "n_clicks"),
+                  prevent_initial_call=True)
+    def open_expert(clicks):
+        if not any(clicks or []):
+            return dash.no_update
+        return {"expert": dash.ctx.triggered_id["k"], "view": "expert"}
+
+    @app.callback(Output("nav", "data", allow_duplicate=True), Input("overview-share", "clickData"),
+                  State("sel-trace", "value"), prevent_initial_call=True)
+    def pick_cell(click, tid):
+        """A click on a cell selects its timestep, layer, step and expert."""
+        if not click:
+            return dash.no_update
+        pt = click["points"][0]
+        report = ctx.registry.report(tid)
+        meta = None
+        fig_curve = pt.get("curveNumber", 0)
+        layers = report["layers"]
+        flat = [(int(l), int(s)) for l, lo in layers.items() for s in lo["steps"]]
+        if fig_curve < len(flat):
+            meta = flat[fig_curve]
+        nav = {"expert": int(str(pt["y"]).lstrip("e"))}
+        if meta:
+            nav["layer"] = meta[0]
+            nav["step"] = [int(s) for s in report["trace"]["steps"]].index(meta[1])
+        if report["trace"]["kind"] == "sampling":
+            tv = [f"{v:.0f}" for v in report["trace"]["timestep_values"]]
+            if str(pt["x"]) in tv:
+                nav["t"] = tv.index(str(pt["x"]))
+        return nav

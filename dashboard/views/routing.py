@@ -1,0 +1,132 @@
+"""View 2, routing map: the token grid coloured by expert for the selected sample, branch,
+timestep, layer and recursion step, beside the early-exit decode of that state and the final
+image. The timestep and step sliders (with play buttons) recolour the map with a partial
+update (`dash.Patch`: new z and hover data only), not a full figure redraw. Hovering a token
+shows its gate probabilities.
+"""
+
+from __future__ import annotations
+
+import dash
+import numpy as np
+import plotly.graph_objects as go
+from dash import Input, Output, State, dcc, html
+
+from traces import TraceReader
+
+from ..common import GRAPH_CONFIG, Context, discrete_colourscale, error_text, message, png_uri
+
+IMAGE_PX = 220  # displayed size of decoded images
+
+
+def layout(ctx: Context):
+    return html.Div([
+        html.Div(id="routing-msg"),
+        html.Div([
+            html.Div([dcc.Graph(id="routing-map", config=GRAPH_CONFIG, style={"width": "400px", "height": "380px"})],
+                     className="panel"),
+            html.Div([html.H3("early-exit decode of this state"), html.Img(id="routing-decoded", width=IMAGE_PX),
+                      html.Div(id="routing-decoded-note", style={"fontSize": "11px", "maxWidth": f"{IMAGE_PX}px"})],
+                     className="panel"),
+            html.Div([html.H3("final image"), html.Img(id="routing-final", width=IMAGE_PX)], className="panel"),
+        ], className="cols"),
+        dcc.Store(id="routing-key"),
+    ])
+
+
+def token_grid(tr: TraceReader) -> tuple[int, int]:
+    g = tr.attrs.get("token_grid")
+    if g:
+        return int(g[0]), int(g[1])
+    n = int(tr.coords["token"].max()) + 1
+    side = int(round(np.sqrt(n)))
+    return (side, side) if side * side == n else (1, n)
+
+
+def grid_values(tr: TraceReader, values: np.ndarray, fill: float = np.nan) -> np.ndarray:
+    """Stored tokens (n_stored, ...) placed on the (h, w, ...) token grid; unstored tokens = fill."""
+    h, w = token_grid(tr)
+    out = np.full((h * w,) + values.shape[1:], fill, float)
+    out[tr.coords["token"]] = values
+    return out.reshape((h, w) + values.shape[1:])
+
+
+def map_data(tr: TraceReader, sample: int, branch: str, t: int, layer: int, step: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(z: expert ids on the grid, NaN where invalid; hover data: gate probabilities or None)."""
+    K = len(tr.coords["expert"])
+    ids = tr.routing(sample=sample, branch=branch, timestep=t, layer=layer, step=step).astype(float)
+    ids[ids >= K] = np.nan
+    prob = None
+    if tr.has("/routing/prob"):
+        prob = grid_values(tr, np.round(tr.prob(sample=sample, branch=branch, timestep=t, layer=layer,
+                                                 step=step).astype(np.float32), 3))
+    return grid_values(tr, ids), prob
+
+
+def map_figure(z: np.ndarray, prob: np.ndarray | None, K: int, title: str) -> go.Figure:
+    hover = "row %{y}, col %{x}<br>expert %{z}"
+    if prob is not None:
+        hover += "".join(f"<br>p(e{k}) %{{customdata[{k}]:.3f}}" for k in range(K))
+    fig = go.Figure(go.Heatmap(z=z, customdata=prob, zmin=-0.5, zmax=K - 0.5, colorscale=discrete_colourscale(K),
+                               colorbar=dict(title="expert", tickvals=list(range(K)), thickness=10),
+                               hovertemplate=hover + "<extra></extra>", xgap=0, ygap=0))
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", showgrid=False)
+    fig.update_xaxes(showgrid=False)
+    fig.update_layout(title=dict(text=title, font_size=12), margin=dict(l=30, r=10, t=36, b=24), height=380)
+    return fig
+
+
+def title_of(tr: TraceReader, t: int, layer: int, step: int) -> str:
+    tv = float(tr.coords["timestep_value"][t])
+    return f"routing: t={tv:.0f}, layer {layer}, step {int(tr.coords['step'][step])}"
+
+
+def images(tr: TraceReader, sample: int, t: int, layer: int, step: int) -> tuple[str | None, str | None, str]:
+    dec = fin = None
+    note = ""
+    if tr.has("/decoded/step"):
+        layers = [int(x) for x in tr.coords["layer"]]
+        im = tr.decoded(sample=sample, decoded_branch=0, timestep=t, layer=layer if layer in layers else None,
+                        step=step)
+        if im.ndim == 4:
+            im = im[0]
+        dec = png_uri(im, max(1, IMAGE_PX // im.shape[0]))
+        note = (f"x0 predicted from the state after recursion step {int(tr.coords['step'][step])} of layer {layer}, "
+                f"the remaining blocks run as usual")
+    else:
+        note = "no early-exit decodes in this trace (record with --decode)"
+    if tr.has("/decoded/final") and tr.final_written[sample]:
+        im = tr.final(sample=sample)
+        fin = png_uri(im, max(1, IMAGE_PX // im.shape[0]))
+    return dec, fin, note
+
+
+def register(app: dash.Dash, ctx: Context) -> None:
+    @app.callback(Output("routing-map", "figure"), Output("routing-decoded", "src"), Output("routing-final", "src"),
+                  Output("routing-decoded-note", "children"), Output("routing-msg", "children"),
+                  Output("routing-key", "data"),
+                  Input("tabs", "value"), Input("sel-trace", "value"), Input("sel-sample", "value"),
+                  Input("sel-branch", "value"), Input("sel-t", "value"), Input("sel-layer", "value"),
+                  Input("sel-step", "value"), Input("version", "data"), State("routing-key", "data"))
+    def render(view, tid, sample, branch, t, layer, step, _version, drawn):
+        if view != "routing" or tid is None:
+            return (dash.no_update,) * 6
+        try:
+            tr = ctx.registry.reader(tid)
+            if tr.kind != "sampling":
+                return (go.Figure(), None, None, "", message("the routing map needs a sampling trace "
+                                                             "(this is a training trace: see Training health)"), None)
+            t, step, sample = t or 0, step or 0, sample or 0
+            z, prob = map_data(tr, sample, branch, t, layer, step)
+            dec, fin, note = images(tr, sample, t, layer, step)
+            key = [tid, sample, branch, layer, list(z.shape)]
+            if drawn == key and dash.ctx.triggered_id in ("sel-t", "sel-step"):
+                fig = dash.Patch()  # same grid: send the new colours and hover data only
+                fig["data"][0]["z"] = z
+                fig["data"][0]["customdata"] = prob
+                fig["layout"]["title"]["text"] = title_of(tr, t, layer, step)
+            else:
+                fig = map_figure(z, prob, len(tr.coords["expert"]), title_of(tr, t, layer, step))
+            return fig, dec, fin, note, None, key
+        except Exception as exc:  # noqa: BLE001 -- shown in the view
+            return go.Figure(), None, None, "", message(error_text(exc), "error"), None

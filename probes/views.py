@@ -1,0 +1,184 @@
+"""Statistics the dashboard shows that the report does not hold, computed from a trace on demand.
+
+Each function reads only the chunks it needs (through `TraceReader`), folds them with the
+`probes.stats` primitives, and returns plain arrays / dicts. The dashboard draws these and
+computes nothing itself.
+
+* `expert_position_counts` -- how often each expert is chosen at each token (heat maps)
+* `position_lift`          -- those counts as lift P(expert | token) / P(expert)
+* `share_difference`       -- load share of one report minus another's, per layer and step
+* `top_tokens`             -- the tokens an expert is most confident on (image crops)
+* `transition_flows`       -- recursion-step flows (Sankey links) from a report's transitions
+* `trajectory_means`       -- per-image mean latent projection per recursion step (paper Fig. 3)
+* `training_curves`        -- load, gate entropy and MI(expert; timestep) per window of training
+* `flat_gate`              -- whether a gate's top-1 choice is decided by a negligible margin
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from traces import TraceReader
+
+# `probes.stats` (which loads scikit-learn) is imported inside the functions that count: the
+# dashboard imports this module at start-up and needs only the light helpers for its first page.
+
+# A mean top-1 margin below this (probability units) means the argmax is decided by noise-level
+# differences between near-equal gate probabilities.
+FLAT_GATE_MARGIN = 0.05
+
+
+def flat_gate(gate: dict[str, Any] | None, threshold: float = FLAT_GATE_MARGIN) -> bool:
+    """True when a report's GateStats say the top-1 choice rests on a tiny margin."""
+    margin = (gate or {}).get("mean_margin")
+    return margin is not None and np.isfinite(margin) and margin < threshold
+
+
+def expert_position_counts(tr: TraceReader, layer: int, step: int, timestep: int | None = None,
+                           branch: str | int | None = None) -> np.ndarray:
+    """(K, n_tokens) counts of each expert at each stored token over the written samples (and
+    timesteps, unless one is given); ids >= K (unwritten, ablated) are not counted."""
+    from .stats import counts_from_ids
+
+    K = len(tr.coords["expert"])
+    n_tok = len(tr.coords["token"])
+    out = np.zeros((K, n_tok), np.int64)
+    tok = np.arange(n_tok)
+    for blk in tr.iter_chunks("/routing/expert", timestep=timestep, branch=branch, layer=layer, step=step):
+        ids = blk.data.reshape(-1, n_tok)
+        valid = ids < K
+        rows = np.broadcast_to(tok, ids.shape)
+        out += counts_from_ids(rows[valid] * K + ids[valid], K * n_tok).reshape(n_tok, K).T
+    return out
+
+
+def position_lift(counts: np.ndarray) -> np.ndarray:
+    """Lift P(k | token) / P(k) from (K, n_tokens) counts; NaN where a token has no records."""
+    counts = np.asarray(counts, float)
+    per_token = counts.sum(axis=0)
+    share = counts.sum(axis=1) / max(counts.sum(), 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (counts / per_token) / share[:, None]
+
+
+def share_difference(a: dict, b: dict) -> dict[str, list[float]]:
+    """{"<layer> <step>": share_b - share_a per expert} for the (layer, step) cells both reports hold."""
+    out = {}
+    for layer, lo in a["layers"].items():
+        for step, d in lo["steps"].items():
+            other = b["layers"].get(layer, {}).get("steps", {}).get(step)
+            if other is not None:
+                out[f"{layer} {step}"] = (np.asarray(other["load"]["share"], float)
+                                          - np.asarray(d["load"]["share"], float)).tolist()
+    return out
+
+
+def top_tokens(tr: TraceReader, expert: int, layer: int, step: int, n: int = 20) -> list[dict[str, Any]]:
+    """The n tokens with the highest gate probability for `expert` among tokens routed to it
+    (by stored id when the trace has no probabilities), with their grid position; `sample` and
+    `timestep` are positions on those axes."""
+    has_prob = tr.has("/routing/prob")
+    path = "/routing/prob" if has_prob else "/routing/expert"
+    # Blocks carry coordinate values; selections and the result use positions on each axis.
+    sample_pos = {int(v): i for i, v in enumerate(tr.coords["sample"])}
+    time_pos = {int(v): i for i, v in enumerate(tr.coords["timestep"])}
+    best: list[tuple[float, dict]] = []
+    for blk in tr.iter_chunks(path, layer=layer, step=step):
+        c = blk.coords
+        s, t = sample_pos[int(c["sample"])], time_pos[int(c["timestep"])]
+        ids = tr.routing(sample=s, branch=str(c["branch"]), timestep=t, layer=layer, step=step) if has_prob \
+            else blk.data
+        score = blk.data[..., expert].astype(np.float64) if has_prob else np.ones(ids.shape)
+        score = np.where(ids == expert, score, -np.inf).reshape(-1)
+        for i in np.argsort(score)[::-1][:n]:
+            if not np.isfinite(score[i]):
+                break
+            best.append((float(score[i]), {"sample": s, "branch": str(c["branch"]),
+                                           "timestep": t, "timestep_value": c["timestep_value"],
+                                           "token": int(tr.coords["token"][i]), "prob": float(score[i])
+                                           if has_prob else None}))
+        best = sorted(best, key=lambda x: -x[0])[:n]
+    return [d for _, d in best]
+
+
+def transition_flows(report: dict, layer: str, time_bin: int | None = None) -> dict[str, Any]:
+    """Sankey links between consecutive recursion steps: flow(i at s -> j at s+1) =
+    share_s(i) * P(j at s+1 | i at s), from the report's load shares and transition matrices
+    (both over the stored tokens; per timestep bin when `time_bin` is given). Also returns
+    the chance flow share_s(i) * share_{s+1}(j) of independent steps."""
+    lo = report["layers"][layer]
+    steps = list(lo["steps"])
+    links = []
+    for a, b in zip(steps, steps[1:]):
+        tr_ = lo["transitions"].get(f"{a}->{b}")
+        if tr_ is None:
+            continue
+        if time_bin is None:
+            m, sa, sb = tr_["matrix"], lo["steps"][a]["load"]["share"], lo["steps"][b]["load"]["share"]
+        else:
+            m = tr_["by_timestep_bin"][time_bin]["matrix"]
+            sa = lo["steps"][a]["load_by_timestep_bin"][time_bin]["share"]
+            sb = lo["steps"][b]["load_by_timestep_bin"][time_bin]["share"]
+        m = np.nan_to_num(np.asarray(m, float))
+        sa, sb = np.nan_to_num(np.asarray(sa, float)), np.nan_to_num(np.asarray(sb, float))
+        links.append({"from_step": a, "to_step": b, "flow": (sa[:, None] * m).tolist(),
+                      "chance": (sa[:, None] * sb[None, :]).tolist()})
+    return {"steps": steps, "links": links}
+
+
+def trajectory_means(coords: np.ndarray) -> np.ndarray:
+    """Mean over stored tokens of projected latents: (..., step, token, component) ->
+    (..., step, component), NaN (unwritten) tokens left out."""
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(coords, axis=-2) if np.isfinite(coords).any() else np.full(
+            coords.shape[:-2] + coords.shape[-1:], np.nan)
+
+
+def training_curves(tr: TraceReader, window: int | None = None, n_bins: int = 4,
+                    n_perm: int = 49) -> dict[str, Any]:
+    """Routing statistics of a training trace per window of training steps (all layers and
+    recursion steps pooled): load share, normalised load entropy, mean gate entropy and
+    top-1 margin (when probabilities are stored), and MI(expert; timestep bin) with its
+    permutation null. `window` defaults to about 20 windows over the recorded steps."""
+    from .stats import ContingencyAccumulator, counts_from_ids, gate_entropy, load_stats, mi_summary, top1_margin
+
+    ev = tr.events()
+    K = len(tr.coords["expert"])
+    if len(ev["step"]) == 0:
+        return {"step": [], "share": [], "norm_entropy": [], "gate_entropy": [], "margin": [], "mi": []}
+    steps = np.unique(ev["step"])
+    window = window or max(1, int(np.ceil((steps.max() - steps.min() + 1) / 20)))
+    win_of = (ev["step"] - steps.min()) // window
+    n_win = int(win_of.max()) + 1
+    t = ev["timestep"].astype(float)
+    edges = np.linspace(t.min(), t.max() + 1e-9, n_bins + 1)
+    tbin = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, n_bins - 1)
+    counts = np.zeros((n_win, K), np.int64)
+    ent = np.zeros(n_win)
+    marg = np.zeros(n_win)
+    n_prob = np.zeros(n_win)
+    mi = ContingencyAccumulator(K, n_bins, (n_win,))
+    has_prob = tr.has("/routing/prob")
+    for blk in tr.iter_chunks("/routing/expert"):
+        e = blk.coords["event"]
+        w, ids = int(win_of[e]), blk.data
+        valid = ids < K
+        counts[w] += counts_from_ids(ids[valid], K)
+        mi.update(ids[valid], np.int64(tbin[e]), w)
+        if has_prob:
+            p = tr.prob(event=e).astype(np.float64)
+            ent[w] += gate_entropy(p).sum()
+            marg[w] += top1_margin(p).sum()
+            n_prob[w] += p[..., 0].size
+    seen = counts.sum(axis=1) > 0  # windows without recorded events are left out, not drawn as zeros
+    load = load_stats(counts[seen])
+    res = mi_summary(mi.table()[seen], n_perm=n_perm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"step": (steps.min() + window * (np.arange(n_win)[seen] + 0.5)).tolist(), "window": window,
+                "share": load.share.tolist(), "norm_entropy": load.norm_entropy.tolist(),
+                "gate_entropy": (ent / n_prob)[seen].tolist() if has_prob else None,
+                "margin": (marg / n_prob)[seen].tolist() if has_prob else None,
+                "mi": res.mi.tolist(), "mi_null_mean": res.null_mean.tolist(),
+                "mi_null_std": res.null_std.tolist(), "mi_p_value": res.p_value.tolist()}

@@ -1,0 +1,442 @@
+"""The dashboard on a real recorded trace of the tiny model: callbacks over HTTP, security, the
+command line, the report cache, and the page driven in a real headless browser (Chromium)."""
+
+import json
+import re
+import shutil
+import socket
+import threading
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from dashboard.__main__ import build_parser, main as dashboard_main, make_context
+from dashboard.app import create_app
+from dashboard.data import REPORT_SUFFIX, Registry, find_traces, trace_id
+from dashboard.selection import NO_TRACES
+from probes.projections import derive
+from probes.record import main as record_main
+from rsr_model.__main__ import main as rsr_main
+from traces import TraceError
+
+PROMPTS = "two red circles left of a blue square\na green triangle\n"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny checkpoint and a trace recorded from it (probabilities, 16-token latents, early-exit
+    decodes), plus a copy with PCA projections; the folder `served/` holds both."""
+    d = tmp_path_factory.mktemp("dashboard")
+    ckpt = d / "tiny.pt"
+    assert rsr_main(["train", "--out", str(ckpt), "--steps", "2", "--batch-size", "4"]) == 0
+    (d / "prompts.txt").write_text(PROMPTS)
+    served = d / "served"
+    served.mkdir()
+    trace = served / "run.h5"
+    assert record_main(["--ckpt", str(ckpt), "--prompts", str(d / "prompts.txt"), "--num-samples", "1",
+                        "--steps", "4", "--out", str(trace), "--probs", "--latent-tokens", "16", "--decode"]) == 0
+    derived = served / "derived.h5"
+    shutil.copy(trace, derived)
+    derive(derived)
+    return {"dir": d, "ckpt": ckpt, "trace": trace, "derived": derived, "served": served}
+
+
+@pytest.fixture(scope="module")
+def app_ctx(env):
+    ctx = make_context([str(env["served"])], env["ckpt"], permutations=19)
+    return create_app(ctx), ctx
+
+
+def call(app, output: str, values: dict, changed: str | None = None):
+    """POST one callback the way the page does; `values` maps 'id.prop' to the value of every
+    Input/State (missing ones are None). Returns {component id: {prop: value}}."""
+    if output not in app.callback_map:  # outputs with allow_duplicate carry an '@hash' suffix
+        output = next(k for k in app.callback_map if re.sub(r"@[0-9a-f]+", "", k) == output)
+    cb = app.callback_map[output]
+
+    def fill(items):
+        return [{"id": i["id"], "property": i["property"], "value": values.get(f"{i['id']}.{i['property']}")}
+                for i in items]
+    outs = [{"id": o.split(".")[0], "property": o.split(".")[1]} for o in output.strip(".").split("...")]
+    payload = {"output": output, "outputs": outs if len(outs) > 1 else outs[0], "inputs": fill(cb["inputs"]),
+               "state": fill(cb["state"]), "changedPropIds": [changed] if changed else []}
+    r = app.server.test_client().post("/_dash-update-component", json=payload)
+    assert r.status_code in (200, 204), r.data[:500]
+    if r.status_code == 204:
+        return {}
+    return {cid: {re.sub(r"@[0-9a-f]+", "", prop): v for prop, v in props.items()}
+            for cid, props in r.get_json()["response"].items()}
+
+
+def text_of(component) -> str:
+    """All text inside a serialised Dash component tree."""
+    if isinstance(component, str):
+        return component
+    if isinstance(component, (int, float)) or component is None:
+        return ""
+    if isinstance(component, list):
+        return " ".join(text_of(c) for c in component)
+    if isinstance(component, dict):
+        return text_of(component.get("props", {}).get("children"))
+    return ""
+
+
+SYNC = ("..url.search...status.children...sel-trace.options...sel-sample.options...sel-branch.options...sel-t.max"
+        "...sel-t.marks...sel-layer.options...sel-step.max...sel-step.marks...sel-expert.options...sel-trace.value"
+        "...sel-sample.value...sel-branch.value...sel-t.value...sel-layer.value...sel-step.value...sel-expert.value"
+        "...tabs.value..")
+ROUTING = ("..routing-map.figure...routing-decoded.src...routing-final.src...routing-decoded-note.children"
+           "...routing-msg.children...routing-key.data..")
+
+
+def selection(app, search: str = "") -> dict:
+    out = call(app, SYNC, {"url.search": search}, "url.search")
+    return {k: v.get("value") for k, v in out.items() if "value" in v} | {"status": out["status"]["children"],
+                                                                          "search": out["url"]["search"]}
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+
+def test_url_carries_the_selection(app_ctx, env):
+    app, ctx = app_ctx
+    tid = trace_id(env["derived"])
+    sel = selection(app, f"?trace={tid}&t=2&step=1&expert=3&view=expert")
+    assert (sel["sel-trace"], sel["sel-t"], sel["sel-step"], sel["sel-expert"], sel["tabs"]) == (tid, 2, 1, 3, "expert")
+    assert "t=2" in sel["search"] and "expert=3" in sel["search"]
+    bad = selection(app, "?t=99&expert=-4&view=nonsense")  # out of range: clamped to valid values
+    assert (bad["sel-t"], bad["sel-expert"], bad["tabs"]) == (0, 0, "overview")
+
+
+def test_routing_map_patches_on_slider_moves(app_ctx, env):
+    app, ctx = app_ctx
+    tid = trace_id(env["trace"])
+    base = {"tabs.value": "routing", "sel-trace.value": tid, "sel-sample.value": 0, "sel-branch.value": "cond",
+            "sel-t.value": 0, "sel-layer.value": 2, "sel-step.value": 0}
+    full = call(app, ROUTING, base, "sel-trace.value")
+    fig = full["routing-map"]["figure"]
+    assert fig["data"][0]["type"] == "heatmap" and "t=1000" in fig["layout"]["title"]["text"]
+    assert full["routing-decoded"]["src"].startswith("data:image/png;base64,")
+    key = full["routing-key"]["data"]
+    moved = call(app, ROUTING, {**base, "sel-t.value": 3, "routing-key.data": key}, "sel-t.value")
+    patch = moved["routing-map"]["figure"]
+    assert "__dash_patch_update" in patch  # a partial update, not a new figure
+    assert any("t=1" in json.dumps(op) for op in patch["operations"])
+
+
+def test_views_render_without_errors(app_ctx, env):
+    app, ctx = app_ctx
+    tid = trace_id(env["derived"])
+    sel = {"sel-trace.value": tid, "sel-sample.value": 0, "sel-branch.value": "cond", "sel-t.value": 1,
+           "sel-layer.value": 2, "sel-step.value": 1, "sel-expert.value": 1, "flow-bin.value": "all",
+           "film-overlay.value": ["on"]}
+    for view, output in [("overview", "overview-body.children"), ("expert", "expert-body.children"),
+                         ("flow", "flow-body.children"), ("filmstrip", "filmstrip-body.children")]:
+        out = call(app, output, {**sel, "tabs.value": view}, "tabs.value")
+        body = out[output.split(".")[0]]["children"]
+        assert "msg-error" not in json.dumps(body), (view, text_of(body))
+    overview = text_of(call(app, "overview-body.children", {**sel, "tabs.value": "overview"})["overview-body"]["children"])
+    assert "argmax over a flat gate" in overview  # the 2-step model's gate is flat: said so, not shown as structure
+    training = call(app, "training-body.children", {**sel, "tabs.value": "training"})["training-body"]["children"]
+    assert "needs a training trace" in text_of(training)
+
+
+def test_latent_selection_fills_the_table(app_ctx, env):
+    app, ctx = app_ctx
+    tid = trace_id(env["derived"])
+    out = call(app, "..lat-scatter.figure...lat-msg.children...lat-derive.style..",
+               {"tabs.value": "latent", "sel-trace.value": tid, "sel-layer.value": 2, "lat-method.value": "pca",
+                "lat-colour.value": "expert", "lat-max.value": 50000}, "tabs.value")
+    assert out["lat-scatter"]["figure"]["data"][0]["type"] == "scattergl"
+    sel = {"points": [{"pointIndex": i} for i in range(5)]}
+    rows = call(app, "..lat-table.data...lat-table.columns...lat-patches.children..",
+                {"lat-scatter.selectedData": sel, "sel-trace.value": tid, "sel-layer.value": 2,
+                 "lat-method.value": "pca", "lat-max.value": 50000}, "lat-scatter.selectedData")
+    assert len(rows["lat-table"]["data"]) == 5 and {"sample", "t", "step", "token", "expert"} <= set(
+        rows["lat-table"]["data"][0])
+    # the undervied trace offers to compute projections
+    plain = call(app, "..lat-scatter.figure...lat-msg.children...lat-derive.style..",
+                 {"tabs.value": "latent", "sel-trace.value": trace_id(env["trace"]), "sel-layer.value": 2,
+                  "lat-method.value": "pca", "lat-colour.value": "expert", "lat-max.value": 50000}, "tabs.value")
+    assert "no projections yet" in text_of(plain["lat-msg"]["children"]) and plain["lat-derive"]["style"] == {}
+
+
+def test_report_cache_is_keyed_by_checksum(env, monkeypatch):
+    reg = Registry([env["trace"]], n_perm=19)
+    tid = reg.ids()[0]
+    first = reg.report(tid)
+    cache = env["trace"].with_name(env["trace"].name + REPORT_SUFFIX)
+    stored = json.loads(cache.read_text())
+    assert len(stored["sha256"]) == 64 and stored["report"]["trace"]["experts"] == first["trace"]["experts"]
+    reg.close()
+    monkeypatch.setattr(Registry, "_analyse", lambda *a: pytest.fail("re-analysed an unchanged trace"))
+    again = Registry([env["trace"]], n_perm=19)
+    t0 = time.perf_counter()
+    assert again.report(tid) == first
+    assert time.perf_counter() - t0 < 1.0
+    again.close()
+
+
+# ----------------------------------------------------------------------------- security
+
+
+def test_paths_from_requests_never_reach_the_file_system(app_ctx, env):
+    app, ctx = app_ctx
+    for bad in ["/etc/passwd", str(env["trace"]), "../served/run.h5", None, 12]:
+        with pytest.raises(TraceError, match="unknown trace id"):
+            ctx.registry.reader(bad)
+        out = call(app, "overview-body.children", {"tabs.value": "overview", "sel-trace.value": bad,
+                                                   "sel-layer.value": 2, "sel-step.value": 0}, "sel-trace.value")
+        body = json.dumps(out.get("overview-body", {}))
+        assert "root:" not in body
+        if bad is not None:
+            assert "unknown trace id" in body
+    sel = selection(app, "?trace=/etc/passwd")
+    assert sel["sel-trace"] in ctx.registry.entries and "does not serve" in text_of(sel["status"])
+    client = app.server.test_client()
+    for url in ["/../../etc/passwd", "/_dash-component-suites/../../../../etc/passwd", "/assets/../../../etc/passwd",
+                "/_dash-component-suites/dash/..%2F..%2F..%2F..%2Fetc%2Fpasswd"]:
+        assert b"root:" not in client.get(url).data
+
+
+def test_bad_files_in_the_folder_leave_the_rest_working(env, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(env["trace"], folder / "good.h5")
+    (folder / "garbage.h5").write_bytes(b"not an hdf5 file at all" * 100)
+    with h5py.File(folder / "foreign.h5", "w") as f:
+        f["x"] = np.arange(3)
+    data = (env["trace"]).read_bytes()
+    (folder / "half.h5").write_bytes(data[: len(data) // 2])
+    shutil.copy(env["trace"], folder / "old.h5")
+    with h5py.File(folder / "old.h5", "r+") as f:
+        f.attrs["schema_version"] = 0
+    ctx = make_context([str(folder)], permutations=19)
+    app = create_app(ctx)
+    labels = {o["label"] for o in ctx.registry.options()}
+    assert labels == {"good.h5", "garbage.h5 (unreadable)", "foreign.h5 (unreadable)", "half.h5 (unreadable)",
+                      "old.h5 (unreadable)"}
+    errors = {e.path.name: e.error for e in ctx.registry.entries.values()}
+    assert "not an HDF5 file" in errors["garbage.h5"] and "foreign" in errors["foreign.h5"]
+    assert "older" in errors["old.h5"] and errors["half.h5"]
+    sel = selection(app)
+    assert sel["sel-trace"] == trace_id(folder / "good.h5")  # the page opens on the usable trace
+    bad = selection(app, f"?trace={trace_id(folder / 'half.h5')}")
+    assert "half.h5" in text_of(bad["status"])
+    out = call(app, "overview-body.children", {"tabs.value": "overview", "sel-trace.value": trace_id(folder / "old.h5"),
+                                               "sel-layer.value": 2, "sel-step.value": 0}, "sel-trace.value")
+    assert "older than supported" in json.dumps(out)
+    good = call(app, "overview-body.children", {"tabs.value": "overview", "sel-trace.value": sel["sel-trace"],
+                                                "sel-layer.value": 2, "sel-step.value": 0}, "sel-trace.value")
+    assert "msg-error" not in json.dumps(good)
+
+
+def test_no_traces_says_how_to_make_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ here
+    app = create_app(make_context([]))
+    sel = selection(app)
+    assert sel["sel-trace"] is None and text_of(sel["status"]) == NO_TRACES
+    assert "./scripts/demo.sh" in NO_TRACES
+
+
+def test_command_line(tmp_path, capsys):
+    assert build_parser().parse_args([]).host == "127.0.0.1"  # loopback unless told otherwise
+    assert dashboard_main([str(tmp_path / "missing.h5")]) == 2
+    assert capsys.readouterr().err.startswith("error: ") 
+    assert dashboard_main(["--port", "0", str(tmp_path)]) == 2
+    assert dashboard_main(["--ckpt", str(tmp_path / "none.pt"), str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
+    (tmp_path / "a.h5").write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.h5").write_bytes(b"x")
+    (tmp_path / "sub" / "b.rank0.h5").write_bytes(b"x")  # rank files are served through their joined file
+    assert [p.name for p in find_traces([tmp_path, tmp_path / "a.h5"])] == ["a.h5", "b.h5"]
+
+
+# ----------------------------------------------------------------------------- browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser(app_ctx):
+    """The app on a loopback port and headless Chromium driving it."""
+    shutil_which = shutil.which
+    if not (shutil_which("chromedriver") and (shutil_which("chromium") or shutil_which("google-chrome"))):
+        pytest.skip("chromium and chromedriver are not installed (scripts/setup.sh installs them with apt-get)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from werkzeug.serving import make_server
+
+    app, ctx = app_ctx
+    port = _free_port()
+    server = make_server("127.0.0.1", port, app.server, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    opts = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run", "--window-size=1366,768",
+                "--enable-unsafe-swiftshader", "--disable-dev-shm-usage"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(shutil_which("chromedriver")), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver, f"http://127.0.0.1:{port}", ctx
+    driver.quit()
+    server.shutdown()
+
+
+def wait_for(driver, condition, timeout=30):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))
+
+
+def click(driver, xpath: str) -> None:
+    """Click an element that a callback may still be re-rendering (retry while it is replaced)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def attempt(d):
+        try:
+            found = d.find_elements(By.XPATH, xpath)
+            if found:
+                found[0].click()
+                return True
+        except StaleElementReferenceException:
+            pass
+        return False
+    wait_for(driver, attempt)
+
+
+def console_errors(driver) -> list:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def routing_state(driver):
+    return driver.execute_script(
+        "const gd = document.querySelector('#routing-map .js-plotly-plot');"
+        "if (!gd || !gd.calcdata || !gd.calcdata[0]) return null;"
+        "return [gd.layout.title.text, JSON.stringify(gd.calcdata[0][0].z)];")
+
+
+def test_browser_page_slider_expert_page(browser, env):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver, url, ctx = browser
+    tid = trace_id(env["trace"])
+    driver.get(f"{url}/?trace={tid}&view=overview")
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#overview-share .main-svg"))
+    assert "Expert share by diffusion timestep" in driver.page_source
+    # the timestep slider changes the routing map
+    driver.find_element(By.XPATH, "//*[@id='tabs']//*[text()='Routing map']").click()
+    first = wait_for(driver, routing_state)
+    assert "t=1000" in first[0]
+    driver.find_element(By.CSS_SELECTOR, "#sel-t [role='slider']").send_keys(Keys.ARROW_RIGHT)
+    second = wait_for(driver, lambda d: (s := routing_state(d)) and s[0] != first[0] and s)
+    assert "t=667" in second[0] and second[1] != first[1]
+    assert "t=1" in driver.current_url and "view=routing" in driver.current_url
+    # choosing an expert opens its page
+    driver.find_element(By.XPATH, "//*[@id='tabs']//*[text()='Specialization']").click()
+    click(driver, "//button[contains(., 'expert 2')]")
+    title = wait_for(driver, lambda d: d.find_elements(By.ID, "expert-title"))[0]
+    assert "Expert 2" in title.text
+    assert "view=expert" in driver.current_url and "expert=2" in driver.current_url
+    assert console_errors(driver) == []
+
+
+def test_browser_lasso_fills_the_table(browser, env):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    driver, url, ctx = browser
+    driver.get(f"{url}/?trace={trace_id(env['derived'])}&view=latent")
+    plot = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#lat-scatter .nsewdrag"))[0]
+    w, h = plot.size["width"], plot.size["height"]
+    chain = ActionChains(driver).move_to_element(plot).move_by_offset(-w // 2 + 3, -h // 2 + 3).click_and_hold()
+    for dx, dy in ((w - 6, 0), (0, h - 6), (-(w - 6), 0), (0, -(h - 10))):
+        for _ in range(4):
+            chain = chain.move_by_offset(dx // 4, dy // 4)
+    chain.release().perform()
+    rows = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#lat-table td"))
+    assert rows
+    assert "selected" in driver.find_element(By.ID, "lat-patches").text
+    assert console_errors(driver) == []
+
+
+def test_browser_intervention_changes_the_image(browser, env):
+    from selenium.webdriver.common.by import By
+
+    driver, url, ctx = browser
+    driver.get(f"{url}/?trace={trace_id(env['trace'])}&view=intervene&expert=1")
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#iv-grid .main-svg"))
+    driver.find_element(By.ID, "iv-run").click()
+    summary = wait_for(driver, lambda d: d.find_elements(By.ID, "iv-summary"), timeout=90)[0].text
+    diff = float(summary.split("image mean |diff| ")[1].split(" ")[0])
+    assert diff > 0
+    before = driver.find_element(By.ID, "iv-img-before").get_attribute("src")
+    after = driver.find_element(By.ID, "iv-img-after").get_attribute("src")
+    assert before != after
+    assert console_errors(driver) == []
+
+
+def test_live_trace_updates_without_reload(tmp_path):
+    """A trace whose writer is still running (SWMR): the page's live poll picks up new steps."""
+    from traces import SampleTable, SamplingLayout, SamplingWriter
+    from traces.synthetic import coherent_routing
+
+    path = tmp_path / "live.h5"
+    lo = SamplingLayout(n_experts=4, layers=[1], steps=2, tokens=64, timesteps=[0, 1, 2],
+                        timestep_values=[900.0, 500.0, 100.0])
+    ids = coherent_routing(np.random.default_rng(0), (2, 3, 1, 1, 2, 64), n_experts=4, cell=4)
+    live = "..version.data...live-status.children...live-tick.disabled.."
+    with SamplingWriter(path, lo, SampleTable(prompt=["a", "b"], seed=[0, 1])) as w:
+        w.begin_batch(2)
+        w.write_timestep(0, ids[:, 0])
+        ctx = make_context([str(path)], permutations=9)
+        app = create_app(ctx)
+        tid = ctx.registry.ids()[0]
+        first = call(app, live, {"sel-trace.value": tid, "version.data": 0}, "live-tick.n_intervals")
+        assert first["version"]["data"] == 1 and "1 steps written" in first["live-status"]["children"]
+        w.write_timestep(1, ids[:, 1])
+        second = call(app, live, {"sel-trace.value": tid, "version.data": 1}, "live-tick.n_intervals")
+        assert second["version"]["data"] == 2
+        out = call(app, ROUTING, {"tabs.value": "routing", "sel-trace.value": tid, "sel-sample.value": 1,
+                                  "sel-branch.value": "cond", "sel-t.value": 1, "sel-layer.value": 1,
+                                  "sel-step.value": 1}, "version.data")
+        assert "t=500" in out["routing-map"]["figure"]["layout"]["title"]["text"]  # the step written while open
+        assert "msg-error" not in json.dumps(out["routing-msg"])
+    ctx.registry.close()
+
+
+def test_projections_computed_from_the_page(env, tmp_path):
+    """A trace with latents but no /derived: the button's job releases the file, runs
+    probes.derive, and the explorer then draws the projections."""
+    path = tmp_path / "plain.h5"
+    shutil.copy(env["trace"], path)
+    ctx = make_context([str(path)], permutations=9)
+    app = create_app(ctx)
+    tid = ctx.registry.ids()[0]
+    ctx.registry.reader(tid)  # held open, as the page does
+    job = call(app, "..lat-job.data...lat-poll.disabled..", {"lat-derive.n_clicks": 1, "sel-trace.value": tid},
+               "lat-derive.n_clicks")["lat-job"]["data"]
+    poll = "..lat-msg.children...lat-poll.disabled...lat-done.data.."
+    for _ in range(600):
+        out = call(app, poll, {"lat-job.data": job, "lat-done.data": 0}, "lat-poll.n_intervals")
+        if out["lat-poll"]["disabled"]:
+            break
+        assert "⏳" in text_of(out["lat-msg"]["children"])  # progress while it runs
+        time.sleep(0.1)
+    assert "projections computed" in text_of(out["lat-msg"]["children"]) and out["lat-done"]["data"] == 1
+    fig = call(app, "..lat-scatter.figure...lat-msg.children...lat-derive.style..",
+               {"tabs.value": "latent", "sel-trace.value": tid, "sel-layer.value": 2, "lat-method.value": "pca",
+                "lat-colour.value": "timestep", "lat-max.value": 10000}, "lat-done.data")
+    assert fig["lat-scatter"]["figure"]["data"][0]["type"] == "scattergl"
+    ctx.registry.close()
