@@ -22,12 +22,14 @@ import numpy as np
 
 from traces import TraceReader
 
+from .verdict import FLAT_MARGIN
+
 # `probes.stats` (which loads scikit-learn) is imported inside the functions that count: the
 # dashboard imports this module at start-up and needs only the light helpers for its first page.
 
 # A mean top-1 margin below this (probability units) means the argmax is decided by noise-level
 # differences between near-equal gate probabilities.
-FLAT_GATE_MARGIN = 0.05
+FLAT_GATE_MARGIN = FLAT_MARGIN  # one threshold for the report's verdicts and the views
 
 
 def flat_gate(gate: dict[str, Any] | None, threshold: float = FLAT_GATE_MARGIN) -> bool:

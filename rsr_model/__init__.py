@@ -1,10 +1,22 @@
-"""Recursive Sparse Reasoning (RSR): a recursive mixture of LoRA experts inside diffusers attention."""
+"""Recursive Sparse Reasoning (RSR): a recursive mixture of LoRA experts inside diffusers attention.
 
-from .config import MODES, RSR_CONFIGS, ConfigError, RSRConfig, rsr_config
-from .hooks import HOOK_POINTS, HookContext, HookPoint, HookRegistry, hook_name
-from .install import RSR, get_rsr, install_rsr, load_rsr, read_rsr_file, remove_rsr
-from .layer import RSRAttnProcessor
+The names below are imported on first use, so a command that needs only `rsr_model.cli` (the
+dashboard, the trace tools) does not pay for importing torch and diffusers.
+"""
 
-__all__ = ["MODES", "RSR_CONFIGS", "ConfigError", "RSRConfig", "rsr_config", "HookContext", "HookPoint", "HookRegistry",
-           "RSR", "get_rsr", "install_rsr", "load_rsr", "read_rsr_file", "remove_rsr", "HOOK_POINTS", "hook_name",
-           "RSRAttnProcessor"]
+from importlib import import_module
+
+_EXPORTS = {
+    "MODES": "config", "RSR_CONFIGS": "config", "ConfigError": "config", "RSRConfig": "config", "rsr_config": "config",
+    "HOOK_POINTS": "hooks", "HookContext": "hooks", "HookPoint": "hooks", "HookRegistry": "hooks", "hook_name": "hooks",
+    "RSR": "install", "get_rsr": "install", "install_rsr": "install", "load_rsr": "install",
+    "read_rsr_file": "install", "remove_rsr": "install",
+    "RSRAttnProcessor": "layer",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'rsr_model' has no attribute {name!r}")

@@ -21,9 +21,11 @@ python -m rsr_model sample --ckpt "$out/sd3_rsr.pt" --prompts-file examples/prom
 echo "== 3. record a trace (routing, gate probabilities, 64-token latents, early-exit decodes)"
 python -m probes.record --ckpt "$out/sd3_rsr.pt" --prompts examples/prompts.txt --num-samples 4 \
     --probs --latent-tokens 64 --decode --timesteps 0:28:3 --out "$out/trace.h5" --overwrite
-echo "== 4. report"
-python -m probes.report "$out/trace.h5" --json "$out/report.json" --figures "$out/figures" --overwrite
-echo "outputs in $out/: sd3_rsr.pt, samples.png, trace.h5, report.json, figures/"
+echo "== 4. routing value (does the gate's choice lower the loss?) and the report, with a verdict per step"
+python -m probes.routing_value --ckpt "$out/sd3_rsr.pt" --json "$out/routing_value.json" --overwrite
+python -m probes.report "$out/trace.h5" --json "$out/report.json" --figures "$out/figures" \
+    --routing-value "$out/routing_value.json" --overwrite
+echo "outputs in $out/: sd3_rsr.pt, samples.png, trace.h5, routing_value.json, report.json, figures/"
 echo "== 5. projections of the latents for the dashboard's latent explorer"
 python -m probes.derive "$out/trace.h5" --overwrite
 dashboard=(python -m dashboard "$out" --ckpt "$out/sd3_rsr.pt")

@@ -156,7 +156,14 @@ def test_latent_selection_fills_the_table(app_ctx, env):
                  "lat-method.value": "pca", "lat-max.value": 50000}, "lat-scatter.selectedData")
     assert len(rows["lat-table"]["data"]) == 5 and {"sample", "t", "step", "token", "expert"} <= set(
         rows["lat-table"]["data"][0])
-    # the undervied trace offers to compute projections
+    # the prompt attributes the task stored are offered as colours, and colour by sample attribute
+    options = call(app, "lat-colour.options", {"sel-trace.value": tid}, "sel-trace.value")["lat-colour"]["options"]
+    assert {"attribute: colour", "attribute: shape", "attribute: count", "attribute: relation"} <= set(options)
+    coloured = call(app, "..lat-scatter.figure...lat-msg.children...lat-derive.style..",
+                    {"tabs.value": "latent", "sel-trace.value": tid, "sel-layer.value": 2, "lat-method.value": "pca",
+                     "lat-colour.value": "attribute: colour", "lat-max.value": 50000}, "tabs.value")
+    assert set(coloured["lat-scatter"]["figure"]["data"][0]["marker"]["color"]) == {0.0, 1.0}  # red, green
+    # the underived trace offers to compute projections
     plain = call(app, "..lat-scatter.figure...lat-msg.children...lat-derive.style..",
                  {"tabs.value": "latent", "sel-trace.value": trace_id(env["trace"]), "sel-layer.value": 2,
                   "lat-method.value": "pca", "lat-colour.value": "expert", "lat-max.value": 50000}, "tabs.value")

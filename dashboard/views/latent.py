@@ -79,8 +79,24 @@ def points(tr, method: str, layer: int) -> dict[str, np.ndarray]:
     expert[(routing_pos >= ids.shape[-1]) | (expert >= K)] = -1
     prompts = tr.samples()["prompt"]
     _, prompt_code = np.unique(np.asarray(prompts, object).astype(str), return_inverse=True)
-    return {"x": xy[:, 0].astype(np.float32), "y": xy[:, 1].astype(np.float32), "sample": s, "branch": b,
-            "timestep": t, "step": r, "token": token, "expert": expert, "prompt": prompt_code.reshape(-1)[s]}
+    out = {"x": xy[:, 0].astype(np.float32), "y": xy[:, 1].astype(np.float32), "sample": s, "branch": b,
+           "timestep": t, "step": r, "token": token, "expert": expert, "prompt": prompt_code.reshape(-1)[s]}
+    for name, codes in attribute_codes(tr).items():  # the prompt attributes the task stored per sample
+        out[f"{ATTRIBUTE}{name}"] = codes[s]
+    return out
+
+
+ATTRIBUTE = "attribute: "
+
+
+def attribute_codes(tr) -> dict[str, np.ndarray]:
+    """Attribute name -> (samples,) integer code of its value, from `/samples/scene`."""
+    from probes.analysis.setup import prompt_attributes
+
+    per_sample = [prompt_attributes(scene) for scene in tr.samples()["scene"]]
+    names = sorted({name for attrs in per_sample for name in attrs})
+    return {name: np.unique([attrs.get(name, "?") for attrs in per_sample], return_inverse=True)[1].reshape(-1)
+            for name in names}
 
 
 def shown(n_points: int, n: int) -> np.ndarray:
@@ -182,6 +198,14 @@ def register(app: dash.Dash, ctx: Context) -> None:
             return scatter_figure(tr, pts, colour, n), None, hidden
         except Exception as exc:  # noqa: BLE001 -- shown in the view
             return go.Figure(), message(error_text(exc), "error"), hidden
+
+    @app.callback(Output("lat-colour", "options"), Input("sel-trace", "value"))
+    def colour_options(tid):
+        try:
+            names = attribute_codes(ctx.registry.reader(tid)) if tid is not None else {}
+        except Exception:  # noqa: BLE001 -- an unreadable trace offers the fixed options only
+            names = {}
+        return COLOUR_BY + [f"{ATTRIBUTE}{name}" for name in names]
 
     @app.callback(Output("lat-job", "data"), Output("lat-poll", "disabled"), Input("lat-derive", "n_clicks"),
                   State("sel-trace", "value"), prevent_initial_call=True)

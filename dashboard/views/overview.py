@@ -97,6 +97,8 @@ def evidence(report: dict, layer: int, step: int) -> html.Div:
                                    f"is nearly uniform and the chosen expert is decided by tiny probability "
                                    f"differences, so it flips under small perturbations; routing structure here is "
                                    f"structure of those differences, not of confident choices", className="flag"))
+    if d.get("verdict"):  # the report's verdict for this layer and step, with its evidence
+        gate_lines.append(html.Div(f"verdict: {d['verdict']['text']}", className="verdict"))
     ld = d.get("load", {})
     gate_lines.append(html.Div(f"load: effective experts {fmt(ld.get('effective_experts'), '{:.2f}')} of "
                                f"{report['trace']['experts']}, CV {fmt(ld.get('cv'), '{:.2f}')}, dead {ld.get('n_dead')}"))
