@@ -162,7 +162,9 @@ def test_latent_selection_fills_the_table(app_ctx, env):
     coloured = call(app, "..lat-scatter.figure...lat-msg.children...lat-derive.style..",
                     {"tabs.value": "latent", "sel-trace.value": tid, "sel-layer.value": 2, "lat-method.value": "pca",
                      "lat-colour.value": "attribute: colour", "lat-max.value": 50000}, "tabs.value")
-    assert set(coloured["lat-scatter"]["figure"]["data"][0]["marker"]["color"]) == {0.0, 1.0}  # red, green
+    colour = coloured["lat-scatter"]["figure"]["data"][0]["marker"]["color"]  # plotly's typed-array JSON
+    import base64
+    assert set(np.frombuffer(base64.b64decode(colour["bdata"]), colour["dtype"]).tolist()) == {0.0, 1.0}  # red, green
     # the underived trace offers to compute projections
     plain = call(app, "..lat-scatter.figure...lat-msg.children...lat-derive.style..",
                  {"tabs.value": "latent", "sel-trace.value": trace_id(env["trace"]), "sel-layer.value": 2,
