@@ -15,7 +15,7 @@ _EXPORTS = {
     "Options": "analysis", "analyze": "analysis", "compare_traces": "analysis",
     "causal_effect": "causal", "expert_effects": "causal",
     "derive": "projections", "load_derived": "projections",
-    "routing_value": "routing_value", "held_out_batches": "routing_value",
+    "held_out_batches": "routing_value",  # (the function routing_value shares its module's name: import it from there)
 }
 __all__ = list(_EXPORTS)
 

@@ -56,7 +56,9 @@ def bin_edges(n_bins: int) -> np.ndarray:
 
 
 def held_out_batches(task, n_samples: int, n_bins: int, seed: int = HELD_OUT_SEED) -> list[HeldOutBatch]:
-    """Held-out batches of the task's own data, one per timestep bin, sigma uniform in the bin."""
+    """Held-out batches of the task's own data, one per timestep bin, sigma uniform in the bin.
+    They are drawn as training batches are (caption dropout included), from a stream training
+    never uses; the embedded data are generated, so a scene may still repeat one seen in training."""
     edges = bin_edges(n_bins)
     out = []
     for b in range(n_bins):
