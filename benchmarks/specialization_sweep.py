@@ -38,6 +38,10 @@ SETTINGS: dict[str, list[str]] = {
     "tau0.5_gate10x": ["--tau", "0.5", "--gate-lr-scale", "10"],
     "tau1_lr3e-3_gate10x": ["--tau", "1", "--lr", "3e-3", "--gate-lr-scale", "10"],
     "tau1_gate10x_bal0.1": ["--tau", "1", "--gate-lr-scale", "10", "--balance-weight", "0.1"],
+    # experts that matter first: a larger adapter learning rate (and rank), then the sharper gate
+    "lr5e-3_tau0.5_gate10x": ["--lr", "5e-3", "--tau", "0.5", "--gate-lr-scale", "10"],
+    "lr1e-2_tau0.5_gate10x": ["--lr", "1e-2", "--tau", "0.5", "--gate-lr-scale", "10"],
+    "lr5e-3_rank32_tau0.5_gate10x": ["--lr", "5e-3", "--rank", "32", "--tau", "0.5", "--gate-lr-scale", "10"],
 }
 
 

@@ -167,7 +167,7 @@ def routing_value(transformer, rsr, batches: Sequence[HeldOutBatch], random_draw
     edges = bin_edges(len(batches))
     return {
         "schema": ROUTING_VALUE_SCHEMA, "schema_version": ROUTING_VALUE_VERSION,
-        "experts": K, "steps": L, "layers": sorted(int(k) for k in rsr.keys()),
+        "experts": K, "steps": L, "layers": rsr.layer_indices,
         "timestep_bins": [{"bin": b, "t_max": float(edges[b] * 1000), "t_min": float(edges[b + 1] * 1000)}
                           for b in range(len(batches))],
         "samples_per_bin": int(batches[0].xt.shape[0]) if batches else 0,
