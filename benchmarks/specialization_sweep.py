@@ -138,7 +138,11 @@ def main() -> None:
     for name in a.only.split(","):
         for seed in (int(s) for s in a.seeds.split(",")):
             ckpt = a.out / f"{name}_s{seed}.pt"
-            secs = train(a.base, ckpt, a.steps, seed, SETTINGS[name])
+            try:
+                secs = train(a.base, ckpt, a.steps, seed, SETTINGS[name])
+            except subprocess.CalledProcessError:  # e.g. the loss diverged: a result too, not a crash
+                print(f"| {name} | {seed} | training failed (rerun it alone to see why) |", flush=True)
+                continue
             row = {"setting": name, "seed": seed, "train_s": secs, "steps": a.steps, **evaluate(ckpt, prompts)}
             rows.append(row)
             with open(a.out / "results.jsonl", "a") as f:
