@@ -157,7 +157,8 @@ def test_latent_selection_fills_the_table(app_ctx, env):
     assert len(rows["lat-table"]["data"]) == 5 and {"sample", "t", "step", "token", "expert"} <= set(
         rows["lat-table"]["data"][0])
     # the prompt attributes the task stored are offered as colours, and colour by sample attribute
-    options = call(app, "lat-colour.options", {"sel-trace.value": tid}, "sel-trace.value")["lat-colour"]["options"]
+    options = call(app, "lat-colour.options", {"tabs.value": "latent", "sel-trace.value": tid},
+                   "sel-trace.value")["lat-colour"]["options"]
     assert {"attribute: colour", "attribute: shape", "attribute: count", "attribute: relation"} <= set(options)
     coloured = call(app, "..lat-scatter.figure...lat-msg.children...lat-derive.style..",
                     {"tabs.value": "latent", "sel-trace.value": tid, "sel-layer.value": 2, "lat-method.value": "pca",

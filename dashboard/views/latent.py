@@ -199,8 +199,10 @@ def register(app: dash.Dash, ctx: Context) -> None:
         except Exception as exc:  # noqa: BLE001 -- shown in the view
             return go.Figure(), message(error_text(exc), "error"), hidden
 
-    @app.callback(Output("lat-colour", "options"), Input("sel-trace", "value"))
-    def colour_options(tid):
+    @app.callback(Output("lat-colour", "options"), Input("tabs", "value"), Input("sel-trace", "value"))
+    def colour_options(view, tid):
+        if view != "latent":  # reading the scenes costs ~1 s of imports: not on the first page
+            return dash.no_update
         try:
             names = attribute_codes(ctx.registry.reader(tid)) if tid is not None else {}
         except Exception:  # noqa: BLE001 -- an unreadable trace offers the fixed options only
