@@ -17,8 +17,9 @@ routing), and on all steps together (scope "all"). The headline figure per scope
     value = 1 - loss(gate) / loss(random)      (> 0: the gate's assignment lowers the loss)
 
 with a 95% bootstrap interval over held-out samples (paired: the same x_t, t and noise under
-every condition). Timestep bins are equal-width bins of sigma = t / 1000, bin 0 the noisiest,
-as in the trace probes.
+every condition). Timestep bins are equal-width bins of sigma = t / 1000, bin 0 the noisiest, as
+in the probes of sampling traces (training-trace reports order their bins the other way: compare
+bins by `t_min` / `t_max`, not by index).
 
     python -m probes.routing_value --ckpt CKPT [--samples 64] [--bins 4] [--random-draws 3] [--json OUT]
 """
@@ -117,10 +118,12 @@ def _relative_gain(gate: np.ndarray, random: np.ndarray, axis=None) -> np.ndarra
 
 
 def _bootstrap_value(gate: np.ndarray, random: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple:
-    """95% interval of 1 - sum(gate)/sum(random) over resampled samples (paired)."""
-    n = len(gate)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    vals = _relative_gain(gate[idx], random[idx], axis=1)
+    """95% interval of 1 - sum(gate)/sum(random), (bins, n) arrays, resampling samples within each
+    bin (paired; every bin keeps its weight, as in the estimate)."""
+    bins, n = gate.shape
+    idx = rng.integers(0, n, size=(n_boot, bins, n))
+    rows = np.arange(bins)[None, :, None]
+    vals = _relative_gain(gate[rows, idx].reshape(n_boot, -1), random[rows, idx].reshape(n_boot, -1), axis=1)
     return float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))
 
 
@@ -128,7 +131,7 @@ def _scope_result(gate: np.ndarray, random: np.ndarray, forced: np.ndarray, none
                   n_boot: int, seed: int) -> dict[str, Any]:
     """Summaries of one scope. Arrays: gate (bins, n), random (draws, bins, n), forced (K, bins, n), none (bins, n)."""
     random_mean = random.mean(0)  # (bins, n): average over shuffles, per sample
-    lo, hi = _bootstrap_value(gate.ravel(), random_mean.ravel(), n_boot, np.random.default_rng(seed))
+    lo, hi = _bootstrap_value(gate, random_mean, n_boot, np.random.default_rng(seed))
     forced_loss = forced.mean(2)  # (K, bins)
     return {
         "loss": {
@@ -153,6 +156,8 @@ def routing_value(transformer, rsr, batches: Sequence[HeldOutBatch], random_draw
         raise ValueError("random_draws must be >= 1")
     K, L = rsr.config.experts, rsr.config.steps
     scopes = [(str(s), hook_name("*", "expert", s)) for s in range(L)] + [("all", hook_name("*", "expert", "*"))]
+    if len(rsr.layer_indices) > 1:  # each layer's own routing too: a verdict must not borrow another layer's value
+        scopes += [(f"{i}.{s}", hook_name(i, "expert", s)) for i in rsr.layer_indices for s in range(L)]
     gate = np.stack([_losses(transformer, b, rsr, None, None) for b in batches])  # (bins, n)
     load = gate_load(transformer, rsr, batches)
     out: dict[str, Any] = {}

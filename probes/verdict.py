@@ -13,7 +13,14 @@ pieces of evidence a researcher would, in this order:
    permutation p. Without a routing value, structure alone gives "structured routing (value not
    measured)", never "specialized".
 
-Labels: "flat_gate", "specialized", "chance", "structured_unmeasured".
+Labels: "flat_gate", "specialized", "small" (a routing value whose interval is above 0 but not
+above MIN_VALUE), "chance", "structured_unmeasured". The routing value used is the one measured
+on that layer's own routing (per-layer scopes when RSR sits on several layers).
+
+The permutation p of the MI treats tokens as independent; tokens of one image are not, so for
+labels constant within an image (prompt attributes; the timestep bin of a training trace) p is
+optimistic. That is why the verdict requires an effect size (AMI) and, for "specialized", a
+routing value, never p alone.
 """
 
 from __future__ import annotations
@@ -49,6 +56,10 @@ def step_verdict(step_report: dict[str, Any], value: dict[str, Any] | None = Non
         kind = "specialized"
         text = (f"specialized (routing value {value['value']:.3f} [{value['value_ci95'][0]:.3f}, "
                 f"{value['value_ci95'][1]:.3f}], AMI({label}) {_num(mi.get('ami'))}, p {_num(mi.get('p_value'), '.2g')})")
+    elif value is not None and value["value_ci95"][0] > 0:
+        kind = "small"
+        text = (f"routing helps, but little (routing value {value['value']:.3f} [{value['value_ci95'][0]:.3f}, "
+                f"{value['value_ci95'][1]:.3f}], below {MIN_VALUE})")
     elif value is not None or not structured:
         kind = "chance"
         shown = (f"routing value {value['value']:.3f} [{value['value_ci95'][0]:.3f}, {value['value_ci95'][1]:.3f}]"
@@ -68,6 +79,9 @@ def _num(x: float | None, fmt: str = ".3f") -> str:
 def add_verdicts(report: dict[str, Any], routing_value: dict[str, Any] | None = None) -> None:
     """Write `layers.<layer>.steps.<step>.verdict` into a report (routing value per recursion step)."""
     scopes = (routing_value or {}).get("scopes", {})
-    for layer in report["layers"].values():
+    single_layer = len((routing_value or {}).get("layers", [])) == 1
+    for layer_id, layer in report["layers"].items():
         for step, step_report in layer["steps"].items():
-            step_report["verdict"] = step_verdict(step_report, scopes.get(str(step)))
+            # the value measured on this layer's routing: its own scope, or the step's when it is the only layer
+            value = scopes.get(f"{layer_id}.{step}") or (scopes.get(str(step)) if single_layer else None)
+            step_report["verdict"] = step_verdict(step_report, value)

@@ -186,6 +186,10 @@ class Trainer:
         """One group, or in the RSR stage the gate apart: a flat gate only learns from expert
         differences, so its learning rate may be scaled (--gate-lr-scale)."""
         scale = getattr(self.args, "gate_lr_scale", None)
+        saved = (self.ckpt.get("args") or {}).get("gate_lr_scale") if self.progress.get(stage) else None
+        if saved is not None and scale is not None and saved != scale:
+            raise ConfigError(f"--gate-lr-scale {scale} differs from the run being resumed ({saved})")
+        scale = saved if scale is None and saved is not None else scale  # resuming keeps the run's groups
         scale = self.task.gate_lr_scale if scale is None else scale
         if stage != "rsr" or scale == 1.0:
             return [{"params": params}]

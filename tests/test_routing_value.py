@@ -127,3 +127,19 @@ def test_random_draws_must_be_positive():
     model, rsr = _model()
     with pytest.raises(ValueError):
         routing_value(model, rsr, [], random_draws=0)
+
+
+def test_held_out_batches_are_flow_matching_pairs_in_their_bins():
+    from probes.routing_value import held_out_batches
+    from rsr_model.tasks import get_task
+
+    task = get_task("tiny")
+    batches = held_out_batches(task, 6, N_BINS)
+    edges = bin_edges(N_BINS)
+    for b, batch in enumerate(batches):
+        sigma = batch.t / 1000
+        assert ((sigma >= edges[b + 1] - 1e-6) & (sigma <= edges[b] + 1e-6)).all()
+        x0 = batch.xt - sigma.view(-1, 1, 1, 1) * batch.target  # x_t = x0 + sigma (noise - x0)
+        assert x0.min() >= -1.0001 and x0.max() <= 1.0001  # clean images in model space
+    again = held_out_batches(task, 6, N_BINS)  # the same stream every time
+    assert all(torch.equal(a.xt, c.xt) for a, c in zip(batches, again))

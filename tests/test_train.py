@@ -169,6 +169,24 @@ def test_bad_inputs_give_one_line_errors(made, tmp_path, capsys, argv, fragment)
     assert {p.name: p.read_bytes() for p in made.iterdir()} == before  # nothing existing changed
 
 
+def test_resume_keeps_the_gate_learning_rate_of_the_run(tmp_path, capsys):
+    out = tmp_path / "g.pt"
+
+    def crash_in_rsr(info):
+        if (info.stage, info.step) == ("rsr", 1):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(train_args(out, "--steps", "2", "--gate-lr-scale", "10"), callbacks=[crash_in_rsr]).run()
+    before = out.read_bytes()
+    assert "differs from the run being resumed" in _one_line_error(
+        capsys, ["train", "--out", str(out), *FAST, "--resume", "--gate-lr-scale", "3"])
+    assert out.read_bytes() == before
+    assert main(["train", "--out", str(out), *FAST, "--resume"]) == 0  # the run's own scale is kept
+    groups = load_checkpoint(out)["optimizer"]["param_groups"]
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
+
+
 def test_checkpoint_architecture_is_checked_not_only_its_preset_name(made):
     from rsr_model.checkpoint import CheckpointError
     from rsr_model.train import build_from_checkpoint

@@ -32,3 +32,23 @@ def test_structure_without_a_value_is_not_called_specialized():
 def test_no_gate_probabilities():
     v = step_verdict({"mi": {}})
     assert v["label"] == "chance" and v["evidence"]["margin"] is None
+
+
+def test_small_positive_value_and_missing_p():
+    assert step_verdict(step(0.4, 0.2, 0.005), value(0.015, 0.005, 0.025))["label"] == "small"
+    v = step_verdict({"gate": {"mean_margin": 0.4}, "mi": {"timestep_bin": {"ami": 0.3, "p_value": None}}})
+    assert v["label"] == "chance"  # an MI without its null is not evidence
+
+
+def test_each_layer_gets_the_value_measured_on_its_own_routing():
+    from probes.verdict import add_verdicts
+
+    report = {"layers": {"1": {"steps": {"0": step(0.4, 0.2, 0.005)}}, "3": {"steps": {"0": step(0.4, 0.2, 0.005)}}}}
+    routing_value = {"layers": [1, 3], "scopes": {"0": value(0.3, 0.2, 0.4), "1.0": value(0.3, 0.2, 0.4),
+                                                  "3.0": value(0.0, -0.01, 0.01)}}
+    add_verdicts(report, routing_value)
+    assert report["layers"]["1"]["steps"]["0"]["verdict"]["label"] == "specialized"
+    assert report["layers"]["3"]["steps"]["0"]["verdict"]["label"] == "chance"  # not layer 1's value
+    del routing_value["scopes"]["3.0"]  # no per-layer scope: no value, rather than the pooled one
+    add_verdicts(report, routing_value)
+    assert report["layers"]["3"]["steps"]["0"]["verdict"]["label"] == "structured_unmeasured"
