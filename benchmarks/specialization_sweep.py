@@ -48,7 +48,7 @@ SETTINGS: dict[str, list[str]] = {
 def sampling_routing(task, transformer, rsr, prompts: list[str], seeds_per_prompt: int = 4, steps: int = 28,
                      guidance: float = 3.0, n_bins: int = 4) -> dict:
     """Routing statistics and scorer accuracy of one sampling run (hooks on probs and expert)."""
-    from probes.stats import mi_summary
+    from probes.stats import gate_entropy, mi_summary, top1_margin
     from rsr_model.data.shapes import score
     from rsr_model.hooks import hook_name
     from rsr_model.sample import generate
@@ -68,10 +68,9 @@ def sampling_routing(task, transformer, rsr, prompts: list[str], seeds_per_promp
         by_time[ctx.step, b] += np.bincount(ids.reshape(-1).numpy(), minlength=K)
 
     def on_probs(p, ctx):
-        p = p.float().clamp_min(1e-12)
-        ent.append(float((-(p * p.log()).sum(-1) / np.log(K)).mean()))
-        top = p.topk(2, dim=-1).values
-        margin.append(float((top[..., 0] - top[..., 1]).mean()))
+        p = p.double().numpy()
+        ent.append(float(gate_entropy(p).mean() / np.log(K)))
+        margin.append(float(top1_margin(p).mean()))
 
     with rsr.hooks.hooks({hook_name("*", "expert", "*"): on_expert, hook_name("*", "probs", "*"): on_probs}):
         x0 = generate(task, transformer, items, seeds, steps=steps, guidance=guidance)

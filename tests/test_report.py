@@ -118,8 +118,14 @@ def test_training_trace_load_and_sampling_disagreement(tmp_path):
     with open_trace(trace) as tr:
         logged = tr.train()  # every step: steps 1-2 go to the first window, 3-4 to the second
     assert curves["loss"] == pytest.approx([float(np.mean(logged["loss"][:2])), float(np.mean(logged["loss"][2:]))])
-    for window in curves["gate_norm_entropy"]:
-        assert all(0.0 < h <= 1.0 for layer in window for h in layer)
+    with open_trace(trace) as tr:  # window 0 = the events of training step 2, from the stored probabilities
+        prob, steps = tr.read("/routing/prob").astype(np.float64), tr.events()["step"]
+    p = prob[steps == 2]  # (events, layer, step, token, K)
+    K = p.shape[-1]
+    want = (-(p * np.log(np.clip(p, 1e-300, 1))).sum(-1) / np.log(K)).mean(axis=(0, 3))  # (layer, step)
+    assert np.asarray(curves["gate_norm_entropy"][0]) == pytest.approx(want, rel=1e-6)
+    top = np.sort(p, axis=-1)
+    assert np.asarray(curves["gate_margin"][0]) == pytest.approx((top[..., -1] - top[..., -2]).mean(axis=(0, 3)), rel=1e-6)
     for window in curves["load_share"]:
         assert all(abs(sum(s) - 1) < 1e-9 for layer in window for s in layer)
     assert np.asarray(curves["mi_timestep_bin"]["mi"]).shape == (len(curves["records"]), 1, 3)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...stats import mi_summary
+from ...stats import gate_entropy, mi_summary, top1_margin
 from ..chunk import Chunk
 from ..setup import Context
 from .base import Part, ProbeFamily
@@ -47,11 +47,10 @@ class TrainingCurvesFamily(ProbeFamily):
             return
         self.counts[w, :, :, chunk.timestep_bin] += chunk.expert_counts
         if chunk.prob is not None:
-            p = np.clip(chunk.prob.astype(np.float64), 1e-12, 1.0)  # (layer, step, token, K)
+            p = chunk.prob.astype(np.float64)  # (layer, step, token, K)
             valid = chunk.ids < self.grid.n_experts
-            top = np.sort(p, axis=-1)[..., -2:]
-            self.entropy[w] += np.where(valid, -(p * np.log(p)).sum(-1), 0).sum(-1) / np.log(self.grid.n_experts)
-            self.margin[w] += np.where(valid, top[..., 1] - top[..., 0], 0).sum(-1)
+            self.entropy[w] += np.where(valid, gate_entropy(p), 0).sum(-1) / np.log(self.grid.n_experts)
+            self.margin[w] += np.where(valid, top1_margin(p), 0).sum(-1)
             self.prob_tokens[w] += valid.sum(-1)
 
     def _scalars(self) -> dict[str, list]:
