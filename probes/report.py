@@ -314,6 +314,9 @@ def _read_routing_value(path: Path) -> dict:
 
 def _check_same_checkpoint(report: dict, value: dict, path: Path) -> None:
     """A routing value of another checkpoint must not decide this trace's verdicts."""
+    if report["trace"]["kind"] != "sampling":  # a training trace spans many weights, not one checkpoint
+        raise ReportError(f"--routing-value {path}: a routing value belongs to one checkpoint; "
+                          f"this is a training trace (use it with a sampling trace of that checkpoint)")
     a, b = report["trace"].get("checkpoint_sha256"), value.get("checkpoint_sha256")
     if a and b and a != b:
         raise ReportError(f"--routing-value {path} was measured on another checkpoint than the trace's "

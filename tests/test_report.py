@@ -413,3 +413,9 @@ def test_verdicts_with_the_checkpoints_routing_value(env, tmp_path, capsys):
     for bad in ("other.json", "junk.json", "missing.json"):
         assert report_main([str(env["trace"]), "--no-probes", "--routing-value", str(tmp_path / bad)]) == 2
         one_error_line(capsys.readouterr().err)
+    train = tmp_path / "train.h5"  # a training trace has no one checkpoint to match
+    assert rsr_main(["train", "--out", str(tmp_path / "m.pt"), "--steps", "1", "--batch-size", "2",
+                     "--trace", str(train), "--trace-every", "1"]) == 0
+    capsys.readouterr()
+    assert report_main([str(train), "--no-probes", "--routing-value", str(value)]) == 2
+    assert "training trace" in one_error_line(capsys.readouterr().err)
