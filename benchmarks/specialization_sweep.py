@@ -42,6 +42,12 @@ SETTINGS: dict[str, list[str]] = {
     "lr5e-3_tau0.5_gate10x": ["--lr", "5e-3", "--tau", "0.5", "--gate-lr-scale", "10"],
     "lr1e-2_tau0.5_gate10x": ["--lr", "1e-2", "--tau", "0.5", "--gate-lr-scale", "10"],
     "lr5e-3_rank32_tau0.5_gate10x": ["--lr", "5e-3", "--rank", "32", "--tau", "0.5", "--gate-lr-scale", "10"],
+    # symmetry broken first: experts forced to their cells for the first quarter, then the gate is free
+    "k6": ["--experts", "6"],
+    "k6_warm_stepband": ["--experts", "6", "--warm-start", "step-band", "--warm-start-steps", "100"],
+    "k4_warm_band": ["--warm-start", "band", "--warm-start-steps", "100"],
+    "k6_warm_stepband_pooled": ["--experts", "6", "--warm-start", "step-band", "--warm-start-steps", "100",
+                                "--balance-over", "recursion"],
 }
 
 

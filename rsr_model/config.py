@@ -36,6 +36,7 @@ class RSRConfig:
     target_layers: list[int] = field(default_factory=lambda: [2])
     gumbel_tau: float = 5.0  # only shapes the straight-through gradient; the hard choice is categorical
     balance_weight: float = 0.01  # added to the loss only when experts > 3 (paper section 4.1)
+    balance_over: str = "step"  # "step": every recursion step balanced; "recursion": f, P pooled over steps
     mode: str = "rsr"
     gate_hidden: int = 64
     lora_alpha: float | None = None  # None: alpha = rank, so the LoRA scale is 1
@@ -60,6 +61,8 @@ class RSRConfig:
             raise ConfigError(f"target_layers must be non-negative, got {self.target_layers}")
         if len(set(self.target_layers)) != len(self.target_layers):
             raise ConfigError(f"target_layers has duplicates: {self.target_layers}")
+        if self.balance_over not in ("step", "recursion"):
+            raise ConfigError(f"balance_over must be 'step' or 'recursion', got {self.balance_over!r}")
         if self.gumbel_tau <= 0:
             raise ConfigError(f"gumbel_tau must be positive, got {self.gumbel_tau}")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -8,6 +8,8 @@ Sampling uses argmax. The gate probabilities softmax(logits) are kept apart from
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,14 +55,17 @@ def load_share(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.bincount(valid, minlength=num_experts).float() / max(1, valid.numel())
 
 
-def balance_loss(expert: torch.Tensor, probs: torch.Tensor, share: torch.Tensor | None = None) -> torch.Tensor:
-    """Switch-Transformer balance loss K * sum_k f_k P_k for one routing step.
+def balance_loss(shares: Sequence[torch.Tensor], mean_probs: Sequence[torch.Tensor], over: str = "step") -> torch.Tensor:
+    """Switch-Transformer balance loss K * sum_k f_k P_k of one layer's recursion.
 
-    f_k: `load_share` of the hard choices (pass it if already computed); P_k: mean gate
-    probability of k. Equals 1 for uniform routing and K when every token and all
-    probability go to one expert.
+    shares[s]: (K,) `load_share` of step s's hard choices; mean_probs[s]: (K,) mean gate
+    probability of each expert at step s. `over="step"` averages the loss of each step (every
+    step must use every expert evenly); `over="recursion"` pools f and P over the steps first,
+    so only the whole recursion must use its experts evenly and steps may differ. Equals 1 for
+    uniform routing and K when every token and all probability go to one expert.
     """
-    K = probs.shape[-1]
-    f = load_share(expert, K) if share is None else share
-    P = probs.reshape(-1, K).mean(0)
-    return K * (f.to(P.dtype) * P).sum()
+    K = mean_probs[0].shape[-1]
+    if over == "recursion":
+        f, P = torch.stack(list(shares)).mean(0), torch.stack(list(mean_probs)).mean(0)
+        return K * (f.to(P.dtype) * P).sum()
+    return torch.stack([K * (f.to(P.dtype) * P).sum() for f, P in zip(shares, mean_probs)]).mean()

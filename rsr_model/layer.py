@@ -154,14 +154,14 @@ class RSRAttnProcessor(nn.Module):
                 share = load_share(expert, self.num_experts)
                 loads.append(share)
                 if self.gate is not None:
-                    balances.append(balance_loss(expert, probs, share))
+                    balances.append((share, probs.reshape(-1, self.num_experts).mean(0)))  # f_k, P_k of step s
             dq, dk, dv = self.experts(h, expert, weight)  # each (B, N, D)
             if s < steps - 1:
                 hv, _ = self._attend(attn, dq, dk, dv, text)
                 h = h + hv  # accumulate across steps
             else:
                 hv, ht = self._attend(attn, attn.to_q(x) + dq, attn.to_k(x) + dk, attn.to_v(x) + dv, text)
-        self.last_balance = torch.stack(balances).mean() if balances else None
+        self.last_balance = balance_loss(*zip(*balances), self.config.balance_over) if balances else None
         self.last_load = torch.stack(loads).mean(0) if loads else None
         hv = attn.to_out[1](attn.to_out[0](hv))  # (B, N, D)
         hv = self._fire(self.hp_out, hv)

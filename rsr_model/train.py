@@ -11,6 +11,7 @@ every `--save-every` steps and at the end of each stage.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import sys
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from .config import ConfigError, RSRConfig
 from .flow import training_pair
 from .install import RSR, arch_of, install_rsr
 from .tasks import Task, TaskError, get_task
+from .warm_start import WarmStart, check_layout
 
 STAGES = ("base", "rsr")
 
@@ -58,7 +60,8 @@ def rsr_config_from_args(task: Task, args: Any) -> RSRConfig:
     cfg = task.default_rsr()
     changes = {k: v for k, v in dict(mode=args.mode, num_experts=args.experts, latent_steps=args.latent_steps,
                                        rank=args.rank, target_layers=args.target_layers, gumbel_tau=args.tau,
-                                       balance_weight=args.balance_weight).items() if v is not None}
+                                       balance_weight=args.balance_weight,
+                                       balance_over=getattr(args, "balance_over", None)).items() if v is not None}
     return RSRConfig.from_dict({**cfg.to_dict(), **changes})
 
 
@@ -142,6 +145,10 @@ class Trainer:
             torch.manual_seed(a.seed)  # the backbone's initial weights
             self.transformer = task.build_backbone(None)
         check_targets(self.transformer, self.rsr_cfg)
+        if "rsr" in stages and self.rsr_cfg.has_gate:
+            check_layout(a.warm_start or task.warm_start, self.rsr_cfg.experts, self.rsr_cfg.steps)
+        if (a.warm_start_steps or 0) < 0:
+            raise ConfigError(f"--warm-start-steps must be 0 or more, got {a.warm_start_steps}")
         steps = {s: (a.steps if a.steps is not None else task.default_steps[s]) for s in stages}
         if any(n <= 0 for n in steps.values()):
             raise ConfigError(f"--steps must be positive, got {a.steps}")
@@ -185,17 +192,28 @@ class Trainer:
     def _param_groups(self, stage: str, params: list, lr: float) -> list[dict]:
         """One group, or in the RSR stage the gate apart: a flat gate only learns from expert
         differences, so its learning rate may be scaled (--gate-lr-scale)."""
-        scale = getattr(self.args, "gate_lr_scale", None)
-        saved = (self.ckpt.get("args") or {}).get("gate_lr_scale") if self.progress.get(stage) else None
-        if saved is not None and scale is not None and saved != scale:
-            raise ConfigError(f"--gate-lr-scale {scale} differs from the run being resumed ({saved})")
-        scale = saved if scale is None and saved is not None else scale  # resuming keeps the run's groups
-        scale = self.task.gate_lr_scale if scale is None else scale
+        scale = self._setting("gate_lr_scale", stage)
         if stage != "rsr" or scale == 1.0:
             return [{"params": params}]
         gate = {id(p) for layer in self.rsr.values() if layer.gate is not None for p in layer.gate.parameters()}
         return [{"params": [p for p in params if id(p) not in gate]},
                 {"params": [p for p in params if id(p) in gate], "lr": lr * scale}]
+
+    def _setting(self, name: str, stage: str) -> Any:
+        """A recipe flag: the command line's, else the resumed run's (a change is refused), else the preset's."""
+        given = getattr(self.args, name, None)
+        saved = (self.ckpt.get("args") or {}).get(name) if self.progress.get(stage) else None
+        if saved is not None and given is not None and saved != given:
+            raise ConfigError(f"--{name.replace('_', '-')} {given} differs from the run being resumed ({saved})")
+        value = saved if given is None else given
+        return getattr(self.task, name) if value is None else value
+
+    def _warm_start(self, stage: str) -> tuple[WarmStart | None, int]:
+        """The expert warm start of the RSR stage (warm_start.py) and its length in steps."""
+        layout, steps = self._setting("warm_start", stage), self._setting("warm_start_steps", stage)
+        if stage != "rsr" or layout == "none" or steps == 0 or not self.rsr.config.has_gate:
+            return None, 0
+        return WarmStart(self.rsr, layout, self.task.weighting, self.task.shift), steps
 
     def _run_stage(self, stage: str) -> None:
         """One stage, as one flat loop in labelled phases (in the manner of nanoGPT's train.py)."""
@@ -229,6 +247,7 @@ class Trainer:
         model, opt = acc.prepare(self.transformer, opt)
         model.train()
         rsr = self.rsr if stage == "rsr" else None
+        warm, warm_steps = self._warm_start(stage)
         batch_size = a.batch_size or task.batch_size
         bar = tqdm(total=total, initial=start, desc=f"{task.name}:{stage}", disable=not acc.is_main_process,
                    dynamic_ncols=True, file=sys.stderr)
@@ -250,11 +269,14 @@ class Trainer:
                 cond = {k: v.to(acc.device) for k, v in cond.items()}
 
                 # --- forward and loss ---------------------------------------------------------
-                with acc.autocast():
+                warming = warm is not None and step < warm_steps  # experts forced to their cells, gate taught them
+                with acc.autocast(), (warm.forcing() if warming else contextlib.nullcontext()):
                     pred = model(hidden_states=xt, timestep=t, **cond).sample
                     fm = F.mse_loss(pred.float(), target.float())
                     bal = rsr.balance_loss() if rsr is not None else None
                     loss = fm + (rsr.config.balance_weight * bal if bal is not None and rsr.config.experts > 3 else 0.0)
+                    if warming:
+                        loss = loss + warm.gate_loss()
                 if not torch.isfinite(loss):
                     raise self._diverged(loss.item(), stage, step, last_good)
 

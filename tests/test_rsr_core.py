@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 from rsr_model import HOOK_POINTS, MODES, ConfigError, hook_name, install_rsr, load_rsr, rsr_config, remove_rsr
 from rsr_model.hooks import hook_table
 from rsr_model.experts import LoRAExperts
-from rsr_model.gate import balance_loss, sample_choice
+from rsr_model.gate import balance_loss, load_share, sample_choice
 
 from .conftest import randomize_rsr, run
 
@@ -165,10 +165,16 @@ def test_hard_gumbel_choice_is_categorical(tau):
 
 def test_balance_loss_closed_forms():
     K = 8
-    uniform_ids = torch.arange(K * 50) % K
-    assert balance_loss(uniform_ids, torch.full((K * 50, K), 1 / K)).item() == pytest.approx(1.0)
-    collapse = torch.zeros(400, dtype=torch.long)
-    assert balance_loss(collapse, torch.nn.functional.one_hot(collapse, K).float()).item() == pytest.approx(K)
+    uniform, collapse = torch.full((K,), 1 / K), torch.nn.functional.one_hot(torch.tensor(0), K).float()
+    for over in ("step", "recursion"):
+        assert balance_loss([uniform] * 3, [uniform] * 3, over).item() == pytest.approx(1.0)
+        assert balance_loss([collapse] * 3, [collapse] * 3, over).item() == pytest.approx(K)
+    # steps that each use their own expert: collapsed per step, balanced over the recursion
+    own = [torch.nn.functional.one_hot(torch.tensor(s), 4).float() for s in range(4)]
+    assert balance_loss(own, own, "step").item() == pytest.approx(4.0)
+    assert balance_loss(own, own, "recursion").item() == pytest.approx(1.0)
+    ids = torch.arange(K * 50) % K  # and f_k is what load_share measures
+    assert torch.allclose(load_share(ids, K), uniform)
 
 
 def test_hook_points_names_shapes_and_context(sd3):

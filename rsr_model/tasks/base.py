@@ -25,6 +25,8 @@ class Task:
     batch_size: int = 32
     lr: dict[str, float] = {"base": 1e-3, "rsr": 1e-3}
     gate_lr_scale: float = 1.0  # the gate's learning rate relative to the experts' (RSR stage)
+    warm_start: str = "none"  # expert warm start of the RSR stage (rsr_model/warm_start.py)
+    warm_start_steps: int = 0
     weighting: str = "logit_normal"
     shift: float = 1.0
 
