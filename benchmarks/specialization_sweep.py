@@ -90,7 +90,8 @@ def sampling_routing(task, transformer, rsr, prompts: list[str], seeds_per_promp
             "ami_timestep_max": float(t_mi.ami[best]), "ami_timestep_step": best,
             "p_timestep": float(t_mi.p_value[best]), "ami_timestep": t_mi.ami.tolist(),
             "mi_step_nats": float(s_mi.mi), "p_step": float(s_mi.p_value),
-            "dead_experts": int((load == 0).sum()), "load": load.round(3).tolist(),
+            "dead_experts": int((by_time.sum(axis=(0, 1)) == 0).sum()),  # never chosen at any step
+            "load": load.round(3).tolist(),
             "scorer": float(np.mean(correct))}
 
 
@@ -101,12 +102,15 @@ def evaluate(ckpt: Path, prompts: list[str]) -> dict:
 
     task, transformer, rsr, ck = load_model(ckpt)
     torch.manual_seed(0)
-    rv = routing_value(transformer, rsr, held_out_batches(task, 32, 4), random_draws=2, n_boot=500)["scopes"]["all"]
+    rsr_values = routing_value(transformer, rsr, held_out_batches(task, 32, 4), random_draws=2, n_boot=500)["scopes"]
+    rv = rsr_values["all"]
     losses = [e["loss"] for e in load_checkpoint(ckpt)["losses"] if e["stage"] == "rsr"]
     return {**sampling_routing(task, transformer, rsr, prompts),
             "routing_value": rv["value"], "routing_value_ci95": rv["value_ci95"],
             "gate_below_every_forced": rv["gate_below_every_forced"],
             "loss_gate": rv["overall"]["gate"], "loss_random": rv["overall"]["random"],
+            "loss_none": rv["overall"]["none"], "adapter_gain": 1 - rv["overall"]["gate"] / rv["overall"]["none"],
+            "step_values": {k: v["value"] for k, v in rsr_values.items() if k != "all"},
             "train_loss_last50": float(np.mean(losses[-50:]))}
 
 
@@ -120,7 +124,8 @@ def train(base: Path, out: Path, steps: int, seed: int, flags: list[str]) -> flo
 
 def table(rows: list[dict]) -> str:
     cols = ["setting", "seed", "entropy", "margin", "ami_timestep_max", "p_timestep", "mi_step_nats", "p_step",
-            "dead_experts", "routing_value", "gate_below_every_forced", "train_loss_last50", "scorer", "train_s"]
+            "dead_experts", "routing_value", "gate_below_every_forced", "adapter_gain", "train_loss_last50", "scorer",
+            "train_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")

@@ -17,7 +17,10 @@ routing), and on all steps together (scope "all"). The headline figure per scope
     value = 1 - loss(gate) / loss(random)      (> 0: the gate's assignment lowers the loss)
 
 with a 95% bootstrap interval over held-out samples (paired: the same x_t, t and noise under
-every condition). Timestep bins are equal-width bins of sigma = t / 1000, bin 0 the noisiest, as
+every condition). Beside it, `adapter_gain = 1 - loss(gate) / loss(none)`: in scope "all" how
+much the adapters lower the loss against the frozen base at all. A step's routing can matter a
+lot (the later steps were trained on its output) while the adapters together change nothing;
+only both figures together say the experts do useful, specialized work. Timestep bins are equal-width bins of sigma = t / 1000, bin 0 the noisiest, as
 in the probes of sampling traces (training-trace reports order their bins the other way: compare
 bins by `t_min` / `t_max`, not by index).
 
@@ -143,6 +146,7 @@ def _scope_result(gate: np.ndarray, random: np.ndarray, forced: np.ndarray, none
         "value": float(_relative_gain(gate, random_mean)),
         "value_ci95": [lo, hi],
         "value_by_bin": _relative_gain(gate, random_mean, axis=1),
+        "adapter_gain": float(_relative_gain(gate, none)),
         "best_forced_by_bin": forced_loss.argmin(0),
         "gate_below_every_forced": bool(gate.mean() < forced_loss.mean(1).min()),
         "gate_below_every_forced_by_bin": gate.mean(1) < forced_loss.min(0),
@@ -193,6 +197,11 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"{name:>6} {o['gate']:9.5f} {o['random']:9.5f} " + " ".join(f"{v:9.5f}" for v in o["forced"])
                      + f" {o['none']:9.5f}  {r['value']:+.4f} [{lo:+.4f}, {hi:+.4f}]  "
                      + " ".join(str(int(k)) for k in r["best_forced_by_bin"]))
+    whole = result["scopes"].get("all")
+    if whole is not None:
+        lines.append(f"adapters, all steps: loss {whole['overall']['gate']:.5f} with the gate's routing, "
+                     f"{whole['overall']['none']:.5f} without any (the frozen base): "
+                     f"{100 * whole['adapter_gain']:+.2f}% gain")
     return lines
 
 

@@ -40,22 +40,26 @@ def _strongest_label(mi: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
     return max(scored, key=lambda kv: kv[1]["ami"])
 
 
-def step_verdict(step_report: dict[str, Any], value: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Verdict of one (layer, step) of a report; `value` is that step's routing-value scope, if measured."""
+def step_verdict(step_report: dict[str, Any], value: dict[str, Any] | None = None,
+                 adapter_gain: float | None = None) -> dict[str, Any]:
+    """Verdict of one (layer, step) of a report; `value` is that step's routing-value scope, if measured,
+    and `adapter_gain` the whole model's gain from its adapters (scope "all": 1 - loss(gate)/loss(none))."""
     margin = step_report.get("gate", {}).get("mean_margin")
     label, mi = _strongest_label(step_report.get("mi", {}))
     evidence: dict[str, Any] = {"margin": margin, "strongest_label": label, "ami": mi.get("ami"),
                                 "p_value": mi.get("p_value")}
     if value is not None:
         evidence.update(routing_value=value["value"], routing_value_ci95=value["value_ci95"],
-                        gate_below_every_forced=value["gate_below_every_forced"])
+                        gate_below_every_forced=value["gate_below_every_forced"], adapter_gain=adapter_gain)
     structured = mi.get("ami") is not None and mi["ami"] >= MIN_AMI and (mi.get("p_value") or 1.0) <= MAX_P
     if margin is not None and margin < FLAT_MARGIN:
         kind, text = "flat_gate", f"argmax over a flat gate (margin {margin:.3f})"
     elif value is not None and value["value_ci95"][0] > MIN_VALUE:
         kind = "specialized"
         text = (f"specialized (routing value {value['value']:.3f} [{value['value_ci95'][0]:.3f}, "
-                f"{value['value_ci95'][1]:.3f}], AMI({label}) {_num(mi.get('ami'))}, p {_num(mi.get('p_value'), '.2g')})")
+                f"{value['value_ci95'][1]:.3f}], AMI({label}) {_num(mi.get('ami'))}, p {_num(mi.get('p_value'), '.2g')}"
+                + (f"; the adapters together lower the loss {100 * adapter_gain:.1f}% against the frozen base"
+                   if adapter_gain is not None else "") + ")")
     elif value is not None and value["value_ci95"][0] > 0:
         kind = "small"
         text = (f"routing helps, but little (routing value {value['value']:.3f} [{value['value_ci95'][0]:.3f}, "
@@ -84,4 +88,5 @@ def add_verdicts(report: dict[str, Any], routing_value: dict[str, Any] | None = 
         for step, step_report in layer["steps"].items():
             # the value measured on this layer's routing: its own scope, or the step's when it is the only layer
             value = scopes.get(f"{layer_id}.{step}") or (scopes.get(str(step)) if single_layer else None)
-            step_report["verdict"] = step_verdict(step_report, value)
+            whole = scopes.get("all", {}).get("adapter_gain")
+            step_report["verdict"] = step_verdict(step_report, value, whole)
