@@ -13,8 +13,11 @@ pieces of evidence a researcher would, in this order:
    permutation p. Without a routing value, structure alone gives "structured routing (value not
    measured)", never "specialized".
 
-Labels: "flat_gate", "specialized", "small" (a routing value whose interval is above 0 but not
-above MIN_VALUE), "chance", "structured_unmeasured". The routing value used is the one measured
+Labels: "flat_gate", "specialized", "co_adapted" (a step's routing matters, but the adapters of
+all steps together lower the loss by less than MIN_VALUE against the frozen base: later steps
+were trained on its output, so disturbing it hurts, yet the experts do no useful work), "small"
+(a routing value whose interval is above 0 but not above MIN_VALUE), "chance",
+"structured_unmeasured". The routing value used is the one measured
 on that layer's own routing (per-layer scopes when RSR sits on several layers).
 
 The permutation p of the MI treats tokens as independent; tokens of one image are not, so for
@@ -54,6 +57,13 @@ def step_verdict(step_report: dict[str, Any], value: dict[str, Any] | None = Non
     structured = mi.get("ami") is not None and mi["ami"] >= MIN_AMI and (mi.get("p_value") or 1.0) <= MAX_P
     if margin is not None and margin < FLAT_MARGIN:
         kind, text = "flat_gate", f"argmax over a flat gate (margin {margin:.3f})"
+    elif value is not None and value["value_ci95"][0] > MIN_VALUE and adapter_gain is not None \
+            and adapter_gain < MIN_VALUE:
+        kind = "co_adapted"
+        text = (f"routing matters inside the recursion (routing value {value['value']:.3f} "
+                f"[{value['value_ci95'][0]:.3f}, {value['value_ci95'][1]:.3f}]) but the adapters together lower "
+                f"the loss only {100 * adapter_gain:.1f}% against the frozen base: steps trained on each "
+                f"other's output, not useful specialists")
     elif value is not None and value["value_ci95"][0] > MIN_VALUE:
         kind = "specialized"
         text = (f"specialized (routing value {value['value']:.3f} [{value['value_ci95'][0]:.3f}, "

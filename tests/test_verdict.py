@@ -22,6 +22,14 @@ def test_specialized_needs_a_value_whose_interval_clears_the_bar():
     assert step_verdict(step(0.4, 0.2, 0.005), value(0.03, -0.01, 0.07))["label"] == "chance"
 
 
+def test_routing_that_matters_only_to_co_adapted_steps_is_not_specialized():
+    """A step's routing can matter to the steps trained on its output while the adapters together
+    change nothing against the frozen base (measured on a warm-started tiny model)."""
+    v = step_verdict(step(0.4, 0.2, 0.005), value(0.29, 0.25, 0.33), adapter_gain=-0.0001)
+    assert v["label"] == "co_adapted" and "-0.0%" in v["text"]
+    assert step_verdict(step(0.4, 0.2, 0.005), value(0.29, 0.25, 0.33), adapter_gain=0.05)["label"] == "specialized"
+
+
 def test_structure_without_a_value_is_not_called_specialized():
     v = step_verdict(step(0.4, 0.2, 0.005))
     assert v["label"] == "structured_unmeasured" and "timestep_bin" in v["text"]
