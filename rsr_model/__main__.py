@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float)
     t.add_argument("--save-every", type=positive_int, default=200)
     t.add_argument("--ema-decay", type=float, default=0.999, help="EMA of base weights (0 = off)")
+    t.add_argument("--rsr-ema-decay", type=float,
+                   help="EMA of the experts and gate in the RSR stage, 0 = off (default: the preset's)")
     t.add_argument("--mode", choices=MODES)
     t.add_argument("--experts", type=int, help="K")
     t.add_argument("--latent-steps", type=int, help="L")

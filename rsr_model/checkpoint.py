@@ -7,7 +7,9 @@ One `torch.save` dict (loaded with `weights_only=True`, so opening a checkpoint 
     backbone                     {"class": diffusers class name, "config": its config dict}
     base_state                   the backbone's weights when they were trained here (tiny, dit-digits),
                                  else None and `pretrained` names the folder they come from (sd3)
-    rsr_config, rsr_state        RSR config dict and weights (None before the RSR stage)
+    rsr_config, rsr_state        RSR config dict and weights (None before the RSR stage); with an
+                                 RSR-stage EMA, rsr_state holds the averaged weights and
+                                 rsr_train_state the raw ones a resume continues from
     mode                         the ablation mode ("rsr", "sft", "no_recursion", "no_modulation")
     text_encoder                 identity of the frozen text encoder (None for class-conditioned)
     optimizer, step, stage_steps optimizer state and progress, for --resume

@@ -33,6 +33,8 @@ from .tasks import Task, TaskError, get_task
 from .warm_start import WarmStart, check_layout
 
 STAGES = ("base", "rsr")
+# RSR-stage recipe flags (default: the preset's); a resumed run keeps the values it started with
+RECIPE_FLAGS = ("gate_lr_scale", "warm_start", "warm_start_steps", "rsr_ema_decay")
 
 
 class TrainingError(UserError):
@@ -123,8 +125,12 @@ class Trainer:
             if base_unfinished and self.ckpt.get("train_state") is not None:
                 # continue from the raw weights; the EMA ones (base_state) are for sampling
                 self.transformer.load_state_dict(self.ckpt["train_state"], strict=True)
+            rsr_unfinished = self.progress.get("rsr", 0) < self.plan.get("rsr", 0)
+            if rsr_unfinished and self.rsr is not None and self.ckpt.get("rsr_train_state") is not None:
+                self.rsr.load_state_dict(self.ckpt["rsr_train_state"], strict=True)  # raw, as for the base
             self.rsr_cfg = RSRConfig.from_dict(self.ckpt["rsr_plan"])
             self.losses = list(self.ckpt.get("losses", []))
+            self._keep_recipe()
             return
         if self.out.exists() and not a.overwrite:
             raise CheckpointError(f"{self.out} exists; pass --resume to continue it or --overwrite to replace it")
@@ -157,14 +163,16 @@ class Trainer:
 
     def _record(self, stage: str, opt, sched) -> dict[str, Any]:
         t = self.accelerator.unwrap_model(self.transformer)
-        train_state = ema_state = None
+        train_state = rsr_train_state = ema_state = None
         base = base_state_dict(t) if self.task.two_stage else None
+        rsr = self._rsr_state()
         if self._ema is not None:  # sampling uses the EMA weights; resuming needs the raw ones too
-            params = list(t.parameters())
-            train_state, ema_state = base, self._ema.state_dict()
+            params = self._ema_params
+            train_state, rsr_train_state = (base, None) if stage == "base" else (None, rsr)
+            ema_state = self._ema.state_dict()
             self._ema.store(params)
             self._ema.copy_to(params)
-            base = base_state_dict(t)
+            base, rsr = (base_state_dict(t) if self.task.two_stage else None), self._rsr_state()
             self._ema.restore(params)
         return {
             "preset": self.task.name, "stage": stage, "mode": self.rsr_cfg.mode,
@@ -172,7 +180,7 @@ class Trainer:
             "pretrained": str(Path(self.args.pretrained).resolve()) if getattr(self.args, "pretrained", None) else None,
             "base_state": base, "train_state": train_state, "ema": ema_state,
             "rsr_config": self.rsr.config.to_dict() if self.rsr is not None else None,
-            "rsr_state": {k: v.detach().cpu() for k, v in self.rsr.state_dict().items()} if self.rsr is not None else None,
+            "rsr_state": rsr, "rsr_train_state": rsr_train_state,
             "rsr_plan": self.rsr_cfg.to_dict(),
             "text_encoder": self.task.encoder_identity(),
             "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
@@ -181,6 +189,10 @@ class Trainer:
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
             "losses": self.losses,
         }
+
+    def _rsr_state(self) -> dict[str, torch.Tensor] | None:
+        # clone: on CPU .cpu() is the live tensor, and the EMA swap writes into it in place
+        return {k: v.detach().cpu().clone() for k, v in self.rsr.state_dict().items()} if self.rsr is not None else None
 
     # --- loop -------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -192,25 +204,31 @@ class Trainer:
     def _param_groups(self, stage: str, params: list, lr: float) -> list[dict]:
         """One group, or in the RSR stage the gate apart: a flat gate only learns from expert
         differences, so its learning rate may be scaled (--gate-lr-scale)."""
-        scale = self._setting("gate_lr_scale", stage)
+        scale = self._setting("gate_lr_scale")
         if stage != "rsr" or scale == 1.0:
             return [{"params": params}]
         gate = {id(p) for layer in self.rsr.values() if layer.gate is not None for p in layer.gate.parameters()}
         return [{"params": [p for p in params if id(p) not in gate]},
                 {"params": [p for p in params if id(p) in gate], "lr": lr * scale}]
 
-    def _setting(self, name: str, stage: str) -> Any:
-        """A recipe flag: the command line's, else the resumed run's (a change is refused), else the preset's."""
-        given = getattr(self.args, name, None)
-        saved = (self.ckpt.get("args") or {}).get(name) if self.progress.get(stage) else None
-        if saved is not None and given is not None and saved != given:
-            raise ConfigError(f"--{name.replace('_', '-')} {given} differs from the run being resumed ({saved})")
-        value = saved if given is None else given
+    def _keep_recipe(self) -> None:
+        """A resumed run keeps its recipe flags (they are saved with every checkpoint); changing one is refused."""
+        saved = self.ckpt.get("args") or {}
+        for name in RECIPE_FLAGS:
+            given = getattr(self.args, name, None)
+            if saved.get(name) is not None and given is not None and saved[name] != given:
+                raise ConfigError(f"--{name.replace('_', '-')} {given} differs from the run being resumed ({saved[name]})")
+            if given is None:
+                setattr(self.args, name, saved.get(name))
+
+    def _setting(self, name: str) -> Any:
+        """A recipe flag: the command line's (or the resumed run's), else the preset's."""
+        value = getattr(self.args, name, None)
         return getattr(self.task, name) if value is None else value
 
     def _warm_start(self, stage: str) -> tuple[WarmStart | None, int]:
         """The expert warm start of the RSR stage (warm_start.py) and its length in steps."""
-        layout, steps = self._setting("warm_start", stage), self._setting("warm_start_steps", stage)
+        layout, steps = self._setting("warm_start"), self._setting("warm_start_steps")
         if stage != "rsr" or layout == "none" or steps == 0 or not self.rsr.config.has_gate:
             return None, 0
         return WarmStart(self.rsr, layout, self.task.weighting, self.task.shift), steps
@@ -228,13 +246,15 @@ class Trainer:
         if stage == "base":
             self.transformer.requires_grad_(True)
         params = [p for p in (self.rsr.parameters() if stage == "rsr" else self.transformer.parameters()) if p.requires_grad]
-        self._ema = None
-        if stage == "base" and a.ema_decay > 0:
+        self._ema, self._ema_params = None, params
+        decay = a.ema_decay if stage == "base" else self._setting("rsr_ema_decay")
+        if decay > 0:
             from diffusers.training_utils import EMAModel
 
-            # Sampling quality of small diffusion models depends a lot on weight averaging.
-            self._ema = EMAModel(params, decay=a.ema_decay, use_ema_warmup=True)
-            if self.progress[stage] and self.ckpt.get("ema") is not None:
+            # Sampling quality of small diffusion models depends a lot on weight averaging; in the
+            # RSR stage the average also removes the adapters' step-to-step noise.
+            self._ema = EMAModel(params, decay=decay, use_ema_warmup=True)
+            if self.progress[stage] and self.ckpt.get("stage") == stage and self.ckpt.get("ema") is not None:
                 self._ema.load_state_dict(self.ckpt["ema"])
         lr = a.lr if a.lr is not None else task.lr[stage]
         opt = torch.optim.AdamW(self._param_groups(stage, params, lr), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -286,7 +306,7 @@ class Trainer:
                 opt.step()
                 sched.step()
                 if self._ema is not None:
-                    self._ema.step(model.parameters())
+                    self._ema.step(params)
                 self.progress[stage] = step + 1
 
                 # --- log, checkpoint, callbacks -----------------------------------------------
@@ -314,8 +334,8 @@ class Trainer:
         # --- end of stage -----------------------------------------------------------------------
         self._log_file.flush()
         self.transformer = acc.unwrap_model(model)
-        if self._ema is not None:  # the RSR stage freezes the averaged base
-            self._ema.copy_to(list(self.transformer.parameters()))
+        if self._ema is not None:  # the RSR stage freezes the averaged base; sampling uses averaged experts
+            self._ema.copy_to(self._ema_params)
             self._ema = None
 
     def _diverged(self, loss: float, stage: str, step: int, last_good: int) -> TrainingError:

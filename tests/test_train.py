@@ -53,9 +53,14 @@ def test_batch_conditioning_does_not_depend_on_the_encoder_cache():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_equals_uninterrupted_and_checkpoint_round_trip(tmp_path):
+RECIPES = {"default": [],  # and the warm start with averaged experts, whose raw weights a resume needs
+           "warm_ema": ["--warm-start", "band", "--warm-start-steps", "2", "--rsr-ema-decay", "0.9"]}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_resume_equals_uninterrupted_and_checkpoint_round_trip(tmp_path, recipe):
     full = tmp_path / "full.pt"
-    trainer = Trainer(train_args(full, "--steps", "3"))
+    trainer = Trainer(train_args(full, "--steps", "3", *RECIPES[recipe]))
     trainer.run()
     ck = load_checkpoint(full)
     assert ck["progress"] == {"base": 3, "rsr": 3} and ck["mode"] == "rsr"
@@ -71,7 +76,7 @@ def test_resume_equals_uninterrupted_and_checkpoint_round_trip(tmp_path):
         return cb
 
     with pytest.raises(KeyboardInterrupt):
-        Trainer(train_args(part, "--steps", "3"), callbacks=[crash_at("base", 2)]).run()
+        Trainer(train_args(part, "--steps", "3", *RECIPES[recipe]), callbacks=[crash_at("base", 2)]).run()
     assert load_checkpoint(part)["progress"] == {"base": 2, "rsr": 0}
     with pytest.raises(KeyboardInterrupt):  # right after the base stage's last checkpoint
         Trainer(train_args(part, "--steps", "3", "--resume"), callbacks=[crash_at("base", 3)]).run()
@@ -81,6 +86,8 @@ def test_resume_equals_uninterrupted_and_checkpoint_round_trip(tmp_path):
     assert load_checkpoint(part)["progress"] == {"base": 3, "rsr": 1}
     Trainer(train_args(part, "--steps", "3", "--resume")).run()
     a, b = weights(full), weights(part)
+    if recipe == "warm_ema":  # the raw experts went on training; the saved ones are their average
+        assert not torch.equal(load_checkpoint(full)["rsr_train_state"]["2.experts.B"], a["rsr.2.experts.B"])
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
