@@ -48,6 +48,8 @@ SETTINGS: dict[str, list[str]] = {
     "k4_warm_band": ["--warm-start", "band", "--warm-start-steps", "100"],
     "k6_warm_stepband_pooled": ["--experts", "6", "--warm-start", "step-band", "--warm-start-steps", "100",
                                 "--balance-over", "recursion"],
+    "k6_warm_stepband_pooled_ema": ["--experts", "6", "--warm-start", "step-band", "--warm-start-steps", "100",
+                                    "--balance-over", "recursion", "--rsr-ema-decay", "0.999"],
 }
 
 

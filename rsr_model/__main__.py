@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warm-start", choices=["none", "band", "step-band"],
                    help="expert warm start: force experts to timestep-band (and recursion-step) cells and teach "
                         "the gate them for --warm-start-steps, then free the gate (default: the preset's)")
-    t.add_argument("--warm-start-steps", type=int, help="length of the warm start in RSR steps (default: the preset's)")
+    t.add_argument("--warm-start-steps", type=int, help="length of the warm start in RSR steps (default: the first quarter of the RSR stage)")
     t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     t.add_argument("--pretrained", type=Path, help="local diffusers SD3 folder (preset sd3)")
     t.add_argument("--data", type=Path, help="image-caption folder with metadata.jsonl (preset sd3)")

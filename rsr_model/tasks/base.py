@@ -26,7 +26,7 @@ class Task:
     lr: dict[str, float] = {"base": 1e-3, "rsr": 1e-3}
     gate_lr_scale: float = 1.0  # the gate's learning rate relative to the experts' (RSR stage)
     warm_start: str = "none"  # expert warm start of the RSR stage (rsr_model/warm_start.py)
-    warm_start_steps: int = 0
+    warm_start_steps: int | None = None  # None: the first quarter of the RSR stage
     rsr_ema_decay: float = 0.0  # EMA of the experts and gate in the RSR stage (0 = off)
     weighting: str = "logit_normal"
     shift: float = 1.0

@@ -46,8 +46,13 @@ class TinySD3Shapes(Task):
             self._encoder = TextEncoder()
         return self._encoder
 
+    # The RSR-stage recipe, chosen by measurement (docs/specialization.md): six experts, one per
+    # (recursion step, noise half) cell for the first quarter of the stage, then a free gate;
+    # balance over the whole recursion so steps may use different experts.
+    warm_start = "step-band"
+
     def default_rsr(self) -> config.RSRConfig:
-        return config.tiny(target_layers=[2])
+        return config.tiny(target_layers=[2], num_experts=6, balance_over="recursion")
 
     def new_backbone(self) -> nn.Module:
         return tiny_sd3(sample_size=self.size, patch_size=self.patch, pos_embed_max_size=self.size // self.patch,
