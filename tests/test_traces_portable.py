@@ -43,7 +43,7 @@ def _every_dataset(path) -> dict[str, tuple]:
                 dims = [(dim.label, [s.name for s in dim.values()]) for dim in d.dims]
                 out[name] = (d[()], d.chunks, str(d.fillvalue), attrs, dims)
         tr.file.visititems(visit)
-        out["root"] = {k: str(v) for k, v in tr.attrs.items()}
+        out["root"] = {k: str(v) for k, v in tr.attrs.items() if k != "run_id"}  # each recording has its own
         out["samples"] = str(tr.samples() if tr.kind == "sampling" else tr.events())
     return out
 

@@ -17,6 +17,7 @@ import sys
 from typing import Callable
 
 from .errors import TraceError, UserError
+from .outputs import os_error_reason
 
 
 class Parser(argparse.ArgumentParser):
@@ -63,7 +64,7 @@ def run(body: Callable[[], str]) -> int:
 
 
 def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
+    if isinstance(e, OSError):
         where = f" {e.filename}" if e.filename else ""
-        return f"cannot access{where}: {e.strerror}"
+        return f"file operation failed{where}: {os_error_reason(e)}"
     return " ".join(str(e).split()) or type(e).__name__

@@ -12,6 +12,7 @@ They live in `traces`, the one package every command imports, and need only the 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -89,6 +90,19 @@ def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def os_error_reason(e: OSError) -> str:
+    """A short cause of a failed file operation, also for HDF5's long messages (which carry
+    the system's error text inside, e.g. "... error message = 'No space left on device' ...")."""
+    if e.strerror:
+        return e.strerror
+    m = re.search(r"error message = '([^']+)'", str(e))
+    if m:
+        return m.group(1)
+    if e.errno:
+        return os.strerror(e.errno)
+    return " ".join(str(e).split("(")[0].split()) or type(e).__name__
 
 
 def _size(n: float) -> str:

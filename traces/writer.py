@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import numpy as np
 
 from .compression import filter_kwargs
 from .errors import TraceError
+from .outputs import os_error_reason
 from .layout import SampleTable, SamplingLayout, TraceMeta, TrainingLayout
 from .schema import AXIS_COORDS, LIBVER, SCHEMA_NAME, SCHEMA_VERSION, WRITER_VERSION, Dataset, datasets
 
@@ -34,17 +37,29 @@ class _BaseWriter:
     kind = ""
 
     def __init__(self, path: str | os.PathLike, meta: TraceMeta | None, rank: int,
-                 world_size: int, overwrite: bool, portable: bool) -> None:
+                 world_size: int, overwrite: bool, portable: bool, run_id: str | None) -> None:
         self.path = Path(path)
         self.portable = portable
         if self.path.exists() and not overwrite:
             raise TraceError(f"{self.path} exists (pass overwrite=True to replace it)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if run_id is None and world_size > 1:
+            raise TraceError("rank files of one recording need a shared run_id (the join checks it)")
         meta = meta or TraceMeta()
-        self._f = h5py.File(self.path, "w", libver=LIBVER)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = h5py.File(self.path, "w", libver=LIBVER)
+        except OSError as e:
+            raise TraceError(f"cannot create trace {self.path}: {os_error_reason(e)}") from None
         self._closed = False
         self._steps = 0
         self._scales: dict[str, h5py.Dataset] = {}
+        try:
+            self._write_root_attrs(meta, rank, world_size, run_id)
+        except BaseException:
+            self._discard()
+            raise
+
+    def _write_root_attrs(self, meta: TraceMeta, rank: int, world_size: int, run_id: str | None) -> None:
         a = self._f.attrs
         a["schema"] = SCHEMA_NAME
         a["schema_version"] = SCHEMA_VERSION
@@ -60,6 +75,10 @@ class _BaseWriter:
         a["scheduler"] = meta.to_json(meta.scheduler)
         a["rank"] = int(rank)
         a["world_size"] = int(world_size)
+        a["run_id"] = run_id or uuid.uuid4().hex  # a single-file recording is a run of its own
+        # who writes: a reader on this host tells a live trace from one whose writer died
+        a["writer_host"] = socket.gethostname()
+        a["writer_pid"] = os.getpid()
         for key, value in meta.extra.items():
             if key in a:
                 raise TraceError(f"extra attribute {key!r} clashes with a schema attribute")
@@ -141,14 +160,17 @@ class _BaseWriter:
     def steps_written(self) -> int:
         return self._steps
 
-    def close(self) -> None:
-        """Clean close: mark /progress/closed, leave SWMR, then set root `complete=True`."""
+    def close(self, attrs: dict[str, Any] | None = None) -> None:
+        """Clean close: mark /progress/closed, leave SWMR, then set root `complete=True` and
+        any final root `attrs` (JSON-encoded; e.g. what an intervention changed in the run)."""
         if self._closed:
             return
         self._closed = True
-        self._f["/progress/closed"][0] = 1
-        self._f.flush()
-        self._f.close()
+        try:
+            self._f["/progress/closed"][0] = 1
+            self._f.flush()
+        finally:
+            self._f.close()
         try:
             f = h5py.File(self.path, "r+", libver=LIBVER)
         except OSError:
@@ -157,14 +179,30 @@ class _BaseWriter:
             # /progress/closed), so skip the lock rather than fail the clean close.
             f = h5py.File(self.path, "r+", libver=LIBVER, locking=False)
         with f:
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = TraceMeta.to_json(value)
             f.attrs["complete"] = True
 
+    def _discard(self) -> None:
+        """Remove a file whose creation failed (e.g. a full disk): it holds no readable trace."""
+        self.abort()
+        self.path.unlink(missing_ok=True)
+
     def abort(self) -> None:
-        """Close without marking the trace complete (used when the caller raised)."""
-        if not self._closed:
-            self._closed = True
+        """Close without marking the trace complete (used when the caller raised). Never raises:
+        the caller's error is the one to report, and a failed final flush (a full disk) loses
+        only the unflushed step; every step flushed before stays readable."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
             self._f.flush()
+        except Exception:
+            pass
+        try:
             self._f.close()
+        except Exception:
+            pass
 
     def __enter__(self):
         return self
@@ -213,8 +251,8 @@ class SamplingWriter(_BaseWriter):
 
     def __init__(self, path: str | os.PathLike, layout: SamplingLayout, samples: SampleTable,
                  meta: TraceMeta | None = None, *, rank: int = 0, world_size: int = 1,
-                 overwrite: bool = False, portable: bool = False) -> None:
-        super().__init__(path, meta, rank, world_size, overwrite, portable)
+                 overwrite: bool = False, portable: bool = False, run_id: str | None = None) -> None:
+        super().__init__(path, meta, rank, world_size, overwrite, portable, run_id)
         self.layout = layout
         self.samples = samples
         self._batch = slice(0, 0)
@@ -223,10 +261,10 @@ class SamplingWriter(_BaseWriter):
                                             self._values(layout, samples))
             self._growing = growing["sample"]
             self._f["/routing/counts"].attrs["scope"] = layout.counts_scope
+            self._start_swmr()
         except BaseException:
-            self._f.close()
+            self._discard()
             raise
-        self._start_swmr()
 
     def _values(self, lo: SamplingLayout, st: SampleTable) -> dict[str, Any]:
         """Contents of the datasets written once: coordinates, per-sample columns, projection."""
@@ -342,8 +380,9 @@ class TrainingWriter(_BaseWriter):
     kind = "training"
 
     def __init__(self, path: str | os.PathLike, layout: TrainingLayout, meta: TraceMeta | None = None,
-                 *, rank: int = 0, world_size: int = 1, overwrite: bool = False, portable: bool = False) -> None:
-        super().__init__(path, meta, rank, world_size, overwrite, portable)
+                 *, rank: int = 0, world_size: int = 1, overwrite: bool = False, portable: bool = False,
+                 run_id: str | None = None) -> None:
+        super().__init__(path, meta, rank, world_size, overwrite, portable, run_id)
         self.layout = layout
         self._events = 0
         self._logs = 0
@@ -355,10 +394,10 @@ class TrainingWriter(_BaseWriter):
                                             tuple(layout.scalars))
             self._event_ds, self._log_ds = growing["event"], growing["log"]
             self._f["/routing/counts"].attrs["scope"] = layout.counts_scope
+            self._start_swmr()
         except BaseException:
-            self._f.close()
+            self._discard()
             raise
-        self._start_swmr()
 
     def write_events(self, train_step: int, sample: Any, timestep: Any, expert: Any, *,
                      label: Any = None, prob: Any = None, counts: Any = None) -> slice:
