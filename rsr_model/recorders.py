@@ -93,6 +93,13 @@ class Selection:
                     latent_tokens=latent_tokens)
 
 
+def token_grid(task: Task, transformer: nn.Module) -> tuple[int, int]:
+    """(rows, cols) of the image-token grid the transformer sees."""
+    C, H, W = task.latent_shape(transformer)
+    patch = transformer.config.patch_size
+    return H // patch, W // patch
+
+
 def random_projection(dim: int, out: int, seed: int = 0) -> np.ndarray:
     """(dim, out) matrix with orthonormal columns: distances shrink uniformly, nothing is learned."""
     g = np.random.default_rng(seed)
@@ -187,8 +194,7 @@ class SamplingRecorder:
         self.steps, self.guidance = steps, guidance
         self.K = rsr.config.experts
         C, H, W = task.latent_shape(transformer)
-        patch = transformer.config.patch_size
-        self.grid = (H // patch, W // patch)
+        self.grid = token_grid(task, transformer)
         self.n_tokens = self.grid[0] * self.grid[1]
         self.guided = guidance != 1.0
         self.r = selection.resolve(rsr, self.n_tokens, steps, self.guided)

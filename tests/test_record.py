@@ -231,7 +231,8 @@ def test_intervention_and_output_errors_are_one_line(ckpt, tmp_path, capsys):
         assert _record(ckpt, out, *argv) == 2
         one_error_line(capsys.readouterr().err)
         assert not out.exists()
-    for argv in (["--force-expert", "1", "--at-step", "9"], ["--ablate-expert", "1", "--json", str(tmp_path / "no/x.json")]):
+    out.write_text("")  # a file where --json expects a folder
+    for argv in (["--force-expert", "1", "--at-step", "9"], ["--ablate-expert", "1", "--json", str(out / "x.json")]):
         capsys.readouterr()
         assert causal_main(["--ckpt", str(ckpt), "--prompts", PROMPT, "--steps", "2", *argv]) == 2
         one_error_line(capsys.readouterr().err)
