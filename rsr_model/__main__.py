@@ -121,9 +121,12 @@ def cmd_train(args) -> None:
         trainer.callbacks.append(recorder)
     try:
         out = trainer.run()
-    finally:
+    except BaseException:
         if args.trace:
-            recorder.close()
+            recorder.abort()  # the trace keeps every flushed step and stays marked incomplete
+        raise
+    if args.trace:
+        recorder.close()
     print(f"checkpoint: {out}" + (f"; training trace: {args.trace}" if args.trace else ""))
 
 

@@ -437,3 +437,8 @@ class TrainingRecorder:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+    def abort(self) -> None:
+        """After a failed run: close without marking the trace complete."""
+        if self.writer is not None:
+            self.writer.abort()

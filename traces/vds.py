@@ -53,13 +53,18 @@ def join_ranks(rank_paths: Sequence[str | os.PathLike], out_path: str | os.PathL
         _check_compatible(srcs, rank_paths)
         out.parent.mkdir(parents=True, exist_ok=True)
         rel = [os.path.relpath(Path(p).resolve(), out.resolve().parent) for p in rank_paths]
-        with h5py.File(out, "w", libver=LIBVER) as dst:
-            _write(dst, srcs, rel, extents)
-            for k, v in srcs[0].attrs.items():
-                dst.attrs[k] = v
-            dst.attrs["complete"] = all(complete)
-            dst.attrs["rank"] = -1
-            dst.attrs["joined_from"] = json.dumps(rel)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # renamed when whole: no half-joined file
+        try:
+            with h5py.File(tmp, "w", libver=LIBVER) as dst:
+                _write(dst, srcs, rel, extents)
+                for k, v in srcs[0].attrs.items():
+                    dst.attrs[k] = v
+                dst.attrs["complete"] = all(complete)
+                dst.attrs["rank"] = -1
+                dst.attrs["joined_from"] = json.dumps(rel)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     finally:
         for s in srcs:
             s.close()
