@@ -181,7 +181,7 @@ def trace_status(trace) -> str | None:
     if trace.complete:
         return None
     if trace.kind == "sampling":
-        planned, done = len(trace.coords["sample"]), int(trace.final_written.sum())
+        planned, done = trace.dataset("/coords/sample").shape[0], int(trace.final_written.sum())
         amount = f"{done} of {planned} planned samples written"
     else:
         amount = f"{trace.n_events} routing events and {int(trace.dataset('/progress/logs')[0])} logged steps written"

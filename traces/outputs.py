@@ -79,6 +79,7 @@ def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or type(e).__name__}") from None
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it; mkstemp's files are private
         with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w", newline=None if isinstance(text, bytes) else "") as f:
             f.write(text)
             f.flush()
@@ -92,17 +93,23 @@ def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
         raise
 
 
-def os_error_reason(e: OSError) -> str:
+def os_error_reason(e: BaseException) -> str:
     """A short cause of a failed file operation, also for HDF5's long messages (which carry
     the system's error text inside, e.g. "... error message = 'No space left on device' ...")."""
-    if e.strerror:
+    if getattr(e, "strerror", None):
         return e.strerror
     m = re.search(r"error message = '([^']+)'", str(e))
     if m:
         return m.group(1)
-    if e.errno:
+    if getattr(e, "errno", None):
         return os.strerror(e.errno)
     return " ".join(str(e).split("(")[0].split()) or type(e).__name__
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _size(n: float) -> str:

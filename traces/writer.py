@@ -12,8 +12,12 @@ Why it is built this way (SCHEMA.md, "Durability"):
 
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
+import functools
 import os
+import re
+import sys
 import socket
 import uuid
 from pathlib import Path
@@ -24,11 +28,32 @@ import numpy as np
 
 from .compression import filter_kwargs
 from .errors import TraceError
-from .outputs import os_error_reason
+from .outputs import OutputError, free_bytes, os_error_reason
 from .layout import SampleTable, SamplingLayout, TraceMeta, TrainingLayout
 from .schema import AXIS_COORDS, LIBVER, SCHEMA_NAME, SCHEMA_VERSION, WRITER_VERSION, Dataset, datasets
 
 _STR = h5py.string_dtype("utf-8")
+
+
+ROOM_MARGIN = 4 << 20  # bytes kept free beyond a write's own data: HDF5 metadata, the final flush and close
+
+
+def _nbytes(value: Any) -> int:
+    return int(value.nbytes) if hasattr(value, "nbytes") else 0
+
+
+def _guarded(method):
+    """Wrap a write call: refuse it while the disk (or the file-size limit) leaves too little room
+    for its data, so the trace stops at a flushed step and stays readable; a write that fails
+    anyway becomes one OutputError line."""
+    @functools.wraps(method)
+    def write(self, *args, **kw):
+        self._check_room(sum(_nbytes(a) for a in (*args, *kw.values())) + ROOM_MARGIN)
+        try:
+            return method(self, *args, **kw)
+        except (OSError, RuntimeError) as e:
+            raise self._failed_write(e) from None
+    return write
 
 
 class _BaseWriter:
@@ -51,6 +76,7 @@ class _BaseWriter:
         except OSError as e:
             raise TraceError(f"cannot create trace {self.path}: {os_error_reason(e)}") from None
         self._closed = False
+        self._broken = False
         self._steps = 0
         self._scales: dict[str, h5py.Dataset] = {}
         try:
@@ -160,6 +186,29 @@ class _BaseWriter:
     def steps_written(self) -> int:
         return self._steps
 
+    # Room on disk -------------------------------------------------------------------------
+    def _check_room(self, need: int) -> None:
+        if self._broken:
+            raise OutputError(f"{self.path}: an earlier write failed; nothing more can be written")
+        disk = free_bytes(self.path)
+        limit = _file_size_limit()
+        under_limit = None if limit is None else limit - self.path.stat().st_size
+        free = disk if under_limit is None else min(disk, under_limit)
+        if free < need:
+            where = ("the file-size limit (ulimit -f)" if under_limit is not None and under_limit < disk
+                     else f"the disk holding {self.path.parent}")
+            raise OutputError(f"{where} leaves {free >> 10} KiB, less than the {need >> 10} KiB the next write "
+                              f"needs; {self.path} stopped after {self._steps} flushed write(s), all readable")
+
+    def _failed_write(self, e: BaseException) -> OutputError:
+        """A write HDF5 could not finish. Its library state for this file is then unusable: closing
+        or even freeing the file's objects fails again and can crash the interpreter at exit, so
+        the file is left as it is and the process, when it ends, ends without HDF5's teardown."""
+        self._broken = True
+        atexit.register(_exit_now)
+        return OutputError(f"writing {self.path} failed ({os_error_reason(e)});"
+                           f" it may be unreadable past step {self._steps}")
+
     def close(self, attrs: dict[str, Any] | None = None) -> None:
         """Clean close: mark /progress/closed, leave SWMR, then set root `complete=True` and
         any final root `attrs` (JSON-encoded; e.g. what an intervention changed in the run)."""
@@ -192,7 +241,7 @@ class _BaseWriter:
         """Close without marking the trace complete (used when the caller raised). Never raises:
         the caller's error is the one to report, and a failed final flush (a full disk) loses
         only the unflushed step; every step flushed before stays readable."""
-        if self._closed:
+        if self._closed or self._broken:
             return
         self._closed = True
         try:
@@ -212,6 +261,22 @@ class _BaseWriter:
             self.close()
         else:
             self.abort()
+
+
+def _file_size_limit() -> int | None:
+    """The soft RLIMIT_FSIZE (`ulimit -f`) in bytes, or None where there is none."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _exit_now() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
 
 
 def _walk(group: h5py.Group):
@@ -296,6 +361,7 @@ class SamplingWriter(_BaseWriter):
                 out[f"/coords/{name}"] = np.arange(n)
         return out
 
+    @_guarded
     def begin_batch(self, n: int) -> slice:
         """Open the next `n` samples (rows of the SampleTable); returns their positions."""
         start = self._batch.stop
@@ -306,6 +372,7 @@ class SamplingWriter(_BaseWriter):
         self._f.flush()
         return self._batch
 
+    @_guarded
     def write_timestep(self, t: int, expert: Any, *, prob: Any = None, counts: Any = None,
                        latents: Any = None, decoded: Any = None) -> None:
         """Write one recorded timestep (position `t` on the timestep axis) of the open batch.
@@ -363,6 +430,7 @@ class SamplingWriter(_BaseWriter):
             h = h.astype(np.float32) @ np.asarray(lo.projection, dtype=np.float32)
         self._f["/latents/h"][self._batch, :, t] = h.astype(np.float16)
 
+    @_guarded
     def write_final(self, images: Any) -> None:
         """Final decoded images (B, H, W, C) uint8 of the open batch."""
         if "/decoded/final" not in self._f:
@@ -399,6 +467,7 @@ class TrainingWriter(_BaseWriter):
             self._discard()
             raise
 
+    @_guarded
     def write_events(self, train_step: int, sample: Any, timestep: Any, expert: Any, *,
                      label: Any = None, prob: Any = None, counts: Any = None) -> slice:
         """Append B events of one training step: sample ids (B,), timesteps (B,), expert
@@ -425,6 +494,7 @@ class TrainingWriter(_BaseWriter):
         self._commit({"/progress/events": self._events})
         return sl
 
+    @_guarded
     def log(self, train_step: int, **scalars: float) -> None:
         """Append one row of training scalars (every name in layout.scalars, NaN if absent)."""
         unknown = set(scalars) - set(self.layout.scalars)
