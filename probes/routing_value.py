@@ -27,6 +27,7 @@ bins by `t_min` / `t_max`, not by index).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -221,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         task, transformer, rsr, ckpt = load_model(a.ckpt)
         if rsr is None:
             raise UsageError(f"{a.ckpt} has no RSR layers (a base-stage checkpoint)")
+        print(f"measuring the flow-matching loss on {a.samples} held-out sample(s) x {a.bins} timestep bin(s)",
+              file=sys.stderr)
         torch.manual_seed(0)
         result = routing_value(transformer, rsr, held_out_batches(task, a.samples, a.bins, a.seed),
                                a.random_draws)

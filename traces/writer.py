@@ -72,7 +72,13 @@ class _BaseWriter:
         meta = meta or TraceMeta()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = h5py.File(self.path, "w", libver=LIBVER)
+            # "x" creates only a new file: of two writers racing for one path, the second fails
+            # here instead of truncating the first one's trace ("w" with overwrite: HDF5's file
+            # lock refuses a path another writer holds open)
+            self._f = h5py.File(self.path, "w" if overwrite else "x", libver=LIBVER)
+        except FileExistsError:
+            raise TraceError(f"{self.path} exists (another writer created it just now?); "
+                             f"pass overwrite=True to replace it") from None
         except OSError as e:
             raise TraceError(f"cannot create trace {self.path}: {os_error_reason(e)}") from None
         self._closed = False
