@@ -287,8 +287,8 @@ class Trainer:
                 if (step + 1) % a.save_every == 0 or step + 1 == total:
                     acc.wait_for_everyone()
                     if acc.is_main_process:
+                        self._flush_log()  # first: once a checkpoint exists, the log on disk covers its steps
                         save_checkpoint(self._record(stage, opt, sched), self.out)
-                        self._flush_log()  # the log on disk covers every checkpointed step
                     last_good = step + 1
                 for cb in self.callbacks:
                     cb(StepInfo(stage, step + 1, fm.item(), entry["balance"], acc.unwrap_model(model), rsr))

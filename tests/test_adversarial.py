@@ -298,26 +298,20 @@ class Child:
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc to time signals")
 
-# (module, argv, library the start-up imports map in, stderr text once the real work runs, outputs)
-LONG = {
-    "train": ("rsr_model", ["train", "--steps", "400", "--batch-size", "4", "--save-every", "1", "--out", "{t}/k.pt"],
-              "libtorch", "tiny:", ["k.pt"]),
-    "record": ("probes.record", ["--ckpt", "{m}/tiny.pt", "--prompts", PROMPT, "--num-samples", "64", "--steps", "8",
-                                 "--batch-size", "2", "--out", "{t}/k.h5"], "libtorch", "img-step", ["k.h5"]),
-    "causal": ("probes.causal", CAUSAL[:-1] + ["40", "--num-samples", "8", "--force-expert", "1",
-                                               "--json", "{t}/k.json"], "libtorch", "sampling", []),
-    "routing_value": ("probes.routing_value", ["--ckpt", "{m}/tiny.pt", "--samples", "512", "--json", "{t}/k.json"],
-                      "libtorch", "measuring", []),
-    "report": ("probes.report", ["{m}/good.h5", "--json", "{t}/k.json"], "numpy", None, []),
-    "traces": ("traces", ["convert", "{m}/good.h5", "{t}/k.h5"], "h5py", None, []),
-    "derive": ("probes.derive", ["{m}/good.h5"], "numpy", None, []),
+# Ctrl-C while the start-up imports load: (module, argv, a shared library those imports map in)
+STARTUP = {
+    "train": ("rsr_model", ["train", "--out", "{t}/k.pt"], "libtorch"),
+    "record": ("probes.record", ["--ckpt", "{m}/tiny.pt", "--prompts", PROMPT, "--out", "{t}/k.h5"], "libtorch"),
+    "causal": ("probes.causal", CAUSAL + ["--force-expert", "1", "--json", "{t}/k.json"], "libtorch"),
+    "report": ("probes.report", ["{m}/good.h5", "--json", "{t}/k.json"], "numpy"),
+    "traces": ("traces", ["convert", "{m}/good.h5", "{t}/k.h5"], "h5py"),
 }
 
 
 @needs_proc
-@pytest.mark.parametrize("name", list(LONG))
+@pytest.mark.parametrize("name", list(STARTUP))
 def test_ctrl_c_while_imports_load_is_one_line_and_130(name, made, tmp_path):
-    module, argv, library, _, _ = LONG[name]
+    module, argv, library = STARTUP[name]
     before = snapshot(made)
     child = Child(module, *[a.format(m=made, t=tmp_path) for a in argv], cwd=tmp_path)
     child.wait_for(lambda: child.loaded(library))
@@ -327,38 +321,82 @@ def test_ctrl_c_while_imports_load_is_one_line_and_130(name, made, tmp_path):
     assert snapshot(made) == before and list(tmp_path.iterdir()) == []
 
 
-@needs_proc
-@pytest.mark.parametrize("name", ["train", "record", "causal", "routing_value"])
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_signal_mid_run_loses_nothing_written(name, sig, made, tmp_path):
-    """Interrupted or killed while working: what was flushed stays readable, nothing is half-written."""
-    from rsr_model.checkpoint import load_checkpoint
-    from traces import open_trace
+@pytest.fixture
+def ctrl_c_after(monkeypatch):
+    """ctrl_c_after(module, name, n): a real SIGINT to this process right after the n-th call of
+    module.name returns (the handler raises KeyboardInterrupt in the main thread, as Ctrl-C does)."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is handled by something else in this test process")
 
-    module, argv, _, working, outputs = LONG[name]
-    before = snapshot(made)
-    child = Child(module, *[a.format(m=made, t=tmp_path) for a in argv], cwd=tmp_path)
-    if name == "record":  # at least one flushed step
-        child.wait_for(lambda: child.said(working) and _steps(tmp_path / "k.h5") > 0)
-    elif name == "train":  # at least one checkpoint
-        child.wait_for(lambda: (tmp_path / "k.pt").exists())
-    else:
-        child.wait_for(lambda: child.said(working))
-    child.proc.send_signal(sig)
-    rc, err = child.finish()
-    if sig == signal.SIGINT:
-        assert rc == 130 and "interrupted" in one_error_line(err)
-    else:
-        assert rc == -signal.SIGKILL
-    assert snapshot(made) == before
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".log.csv")) == outputs
-    if name == "record":
-        with open_trace(tmp_path / "k.h5") as tr:
-            assert not tr.complete and tr.steps > 0 and tr.written.any()
-    if name == "train":
-        step = load_checkpoint(tmp_path / "k.pt")["progress"]["rsr"]
-        log = (tmp_path / "k.pt.log.csv").read_text().splitlines()
-        assert log[0].startswith("stage,step") and len(log) - 1 >= step  # flushed with every checkpoint
+    def arm(module, name: str, n: int) -> None:
+        original, calls = getattr(module, name), [0]
+
+        def wrapped(*args, **kw):
+            result = original(*args, **kw)
+            calls[0] += 1
+            if calls[0] == n:
+                signal.raise_signal(signal.SIGINT)
+            return result
+        monkeypatch.setattr(module, name, wrapped)
+    return arm
+
+
+def _interrupted(capsys, rc: int) -> None:
+    assert rc == 130 and "interrupted" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("point, n", [("write_timestep", 1), ("write_timestep", 5), ("write_final", 1)])
+def test_ctrl_c_while_recording_keeps_every_flushed_step(point, n, made, tmp_path, capsys, ctrl_c_after):
+    from probes.record import main as record
+    from traces import SamplingWriter, open_trace
+
+    ctrl_c_after(SamplingWriter, point, n)
+    capsys.readouterr()
+    _interrupted(capsys, record(["--ckpt", str(made / "tiny.pt"), "--prompts", PROMPT, "--num-samples", "6",
+                                 "--steps", "4", "--batch-size", "2", "--out", str(tmp_path / "t.h5")]))
+    with open_trace(tmp_path / "t.h5") as tr:
+        assert not tr.complete and tr.written.sum() >= n and not tr.written.all()
+
+
+@pytest.mark.parametrize("point, n", [("training_pair", 2), ("save_checkpoint", 2)])
+def test_ctrl_c_while_training_keeps_the_last_checkpoint(point, n, tmp_path, capsys, ctrl_c_after):
+    import rsr_model.train
+    from rsr_model.__main__ import main as rsr
+    from rsr_model.checkpoint import load_checkpoint
+
+    ctrl_c_after(rsr_model.train, point, n)
+    out = tmp_path / "c.pt"
+    capsys.readouterr()
+    _interrupted(capsys, rsr(["train", "--stage", "base", "--steps", "6", "--batch-size", "4", "--save-every", "1",
+                              "--out", str(out)]))
+    step = load_checkpoint(out)["progress"]["base"]
+    rows = (tmp_path / "c.pt.log.csv").read_text().splitlines()
+    assert step in (1, 2) and rows[0].startswith("stage,step") and len(rows) - 1 >= step
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.log.csv"]  # no temporary file
+
+
+@pytest.mark.parametrize("n", [1, 2])  # while sampling the baseline, then the intervened run
+def test_ctrl_c_in_causal_writes_no_json(n, made, tmp_path, capsys, ctrl_c_after):
+    import rsr_model.sample
+    from probes.causal import main as causal
+
+    ctrl_c_after(rsr_model.sample, "generate", n)
+    capsys.readouterr()
+    _interrupted(capsys, causal(causal_args(made) + ["--force-expert", "1", "--json", str(tmp_path / "c.json")]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_in_routing_value_writes_no_json(made, tmp_path, capsys, ctrl_c_after):
+    import probes.routing_value as rv
+
+    ctrl_c_after(rv, "held_out_batches", 1)
+    capsys.readouterr()
+    _interrupted(capsys, rv.main(["--ckpt", str(made / "tiny.pt"), "--samples", "4", "--json", str(tmp_path / "v.json")]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def causal_args(made: Path) -> list[str]:
+    return [a.format(m=made) for a in CAUSAL]
 
 
 def _steps(path: Path) -> int:
@@ -371,43 +409,84 @@ def _steps(path: Path) -> int:
         return 0
 
 
-def test_resume_after_sigkill_rebuilds_the_loss_log(tmp_path):
-    """The log covers steps 1..N with one header after a kill and a resume, whatever was on disk."""
+@needs_proc
+def test_sigint_to_a_recording_process(made, tmp_path):
+    """A real Ctrl-C to a recorder process mid-run (its writes run on a background thread)."""
+    from traces import open_trace
+
+    child = Child("probes.record", "--ckpt", made / "tiny.pt", "--prompts", PROMPT, "--num-samples", "64",
+                  "--steps", "8", "--batch-size", "2", "--out", tmp_path / "t.h5", cwd=tmp_path)
+    child.wait_for(lambda: _steps(tmp_path / "t.h5") > 0)
+    child.proc.send_signal(signal.SIGINT)
+    rc, err = child.finish()
+    assert rc == 130 and "interrupted" in one_error_line(err)
+    with open_trace(tmp_path / "t.h5") as tr:
+        assert not tr.complete and tr.written.any()
+
+
+def test_live_trace_racing_writers_and_sigkill(made, tmp_path, capsys):
+    """While a recorder writes: the report says "live", a second writer to the same path fails with
+    one line (with or without --overwrite) and changes nothing; after SIGKILL the report says
+    "incomplete" and every flushed step reads back."""
+    from probes.record import main as record
+    from probes.report import main as report
+    from traces import open_trace
+
+    trace = tmp_path / "t.h5"
+    child = Child("probes.record", "--ckpt", made / "tiny.pt", "--prompts", PROMPT, "--num-samples", "64",
+                  "--steps", "8", "--batch-size", "2", "--out", trace, cwd=tmp_path)
+    child.wait_for(lambda: _steps(trace) > 0)
+    capsys.readouterr()
+    assert report([str(trace), "--no-probes", "--permutations", "0"]) == 0
+    assert capsys.readouterr().out.startswith("live: still being written")
+    for extra, fragment in (([], "exists"), (["--overwrite"], "open in another process")):
+        assert record(["--ckpt", str(made / "tiny.pt"), "--prompts", "x", "--steps", "2", "--out", str(trace),
+                       *extra]) == 2
+        assert fragment in one_error_line(capsys.readouterr().err)
+    child.proc.kill()
+    assert child.finish()[0] == -signal.SIGKILL
+    assert report([str(trace), "--no-probes", "--permutations", "0"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("incomplete: ") and "of 64 planned samples written" in first
+    with open_trace(trace) as tr:
+        assert tr.written.sum() >= 1 and tr.samples()["prompt"][0] == PROMPT  # the racers changed nothing
+
+
+@needs_proc
+def test_sigkill_during_training_then_resume_rebuilds_the_loss_log(tmp_path):
+    """After a kill the checkpoint loads and the log covers it; a resume rewrites the log from the
+    checkpoint's own history: steps 1..N, one header, whatever the crash left on disk."""
     from rsr_model.__main__ import main as rsr
     from rsr_model.checkpoint import load_checkpoint
 
     out = tmp_path / "r.pt"
-    child = Child("rsr_model", "train", "--steps", "400", "--batch-size", "4", "--save-every", "3", "--out", out,
-                  cwd=tmp_path)
-    child.wait_for(lambda: out.exists() and load_checkpoint(out)["progress"]["rsr"] >= 3)
+    log = tmp_path / "r.pt.log.csv"
+    child = Child("rsr_model", "train", "--stage", "base", "--steps", "9", "--batch-size", "4", "--save-every", "3",
+                  "--out", out, cwd=tmp_path)
+    child.wait_for(lambda: out.exists())
     child.proc.kill()
-    child.finish()
-    log = out.with_name("r.pt.log.csv")
-    log.write_text("stage,step\nrsr,999,bogus\n")  # whatever the crash left, even rows past the checkpoint
-    n = load_checkpoint(out)["progress"]["rsr"]
-    assert rsr(["train", "--steps", str(n + 2), "--batch-size", "4", "--save-every", "3", "--out", str(out),
-                "--resume"]) == 0
+    assert child.finish()[0] == -signal.SIGKILL
+    step = load_checkpoint(out)["progress"]["base"]
+    rows = log.read_text().splitlines()
+    assert 3 <= step < 9 and rows[0].startswith("stage,step") and len(rows) - 1 >= step
+    log.write_text("stage,step\nbase,999,bogus\n")
+    assert rsr(["train", "--out", str(out), "--resume"]) == 0
     rows = log.read_text().splitlines()
     assert rows[0] == "stage,step,loss,balance,load_share" and rows.count(rows[0]) == 1
-    assert [int(r.split(",")[1]) for r in rows[1:]] == list(range(1, n + 3))
+    assert [int(r.split(",")[1]) for r in rows[1:]] == list(range(1, 10))
 
 
 # --------------------------------------------------------------------------- a full disk
 
 
-def _tmpfs(path: Path, size: str) -> bool:
-    path.mkdir()
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                        capture_output=True).returncode == 0
-    return ok
-
-
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 3 MB file system (a tmpfs; mounting needs root or a user namespace)."""
+    """A 3 MB file system (a tmpfs; mounting one needs root or a user namespace)."""
     disk = tmp_path / "disk"
-    if not _tmpfs(disk, "3m"):
-        pytest.skip("cannot mount a tmpfs here (not root); the file-size-limit cases cover failing writes")
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root); the file-size-limit cases below cover failing writes")
     yield disk
     subprocess.run(["umount", str(disk)], capture_output=True)
 
@@ -429,71 +508,37 @@ def test_train_refuses_a_checkpoint_the_disk_cannot_hold(small_disk, capsys):
     assert list(small_disk.iterdir()) == []
 
 
-def _file_size_limit(nbytes: int):
-    """preexec_fn: files may grow to `nbytes` (writes past it fail with EFBIG, as on a full disk)."""
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
-    return limit
+@pytest.fixture
+def file_size_limit():
+    """file_size_limit(n): files of this process may grow to n bytes; writes past it fail with
+    EFBIG, as writes to a full disk fail with ENOSPC (Python ignores SIGXFSZ). Restored after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    yield lambda n: resource.setrlimit(resource.RLIMIT_FSIZE, (n, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
-def test_record_stops_at_a_full_disk_with_one_line_and_a_readable_trace(made, tmp_path):
+def test_record_stops_at_a_full_disk_with_one_line_and_a_readable_trace(made, tmp_path, capsys, file_size_limit):
+    from probes.record import main as record
     from traces import open_trace
 
-    child = Child("probes.record", "--ckpt", made / "tiny.pt", "--prompts", PROMPT, "--num-samples", "40",
-                  "--steps", "8", "--probs", "--latent-tokens", "64", "--batch-size", "2", "--out", tmp_path / "t.h5",
-                  cwd=tmp_path, preexec_fn=_file_size_limit(6 << 20))
-    rc, err = child.finish()
-    assert rc == 2 and "stopped after" in one_error_line(err)
+    file_size_limit(6 << 20)
+    rc = record(["--ckpt", str(made / "tiny.pt"), "--prompts", PROMPT, "--num-samples", "40", "--steps", "8",
+                 "--probs", "--latent-tokens", "64", "--batch-size", "2", "--out", str(tmp_path / "t.h5")])
+    assert rc == 2 and "stopped after" in one_error_line(capsys.readouterr().err)
     with open_trace(tmp_path / "t.h5") as tr:  # readable up to its last flushed step
         assert not tr.complete and 0 < tr.written.sum() < tr.written.size
 
 
-def test_train_on_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+def test_train_on_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, file_size_limit):
+    from rsr_model.__main__ import main as rsr
     from rsr_model.checkpoint import load_checkpoint
 
     out = tmp_path / "c.pt"
-    first = subprocess.run([sys.executable, "-m", "rsr_model", "train", "--steps", "1", "--batch-size", "4",
-                            "--out", str(out)], env=_env(), capture_output=True, text=True, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    size = out.stat().st_size
-    # a resumed run whose next checkpoint cannot be written (the old one plus a little is allowed)
-    child = Child("rsr_model", "train", "--steps", "3", "--batch-size", "4", "--save-every", "1", "--resume",
-                  "--out", out, cwd=tmp_path, preexec_fn=_file_size_limit(size // 2))
-    rc, err = child.finish()
-    assert rc == 2 and "cannot write checkpoint" in one_error_line(err)
-    assert load_checkpoint(out)["progress"]["rsr"] == 1  # the last good checkpoint, intact
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.log.csv"]  # no temporary file left
-
-
-# --------------------------------------------------------------------------- concurrent writers, live traces
-
-
-def test_two_recorders_racing_for_one_path(made, tmp_path):
-    """One wins and writes a complete trace; the other fails with one line and leaves it alone."""
-    from traces import open_trace
-
-    argv = ["--ckpt", made / "tiny.pt", "--prompts", PROMPT, "--steps", "2", "--out", tmp_path / "t.h5"]
-    children = [Child("probes.record", *argv, cwd=tmp_path) for _ in range(2)]
-    results = sorted(c.finish() for c in children)
-    assert [rc for rc, _ in results] == [0, 2]
-    assert "exists" in one_error_line(results[1][1])
-    with open_trace(tmp_path / "t.h5") as tr:
-        assert tr.complete and tr.written.all()
-
-
-def test_report_says_live_then_incomplete(made, tmp_path, capsys):
-    from probes.report import main as report
-
-    trace = tmp_path / "t.h5"
-    child = Child("probes.record", "--ckpt", made / "tiny.pt", "--prompts", PROMPT, "--num-samples", "64",
-                  "--steps", "8", "--batch-size", "2", "--out", trace, cwd=tmp_path)
-    child.wait_for(lambda: _steps(trace) > 0)
+    assert rsr(["train", "--stage", "base", "--steps", "1", "--batch-size", "4", "--out", str(out)]) == 0
+    file_size_limit(out.stat().st_size // 2)  # the new checkpoint cannot be written
     capsys.readouterr()
-    assert report([str(trace), "--no-probes", "--permutations", "0"]) == 0
-    assert capsys.readouterr().out.startswith("live: still being written")
-    child.proc.kill()
-    child.finish()
-    assert report([str(trace), "--no-probes", "--permutations", "0"]) == 0
-    first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("incomplete: ") and "of 64 planned samples written" in first
+    assert rsr(["train", "--stage", "base", "--steps", "1", "--batch-size", "4", "--out", str(out), "--overwrite",
+                "--seed", "1"]) == 2
+    assert "cannot write checkpoint" in one_error_line(capsys.readouterr().err)
+    assert load_checkpoint(out)["args"]["seed"] == 0  # the last good checkpoint, intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.log.csv"]  # no temporary file left

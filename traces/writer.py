@@ -70,6 +70,8 @@ class _BaseWriter:
         if run_id is None and world_size > 1:
             raise TraceError("rank files of one recording need a shared run_id (the join checks it)")
         meta = meta or TraceMeta()
+        _refuse_if_locked(self.path)  # before HDF5's own open, which truncates first and locks after
+        self._lock: int | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # "x" creates only a new file: of two writers racing for one path, the second fails
@@ -173,6 +175,7 @@ class _BaseWriter:
                     d.attrs["axes"] = np.array([axis], dtype=_STR)
         self._f.flush()
         self._f.swmr_mode = True
+        self._lock = _take_lock(self.path)  # HDF5 drops its own file lock in SWMR mode
 
     def _grow(self, datasets: list[h5py.Dataset], n: int) -> None:
         for d in datasets:
@@ -226,6 +229,7 @@ class _BaseWriter:
             self._f.flush()
         finally:
             self._f.close()
+            self._lock = _release_lock(self._lock)  # the reopen below takes HDF5's own lock
         try:
             f = h5py.File(self.path, "r+", libver=LIBVER)
         except OSError:
@@ -258,6 +262,7 @@ class _BaseWriter:
             self._f.close()
         except Exception:
             pass
+        self._lock = _release_lock(self._lock)
 
     def __enter__(self):
         return self
@@ -267,6 +272,46 @@ class _BaseWriter:
             self.close()
         else:
             self.abort()
+
+
+# While a writer writes in SWMR mode, where HDF5 holds no lock of its own, it holds a shared
+# advisory lock (flock) on its file, as HDF5's readers do. A new writer first asks for the
+# exclusive lock and stops if the file is in use: HDF5's own open would truncate the file
+# before it failed on the lock.
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, as before
+    fcntl = None
+
+
+def _refuse_if_locked(path: Path) -> None:
+    if fcntl is None or not path.exists():
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # unreadable: HDF5's open reports it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise TraceError(f"{path} is open in another process (being written or read); wait for it to "
+                         f"finish or write elsewhere") from None
+    finally:
+        os.close(fd)  # closing releases the probe's lock
+
+
+def _take_lock(path: Path) -> int | None:
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # compatible with readers; only an exclusive holder would wait here
+    return fd
+
+
+def _release_lock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+    return None
 
 
 def _file_size_limit() -> int | None:
