@@ -2,7 +2,7 @@
 sizes that must be refused before the work, interventions that select nothing, unrelated
 joins, flags that do not apply, a full disk, signals at start-up and mid-run, racing writers.
 
-The contract each case checks (docs/design.md, "Errors"): exit code 2 (130 for an
+The contract each case checks (README, "Errors, outputs and interrupts"): exit code 2 (130 for an
 interrupt), exactly one `error:` line and no traceback, no existing file changed, and no
 half-written output where a complete one was promised.
 
