@@ -16,7 +16,6 @@ import atexit
 import datetime as _dt
 import functools
 import os
-import re
 import sys
 import socket
 import uuid
