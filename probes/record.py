@@ -120,7 +120,7 @@ def run_id(ckpt_sha256: str, items: list, args, world: int) -> str:
     """The same for every rank of one recording (same checkpoint, prompts, seeds and settings),
     different for another recording: what `traces join` checks before it joins rank files."""
     plan = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
-            if k not in ("rank", "out", "overwrite")}
+            if k not in ("rank", "out", "overwrite", "ckpt", "prompts")}  # paths: the hash and the items say it
     text = json.dumps([ckpt_sha256, [str(i) for i in items], plan, world], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
