@@ -23,11 +23,15 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-import torch
+from rsr_model.cli import guard_startup
 
-from .interventions import Intervention
-from .stats import EffectAccumulator, effect_summary
+guard_startup(__name__)  # before the slow imports below: Ctrl-C while they load exits 130 with one line
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .interventions import Intervention  # noqa: E402
+from .stats import EffectAccumulator, effect_summary  # noqa: E402
 
 
 @torch.no_grad()
@@ -39,6 +43,7 @@ def causal_effect(task, transformer, rsr, items: Sequence, seeds: Sequence[int],
 
     K = rsr.config.experts
     hooks = [(iv.names(), iv.hook(K)) for iv in interventions]
+    run_hooks = [iv.hook(K) for iv in interventions]  # separate instances: they count the intervened run only
     local = EffectAccumulator()
     by_t = []
 
@@ -51,12 +56,14 @@ def causal_effect(task, transformer, rsr, items: Sequence, seeds: Sequence[int],
                      **effect_summary(step.v.numpy(), v_int.numpy()).to_dict()})
 
     base = generate(task, transformer, items, seeds, steps, guidance, on_step=compare_velocity)
-    with rsr.hooks.hooks(hooks):
+    with rsr.hooks.hooks([(iv.names(), h) for iv, h in zip(interventions, run_hooks)]):
         x = generate(task, transformer, items, seeds, steps, guidance)
     img_a = task.to_images(base).astype(np.float64)
     img_b = task.to_images(x).astype(np.float64)
     return {
-        "interventions": [iv.to_dict() for iv in interventions],
+        # tokens_changed: routing decisions (sample x branch x timestep x layer x step x token) the
+        # intervention changed in the intervened run; 0 means it never fired and every effect is 0
+        "interventions": [{**iv.to_dict(), "tokens_changed": h.changed} for iv, h in zip(interventions, run_hooks)],
         "n_samples": len(items), "steps": steps, "guidance": guidance, "seeds": [int(s) for s in seeds],
         "denoiser": local.result().to_dict(),
         "denoiser_by_timestep": by_t,
@@ -82,22 +89,18 @@ def expert_effects(ckpt: str | Path, items: Sequence, seeds: Sequence[int], step
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rsr_model.cli import Parser, UsageError, run_main
-    from rsr_model.sample import load_model
-
-    from .analysis import jsonable
-    from .interventions import from_cli
-    from .record import read_items
+    from rsr_model.cli import (Parser, UsageError, check_output, finite_float, int_at_least, positive_int, run_main,
+                               write_atomic)
 
     p = Parser(prog="python -m probes.causal", description="Causal effect of ablating or forcing an expert.")
     p.add_argument("--ckpt", type=Path, required=True)
     p.add_argument("--prompts", required=True)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--force-expert", type=int)
-    p.add_argument("--ablate-expert", type=int)
+    p.add_argument("--num-samples", type=positive_int, default=1)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--steps", type=positive_int, default=8)
+    p.add_argument("--guidance", type=finite_float(0, 100), default=3.0)
+    p.add_argument("--force-expert", type=int_at_least(0))
+    p.add_argument("--ablate-expert", type=int_at_least(0))
     p.add_argument("--region")
     p.add_argument("--t-window")
     p.add_argument("--at-step", type=int)
@@ -105,29 +108,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
 
     def body() -> None:
+        from rsr_model.recorders import token_grid
+        from rsr_model.sample import load_model
+
+        from .analysis import jsonable
+        from .interventions import from_cli, sampled_timesteps
+        from .record import read_items
+
         a = p.parse_args(argv)
         if a.force_expert is None and a.ablate_expert is None:
             raise UsageError("give --force-expert or --ablate-expert")
-        if a.json and a.json.exists() and not a.overwrite:
-            raise UsageError(f"{a.json} exists; pass --overwrite to replace it")
-        if a.json and not a.json.resolve().parent.is_dir():
-            raise UsageError(f"cannot write {a.json}: no folder {a.json.parent}")
-        if a.num_samples < 1 or a.steps < 1:
-            raise UsageError("--num-samples and --steps must be at least 1")
+        check_output(a.json, a.overwrite, flag="--json")
+        prompts = read_items(a.prompts)
         task, transformer, rsr, _ = load_model(a.ckpt)
         if rsr is None:
             raise UsageError(f"{a.ckpt} has no RSR layers")
-        items = task.parse_items(read_items(a.prompts))
+        items = task.parse_items(prompts)
         rows = [it for it in items for _ in range(a.num_samples)]
-        ivs = from_cli(rsr, a.force_expert, a.ablate_expert, a.region, a.t_window, a.at_step)
+        ivs = from_cli(rsr, a.force_expert, a.ablate_expert, a.region, a.t_window, a.at_step,
+                       grid=token_grid(task, transformer), timestep_values=sampled_timesteps(task, a.steps))
+        print(f"sampling {len(rows)} image(s) x {a.steps} step(s) with and without the intervention", file=sys.stderr)
         r = causal_effect(task, transformer, rsr, rows, [a.seed + j for j in range(len(rows))], ivs, a.steps, a.guidance)
         print(f"denoiser relative change {r['denoiser']['pooled_relative_change']:.4g}, "
               f"final x0 relative change {r['final']['pooled_relative_change']:.4g}, "
               f"image mean |diff| {r['image_mean_abs_diff']:.3g} / 255")
+        for iv in r["interventions"]:
+            print(f"{iv['kind']} expert {iv['expert']}: changed {iv['tokens_changed']} routing decision(s)"
+                  + ("; it never fired, so every effect is 0" if not iv["tokens_changed"] else ""))
         if a.json:
-            a.json.write_text(json.dumps(jsonable(r), indent=1))  # NaN -> null: valid JSON
+            write_atomic(a.json, json.dumps(jsonable(r), indent=1))  # NaN -> null: valid JSON
 
     return run_main(body)
+
 
 if __name__ == "__main__":
     sys.exit(main())

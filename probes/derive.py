@@ -2,7 +2,11 @@
 
 import sys
 
-from .projections import main
+from rsr_model.cli import guard_startup
+
+guard_startup(__name__)  # before the projections' imports: Ctrl-C while they load exits 130 with one line
+
+from .projections import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,8 @@ Bad input: one line `error: ...` on stderr, exit code 2.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,54 +21,62 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-from rsr_model.cli import Parser, UsageError, env_int, read_lines, run_main, sha256_file
+from rsr_model.cli import (Parser, UsageError, check_free_space, check_output, env_int, finite_float, guard_startup,
+                           int_at_least, positive_int, read_lines, run_main, sha256_file)
+from traces.outputs import OutputError, os_error_reason
+
+guard_startup(__name__)
 
 
 def int_list(s: str) -> list[int]:
-    """'0,2,5' or '0:8' (range) or '0:28:4'."""
+    """'0,2,5' or '0:8' (range) or '0:28:4'; a list that selects nothing is refused."""
     try:
         if ":" in s:
             parts = [int(p) if p else None for p in s.split(":")]
             start, stop, step = (parts + [None, None])[:3]
-            if stop is None:
+            if stop is None or step == 0:
                 raise ValueError
-            return list(range(start or 0, stop, step or 1))
-        return [int(x) for x in s.replace(",", " ").split()]
+            values = list(range(start or 0, stop, step or 1))
+        else:
+            values = [int(x) for x in s.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers like 0,2,5 or a range 0:28:4, got {s!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{s!r} selects nothing (a reversed or empty range?)")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m probes.record", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", type=Path, default=Path("sd3_rsr.pt"))
     p.add_argument("--prompts", required=True, help="a text file (one prompt or label per line) or the prompt itself")
-    p.add_argument("--num-samples", type=int, default=1, help="images per prompt")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--out", type=Path, default=Path("traces/run.h5"))
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
-    p.add_argument("--steps", type=int, default=28, help="sampler steps")
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="sample j uses seed + j")
+    p.add_argument("--steps", type=positive_int, default=28, help="sampler steps")
+    p.add_argument("--guidance", type=finite_float(0, 100), default=3.0)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--rank", type=int, help="record only samples rank::world-size (default: $RANK or 0)")
     p.add_argument("--world-size", type=int, help="number of ranks (default: $WORLD_SIZE or 1); "
-                   "join rank files with python -m traces.join")
+                   "join rank files with python -m traces join")
     g = p.add_argument_group("what to store")
     g.add_argument("--layers", type=int_list, help="RSR block indices (default: all)")
     g.add_argument("--rsr-steps", type=int_list, help="recursion steps (default: all)")
     g.add_argument("--timesteps", type=int_list, help="sampler step indices, e.g. 0:28:4 (default: all)")
-    g.add_argument("--token-stride", type=int, default=1)
+    g.add_argument("--token-stride", type=positive_int, default=1)
     g.add_argument("--tokens", type=int_list, help="explicit token ids (overrides --token-stride)")
     g.add_argument("--probs", action="store_true", help="store gate probabilities (float16)")
-    g.add_argument("--latent-tokens", type=int, default=0, help="store h_l of this many tokens")
-    g.add_argument("--latent-dim", type=int, help="project stored latents to this many dims")
+    g.add_argument("--latent-tokens", type=int_at_least(0), default=0, help="store h_l of this many tokens")
+    g.add_argument("--latent-dim", type=positive_int, help="project stored latents to this many dims")
     g.add_argument("--decode", action="store_true", help="store early-exit decoded images per layer and step")
     g.add_argument("--branches", help="cond,uncond (default: every branch that runs)")
-    g.add_argument("--max-gb", type=float, default=2.0, help="refuse to write a larger trace")
+    g.add_argument("--max-gb", type=finite_float(0, low_open=True), default=2.0, help="refuse to write a larger trace")
     g.add_argument("--portable", action="store_true",
                    help="gzip instead of Blosc: plain h5py/h5dump/HDFView read it without hdf5plugin (larger)")
     i = p.add_argument_group("interventions")
-    i.add_argument("--force-expert", type=int, help="force this expert")
-    i.add_argument("--ablate-expert", type=int, help="remove this expert's adapter where it was chosen")
+    i.add_argument("--force-expert", type=int_at_least(0), help="force this expert")
+    i.add_argument("--ablate-expert", type=int_at_least(0), help="remove this expert's adapter where it was chosen")
     i.add_argument("--region", help="token-grid region ROWS,COLS like 0:4,0:8 (default: all tokens)")
     i.add_argument("--t-window", help="model timestep window A:B, inclusive (default: all)")
     i.add_argument("--at-step", type=int, help="recursion step of the intervention (default: all)")
@@ -85,87 +95,106 @@ def read_items(text: str) -> list[str]:
 
 
 def check_args(args) -> None:
-    """Flags that can be judged before any model is loaded."""
-    for name in ("num_samples", "steps", "batch_size", "token_stride"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.latent_tokens < 0 or (args.latent_dim is not None and args.latent_dim < 1):
-        raise UsageError("--latent-tokens must be >= 0 and --latent-dim >= 1")
-    if not args.out.parent.is_dir() and args.out.parent.exists():
-        raise UsageError(f"{args.out.parent} is not a folder")
-    if args.max_gb <= 0:
-        raise UsageError("--max-gb must be positive")
-    if args.out.exists() and not args.overwrite:
-        raise UsageError(f"{args.out} exists; pass --overwrite to replace it")
+    """What can be judged before any model is loaded: outputs, ranks, flags that need others."""
+    check_output(args.out, args.overwrite)
+    shard(args)
+    if args.latent_dim is not None and not args.latent_tokens:
+        raise UsageError("--latent-dim projects stored latents; give --latent-tokens N too")
+    intervening = args.force_expert is not None or args.ablate_expert is not None
+    for flag in ("region", "t_window", "at_step", "at_layers"):
+        if getattr(args, flag) is not None and not intervening:
+            raise UsageError(f"--{flag.replace('_', '-')} places an intervention; give --force-expert or "
+                             f"--ablate-expert too")
 
 
-def rank_shard(args, n_rows: int) -> tuple[int, int, list[int]]:
-    """(rank, world size, global sample ids of this rank): each rank records a strided shard
-    under the global sample ids, one file per rank."""
+def shard(args) -> tuple[int, int]:
+    """(rank, world size) from the flags or the launcher's environment."""
     rank = args.rank if args.rank is not None else env_int("RANK", 0)
     world = args.world_size if args.world_size is not None else env_int("WORLD_SIZE", 1)
     if world < 1 or not 0 <= rank < world:
         raise UsageError(f"--rank must lie in 0..world-size-1, got rank {rank} of {world}")
-    sample_ids = list(range(n_rows))[rank::world]
-    if not sample_ids:
-        raise UsageError(f"rank {rank} of {world} has no samples to record")
-    return rank, world, sample_ids
+    return rank, world
+
+
+def run_id(ckpt_sha256: str, items: list, args, world: int) -> str:
+    """The same for every rank of one recording (same checkpoint, prompts, seeds and settings),
+    different for another recording: what `traces join` checks before it joins rank files."""
+    plan = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
+            if k not in ("rank", "out", "overwrite", "ckpt", "prompts")}  # paths: the hash and the items say it
+    text = json.dumps([ckpt_sha256, [str(i) for i in items], plan, world], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def run(args) -> None:
+    check_args(args)
     from tqdm import tqdm
 
+    from rsr_model.recorders import SamplingRecorder, Selection, sample_table
     from rsr_model.sample import load_model
     from traces import SamplingWriter, TraceMeta, estimate_sampling
 
-    from .interventions import from_cli
-    from rsr_model.recorders import SamplingRecorder, Selection, sample_table
+    from .interventions import from_cli, sampled_timesteps
 
-    check_args(args)
     items = read_items(args.prompts)
     task, transformer, rsr, ckpt = load_model(args.ckpt)
     if rsr is None:
         raise UsageError(f"{args.ckpt} has no RSR layers (a base-stage checkpoint); nothing to record")
     items = task.parse_items(items)
-    rows = [it for it in items for _ in range(args.num_samples)]
-    seeds = [args.seed + j for j in range(len(rows))]
-    rank, world, sample_ids = rank_shard(args, len(rows))
-    rows, seeds = [rows[i] for i in sample_ids], [seeds[i] for i in sample_ids]
-    interventions = from_cli(rsr, args.force_expert, args.ablate_expert, args.region, args.t_window,
-                             args.at_step, args.at_layers)
+    rank, world = shard(args)
+    sample_ids = range(len(items) * args.num_samples)[rank::world]  # a range: no list is built yet
+    if not sample_ids:
+        raise UsageError(f"rank {rank} of {world} has no samples to record")
     sel = Selection(layers=args.layers, steps=args.rsr_steps, timesteps=args.timesteps,
                     token_stride=args.token_stride, tokens=args.tokens, probs=args.probs,
                     latent_tokens=args.latent_tokens, latent_dim=args.latent_dim, decode=args.decode,
                     branches=args.branches.split(",") if args.branches else None)
     try:
-        rec = SamplingRecorder(task, transformer, rsr, sel, interventions, steps=args.steps, guidance=args.guidance)
+        rec = SamplingRecorder(task, transformer, rsr, sel, steps=args.steps, guidance=args.guidance)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    layout, samples = rec.layout(), sample_table(task, rows, seeds, sample_ids)
-    est = estimate_sampling(layout, len(rows), samples, portable=args.portable)
-    print(f"recording {len(rows)} sample(s) x {len(layout.timesteps)} timestep(s) x {len(layout.layer_ids)} layer(s) "
-          f"x {len(layout.step_ids)} step(s) x {len(layout.token_ids)} token(s); {est}", file=sys.stderr)
+    rec.interventions = from_cli(rsr, args.force_expert, args.ablate_expert, args.region, args.t_window,
+                                 args.at_step, args.at_layers, grid=rec.grid,
+                                 timestep_values=sampled_timesteps(task, args.steps))
+    # Size and disk before any per-sample list: the estimate needs only the count.
+    layout = rec.layout()
+    est = estimate_sampling(layout, len(sample_ids), portable=args.portable)
     if est.total > args.max_gb * 2**30:
         raise UsageError(f"expected trace size {est.total / 2**30:.2f} GB exceeds --max-gb {args.max_gb}; "
                          f"record fewer samples, timesteps, tokens or extras")
+    check_free_space(args.out, est.total, f"the trace ({len(sample_ids)} samples)")
+    rows = [items[i // args.num_samples] for i in sample_ids]
+    seeds = [args.seed + i for i in sample_ids]
+    samples = sample_table(task, rows, seeds, list(sample_ids))
+    est = estimate_sampling(layout, len(rows), samples, portable=args.portable)
+    print(f"recording {len(rows)} sample(s) x {len(layout.timesteps)} timestep(s) x {len(layout.layer_ids)} layer(s) "
+          f"x {len(layout.step_ids)} step(s) x {len(layout.token_ids)} token(s); {est}", file=sys.stderr)
+    ckpt_sha256 = sha256_file(args.ckpt)
     meta = TraceMeta(
         model_config={"preset": ckpt["preset"], **ckpt["backbone"]}, rsr_config=rsr.config.to_dict(),
-        checkpoint_sha256=sha256_file(args.ckpt), seeds=seeds,
+        checkpoint_sha256=ckpt_sha256, seeds=seeds,
         scheduler={"name": "FlowMatchEulerDiscreteScheduler", "shift": task.shift, "num_inference_steps": args.steps,
                    "guidance_scale": args.guidance},
-        extra={"interventions": [iv.to_dict() for iv in interventions], "mode": ckpt.get("mode"),
+        extra={"interventions": [iv.to_dict() for iv in rec.interventions], "mode": ckpt.get("mode"),
                "token_grid": list(rec.grid), "text_encoder": ckpt.get("text_encoder")})
     writer = SamplingWriter(args.out, layout, samples, meta, rank=rank, world_size=world, overwrite=args.overwrite,
-                            portable=args.portable)
+                            portable=args.portable, run_id=run_id(ckpt_sha256, items, args, world))
     try:
         with tqdm(total=len(rows) * args.steps, desc="record", unit="img-step", file=sys.stderr) as bar:
-            rec.record(writer, rows, seeds, batch_size=args.batch_size, progress=bar, sample_ids=sample_ids)
+            rec.record(writer, rows, seeds, batch_size=args.batch_size, progress=bar, sample_ids=list(sample_ids))
+    except OSError as e:
+        writer.abort()
+        raise OutputError(f"writing {args.out} failed ({os_error_reason(e)}); it holds every step flushed "
+                          f"before, marked incomplete") from None
     except BaseException:
         writer.abort()
         raise
-    writer.close()
+    applied = rec.interventions_applied()
+    writer.close(attrs={"interventions": applied} if applied else None)
     size = args.out.stat().st_size
     print(f"wrote {args.out} ({size / 2**20:.2f} MiB; expected {est.total / 2**20:.2f} MiB)")
+    for iv in applied:
+        print(f"{iv['kind']} expert {iv['expert']}: changed {iv['tokens_changed']} routing decision(s)"
+              + ("; it never fired" if not iv["tokens_changed"] else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

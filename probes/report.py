@@ -23,7 +23,6 @@ The JSON is documented, key by key and versioned, in `probes/REPORT.md` (schema
 
 from __future__ import annotations
 
-from traces.errors import UserError
 import argparse
 import json
 import os
@@ -32,9 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from rsr_model.cli import Parser, check_output, guard_startup, int_at_least, positive_int, run_main, write_atomic
+from traces.errors import UserError
 
-from rsr_model.cli import Parser, run_main
+guard_startup(__name__)  # before numpy: Ctrl-C while it loads exits 130 with one line
+
+import numpy as np  # noqa: E402
+
+FIGURES = ("expert_share_by_timestep.png", "latent_trajectories.png")
 
 
 class ReportError(UserError):
@@ -46,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trace", type=Path)
     p.add_argument("--json", type=Path, help="write the full result as JSON here")
     p.add_argument("--figures", type=Path, help="write PNG figures into this directory")
-    p.add_argument("--timestep-bins", type=int, default=4)
-    p.add_argument("--permutations", type=int, default=199, help="permutation-null tables per MI (0: none)")
-    p.add_argument("--max-latent-points", type=int, default=20000)
+    p.add_argument("--timestep-bins", type=positive_int, default=4)
+    p.add_argument("--permutations", type=int_at_least(0), default=199, help="permutation-null tables per MI (0: none)")
+    p.add_argument("--max-latent-points", type=positive_int, default=20000)
     p.add_argument("--no-probes", action="store_true", help="skip the linear probes")
     p.add_argument("--derive", action="store_true", help="store PCA of the latents under /derived first")
     p.add_argument("--compare", type=Path, help="another trace with the same grid (checkpoint stability)")
@@ -162,6 +166,46 @@ def summary_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _save_figure(fig, path: Path) -> None:
+    """A PNG whole or not at all."""
+    import io
+
+    data = io.BytesIO()
+    fig.savefig(data, dpi=110, format="png")
+    write_atomic(path, data.getvalue())
+
+
+def trace_status(trace) -> str | None:
+    """None for a cleanly closed trace, else the line a reader must see first: the trace is
+    still being written, or its writer stopped without closing (killed, crashed, disk full)."""
+    if trace.complete:
+        return None
+    if trace.kind == "sampling":
+        planned, done = trace.dataset("/coords/sample").shape[0], int(trace.final_written.sum())
+        amount = f"{done} of {planned} planned samples written"
+    else:
+        amount = f"{trace.n_events} routing events and {int(trace.dataset('/progress/logs')[0])} logged steps written"
+    if _writer_alive(trace.attrs):
+        return f"live: still being written ({amount} so far); the numbers below will change"
+    return f"incomplete: {amount} (the recorder did not close cleanly)"
+
+
+def _writer_alive(attrs: dict) -> bool:
+    """Whether the process that wrote the trace runs on this host now."""
+    import socket
+
+    pid = attrs.get("writer_pid")
+    if pid is None or attrs.get("writer_host") != socket.gethostname() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -208,7 +252,7 @@ def figure_expert_share(r: dict, path: Path) -> None:
     fig.legend(handles, labels, loc="center right", fontsize=8)
     fig.suptitle("Expert share by diffusion timestep, per recursion step", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1 - 1.0 / (3.2 * steps + 1.2), 0.95))
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -266,36 +310,11 @@ def figure_latent_trajectories(r: dict, lat: dict, path: Path, n_timesteps: int 
                  f"{r['trace']['branches'][0]}; token-mean h_l, square = last step)", fontsize=9)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def _check_out(path: Path | None, overwrite: bool, is_dir: bool = False) -> None:
-    if path is None:
-        return
-    if is_dir:
-        if path.exists() and not path.is_dir():
-            raise ReportError(f"--figures {path} exists and is not a directory")
-        for name in ("expert_share_by_timestep.png", "latent_trajectories.png"):
-            if (path / name).exists() and not overwrite:
-                raise ReportError(f"{path / name} exists; pass --overwrite to replace it")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ReportError(f"cannot create --figures directory {path}: {e.strerror or e}") from None
-        if not os.access(path, os.W_OK):
-            raise ReportError(f"--figures directory {path} is not writable")
-        return
-    if path.exists() and not overwrite:
-        raise ReportError(f"{path} exists; pass --overwrite to replace it")
-    if path.exists() and path.is_dir():
-        raise ReportError(f"{path} is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ReportError(f"cannot write {path}: directory {parent} missing or not writable")
 
 
 def _read_routing_value(path: Path) -> dict:
@@ -329,12 +348,10 @@ def run(args) -> dict:
     from .analysis import Options, analyze, compare_traces, jsonable
     from .verdict import add_verdicts
 
-    if args.timestep_bins < 1:
-        raise ReportError("--timestep-bins must be at least 1")
-    if args.permutations < 0:
-        raise ReportError("--permutations must be >= 0")
-    _check_out(args.json, args.overwrite)
-    _check_out(args.figures, args.overwrite, is_dir=True)
+    check_output(args.json, args.overwrite, flag="--json")
+    check_output(args.figures, args.overwrite, flag="--figures", folder=True)
+    for name in FIGURES:
+        check_output(args.figures and args.figures / name, args.overwrite, flag="--figures")
     value = _read_routing_value(args.routing_value) if args.routing_value else None
     derived = None
     if args.derive:
@@ -345,6 +362,7 @@ def run(args) -> dict:
     opt = Options(n_bins=args.timestep_bins, n_perm=args.permutations, max_latent_points=args.max_latent_points,
                   linear_probes=not args.no_probes)
     with open_trace(args.trace) as tr:
+        status = trace_status(tr)
         r = analyze(tr, opt)
     lat = r.pop("_latents", None)
     if args.compare:
@@ -357,14 +375,9 @@ def run(args) -> dict:
         add_verdicts(r, value)
     r["elapsed_s"] = round(time.perf_counter() - t0, 3)
     r = jsonable(r)
-    print(summary_table(r))
+    print("\n".join(([status] if status else []) + [summary_table(r)]))
     if args.json:
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(r, indent=1))
-            os.replace(tmp, args.json)
-        except OSError as e:
-            raise ReportError(f"cannot write {args.json}: {e.strerror or e}") from None
+        write_atomic(args.json, json.dumps(r, indent=1))
         print(f"wrote {args.json}")
     if args.figures:
         out = args.figures / "expert_share_by_timestep.png"

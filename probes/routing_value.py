@@ -30,14 +30,19 @@ bins by `t_min` / `t_max`, not by index).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-import torch
+from rsr_model.cli import guard_startup
 
-from rsr_model.hooks import hook_name
+guard_startup(__name__)  # before torch: Ctrl-C while it loads exits 130 with one line
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from rsr_model.hooks import hook_name  # noqa: E402
 
 ROUTING_VALUE_SCHEMA = "rsr-routing-value"
 ROUTING_VALUE_VERSION = 1
@@ -206,14 +211,14 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rsr_model.cli import Parser, UsageError, run_main, sha256_file
+    from rsr_model.cli import Parser, UsageError, check_output, int_at_least, run_main, sha256_file, write_atomic
 
     p = Parser(prog="python -m probes.routing_value", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", type=Path, required=True)
-    p.add_argument("--samples", type=int, default=64, help="held-out samples per timestep bin")
-    p.add_argument("--bins", type=int, default=4, help="timestep bins (equal widths of sigma)")
-    p.add_argument("--random-draws", type=int, default=3, help="shuffles of the gate's routing per scope")
-    p.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="held-out data stream")
+    p.add_argument("--samples", type=int_at_least(2), default=64, help="held-out samples per timestep bin")
+    p.add_argument("--bins", type=int_at_least(1), default=4, help="timestep bins (equal widths of sigma)")
+    p.add_argument("--random-draws", type=int_at_least(1), default=3, help="shuffles of the gate's routing per scope")
+    p.add_argument("--seed", type=int_at_least(0), default=HELD_OUT_SEED, help="held-out data stream")
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--overwrite", action="store_true")
 
@@ -222,13 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         from rsr_model.sample import load_model
 
         a = p.parse_args(argv)
-        if a.samples < 2 or a.bins < 1 or a.random_draws < 1:
-            raise UsageError("--samples >= 2, --bins >= 1 and --random-draws >= 1")
-        if a.json is not None and a.json.exists() and not a.overwrite:
-            raise UsageError(f"{a.json} exists; pass --overwrite to replace it")
+        check_output(a.json, a.overwrite, flag="--json")
         task, transformer, rsr, ckpt = load_model(a.ckpt)
         if rsr is None:
             raise UsageError(f"{a.ckpt} has no RSR layers (a base-stage checkpoint)")
+        print(f"measuring the flow-matching loss on {a.samples} held-out sample(s) x {a.bins} timestep bin(s)",
+              file=sys.stderr)
         torch.manual_seed(0)
         result = routing_value(transformer, rsr, held_out_batches(task, a.samples, a.bins, a.seed),
                                a.random_draws)
@@ -236,10 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         result["checkpoint_sha256"] = sha256_file(a.ckpt)
         print("\n".join(summary_lines(result)))
         if a.json is not None:
-            a.json.parent.mkdir(parents=True, exist_ok=True)
-            tmp = a.json.with_name(a.json.name + ".tmp")
-            tmp.write_text(json.dumps(jsonable(result), indent=1))
-            tmp.replace(a.json)
+            write_atomic(a.json, json.dumps(jsonable(result), indent=1))
             print(f"wrote {a.json}")
 
     return run_main(body)

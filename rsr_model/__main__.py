@@ -14,17 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-from .cli import Parser, UsageError, read_lines, run_main
+from .cli import (Parser, UsageError, check_free_space, check_output, finite_float, guard_startup, int_at_least,
+                  positive_int, read_lines, run_main)
 
+guard_startup(__name__)
 
-def positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+MAX_IMAGES = 1024  # one `sample` call draws all its images at once and tiles them into one PNG
 
 
 def int_list(s: str) -> list[int]:
@@ -52,25 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=positive_int)
-    t.add_argument("--lr", type=float)
+    t.add_argument("--lr", type=finite_float(0, low_open=True))
     t.add_argument("--save-every", type=positive_int, default=200)
-    t.add_argument("--ema-decay", type=float, default=0.999, help="EMA of base weights (0 = off)")
-    t.add_argument("--rsr-ema-decay", type=float,
+    t.add_argument("--ema-decay", type=finite_float(0, 1, high_open=True), default=0.999, help="EMA of base weights (0 = off)")
+    t.add_argument("--rsr-ema-decay", type=finite_float(0, 1, high_open=True),
                    help="EMA of the experts and gate in the RSR stage, 0 = off (default: the preset's)")
     t.add_argument("--mode", choices=MODES)
     t.add_argument("--experts", type=int, help="K")
     t.add_argument("--latent-steps", type=int, help="L")
     t.add_argument("--rank", type=int)
     t.add_argument("--target-layers", type=int_list)
-    t.add_argument("--tau", type=float, help="Gumbel-Softmax temperature")
-    t.add_argument("--balance-weight", type=float)
+    t.add_argument("--tau", type=finite_float(0, low_open=True), help="Gumbel-Softmax temperature")
+    t.add_argument("--balance-weight", type=finite_float(0))
     t.add_argument("--balance-over", choices=["step", "recursion"],
                    help="balance each recursion step's routing (step) or only the whole recursion's (recursion)")
-    t.add_argument("--gate-lr-scale", type=float, help="gate learning rate / experts' (RSR stage; default: the preset's)")
+    t.add_argument("--gate-lr-scale", type=finite_float(0, low_open=True), help="gate learning rate / experts' (RSR stage; default: the preset's)")
     t.add_argument("--warm-start", choices=["none", "band", "step-band"],
                    help="expert warm start: force experts to timestep-band (and recursion-step) cells and teach "
                         "the gate them for --warm-start-steps, then free the gate (default: the preset's)")
-    t.add_argument("--warm-start-steps", type=int, help="length of the warm start in RSR steps (default: the first quarter of the RSR stage)")
+    t.add_argument("--warm-start-steps", type=int_at_least(0),
+                   help="length of the warm start in RSR steps (default: the first quarter of the RSR stage)")
     t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     t.add_argument("--pretrained", type=Path, help="local diffusers SD3 folder (preset sd3)")
     t.add_argument("--data", type=Path, help="image-caption folder with metadata.jsonl (preset sd3)")
@@ -87,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=positive_int, default=1, help="images per prompt")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=positive_int, default=28)
-    s.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--guidance", type=finite_float(0, 100), default=3.0, help="classifier-free guidance scale (1 = off)")
     s.add_argument("--out", type=Path, default=Path("out.png"))
     s.add_argument("--overwrite", action="store_true")
     return p
@@ -102,18 +98,29 @@ def read_items(args) -> list[str]:
     return items
 
 
+def check_conditioning(args, conditioning: str) -> None:
+    """--prompt on a class-conditioned preset, or --label on a text one, would be silently ignored."""
+    takes, other = ("--prompt", "--label") if conditioning == "text" else ("--label", "--prompt")
+    if args.label if conditioning == "text" else args.prompt:
+        raise UsageError(f"this checkpoint's preset is {conditioning}-conditioned: it takes {takes}, not {other}")
+
+
+def checkpoint_bytes(trainer) -> int:
+    """Rough size of one checkpoint: weights plus EMA, raw weights and two Adam moments."""
+    return 5 * sum(p.numel() * p.element_size() for p in trainer.transformer.parameters())
+
+
 def cmd_train(args) -> None:
     from .train import Trainer
 
+    check_output(args.trace, args.overwrite, flag="--trace")
     if args.trace:
-        if args.trace.exists() and not args.overwrite:
-            raise UsageError(f"{args.trace} exists; give a new --trace path (e.g. for a resumed run) "
-                             f"or pass --overwrite to replace it")
         # The CLI is where the pieces are composed; the training library itself knows nothing of traces.
         from traces import TraceMeta
 
         from .recorders import TrainingRecorder
-    trainer = Trainer(args)
+    trainer = Trainer(args)  # checks --out before it builds the model
+    check_free_space(args.out, checkpoint_bytes(trainer), "the checkpoint")
     if args.trace:
         meta = TraceMeta(model_config={"preset": trainer.task.name}, rsr_config=trainer.rsr_cfg.to_dict(),
                          seeds=[args.seed], extra={"trace_every": args.trace_every})
@@ -123,19 +130,25 @@ def cmd_train(args) -> None:
         trainer.callbacks.append(recorder)
     try:
         out = trainer.run()
-    finally:
+    except BaseException:
         if args.trace:
-            recorder.close()
+            recorder.abort()  # the trace keeps every flushed step and stays marked incomplete
+        raise
+    if args.trace:
+        recorder.close()
     print(f"checkpoint: {out}" + (f"; training trace: {args.trace}" if args.trace else ""))
 
 
 def cmd_sample(args) -> None:
     from .sample import generate, image_grid, load_model, save_png
 
-    if args.out.exists() and not args.overwrite:
-        raise UsageError(f"{args.out} exists; pass --overwrite to replace it")
+    check_output(args.out, args.overwrite)
     items = read_items(args)
+    if len(items) * args.num_samples > MAX_IMAGES:
+        raise UsageError(f"{len(items)} prompt(s) x --num-samples {args.num_samples} is more than {MAX_IMAGES} "
+                         f"images; sample in several calls")
     task, transformer, _, _ = load_model(args.ckpt)
+    check_conditioning(args, task.conditioning)
     parsed = task.parse_items(items)
     rows = [it for it in parsed for _ in range(args.num_samples)]
     seeds = [args.seed + j for j in range(len(rows))]

@@ -22,13 +22,15 @@ at any moment leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-from traces.errors import UserError
+import io
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from traces.errors import UserError
 
 FORMAT, FORMAT_VERSION = "rsr-checkpoint", 1
 
@@ -40,13 +42,21 @@ class CheckpointError(UserError):
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Serialise in memory first: torch.save reports a failed file write (a full disk) as a bare
+    # RuntimeError, while a plain write raises an OSError that names the cause.
+    data = io.BytesIO()
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **ckpt}, data)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **ckpt}, f)
+            f.write(data.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written"
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; {kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

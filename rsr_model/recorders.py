@@ -37,7 +37,9 @@ class RoutingIntervention(Protocol):
 
     def names(self) -> list[str]: ...
 
-    def hook(self, n_experts: int) -> HookFn: ...
+    def hook(self, n_experts: int) -> HookFn: ...  # with `changed` (decisions changed) and `counting`
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 ABLATED = EXPERT_ABLATED  # stored id of a token whose adapter an intervention removed (-1 in the model)
@@ -89,6 +91,13 @@ class Selection:
             latent_tokens = np.unique(np.linspace(0, n_tokens - 1, n).round().astype(int)).tolist()
         return dict(layers=layers, steps=steps, timesteps=ts, tokens=tokens, branches=branches,
                     latent_tokens=latent_tokens)
+
+
+def token_grid(task: Task, transformer: nn.Module) -> tuple[int, int]:
+    """(rows, cols) of the image-token grid the transformer sees."""
+    C, H, W = task.latent_shape(transformer)
+    patch = transformer.config.patch_size
+    return H // patch, W // patch
 
 
 def random_projection(dim: int, out: int, seed: int = 0) -> np.ndarray:
@@ -185,8 +194,7 @@ class SamplingRecorder:
         self.steps, self.guidance = steps, guidance
         self.K = rsr.config.experts
         C, H, W = task.latent_shape(transformer)
-        patch = transformer.config.patch_size
-        self.grid = (H // patch, W // patch)
+        self.grid = token_grid(task, transformer)
         self.n_tokens = self.grid[0] * self.grid[1]
         self.guided = guidance != 1.0
         self.r = selection.resolve(rsr, self.n_tokens, steps, self.guided)
@@ -196,6 +204,7 @@ class SamplingRecorder:
             self.projection = random_projection(self.dim, selection.latent_dim)
         self.image_shape = tuple(task.to_images(torch.zeros(1, C, H, W)).shape[1:])
         self._buf = _Buffers()
+        self.intervention_hooks: list = []
 
     # --- layout -----------------------------------------------------------------------------
     def layout(self) -> SamplingLayout:
@@ -270,13 +279,24 @@ class SamplingRecorder:
                     v = step.v  # exiting at the last step is the normal forward
                 else:
                     self.rsr.layer(layer).exit_step = s
+                    self._count_interventions(False)  # a decode is not part of the run
                     try:
                         # sampler index -1: this timestep's buffers are stacked already, the hooks copy nothing
                         v = step.denoise(step.x, step.t, -1)
                     finally:
                         self.rsr.layer(layer).exit_step = None
+                        self._count_interventions(True)
                 out[:, 0, li, si] = self.task.to_images(step.x - step.sigma * v)
         return out
+
+    def _count_interventions(self, on: bool) -> None:
+        for h in self.intervention_hooks:
+            h.counting = on
+
+    def interventions_applied(self) -> list[dict[str, Any]]:
+        """Each intervention's spec with `tokens_changed`: the routing decisions (sample x branch x
+        timestep x layer x recursion step x token) it changed in the last `record` run."""
+        return [{**iv.to_dict(), "tokens_changed": h.changed} for iv, h in zip(self.interventions, self.intervention_hooks)]
 
     # --- run --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -288,7 +308,8 @@ class SamplingRecorder:
         """
         ids = torch.as_tensor(list(sample_ids) if sample_ids is not None else range(len(items)))
         # Interventions first: hooks run in order, and the trace must hold the ids the model used.
-        hooks = [(iv.names(), iv.hook(self.K)) for iv in self.interventions] + self._hooks()
+        self.intervention_hooks = [iv.hook(self.K) for iv in self.interventions]
+        hooks = [(iv.names(), h) for iv, h in zip(self.interventions, self.intervention_hooks)] + self._hooks()
         self._bg = _BackgroundWrites()
         try:
             with self.rsr.hooks.hooks(hooks):
@@ -416,3 +437,8 @@ class TrainingRecorder:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+    def abort(self) -> None:
+        """After a failed run: close without marking the trace complete."""
+        if self.writer is not None:
+            self.writer.abort()

@@ -86,7 +86,13 @@ def image_grid(images: np.ndarray, cols: int | None = None, scale: int = 4) -> n
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:
+    """Write a PNG whole or not at all (a temporary file beside it, then a rename)."""
+    import io
+
     from PIL import Image
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+    from traces.outputs import write_atomic
+
+    data = io.BytesIO()
+    Image.fromarray(image).save(data, format="PNG")
+    write_atomic(path, data.getvalue())

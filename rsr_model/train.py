@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from traces.errors import UserError
+from traces.outputs import check_output, write_atomic
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RSRConfig
@@ -115,6 +118,9 @@ class Trainer:
     # --- set-up -----------------------------------------------------------------------------
     def _prepare(self) -> None:
         a, task = self.args, self.task
+        # Output paths first, before any model is built or step runs (resume rewrites --out in place).
+        check_output(self.out, overwrite=a.overwrite or a.resume)
+        check_output(self.log_path, overwrite=True, flag="loss log")
         if a.resume:
             self.ckpt = load_checkpoint(self.out)
             if self.ckpt.get("preset") != task.name:
@@ -153,8 +159,6 @@ class Trainer:
         check_targets(self.transformer, self.rsr_cfg)
         if "rsr" in stages and self.rsr_cfg.has_gate:
             check_layout(a.warm_start or task.warm_start, self.rsr_cfg.experts, self.rsr_cfg.steps)
-        if (a.warm_start_steps or 0) < 0:
-            raise ConfigError(f"--warm-start-steps must be 0 or more, got {a.warm_start_steps}")
         steps = {s: (a.steps if a.steps is not None else task.default_steps[s]) for s in stages}
         if any(n <= 0 for n in steps.values()):
             raise ConfigError(f"--steps must be positive, got {a.steps}")
@@ -316,8 +320,7 @@ class Trainer:
                 if rsr is not None:
                     entry["load"] = [round(x, 3) for x in self._load_share()]
                 self.losses.append(entry)
-                log.writerow([entry["stage"], entry["step"], entry["loss"], entry["balance"] or "",
-                              " ".join(map(str, entry.get("load", [])))])
+                log.writerow(_log_row(entry))
                 bar.update(1)
                 bar.set_postfix(loss=f"{fm.item():.4f}", **({"bal": f"{bal.item():.3f}",
                                                               "load": "/".join(f"{x:.2f}" for x in entry["load"])}
@@ -325,6 +328,7 @@ class Trainer:
                 if (step + 1) % a.save_every == 0 or step + 1 == total:
                     acc.wait_for_everyone()
                     if acc.is_main_process:
+                        self._flush_log()  # first: once a checkpoint exists, the log on disk covers its steps
                         save_checkpoint(self._record(stage, opt, sched), self.out)
                     last_good = step + 1
                 for cb in self.callbacks:
@@ -349,16 +353,32 @@ class Trainer:
         loads = [l.last_load for l in self.rsr.values() if l.last_load is not None]
         return torch.stack(loads).mean(0).tolist() if loads else []
 
+    @property
+    def log_path(self) -> Path:
+        return self.out.with_suffix(self.out.suffix + ".log.csv")
+
     def _log_writer(self):
-        path = self.out.with_suffix(self.out.suffix + ".log.csv")
+        """The loss CSV beside the checkpoint. A resumed run rewrites it from the checkpoint's own
+        loss history (steps 1..N, one header), so rows from after the checkpoint, from a run that
+        died between checkpoints, never linger and none are missing."""
         if not hasattr(self, "_log_file"):
-            new = not path.exists() or not self.args.resume
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = open(path, "w" if new else "a", newline="")
+            text = io.StringIO()
+            history = csv.writer(text)
+            history.writerow(["stage", "step", "loss", "balance", "load_share"])
+            history.writerows(_log_row(e) for e in self.losses)
+            write_atomic(self.log_path, text.getvalue())
+            self._log_file = open(self.log_path, "a", newline="")
             self._csv = csv.writer(self._log_file)
-            if new:
-                self._csv.writerow(["stage", "step", "loss", "balance", "load_share"])
         return self._csv
+
+    def _flush_log(self) -> None:
+        self._log_file.flush()
+        os.fsync(self._log_file.fileno())
+
+
+def _log_row(entry: dict[str, Any]) -> list:
+    return [entry["stage"], entry["step"], entry["loss"], entry["balance"] if entry["balance"] is not None else "",
+            " ".join(map(str, entry.get("load", [])))]
 
 
 def train(args: Any, callbacks: list[Callable[[StepInfo], None]] | None = None) -> Path:

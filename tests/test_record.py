@@ -118,8 +118,11 @@ def test_interventions_change_routing_and_are_recorded(ckpt, tmp_path):
         grid = e.reshape(*e.shape[:-1], h, w)
         assert (grid[..., 0, :4, :8] == 1).all()
         assert not (grid[..., 0, 4:, :] == 1).all()  # outside the region the gate still chooses
-        assert tr.attrs["interventions"] == [{"kind": "force", "expert": 1, "layers": None, "step": 0, "rows": [0, 4], "cols": [0, 8],
-                       "t_min": None, "t_max": None}]
+        (applied,) = tr.attrs["interventions"]
+        changed = applied.pop("tokens_changed")  # decisions it changed: at most 4 timesteps x 2 branches x 4x8 tokens
+        assert applied == {"kind": "force", "expert": 1, "layers": None, "step": 0, "rows": [0, 4], "cols": [0, 8],
+                           "t_min": None, "t_max": None}
+        assert 0 < changed <= 4 * 2 * 32  # tokens the gate already sent to expert 1 are not changes
     ablated = tmp_path / "ablated.h5"
     assert _record(ckpt, ablated, "--ablate-expert", "0", "--at-step", "1") == 0
     with open_trace(ablated) as tr:
@@ -228,7 +231,8 @@ def test_intervention_and_output_errors_are_one_line(ckpt, tmp_path, capsys):
         assert _record(ckpt, out, *argv) == 2
         one_error_line(capsys.readouterr().err)
         assert not out.exists()
-    for argv in (["--force-expert", "1", "--at-step", "9"], ["--ablate-expert", "1", "--json", str(tmp_path / "no/x.json")]):
+    out.write_text("")  # a file where --json expects a folder
+    for argv in (["--force-expert", "1", "--at-step", "9"], ["--ablate-expert", "1", "--json", str(out / "x.json")]):
         capsys.readouterr()
         assert causal_main(["--ckpt", str(ckpt), "--prompts", PROMPT, "--steps", "2", *argv]) == 2
         one_error_line(capsys.readouterr().err)

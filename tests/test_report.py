@@ -173,7 +173,8 @@ def test_bad_input_exits_2_with_one_line(env, tmp_path, capsys, case):
             f["x"] = 1
         args[0] = str(tmp_path / "f.h5")
     elif case == "unwritable":
-        args += ["--json", str(tmp_path / "no" / "such" / "dir" / "r.json")]
+        (tmp_path / "file").write_text("")  # a file where a folder should be (missing folders are created)
+        args += ["--json", str(tmp_path / "file" / "r.json")]
     else:
         args += ["--timestep-bins", "0"]
     assert report_main(args) == 2
@@ -213,10 +214,12 @@ def test_causal_effect_zero_when_nothing_changes_and_nonzero_when_forced(env):
     never = Intervention("ablate", 0, t_min=5000.0, t_max=6000.0)  # timesteps lie in [0, 1000]
     r0 = causal_effect(task, transformer, rsr, items, seeds, [never], steps=3, guidance=2.0)
     assert r0["denoiser"]["mse"] == 0 and r0["final"]["mse"] == 0 and r0["image_mean_abs_diff"] == 0
+    assert r0["interventions"][0]["tokens_changed"] == 0  # the result says it never fired
     r1 = causal_effect(task, transformer, rsr, items, seeds, [Intervention("force", 1)], steps=3, guidance=2.0)
     assert r1["denoiser"]["pooled_relative_change"] > 1e-3
     assert r1["final"]["pooled_relative_change"] > 1e-3
     assert len(r1["denoiser_by_timestep"]) == 3
+    assert r1["interventions"][0]["tokens_changed"] > 0
 
 
 # --------------------------------------------------------------------------- the report's contract

@@ -43,7 +43,7 @@ def _every_dataset(path) -> dict[str, tuple]:
                 dims = [(dim.label, [s.name for s in dim.values()]) for dim in d.dims]
                 out[name] = (d[()], d.chunks, str(d.fillvalue), attrs, dims)
         tr.file.visititems(visit)
-        out["root"] = {k: str(v) for k, v in tr.attrs.items()}
+        out["root"] = {k: str(v) for k, v in tr.attrs.items() if k != "run_id"}  # each recording has its own
         out["samples"] = str(tr.samples() if tr.kind == "sampling" else tr.events())
     return out
 
@@ -177,12 +177,12 @@ def test_convert_bad_input_is_one_line_and_leaves_nothing(blosc_trace, tmp_path,
     out = tmp_path / "out.h5"
     out.write_bytes(b"keep me")
     assert convert_main([str(blosc_trace), str(out), "--portable"]) == 2
-    assert "exists (pass --overwrite" in capsys.readouterr().err
+    assert "exists; pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
     notes = tmp_path / "notes.h5"
     notes.write_text("not a trace\n")
     for argv in ([str(notes), str(tmp_path / "n.h5")], [str(tmp_path / "missing.h5"), str(tmp_path / "m.h5")],
-                 [str(blosc_trace), str(tmp_path / "no" / "dir.h5")], [str(blosc_trace)]):
+                 [str(blosc_trace), str(notes / "dir.h5")], [str(blosc_trace)]):  # notes.h5 is no folder
         capsys.readouterr()
         assert convert_main(argv) == 2
         one_error_line(capsys.readouterr().err)

@@ -15,7 +15,7 @@ CELL = (2, 2, 2, 2, 64)
 
 def _rank(path, rank: int, ids: list[int], finish: bool = True):
     table = SampleTable(prompt=[f"p{i}" for i in ids], seed=ids, sample_id=ids)
-    w = SamplingWriter(path, LAYOUT, table, rank=rank, world_size=2)
+    w = SamplingWriter(path, LAYOUT, table, rank=rank, world_size=2, run_id="run-a")
     for b0 in range(0, len(ids), 2):
         w.begin_batch(2)
         for t in range(3):
@@ -67,5 +67,19 @@ def test_incomplete_rank_makes_join_incomplete_and_mismatch_is_refused(tmp_path)
         assert not r.complete
     other = SamplingLayout(n_experts=8, layers=[2, 4], steps=2, tokens=32, timesteps=[0, 5, 9])
     SamplingWriter(tmp_path / "odd.h5", other, SampleTable(prompt=["x"], seed=[0])).close()
-    with pytest.raises(TraceError):
+    with pytest.raises(TraceError, match="same recording"):
         join_ranks([tmp_path / "r1.h5", tmp_path / "odd.h5"], tmp_path / "bad.h5")
+
+
+def test_only_ranks_of_one_recording_join(tmp_path):
+    _rank(tmp_path / "r0.h5", 0, [0, 1])
+    _rank(tmp_path / "r1.h5", 1, [2, 3])
+    with pytest.raises(TraceError, match="ranks 0..W-1"):  # rank 1 missing
+        join_ranks([tmp_path / "r0.h5"], tmp_path / "j.h5")
+    with pytest.raises(TraceError, match="ranks 0..W-1"):  # rank 0 twice
+        join_ranks([tmp_path / "r0.h5", tmp_path / "r0.h5", tmp_path / "r1.h5"], tmp_path / "j.h5")
+    table = SampleTable(prompt=["x", "y"], seed=[2, 3], sample_id=[2, 3])
+    SamplingWriter(tmp_path / "other.h5", LAYOUT, table, rank=1, world_size=2, run_id="run-b").close()
+    with pytest.raises(TraceError, match="run id differs"):
+        join_ranks([tmp_path / "r0.h5", tmp_path / "other.h5"], tmp_path / "j.h5")
+    assert not (tmp_path / "j.h5").exists()

@@ -5,19 +5,27 @@ crash-safe SWMR file; `open_trace` reads it back lazily; `join_ranks` merges ran
 through virtual datasets; `estimate_sampling`/`estimate_training` predict sizes up front.
 This package depends on numpy and h5py, plus hdf5plugin for the default Blosc compression
 (portable traces, `portable=True`, use gzip and read anywhere; `python -m traces convert`).
+
+The names below are imported on first use, so importing `traces.errors` (as every command
+does first) loads neither numpy nor h5py.
 """
 
-from .errors import TraceError
-from .layout import SampleTable, SamplingLayout, TraceMeta, TrainingLayout
-from .reader import Block, Progress, TraceReader, open_trace
-from .schema import EXPERT_ABLATED, EXPERT_FILL, MAX_EXPERTS, SCHEMA_NAME, SCHEMA_VERSION, WRITER_VERSION
-from .size import SizeEstimate, estimate_sampling, estimate_training
-from .vds import join_ranks
-from .writer import SamplingWriter, TrainingWriter
+from importlib import import_module
 
-__all__ = [
-    "TraceError", "SampleTable", "SamplingLayout", "TrainingLayout", "TraceMeta",
-    "SamplingWriter", "TrainingWriter", "open_trace", "TraceReader", "Block", "Progress",
-    "join_ranks", "estimate_sampling", "estimate_training", "SizeEstimate",
-    "SCHEMA_NAME", "SCHEMA_VERSION", "WRITER_VERSION", "EXPERT_FILL", "EXPERT_ABLATED", "MAX_EXPERTS",
-]
+_EXPORTS = {
+    "TraceError": "errors",
+    "SampleTable": "layout", "SamplingLayout": "layout", "TraceMeta": "layout", "TrainingLayout": "layout",
+    "Block": "reader", "Progress": "reader", "TraceReader": "reader", "open_trace": "reader",
+    "EXPERT_ABLATED": "schema", "EXPERT_FILL": "schema", "MAX_EXPERTS": "schema", "SCHEMA_NAME": "schema",
+    "SCHEMA_VERSION": "schema", "WRITER_VERSION": "schema",
+    "SizeEstimate": "size", "estimate_sampling": "size", "estimate_training": "size",
+    "join_ranks": "vds",
+    "SamplingWriter": "writer", "TrainingWriter": "writer",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'traces' has no attribute {name!r}")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from . import convert, join
+from .cli import guard_startup
+
+guard_startup(__name__)  # before h5py loads: Ctrl-C while it does exits 130 with one line
+
+from . import convert, join  # noqa: E402
 
 COMMANDS = {"join": join.main, "convert": convert.main}
 

@@ -20,6 +20,7 @@ import numpy as np
 from .cli import Parser, run
 from .compression import PORTABLE_FILTER, chosen_filter, filter_kwargs
 from .errors import TraceError
+from .outputs import OutputError, check_free_space, check_output, os_error_reason
 from .reader import open_trace
 from .schema import FLOATS, LIBVER, find
 
@@ -31,13 +32,12 @@ def convert_trace(src: str | os.PathLike, dst: str | os.PathLike, portable: bool
                   overwrite: bool = False) -> Path:
     """Copy trace `src` to `dst` with portable (gzip) or default (Blosc) compression."""
     src, dst = Path(src), Path(dst)
-    if dst.exists() and not overwrite:
-        raise TraceError(f"{dst} exists (pass --overwrite to replace it)")
     if dst.exists() and dst.resolve() == src.resolve():
         raise TraceError(f"{dst} is the input; write the converted trace to a new path")
-    if not dst.parent.is_dir():
-        raise TraceError(f"{dst.parent} is not a folder")
+    check_output(dst, overwrite, flag="OUT")
     with open_trace(src) as trace:
+        # gzip may grow Blosc data by about a quarter; the temporary copy needs it all before the rename
+        check_free_space(dst, int(src.stat().st_size * 1.3), f"the converted copy of {src}")
         h5 = trace.file
         items: list[tuple[str, h5py.Group | h5py.Dataset]] = []
         h5.visititems(lambda name, obj: items.append(("/" + name, obj)))
@@ -47,6 +47,7 @@ def convert_trace(src: str | os.PathLike, dst: str | os.PathLike, portable: bool
                              f"rank files and join the converted ones")
         tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
         try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
             with h5py.File(tmp, "w", libver=LIBVER) as out:
                 _copy_attrs(h5, out)
                 for name, obj in items:
@@ -56,6 +57,9 @@ def convert_trace(src: str | os.PathLike, dst: str | os.PathLike, portable: bool
                         _copy_dataset(obj, out, name, _target_filter(trace.kind, name, obj, portable))
                 _rebuild_scales(h5, out, items)
             os.replace(tmp, dst)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"writing {dst} failed ({os_error_reason(e)}); nothing was written") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -50,6 +50,8 @@ class Progress:
 def open_trace(path: str | os.PathLike) -> "TraceReader":
     """Open and validate a trace; raises TraceError (one line) if it is not a usable one."""
     p = Path(path)
+    if p.is_dir():
+        raise TraceError(f"{p} is a folder, not a trace file (give one .h5 file)")
     if not p.is_file():
         raise TraceError(f"{p}: no such file")
     if not h5py.is_hdf5(p):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Sequence
 
@@ -36,30 +37,74 @@ def join_ranks(rank_paths: Sequence[str | os.PathLike], out_path: str | os.PathL
         raise TraceError(f"{out} exists (pass overwrite=True to replace it)")
     if not rank_paths:
         raise TraceError("join_ranks needs at least one rank file")
-    extents, complete, kinds = [], [], set()
+    extents, complete, kinds, attrs = [], [], set(), []
     for p in rank_paths:
         with open_trace(p) as r:
             kinds.add(r.kind)
             complete.append(r.complete)
+            attrs.append(r.attrs)
             logs = int(r.dataset("/progress/logs")[0]) if r.kind == "training" else 0
             extents.append({"sample": r.n_samples, "event": r.n_events, "log": logs})
     if len(kinds) != 1:
         raise TraceError(f"cannot join traces of different kinds {sorted(kinds)}")
+    _check_one_recording(attrs, rank_paths)
     srcs = [h5py.File(p, "r", swmr=True) for p in rank_paths]
     try:
         _check_compatible(srcs, rank_paths)
         out.parent.mkdir(parents=True, exist_ok=True)
         rel = [os.path.relpath(Path(p).resolve(), out.resolve().parent) for p in rank_paths]
-        with h5py.File(out, "w", libver=LIBVER) as dst:
-            _write(dst, srcs, rel, extents)
-            for k, v in srcs[0].attrs.items():
-                dst.attrs[k] = v
-            dst.attrs["complete"] = all(complete)
-            dst.attrs["rank"] = -1
-            dst.attrs["joined_from"] = json.dumps(rel)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # renamed when whole: no half-joined file
+        try:
+            with h5py.File(tmp, "w", libver=LIBVER) as dst:
+                _write(dst, srcs, rel, extents)
+                for k, v in srcs[0].attrs.items():
+                    dst.attrs[k] = v
+                dst.attrs["complete"] = all(complete)
+                dst.attrs["rank"] = -1
+                dst.attrs["joined_from"] = json.dumps(rel)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     finally:
         for s in srcs:
             s.close()
+    return out
+
+
+def _check_one_recording(attrs: list[dict], paths: Sequence) -> None:
+    """Rank files join only when they are the ranks 0..W-1 of one recording: the same run id
+    (which the recorder derives from the checkpoint, prompts, seeds and settings), checkpoint
+    and command line (up to each rank's own --rank and --out), each rank exactly once."""
+    for key, what in (("run_id", "run id"), ("checkpoint_sha256", "checkpoint"), ("command", "command line")):
+        values = [_comparable(key, a.get(key)) for a in attrs]
+        if values[0] is None:
+            raise TraceError(f"{paths[0]} has no {what}; it cannot be shown to belong with other rank files")
+        for p, v in zip(paths[1:], values[1:]):
+            if v != values[0]:
+                raise TraceError(f"{p} is not a rank of the same recording as {paths[0]} (its {what} differs)")
+    worlds = {int(a.get("world_size", -1)) for a in attrs}
+    ranks = sorted(int(a.get("rank", -1)) for a in attrs)
+    world = worlds.pop() if len(worlds) == 1 else None
+    if world is None or ranks != list(range(world)):
+        raise TraceError(f"rank files must be ranks 0..W-1 of one recording, each once; got ranks {ranks} "
+                         f"of world size(s) {sorted({int(a.get('world_size', -1)) for a in attrs})}")
+
+
+_PER_RANK_FLAGS = ("--rank", "--out")  # command-line flags (with a value) that differ between the ranks of a run
+
+
+def _comparable(key: str, value):
+    """Attribute as compared across ranks: a command line without the flags that differ per rank."""
+    if key != "command" or value is None:
+        return value
+    out, skip = [], False
+    for word in shlex.split(str(value)):
+        if skip:
+            skip = False
+        elif word in _PER_RANK_FLAGS:
+            skip = True
+        elif word != "--overwrite" and not word.startswith(tuple(f"{flag}=" for flag in _PER_RANK_FLAGS)):
+            out.append(word)
     return out
 
 

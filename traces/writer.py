@@ -12,8 +12,13 @@ Why it is built this way (SCHEMA.md, "Durability"):
 
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
+import functools
 import os
+import sys
+import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +27,32 @@ import numpy as np
 
 from .compression import filter_kwargs
 from .errors import TraceError
+from .outputs import OutputError, free_bytes, os_error_reason
 from .layout import SampleTable, SamplingLayout, TraceMeta, TrainingLayout
 from .schema import AXIS_COORDS, LIBVER, SCHEMA_NAME, SCHEMA_VERSION, WRITER_VERSION, Dataset, datasets
 
 _STR = h5py.string_dtype("utf-8")
+
+
+ROOM_MARGIN = 4 << 20  # bytes kept free beyond a write's own data: HDF5 metadata, the final flush and close
+
+
+def _nbytes(value: Any) -> int:
+    return int(value.nbytes) if hasattr(value, "nbytes") else 0
+
+
+def _guarded(method):
+    """Wrap a write call: refuse it while the disk (or the file-size limit) leaves too little room
+    for its data, so the trace stops at a flushed step and stays readable; a write that fails
+    anyway becomes one OutputError line."""
+    @functools.wraps(method)
+    def write(self, *args, **kw):
+        self._check_room(sum(_nbytes(a) for a in (*args, *kw.values())) + ROOM_MARGIN)
+        try:
+            return method(self, *args, **kw)
+        except (OSError, RuntimeError) as e:
+            raise self._failed_write(e) from None
+    return write
 
 
 class _BaseWriter:
@@ -34,17 +61,38 @@ class _BaseWriter:
     kind = ""
 
     def __init__(self, path: str | os.PathLike, meta: TraceMeta | None, rank: int,
-                 world_size: int, overwrite: bool, portable: bool) -> None:
+                 world_size: int, overwrite: bool, portable: bool, run_id: str | None) -> None:
         self.path = Path(path)
         self.portable = portable
         if self.path.exists() and not overwrite:
             raise TraceError(f"{self.path} exists (pass overwrite=True to replace it)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if run_id is None and world_size > 1:
+            raise TraceError("rank files of one recording need a shared run_id (the join checks it)")
         meta = meta or TraceMeta()
-        self._f = h5py.File(self.path, "w", libver=LIBVER)
+        _refuse_if_locked(self.path)  # before HDF5's own open, which truncates first and locks after
+        self._lock: int | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # "x" creates only a new file: of two writers racing for one path, the second fails
+            # here instead of truncating the first one's trace ("w" with overwrite: HDF5's file
+            # lock refuses a path another writer holds open)
+            self._f = h5py.File(self.path, "w" if overwrite else "x", libver=LIBVER)
+        except FileExistsError:
+            raise TraceError(f"{self.path} exists (another writer created it just now?); "
+                             f"pass overwrite=True to replace it") from None
+        except OSError as e:
+            raise TraceError(f"cannot create trace {self.path}: {os_error_reason(e)}") from None
         self._closed = False
+        self._broken = False
         self._steps = 0
         self._scales: dict[str, h5py.Dataset] = {}
+        try:
+            self._write_root_attrs(meta, rank, world_size, run_id)
+        except BaseException:
+            self._discard()
+            raise
+
+    def _write_root_attrs(self, meta: TraceMeta, rank: int, world_size: int, run_id: str | None) -> None:
         a = self._f.attrs
         a["schema"] = SCHEMA_NAME
         a["schema_version"] = SCHEMA_VERSION
@@ -60,6 +108,10 @@ class _BaseWriter:
         a["scheduler"] = meta.to_json(meta.scheduler)
         a["rank"] = int(rank)
         a["world_size"] = int(world_size)
+        a["run_id"] = run_id or uuid.uuid4().hex  # a single-file recording is a run of its own
+        # who writes: a reader on this host tells a live trace from one whose writer died
+        a["writer_host"] = socket.gethostname()
+        a["writer_pid"] = os.getpid()
         for key, value in meta.extra.items():
             if key in a:
                 raise TraceError(f"extra attribute {key!r} clashes with a schema attribute")
@@ -122,6 +174,7 @@ class _BaseWriter:
                     d.attrs["axes"] = np.array([axis], dtype=_STR)
         self._f.flush()
         self._f.swmr_mode = True
+        self._lock = _take_lock(self.path)  # HDF5 drops its own file lock in SWMR mode
 
     def _grow(self, datasets: list[h5py.Dataset], n: int) -> None:
         for d in datasets:
@@ -141,14 +194,41 @@ class _BaseWriter:
     def steps_written(self) -> int:
         return self._steps
 
-    def close(self) -> None:
-        """Clean close: mark /progress/closed, leave SWMR, then set root `complete=True`."""
+    # Room on disk -------------------------------------------------------------------------
+    def _check_room(self, need: int) -> None:
+        if self._broken:
+            raise OutputError(f"{self.path}: an earlier write failed; nothing more can be written")
+        disk = free_bytes(self.path)
+        limit = _file_size_limit()
+        under_limit = None if limit is None else limit - self.path.stat().st_size
+        free = disk if under_limit is None else min(disk, under_limit)
+        if free < need:
+            where = ("the file-size limit (ulimit -f)" if under_limit is not None and under_limit < disk
+                     else f"the disk holding {self.path.parent}")
+            raise OutputError(f"{where} leaves {free >> 10} KiB, less than the {need >> 10} KiB the next write "
+                              f"needs; {self.path} stopped after {self._steps} flushed write(s), all readable")
+
+    def _failed_write(self, e: BaseException) -> OutputError:
+        """A write HDF5 could not finish. Its library state for this file is then unusable: closing
+        or even freeing the file's objects fails again and can crash the interpreter at exit, so
+        the file is left as it is and the process, when it ends, ends without HDF5's teardown."""
+        self._broken = True
+        atexit.register(_exit_now)
+        return OutputError(f"writing {self.path} failed ({os_error_reason(e)});"
+                           f" it may be unreadable past step {self._steps}")
+
+    def close(self, attrs: dict[str, Any] | None = None) -> None:
+        """Clean close: mark /progress/closed, leave SWMR, then set root `complete=True` and
+        any final root `attrs` (JSON-encoded; e.g. what an intervention changed in the run)."""
         if self._closed:
             return
         self._closed = True
-        self._f["/progress/closed"][0] = 1
-        self._f.flush()
-        self._f.close()
+        try:
+            self._f["/progress/closed"][0] = 1
+            self._f.flush()
+        finally:
+            self._f.close()
+            self._lock = _release_lock(self._lock)  # the reopen below takes HDF5's own lock
         try:
             f = h5py.File(self.path, "r+", libver=LIBVER)
         except OSError:
@@ -157,14 +237,31 @@ class _BaseWriter:
             # /progress/closed), so skip the lock rather than fail the clean close.
             f = h5py.File(self.path, "r+", libver=LIBVER, locking=False)
         with f:
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = TraceMeta.to_json(value)
             f.attrs["complete"] = True
 
+    def _discard(self) -> None:
+        """Remove a file whose creation failed (e.g. a full disk): it holds no readable trace."""
+        self.abort()
+        self.path.unlink(missing_ok=True)
+
     def abort(self) -> None:
-        """Close without marking the trace complete (used when the caller raised)."""
-        if not self._closed:
-            self._closed = True
+        """Close without marking the trace complete (used when the caller raised). Never raises:
+        the caller's error is the one to report, and a failed final flush (a full disk) loses
+        only the unflushed step; every step flushed before stays readable."""
+        if self._closed or self._broken:
+            return
+        self._closed = True
+        try:
             self._f.flush()
+        except Exception:
+            pass
+        try:
             self._f.close()
+        except Exception:
+            pass
+        self._lock = _release_lock(self._lock)
 
     def __enter__(self):
         return self
@@ -174,6 +271,62 @@ class _BaseWriter:
             self.close()
         else:
             self.abort()
+
+
+# While a writer writes in SWMR mode, where HDF5 holds no lock of its own, it holds a shared
+# advisory lock (flock) on its file, as HDF5's readers do. A new writer first asks for the
+# exclusive lock and stops if the file is in use: HDF5's own open would truncate the file
+# before it failed on the lock.
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, as before
+    fcntl = None
+
+
+def _refuse_if_locked(path: Path) -> None:
+    if fcntl is None or not path.exists():
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # unreadable: HDF5's open reports it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise TraceError(f"{path} is open in another process (being written or read); wait for it to "
+                         f"finish or write elsewhere") from None
+    finally:
+        os.close(fd)  # closing releases the probe's lock
+
+
+def _take_lock(path: Path) -> int | None:
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # compatible with readers; only an exclusive holder would wait here
+    return fd
+
+
+def _release_lock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+    return None
+
+
+def _file_size_limit() -> int | None:
+    """The soft RLIMIT_FSIZE (`ulimit -f`) in bytes, or None where there is none."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _exit_now() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
 
 
 def _walk(group: h5py.Group):
@@ -213,8 +366,8 @@ class SamplingWriter(_BaseWriter):
 
     def __init__(self, path: str | os.PathLike, layout: SamplingLayout, samples: SampleTable,
                  meta: TraceMeta | None = None, *, rank: int = 0, world_size: int = 1,
-                 overwrite: bool = False, portable: bool = False) -> None:
-        super().__init__(path, meta, rank, world_size, overwrite, portable)
+                 overwrite: bool = False, portable: bool = False, run_id: str | None = None) -> None:
+        super().__init__(path, meta, rank, world_size, overwrite, portable, run_id)
         self.layout = layout
         self.samples = samples
         self._batch = slice(0, 0)
@@ -223,10 +376,10 @@ class SamplingWriter(_BaseWriter):
                                             self._values(layout, samples))
             self._growing = growing["sample"]
             self._f["/routing/counts"].attrs["scope"] = layout.counts_scope
+            self._start_swmr()
         except BaseException:
-            self._f.close()
+            self._discard()
             raise
-        self._start_swmr()
 
     def _values(self, lo: SamplingLayout, st: SampleTable) -> dict[str, Any]:
         """Contents of the datasets written once: coordinates, per-sample columns, projection."""
@@ -258,6 +411,7 @@ class SamplingWriter(_BaseWriter):
                 out[f"/coords/{name}"] = np.arange(n)
         return out
 
+    @_guarded
     def begin_batch(self, n: int) -> slice:
         """Open the next `n` samples (rows of the SampleTable); returns their positions."""
         start = self._batch.stop
@@ -268,6 +422,7 @@ class SamplingWriter(_BaseWriter):
         self._f.flush()
         return self._batch
 
+    @_guarded
     def write_timestep(self, t: int, expert: Any, *, prob: Any = None, counts: Any = None,
                        latents: Any = None, decoded: Any = None) -> None:
         """Write one recorded timestep (position `t` on the timestep axis) of the open batch.
@@ -325,6 +480,7 @@ class SamplingWriter(_BaseWriter):
             h = h.astype(np.float32) @ np.asarray(lo.projection, dtype=np.float32)
         self._f["/latents/h"][self._batch, :, t] = h.astype(np.float16)
 
+    @_guarded
     def write_final(self, images: Any) -> None:
         """Final decoded images (B, H, W, C) uint8 of the open batch."""
         if "/decoded/final" not in self._f:
@@ -342,8 +498,9 @@ class TrainingWriter(_BaseWriter):
     kind = "training"
 
     def __init__(self, path: str | os.PathLike, layout: TrainingLayout, meta: TraceMeta | None = None,
-                 *, rank: int = 0, world_size: int = 1, overwrite: bool = False, portable: bool = False) -> None:
-        super().__init__(path, meta, rank, world_size, overwrite, portable)
+                 *, rank: int = 0, world_size: int = 1, overwrite: bool = False, portable: bool = False,
+                 run_id: str | None = None) -> None:
+        super().__init__(path, meta, rank, world_size, overwrite, portable, run_id)
         self.layout = layout
         self._events = 0
         self._logs = 0
@@ -355,11 +512,12 @@ class TrainingWriter(_BaseWriter):
                                             tuple(layout.scalars))
             self._event_ds, self._log_ds = growing["event"], growing["log"]
             self._f["/routing/counts"].attrs["scope"] = layout.counts_scope
+            self._start_swmr()
         except BaseException:
-            self._f.close()
+            self._discard()
             raise
-        self._start_swmr()
 
+    @_guarded
     def write_events(self, train_step: int, sample: Any, timestep: Any, expert: Any, *,
                      label: Any = None, prob: Any = None, counts: Any = None) -> slice:
         """Append B events of one training step: sample ids (B,), timesteps (B,), expert
@@ -386,6 +544,7 @@ class TrainingWriter(_BaseWriter):
         self._commit({"/progress/events": self._events})
         return sl
 
+    @_guarded
     def log(self, train_step: int, **scalars: float) -> None:
         """Append one row of training scalars (every name in layout.scalars, NaN if absent)."""
         unknown = set(scalars) - set(self.layout.scalars)
