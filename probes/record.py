@@ -39,7 +39,8 @@ def int_list(s: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m probes.record", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", type=Path, default=Path("sd3_rsr.pt"))
-    p.add_argument("--prompts", required=True, help="a text file (one prompt or label per line) or the prompt itself")
+    p.add_argument("--prompts", help="a text file (one prompt or label per line) or the prompt itself")
+    p.add_argument("--maps", help="frozenlake checkpoints: a file of maps (one per line, rows joined by '/') or one map")
     p.add_argument("--num-samples", type=int, default=1, help="images per prompt")
     p.add_argument("--out", type=Path, default=Path("traces/run.h5"))
     p.add_argument("--overwrite", action="store_true")
@@ -113,6 +114,13 @@ def rank_shard(args, n_rows: int) -> tuple[int, int, list[int]]:
 
 
 def run(args) -> None:
+    if args.maps:  # navigation: one plan per map (rsr_model/frozenlake_commands.py)
+        from rsr_model import frozenlake_commands
+
+        check_args(args)
+        return frozenlake_commands.record(args)
+    if not args.prompts:
+        raise UsageError("give --prompts (or --maps for a frozenlake checkpoint)")
     from tqdm import tqdm
 
     from rsr_model.sample import load_model
