@@ -7,8 +7,8 @@ the goal or in a hole, else all L - 1 actions (the horizon). Cells are read from
 frames with `data.frozenlake.read_cells`.
 
 A plan is judged twice:
-- by its frames: the decoded agent reaches the goal, never stands in a hole, and every decoded
-  move is a legal one (no jump, no diagonal);
+- by its frames: the decoded agent starts on the start cell, reaches the goal, never stands in
+  a hole, and every decoded move is a legal one (no jump, no diagonal);
 - by the environment: gymnasium replays the chosen actions and ends on the goal.
 
 Failure modes are counted per plan, as the paper names them: the replay falls into a hole;
@@ -67,7 +67,8 @@ def make_plans(task: Task, net: nn.Module, rsr: RSR, maps: Sequence[lake.Map], b
         roll = rollout(net, rsr, start_frames(chunk))
         frames = decode(net, roll.latents)  # (B, L, 3, H, W)
         B, L = frames.shape[:2]
-        images = task.to_images(frames.flatten(0, 1)).reshape(B, L, *task.to_images(frames[:1, 0]).shape[1:])
+        images = task.to_images(frames.flatten(0, 1))
+        images = images.reshape(B, L, *images.shape[1:])  # (B, L, H, W, 3)
         for b, m in enumerate(chunk):
             n = len(m)
             cells = [lake.read_cells(images[b, l], n)[1] for l in range(L)]
@@ -76,6 +77,23 @@ def make_plans(task: Task, net: nn.Module, rsr: RSR, maps: Sequence[lake.Map], b
                               agreement=roll.agreement[b].tolist(), votes=roll.logits[b].argmax(-1).numpy(),
                               probs=roll.logits[b].softmax(-1).numpy()))
     return plans
+
+
+@torch.no_grad()
+def teacher_forced_frame_accuracy(task: Task, net: nn.Module, rsr: RSR, maps: Sequence[lake.Map]) -> float:
+    """Share of frames decoded correctly (read cell by cell) when the true actions force the experts:
+    the latent dynamics and the decoder on their own, without the gate's choices."""
+    net.eval()
+    episodes = [lake.episode(m) for m in maps]
+    frames, actions = task.padded(episodes)
+    decoded = decode(net, rollout(net, rsr, frames[:, 0], actions).latents)
+    correct = []
+    for b, ep in enumerate(episodes):
+        images = task.to_images(decoded[b])
+        truth = task.to_images(frames[b])
+        n = len(ep.desc)
+        correct += [lake.read_cells(images[l], n) == lake.read_cells(truth[l], n) for l in range(len(ep.frames))]
+    return float(np.mean(correct))
 
 
 def distances_to_goal(desc: lake.Map) -> dict[int, int]:
@@ -111,7 +129,8 @@ def judge(plan: Plan) -> Judgement:
     moves = [(divmod(b, n), divmod(a, n)) for a, b in zip(cells, cells[1:])]
     diagonal = sum(abs(r1 - r0) == 1 and abs(c1 - c0) == 1 for (r1, c1), (r0, c0) in moves)
     impossible = sum(abs(r1 - r0) + abs(c1 - c0) > 1 for (r1, c1), (r0, c0) in moves)
-    success_frames = cells[-1] == goal and not holes & set(cells) and impossible == 0
+    start = lake.find(m, "S")[0]
+    success_frames = cells[0] == start and cells[-1] == goal and not holes & set(cells) and impossible == 0
     dist = distances_to_goal(m)
     optimal = [dist.get(b, -1) == dist.get(a, -2) - 1 for a, b in zip(states, states[1:])]
     frames_correct = []
