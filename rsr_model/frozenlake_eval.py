@@ -18,7 +18,7 @@ disagree with the replay; the horizon ends first.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -117,7 +117,6 @@ class Judgement:
     frames_correct: list[bool]  # per step until the replay ends: decoded frame == environment's frame
     plan_length: int
     shortest_length: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def judge(plan: Plan) -> Judgement:
@@ -126,23 +125,22 @@ def judge(plan: Plan) -> Judgement:
     states = lake.replay(m, plan.plan)  # stops where the episode ends
     goal, holes = lake.find(m, "G")[0], set(lake.find(m, "H"))
     cells = plan.cells[:plan.length + 1]
-    moves = [(divmod(b, n), divmod(a, n)) for a, b in zip(cells, cells[1:])]
-    diagonal = sum(abs(r1 - r0) == 1 and abs(c1 - c0) == 1 for (r1, c1), (r0, c0) in moves)
-    impossible = sum(abs(r1 - r0) + abs(c1 - c0) > 1 for (r1, c1), (r0, c0) in moves)
-    start = lake.find(m, "S")[0]
-    success_frames = cells[0] == start and cells[-1] == goal and not holes & set(cells) and impossible == 0
+    jumps = [(abs(b // n - a // n), abs(b % n - a % n)) for a, b in zip(cells, cells[1:])]  # (rows, cols) moved
+    diagonal = sum(dr == 1 and dc == 1 for dr, dc in jumps)
+    impossible = sum(dr + dc > 1 for dr, dc in jumps)
+    success_frames = (cells[0] == lake.find(m, "S")[0] and cells[-1] == goal and not holes & set(cells)
+                      and impossible == 0)
     dist = distances_to_goal(m)
     optimal = [dist.get(b, -1) == dist.get(a, -2) - 1 for a, b in zip(states, states[1:])]
-    frames_correct = []
-    for l, s in enumerate(states):
-        tiles, agent = lake.read_cells(plan.frames[l], n)
-        frames_correct.append(agent == s and tiles == [t if t != "S" else "F" for row in m for t in row])
+    tiles = lake.drawn_tiles(m)
+    frames_correct = [lake.read_cells(plan.frames[l], n) == (tiles, s) for l, s in enumerate(states)]
     return Judgement(
         success_frames=bool(success_frames), success_env=states[-1] == goal, fell_in_hole=states[-1] in holes,
         diagonal_moves=int(diagonal), impossible_moves=int(impossible),
-        frames_disagree_env=cells[:len(states)] != states, timed_out=plan.length == len(plan.actions) - 1
-        and cells[-1] != goal, actions_match=[a == b for a, b in zip(plan.actions, label)],
-        actions_optimal=optimal, frames_correct=frames_correct, plan_length=plan.length, shortest_length=len(label))
+        frames_disagree_env=cells[:len(states)] != states,
+        timed_out=plan.length == len(plan.actions) - 1 and cells[-1] != goal,
+        actions_match=[a == b for a, b in zip(plan.actions, label)], actions_optimal=optimal,
+        frames_correct=frames_correct, plan_length=plan.length, shortest_length=len(label))
 
 
 def summarize(judgements: Sequence[Judgement], plans: Sequence[Plan]) -> dict[str, Any]:
@@ -170,7 +168,3 @@ def summarize(judgements: Sequence[Judgement], plans: Sequence[Plan]) -> dict[st
         "mean_plan_length": rate(j.plan_length for j in judgements),
         "mean_shortest_length": rate(j.shortest_length for j in judgements),
     }
-
-
-def judgement_dict(j: Judgement) -> dict[str, Any]:
-    return asdict(j)

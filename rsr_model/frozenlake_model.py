@@ -119,7 +119,6 @@ class Rollout:
     logits: torch.Tensor  # (B, L, N, K) gate logits (the policy's without routing)
     actions: torch.Tensor  # (B, L) long, the action applied at step l (NO_ACTION when none)
     agreement: torch.Tensor  # (B, L) share of tokens whose own choice is the step's action
-    condition: torch.Tensor  # (B, D) c
 
 
 def majority(choice: torch.Tensor) -> torch.Tensor:
@@ -174,8 +173,7 @@ def rollout(net: nn.Module, rsr: RSR, frame: torch.Tensor, actions: torch.Tensor
     with rsr.hooks.hooks(points):
         net(frame)
     return Rollout(latents=torch.stack(seen["latent"], 1), logits=torch.stack(seen["logits"], 1),
-                   actions=torch.stack(seen["action"], 1), agreement=torch.stack(seen["agreement"], 1),
-                   condition=layer.cond)
+                   actions=torch.stack(seen["action"], 1), agreement=torch.stack(seen["agreement"], 1))
 
 
 def decode(net: nn.Module, latents: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ def test_renderer_agrees_with_the_environment():
         for _ in range(12):
             tiles, agent = lake.read_cells(lake.render(desc, int(state)), len(desc))
             assert agent == state  # the agent is drawn where the environment says it is
-            assert tiles == [t if t != "S" else "F" for row in desc for t in row]
+            assert tiles == lake.drawn_tiles(desc)
             state, _, terminated, _, _ = env.step(int(rng.integers(4)))
             if terminated:
                 break

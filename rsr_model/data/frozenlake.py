@@ -130,6 +130,11 @@ def _templates() -> tuple[np.ndarray, list[tuple[str, bool]]]:
     return np.stack(cells).astype(np.float32), keys
 
 
+def drawn_tiles(desc: Sequence[str]) -> list[str]:
+    """The tile letter of every cell as frames show it (row-major; the start is drawn as ice)."""
+    return ["F" if t == "S" else t for row in desc for t in row]
+
+
 def read_cells(frame: np.ndarray, n: int) -> tuple[list[str], int]:
     """Read a (possibly decoded) frame back: the tile letter of every cell ('F' for ice) and
     the agent's cell, the one that looks most like a cell with the agent on it."""
