@@ -11,7 +11,8 @@ nothing of the mechanism is copied here. Plans are made through its hook points:
 
 - teacher forcing: the expert hook of step l returns the true action a_l for every token
   (-1, "no adapter", after the plan has ended, so the latent stays where it is);
-- the gate is trained with a cross-entropy of its logits (logits hook) against a_l at every token;
+- the gate is trained with a cross-entropy of its logits (logits hook) against a_l at every token,
+  and by nothing else (the layer's straight-through path gets detached logits);
 - inference: the gate alone chooses. Every token votes with its argmax and the step's action is
   the majority, applied to all tokens (the same one-action-per-step shape as in training);
   `Rollout.agreement` is the share of tokens that voted for it.
@@ -159,6 +160,9 @@ def rollout(net: nn.Module, rsr: RSR, frame: torch.Tensor, actions: torch.Tensor
 
     def on_logits(logits, ctx):
         seen["logits"][ctx.step] = logits
+        # Under teacher forcing the gate learns from the action cross-entropy only: the layer gets
+        # a detached copy, so no straight-through gradient from the frames reaches the gate.
+        return logits.detach() if actions is not None else None
 
     def on_expert(expert, ctx):
         action = step_action(ctx.step, seen["logits"][ctx.step]) if routed else seen["action"][ctx.step]

@@ -11,7 +11,7 @@ import torch
 
 from rsr_model.data import frozenlake as lake
 from rsr_model.frozenlake_eval import judge, make_plans
-from rsr_model.frozenlake_model import FrozenLakeNet, rollout
+from rsr_model.frozenlake_model import FrozenLakeNet, decode, rollout
 from rsr_model.install import install_rsr
 from rsr_model.tasks import get_task
 from traces.errors import UserError
@@ -92,6 +92,18 @@ def test_teacher_forced_training_lowers_the_loss():
     assert losses[-1] < 0.5 * losses[0]
     assert task.last_parts["action"] < 1.0  # the gate learns the actions of these maps
     assert not rsr.hooks.active  # teacher forcing leaves no hook behind
+
+
+def test_under_teacher_forcing_only_the_cross_entropy_trains_the_gate():
+    task = get_task("frozenlake")
+    net, rsr = small_model(task)
+    frames, actions = task.padded([lake.episode(lake.parse_map(MAP))])
+    net.train()
+    plan = rollout(net, rsr, frames[:, 0], actions)
+    ((decode(net, plan.latents) - frames) ** 2).mean().backward()  # the frame loss alone
+    gate = rsr.layer(net.rsr_block).gate
+    assert all(p.grad is None or not p.grad.any() for p in gate.parameters())
+    assert rsr.layer(net.rsr_block).experts.B.grad.abs().sum() > 0
 
 
 def test_at_inference_the_gate_not_the_label_chooses():
