@@ -49,7 +49,8 @@ def int_list(s: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m probes.record", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", type=Path, default=Path("sd3_rsr.pt"))
-    p.add_argument("--prompts", required=True, help="a text file (one prompt or label per line) or the prompt itself")
+    p.add_argument("--prompts", help="a text file (one prompt or label per line) or the prompt itself")
+    p.add_argument("--maps", help="frozenlake checkpoints: a file of maps (one per line, rows joined by '/') or one map")
     p.add_argument("--num-samples", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--out", type=Path, default=Path("traces/run.h5"))
     p.add_argument("--overwrite", action="store_true")
@@ -127,6 +128,12 @@ def run_id(ckpt_sha256: str, items: list, args, world: int) -> str:
 
 def run(args) -> None:
     check_args(args)
+    if args.maps:  # navigation: one plan per map (rsr_model/frozenlake_commands.py)
+        from rsr_model import frozenlake_commands
+
+        return frozenlake_commands.record(args)
+    if not args.prompts:
+        raise UsageError("give --prompts (or --maps for a frozenlake checkpoint)")
     from tqdm import tqdm
 
     from rsr_model.recorders import SamplingRecorder, Selection, sample_table

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     s.add_argument("--prompts-file", type=Path, help="one prompt (or class label) per line")
     s.add_argument("--label", action="append", default=[], help="class label (class-conditioned presets)")
+    s.add_argument("--map", action="append", default=[],
+                   help="FrozenLake map like SFFF/FHFH/FFFH/HFFG (frozenlake presets; repeatable): plan from its start")
     s.add_argument("--num-samples", type=positive_int, default=1, help="images per prompt")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=positive_int, default=28)
@@ -140,6 +142,10 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    if args.map:  # navigation presets plan instead of sampling images
+        from . import frozenlake_commands
+
+        return frozenlake_commands.sample(args)
     from .sample import generate, image_grid, load_model, save_png
 
     check_output(args.out, args.overwrite)

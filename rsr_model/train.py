@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from traces.errors import UserError
@@ -30,7 +29,6 @@ from traces.outputs import check_output, write_atomic
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RSRConfig
-from .flow import training_pair
 from .install import RSR, arch_of, install_rsr
 from .tasks import Task, TaskError, get_task
 from .warm_start import WarmStart, check_layout
@@ -168,7 +166,8 @@ class Trainer:
     def _record(self, stage: str, opt, sched) -> dict[str, Any]:
         t = self.accelerator.unwrap_model(self.transformer)
         train_state = rsr_train_state = ema_state = None
-        base = base_state_dict(t) if self.task.two_stage else None
+        keeps_base = self.task.two_stage or self.task.trains_base_with_rsr
+        base = base_state_dict(t) if keeps_base else None
         rsr = self._rsr_state()
         if self._ema is not None:  # sampling uses the EMA weights; resuming needs the raw ones too
             params = self._ema_params
@@ -176,7 +175,7 @@ class Trainer:
             ema_state = self._ema.state_dict()
             self._ema.store(params)
             self._ema.copy_to(params)
-            base, rsr = (base_state_dict(t) if self.task.two_stage else None), self._rsr_state()
+            base, rsr = (base_state_dict(t) if keeps_base else None), self._rsr_state()
             self._ema.restore(params)
         return {
             "preset": self.task.name, "stage": stage, "mode": self.rsr_cfg.mode,
@@ -248,9 +247,10 @@ class Trainer:
         if stage == "rsr" and self.rsr is None:
             torch.manual_seed(a.seed + 1)  # the experts' and gate's initial weights
             self.rsr = install_rsr(self.transformer, self.rsr_cfg)
-        if stage == "base":
+        whole = stage == "base" or task.trains_base_with_rsr
+        if whole:
             self.transformer.requires_grad_(True)
-        params = [p for p in (self.rsr.parameters() if stage == "rsr" else self.transformer.parameters()) if p.requires_grad]
+        params = [p for p in (self.transformer.parameters() if whole else self.rsr.parameters()) if p.requires_grad]
         self._ema, self._ema_params = None, params
         decay = a.ema_decay if stage == "base" else self._setting("rsr_ema_decay")
         if decay > 0:
@@ -289,15 +289,12 @@ class Trainer:
                 seed = stage_seed(a.seed + acc.process_index, stage, step)
                 torch.manual_seed(seed)  # Gumbel noise, dropout, DiT's label dropout
                 x0, cond = task.batch(np.random.default_rng(seed), batch_size)
-                xt, t, target = training_pair(x0, torch.Generator().manual_seed(seed), task.weighting, task.shift)
-                xt, t, target = (v.to(acc.device) for v in (xt, t, target))
-                cond = {k: v.to(acc.device) for k, v in cond.items()}
+                x0, cond = x0.to(acc.device), {k: v.to(acc.device) for k, v in cond.items()}
 
                 # --- forward and loss ---------------------------------------------------------
                 warming = warm is not None and step < warm_steps  # experts forced to their cells, gate taught them
                 with acc.autocast(), (warm.forcing() if warming else contextlib.nullcontext()):
-                    pred = model(hidden_states=xt, timestep=t, **cond).sample
-                    fm = F.mse_loss(pred.float(), target.float())
+                    fm = task.training_loss(model, rsr, x0, cond, seed)  # flow matching unless the preset has its own
                     bal = rsr.balance_loss() if rsr is not None else None
                     loss = fm + (rsr.config.balance_weight * bal if bal is not None and rsr.config.experts > 3 else 0.0)
                     if warming:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .base import Task, TaskError
 from .digits_dit import DigitsDiT
+from .frozenlake import FrozenLake, FrozenLake6, FrozenLake8
 from .sd3_local import PretrainedSD3
 from .shapes_sd3 import TinySD3Shapes
 
@@ -16,6 +17,9 @@ TASKS: dict[str, type[Task]] = {
     TinySD3Shapes.name: TinySD3Shapes,
     DigitsDiT.name: DigitsDiT,
     PretrainedSD3.name: PretrainedSD3,
+    FrozenLake.name: FrozenLake,
+    FrozenLake6.name: FrozenLake6,
+    FrozenLake8.name: FrozenLake8,
 }
 
 

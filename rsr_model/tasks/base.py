@@ -21,6 +21,7 @@ class Task:
     backbone_class: str = ""  # the diffusers transformer class the preset trains
     conditioning: str = "text"  # "text" (prompts) or "class" (integer labels)
     two_stage: bool = True  # train the base first (tiny backbones), or fine-tune RSR only (pretrained)
+    trains_base_with_rsr: bool = False  # one stage in which the backbone learns together with RSR (frozenlake)
     default_steps: dict[str, int] = {"base": 1000, "rsr": 300}
     batch_size: int = 32
     lr: dict[str, float] = {"base": 1e-3, "rsr": 1e-3}
@@ -57,6 +58,15 @@ class Task:
     def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clean training inputs x0 (n, C, H, W) and the transformer's conditioning kwargs."""
         raise NotImplementedError
+
+    def training_loss(self, model: nn.Module, rsr, x0: torch.Tensor, cond: dict[str, torch.Tensor],
+                      seed: int) -> torch.Tensor:
+        """The loss of one batch from `batch`; by default flow matching (MSE of the predicted velocity)."""
+        from ..flow import training_pair
+
+        xt, t, target = training_pair(x0, torch.Generator().manual_seed(seed), self.weighting, self.shift)
+        pred = model(hidden_states=xt, timestep=t.to(x0.device), **cond).sample
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
 
     def condition(self, items: Sequence) -> dict[str, torch.Tensor]:
         """Conditioning kwargs for prompts (text tasks) or labels (class tasks)."""

@@ -1,0 +1,184 @@
+"""The FrozenLake navigation preset: data against gymnasium, teacher forcing, the gate choosing
+at inference, held-out maps, map validation, and the commands end to end (real tiny models)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rsr_model.data import frozenlake as lake
+from rsr_model.frozenlake_eval import judge, make_plans
+from rsr_model.frozenlake_model import FrozenLakeNet, decode, rollout
+from rsr_model.install import install_rsr
+from rsr_model.tasks import get_task
+from traces.errors import UserError
+
+MAP = "SFFF/FHFH/FFFH/HFFG"
+
+
+def small_model(task, **rsr_changes):
+    torch.manual_seed(0)
+    net = FrozenLakeNet(map_size=task.size, dim=32, heads=2, encoder_blocks=1, policy_hidden=32)
+    cfg = task.default_rsr().replace(target_layers=[net.rsr_block], rank=4, gate_hidden=32, **rsr_changes)
+    return net, install_rsr(net, cfg, freeze_base=False)
+
+
+def test_renderer_agrees_with_the_environment():
+    from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv
+
+    rng = np.random.default_rng(0)
+    for seed in range(20):
+        desc = lake.random_map(5, 0.7, seed)
+        env = FrozenLakeEnv(desc=list(desc), is_slippery=False)
+        state, _ = env.reset(seed=seed)
+        for _ in range(12):
+            tiles, agent = lake.read_cells(lake.render(desc, int(state)), len(desc))
+            assert agent == state  # the agent is drawn where the environment says it is
+            assert tiles == lake.drawn_tiles(desc)
+            state, _, terminated, _, _ = env.step(int(rng.integers(4)))
+            if terminated:
+                break
+
+
+def test_shortest_plans_reach_the_goal_safely():
+    for seed in range(30):
+        desc = lake.random_map(6, 0.6, seed)
+        plan = lake.shortest_path(desc)
+        states = lake.replay(desc, plan)
+        assert states[-1] == lake.find(desc, "G")[0] and len(states) == len(plan) + 1
+        assert not set(states) & set(lake.find(desc, "H"))
+        (sr, sc), (gr, gc) = divmod(states[0], 6), divmod(states[-1], 6)
+        assert len(plan) >= abs(sr - gr) + abs(sc - gc)
+    # the symmetries put start and goal in every corner, so plans use all four actions
+    assert {a for s in range(40) for a in lake.shortest_path(lake.random_map(4, 0.7, s))} == {0, 1, 2, 3}
+
+
+def test_held_out_maps_are_disjoint_by_content():
+    task = get_task("frozenlake")
+    held_out = set(task.eval_maps)
+    assert len(held_out) == task.n_eval
+    rng = np.random.default_rng(0)
+    drawn = [task.training_maps.draw(rng).desc for _ in range(400)]
+    assert not held_out & set(drawn)
+    # the filter is what keeps them apart: unfiltered draws of 4x4 maps do hit held-out contents
+    unfiltered = {lake.random_map(4, task.frozen, int(s)) for s in np.random.default_rng(0).integers(0, 10**9, 400)}
+    assert held_out & unfiltered
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("SFF/FHF", "square"), ("SFFF/FXFH/FFFH/HFFG", "unknown tile"), ("FFFF/FHFH/FFFH/HFFG", "exactly one start"),
+    ("SFFS/FHFH/FFFH/HFFG", "exactly one start"), ("SFFF/FHFH/FFFH/HFFF", "exactly one goal"),
+    ("SFFF/FHFH/FFFH/HFHG", "not reachable"), ("", "empty")])
+def test_every_bad_map_gets_its_error(bad, message):
+    with pytest.raises(UserError, match=message):
+        lake.parse_map(bad)
+
+
+def test_teacher_forced_training_lowers_the_loss():
+    task = get_task("frozenlake")
+    net, rsr = small_model(task)
+    frames, actions = task.padded([task.training_maps.draw(np.random.default_rng(s)) for s in range(4)])
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = task.training_loss(net, rsr, frames, {"actions": actions}, seed=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert task.last_parts["action"] < 1.0  # the gate learns the actions of these maps
+    assert not rsr.hooks.active  # teacher forcing leaves no hook behind
+
+
+def test_under_teacher_forcing_only_the_cross_entropy_trains_the_gate():
+    task = get_task("frozenlake")
+    net, rsr = small_model(task)
+    frames, actions = task.padded([lake.episode(lake.parse_map(MAP))])
+    net.train()
+    plan = rollout(net, rsr, frames[:, 0], actions)
+    ((decode(net, plan.latents) - frames) ** 2).mean().backward()  # the frame loss alone
+    gate = rsr.layer(net.rsr_block).gate
+    assert all(p.grad is None or not p.grad.any() for p in gate.parameters())
+    assert rsr.layer(net.rsr_block).experts.B.grad.abs().sum() > 0
+
+
+def test_at_inference_the_gate_not_the_label_chooses():
+    task = get_task("frozenlake")
+    net, rsr = small_model(task)
+    frames, actions = task.padded([lake.episode(lake.parse_map(MAP))])
+    task.training_loss(net, rsr, frames, {"actions": actions}, seed=0)  # a teacher-forced pass first
+    layer = rsr.layer(net.rsr_block)
+    assert lake.UP not in lake.shortest_path(lake.parse_map(MAP))
+    with torch.no_grad():
+        layer.gate.out.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 50.0]))  # a gate that always says "up"
+    plan = make_plans(task, net, rsr, [lake.parse_map(MAP)])[0]
+    assert plan.actions == [lake.UP] * rsr.config.steps  # labels would say down/right
+    with torch.no_grad():
+        layer.gate.out.bias.zero_()
+    net.eval()
+    with torch.no_grad():
+        roll = rollout(net, rsr, frames[:, 0])
+    votes = roll.logits.argmax(-1)  # (1, L, N): every token's own choice
+    assert torch.equal(roll.actions, torch.nn.functional.one_hot(votes, 4).sum(2).argmax(-1))  # the majority
+    assert torch.equal((votes == roll.actions[..., None]).float().mean(-1), roll.agreement)
+
+
+def test_baseline_without_routing_plans_with_its_policy():
+    task = get_task("frozenlake")
+    net, rsr = small_model(task, mode="no_modulation")
+    assert rsr.layer(net.rsr_block).gate is None
+    frames, actions = task.padded([lake.episode(lake.parse_map(MAP))])
+    loss = task.training_loss(net, rsr, frames, {"actions": actions}, seed=0)
+    loss.backward()
+    assert net.policy.out.weight.grad is not None and net.action_embed.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        net.policy.out.bias.copy_(torch.tensor([0.0, 50.0, 0.0, 0.0]))
+    plan = make_plans(task, net, rsr, [lake.parse_map(MAP)])[0]
+    assert plan.actions == [lake.DOWN] * rsr.config.steps
+
+
+def test_judging_a_plan_twice():
+    desc = lake.parse_map(MAP)
+    ep = lake.episode(desc)
+    from rsr_model.frozenlake_eval import Plan
+
+    L = len(ep.actions) + 1
+    perfect = Plan(map=desc, actions=ep.actions + [0], length=len(ep.actions), frames=ep.frames,
+                   cells=ep.states, agreement=[1.0] * L, votes=np.zeros((L, 16), int), probs=np.zeros((L, 16, 4)))
+    j = judge(perfect)
+    assert j.success_frames and j.success_env and all(j.actions_match) and all(j.frames_correct)
+    # a diagonal jump in the frames, and a replay that walks into the hole at (1, 1)
+    frames = ep.frames.copy()
+    frames[1] = lake.render(desc, 5)
+    bad = Plan(map=desc, actions=[lake.RIGHT, lake.DOWN] + [0] * (L - 2), length=2, frames=frames,
+               cells=[0, 5, 5] + [5] * (L - 3), agreement=[1.0] * L, votes=perfect.votes, probs=perfect.probs)
+    j = judge(bad)
+    assert j.diagonal_moves == 1 and j.impossible_moves == 1 and j.fell_in_hole and not j.success_env
+
+
+def test_train_sample_and_record_commands(tmp_path, capsys):
+    from probes.record import main as record_main
+    from rsr_model.__main__ import main
+    from traces import open_trace
+
+    ckpt, png, maps, trace = tmp_path / "fl.pt", tmp_path / "plan.png", tmp_path / "maps.txt", tmp_path / "fl.h5"
+    assert main(["train", "--preset", "frozenlake", "--steps", "2", "--batch-size", "4", "--out", str(ckpt)]) == 0
+    assert main(["sample", "--ckpt", str(ckpt), "--map", MAP, "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert png.is_file() and MAP in out and "environment:" in out
+    for bad in ("SFF/FHF", "SFFF/FHFH/FFFH/HFHG", "SFFFF/FFFFF/FFFFF/FFFFF/FFFFG"):
+        capsys.readouterr()
+        assert main(["sample", "--ckpt", str(ckpt), "--map", bad, "--out", str(png), "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:")
+    maps.write_text(MAP + "\nSFFH/FFFF/HFFF/HHFG\n")
+    assert record_main(["--ckpt", str(ckpt), "--maps", str(maps), "--out", str(trace), "--probs"]) == 0
+    with open_trace(trace) as tr:
+        L = get_task("frozenlake").horizon + 1
+        assert tr.read("/routing/expert").shape == (2, 1, 1, 1, L, 16)
+        assert tr.read("/decoded/step").shape == (2, 1, 1, 1, L, 16, 16, 3)
+        assert "action_step_0" in json.loads(tr.read("/samples/scene")[0])["attributes"]
