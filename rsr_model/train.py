@@ -231,9 +231,11 @@ class Trainer:
 
     def _warm_start(self, stage: str) -> tuple[WarmStart | None, int]:
         """The expert warm start of the RSR stage (warm_start.py) and its length in steps."""
+        if stage != "rsr" or not self.rsr.config.has_gate:
+            return None, 0
         layout, steps = self._setting("warm_start"), self._setting("warm_start_steps")
         steps = self.plan["rsr"] // 4 if steps is None else steps  # preset default: the stage's first quarter
-        if stage != "rsr" or layout == "none" or steps == 0 or not self.rsr.config.has_gate:
+        if layout == "none" or steps == 0:
             return None, 0
         return WarmStart(self.rsr, layout, self.task.weighting, self.task.shift), steps
 
