@@ -11,9 +11,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 out=runs/demo
 mkdir -p "$out"
 # The demo's base stage is shorter than the preset's 1800 steps so the whole demo fits in 15
-# minutes on a 2-core machine; the RSR stage keeps the preset's 400 (docs/specialization.md).
-base_steps=${DEMO_STEPS:-600}
-rsr_steps=${DEMO_STEPS:-400}
+# minutes on a 2-core machine (the RSR stage: 200 of its 400; docs/specialization.md).
+base_steps=${DEMO_STEPS:-400}
+rsr_steps=${DEMO_STEPS:-200}
 
 echo "== 1. train the tiny preset: the base backbone, then RSR on the frozen base"
 python -m rsr_model train --stage base --steps "$base_steps" --out "$out/base.pt" --overwrite
