@@ -1,0 +1,131 @@
+"""How often the scorer is right: rendered ground truth must pass, deliberately wrong images must fail.
+
+For every GenEval category and many seeds a scene is drawn, rendered at each resolution and
+scored against its own caption (accuracy). Then the image is altered in one way the caption
+can check and scored against the *original* caption (rejection):
+
+    colour     object 0 painted another colour         (categories that name colours)
+    count      one more object of object 0's shape     (every category)
+    shape      object 0 drawn as another shape         (every category)
+    relation   the layout mirrored along the relation's axis, so it says the opposite (position)
+
+The altered scenes keep every other property of the original (sizes, gaps, margins), so a
+rejection is due to the one change. Targets: accuracy and rejection >= 99% in every cell.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..data import shapes
+from ..data.shapes import CATEGORIES, Obj, Scene
+from .scorer import score
+
+TARGET = 0.99
+WRONG_KINDS = ("colour", "count", "shape", "relation")
+NAMES_COLOUR = ("colors", "color_attr", "position")
+MIRROR = {"left of": "x", "right of": "x", "above": "y", "below": "y"}
+
+
+def _recoloured(scene: Scene, rng: np.random.Generator) -> Scene:
+    first = scene.objects[0]
+    colour = rng.choice([c for c in shapes.COLOURS if c != first.colour])
+    return dataclasses.replace(scene, objects=(dataclasses.replace(first, colour=str(colour)), *scene.objects[1:]))
+
+
+def _reshaped(scene: Scene, rng: np.random.Generator) -> Scene:
+    first = scene.objects[0]
+    shape = rng.choice([s for s in shapes.SHAPES if s != first.shape])
+    return dataclasses.replace(scene, objects=(dataclasses.replace(first, shape=str(shape)), *scene.objects[1:]))
+
+
+def _one_more(scene: Scene, rng: np.random.Generator) -> Scene | None:
+    """The scene with an extra copy of object 0 (a fresh layout for all, same sizes and relation)."""
+    if len(scene.objects) >= shapes.MAX_OBJECTS + 1:
+        return None
+    objects = (*scene.objects, dataclasses.replace(scene.objects[0]))
+    sizes = np.array([o.size for o in objects])
+    relation = scene.relation.kind if scene.relation is not None else None
+    centres = shapes.place(rng, sizes, relation)
+    return dataclasses.replace(scene, objects=tuple(
+        Obj(o.shape, o.colour, float(x), float(y), float(z)) for o, (x, y), z in zip(objects, centres, sizes)))
+
+
+def _mirrored(scene: Scene, rng: np.random.Generator) -> Scene | None:
+    if scene.relation is None:
+        return None
+    axis = MIRROR[scene.relation.kind]
+    flip = (lambda o: dataclasses.replace(o, cx=1 - o.cx)) if axis == "x" else (lambda o: dataclasses.replace(o, cy=1 - o.cy))
+    return dataclasses.replace(scene, objects=tuple(flip(o) for o in scene.objects))
+
+
+ALTERATIONS: dict[str, Callable[[Scene, np.random.Generator], Scene | None]] = {
+    "colour": lambda s, rng: _recoloured(s, rng) if s.category in NAMES_COLOUR else None,
+    "count": _one_more,
+    "shape": _reshaped,
+    "relation": _mirrored,
+}
+
+
+def _rate(hits: list[bool]) -> float | None:
+    return float(np.mean(hits)) if hits else None
+
+
+def check_cell(category: str, resolution: int, seeds: int) -> dict[str, Any]:
+    """Accuracy on `seeds` rendered scenes of one category at one resolution, and the rejection
+    rate of each alteration that applies to the category; failures kept as captions for reading."""
+    truth, wrong = [], {kind: [] for kind in WRONG_KINDS}
+    failures: list[str] = []
+    for seed in range(seeds):
+        rng = np.random.default_rng([seed, resolution, CATEGORIES.index(category)])
+        scene = shapes.make_scene(rng, category)
+        text = shapes.caption(scene)
+        variants = {kind: alter(scene, rng) for kind, alter in ALTERATIONS.items()}
+        variants = {kind: v for kind, v in variants.items() if v is not None}
+        images = shapes.render_batch([scene, *variants.values()], resolution)
+        ok = score(images[0], text)["correct"]
+        truth.append(ok)
+        if not ok:
+            failures.append(f"missed: {text}")
+        for (kind, _), image in zip(variants.items(), images[1:]):
+            rejected = not score(image, text)["correct"]
+            wrong[kind].append(rejected)
+            if not rejected:
+                failures.append(f"accepted {kind} change: {text}")
+    return {"accuracy": _rate(truth), "n": len(truth),
+            "rejection": {kind: _rate(hits) for kind, hits in wrong.items() if hits},
+            "n_wrong": {kind: len(hits) for kind, hits in wrong.items() if hits},
+            "failures": failures[:10]}
+
+
+def scorer_check(resolutions: Sequence[int] = (24, 32), seeds: int = 500,
+                 progress: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Every (resolution, category) cell, with the worst accuracy and rejection and whether both meet TARGET."""
+    cells: dict[str, dict[str, Any]] = {}
+    for resolution in resolutions:
+        for category in CATEGORIES:
+            cells[f"{resolution}/{category}"] = check_cell(category, resolution, seeds)
+            if progress:
+                progress()
+    worst_accuracy = min(c["accuracy"] for c in cells.values())
+    worst_rejection = min(r for c in cells.values() for r in c["rejection"].values())
+    return {"target": TARGET, "seeds": seeds, "resolutions": list(resolutions), "cells": cells,
+            "worst_accuracy": worst_accuracy, "worst_rejection": worst_rejection,
+            "passed": worst_accuracy >= TARGET and worst_rejection >= TARGET}
+
+
+def check_table(result: dict[str, Any]) -> str:
+    """Markdown: one row per (resolution, category), accuracy then rejection per alteration."""
+    head = "| resolution | category | accuracy | " + " | ".join(f"rejects {k}" for k in WRONG_KINDS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(WRONG_KINDS))]
+    for key, cell in result["cells"].items():
+        resolution, category = key.split("/")
+        rejection = [cell["rejection"].get(k) for k in WRONG_KINDS]
+        lines.append(f"| {resolution} | {category} | {cell['accuracy']:.1%} | "
+                     + " | ".join("—" if r is None else f"{r:.1%}" for r in rejection) + " |")
+    verdict = "meets" if result["passed"] else "misses"
+    lines.append(f"\nWorst accuracy {result['worst_accuracy']:.1%}, worst rejection {result['worst_rejection']:.1%} "
+                 f"({result['seeds']} scenes per cell): {verdict} the {result['target']:.0%} target.")
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""`python -m rsr_model evaluate ...`: one subcommand, one action flag per evaluation.
+
+    evaluate --scorer-check [--seeds 500] [--resolutions 24,32]       is the judge right?
+    evaluate --prompts-out FILE                                        the held-apart prompt set
+    evaluate --export geneval|dpg --ckpt C --prompts FILE --out DIR    folders for the official evaluators
+    evaluate --table [--quick] [--base CKPT] [--steps N]               ablation table (paper Table 3 in small)
+    evaluate --class-conditioned [--quick]                             dit-digits FD / precision / recall (Table 1)
+
+Every action writes JSON and markdown under --out (default runs/evaluate) and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..cli import UsageError
+
+ACTIONS = ("scorer_check", "prompts_out", "export", "table", "class_conditioned")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from None
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """The `evaluate` subcommand on the project's subparsers."""
+    e = sub.add_parser("evaluate", help="score checkpoints: scorer check, ablation table, exports",
+                       description=__doc__.splitlines()[0])
+    act = e.add_mutually_exclusive_group(required=True)
+    act.add_argument("--scorer-check", action="store_true", help="score rendered ground truth and wrong scenes")
+    act.add_argument("--prompts-out", type=Path, metavar="FILE", help="write the evaluation prompt set (one per line)")
+    act.add_argument("--export", choices=["geneval", "dpg"], help="sample a prompt file into a benchmark's layout")
+    act.add_argument("--table", action="store_true", help="train the ablations from one base and score them")
+    act.add_argument("--class-conditioned", action="store_true", help="dit-digits with and without RSR")
+    e.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="output folder")
+    e.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+    e.add_argument("--seeds", type=_ints, help="scorer check: scenes per cell (one number); table: training seeds")
+    e.add_argument("--resolutions", type=_ints, default=[24, 32], help="scorer check: image sides")
+    e.add_argument("--ckpt", type=Path, help="export: the checkpoint to sample")
+    e.add_argument("--prompts", type=Path, help="export: one prompt per line (default: the evaluation set)")
+    e.add_argument("--samples-per-prompt", type=int, help="images per prompt (default 4)")
+    e.add_argument("--sample-steps", type=int, default=28, help="sampler steps")
+    e.add_argument("--guidance", type=float, default=3.0)
+    e.add_argument("--quick", action="store_true", help="table / class-conditioned: a budget for tests (minutes)")
+    e.add_argument("--base", type=Path, help="table / class-conditioned: an existing base-stage checkpoint")
+    e.add_argument("--base-steps", type=int, help="table / class-conditioned: base-stage steps when training one")
+    e.add_argument("--steps", type=int, help="table / class-conditioned: RSR-stage steps of every row")
+    return e
+
+
+def write_result(out: Path, name: str, result: dict[str, Any], markdown: str, overwrite: bool) -> list[Path]:
+    """out/name.json and out/name.md, refusing to replace existing files without --overwrite."""
+    from probes.analysis import jsonable
+
+    paths = [out / f"{name}.json", out / f"{name}.md"]
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{existing[0]} exists; pass --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    paths[0].write_text(json.dumps(jsonable(result), indent=1))
+    paths[1].write_text(markdown + "\n")
+    return paths
+
+
+def _progress(total: int, desc: str):
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+
+def run_scorer_check(args) -> None:
+    from .check import check_table, scorer_check
+
+    seeds = (args.seeds or [500])[0]
+    if seeds < 1 or any(r < 8 for r in args.resolutions):
+        raise UsageError("--seeds must be positive and --resolutions at least 8 pixels")
+    with _progress(len(args.resolutions) * 6, "scorer check") as bar:
+        result = scorer_check(args.resolutions, seeds, progress=lambda: bar.update(1))
+    markdown = check_table(result)
+    print(markdown)
+    for path in write_result(args.out, "scorer_check", result, markdown, args.overwrite):
+        print(f"wrote {path}")
+
+
+def run(args) -> None:
+    """Dispatch the action flag of `evaluate`."""
+    if args.scorer_check:
+        return run_scorer_check(args)
+    raise UsageError("this evaluation is not available yet")
