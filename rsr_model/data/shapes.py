@@ -244,19 +244,75 @@ def caption(scene: Scene) -> str:
     return spec_text(spec_of(scene))
 
 
+def category_captions(category: str, shapes: Sequence[str] = SHAPES, colours: Sequence[str] = COLOURS) -> list[str]:
+    """Every caption `make_scene` can produce for one category with this vocabulary."""
+    pairs = [(a, b) for a in shapes for b in shapes if a != b]
+    cpairs = [(a, b) for a in colours for b in colours if a != b]
+    if category == "single_object":
+        return [spec_text(Spec((Group(s, None, 1),))) for s in shapes]
+    if category == "two_object":
+        return [spec_text(Spec((Group(a, None, 1), Group(b, None, 1)))) for a, b in pairs]
+    if category == "counting":
+        return [spec_text(Spec((Group(s, None, n),), counting=True)) for s in shapes for n in NUMBERS]
+    if category == "colors":
+        return [spec_text(Spec((Group(s, c, 1),))) for s in shapes for c in colours]
+    relations = (None,) if category == "color_attr" else RELATIONS if category == "position" else None
+    if relations is None:
+        raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
+    return [spec_text(Spec((Group(a, ca, 1), Group(b, cb, 1)), rel))
+            for rel in relations for a, b in pairs for ca, cb in cpairs]
+
+
 def all_captions(shapes: Sequence[str] = SHAPES, colours: Sequence[str] = COLOURS) -> list[str]:
     """Every caption `make_scene` can produce with this vocabulary (about 940 by
     default), e.g. to pre-encode them all once before training."""
-    out: list[str] = []
-    pairs = [(a, b) for a in shapes for b in shapes if a != b]
-    cpairs = [(a, b) for a in colours for b in colours if a != b]
-    out += [spec_text(Spec((Group(s, None, 1),))) for s in shapes]
-    out += [spec_text(Spec((Group(a, None, 1), Group(b, None, 1)))) for a, b in pairs]
-    out += [spec_text(Spec((Group(s, None, n),), counting=True)) for s in shapes for n in NUMBERS]
-    out += [spec_text(Spec((Group(s, c, 1),))) for s in shapes for c in colours]
-    out += [spec_text(Spec((Group(a, ca, 1), Group(b, cb, 1)), rel))
-            for rel in (None, *RELATIONS) for a, b in pairs for ca, cb in cpairs]
-    return out
+    return [c for category in CATEGORIES for c in category_captions(category, shapes, colours)]
+
+
+# --- the held-out split -----------------------------------------------------------
+# The whole caption space is small, so evaluation prompts are a fixed subset of it that
+# training never draws (split "train" below excludes it; split "test" is that subset).
+# Held out so that every word, and for the small categories every other caption, stays in
+# training: the held-out captions test recombination of seen parts, as GenEval's prompts
+# test combinations a model was not shown verbatim.
+#   single_object  "a triangle"                    ("one triangle", "a red triangle" stay)
+#   two_object     "a circle and a triangle", "a square and a circle" (the reverse orders stay)
+#   counting       one per number: one square, two triangles, three circles, four squares
+#   colors         one shape per colour: red circle, green square, blue triangle, yellow
+#                  circle, purple square, white triangle
+#   color_attr     16 of 180, position 24 of 720: a fixed draw (seed HELD_OUT_SEED)
+HELD_OUT_SEED = 13
+HELD_OUT_DRAWN = {"color_attr": 16, "position": 24}
+
+
+def held_out_captions() -> dict[str, tuple[str, ...]]:
+    """category -> the captions of the default vocabulary that training never draws."""
+    held = {
+        "single_object": ("a triangle",),
+        "two_object": ("a circle and a triangle", "a square and a circle"),
+        "counting": tuple(spec_text(Spec((Group(SHAPES[n % 3], None, n),), counting=True)) for n in NUMBERS),
+        "colors": tuple(spec_text(Spec((Group(SHAPES[i % 3], c, 1),))) for i, c in enumerate(COLOURS)),
+    }
+    for category, n in HELD_OUT_DRAWN.items():
+        pool = category_captions(category)
+        rng = np.random.default_rng([HELD_OUT_SEED, CATEGORIES.index(category)])
+        held[category] = tuple(pool[int(i)] for i in sorted(rng.choice(len(pool), n, replace=False)))
+    return {category: held[category] for category in CATEGORIES}
+
+
+_HELD_OUT = frozenset(c for captions in held_out_captions().values() for c in captions)
+SPLITS = ("train", "test", "all")
+
+
+def draw_scene(rng: np.random.Generator, category: str, split: str = "train") -> Scene:
+    """A scene of `category` whose caption belongs to `split`: "train" redraws held-out captions,
+    "test" redraws the others, "all" keeps every draw."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    while True:
+        scene = make_scene(rng, category)
+        if split == "all" or (caption(scene) in _HELD_OUT) == (split == "test"):
+            return scene
 
 
 _WORD_NUM = {"a": 1, "an": 1, **{v: k for k, v in NUMBERS.items()}}
@@ -361,12 +417,13 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
 
 
 def sample_batch(rng: np.random.Generator, batch_size: int, size: int = 32,
-                 categories: Sequence[str] | None = None
+                 categories: Sequence[str] | None = None, split: str = "train"
                  ) -> tuple[np.ndarray, list[str], list[Scene]]:
     """A random batch: (images float32 (B,3,H,W) in [-1,1], captions, scenes).
-    `categories` restricts (uniformly) which categories are drawn."""
+    `categories` restricts (uniformly) which categories are drawn; `split` which captions
+    (see `draw_scene`: training batches never show a held-out caption)."""
     cats = CATEGORIES if categories is None else tuple(categories)
-    scenes = [make_scene(rng, cats[int(rng.integers(len(cats)))]) for _ in range(batch_size)]
+    scenes = [draw_scene(rng, cats[int(rng.integers(len(cats)))], split) for _ in range(batch_size)]
     return to_model_range(render_batch(scenes, size)), [caption(s) for s in scenes], scenes
 
 
@@ -375,13 +432,14 @@ class ShapesDataset:
     larger set extends a smaller one.  Images are rendered once and kept as uint8.
     `ds[i]` -> (image float32 (3,H,W) in [-1,1], caption); `ds.scenes[i]` is the truth."""
 
-    def __init__(self, n: int, seed: int = 0, size: int = 32, categories: Sequence[str] | None = None):
+    def __init__(self, n: int, seed: int = 0, size: int = 32, categories: Sequence[str] | None = None,
+                 split: str = "train"):
         cats = CATEGORIES if categories is None else tuple(categories)
         self.size = size
         self.scenes: list[Scene] = []
         for i in range(n):
             rng = np.random.default_rng([seed, i])
-            self.scenes.append(make_scene(rng, cats[int(rng.integers(len(cats)))]))
+            self.scenes.append(draw_scene(rng, cats[int(rng.integers(len(cats)))], split))
         self.captions = [caption(s) for s in self.scenes]
         chunks = [render_batch(self.scenes[i:i + 1024], size) for i in range(0, n, 1024)]
         self.images = np.concatenate(chunks) if chunks else np.zeros((0, size, size, 3), np.uint8)  # (n,H,W,3)

@@ -89,8 +89,25 @@ def run_scorer_check(args) -> None:
         print(f"wrote {path}")
 
 
+def run_prompts_out(args) -> None:
+    """The prompt set as text (one per line, category by category) and as GenEval metadata beside it."""
+    from .prompts import evaluation_prompts, geneval_metadata
+
+    text, meta = args.prompts_out, args.prompts_out.with_suffix(".jsonl")
+    for path in (text, meta):
+        if path.exists() and not args.overwrite:
+            raise UsageError(f"{path} exists; pass --overwrite to replace it")
+    every = [p for ps in evaluation_prompts().values() for p in ps]
+    text.parent.mkdir(parents=True, exist_ok=True)
+    text.write_text("".join(p + "\n" for p in every))
+    meta.write_text("".join(json.dumps(geneval_metadata(p)) + "\n" for p in every))
+    print(f"wrote {text} and {meta} ({len(every)} prompts)")
+
+
 def run(args) -> None:
     """Dispatch the action flag of `evaluate`."""
     if args.scorer_check:
         return run_scorer_check(args)
+    if args.prompts_out:
+        return run_prompts_out(args)
     raise UsageError("this evaluation is not available yet")
