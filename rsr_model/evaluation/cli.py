@@ -104,10 +104,42 @@ def run_prompts_out(args) -> None:
     print(f"wrote {text} and {meta} ({len(every)} prompts)")
 
 
+def _empty_out(out: Path, overwrite: bool) -> None:
+    """Exports own their folder (evaluators list every file in it): refuse a non-empty one unless --overwrite."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UsageError(f"{out} exists and is not an empty folder; pass --overwrite to write into it")
+
+
+def run_export(args) -> None:
+    from ..sample import load_model
+    from .export import ExportItem, export, read_items
+    from .prompts import evaluation_prompts, geneval_metadata
+
+    if args.ckpt is None:
+        raise UsageError("--export needs --ckpt CKPT")
+    samples = args.samples_per_prompt or 4
+    if samples < 1 or args.sample_steps < 1:
+        raise UsageError("--samples-per-prompt and --sample-steps must be positive")
+    if args.prompts is not None:
+        items = read_items(args.prompts, args.export)
+    else:  # the held-apart evaluation set
+        every = [p for ps in evaluation_prompts().values() for p in ps]
+        items = [ExportItem(f"{i:05d}" if args.export == "geneval" else str(i), p,
+                            geneval_metadata(p) if args.export == "geneval" else None) for i, p in enumerate(every)]
+    _empty_out(args.out, args.overwrite)
+    task, transformer, _, _ = load_model(args.ckpt)
+    with _progress(len(items), f"export {args.export}") as bar:
+        export(task, transformer, items, args.out, args.export, samples, steps=args.sample_steps,
+               guidance=args.guidance, progress=bar.update)
+    print(f"wrote {len(items)} prompt(s) x {samples} sample(s) to {args.out} ({args.export} layout)")
+
+
 def run(args) -> None:
     """Dispatch the action flag of `evaluate`."""
     if args.scorer_check:
         return run_scorer_check(args)
     if args.prompts_out:
         return run_prompts_out(args)
+    if args.export:
+        return run_export(args)
     raise UsageError("this evaluation is not available yet")
