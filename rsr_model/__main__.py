@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("out.png"))
     s.add_argument("--overwrite", action="store_true")
 
-    from .evaluation import cli as evaluation_cli
+    from .evaluation import cli as evaluation_cli, lora_export
     evaluation_cli.add_parser(sub)
+    lora_export.add_parser(sub)
     return p
 
 
@@ -142,9 +143,10 @@ def cmd_sample(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         args = build_parser().parse_args(argv)
-        from .evaluation import cli as evaluation_cli
+        from .evaluation import cli as evaluation_cli, lora_export
 
-        commands = {"train": cmd_train, "sample": cmd_sample, "evaluate": evaluation_cli.run}
+        commands = {"train": cmd_train, "sample": cmd_sample, "evaluate": evaluation_cli.run,
+                    "export-lora": lora_export.run}
         commands[args.command](args)
 
     return run_main(body, interrupted="interrupted; the last checkpoint written is intact")
