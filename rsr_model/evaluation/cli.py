@@ -50,6 +50,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--base", type=Path, help="table / class-conditioned: an existing base-stage checkpoint")
     e.add_argument("--base-steps", type=int, help="table / class-conditioned: base-stage steps when training one")
     e.add_argument("--steps", type=int, help="table / class-conditioned: RSR-stage steps of every row")
+    e.add_argument("--images-per-category", type=int, help="table: images sampled per GenEval category")
+    e.add_argument("--targets", choices=["middle", "multi", "both"], help="table: which target blocks (default both)")
     return e
 
 
@@ -134,6 +136,40 @@ def run_export(args) -> None:
     print(f"wrote {len(items)} prompt(s) x {samples} sample(s) to {args.out} ({args.export} layout)")
 
 
+def _budget(args, default, quick):
+    """The preset budget (--quick or the default) with the flags given on top."""
+    import dataclasses
+
+    budget = quick if args.quick else default
+    changes = {"base_steps": args.base_steps, "rsr_steps": args.steps,
+               "seeds": tuple(args.seeds) if args.seeds else None}
+    if hasattr(budget, "images_per_category"):
+        changes["images_per_category"] = args.images_per_category
+        changes["sample_steps"] = args.sample_steps if args.sample_steps != 28 else None
+        changes["guidance"] = args.guidance if args.guidance != 3.0 else None
+        changes["targets"] = None if args.targets is None else \
+            ("middle", "multi") if args.targets == "both" else (args.targets,)
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if any(isinstance(v, int) and v < 1 for v in changes.values()) or not changes.get("seeds", (0,)):
+        raise UsageError("steps, seeds and image counts must be positive")
+    return dataclasses.replace(budget, **changes)
+
+
+def run_table(args) -> None:
+    from .table import DEFAULT, QUICK, run_table as table
+
+    budget = _budget(args, DEFAULT, QUICK)
+    if args.base is not None and not args.base.exists():
+        raise UsageError(f"base checkpoint not found: {args.base}")
+    for name in ("table.json", "table.md"):
+        if (args.out / name).exists() and not args.overwrite:
+            raise UsageError(f"{args.out / name} exists; pass --overwrite to replace it")
+    result, markdown = table(args.out, budget, args.base, progress=lambda what: print(f"[table] {what}", flush=True))
+    print(markdown)
+    for path in write_result(args.out, "table", result, markdown, overwrite=True):
+        print(f"wrote {path}")
+
+
 def run(args) -> None:
     """Dispatch the action flag of `evaluate`."""
     if args.scorer_check:
@@ -142,4 +178,6 @@ def run(args) -> None:
         return run_prompts_out(args)
     if args.export:
         return run_export(args)
+    if args.table:
+        return run_table(args)
     raise UsageError("this evaluation is not available yet")
