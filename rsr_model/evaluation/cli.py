@@ -5,6 +5,7 @@
     evaluate --export geneval|dpg --ckpt C --prompts FILE --out DIR    folders for the official evaluators
     evaluate --table [--quick] [--base CKPT] [--steps N]               ablation table (paper Table 3 in small)
     evaluate --class-conditioned [--quick]                             dit-digits FD / precision / recall (Table 1)
+    evaluate --planning CKPT [CKPT ...]                                planning figures (FrozenLake preset)
 
 Every action writes JSON and markdown under --out (default runs/evaluate) and prints the table.
 """
@@ -16,9 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import UsageError
-
-ACTIONS = ("scorer_check", "prompts_out", "export", "table", "class_conditioned")
-
 
 def _ints(text: str) -> list[int]:
     try:
@@ -37,6 +35,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     act.add_argument("--export", choices=["geneval", "dpg"], help="sample a prompt file into a benchmark's layout")
     act.add_argument("--table", action="store_true", help="train the ablations from one base and score them")
     act.add_argument("--class-conditioned", action="store_true", help="dit-digits with and without RSR")
+    act.add_argument("--planning", type=Path, nargs="+", metavar="CKPT",
+                     help="planning figures of checkpoints of a planning preset (FrozenLake)")
     e.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="output folder")
     e.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     e.add_argument("--seeds", type=_ints, help="scorer check: scenes per cell (one number); table: training seeds")
@@ -44,13 +44,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--ckpt", type=Path, help="export: the checkpoint to sample")
     e.add_argument("--prompts", type=Path, help="export: one prompt per line (default: the evaluation set)")
     e.add_argument("--samples-per-prompt", type=int, help="images per prompt (default 4)")
-    e.add_argument("--sample-steps", type=int, default=28, help="sampler steps")
-    e.add_argument("--guidance", type=float, default=3.0)
+    e.add_argument("--sample-steps", type=int, help="sampler steps (default: export 28, else the budget's)")
+    e.add_argument("--guidance", type=float, help="guidance scale (default: export 3.0, else the budget's)")
     e.add_argument("--quick", action="store_true", help="table / class-conditioned: a budget for tests (minutes)")
     e.add_argument("--base", type=Path, help="table / class-conditioned: an existing base-stage checkpoint")
     e.add_argument("--base-steps", type=int, help="table / class-conditioned: base-stage steps when training one")
     e.add_argument("--steps", type=int, help="table / class-conditioned: RSR-stage steps of every row")
     e.add_argument("--images-per-category", type=int, help="table: images sampled per GenEval category")
+    e.add_argument("--samples-per-class", type=int, help="class-conditioned: samples per digit")
     e.add_argument("--targets", choices=["middle", "multi", "both"], help="table: which target blocks (default both)")
     return e
 
@@ -120,7 +121,7 @@ def run_export(args) -> None:
     if args.ckpt is None:
         raise UsageError("--export needs --ckpt CKPT")
     samples = args.samples_per_prompt or 4
-    if samples < 1 or args.sample_steps < 1:
+    if samples < 1 or (args.sample_steps or 1) < 1:
         raise UsageError("--samples-per-prompt and --sample-steps must be positive")
     if args.prompts is not None:
         items = read_items(args.prompts, args.export)
@@ -131,8 +132,8 @@ def run_export(args) -> None:
     _empty_out(args.out, args.overwrite)
     task, transformer, _, _ = load_model(args.ckpt)
     with _progress(len(items), f"export {args.export}") as bar:
-        export(task, transformer, items, args.out, args.export, samples, steps=args.sample_steps,
-               guidance=args.guidance, progress=bar.update)
+        export(task, transformer, items, args.out, args.export, samples, steps=args.sample_steps or 28,
+               guidance=3.0 if args.guidance is None else args.guidance, progress=bar.update)
     print(f"wrote {len(items)} prompt(s) x {samples} sample(s) to {args.out} ({args.export} layout)")
 
 
@@ -141,32 +142,52 @@ def _budget(args, default, quick):
     import dataclasses
 
     budget = quick if args.quick else default
-    changes = {"base_steps": args.base_steps, "rsr_steps": args.steps,
-               "seeds": tuple(args.seeds) if args.seeds else None}
-    if hasattr(budget, "images_per_category"):
-        changes["images_per_category"] = args.images_per_category
-        changes["sample_steps"] = args.sample_steps if args.sample_steps != 28 else None
-        changes["guidance"] = args.guidance if args.guidance != 3.0 else None
-        changes["targets"] = None if args.targets is None else \
-            ("middle", "multi") if args.targets == "both" else (args.targets,)
-    changes = {k: v for k, v in changes.items() if v is not None}
+    targets = None if args.targets is None else ("middle", "multi") if args.targets == "both" else (args.targets,)
+    changes = {"base_steps": args.base_steps, "rsr_steps": args.steps, "seeds": tuple(args.seeds) if args.seeds else None,
+               "sample_steps": args.sample_steps, "guidance": args.guidance, "targets": targets,
+               "images_per_category": args.images_per_category, "samples_per_class": args.samples_per_class}
+    changes = {k: v for k, v in changes.items() if v is not None and hasattr(budget, k)}
     if any(isinstance(v, int) and v < 1 for v in changes.values()) or not changes.get("seeds", (0,)):
         raise UsageError("steps, seeds and image counts must be positive")
     return dataclasses.replace(budget, **changes)
 
 
+def _run_budgeted(args, name: str, default, quick, runner) -> None:
+    """Check the inputs before any training, run, print the markdown, write name.json / name.md."""
+    budget = _budget(args, default, quick)
+    if args.base is not None and not args.base.exists():
+        raise UsageError(f"base checkpoint not found: {args.base}")
+    for suffix in (".json", ".md"):
+        if (args.out / f"{name}{suffix}").exists() and not args.overwrite:
+            raise UsageError(f"{args.out / (name + suffix)} exists; pass --overwrite to replace it")
+    result, markdown = runner(args.out, budget, args.base, progress=lambda what: print(f"[{name}] {what}", flush=True))
+    print(markdown)
+    for path in write_result(args.out, name, result, markdown, overwrite=True):
+        print(f"wrote {path}")
+
+
 def run_table(args) -> None:
     from .table import DEFAULT, QUICK, run_table as table
 
-    budget = _budget(args, DEFAULT, QUICK)
-    if args.base is not None and not args.base.exists():
-        raise UsageError(f"base checkpoint not found: {args.base}")
-    for name in ("table.json", "table.md"):
-        if (args.out / name).exists() and not args.overwrite:
-            raise UsageError(f"{args.out / name} exists; pass --overwrite to replace it")
-    result, markdown = table(args.out, budget, args.base, progress=lambda what: print(f"[table] {what}", flush=True))
-    print(markdown)
-    for path in write_result(args.out, "table", result, markdown, overwrite=True):
+    _run_budgeted(args, "table", DEFAULT, QUICK, table)
+
+
+def run_class_conditioned(args) -> None:
+    from .digits_quality import DEFAULT, QUICK, run_class_conditioned as class_conditioned
+
+    _run_budgeted(args, "class_conditioned", DEFAULT, QUICK, class_conditioned)
+
+
+def run_planning(args) -> None:
+    from .planning import markdown, planning_rows
+
+    for ckpt in args.planning:
+        if not ckpt.exists():
+            raise UsageError(f"checkpoint not found: {ckpt}")
+    result = planning_rows(args.planning, args.seeds or [0, 1, 2])
+    text = markdown(result)
+    print(text)
+    for path in write_result(args.out, "planning", result, text, args.overwrite):
         print(f"wrote {path}")
 
 
@@ -180,4 +201,6 @@ def run(args) -> None:
         return run_export(args)
     if args.table:
         return run_table(args)
-    raise UsageError("this evaluation is not available yet")
+    if args.class_conditioned:
+        return run_class_conditioned(args)
+    return run_planning(args)
