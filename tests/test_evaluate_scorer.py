@@ -84,11 +84,11 @@ def test_scorer_check_meets_its_target_and_reports_every_cell():
 
 
 def test_scorer_check_command_writes_json_and_markdown(tmp_path, capsys):
-    assert main(["evaluate", "--scorer-check", "--seeds", "4", "--resolutions", "24", "--out", str(tmp_path)]) == 0
+    assert main(["evaluate", "--scorer-check", "--scenes", "4", "--resolutions", "24", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "| 24 | position |" in printed and "meets the 99% target" in printed
     saved = json.loads((tmp_path / "scorer_check.json").read_text())
     assert saved["seeds"] == 4 and saved["passed"]
     assert (tmp_path / "scorer_check.md").read_text().startswith("| resolution |")
     # a second run refuses to replace the files without --overwrite
-    assert main(["evaluate", "--scorer-check", "--seeds", "4", "--resolutions", "24", "--out", str(tmp_path)]) == 2
+    assert main(["evaluate", "--scorer-check", "--scenes", "4", "--resolutions", "24", "--out", str(tmp_path)]) == 2

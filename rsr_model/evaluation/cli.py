@@ -1,13 +1,15 @@
 """`python -m rsr_model evaluate ...`: one subcommand, one action flag per evaluation.
 
-    evaluate --scorer-check [--seeds 500] [--resolutions 24,32]       is the judge right?
+    evaluate --scorer-check [--scenes 500] [--resolutions 24,32]      is the judge right?
     evaluate --prompts-out FILE                                        the held-apart prompt set
     evaluate --export geneval|dpg --ckpt C --prompts FILE --out DIR    folders for the official evaluators
     evaluate --table [--quick] [--base CKPT] [--steps N]               ablation table (paper Table 3 in small)
     evaluate --class-conditioned [--quick]                             dit-digits FD / precision / recall (Table 1)
     evaluate --planning CKPT [CKPT ...]                                planning figures (FrozenLake preset)
 
-Every action writes JSON and markdown under --out (default runs/evaluate) and prints the table.
+The scorer check, the table, the class-conditioned table and the planning figures print a markdown
+table and write NAME.json and NAME.md under --out (default runs/evaluate); checkpoints they
+train go to --out/checkpoints and are reused by a later run with the same budget.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def _ints(text: str) -> list[int]:
 def add_parser(sub) -> argparse.ArgumentParser:
     """The `evaluate` subcommand on the project's subparsers."""
     e = sub.add_parser("evaluate", help="score checkpoints: scorer check, ablation table, exports",
-                       description=__doc__.splitlines()[0])
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     act = e.add_mutually_exclusive_group(required=True)
     act.add_argument("--scorer-check", action="store_true", help="score rendered ground truth and wrong scenes")
     act.add_argument("--prompts-out", type=Path, metavar="FILE", help="write the evaluation prompt set (one per line)")
@@ -39,7 +41,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                      help="planning figures of checkpoints of a planning preset (FrozenLake)")
     e.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="output folder")
     e.add_argument("--overwrite", action="store_true", help="replace files already in --out")
-    e.add_argument("--seeds", type=_ints, help="scorer check: scenes per cell (one number); table: training seeds")
+    e.add_argument("--scenes", type=int, default=500, help="scorer check: scenes per category and resolution")
+    e.add_argument("--seeds", type=_ints, help="table / class-conditioned / planning: training seeds")
     e.add_argument("--resolutions", type=_ints, default=[24, 32], help="scorer check: image sides")
     e.add_argument("--ckpt", type=Path, help="export: the checkpoint to sample")
     e.add_argument("--prompts", type=Path, help="export: one prompt per line (default: the evaluation set)")
@@ -81,11 +84,10 @@ def _progress(total: int, desc: str):
 def run_scorer_check(args) -> None:
     from .check import check_table, scorer_check
 
-    seeds = (args.seeds or [500])[0]
-    if seeds < 1 or any(r < 8 for r in args.resolutions):
-        raise UsageError("--seeds must be positive and --resolutions at least 8 pixels")
+    if args.scenes < 1 or any(r < 8 for r in args.resolutions):
+        raise UsageError("--scenes must be positive and --resolutions at least 8 pixels")
     with _progress(len(args.resolutions) * 6, "scorer check") as bar:
-        result = scorer_check(args.resolutions, seeds, progress=lambda: bar.update(1))
+        result = scorer_check(args.resolutions, args.scenes, progress=lambda: bar.update(1))
     markdown = check_table(result)
     print(markdown)
     for path in write_result(args.out, "scorer_check", result, markdown, args.overwrite):
