@@ -61,7 +61,8 @@ def test_exported_expert_changes_projections_exactly_as_inside_rsr(routed_ckpt, 
     cond = task.condition(["a red circle", "two squares"])
     inputs = dict(hidden_states=torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(2)),
                   timestep=torch.tensor([800.0, 200.0]), **cond)
-    with torch.no_grad(), rsr.hooks.hooks({hook_name("*", "expert", "*"): lambda ids, ctx: torch.full_like(ids, EXPERT)}):
+    every_token_to_expert = {hook_name("*", "expert", "*"): lambda ids, ctx: torch.full_like(ids, EXPERT)}
+    with torch.no_grad(), rsr.hooks.hooks(every_token_to_expert):
         routed = model(**inputs).sample
     with torch.no_grad():
         torch.testing.assert_close(plain(**inputs).sample, routed, atol=1e-4, rtol=1e-4)

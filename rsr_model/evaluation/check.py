@@ -56,9 +56,9 @@ def _one_more(scene: Scene, rng: np.random.Generator) -> Scene | None:
 def _mirrored(scene: Scene, rng: np.random.Generator) -> Scene | None:
     if scene.relation is None:
         return None
-    axis = MIRROR[scene.relation.kind]
-    flip = (lambda o: dataclasses.replace(o, cx=1 - o.cx)) if axis == "x" else (lambda o: dataclasses.replace(o, cy=1 - o.cy))
-    return dataclasses.replace(scene, objects=tuple(flip(o) for o in scene.objects))
+    if MIRROR[scene.relation.kind] == "x":
+        return dataclasses.replace(scene, objects=tuple(dataclasses.replace(o, cx=1 - o.cx) for o in scene.objects))
+    return dataclasses.replace(scene, objects=tuple(dataclasses.replace(o, cy=1 - o.cy) for o in scene.objects))
 
 
 ALTERATIONS: dict[str, Callable[[Scene, np.random.Generator], Scene | None]] = {

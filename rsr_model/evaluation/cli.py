@@ -145,8 +145,8 @@ def _budget(args, default, quick):
 
     budget = quick if args.quick else default
     targets = None if args.targets is None else ("middle", "multi") if args.targets == "both" else (args.targets,)
-    changes = {"base_steps": args.base_steps, "rsr_steps": args.steps, "seeds": tuple(args.seeds) if args.seeds else None,
-               "sample_steps": args.sample_steps, "guidance": args.guidance, "targets": targets,
+    changes = {"base_steps": args.base_steps, "rsr_steps": args.steps,
+               "seeds": tuple(args.seeds) if args.seeds else None, "sample_steps": args.sample_steps, "guidance": args.guidance, "targets": targets,
                "images_per_category": args.images_per_category, "samples_per_class": args.samples_per_class}
     changes = {k: v for k, v in changes.items() if v is not None and hasattr(budget, k)}
     if any(isinstance(v, int) and v < 1 for v in changes.values()) or not changes.get("seeds", (0,)):

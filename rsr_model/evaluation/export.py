@@ -105,7 +105,8 @@ def export(task, transformer, items: Sequence[ExportItem], out: Path, benchmark:
     from ..sample import generate
 
     if benchmark == "dpg" and samples_per_prompt != DPG_GRID ** 2:
-        raise UsageError(f"DPG-Bench images hold {DPG_GRID ** 2} samples each; got --samples-per-prompt {samples_per_prompt}")
+        raise UsageError(f"DPG-Bench images hold {DPG_GRID ** 2} samples each; "
+                         f"got --samples-per-prompt {samples_per_prompt}")
     per_batch = max(1, batch_size // samples_per_prompt)
     seeds = [seed + j for j in range(samples_per_prompt)]
     for start in range(0, len(items), per_batch):

@@ -186,7 +186,8 @@ def summarise(runs: list[RowRun], planned: Sequence[PlannedImage]) -> dict[str, 
             values = np.array([s[col] for s in per_seed]) * 100
             row["scores"][col] = {"mean": float(values.mean()),
                                   "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
-        numeric = {k for r in group for k, v in r.routing.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numeric = {k for r in group for k, v in r.routing.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         row["routing"] = {k: float(np.mean([r.routing[k] for r in group if k in r.routing])) for k in sorted(numeric)}
         rows.append(row)
     tests = {}
