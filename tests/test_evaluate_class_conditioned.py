@@ -44,7 +44,8 @@ def test_planning_hook_refuses_presets_without_planning_figures(tmp_path, capsys
                  "--steps", "1"]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--planning", str(ckpt), "--out", str(tmp_path)]) == 2
-    assert "measures no planning figures" in one_error_line(capsys.readouterr().err)
-    table = markdown({"seeds": [0, 1], "rows": {"a (rsr)": {"4x4": {"success": 0.5, "action_accuracy": 0.75,
-                                                                     "frame_accuracy": 1.0}}}})
-    assert table.splitlines()[2] == "| a (rsr) | 0.500 | 0.750 | 1.000 |"
+    assert "no held-out maps to plan on" in one_error_line(capsys.readouterr().err)
+    row = {"size": "4x4", "mode": "rsr", "checkpoints": 3, "success_env": {"mean": 0.5, "std": 0.1},
+           "action_accuracy": {"mean": 0.75, "std": 0.0}, "frame_accuracy": {"mean": 1.0, "std": 0.0}}
+    table = markdown({"maps": 200, "rows": [row]})
+    assert table.splitlines()[2] == "| 4x4 | rsr | 3 | 0.500 ± 0.100 | 0.750 ± 0.000 | 1.000 ± 0.000 |"

@@ -75,7 +75,7 @@ def test_blank_and_wrong_images_fail():
 
 
 def test_scorer_check_meets_its_target_and_reports_every_cell():
-    result = scorer_check(resolutions=(24, 32), seeds=10)
+    result = scorer_check(resolutions=(24, 32), scenes=10)
     assert set(result["cells"]) == {f"{r}/{c}" for r in (24, 32) for c in S.CATEGORIES}
     position = result["cells"]["24/position"]
     assert set(position["rejection"]) == set(WRONG_KINDS) and position["n_wrong"]["relation"] == 10
@@ -88,7 +88,7 @@ def test_scorer_check_command_writes_json_and_markdown(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| 24 | position |" in printed and "meets the 99% target" in printed
     saved = json.loads((tmp_path / "scorer_check.json").read_text())
-    assert saved["seeds"] == 4 and saved["passed"]
+    assert saved["scenes"] == 4 and saved["passed"]
     assert (tmp_path / "scorer_check.md").read_text().startswith("| resolution |")
     # a second run refuses to replace the files without --overwrite
     assert main(["evaluate", "--scorer-check", "--scenes", "4", "--resolutions", "24", "--out", str(tmp_path)]) == 2

@@ -73,12 +73,12 @@ def _rate(hits: list[bool]) -> float | None:
     return float(np.mean(hits)) if hits else None
 
 
-def check_cell(category: str, resolution: int, seeds: int) -> dict[str, Any]:
-    """Accuracy on `seeds` rendered scenes of one category at one resolution, and the rejection
+def check_cell(category: str, resolution: int, scenes: int) -> dict[str, Any]:
+    """Accuracy on `scenes` rendered scenes of one category at one resolution, and the rejection
     rate of each alteration that applies to the category; failures kept as captions for reading."""
     truth, wrong = [], {kind: [] for kind in WRONG_KINDS}
     failures: list[str] = []
-    for seed in range(seeds):
+    for seed in range(scenes):
         rng = np.random.default_rng([seed, resolution, CATEGORIES.index(category)])
         scene = shapes.make_scene(rng, category)
         text = shapes.caption(scene)
@@ -100,32 +100,32 @@ def check_cell(category: str, resolution: int, seeds: int) -> dict[str, Any]:
             "failures": failures[:10]}
 
 
-def scorer_check(resolutions: Sequence[int] = (24, 32), seeds: int = 500,
+def scorer_check(resolutions: Sequence[int] = (24, 32), scenes: int = 500,
                  progress: Callable[[], None] | None = None) -> dict[str, Any]:
     """Every (resolution, category) cell, with the worst accuracy and rejection and whether both meet TARGET."""
     cells: dict[str, dict[str, Any]] = {}
     for resolution in resolutions:
         for category in CATEGORIES:
-            cells[f"{resolution}/{category}"] = check_cell(category, resolution, seeds)
+            cells[f"{resolution}/{category}"] = check_cell(category, resolution, scenes)
             if progress:
                 progress()
     worst_accuracy = min(c["accuracy"] for c in cells.values())
     worst_rejection = min(r for c in cells.values() for r in c["rejection"].values())
-    return {"target": TARGET, "seeds": seeds, "resolutions": list(resolutions), "cells": cells,
+    return {"target": TARGET, "scenes": scenes, "resolutions": list(resolutions), "cells": cells,
             "worst_accuracy": worst_accuracy, "worst_rejection": worst_rejection,
             "passed": worst_accuracy >= TARGET and worst_rejection >= TARGET}
 
 
 def check_table(result: dict[str, Any]) -> str:
     """Markdown: one row per (resolution, category), accuracy then rejection per alteration."""
-    head = "| resolution | category | accuracy | " + " | ".join(f"rejects {k}" for k in WRONG_KINDS) + " |"
-    lines = [head, "|" + "---|" * (3 + len(WRONG_KINDS))]
+    from .markdown import table_lines
+
+    rows = []
     for key, cell in result["cells"].items():
-        resolution, category = key.split("/")
         rejection = [cell["rejection"].get(k) for k in WRONG_KINDS]
-        lines.append(f"| {resolution} | {category} | {cell['accuracy']:.1%} | "
-                     + " | ".join("—" if r is None else f"{r:.1%}" for r in rejection) + " |")
+        rows.append([*key.split("/"), f"{cell['accuracy']:.1%}", *("—" if r is None else f"{r:.1%}" for r in rejection)])
+    lines = table_lines(["resolution", "category", "accuracy", *(f"rejects {k}" for k in WRONG_KINDS)], rows)
     verdict = "meets" if result["passed"] else "misses"
     lines.append(f"\nWorst accuracy {result['worst_accuracy']:.1%}, worst rejection {result['worst_rejection']:.1%} "
-                 f"({result['seeds']} scenes per cell): {verdict} the {result['target']:.0%} target.")
+                 f"({result['scenes']} scenes per cell): {verdict} the {result['target']:.0%} target.")
     return "\n".join(lines)

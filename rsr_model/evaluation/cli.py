@@ -38,11 +38,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     act.add_argument("--table", action="store_true", help="train the ablations from one base and score them")
     act.add_argument("--class-conditioned", action="store_true", help="dit-digits with and without RSR")
     act.add_argument("--planning", type=Path, nargs="+", metavar="CKPT",
-                     help="planning figures of checkpoints of a planning preset (FrozenLake)")
+                     help="planning figures of FrozenLake checkpoints (several seeds and modes)")
     e.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="output folder")
     e.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     e.add_argument("--scenes", type=int, default=500, help="scorer check: scenes per category and resolution")
-    e.add_argument("--seeds", type=_ints, help="table / class-conditioned / planning: training seeds")
+    e.add_argument("--seeds", type=_ints, help="table / class-conditioned: training seeds")
     e.add_argument("--resolutions", type=_ints, default=[24, 32], help="scorer check: image sides")
     e.add_argument("--ckpt", type=Path, help="export: the checkpoint to sample")
     e.add_argument("--prompts", type=Path, help="export: one prompt per line (default: the evaluation set)")
@@ -186,7 +186,7 @@ def run_planning(args) -> None:
     for ckpt in args.planning:
         if not ckpt.exists():
             raise UsageError(f"checkpoint not found: {ckpt}")
-    result = planning_rows(args.planning, args.seeds or [0, 1, 2])
+    result = planning_rows(args.planning)
     text = markdown(result)
     print(text)
     for path in write_result(args.out, "planning", result, text, args.overwrite):

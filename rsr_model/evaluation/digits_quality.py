@@ -224,12 +224,12 @@ FIGURES = {"fd": "FD ↓", "sfd": "sFD ↓", "is": "IS ↑", "precision": "Preci
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| Model | " + " | ".join(FIGURES.values()) + " |", "|" + "---|" * (len(FIGURES) + 1)]
-    for name, row in result["rows"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in FIGURES) + " |")
+    from .markdown import table_lines
+
+    rows = [[name, *(f"{row[k]:.3f}" for k in FIGURES)] for name, row in result["rows"].items()]
     b = result["budget"]
-    lines.append(f"\n{result['samples']} samples ({b['samples_per_class']} per class), {b['sample_steps']} sampler "
-                 f"steps, guidance {b['guidance']}; features of a digits CNN with test accuracy "
-                 f"{100 * result['classifier_test_accuracy']:.1f}% (297 held-out images). Training seeds "
-                 f"{list(b['seeds'])} (figures averaged). Wall time {result['seconds']:.0f} s.")
-    return "\n".join(lines)
+    note = (f"{result['samples']} samples ({b['samples_per_class']} per class), {b['sample_steps']} sampler steps, "
+            f"guidance {b['guidance']}; features of a digits CNN with test accuracy "
+            f"{100 * result['classifier_test_accuracy']:.1f}% (297 held-out images). Training seeds "
+            f"{list(b['seeds'])} (figures averaged). Wall time {result['seconds']:.0f} s.")
+    return "\n".join([*table_lines(["Model", *FIGURES.values()], rows), "", note])

@@ -1,17 +1,19 @@
 """Planning figures (the paper's section 4.4: reasoning in visual latents) beside the other tables:
 `evaluate --planning CKPT [CKPT ...]`.
 
-This module is the hook, not the planner: a preset that can measure planning (the FrozenLake
-preset) provides one method on its Task class,
+This module is the hook, not the planner. The FrozenLake preset (built separately) judges plans
+in `rsr_model.frozenlake_eval`: `make_plans(task, net, rsr, maps)` samples a plan per held-out
+map (`task.eval_maps`), `judge(plan)` checks it, `summarize(judgements, plans)` gives the rates.
+`evaluate --planning` runs those on every checkpoint given (e.g. RSR and the same budget without
+routing, several training seeds each), groups them by (map size, mode), and reports per group
+the mean ± std over checkpoints of
 
-    planning_figures(transformer, rsr, seed: int) -> {map_size (str): {"success": float,
-                                                      "action_accuracy": float, "frame_accuracy": float}}
+    success          share of held-out maps whose actions, replayed in the environment, reach the goal
+    action accuracy  share of plan steps whose action matches the shortest plan
+    frame accuracy   share of plan steps whose predicted frame is right
 
-(success: share of maps whose sampled plan reaches the goal; action accuracy: share of steps
-whose action matches a shortest path; frame accuracy: share of predicted frames equal to the
-true next frame). `evaluate --planning` calls it for every checkpoint (e.g. RSR and the same
-budget without routing) and training seed, averages over seeds and writes planning.json / .md
-under --out. A checkpoint of a preset without the method is refused with one error line.
+in planning.json / planning.md under --out. A checkpoint of a preset without held-out maps, or a
+tree without the FrozenLake judge, is refused with one error line.
 """
 from __future__ import annotations
 
@@ -23,32 +25,50 @@ import numpy as np
 
 from ..cli import UsageError
 
-FIGURES = ("success", "action_accuracy", "frame_accuracy")
+FIGURES = {"success_env": "success", "action_accuracy": "action accuracy", "frame_accuracy": "frame accuracy"}
 
 
-def planning_rows(checkpoints: Sequence[Path], seeds: Sequence[int]) -> dict[str, Any]:
+def _judge():
+    try:
+        from .. import frozenlake_eval
+    except ImportError:
+        raise UsageError("planning figures need the FrozenLake preset's judge (rsr_model.frozenlake_eval), "
+                         "which this installation does not have") from None
+    return frozenlake_eval
+
+
+def checkpoint_figures(ckpt: Path, n_maps: int) -> dict[str, Any]:
+    """One checkpoint's planning rates on the first n_maps held-out maps of its preset."""
     from ..sample import load_model
 
-    rows: dict[str, Any] = {}
+    task, net, rsr, ck = load_model(ckpt)
+    if not hasattr(task, "eval_maps"):
+        raise UsageError(f"{ckpt}: preset {task.name!r} has no held-out maps to plan on "
+                         f"(planning figures are for the FrozenLake presets)")
+    judge = _judge()
+    plans = judge.make_plans(task, net, rsr, task.eval_maps[:n_maps])
+    rates = judge.summarize([judge.judge(p) for p in plans], plans)
+    return {"size": f"{task.size}x{task.size}", "mode": ck.get("mode", "?"), **{k: rates[k] for k in FIGURES}}
+
+
+def planning_rows(checkpoints: Sequence[Path], n_maps: int = 200) -> dict[str, Any]:
     started = time.perf_counter()
-    for ckpt in checkpoints:
-        task, transformer, rsr, ck = load_model(ckpt)
-        if not hasattr(task, "planning_figures"):
-            raise UsageError(f"{ckpt}: preset {task.name!r} measures no planning figures "
-                             f"(a preset provides them with a planning_figures method, as the FrozenLake preset does)")
-        per_seed = [task.planning_figures(transformer, rsr, seed) for seed in seeds]
-        sizes = sorted(per_seed[0], key=lambda s: (len(str(s)), str(s)))
-        rows[f"{Path(ckpt).stem} ({ck.get('mode', '?')})"] = {
-            str(size): {f: float(np.mean([r[size][f] for r in per_seed])) for f in FIGURES} for size in sizes}
-    return {"seeds": list(seeds), "rows": rows, "seconds": time.perf_counter() - started}
+    runs = [{"checkpoint": str(c), **checkpoint_figures(c, n_maps)} for c in checkpoints]
+    rows = []
+    for size, mode in dict.fromkeys((r["size"], r["mode"]) for r in runs):
+        group = [r for r in runs if (r["size"], r["mode"]) == (size, mode)]
+        row = {"size": size, "mode": mode, "checkpoints": len(group)}
+        for key in FIGURES:
+            values = np.array([r[key] for r in group])
+            row[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+        rows.append(row)
+    return {"maps": n_maps, "rows": rows, "runs": runs, "seconds": time.perf_counter() - started}
 
 
 def markdown(result: dict[str, Any]) -> str:
-    sizes = list(dict.fromkeys(s for row in result["rows"].values() for s in row))
-    head = ["Checkpoint"] + [f"{s}: {f.replace('_', ' ')}" for s in sizes for f in FIGURES]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, row in result["rows"].items():
-        cells = [f"{row[s][f]:.3f}" if s in row else "—" for s in sizes for f in FIGURES]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append(f"\nMean over seeds {result['seeds']}.")
-    return "\n".join(lines)
+    from .markdown import table_lines
+
+    rows = [[r["size"], r["mode"], str(r["checkpoints"]),
+             *(f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in FIGURES)] for r in result["rows"]]
+    return "\n".join([*table_lines(["map", "mode", "checkpoints", *FIGURES.values()], rows), "",
+                      f"Held-out maps per checkpoint: {result['maps']}; mean ± std over the checkpoints of a row."])

@@ -210,16 +210,17 @@ ROUTING_COLUMNS = {"gate_entropy": "H(gate)/log K", "ami_timestep": "AMI(e;t)", 
 
 
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
-    head = ["Target", "Method", *COLUMNS.values(), *ROUTING_COLUMNS.values()]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    from .markdown import table_lines
+
+    rows = []
     for row in summary["rows"]:
         cells = [row["target"], row["mode"]]
         for col in COLUMNS:
             s = row["scores"][col]
             cells.append(f"{s['mean']:.1f} ± {s['std']:.1f}" if len(row["seeds"]) > 1 else f"{s['mean']:.1f}")
         cells += [f"{row['routing'][k]:.3f}" if k in row["routing"] else "—" for k in ROUTING_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+        rows.append(cells)
+    lines = table_lines(["Target", "Method", *COLUMNS.values(), *ROUTING_COLUMNS.values()], rows) + [""]
     for target, t in summary["rsr_vs_sft"].items():
         lines.append(f"RSR vs SFT ({target}): {100 * t['difference']:+.1f} points over {t['pairs']} paired images; "
                      f"right only under RSR {t['only_first']}, only under SFT {t['only_second']}; "
