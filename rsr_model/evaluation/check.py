@@ -123,7 +123,8 @@ def check_table(result: dict[str, Any]) -> str:
     rows = []
     for key, cell in result["cells"].items():
         rejection = [cell["rejection"].get(k) for k in WRONG_KINDS]
-        rows.append([*key.split("/"), f"{cell['accuracy']:.1%}", *("—" if r is None else f"{r:.1%}" for r in rejection)])
+        rejected = ("—" if r is None else f"{r:.1%}" for r in rejection)
+        rows.append([*key.split("/"), f"{cell['accuracy']:.1%}", *rejected])
     lines = table_lines(["resolution", "category", "accuracy", *(f"rejects {k}" for k in WRONG_KINDS)], rows)
     verdict = "meets" if result["passed"] else "misses"
     lines.append(f"\nWorst accuracy {result['worst_accuracy']:.1%}, worst rejection {result['worst_rejection']:.1%} "

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..cli import UsageError
 
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(",", " ").split()]
@@ -59,14 +60,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return e
 
 
-def write_result(out: Path, name: str, result: dict[str, Any], markdown: str, overwrite: bool) -> list[Path]:
-    """out/name.json and out/name.md, refusing to replace existing files without --overwrite."""
-    from probes.analysis import jsonable
-
+def check_free(out: Path, name: str, overwrite: bool) -> list[Path]:
+    """out/name.json and out/name.md; UsageError if one exists and --overwrite is not given."""
     paths = [out / f"{name}.json", out / f"{name}.md"]
     existing = [p for p in paths if p.exists()]
     if existing and not overwrite:
         raise UsageError(f"{existing[0]} exists; pass --overwrite to replace it")
+    return paths
+
+
+def write_result(out: Path, name: str, result: dict[str, Any], markdown: str, overwrite: bool) -> list[Path]:
+    """out/name.json and out/name.md, refusing to replace existing files without --overwrite."""
+    from probes.analysis import jsonable
+
+    paths = check_free(out, name, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     paths[0].write_text(json.dumps(jsonable(result), indent=1))
     paths[1].write_text(markdown + "\n")
@@ -86,6 +93,7 @@ def run_scorer_check(args) -> None:
 
     if args.scenes < 1 or any(r < 8 for r in args.resolutions):
         raise UsageError("--scenes must be positive and --resolutions at least 8 pixels")
+    check_free(args.out, "scorer_check", args.overwrite)
     with _progress(len(args.resolutions) * 6, "scorer check") as bar:
         result = scorer_check(args.resolutions, args.scenes, progress=lambda: bar.update(1))
     markdown = check_table(result)
@@ -146,8 +154,9 @@ def _budget(args, default, quick):
     budget = quick if args.quick else default
     targets = None if args.targets is None else ("middle", "multi") if args.targets == "both" else (args.targets,)
     changes = {"base_steps": args.base_steps, "rsr_steps": args.steps,
-               "seeds": tuple(args.seeds) if args.seeds else None, "sample_steps": args.sample_steps, "guidance": args.guidance, "targets": targets,
-               "images_per_category": args.images_per_category, "samples_per_class": args.samples_per_class}
+               "seeds": tuple(args.seeds) if args.seeds else None, "sample_steps": args.sample_steps,
+               "guidance": args.guidance, "targets": targets, "images_per_category": args.images_per_category,
+               "samples_per_class": args.samples_per_class}
     changes = {k: v for k, v in changes.items() if v is not None and hasattr(budget, k)}
     if any(isinstance(v, int) and v < 1 for v in changes.values()) or not changes.get("seeds", (0,)):
         raise UsageError("steps, seeds and image counts must be positive")
@@ -159,9 +168,7 @@ def _run_budgeted(args, name: str, default, quick, runner) -> None:
     budget = _budget(args, default, quick)
     if args.base is not None and not args.base.exists():
         raise UsageError(f"base checkpoint not found: {args.base}")
-    for suffix in (".json", ".md"):
-        if (args.out / f"{name}{suffix}").exists() and not args.overwrite:
-            raise UsageError(f"{args.out / (name + suffix)} exists; pass --overwrite to replace it")
+    check_free(args.out, name, args.overwrite)
     result, markdown = runner(args.out, budget, args.base, progress=lambda what: print(f"[{name}] {what}", flush=True))
     print(markdown)
     for path in write_result(args.out, name, result, markdown, overwrite=True):
@@ -186,6 +193,7 @@ def run_planning(args) -> None:
     for ckpt in args.planning:
         if not ckpt.exists():
             raise UsageError(f"checkpoint not found: {ckpt}")
+    check_free(args.out, "planning", args.overwrite)
     result = planning_rows(args.planning)
     text = markdown(result)
     print(text)
