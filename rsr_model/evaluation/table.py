@@ -48,8 +48,9 @@ class Budget:
     targets: tuple[str, ...] = ("middle", "multi")
 
 
-# The default fits about an hour of 2 CPU cores for the RSR rows; its base is the preset's own
-# 1800 steps (about as long again), trained once and reused by later tables.
+# The default: the preset's own 1800 base steps (trained once, reused by later tables) and 16
+# RSR rows of 150 steps; docs/evaluation.md has the measured times (over two hours on a loaded
+# 2-core machine).
 DEFAULT = Budget(base_steps=1800, rsr_steps=150, seeds=(0, 1), images_per_category=16, sample_steps=20)
 QUICK = Budget(base_steps=2, rsr_steps=2, seeds=(0, 1), images_per_category=2, sample_steps=2, batch_size=4,
                value_samples=2, value_bins=1, value_draws=1, targets=("middle",))
