@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=finite_float(0, 100), default=3.0, help="classifier-free guidance scale (1 = off)")
     s.add_argument("--out", type=Path, default=Path("out.png"))
     s.add_argument("--overwrite", action="store_true")
+
+    from .evaluation import cli as evaluation_cli, lora_export
+    evaluation_cli.add_parser(sub)
+    lora_export.add_parser(sub)
     return p
 
 
@@ -166,7 +170,11 @@ def cmd_sample(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         args = build_parser().parse_args(argv)
-        {"train": cmd_train, "sample": cmd_sample}[args.command](args)
+        from .evaluation import cli as evaluation_cli, lora_export
+
+        commands = {"train": cmd_train, "sample": cmd_sample, "evaluate": evaluation_cli.run,
+                    "export-lora": lora_export.run}
+        commands[args.command](args)
 
     return run_main(body, interrupted="interrupted; the last checkpoint written is intact")
 

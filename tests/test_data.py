@@ -1,5 +1,4 @@
 """Embedded data: determinism, captions vs scenes, ground truth vs pixels, digits."""
-import dataclasses
 
 import numpy as np
 import pytest
@@ -86,63 +85,6 @@ def test_captions_match_scenes():
     every = S.all_captions()
     assert len(every) == len(set(every))
     assert {S.caption(s) for s in _scenes(300, seed=3)} <= set(every)
-
-
-def test_ground_truth_matches_pixels():
-    scenes = _scenes(500, seed=4)
-    images = S.render_batch(scenes, 32)
-    for s, im in zip(scenes, images):
-        r = S.score(im, s)
-        assert r["correct"] and r["exact"], (S.caption(s), r)
-    # also as float CHW in [-1,1] (what a sampler returns) and against the caption alone
-    x, caps, sc = S.sample_batch(np.random.default_rng(5), 20)
-    assert all(S.score(x[i], caps[i])["correct"] for i in range(20))
-
-
-@pytest.mark.parametrize("size", [16, 64])
-def test_ground_truth_matches_pixels_at_other_resolutions(size):
-    scenes = _scenes(60, seed=size)
-    for s, im in zip(scenes, S.render_batch(scenes, size)):
-        assert S.score(im, s)["exact"]
-
-
-def _replace_obj(scene, i, **kw):
-    objs = list(scene.objects)
-    objs[i] = dataclasses.replace(objs[i], **kw)
-    return dataclasses.replace(scene, objects=tuple(objs))
-
-
-def test_altered_scenes_fail():
-    rng = np.random.default_rng(6)
-    for _ in range(40):
-        for cat in S.CATEGORIES:
-            s = S.make_scene(rng, cat)
-            im = S.render(s)
-            o = s.objects[0]
-            other_shape = next(x for x in S.SHAPES if x != o.shape)
-            bad = _replace_obj(s, 0, shape=other_shape)
-            assert not S.score(im, bad)["correct"] and not S.score(im, bad)["exact"]
-            other_colour = next(c for c in S.COLOURS if c != o.colour)
-            bad = _replace_obj(s, 0, colour=other_colour)
-            assert not S.score(im, bad)["exact"]
-            # colour is only checked where the caption names it
-            assert S.score(im, bad)["correct"] == (cat not in ("colors", "color_attr", "position"))
-            if cat == "counting":
-                fewer = dataclasses.replace(s, objects=s.objects[1:]) if len(s.objects) > 1 else None
-                more = dataclasses.replace(s, objects=s.objects + (dataclasses.replace(o, cx=0.5, cy=0.5),))
-                for bad in filter(None, (fewer, more)):
-                    assert not S.score(im, bad)["correct"]
-            if cat == "position":
-                flip = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-                bad = dataclasses.replace(s, relation=S.Relation(flip[s.relation.kind], 0, 1))
-                assert not S.score(im, bad)["correct"]
-
-
-def test_blank_and_wrong_images_fail():
-    s = S.make_scene(np.random.default_rng(0), "colors")
-    assert not S.score(np.zeros((32, 32, 3), np.uint8), s)["correct"]
-    other = S.make_scene(np.random.default_rng(1), "two_object")
-    assert not S.score(S.render(other), s)["correct"]
 
 
 def test_parse_caption_handles_prompts_with_counts_and_relations():

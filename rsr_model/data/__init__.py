@@ -1,7 +1,7 @@
 """Embedded data sets (nothing is downloaded).
 
 - `rsr_model.data.shapes`: generated coloured shapes with captions, their ground-truth
-  scenes, and a GenEval-style scorer that checks images against scenes or captions.
+  scenes (the scorer that checks images against them is `rsr_model.evaluation.scorer`).
 - `rsr_model.data.digits`: scikit-learn's bundled 8x8 digits, upsampled, with labels.
 
 Submodules are not imported here, so importing one does not pull in the other's

@@ -2,9 +2,9 @@
 
 Why: no image data can be downloaded, yet training and GenEval-style scoring need
 captions whose every word is checkable in the pixels.  Each image comes from a
-`Scene` (the ground truth), the caption is generated from the scene, and `score`
-re-detects the objects from pixels alone, so the same module both makes the data
-and judges generated images.
+`Scene` (the ground truth) and the caption is generated from the scene;
+`rsr_model.evaluation.scorer` re-detects the objects from pixels alone and judges
+generated images against a scene or caption.
 
 Conventions
 - Scene geometry is in normalised image coordinates: x to the right, y downwards,
@@ -12,7 +12,7 @@ Conventions
   scene renders at any resolution.
 - Background is plain black.  Shapes are antialiased from signed distances, so an
   edge pixel is the object colour scaled by its coverage; dividing a pixel by its
-  brightest channel recovers the object's hue, which is what `score` classifies.
+  brightest channel recovers the object's hue, which is what the scorer classifies.
 - GenEval categories (names as GenEval spells them): single_object, two_object,
   counting, colors, color_attr, position.  Captions say only what the category
   tests: "a circle", "a circle and a square", "three triangles", "a red circle",
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 # --- vocabulary -------------------------------------------------------------------
 
@@ -60,9 +59,7 @@ GAP = 0.08
 MARGIN = 0.03
 REL_MARGIN = 0.1
 
-_PALETTE_ARR = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)  # (C, 3)
-_PALETTE_HUE = _PALETTE_ARR / _PALETTE_ARR.max(axis=1, keepdims=True)  # (C, 3)
-_FG_THRESHOLD = 100  # brightest channel >= this -> foreground (coverage >= ~0.42)
+PALETTE_RGB = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)  # (C, 3), rows in COLOURS order
 
 
 # --- scene structure --------------------------------------------------------------
@@ -148,7 +145,7 @@ class Spec:
 
 # --- scene sampling ---------------------------------------------------------------
 
-def _place(rng: np.random.Generator, sizes: np.ndarray, relation: str | None = None,
+def place(rng: np.random.Generator, sizes: np.ndarray, relation: str | None = None,
            tries: int = 128) -> np.ndarray:
     """Centres (k, 2) for boxes of the given sizes: inside the image, pairwise gap >= GAP,
     and objects 0/1 satisfying `relation` with margin.  Vectorised rejection sampling;
@@ -201,7 +198,7 @@ def make_scene(rng: np.random.Generator, category: str | None = None,
         if category == "position":
             relation = RELATIONS[int(rng.integers(len(RELATIONS)))]
     sizes = rng.uniform(*SIZE_RANGE, size=len(sh))
-    centres = _place(rng, sizes, relation)
+    centres = place(rng, sizes, relation)
     objs = tuple(Obj(s, c, float(x), float(y), float(z)) for s, c, (x, y), z in zip(sh, co, centres, sizes))
     return Scene(category, objs, None if relation is None else Relation(relation, 0, 1))
 
@@ -247,19 +244,75 @@ def caption(scene: Scene) -> str:
     return spec_text(spec_of(scene))
 
 
+def category_captions(category: str, shapes: Sequence[str] = SHAPES, colours: Sequence[str] = COLOURS) -> list[str]:
+    """Every caption `make_scene` can produce for one category with this vocabulary."""
+    pairs = [(a, b) for a in shapes for b in shapes if a != b]
+    cpairs = [(a, b) for a in colours for b in colours if a != b]
+    if category == "single_object":
+        return [spec_text(Spec((Group(s, None, 1),))) for s in shapes]
+    if category == "two_object":
+        return [spec_text(Spec((Group(a, None, 1), Group(b, None, 1)))) for a, b in pairs]
+    if category == "counting":
+        return [spec_text(Spec((Group(s, None, n),), counting=True)) for s in shapes for n in NUMBERS]
+    if category == "colors":
+        return [spec_text(Spec((Group(s, c, 1),))) for s in shapes for c in colours]
+    relations = (None,) if category == "color_attr" else RELATIONS if category == "position" else None
+    if relations is None:
+        raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
+    return [spec_text(Spec((Group(a, ca, 1), Group(b, cb, 1)), rel))
+            for rel in relations for a, b in pairs for ca, cb in cpairs]
+
+
 def all_captions(shapes: Sequence[str] = SHAPES, colours: Sequence[str] = COLOURS) -> list[str]:
     """Every caption `make_scene` can produce with this vocabulary (about 940 by
     default), e.g. to pre-encode them all once before training."""
-    out: list[str] = []
-    pairs = [(a, b) for a in shapes for b in shapes if a != b]
-    cpairs = [(a, b) for a in colours for b in colours if a != b]
-    out += [spec_text(Spec((Group(s, None, 1),))) for s in shapes]
-    out += [spec_text(Spec((Group(a, None, 1), Group(b, None, 1)))) for a, b in pairs]
-    out += [spec_text(Spec((Group(s, None, n),), counting=True)) for s in shapes for n in NUMBERS]
-    out += [spec_text(Spec((Group(s, c, 1),))) for s in shapes for c in colours]
-    out += [spec_text(Spec((Group(a, ca, 1), Group(b, cb, 1)), rel))
-            for rel in (None, *RELATIONS) for a, b in pairs for ca, cb in cpairs]
-    return out
+    return [c for category in CATEGORIES for c in category_captions(category, shapes, colours)]
+
+
+# --- the held-out split -----------------------------------------------------------
+# The whole caption space is small, so evaluation prompts are a fixed subset of it that
+# training never draws (split "train" below excludes it; split "test" is that subset).
+# Held out so that every word, and for the small categories every other caption, stays in
+# training: the held-out captions test recombination of seen parts, as GenEval's prompts
+# test combinations a model was not shown verbatim.
+#   single_object  "a triangle"                    ("one triangle", "a red triangle" stay)
+#   two_object     "a circle and a triangle", "a square and a circle" (the reverse orders stay)
+#   counting       one per number: one square, two triangles, three circles, four squares
+#   colors         one shape per colour: red circle, green square, blue triangle, yellow
+#                  circle, purple square, white triangle
+#   color_attr     16 of 180, position 24 of 720: a fixed draw (seed HELD_OUT_SEED)
+HELD_OUT_SEED = 13
+HELD_OUT_DRAWN = {"color_attr": 16, "position": 24}
+
+
+def held_out_captions() -> dict[str, tuple[str, ...]]:
+    """category -> the captions of the default vocabulary that training never draws."""
+    held = {
+        "single_object": ("a triangle",),
+        "two_object": ("a circle and a triangle", "a square and a circle"),
+        "counting": tuple(spec_text(Spec((Group(SHAPES[n % 3], None, n),), counting=True)) for n in NUMBERS),
+        "colors": tuple(spec_text(Spec((Group(SHAPES[i % 3], c, 1),))) for i, c in enumerate(COLOURS)),
+    }
+    for category, n in HELD_OUT_DRAWN.items():
+        pool = category_captions(category)
+        rng = np.random.default_rng([HELD_OUT_SEED, CATEGORIES.index(category)])
+        held[category] = tuple(pool[int(i)] for i in sorted(rng.choice(len(pool), n, replace=False)))
+    return {category: held[category] for category in CATEGORIES}
+
+
+_HELD_OUT = frozenset(c for captions in held_out_captions().values() for c in captions)
+SPLITS = ("train", "test", "all")
+
+
+def draw_scene(rng: np.random.Generator, category: str, split: str = "train") -> Scene:
+    """A scene of `category` whose caption belongs to `split`: "train" redraws held-out captions,
+    "test" redraws the others, "all" keeps every draw."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    while True:
+        scene = make_scene(rng, category)
+        if split == "all" or (caption(scene) in _HELD_OUT) == (split == "test"):
+            return scene
 
 
 _WORD_NUM = {"a": 1, "an": 1, **{v: k for k, v in NUMBERS.items()}}
@@ -294,7 +347,7 @@ def parse_caption(text: str) -> Spec:
 
 # --- rendering --------------------------------------------------------------------
 
-def _sdf(shape_ids: np.ndarray, dx: np.ndarray, dy: np.ndarray, half: np.ndarray) -> np.ndarray:
+def signed_distance(shape_ids: np.ndarray, dx: np.ndarray, dy: np.ndarray, half: np.ndarray) -> np.ndarray:
     """Signed distance (normalised units, <0 inside) of each object's shape.
     shape_ids (N,), dx (N,1,W), dy (N,H,1), half (N,1,1) -> (N,H,W)."""
     out = np.empty((len(shape_ids), dy.shape[1], dx.shape[2]), dtype=np.float32)
@@ -323,7 +376,7 @@ def _coverage(shape_ids: np.ndarray, cx: np.ndarray, cy: np.ndarray, size: np.nd
     u = (np.arange(res, dtype=np.float32) + 0.5) / res  # pixel centres
     dx = u[None, None, :] - cx.astype(np.float32)[:, None, None]  # (N,1,W)
     dy = u[None, :, None] - cy.astype(np.float32)[:, None, None]  # (N,H,1)
-    sd = _sdf(shape_ids, dx, dy, (size.astype(np.float32) / 2)[:, None, None])
+    sd = signed_distance(shape_ids, dx, dy, (size.astype(np.float32) / 2)[:, None, None])
     return np.clip(0.5 - sd * res, 0.0, 1.0)
 
 
@@ -343,7 +396,7 @@ def render_batch(scenes: Sequence[Scene], size: int = 32) -> np.ndarray:
     if img_i:
         img_i, slot = np.array(img_i), np.array(slot)
         cov[img_i, slot] = _coverage(np.array(sid), np.array(cx), np.array(cy), np.array(sz), size)
-        col[img_i, slot] = _PALETTE_ARR[np.array(cid)]
+        col[img_i, slot] = PALETTE_RGB[np.array(cid)]
     img = np.einsum("bkhw,bkc->bhwc", cov, col)  # objects do not overlap: sum = composite
     bg = np.asarray(BACKGROUND, dtype=np.float32)
     if bg.any():
@@ -364,12 +417,13 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
 
 
 def sample_batch(rng: np.random.Generator, batch_size: int, size: int = 32,
-                 categories: Sequence[str] | None = None
+                 categories: Sequence[str] | None = None, split: str = "train"
                  ) -> tuple[np.ndarray, list[str], list[Scene]]:
     """A random batch: (images float32 (B,3,H,W) in [-1,1], captions, scenes).
-    `categories` restricts (uniformly) which categories are drawn."""
+    `categories` restricts (uniformly) which categories are drawn; `split` which captions
+    (see `draw_scene`: training batches never show a held-out caption)."""
     cats = CATEGORIES if categories is None else tuple(categories)
-    scenes = [make_scene(rng, cats[int(rng.integers(len(cats)))]) for _ in range(batch_size)]
+    scenes = [draw_scene(rng, cats[int(rng.integers(len(cats)))], split) for _ in range(batch_size)]
     return to_model_range(render_batch(scenes, size)), [caption(s) for s in scenes], scenes
 
 
@@ -378,13 +432,14 @@ class ShapesDataset:
     larger set extends a smaller one.  Images are rendered once and kept as uint8.
     `ds[i]` -> (image float32 (3,H,W) in [-1,1], caption); `ds.scenes[i]` is the truth."""
 
-    def __init__(self, n: int, seed: int = 0, size: int = 32, categories: Sequence[str] | None = None):
+    def __init__(self, n: int, seed: int = 0, size: int = 32, categories: Sequence[str] | None = None,
+                 split: str = "train"):
         cats = CATEGORIES if categories is None else tuple(categories)
         self.size = size
         self.scenes: list[Scene] = []
         for i in range(n):
             rng = np.random.default_rng([seed, i])
-            self.scenes.append(make_scene(rng, cats[int(rng.integers(len(cats)))]))
+            self.scenes.append(draw_scene(rng, cats[int(rng.integers(len(cats)))], split))
         self.captions = [caption(s) for s in self.scenes]
         chunks = [render_batch(self.scenes[i:i + 1024], size) for i in range(0, n, 1024)]
         self.images = np.concatenate(chunks) if chunks else np.zeros((0, size, size, 3), np.uint8)  # (n,H,W,3)
@@ -407,141 +462,3 @@ class ShapesDataset:
             perm = rng.permutation(len(self))
             for s in range(0, len(perm) - batch_size + 1, batch_size):
                 yield self.batch(perm[s:s + batch_size])
-
-
-# --- ground-truth scorer ----------------------------------------------------------
-
-@dataclass
-class Detection:
-    """An object found in pixels (normalised centre/size of its bounding box)."""
-
-    shape: str
-    colour: str
-    cx: float
-    cy: float
-    size: float
-    area: int  # pixels
-    fill: float  # area / bbox area: circle ~0.785, square ~1, triangle ~0.5, cross ~0.56
-    iou: float  # soft IoU with the fitted template of `shape`
-
-
-def _as_uint8_hwc(image: np.ndarray) -> np.ndarray:
-    """Accept uint8 HWC, or float in [-1,1] as HWC or CHW (numpy or torch)."""
-    a = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
-    if a.ndim != 3:
-        raise ValueError(f"expected one image (3 dims), got shape {a.shape}")
-    if a.shape[0] == 3 and a.shape[-1] != 3:
-        a = a.transpose(1, 2, 0)
-    if a.dtype != np.uint8:
-        a = np.clip(np.rint((a.astype(np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
-    return a
-
-
-# Area of each shape relative to its bounding box, and the offset of its centroid below
-# the box centre (in box sides); used to fit a template to a blob's soft moments.
-_FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "cross": 5 / 9}
-_CENTROID_DY = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6, "cross": 0.0}
-
-
-def detect(image: np.ndarray, min_area: float | None = None) -> list[Detection]:
-    """Find objects from pixels alone.
-
-    Foreground = brightest channel >= threshold; objects = 8-connected components
-    (smaller than `min_area` pixels: noise).  Colour = palette hue nearest the blob's
-    mean hue.  Shape: soft coverage (brightness / colour peak) over the blob grown by a
-    pixel gives its area and centroid; for each shape those fix a template (size from
-    area / fill, centre from centroid), and the template with the best soft IoU wins
-    (below 0.5: "unknown").  Using soft coverage keeps 8 px circles apart from squares."""
-    img = _as_uint8_hwc(image)
-    res = img.shape[0]
-    if min_area is None:
-        min_area = max(4.0, 0.1 * (SIZE_RANGE[0] * res) ** 2)
-    f = img.astype(np.float32)
-    peak = f.max(axis=2)  # (H,W)
-    labels, n = ndimage.label(peak >= _FG_THRESHOLD, structure=np.ones((3, 3)))
-    out: list[Detection] = []
-    if n == 0:
-        return out
-    hue = f / np.maximum(peak, 1.0)[..., None]  # (H,W,3)
-    ring = np.ones((3, 3), dtype=bool)
-    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
-        m = labels[sl] == k
-        area = int(m.sum())
-        if area < min_area:
-            continue
-        ys, xs = sl
-        h, w = ys.stop - ys.start, xs.stop - xs.start
-        cid = int(np.argmin(((_PALETTE_HUE - hue[sl][m].mean(axis=0)) ** 2).sum(1)))
-        # window 2 px larger than the box; soft coverage on the blob grown by one pixel
-        y0, y1 = max(ys.start - 2, 0), min(ys.stop + 2, res)
-        x0, x1 = max(xs.start - 2, 0), min(xs.stop + 2, res)
-        lab = labels[y0:y1, x0:x1]
-        region = ndimage.binary_dilation(lab == k, ring) & ((lab == 0) | (lab == k))
-        cov = np.where(region, np.clip(peak[y0:y1, x0:x1] / _PALETTE_ARR[cid].max(), 0, 1), 0)  # (h', w')
-        A = float(cov.sum())
-        v = np.arange(y0, y1, dtype=np.float32) + 0.5
-        u = np.arange(x0, x1, dtype=np.float32) + 0.5
-        gx = float((cov.sum(0) * u).sum() / A) / res  # centroid, normalised
-        gy = float((cov.sum(1) * v).sum() / A) / res
-        sizes = np.array([np.sqrt(A / _FILL[s]) / res for s in ALL_SHAPES], dtype=np.float32)
-        cys = np.array([gy - _CENTROID_DY[s] * z for s, z in zip(ALL_SHAPES, sizes)], dtype=np.float32)
-        dx = (u / res)[None, None, :] - np.full(len(ALL_SHAPES), gx, np.float32)[:, None, None]
-        dy = (v / res)[None, :, None] - cys[:, None, None]
-        tmpl = np.clip(0.5 - _sdf(np.arange(len(ALL_SHAPES)), dx, dy, (sizes / 2)[:, None, None]) * res, 0, 1)
-        iou = np.minimum(tmpl, cov).sum((1, 2)) / np.maximum(np.maximum(tmpl, cov).sum((1, 2)), 1e-6)  # (S,)
-        best = int(np.argmax(iou))
-        shape = ALL_SHAPES[best] if iou[best] >= 0.5 else "unknown"
-        out.append(Detection(shape, COLOURS[cid], (xs.start + xs.stop) / 2 / res, (ys.start + ys.stop) / 2 / res,
-                             max(h, w) / res, area, area / (h * w), float(iou[best])))
-    return out
-
-
-def _members(dets: list[Detection], g: Group, named: dict[tuple[str, str], int]) -> list[Detection]:
-    """Detections standing for group g: its shape and colour; for a group without a colour,
-    those of its shape whose colour no other group names."""
-    if g.colour is not None:
-        return [d for d in dets if d.shape == g.shape and d.colour == g.colour]
-    return [d for d in dets if d.shape == g.shape and (g.shape, d.colour) not in named]
-
-
-def _holds(a: Detection, b: Detection, relation: str) -> bool:
-    """Dominant-axis rule: a is <relation> b when b-a along the named axis is positive,
-    at least 1/20 of the image, and larger than the offset along the other axis."""
-    dx, dy = b.cx - a.cx, b.cy - a.cy
-    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
-    return along >= max(abs(across), 0.05)
-
-
-def score(image: np.ndarray, scene: Scene | Spec | str) -> dict:
-    """GenEval-style check of an image against a scene, a Spec, or a caption string.
-
-    Returns {"correct": bool (the caption is satisfied: for each shape it names, the
-    number detected equals the number asked; at least as many of each named colour as
-    asked; the relation for every pair of the two groups), "checks": {name: bool},
-    "exact": bool | None (a Scene only: detected (shape, colour) multiset equals the
-    scene's, so also unnamed colours and no extra objects), "detected": [dict]}.
-    Unnamed shapes are ignored, as in GenEval; stricter than GenEval in one way: counts
-    must be exact in every category ("a circle" fails on an image with two circles)."""
-    dets = detect(image)
-    spec = parse_caption(scene) if isinstance(scene, str) else spec_of(scene) if isinstance(scene, Scene) else scene
-    checks: dict[str, bool] = {}
-    need_total: dict[str, int] = {}
-    need_colour: dict[tuple[str, str], int] = {}
-    for g in spec.groups:
-        need_total[g.shape] = need_total.get(g.shape, 0) + g.count
-        if g.colour is not None:
-            need_colour[g.shape, g.colour] = need_colour.get((g.shape, g.colour), 0) + g.count
-    for shape, n in need_total.items():  # exact count per named shape (other shapes ignored)
-        checks[f"count:{shape}"] = sum(d.shape == shape for d in dets) == n
-    for (shape, colour), n in need_colour.items():  # at least that many of a named colour
-        checks[f"colour:{colour} {shape}"] = sum(d.shape == shape and d.colour == colour for d in dets) >= n
-    if spec.relation:
-        members = [_members(dets, g, need_colour) for g in spec.groups[:2]]
-        checks[f"relation:{spec.relation}"] = bool(members[0]) and bool(members[1]) and all(
-            _holds(a, b, spec.relation) for a in members[0] for b in members[1])
-    exact = None
-    if isinstance(scene, Scene):
-        exact = sorted((d.shape, d.colour) for d in dets) == sorted((o.shape, o.colour) for o in scene.objects)
-    return {"correct": all(checks.values()), "checks": checks, "exact": exact,
-            "category": scene.category if isinstance(scene, Scene) else None,
-            "detected": [d.__dict__.copy() for d in dets]}

@@ -1,0 +1,216 @@
+"""`python -m rsr_model evaluate ...`: one subcommand, one action flag per evaluation.
+
+    evaluate --scorer-check [--scenes 500] [--resolutions 24,32]      is the judge right?
+    evaluate --prompts-out FILE                                        the held-apart prompt set
+    evaluate --export geneval|dpg --ckpt C --prompts FILE --out DIR    folders for the official evaluators
+    evaluate --table [--quick] [--base CKPT] [--steps N]               ablation table (paper Table 3 in small)
+    evaluate --class-conditioned [--quick]                             dit-digits FD / precision / recall (Table 1)
+    evaluate --planning CKPT [CKPT ...]                                planning figures (FrozenLake preset)
+
+The scorer check, the table, the class-conditioned table and the planning figures print a markdown
+table and write NAME.json and NAME.md under --out (default runs/evaluate); checkpoints they
+train go to --out/checkpoints and are reused by a later run with the same budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..cli import UsageError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from None
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """The `evaluate` subcommand on the project's subparsers."""
+    e = sub.add_parser("evaluate", help="score checkpoints: scorer check, ablation table, exports",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    act = e.add_mutually_exclusive_group(required=True)
+    act.add_argument("--scorer-check", action="store_true", help="score rendered ground truth and wrong scenes")
+    act.add_argument("--prompts-out", type=Path, metavar="FILE", help="write the evaluation prompt set (one per line)")
+    act.add_argument("--export", choices=["geneval", "dpg"], help="sample a prompt file into a benchmark's layout")
+    act.add_argument("--table", action="store_true", help="train the ablations from one base and score them")
+    act.add_argument("--class-conditioned", action="store_true", help="dit-digits with and without RSR")
+    act.add_argument("--planning", type=Path, nargs="+", metavar="CKPT",
+                     help="planning figures of FrozenLake checkpoints (several seeds and modes)")
+    e.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="output folder")
+    e.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+    e.add_argument("--scenes", type=int, default=500, help="scorer check: scenes per category and resolution")
+    e.add_argument("--seeds", type=_ints, help="table / class-conditioned: training seeds")
+    e.add_argument("--resolutions", type=_ints, default=[24, 32], help="scorer check: image sides")
+    e.add_argument("--ckpt", type=Path, help="export: the checkpoint to sample")
+    e.add_argument("--prompts", type=Path, help="export: one prompt per line (default: the evaluation set)")
+    e.add_argument("--samples-per-prompt", type=int, help="images per prompt (default 4)")
+    e.add_argument("--sample-steps", type=int, help="sampler steps (default: export 28, else the budget's)")
+    e.add_argument("--guidance", type=float, help="guidance scale (default: export 3.0, else the budget's)")
+    e.add_argument("--quick", action="store_true", help="table / class-conditioned: a budget for tests (minutes)")
+    e.add_argument("--base", type=Path, help="table / class-conditioned: an existing base-stage checkpoint")
+    e.add_argument("--base-steps", type=int, help="table / class-conditioned: base-stage steps when training one")
+    e.add_argument("--steps", type=int, help="table / class-conditioned: RSR-stage steps of every row")
+    e.add_argument("--images-per-category", type=int, help="table: images sampled per GenEval category")
+    e.add_argument("--samples-per-class", type=int, help="class-conditioned: samples per digit")
+    e.add_argument("--targets", choices=["middle", "multi", "both"], help="table: which target blocks (default both)")
+    return e
+
+
+def check_free(out: Path, name: str, overwrite: bool) -> list[Path]:
+    """out/name.json and out/name.md; UsageError if one exists and --overwrite is not given."""
+    paths = [out / f"{name}.json", out / f"{name}.md"]
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{existing[0]} exists; pass --overwrite to replace it")
+    return paths
+
+
+def write_result(out: Path, name: str, result: dict[str, Any], markdown: str, overwrite: bool) -> list[Path]:
+    """out/name.json and out/name.md, refusing to replace existing files without --overwrite."""
+    from probes.analysis import jsonable
+
+    paths = check_free(out, name, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    paths[0].write_text(json.dumps(jsonable(result), indent=1))
+    paths[1].write_text(markdown + "\n")
+    return paths
+
+
+def _progress(total: int, desc: str):
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+
+def run_scorer_check(args) -> None:
+    from .check import check_table, scorer_check
+
+    if args.scenes < 1 or any(r < 8 for r in args.resolutions):
+        raise UsageError("--scenes must be positive and --resolutions at least 8 pixels")
+    check_free(args.out, "scorer_check", args.overwrite)
+    with _progress(len(args.resolutions) * 6, "scorer check") as bar:
+        result = scorer_check(args.resolutions, args.scenes, progress=lambda: bar.update(1))
+    markdown = check_table(result)
+    print(markdown)
+    for path in write_result(args.out, "scorer_check", result, markdown, args.overwrite):
+        print(f"wrote {path}")
+
+
+def run_prompts_out(args) -> None:
+    """The prompt set as text (one per line, category by category) and as GenEval metadata beside it."""
+    from .prompts import evaluation_prompts, geneval_metadata
+
+    text, meta = args.prompts_out, args.prompts_out.with_suffix(".jsonl")
+    for path in (text, meta):
+        if path.exists() and not args.overwrite:
+            raise UsageError(f"{path} exists; pass --overwrite to replace it")
+    every = [p for ps in evaluation_prompts().values() for p in ps]
+    text.parent.mkdir(parents=True, exist_ok=True)
+    text.write_text("".join(p + "\n" for p in every))
+    meta.write_text("".join(json.dumps(geneval_metadata(p)) + "\n" for p in every))
+    print(f"wrote {text} and {meta} ({len(every)} prompts)")
+
+
+def _empty_out(out: Path, overwrite: bool) -> None:
+    """Exports own their folder (evaluators list every file in it): refuse a non-empty one unless --overwrite."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UsageError(f"{out} exists and is not an empty folder; pass --overwrite to write into it")
+
+
+def run_export(args) -> None:
+    from ..sample import load_model
+    from .export import ExportItem, export, read_items
+    from .prompts import evaluation_prompts, geneval_metadata
+
+    if args.ckpt is None:
+        raise UsageError("--export needs --ckpt CKPT")
+    samples = args.samples_per_prompt or 4
+    if samples < 1 or (args.sample_steps or 1) < 1:
+        raise UsageError("--samples-per-prompt and --sample-steps must be positive")
+    if args.prompts is not None:
+        items = read_items(args.prompts, args.export)
+    else:  # the held-apart evaluation set
+        every = [p for ps in evaluation_prompts().values() for p in ps]
+        items = [ExportItem(f"{i:05d}" if args.export == "geneval" else str(i), p,
+                            geneval_metadata(p) if args.export == "geneval" else None) for i, p in enumerate(every)]
+    _empty_out(args.out, args.overwrite)
+    task, transformer, _, _ = load_model(args.ckpt)
+    with _progress(len(items), f"export {args.export}") as bar:
+        export(task, transformer, items, args.out, args.export, samples, steps=args.sample_steps or 28,
+               guidance=3.0 if args.guidance is None else args.guidance, progress=bar.update)
+    print(f"wrote {len(items)} prompt(s) x {samples} sample(s) to {args.out} ({args.export} layout)")
+
+
+def _budget(args, default, quick):
+    """The preset budget (--quick or the default) with the flags given on top."""
+    import dataclasses
+
+    budget = quick if args.quick else default
+    targets = None if args.targets is None else ("middle", "multi") if args.targets == "both" else (args.targets,)
+    changes = {"base_steps": args.base_steps, "rsr_steps": args.steps,
+               "seeds": tuple(args.seeds) if args.seeds else None, "sample_steps": args.sample_steps,
+               "guidance": args.guidance, "targets": targets, "images_per_category": args.images_per_category,
+               "samples_per_class": args.samples_per_class}
+    changes = {k: v for k, v in changes.items() if v is not None and hasattr(budget, k)}
+    if any(isinstance(v, int) and v < 1 for v in changes.values()) or not changes.get("seeds", (0,)):
+        raise UsageError("steps, seeds and image counts must be positive")
+    return dataclasses.replace(budget, **changes)
+
+
+def _run_budgeted(args, name: str, default, quick, runner) -> None:
+    """Check the inputs before any training, run, print the markdown, write name.json / name.md."""
+    budget = _budget(args, default, quick)
+    if args.base is not None and not args.base.exists():
+        raise UsageError(f"base checkpoint not found: {args.base}")
+    check_free(args.out, name, args.overwrite)
+    result, markdown = runner(args.out, budget, args.base, progress=lambda what: print(f"[{name}] {what}", flush=True))
+    print(markdown)
+    for path in write_result(args.out, name, result, markdown, overwrite=True):
+        print(f"wrote {path}")
+
+
+def run_table(args) -> None:
+    from .table import DEFAULT, QUICK, run_table as table
+
+    _run_budgeted(args, "table", DEFAULT, QUICK, table)
+
+
+def run_class_conditioned(args) -> None:
+    from .digits_quality import DEFAULT, QUICK, run_class_conditioned as class_conditioned
+
+    _run_budgeted(args, "class_conditioned", DEFAULT, QUICK, class_conditioned)
+
+
+def run_planning(args) -> None:
+    from .planning import markdown, planning_rows
+
+    for ckpt in args.planning:
+        if not ckpt.exists():
+            raise UsageError(f"checkpoint not found: {ckpt}")
+    check_free(args.out, "planning", args.overwrite)
+    result = planning_rows(args.planning)
+    text = markdown(result)
+    print(text)
+    for path in write_result(args.out, "planning", result, text, args.overwrite):
+        print(f"wrote {path}")
+
+
+def run(args) -> None:
+    """Dispatch the action flag of `evaluate`."""
+    if args.scorer_check:
+        return run_scorer_check(args)
+    if args.prompts_out:
+        return run_prompts_out(args)
+    if args.export:
+        return run_export(args)
+    if args.table:
+        return run_table(args)
+    if args.class_conditioned:
+        return run_class_conditioned(args)
+    return run_planning(args)

@@ -1,0 +1,74 @@
+"""Planning figures (the paper's section 4.4: reasoning in visual latents) beside the other tables:
+`evaluate --planning CKPT [CKPT ...]`.
+
+This module is the hook, not the planner. The FrozenLake preset (built separately) judges plans
+in `rsr_model.frozenlake_eval`: `make_plans(task, net, rsr, maps)` samples a plan per held-out
+map (`task.eval_maps`), `judge(plan)` checks it, `summarize(judgements, plans)` gives the rates.
+`evaluate --planning` runs those on every checkpoint given (e.g. RSR and the same budget without
+routing, several training seeds each), groups them by (map size, mode), and reports per group
+the mean ± std over checkpoints of
+
+    success          share of held-out maps whose actions, replayed in the environment, reach the goal
+    action accuracy  share of plan steps whose action matches the shortest plan
+    frame accuracy   share of plan steps whose predicted frame is right
+
+in planning.json / planning.md under --out. A checkpoint of a preset without held-out maps, or a
+tree without the FrozenLake judge, is refused with one error line.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..cli import UsageError
+
+FIGURES = {"success_env": "success", "action_accuracy": "action accuracy", "frame_accuracy": "frame accuracy"}
+
+
+def _judge():
+    try:
+        from .. import frozenlake_eval
+    except ImportError:
+        raise UsageError("planning figures need the FrozenLake preset's judge (rsr_model.frozenlake_eval), "
+                         "which this installation does not have") from None
+    return frozenlake_eval
+
+
+def checkpoint_figures(ckpt: Path, n_maps: int) -> dict[str, Any]:
+    """One checkpoint's planning rates on the first n_maps held-out maps of its preset."""
+    from ..sample import load_model
+
+    task, net, rsr, ck = load_model(ckpt)
+    if not hasattr(task, "eval_maps"):
+        raise UsageError(f"{ckpt}: preset {task.name!r} has no held-out maps to plan on "
+                         f"(planning figures are for the FrozenLake presets)")
+    judge = _judge()
+    plans = judge.make_plans(task, net, rsr, task.eval_maps[:n_maps])
+    rates = judge.summarize([judge.judge(p) for p in plans], plans)
+    return {"size": f"{task.size}x{task.size}", "mode": ck.get("mode", "?"), **{k: rates[k] for k in FIGURES}}
+
+
+def planning_rows(checkpoints: Sequence[Path], n_maps: int = 200) -> dict[str, Any]:
+    started = time.perf_counter()
+    runs = [{"checkpoint": str(c), **checkpoint_figures(c, n_maps)} for c in checkpoints]
+    rows = []
+    for size, mode in dict.fromkeys((r["size"], r["mode"]) for r in runs):
+        group = [r for r in runs if (r["size"], r["mode"]) == (size, mode)]
+        row = {"size": size, "mode": mode, "checkpoints": len(group)}
+        for key in FIGURES:
+            values = np.array([r[key] for r in group])
+            row[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+        rows.append(row)
+    return {"maps": n_maps, "rows": rows, "runs": runs, "seconds": time.perf_counter() - started}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    from .markdown import table_lines
+
+    rows = [[r["size"], r["mode"], str(r["checkpoints"]),
+             *(f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in FIGURES)] for r in result["rows"]]
+    return "\n".join([*table_lines(["map", "mode", "checkpoints", *FIGURES.values()], rows), "",
+                      f"Held-out maps per checkpoint: {result['maps']}; mean ± std over the checkpoints of a row."])

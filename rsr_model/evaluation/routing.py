@@ -1,0 +1,78 @@
+"""Routing figures of a checkpoint beside its quality: what the gate did while the table's images
+were sampled, and whether its choices matter for the loss (probes.routing_value).
+
+During sampling (both branches of classifier-free guidance) the expert hook points count the
+chosen expert per (layer, recursion step, timestep bin) and the probability hook points give
+the gate entropy. Figures:
+
+    gate_entropy      mean per-token entropy of the gate, divided by log K (1 = uniform gate)
+    ami_timestep      adjusted MI of expert and timestep bin, largest over (layer, step), and its
+                      permutation p-value (probes.stats.mi_summary)
+    ami_step          adjusted MI of expert and recursion step (L > 1), largest over layers, and p
+    routing_value     1 - loss(gate) / loss(random routing of the same load) on held-out batches,
+                      with its 95% interval (probes.routing_value, scope "all")
+
+Rows whose mode has no gate (sft, no_modulation: one expert) have none of these.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..hooks import hook_name
+
+
+class SamplingRouting:
+    """Hooks that count routing while `generate` runs; `figures()` summarises them."""
+
+    def __init__(self, rsr, n_bins: int = 4) -> None:
+        self.rsr, self.n_bins = rsr, n_bins
+        self.K, self.L = rsr.config.experts, rsr.config.steps
+        self.layers = rsr.layer_indices
+        self.counts = np.zeros((len(self.layers), self.L, n_bins, self.K), np.int64)  # expert by time bin
+        self.entropy_sum, self.tokens = 0.0, 0
+
+    def _on_expert(self, ids: torch.Tensor, ctx) -> None:
+        sigma = ctx.timestep.detach().double().cpu().numpy() / 1000  # (B,)
+        bins = np.clip(((1 - sigma) * self.n_bins).astype(int), 0, self.n_bins - 1)  # bin 0 the noisiest
+        layer = self.layers.index(ctx.layer)
+        for b in np.unique(bins):
+            chosen = ids[torch.as_tensor(bins == b)].reshape(-1)
+            self.counts[layer, ctx.step, b] += np.bincount(chosen[chosen >= 0].numpy(), minlength=self.K)
+
+    def _on_probs(self, probs: torch.Tensor, ctx) -> None:
+        from probes.stats import gate_entropy
+
+        self.entropy_sum += float(gate_entropy(probs.double().cpu().numpy()).sum())
+        self.tokens += probs.shape[0] * probs.shape[1]
+
+    def hooks(self) -> dict[str, Any]:
+        return {hook_name("*", "expert", "*"): self._on_expert, hook_name("*", "probs", "*"): self._on_probs}
+
+    def figures(self) -> dict[str, Any]:
+        from probes.stats import mi_summary
+
+        by_time = mi_summary(self.counts.transpose(0, 1, 3, 2), n_perm=199, seed=0)  # (layers, L): expert x bin
+        best = np.unravel_index(int(np.nanargmax(by_time.ami)), by_time.ami.shape)
+        out = {"gate_entropy": self.entropy_sum / max(self.tokens, 1) / np.log(self.K),
+               "ami_timestep": float(by_time.ami[best]), "p_timestep": float(by_time.p_value[best]),
+               "ami_timestep_at": {"layer": self.layers[best[0]], "step": int(best[1])},
+               "load": (self.counts.sum(2) / np.maximum(self.counts.sum((2, 3))[..., None], 1)).round(3).tolist()}
+        if self.L > 1:
+            by_step = mi_summary(self.counts.sum(2).transpose(0, 2, 1), n_perm=199, seed=0)  # (layers,): expert x step
+            layer = int(np.nanargmax(by_step.ami))
+            out.update(ami_step=float(by_step.ami[layer]), p_step=float(by_step.p_value[layer]))
+        return out
+
+
+def routing_value_figures(task, transformer, rsr, samples: int, bins: int, draws: int) -> dict[str, Any]:
+    """probes.routing_value on held-out batches of the task's training distribution, scope "all"."""
+    from probes.routing_value import held_out_batches, routing_value
+
+    torch.manual_seed(0)
+    result = routing_value(transformer, rsr, held_out_batches(task, samples, bins), random_draws=draws, n_boot=500)
+    scope = result["scopes"]["all"]
+    return {"routing_value": scope["value"], "routing_value_ci95": list(scope["value_ci95"]),
+            "gate_below_every_forced": bool(scope["gate_below_every_forced"])}

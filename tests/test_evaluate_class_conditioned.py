@@ -1,0 +1,51 @@
+"""`evaluate --class-conditioned --quick` and the figures it is built from, on known answers."""
+import json
+
+import numpy as np
+import pytest
+
+from rsr_model.__main__ import main
+from rsr_model.evaluation import digits_quality as dq
+
+
+def test_figures_on_known_answers():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 3))
+    assert dq.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    # two Gaussians with identity covariance: FD = squared distance of the means (up to sampling)
+    assert dq.frechet_distance(a, a + np.array([2.0, 0, 0])) == pytest.approx(4.0, abs=1e-6)
+    precision, recall = dq.precision_recall(a, a[:200])
+    assert precision == 1.0 and recall < 1.0  # samples from the data are inside its manifold
+    far_precision, _ = dq.precision_recall(a, a + 100)
+    assert far_precision == 0.0
+    assert dq.inception_score(np.eye(10)) == pytest.approx(10.0)  # confident and all classes
+    assert dq.inception_score(np.full((5, 10), 0.1)) == pytest.approx(1.0)
+
+
+def test_quick_class_conditioned_end_to_end(tmp_path, capsys):
+    out = tmp_path / "cc"
+    assert main(["evaluate", "--class-conditioned", "--quick", "--out", str(out)]) == 0
+    result = json.loads((out / "class_conditioned.json").read_text())
+    assert 0.0 < result["classifier_test_accuracy"] <= 1.0 and result["samples"] == 40
+    assert list(result["rows"]) == ["real test split", "DiT (2 steps)", "DiT (4 steps)", "DiT + RSR (2 + 2)"]
+    for row in result["rows"].values():
+        assert set(dq.FIGURES) <= set(row) and 0 <= row["precision"] <= 1
+    md = (out / "class_conditioned.md").read_text()
+    assert md.startswith("| Model | FD ↓") and "test accuracy" in md and md.splitlines()[0] in capsys.readouterr().out
+
+
+def test_planning_hook_refuses_presets_without_planning_figures(tmp_path, capsys):
+    from rsr_model.evaluation.planning import markdown
+
+    from .conftest import one_error_line
+
+    ckpt = tmp_path / "d.pt"
+    assert main(["train", "--preset", "dit-digits", "--stage", "base", "--out", str(ckpt), "--batch-size", "2",
+                 "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--planning", str(ckpt), "--out", str(tmp_path)]) == 2
+    assert "no held-out maps to plan on" in one_error_line(capsys.readouterr().err)
+    row = {"size": "4x4", "mode": "rsr", "checkpoints": 3, "success_env": {"mean": 0.5, "std": 0.1},
+           "action_accuracy": {"mean": 0.75, "std": 0.0}, "frame_accuracy": {"mean": 1.0, "std": 0.0}}
+    table = markdown({"maps": 200, "rows": [row]})
+    assert table.splitlines()[2] == "| 4x4 | rsr | 3 | 0.500 ± 0.100 | 0.750 ± 0.000 | 1.000 ± 0.000 |"

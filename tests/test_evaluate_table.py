@@ -1,0 +1,51 @@
+"""`evaluate --table --quick`: the ablation table end to end on the tiny preset."""
+import json
+
+import numpy as np
+import pytest
+
+from rsr_model.__main__ import main
+from rsr_model.evaluation import table
+from rsr_model.evaluation.prompts import plan
+
+from .conftest import one_error_line
+
+
+def test_quick_table_end_to_end(tmp_path, capsys):
+    out = tmp_path / "table"
+    assert main(["evaluate", "--table", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "table.json").read_text())
+    md = (out / "table.md").read_text()
+    assert md.splitlines()[0] in printed and "RSR vs SFT (middle)" in md and "Budget: base trained here" in md
+    # one row per mode, the paper's columns, mean and std over the two training seeds
+    assert [(r["target"], r["mode"]) for r in result["rows"]] == \
+        [("—", "base")] + [("middle", m) for m in table.MODES]
+    for row in result["rows"][1:]:
+        assert row["seeds"] == [0, 1] and set(row["scores"]) == {*table.COLUMNS}
+        scores = [run for run in result["runs"] if run["mode"] == row["mode"]]
+        overall = [table.category_scores(run["correct"], [table.PlannedImage(**p) for p in result["plan"]])["overall"]
+                   for run in scores]
+        assert row["scores"]["overall"]["mean"] == pytest.approx(100 * np.mean(overall))
+        assert row["scores"]["overall"]["std"] == pytest.approx(100 * np.std(overall, ddof=1))
+    # routing figures only where a gate routes (K > 1)
+    routing = {row["mode"]: row["routing"] for row in result["rows"]}
+    assert {"gate_entropy", "ami_timestep", "routing_value"} <= set(routing["no_recursion"])
+    assert "ami_step" in routing["rsr"] and "ami_step" not in routing["no_recursion"]
+    assert routing["sft"] == {} and routing["no_modulation"] == {}
+    assert 0 <= routing["rsr"]["gate_entropy"] <= 1
+    test = result["rsr_vs_sft"]["middle"]
+    assert test["pairs"] == 2 * len(plan(table.QUICK.images_per_category)) and 0 <= test["p_value"] <= 1
+    # a finished row is reused, not retrained
+    base = out / "checkpoints" / "base.pt"
+    _, seconds = table.train_row(out, base, "middle", "rsr", 0, table.QUICK)
+    assert seconds == 0.0
+    # the results are not replaced by accident
+    assert main(["evaluate", "--table", "--quick", "--out", str(out)]) == 2
+    assert "exists" in one_error_line(capsys.readouterr().err)
+
+
+def test_mcnemar_counts_discordant_pairs():
+    t = table.mcnemar([True] * 9 + [False, True], [False] * 9 + [True, True])
+    assert (t["only_first"], t["only_second"], t["pairs"]) == (9, 1, 11)
+    assert t["p_value"] == pytest.approx(0.021484375)  # two-sided binomial, 10 discordant pairs
