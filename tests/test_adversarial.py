@@ -264,8 +264,15 @@ class Child:
     """A command in its own process; its stderr is collected as it comes."""
 
     def __init__(self, module: str, *argv: str, cwd: Path, preexec_fn=None) -> None:
+        def start() -> None:
+            # A shell starts background jobs (CI, nohup) with SIGINT ignored, and children inherit
+            # that; Ctrl-C at a terminal meets a process whose SIGINT is at its default.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if preexec_fn is not None:
+                preexec_fn()
+
         self.proc = subprocess.Popen([sys.executable, "-m", module, *map(str, argv)], cwd=cwd, env=_env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=start)
         self.err: list[str] = []
         self._reader = threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True)
         self._reader.start()
@@ -288,8 +295,12 @@ class Child:
         return any(text in line for line in list(self.err))
 
     def finish(self, timeout: float = 120) -> tuple[int, str]:
-        self.proc.stdout.read()
-        rc = self.proc.wait(timeout)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:  # a child that ignored its signal must not hang the suite
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"the child did not end within {timeout} s: {''.join(self.err)[-500:]}") from None
         self._reader.join(10)
         return rc, "".join(self.err)
 
@@ -323,8 +334,11 @@ def test_ctrl_c_while_imports_load_is_one_line_and_130(name, made, tmp_path):
 def ctrl_c_after(monkeypatch):
     """ctrl_c_after(module, name, n): a real SIGINT to this process right after the n-th call of
     module.name returns (the handler raises KeyboardInterrupt in the main thread, as Ctrl-C does)."""
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    previous = signal.getsignal(signal.SIGINT)
+    if previous not in (signal.default_int_handler, signal.SIG_IGN, signal.SIG_DFL):
         pytest.skip("SIGINT is handled by something else in this test process")
+    # as at a terminal, even when the suite runs as a background job (which starts with SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def arm(module, name: str, n: int) -> None:
         original, calls = getattr(module, name), [0]
@@ -336,7 +350,8 @@ def ctrl_c_after(monkeypatch):
                 signal.raise_signal(signal.SIGINT)
             return result
         monkeypatch.setattr(module, name, wrapped)
-    return arm
+    yield arm
+    signal.signal(signal.SIGINT, previous)
 
 
 def _interrupted(capsys, rc: int) -> None:
@@ -356,13 +371,16 @@ def test_ctrl_c_while_recording_keeps_every_flushed_step(point, n, made, tmp_pat
         assert not tr.complete and tr.written.sum() >= n and not tr.written.all()
 
 
-@pytest.mark.parametrize("point, n", [("training_pair", 2), ("save_checkpoint", 2)])
-def test_ctrl_c_while_training_keeps_the_last_checkpoint(point, n, tmp_path, capsys, ctrl_c_after):
-    import rsr_model.train
+# a training step (the task draws its noise through flow.training_pair) and a checkpoint save
+@pytest.mark.parametrize("module, point, n", [("rsr_model.flow", "training_pair", 2),
+                                              ("rsr_model.train", "save_checkpoint", 2)])
+def test_ctrl_c_while_training_keeps_the_last_checkpoint(module, point, n, tmp_path, capsys, ctrl_c_after):
+    import importlib
+
     from rsr_model.__main__ import main as rsr
     from rsr_model.checkpoint import load_checkpoint
 
-    ctrl_c_after(rsr_model.train, point, n)
+    ctrl_c_after(importlib.import_module(module), point, n)
     out = tmp_path / "c.pt"
     capsys.readouterr()
     _interrupted(capsys, rsr(["train", "--stage", "base", "--steps", "6", "--batch-size", "4", "--save-every", "1",
