@@ -34,8 +34,9 @@ from .tasks import Task, TaskError, get_task
 from .warm_start import WarmStart, check_layout
 
 STAGES = ("base", "rsr")
-# RSR-stage recipe flags (default: the preset's); a resumed run keeps the values it started with
-RECIPE_FLAGS = ("gate_lr_scale", "warm_start", "warm_start_steps", "rsr_ema_decay")
+# RSR-stage recipe flags (default: the preset's); a resumed run keeps the values it started with,
+# and a run saved before a flag existed resumes without it (the value here)
+RECIPE_FLAGS = {"gate_lr_scale": 1.0, "warm_start": "none", "warm_start_steps": 0, "rsr_ema_decay": 0.0}
 
 
 class TrainingError(UserError):
@@ -222,7 +223,7 @@ class Trainer:
             if saved.get(name) is not None and given is not None and saved[name] != given:
                 raise ConfigError(f"--{name.replace('_', '-')} {given} differs from the run being resumed ({saved[name]})")
             if given is None:
-                setattr(self.args, name, saved.get(name))
+                setattr(self.args, name, saved[name] if name in saved else RECIPE_FLAGS[name])
 
     def _setting(self, name: str) -> Any:
         """A recipe flag: the command line's (or the resumed run's), else the preset's."""

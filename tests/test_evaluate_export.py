@@ -26,7 +26,7 @@ def routed_ckpt(tmp_path_factory):
     """A tiny no_recursion checkpoint (K=4, L=1) whose experts clearly differ."""
     path = tmp_path_factory.mktemp("lora") / "moe.pt"
     assert main(["train", "--out", str(path), "--batch-size", "4", "--save-every", "1", "--steps", "1",
-                 "--mode", "no_recursion", "--target-layers", "1,3"]) == 0
+                 "--mode", "no_recursion", "--experts", "4", "--target-layers", "1,3"]) == 0
     ck = load_checkpoint(path)
     g = torch.Generator().manual_seed(0)
     ck["rsr_state"] = {k: (torch.randn(v.shape, generator=g) * 0.05 if k.endswith("experts.B") else v)

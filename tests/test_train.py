@@ -209,3 +209,26 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     ck = load_checkpoint(out)  # still readable, at the last finite step
     assert 1 <= ck["progress"]["base"] < 6
     assert all(torch.isfinite(v).all() for v in ck["base_state"].values() if v.is_floating_point())
+
+
+def test_a_run_saved_before_the_recipe_flags_resumes_as_it_was_trained(tmp_path):
+    """Checkpoints written before --warm-start/--rsr-ema-decay existed resume without them, not with
+    today's preset defaults (tiny's step-band warm start would not even fit their 4 experts)."""
+    from rsr_model.checkpoint import save_checkpoint
+
+    out = tmp_path / "old.pt"
+
+    def crash_in_rsr(info):
+        if (info.stage, info.step) == ("rsr", 1):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(train_args(out, "--steps", "2", "--experts", "4", "--warm-start", "none"), callbacks=[crash_in_rsr]).run()
+    ck = load_checkpoint(out)
+    for name in ("warm_start", "warm_start_steps", "rsr_ema_decay"):
+        del ck["args"][name]
+    save_checkpoint(ck, out)
+    trainer = Trainer(train_args(out, "--steps", "2", "--resume"))
+    assert (trainer.args.warm_start, trainer.args.rsr_ema_decay) == ("none", 0.0)
+    trainer.run()
+    assert load_checkpoint(out)["progress"]["rsr"] == 2
