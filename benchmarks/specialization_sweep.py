@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 SETTINGS: dict[str, list[str]] = {
-    "default": [],  # tau 5, lr 1e-3, gate at the experts' lr, balance 0.01
+    "default": [],  # the preset's current recipe (tiny: K 6, step-band warm start, balance over the recursion)
+    # the tiny default before the warm start: the paper's gate recipe (tau 5, balance per step) with K 4
+    "k4_paper_gate": ["--experts", "4", "--warm-start", "none", "--balance-over", "step"],
     "tau1_lr5e-3": ["--tau", "1", "--lr", "5e-3"],
     "tau1_gate10x": ["--tau", "1", "--gate-lr-scale", "10"],
     "tau0.5_gate10x": ["--tau", "0.5", "--gate-lr-scale", "10"],
@@ -44,7 +46,8 @@ SETTINGS: dict[str, list[str]] = {
     "lr5e-3_rank32_tau0.5_gate10x": ["--lr", "5e-3", "--rank", "32", "--tau", "0.5", "--gate-lr-scale", "10"],
     # symmetry broken first: experts forced to their cells for the first quarter, then the gate is free
     "k6": ["--experts", "6"],
-    "k6_warm_stepband": ["--experts", "6", "--warm-start", "step-band", "--warm-start-steps", "100"],
+    "k6_warm_stepband": ["--experts", "6", "--warm-start", "step-band", "--warm-start-steps", "100",
+                         "--balance-over", "step"],
     "k4_warm_band": ["--warm-start", "band", "--warm-start-steps", "100"],
     "k6_warm_stepband_pooled": ["--experts", "6", "--warm-start", "step-band", "--warm-start-steps", "100",
                                 "--balance-over", "recursion"],
