@@ -108,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
 
     def body() -> None:
-        from rsr_model.recorders import token_grid
         from rsr_model.sample import load_model
 
         from .analysis import jsonable
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         items = task.parse_items(prompts)
         rows = [it for it in items for _ in range(a.num_samples)]
         ivs = from_cli(rsr, a.force_expert, a.ablate_expert, a.region, a.t_window, a.at_step,
-                       grid=token_grid(task, transformer), timestep_values=sampled_timesteps(task, a.steps))
+                       grid=task.token_grid(transformer), timestep_values=sampled_timesteps(task, a.steps))
         print(f"sampling {len(rows)} image(s) x {a.steps} step(s) with and without the intervention", file=sys.stderr)
         r = causal_effect(task, transformer, rsr, rows, [a.seed + j for j in range(len(rows))], ivs, a.steps, a.guidance)
         print(f"denoiser relative change {r['denoiser']['pooled_relative_change']:.4g}, "

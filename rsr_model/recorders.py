@@ -93,13 +93,6 @@ class Selection:
                     latent_tokens=latent_tokens)
 
 
-def token_grid(task: Task, transformer: nn.Module) -> tuple[int, int]:
-    """(rows, cols) of the image-token grid the transformer sees."""
-    C, H, W = task.latent_shape(transformer)
-    patch = transformer.config.patch_size
-    return H // patch, W // patch
-
-
 def random_projection(dim: int, out: int, seed: int = 0) -> np.ndarray:
     """(dim, out) matrix with orthonormal columns: distances shrink uniformly, nothing is learned."""
     g = np.random.default_rng(seed)
@@ -194,7 +187,7 @@ class SamplingRecorder:
         self.steps, self.guidance = steps, guidance
         self.K = rsr.config.experts
         C, H, W = task.latent_shape(transformer)
-        self.grid = token_grid(task, transformer)
+        self.grid = task.token_grid(transformer)
         self.n_tokens = self.grid[0] * self.grid[1]
         self.guided = guidance != 1.0
         self.r = selection.resolve(rsr, self.n_tokens, steps, self.guided)
@@ -382,9 +375,8 @@ class TrainingRecorder:
         self._t: torch.Tensor | None = None
 
     def _open(self, rsr: RSR, transformer: nn.Module) -> None:
-        C, H, W = self.task.latent_shape(transformer)
-        p = transformer.config.patch_size
-        self.n_tokens = (H // p) * (W // p)
+        rows, cols = self.task.token_grid(transformer)
+        self.n_tokens = rows * cols
         self.tokens = list(range(0, self.n_tokens, self.token_stride))
         self._pick = _token_picker(self.tokens, self.n_tokens)
         self.layers = rsr.layer_indices

@@ -182,3 +182,96 @@ def test_train_sample_and_record_commands(tmp_path, capsys):
         assert tr.read("/routing/expert").shape == (2, 1, 1, 1, L, 16)
         assert tr.read("/decoded/step").shape == (2, 1, 1, 1, L, 16, 16, 3)
         assert "action_step_0" in json.loads(tr.read("/samples/scene")[0])["attributes"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Three real frozenlake checkpoints (2 steps each): RSR seeds 0 and 1, the baseline seed 0;
+    the RSR seed-0 run also writes a training trace."""
+    from rsr_model.__main__ import main
+
+    d = tmp_path_factory.mktemp("planning")
+    paths = {}
+    for mode, seed in (("rsr", 0), ("rsr", 1), ("no_modulation", 0)):
+        paths[mode, seed] = d / f"{mode}{seed}.pt"
+        trace = ["--trace", str(d / "train.h5"), "--trace-every", "1", "--trace-probs"] if (mode, seed) == ("rsr", 0) else []
+        assert main(["train", "--preset", "frozenlake", "--mode", mode, "--seed", str(seed), "--steps", "2",
+                     "--batch-size", "4", "--out", str(paths[mode, seed]), *trace]) == 0
+    return d, paths
+
+
+def test_planning_figures_collect_checkpoints_by_size_and_mode(trained, capsys):
+    from rsr_model.__main__ import main
+    from rsr_model.frozenlake_eval import summarize
+    from rsr_model.sample import load_model
+
+    d, paths = trained
+    out = d / "evaluate"
+    assert main(["evaluate", "--planning", *map(str, paths.values()), "--out", str(out)]) == 0
+    result = json.loads((out / "planning.json").read_text())
+    assert [(r["size"], r["mode"], r["checkpoints"]) for r in result["rows"]] == [("4x4", "rsr", 2),
+                                                                                 ("4x4", "no_modulation", 1)]
+    # every figure is the judge's own on the same held-out maps, averaged over the row's checkpoints
+    direct = []
+    for seed in (0, 1):
+        task, net, rsr, _ = load_model(paths["rsr", seed])
+        plans = make_plans(task, net, rsr, task.eval_maps[:result["maps"]])
+        direct.append(summarize([judge(p) for p in plans], plans))
+    row = result["rows"][0]
+    for key in ("success_env", "success_frames", "action_accuracy", "frame_accuracy"):
+        assert row[key]["mean"] == pytest.approx(np.mean([x[key] for x in direct]))
+        assert row[key]["std"] == pytest.approx(np.std([x[key] for x in direct], ddof=1))
+    assert row["failures"]["hole"] == pytest.approx(np.mean([x["failures"]["hole"] for x in direct]))
+    md = (out / "planning.md").read_text()
+    assert md.splitlines()[2].startswith("| 4x4 | rsr | 2 |") and "holes" in md.splitlines()[0]
+    assert main(["evaluate", "--planning", str(paths["rsr", 0]), "--out", str(out)]) == 2  # never overwritten
+
+
+def test_plan_traces_reach_the_probes_and_the_dashboard(trained, tmp_path):
+    """A recorded plan gets the probes' MI(expert; true action) per latent step, and the
+    dashboard's filmstrip, routing map and training views render it (training trace included)."""
+    from dashboard.__main__ import make_context
+    from dashboard.app import create_app
+    from dashboard.data import trace_id
+    from probes.record import main as record_main
+    from probes.report import main as report_main
+    from traces import open_trace
+
+    from .test_dashboard import ROUTING, call, text_of
+
+    d, paths = trained
+    served = tmp_path / "served"
+    served.mkdir()
+    (tmp_path / "maps.txt").write_text("\n".join(lake.map_text(m) for m in get_task("frozenlake").eval_maps[:6]))
+    trace = served / "plans.h5"
+    assert record_main(["--ckpt", str(paths["rsr", 0]), "--maps", str(tmp_path / "maps.txt"), "--out", str(trace),
+                        "--probs"]) == 0
+    assert report_main([str(trace), "--json", str(tmp_path / "r.json"), "--permutations", "9", "--no-probes"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    step0 = report["layers"][str(get_task("frozenlake").encoder_blocks)]["steps"]["0"]["mi"]
+    assert "action_step_0" in step0 and step0["action_step_0"]["mi"] >= 0
+
+    with open_trace(d / "train.h5") as tr:  # the training trace: one event per map of each batch
+        L = get_task("frozenlake").horizon + 1
+        assert tr.read("/routing/expert").shape == (8, 1, L, 16)
+    import shutil
+
+    shutil.copy(d / "train.h5", served / "train.h5")
+    app = create_app(make_context([str(served)], permutations=9))
+    sel = {"sel-trace.value": trace_id(trace), "sel-sample.value": 0, "sel-branch.value": "cond",
+           "sel-t.value": 0, "sel-layer.value": 2, "sel-step.value": 3, "sel-expert.value": 0,
+           "film-overlay.value": ["on"], "flow-bin.value": "all"}
+    for view, output in [("filmstrip", "filmstrip-body.children"), ("overview", "overview-body.children"),
+                         ("flow", "flow-body.children")]:
+        body = call(app, output, {**sel, "tabs.value": view}, "tabs.value")[output.split(".")[0]]["children"]
+        assert "msg-error" not in json.dumps(body), (view, text_of(body))
+    film = json.dumps(call(app, "filmstrip-body.children", {**sel, "tabs.value": "filmstrip"})["filmstrip-body"])
+    assert film.count("data:image/png;base64") >= L  # a decoded frame per latent step
+    routing = call(app, ROUTING, {**sel, "tabs.value": "routing"}, "tabs.value")
+    heat = routing["routing-map"]["figure"]["data"][0]
+    z = heat["z"]  # plotly sends arrays as {"dtype", "bdata", "shape"}
+    shape = tuple(int(n) for n in z["shape"].split(",")) if isinstance(z, dict) else np.shape(z)
+    assert shape == (4, 4)  # the map's cells, one token each
+    training = call(app, "training-body.children", {**sel, "sel-trace.value": trace_id(served / "train.h5"),
+                                                    "tabs.value": "training"})["training-body"]["children"]
+    assert "msg-error" not in json.dumps(training) and "needs a training trace" not in text_of(training)

@@ -1,16 +1,20 @@
 """Planning figures (the paper's section 4.4: reasoning in visual latents) beside the other tables:
 `evaluate --planning CKPT [CKPT ...]`.
 
-This module is the hook, not the planner. The FrozenLake preset (built separately) judges plans
-in `rsr_model.frozenlake_eval`: `make_plans(task, net, rsr, maps)` samples a plan per held-out
-map (`task.eval_maps`), `judge(plan)` checks it, `summarize(judgements, plans)` gives the rates.
+This module collects, it does not plan: the FrozenLake preset judges plans in
+`rsr_model.frozenlake_eval`: `make_plans(task, net, rsr, maps)` samples a plan per held-out map
+(`task.eval_maps`), `judge(plan)` checks it, `summarize(judgements, plans)` gives the rates.
 `evaluate --planning` runs those on every checkpoint given (e.g. RSR and the same budget without
 routing, several training seeds each), groups them by (map size, mode), and reports per group
 the mean ± std over checkpoints of
 
-    success          share of held-out maps whose actions, replayed in the environment, reach the goal
-    action accuracy  share of plan steps whose action matches the shortest plan
-    frame accuracy   share of plan steps whose predicted frame is right
+    success (env)     share of held-out maps whose actions, replayed in the environment, reach the goal
+    success (frames)  the same read from the agent's cell in the decoded frames
+    action accuracy   share of plan steps whose action matches the shortest plan
+    frame accuracy    share of plan steps whose predicted frame is right
+
+and the mean count per checkpoint of the failure modes (into a hole, diagonal and impossible
+moves in the decoded frames).
 
 in planning.json / planning.md under --out. A checkpoint of a preset without held-out maps, or a
 tree without the FrozenLake judge, is refused with one error line.
@@ -25,7 +29,9 @@ import numpy as np
 
 from ..cli import UsageError
 
-FIGURES = {"success_env": "success", "action_accuracy": "action accuracy", "frame_accuracy": "frame accuracy"}
+FIGURES = {"success_env": "success (env)", "success_frames": "success (frames)", "action_accuracy": "action accuracy",
+           "frame_accuracy": "frame accuracy"}
+FAILURES = {"hole": "holes", "diagonal_moves": "diagonal", "impossible_moves": "impossible"}
 
 
 def _judge():
@@ -48,7 +54,8 @@ def checkpoint_figures(ckpt: Path, n_maps: int) -> dict[str, Any]:
     judge = _judge()
     plans = judge.make_plans(task, net, rsr, task.eval_maps[:n_maps])
     rates = judge.summarize([judge.judge(p) for p in plans], plans)
-    return {"size": f"{task.size}x{task.size}", "mode": ck.get("mode", "?"), **{k: rates[k] for k in FIGURES}}
+    return {"size": f"{task.size}x{task.size}", "mode": ck.get("mode", "?"), **{k: rates[k] for k in FIGURES},
+            "failures": {k: rates["failures"][k] for k in FAILURES}}
 
 
 def planning_rows(checkpoints: Sequence[Path], n_maps: int = 200) -> dict[str, Any]:
@@ -61,6 +68,7 @@ def planning_rows(checkpoints: Sequence[Path], n_maps: int = 200) -> dict[str, A
         for key in FIGURES:
             values = np.array([r[key] for r in group])
             row[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+        row["failures"] = {k: float(np.mean([r["failures"][k] for r in group])) for k in FAILURES}
         rows.append(row)
     return {"maps": n_maps, "rows": rows, "runs": runs, "seconds": time.perf_counter() - started}
 
@@ -69,6 +77,8 @@ def markdown(result: dict[str, Any]) -> str:
     from .markdown import table_lines
 
     rows = [[r["size"], r["mode"], str(r["checkpoints"]),
-             *(f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in FIGURES)] for r in result["rows"]]
-    return "\n".join([*table_lines(["map", "mode", "checkpoints", *FIGURES.values()], rows), "",
-                      f"Held-out maps per checkpoint: {result['maps']}; mean ± std over the checkpoints of a row."])
+             *(f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in FIGURES),
+             *(f"{r['failures'][k]:.1f}" for k in FAILURES)] for r in result["rows"]]
+    return "\n".join([*table_lines(["map", "mode", "checkpoints", *FIGURES.values(), *FAILURES.values()], rows), "",
+                      f"Held-out maps per checkpoint: {result['maps']}; rates are mean ± std over the checkpoints "
+                      f"of a row, failures the mean count per checkpoint."])

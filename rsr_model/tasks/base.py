@@ -80,6 +80,12 @@ class Task:
         c = transformer.config
         return (c.in_channels, c.sample_size, c.sample_size)
 
+    def token_grid(self, transformer: nn.Module) -> tuple[int, int]:
+        """(rows, cols) of the vision tokens at the RSR layer (the trace's token axis, row-major)."""
+        _, H, W = self.latent_shape(transformer)
+        patch = transformer.config.patch_size
+        return H // patch, W // patch
+
     def to_images(self, x0: torch.Tensor) -> np.ndarray:
         """Model space (B, C, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
         x = ((x0.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()

@@ -116,6 +116,9 @@ class FrozenLake(Task):
         return frame_loss + action_loss
 
     # --- command line and traces --------------------------------------------------------------
+    def token_grid(self, transformer: nn.Module) -> tuple[int, int]:
+        return self.size, self.size  # one token per map cell
+
     def condition(self, items: Sequence) -> dict[str, torch.Tensor]:
         raise TaskError(f"preset {self.name!r} plans from maps, it does not sample images: pass --map")
 
