@@ -177,6 +177,25 @@ def test_balance_loss_closed_forms():
     assert torch.allclose(load_share(ids, K), uniform)
 
 
+@pytest.mark.parametrize("over", ["step", "recursion"])
+def test_layer_balances_over_what_its_config_says(sd3, over):
+    """In training the layer's balance loss is balance_loss(f, P, config.balance_over) of its own steps."""
+    model, inputs = sd3
+    rsr = install_rsr(model, rsr_config("tiny", target_layers=[2], balance_over=over))
+    randomize_rsr(rsr)
+    model.train()
+    own_expert = lambda e, ctx: torch.full_like(e, ctx.step % rsr.config.experts)  # noqa: E731  each step its own
+    with torch.no_grad(), rsr.hooks.hooks({"*.step.*.expert": own_expert}), rsr.hooks.cache("*.probs") as probs:
+        run(model, inputs)
+    K = rsr.config.experts
+    shares = [torch.nn.functional.one_hot(torch.tensor(s % K), K).float() for s in range(rsr.config.steps)]
+    mean_probs = [v[0][1].reshape(-1, K).mean(0) for _, v in sorted(probs.items())]
+    layer = rsr["2"]
+    assert layer.last_balance.item() == pytest.approx(balance_loss(shares, mean_probs, over).item(), rel=1e-5)
+    other = "step" if over == "recursion" else "recursion"
+    assert layer.last_balance.item() != pytest.approx(balance_loss(shares, mean_probs, other).item(), rel=1e-3)
+
+
 def test_hook_points_names_shapes_and_context(sd3):
     model, inputs = sd3
     cfg = rsr_config("tiny", target_layers=[1, 2])
