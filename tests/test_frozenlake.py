@@ -267,6 +267,9 @@ def test_plan_traces_reach_the_probes_and_the_dashboard(trained, tmp_path):
         assert "msg-error" not in json.dumps(body), (view, text_of(body))
     film = json.dumps(call(app, "filmstrip-body.children", {**sel, "tabs.value": "filmstrip"})["filmstrip-body"])
     assert film.count("data:image/png;base64") >= L  # a decoded frame per latent step
+    plan = json.loads(open_trace(trace).read("/samples/scene")[0])
+    assert f"shortest plan {' '.join(plan['shortest_plan'])}" in film  # captioned as a plan, not a diffusion
+    assert plan["plan_length"] == L - 1 or "after stop" in film
     routing = call(app, ROUTING, {**sel, "tabs.value": "routing"}, "tabs.value")
     heat = routing["routing-map"]["figure"]["data"][0]
     z = heat["z"]  # plotly sends arrays as {"dtype", "bdata", "shape"}

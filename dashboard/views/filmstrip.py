@@ -1,6 +1,8 @@
 """View 6, filmstrip: early-exit decodes of one sample across diffusion timesteps (rows) and
 recursion steps (columns) at the selected layer, with an optional routing overlay (each
-token tinted by its expert)."""
+token tinted by its expert). For a FrozenLake plan trace the one row is the plan being made:
+the frame decoded from every latent step, with the action chosen there and the share of
+tokens that voted for it."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import numpy as np
 from dash import Input, Output, dcc, html
 
 from ..common import Context, message, png_uri, routing_rgb, view_body
-from .routing import token_grid
+from .routing import navigation_plan, plan_step_label, token_grid
 
 TILE_PX = 72
 OVERLAY_ALPHA = 0.45
@@ -60,5 +62,14 @@ def register(app: dash.Dash, ctx: Context) -> None:
                     grid_ids = full
                 cells.append(html.Td(html.Img(src=tile(images[t, r], grid_ids, K, grid), width=TILE_PX)))
             rows.append(html.Tr(cells))
-        return html.Div([html.Div(f"sample {sample}: {tr.samples()['prompt'][sample]} — early-exit decodes at layer "
-                                  f"{layer} (rows: noise → clean)"), html.Table(rows, className="film")])
+        plan = navigation_plan(tr, sample)
+        if plan is not None:
+            rows.append(html.Tr([html.Th("action")] + [html.Td(plan_step_label(plan, s), className="sub")
+                                                      for s in steps]))
+            caption = (f"map {plan.get('map', sample)}: the frame decoded from each latent step and the action the "
+                       f"gate's majority chose there (share of tokens agreeing); shortest plan "
+                       f"{' '.join(plan.get('shortest_plan', []))}")
+        else:
+            caption = (f"sample {sample}: {tr.samples()['prompt'][sample]} — early-exit decodes at layer {layer} "
+                       f"(rows: noise → clean)")
+        return html.Div([html.Div(caption), html.Table(rows, className="film")])

@@ -43,6 +43,23 @@ def token_grid(tr: TraceReader) -> tuple[int, int]:
     return (side, side) if side * side == n else (1, n)
 
 
+def navigation_plan(tr: TraceReader, sample: int) -> dict | None:
+    """A FrozenLake plan trace's scene for one sample (map, plan, agreement, shortest plan), else None."""
+    if "navigation" not in tr.attrs:
+        return None
+    scene = tr.samples()["scene"][sample]  # parsed JSON ("" when none)
+    return scene if isinstance(scene, dict) and "plan" in scene else None
+
+
+def plan_step_label(plan: dict, step: int) -> str:
+    """'right (94%)' for an applied step of the plan, 'after stop' past it."""
+    if step >= plan.get("plan_length", 0):
+        return "after stop"
+    agreement = plan.get("agreement") or []
+    share = f" ({100 * agreement[step]:.0f}%)" if step < len(agreement) else ""
+    return f"{plan['plan'][step]}{share}"
+
+
 def grid_values(tr: TraceReader, values: np.ndarray, fill: float = np.nan) -> np.ndarray:
     """Stored tokens (n_stored, ...) placed on the (h, w, ...) token grid; unstored tokens = fill."""
     h, w = token_grid(tr)
@@ -91,8 +108,15 @@ def images(tr: TraceReader, sample: int, t: int, layer: int, step: int) -> tuple
         if im.ndim == 4:
             im = im[0]
         dec = png_uri(im, max(1, IMAGE_PX // im.shape[0]))
-        note = (f"x0 predicted from the state after recursion step {int(tr.coords['step'][step])} of layer {layer}, "
-                f"the remaining blocks run as usual")
+        plan = navigation_plan(tr, sample)
+        if plan is not None:  # FrozenLake: step l decodes to the frame after l actions
+            s = int(tr.coords["step"][step])
+            note = (f"frame decoded from latent step {s} (the agent after {s} action(s)); this step's action: "
+                    f"{plan_step_label(plan, s)}; plan {' '.join(plan.get('plan', [])) or '(none)'}, "
+                    f"shortest {' '.join(plan.get('shortest_plan', []))}")
+        else:
+            note = (f"x0 predicted from the state after recursion step {int(tr.coords['step'][step])} of layer "
+                    f"{layer}, the remaining blocks run as usual")
     else:
         note = "no early-exit decodes in this trace (record with --decode)"
     if tr.has("/decoded/final") and tr.final_written[sample]:
