@@ -1,7 +1,8 @@
 """The Dash app: a selection bar shared by every view, one tab per view, live updates.
 
 `create_app(ctx)` builds the page from the view modules in `dashboard/views/` (each has a
-`layout()` and a `register(app, ctx)`); `python -m dashboard` serves it.
+`layout()` and a `register(app, ctx)`); `python -m dashboard` serves it. Every view but
+Results (evaluation files, `views/results.py`) shows the selected trace.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from dash import Input, Output, State, dcc, html
 
 from . import selection
 from .common import Context
-from .views import compare, expert, filmstrip, flow, intervene, latent, overview, routing, training
+from .views import (compare, expert, filmstrip, flow, intervene, latent, overview, results, routing,
+                    training)
 
 VIEW_MODULES = {"overview": overview, "routing": routing, "flow": flow, "latent": latent, "expert": expert,
-                "filmstrip": filmstrip, "intervene": intervene, "training": training, "compare": compare}
+                "filmstrip": filmstrip, "intervene": intervene, "training": training, "compare": compare,
+                "results": results}
 LIVE_POLL_MS = 2000
 
 

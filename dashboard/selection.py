@@ -21,7 +21,7 @@ from .common import Context, message
 
 VIEWS = [("overview", "Specialization"), ("routing", "Routing map"), ("flow", "Recursion flow"),
          ("latent", "Latent explorer"), ("expert", "Expert"), ("filmstrip", "Filmstrip"),
-         ("intervene", "Intervene"), ("training", "Training health"), ("compare", "Compare")]
+         ("intervene", "Intervene"), ("training", "Training health"), ("compare", "Compare"), ("results", "Results")]
 KEYS = ("trace", "sample", "branch", "t", "layer", "step", "expert", "view")
 CONTROLS = {"trace": "sel-trace", "sample": "sel-sample", "branch": "sel-branch", "t": "sel-t",
             "layer": "sel-layer", "step": "sel-step", "expert": "sel-expert", "view": "tabs"}
