@@ -71,13 +71,18 @@ def find_results(folder: Path) -> list[Path]:
 
 # --- the ablation table -----------------------------------------------------------------------
 
+def trained_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The table's rows without its base row (the figures draw the base as a reference instead)."""
+    return [r for r in result["rows"] if r["mode"] != "base"]
+
+
 def spread_note(seeds: list[int]) -> str:
     return "one training seed: no spread" if len(seeds) < 2 else f"error bars: std over training seeds {seeds}"
 
 
 def table_overall_figure(result: dict[str, Any]) -> go.Figure:
     """Overall score per (target, mode), std over training seeds as error bars, the base as a line."""
-    rows = result["rows"]
+    rows = trained_rows(result)
     overall = [r["scores"]["overall"] for r in rows]
     fig = go.Figure(go.Bar(x=[f"{r['target']} · {r['mode']}" for r in rows], y=[s["mean"] for s in overall],
                            error_y=dict(type="data", array=[s["std"] for s in overall], visible=True),
@@ -96,7 +101,7 @@ def table_category_figure(result: dict[str, Any]) -> go.Figure:
     from rsr_model.evaluation.table import COLUMNS
 
     fig = go.Figure()
-    for i, row in enumerate(result["rows"]):
+    for i, row in enumerate(trained_rows(result)):
         scores = [row["scores"][c] for c in COLUMNS]
         fig.add_trace(go.Bar(x=list(COLUMNS.values()), y=[s["mean"] for s in scores], name=f"{row['target']} · "
                              f"{row['mode']}", marker_color=expert_colour(i),
@@ -324,6 +329,7 @@ def render_result(path: Path, folder: Path) -> html.Div:
         result = load_result(path, kind)
         md = path.with_suffix(".md")
         table = md.read_text() if md.is_file() else kind.markdown(result)
+        table = table.replace("[", "\\[")  # "seeds [0, 1]" is text, not a markdown link
         figures = [dcc.Graph(figure=f, config=GRAPH_CONFIG) if isinstance(f, go.Figure) else message(f)
                    for f in kind.figures(result)]
         evidence = html.Div([html.H3("evidence")] + [html.P(line) for line in kind.evidence(result)],
