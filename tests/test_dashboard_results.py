@@ -100,11 +100,16 @@ def test_a_broken_file_is_one_line_and_the_rest_render(results, tmp_path):
     (folder / "old").mkdir()
     (folder / "old" / "table.json").write_text(json.dumps({"rows": [], "budget": {}}))  # not a table's keys
     (folder / "class_conditioned.md").unlink()  # rebuilt from the JSON
+    no_spread = json.loads((results / "table.json").read_text())
+    del no_spread["rows"][2]["scores"]["overall"]["std"]
+    (folder / "older").mkdir()
+    (folder / "older" / "table.json").write_text(json.dumps(no_spread))
     page = json.loads(json.dumps(res.results_page(folder), default=lambda c: c.to_plotly_json()))
     errors = [text_of(c) for c in page if "msg-error" in json.dumps(c)]
-    assert len(errors) == 2
+    assert len(errors) == 3
     assert errors[0].startswith("old/table.json: lacks rsr_vs_sft, base_scores") and "evaluate --table" in errors[0]
-    assert errors[1].startswith("planning.json: not a readable JSON file")
+    assert errors[1] == "older/table.json: row 2 of 'rows' lacks scores.overall.std"
+    assert errors[2].startswith("planning.json: not a readable JSON file")
     text = text_of(page)
     for kind in ("table", "class_conditioned", "scorer_check"):
         assert res.KINDS[kind].title in text

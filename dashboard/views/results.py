@@ -37,7 +37,18 @@ class ResultError(UserError):
 def rows_of(result: dict[str, Any], key: str) -> list[dict[str, Any]]:
     """The rows of a result as a list (class_conditioned keeps them in a dict by name)."""
     rows = result[key]
-    return [{"name": name, **row} for name, row in rows.items()] if isinstance(rows, dict) else list(rows)
+    if isinstance(rows, dict):
+        return [{"name": name, **row} if isinstance(row, dict) else row for name, row in rows.items()]
+    return list(rows)
+
+
+def has(row: Any, dotted: str) -> bool:
+    """Whether `row` holds the nested key `dotted` ("scores.overall.std")."""
+    for key in dotted.split("."):
+        if not isinstance(row, dict) or key not in row:
+            return False
+        row = row[key]
+    return True
 
 
 def load_result(path: Path, kind: "Kind") -> dict[str, Any]:
@@ -56,7 +67,7 @@ def load_result(path: Path, kind: "Kind") -> dict[str, Any]:
     if not isinstance(rows, (list, dict)) or not rows:
         raise ResultError(f"'{kind.rows}' holds no rows")
     for i, row in enumerate(rows_of(result, kind.rows)):
-        lacking = [k for k in kind.row_keys if not isinstance(row, dict) or k not in row]
+        lacking = [k for k in kind.row_keys if not has(row, k)]
         if lacking:
             raise ResultError(f"row {i} of '{kind.rows}' lacks {', '.join(lacking)}")
     return result
@@ -295,7 +306,7 @@ class Kind:
     command: str  # the command that writes it
     keys: tuple[str, ...]  # top-level keys it must have
     rows: str  # the key of its rows
-    row_keys: tuple[str, ...]  # keys every row must have
+    row_keys: tuple[str, ...]  # keys every row must have ("a.b": key b inside a)
     figures: Callable[[dict[str, Any]], list[go.Figure | str]]
     evidence: Callable[[dict[str, Any]], list[str]]
     markdown: Callable[[dict[str, Any]], str]  # the table from the JSON, when NAME.md is missing
@@ -304,15 +315,17 @@ class Kind:
 KINDS = {
     "table": Kind("Ablation table (Table 3 in small)", "python -m rsr_model evaluate --table",
                   ("rows", "rsr_vs_sft", "base_scores", "budget", "seconds", "runs", "plan"), "rows",
-                  ("target", "mode", "seeds", "scores", "routing"), table_figures, table_evidence, table_markdown),
+                  ("target", "mode", "seeds", "scores.overall.mean", "scores.overall.std", "routing"),
+                  table_figures, table_evidence, table_markdown),
     "class_conditioned": Kind("Class-conditioned quality (Table 1 in small)",
                               "python -m rsr_model evaluate --class-conditioned",
                               ("rows", "budget", "samples", "classifier_test_accuracy"), "rows", ("fd",),
                               lambda r: [class_conditioned_figure(r)], class_conditioned_evidence,
                               class_conditioned_markdown),
     "planning": Kind("Planning (FrozenLake)", "python -m rsr_model evaluate --planning",
-                     ("rows", "maps"), "rows", ("size", "mode", "checkpoints", "success_env", "action_accuracy",
-                                                "frame_accuracy"),
+                     ("rows", "maps"), "rows",
+                     ("size", "mode", "checkpoints", "success_env.mean", "success_env.std", "action_accuracy.mean",
+                      "action_accuracy.std", "frame_accuracy.mean", "frame_accuracy.std"),
                      lambda r: [planning_figure(r)], planning_evidence, planning_markdown),
     "scorer_check": Kind("Scorer check", "python -m rsr_model evaluate --scorer-check",
                          ("cells", "resolutions", "scenes", "target", "passed", "worst_accuracy", "worst_rejection"),
