@@ -39,7 +39,7 @@ def create_app(ctx: Context) -> dash.Dash:
                   html.Span(id="live-status", className="sub")], className="header"),
         selection.selection_bar(),
         html.Div(id="status"),
-        dcc.Tabs(id="tabs", value="overview", children=tabs),
+        dcc.Tabs(id="tabs", value=selection.default_view(ctx), children=tabs),
         # an empty graph in the first layout makes the browser fetch plotly.js while the first
         # callbacks run, not after the overview's figure arrives (about 0.5 s of the first page)
         dcc.Graph(id="plotly-preload", figure={}, style={"display": "none"}),

@@ -143,6 +143,7 @@ def test_results_tab_without_traces(app_ctx):
     app, _ = app_ctx
     sel = selection(app, "?view=results")
     assert sel["tabs"] == "results" and sel["sel-trace"] is None
+    assert selection(app)["tabs"] == "results"  # the page opens on the only tab with something to show
     body = call(app, "results-body.children", {"tabs.value": "results"}, "tabs.value")["results-body"]["children"]
     assert "msg-error" not in json.dumps(body)
     assert "Ablation table" in text_of(body) and "Scorer check" in text_of(body)
@@ -160,7 +161,7 @@ def test_browser_results_tab(browser):
             return ""
 
     driver, url, _ = browser
-    driver.get(url)
+    driver.get(f"{url}/?view=overview")
     click(driver, "//*[@id='tabs']//*[text()='Results']")
     wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#result-table .js-plotly-plot .bars"))
     wait_for(driver, lambda d: all(word in text(d, "#result-table table") for word in ("no_recursion", "Overall")))
@@ -168,3 +169,5 @@ def test_browser_results_tab(browser):
     wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result .js-plotly-plot")) == 3 + 1 + 1 + 1)
     assert "view=results" in driver.current_url
     assert not console_errors(driver)
+    driver.get(url)  # no trace served: the page opens on Results
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#result-table .js-plotly-plot .bars"))
