@@ -1,8 +1,10 @@
-"""`python -m dashboard [TRACE_OR_DIR ...] [--ckpt CKPT] [--host 127.0.0.1] [--port 8050]`
+"""`python -m dashboard [TRACE_OR_DIR ...] [--ckpt CKPT] [--results DIR] [--host 127.0.0.1] [--port 8050]`
 
 Serves the given trace files (or the *.h5 files found under the given folders; default
 `runs/`) in a Dash app on http://HOST:PORT/. Binds to loopback unless --host says otherwise.
 Reports are computed once per trace file and cached beside it (`<trace>.report.json`).
+The Results tab shows what `python -m rsr_model evaluate` wrote under --results (default
+`runs/evaluate`, when it exists); it needs no trace.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from rsr_model.cli import Parser, run_main
 from .data import DashboardError, Registry, find_traces
 
 DEFAULT_DIR = "runs"
+DEFAULT_RESULTS = "runs/evaluate"
 
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m dashboard", description=__doc__.splitlines()[0])
     p.add_argument("traces", nargs="*", help=f"trace files or folders (default: {DEFAULT_DIR}/)")
     p.add_argument("--ckpt", type=Path, help="checkpoint for the Intervene view (re-samples with interventions)")
+    p.add_argument("--results", type=Path, metavar="DIR",
+                   help=f"evaluation results for the Results tab (default: {DEFAULT_RESULTS}/ when it exists)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback: only this machine)")
     p.add_argument("--port", type=int, default=8050)
     p.add_argument("--permutations", type=int, default=199, help="permutation-null tables per MI in the reports")
@@ -29,7 +34,8 @@ def build_parser() -> Parser:
     return p
 
 
-def make_context(traces: list[str], ckpt: Path | None = None, permutations: int = 199):
+def make_context(traces: list[str], ckpt: Path | None = None, permutations: int = 199,
+                 results: Path | None = None):
     """The served registry and app context from command-line style arguments."""
     from .common import Context
 
@@ -39,7 +45,12 @@ def make_context(traces: list[str], ckpt: Path | None = None, permutations: int 
         paths = find_traces([DEFAULT_DIR]) if Path(DEFAULT_DIR).is_dir() else []
     if ckpt is not None and not Path(ckpt).is_file():
         raise DashboardError(f"--ckpt {ckpt}: no such file")
-    return Context(Registry(paths, n_perm=permutations), Path(ckpt) if ckpt else None)
+    if results is not None and not Path(results).is_dir():
+        raise DashboardError(f"--results {results}: no such folder")
+    if results is None and Path(DEFAULT_RESULTS).is_dir():
+        results = Path(DEFAULT_RESULTS)
+    return Context(Registry(paths, n_perm=permutations), Path(ckpt) if ckpt else None,
+                   Path(results) if results is not None else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,13 +60,15 @@ def main(argv: list[str] | None = None) -> int:
             raise DashboardError(f"--port {a.port}: must be 1..65535")
         if a.permutations < 0:
             raise DashboardError("--permutations must be >= 0")
-        ctx = make_context(a.traces, a.ckpt, a.permutations)
+        ctx = make_context(a.traces, a.ckpt, a.permutations, a.results)
         from .app import create_app
 
         app = create_app(ctx)
         n = len(ctx.registry.entries)
         print(f"serving {n} trace(s) on http://{a.host}:{a.port}/" + ("" if n else " (none found: the page says how "
                                                                        "to make one)"))
+        print(f"results tab: {ctx.results}" if ctx.results else f"results tab: no {DEFAULT_RESULTS}/ (the tab says how "
+                                                                 "to make results)")
         if a.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: bound to {a.host}: anyone who reaches this address can read the served traces",
                   file=sys.stderr)

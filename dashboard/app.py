@@ -1,7 +1,8 @@
 """The Dash app: a selection bar shared by every view, one tab per view, live updates.
 
 `create_app(ctx)` builds the page from the view modules in `dashboard/views/` (each has a
-`layout()` and a `register(app, ctx)`); `python -m dashboard` serves it.
+`layout()` and a `register(app, ctx)`); `python -m dashboard` serves it. Every view but
+Results (evaluation files, `views/results.py`) shows the selected trace.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from dash import Input, Output, State, dcc, html
 
 from . import selection
 from .common import Context
-from .views import compare, expert, filmstrip, flow, intervene, latent, overview, routing, training
+from .views import (compare, expert, filmstrip, flow, intervene, latent, overview, results, routing,
+                    training)
 
 VIEW_MODULES = {"overview": overview, "routing": routing, "flow": flow, "latent": latent, "expert": expert,
-                "filmstrip": filmstrip, "intervene": intervene, "training": training, "compare": compare}
+                "filmstrip": filmstrip, "intervene": intervene, "training": training, "compare": compare,
+                "results": results}
 LIVE_POLL_MS = 2000
 
 
@@ -36,7 +39,7 @@ def create_app(ctx: Context) -> dash.Dash:
                   html.Span(id="live-status", className="sub")], className="header"),
         selection.selection_bar(),
         html.Div(id="status"),
-        dcc.Tabs(id="tabs", value="overview", children=tabs),
+        dcc.Tabs(id="tabs", value=selection.default_view(ctx), children=tabs),
         # an empty graph in the first layout makes the browser fetch plotly.js while the first
         # callbacks run, not after the overview's figure arrives (about 0.5 s of the first page)
         dcc.Graph(id="plotly-preload", figure={}, style={"display": "none"}),

@@ -32,6 +32,7 @@ class Context:
 
     registry: Registry
     ckpt: Path | None = None
+    results: Path | None = None  # folder of `python -m rsr_model evaluate` results (the Results tab)
     jobs: Jobs = field(default_factory=Jobs)
     # derived results that cost a pass over the trace: (trace id, steps, name, args) -> value
     memo: dict = field(default_factory=dict)

@@ -21,7 +21,7 @@ from .common import Context, message
 
 VIEWS = [("overview", "Specialization"), ("routing", "Routing map"), ("flow", "Recursion flow"),
          ("latent", "Latent explorer"), ("expert", "Expert"), ("filmstrip", "Filmstrip"),
-         ("intervene", "Intervene"), ("training", "Training health"), ("compare", "Compare")]
+         ("intervene", "Intervene"), ("training", "Training health"), ("compare", "Compare"), ("results", "Results")]
 KEYS = ("trace", "sample", "branch", "t", "layer", "step", "expert", "view")
 CONTROLS = {"trace": "sel-trace", "sample": "sel-sample", "branch": "sel-branch", "t": "sel-t",
             "layer": "sel-layer", "step": "sel-step", "expert": "sel-expert", "view": "tabs"}
@@ -67,6 +67,12 @@ def selection_bar() -> html.Div:
     ], className="selbar")
 
 
+def default_view(ctx: Context) -> str:
+    """The tab a page without a view in its link opens on: with evaluation results and no trace,
+    Results (the only tab with something to show), else the specialization overview."""
+    return "results" if not ctx.registry.entries and ctx.results is not None else "overview"
+
+
 def read_query(search: str | None) -> dict[str, Any]:
     q = parse_qs((search or "").lstrip("?"))
     return {k: v[0] for k, v in q.items() if k in KEYS}
@@ -86,7 +92,8 @@ def valid_selection(ctx: Context, want: dict[str, Any]) -> tuple[dict[str, Any],
     trace_opts = reg.options()
     ok = [o["value"] for o in trace_opts if reg.entries[o["value"]].error is None]
     tid = want.get("trace") if want.get("trace") in reg.entries else (ok[0] if ok else None)
-    out: dict[str, Any] = {"trace": tid, "view": want.get("view") if want.get("view") in dict(VIEWS) else "overview"}
+    out: dict[str, Any] = {"trace": tid,
+                           "view": want.get("view") if want.get("view") in dict(VIEWS) else default_view(ctx)}
     opts: dict[str, Any] = {"trace": trace_opts}
     msg = None if trace_opts else NO_TRACES
     if want.get("trace") and want.get("trace") not in reg.entries:
