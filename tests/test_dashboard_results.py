@@ -70,8 +70,12 @@ def test_table_figures_carry_the_means_spreads_and_test(results):
 def test_other_kinds_plot_their_rows(results):
     planning = load(results, "planning")
     fig = res.planning_figure(planning)
-    action = next(t for t in fig.data if t.xaxis == "x2")  # the second panel: action accuracy
+    from rsr_model.evaluation.planning import FIGURES
+
+    panel = f"x{list(FIGURES).index('action_accuracy') + 1}"
+    action = next(t for t in fig.data if t.xaxis == panel)
     row = planning["rows"][0]
+    assert "no paired test" in " ".join(res.planning_evidence(planning))  # two RSR seeds, no baseline
     assert list(action.x) == [row["size"]] and action.y[0] == row["action_accuracy"]["mean"]
     assert action.error_y.array[0] == row["action_accuracy"]["std"] > 0  # 2 checkpoints of 2 training steps differ
 

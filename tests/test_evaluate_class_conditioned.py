@@ -35,8 +35,6 @@ def test_quick_class_conditioned_end_to_end(tmp_path, capsys):
 
 
 def test_planning_hook_refuses_presets_without_planning_figures(tmp_path, capsys):
-    from rsr_model.evaluation.planning import markdown
-
     from .conftest import one_error_line
 
     ckpt = tmp_path / "d.pt"
@@ -45,7 +43,3 @@ def test_planning_hook_refuses_presets_without_planning_figures(tmp_path, capsys
     capsys.readouterr()
     assert main(["evaluate", "--planning", str(ckpt), "--out", str(tmp_path)]) == 2
     assert "no held-out maps to plan on" in one_error_line(capsys.readouterr().err)
-    row = {"size": "4x4", "mode": "rsr", "checkpoints": 3, "success_env": {"mean": 0.5, "std": 0.1},
-           "action_accuracy": {"mean": 0.75, "std": 0.0}, "frame_accuracy": {"mean": 1.0, "std": 0.0}}
-    table = markdown({"maps": 200, "rows": [row]})
-    assert table.splitlines()[2] == "| 4x4 | rsr | 3 | 0.500 ± 0.100 | 0.750 ± 0.000 | 1.000 ± 0.000 |"

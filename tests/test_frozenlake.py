@@ -222,6 +222,12 @@ def test_planning_figures_collect_checkpoints_by_size_and_mode(trained, capsys):
         assert row[key]["mean"] == pytest.approx(np.mean([x[key] for x in direct]))
         assert row[key]["std"] == pytest.approx(np.std([x[key] for x in direct], ddof=1))
     assert row["failures"]["hole"] == pytest.approx(np.mean([x["failures"]["hole"] for x in direct]))
+    test = result["rsr_vs_shared"]["4x4"]  # paired by seed (only seed 0 has both) and map
+    runs = {(r["mode"], r["seed"]): r["success_per_map"] for r in result["runs"]}
+    a, b = np.array(runs["rsr", 0]), np.array(runs["no_modulation", 0])
+    assert test["seeds"] == [0] and test["pairs"] == result["maps"] == len(a)
+    assert (test["only_first"], test["only_second"]) == ((a & ~b).sum(), (~a & b).sum())
+    assert a.mean() == pytest.approx(direct[0]["success_env"])
     md = (out / "planning.md").read_text()
     assert md.splitlines()[2].startswith("| 4x4 | rsr | 2 |") and "holes" in md.splitlines()[0]
     assert main(["evaluate", "--planning", str(paths["rsr", 0]), "--out", str(out)]) == 2  # never overwritten

@@ -251,8 +251,12 @@ def planning_figure(result: dict[str, Any]) -> go.Figure:
 
 def planning_evidence(result: dict[str, Any]) -> list[str]:
     counts = ", ".join(f"{r['size']} {r['mode']}: {r['checkpoints']}" for r in result["rows"])
+    tests = [f"RSR − shared module ({size}, seeds {t['seeds']}): {100 * t['difference']:+.1f} points of success over "
+             f"{t['pairs']} paired plans ({t['only_first']} reached only under RSR, {t['only_second']} only without "
+             f"routing), exact McNemar p = {t['p_value']:.3g}." for size, t in result.get("rsr_vs_shared", {}).items()]
     return [f"Checkpoints per row: {counts}; {result['maps']} held-out maps per checkpoint.",
-            "The file has no paired test between modes: a difference counts only beyond the error bars."]
+            *(tests or ["No size has RSR and the shared module with the same seeds: no paired test; a difference "
+                        "counts only beyond the error bars."])]
 
 
 def planning_markdown(result: dict[str, Any]) -> str:

@@ -214,6 +214,8 @@ def run_class_conditioned(out: Path, budget: DigitsBudget, base: Path | None = N
     for name, row in rows.items():
         if "runs" in row:
             row.update({k: float(np.mean([r[k] for r in row["runs"]])) for k in FIGURES})
+            row["std"] = {k: float(np.std([r[k] for r in row["runs"]], ddof=1)) if len(row["runs"]) > 1 else None
+                          for k in FIGURES}
     result = {"budget": asdict(budget), "classifier_test_accuracy": test_accuracy, "samples": int(labels.size),
               "rows": rows, "seconds": time.perf_counter() - started}
     return result, markdown(result)
@@ -226,10 +228,14 @@ FIGURES = {"fd": "FD ↓", "sfd": "sFD ↓", "is": "IS ↑", "precision": "Preci
 def markdown(result: dict[str, Any]) -> str:
     from .markdown import table_lines
 
-    rows = [[name, *(f"{row[k]:.3f}" for k in FIGURES)] for name, row in result["rows"].items()]
+    def cell(row: dict[str, Any], k: str) -> str:
+        std = (row.get("std") or {}).get(k)
+        return f"{row[k]:.3f}" if std is None else f"{row[k]:.3f} ± {std:.3f}"
+
+    rows = [[name, *(cell(row, k) for k in FIGURES)] for name, row in result["rows"].items()]
     b = result["budget"]
     note = (f"{result['samples']} samples ({b['samples_per_class']} per class), {b['sample_steps']} sampler steps, "
             f"guidance {b['guidance']}; features of a digits CNN with test accuracy "
             f"{100 * result['classifier_test_accuracy']:.1f}% (297 held-out images). Training seeds "
-            f"{list(b['seeds'])} (figures averaged). Wall time {result['seconds']:.0f} s.")
+            f"{list(b['seeds'])} (mean ± std over seeds where there are several). Wall time {result['seconds']:.0f} s.")
     return "\n".join([*table_lines(["Model", *FIGURES.values()], rows), "", note])

@@ -14,7 +14,9 @@ the mean ± std over checkpoints of
     frame accuracy    share of plan steps whose predicted frame is right
 
 and the mean count per checkpoint of the failure modes (into a hole, diagonal and impossible
-moves in the decoded frames).
+moves in the decoded frames). Where a map size has RSR and the baseline without routing
+(`no_modulation`) trained with the same seeds, RSR is compared with it by an exact McNemar test
+on the paired outcomes (same seed, same held-out map; success in the environment).
 
 in planning.json / planning.md under --out. A checkpoint of a preset without held-out maps, or a
 tree without the FrozenLake judge, is refused with one error line.
@@ -53,9 +55,11 @@ def checkpoint_figures(ckpt: Path, n_maps: int) -> dict[str, Any]:
                          f"(planning figures are for the FrozenLake presets)")
     judge = _judge()
     plans = judge.make_plans(task, net, rsr, task.eval_maps[:n_maps])
-    rates = judge.summarize([judge.judge(p) for p in plans], plans)
-    return {"size": f"{task.size}x{task.size}", "mode": ck.get("mode", "?"), **{k: rates[k] for k in FIGURES},
-            "failures": {k: rates["failures"][k] for k in FAILURES}}
+    verdicts = [judge.judge(p) for p in plans]
+    rates = judge.summarize(verdicts, plans)
+    return {"size": f"{task.size}x{task.size}", "mode": ck.get("mode", "?"), "seed": (ck.get("args") or {}).get("seed"),
+            **{k: rates[k] for k in FIGURES}, "failures": {k: rates["failures"][k] for k in FAILURES},
+            "success_per_map": [bool(v.success_env) for v in verdicts]}
 
 
 def planning_rows(checkpoints: Sequence[Path], n_maps: int = 200) -> dict[str, Any]:
@@ -70,7 +74,24 @@ def planning_rows(checkpoints: Sequence[Path], n_maps: int = 200) -> dict[str, A
             row[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
         row["failures"] = {k: float(np.mean([r["failures"][k] for r in group])) for k in FAILURES}
         rows.append(row)
-    return {"maps": n_maps, "rows": rows, "runs": runs, "seconds": time.perf_counter() - started}
+    return {"maps": n_maps, "rows": rows, "rsr_vs_shared": paired_tests(runs), "runs": runs,
+            "seconds": time.perf_counter() - started}
+
+
+def paired_tests(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per map size: RSR against the baseline without routing, paired by training seed and map."""
+    from .table import mcnemar
+
+    tests = {}
+    for size in dict.fromkeys(r["size"] for r in runs):
+        shared = {r["seed"]: r for r in runs if r["size"] == size and r["mode"] == "no_modulation"}
+        pairs = [(r, shared[r["seed"]]) for r in runs
+                 if r["size"] == size and r["mode"] == "rsr" and r["seed"] in shared]
+        if pairs:
+            tests[size] = {"seeds": [r["seed"] for r, _ in pairs],
+                           **mcnemar([x for r, _ in pairs for x in r["success_per_map"]],
+                                     [x for _, b in pairs for x in b["success_per_map"]])}
+    return tests
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -79,6 +100,10 @@ def markdown(result: dict[str, Any]) -> str:
     rows = [[r["size"], r["mode"], str(r["checkpoints"]),
              *(f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in FIGURES),
              *(f"{r['failures'][k]:.1f}" for k in FAILURES)] for r in result["rows"]]
+    tests = [f"RSR vs shared module ({size}, seeds {t['seeds']}): {100 * t['difference']:+.1f} points of success "
+             f"over {t['pairs']} paired plans; reached the goal only under RSR {t['only_first']}, only without "
+             f"routing {t['only_second']}; exact McNemar p = {t['p_value']:.3g}."
+             for size, t in result.get("rsr_vs_shared", {}).items()]
     return "\n".join([*table_lines(["map", "mode", "checkpoints", *FIGURES.values(), *FAILURES.values()], rows), "",
-                      f"Held-out maps per checkpoint: {result['maps']}; rates are mean ± std over the checkpoints "
-                      f"of a row, failures the mean count per checkpoint."])
+                      *tests, f"Held-out maps per checkpoint: {result['maps']}; rates are mean ± std over the "
+                      f"checkpoints of a row, failures the mean count per checkpoint."])
