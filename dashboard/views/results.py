@@ -195,7 +195,7 @@ def figure_keys(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def class_conditioned_figure(result: dict[str, Any]) -> go.Figure:
-    """Each figure per row: bar = mean over training seeds, dots = each seed (the file has no std)."""
+    """Each figure per row: bar = mean over training seeds, dots = each seed."""
     rows = rows_of(result, "rows")
     keys = figure_keys(rows)
     fig = make_subplots(rows=1, cols=len(keys), subplot_titles=keys, horizontal_spacing=0.05)
@@ -214,8 +214,8 @@ def class_conditioned_figure(result: dict[str, Any]) -> go.Figure:
 
 def class_conditioned_evidence(result: dict[str, Any]) -> list[str]:
     b = result["budget"]
-    return [f"The file gives means over training seeds {list(b.get('seeds', []))} and no test between rows: "
-            "judge a difference by the per-seed dots.",
+    return [f"Means over training seeds {list(b.get('seeds', []))} (± std in the table where there are several); "
+            "no test between rows: judge a difference by the per-seed dots and the spread.",
             f"{result['samples']} samples per row; feature classifier test accuracy "
             f"{100 * result['classifier_test_accuracy']:.1f} %. 'real test split' is the floor."]
 
