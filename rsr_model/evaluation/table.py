@@ -49,8 +49,8 @@ class Budget:
 
 
 # The default: the preset's own 1800 base steps (trained once, reused by later tables) and 16
-# RSR rows of 150 steps; docs/evaluation.md has the measured times (over two hours on a loaded
-# 2-core machine).
+# RSR rows of 150 steps; measured at 68 min on a 2-core machine with another job beside it
+# (docs/evaluation.md, "Measured tables").
 DEFAULT = Budget(base_steps=1800, rsr_steps=150, seeds=(0, 1), images_per_category=16, sample_steps=20)
 QUICK = Budget(base_steps=2, rsr_steps=2, seeds=(0, 1), images_per_category=2, sample_steps=2, batch_size=4,
                value_samples=2, value_bins=1, value_draws=1, targets=("middle",))
