@@ -18,7 +18,7 @@ moves in the decoded frames). Where a map size has RSR and the baseline without 
 (`no_modulation`) trained with the same seeds, RSR is compared with it by an exact McNemar test
 on the paired outcomes (same seed, same held-out map; success in the environment).
 
-in planning.json / planning.md under --out. A checkpoint of a preset without held-out maps, or a
+Results go to planning.json / planning.md under --out. A checkpoint of a preset without held-out maps, or a
 tree without the FrozenLake judge, is refused with one error line.
 """
 from __future__ import annotations
