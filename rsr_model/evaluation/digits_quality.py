@@ -18,7 +18,8 @@ Rows, all from the `dit-digits` preset with the same total number of optimizer s
     DiT (B+R steps)     the base stage trained B+R steps: DiT without RSR at the same budget
     DiT + RSR           the B-step base, then the RSR stage (mode rsr) for R steps
 
-The real test split scored the same way gives the floor of every figure at this sample size.
+The real test split (297 images) scored the same way is a reference, not a floor: FD is biased
+upward on small sets.
 """
 from __future__ import annotations
 
