@@ -279,6 +279,10 @@ class TraceReader:
                 "seed": self.dataset("/samples/seed")[:n], "label": self.dataset("/samples/label")[:n],
                 "scene": scene}
 
+    def scene(self, sample: int) -> Any:
+        """One sample's `/samples/scene` (parsed JSON, "" when none), without reading the others."""
+        return _maybe_json(_text(self.dataset("/samples/scene")[sample]))
+
     def events(self) -> dict[str, np.ndarray]:
         """Training events: step, sample, timestep, label (flushed events only)."""
         n = self.n_events

@@ -47,7 +47,7 @@ def navigation_plan(tr: TraceReader, sample: int) -> dict | None:
     """A FrozenLake plan trace's scene for one sample (map, plan, agreement, shortest plan), else None."""
     if "navigation" not in tr.attrs:
         return None
-    scene = tr.samples()["scene"][sample]  # parsed JSON ("" when none)
+    scene = tr.scene(sample)  # one row: this runs on every slider move of the routing map
     return scene if isinstance(scene, dict) and "plan" in scene else None
 
 
