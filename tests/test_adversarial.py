@@ -368,7 +368,12 @@ def test_ctrl_c_while_recording_keeps_every_flushed_step(point, n, made, tmp_pat
     _interrupted(capsys, record(["--ckpt", str(made / "tiny.pt"), "--prompts", PROMPT, "--num-samples", "6",
                                  "--steps", "4", "--batch-size", "2", "--out", str(tmp_path / "t.h5")]))
     with open_trace(tmp_path / "t.h5") as tr:
-        assert not tr.complete and tr.written.sum() >= n and not tr.written.all()
+        # The writes run on a background thread, so the next batch may or may not have begun
+        # when the interrupt lands: what is certain is the flushed work and the missing rest.
+        assert not tr.complete and tr.written.sum() >= n
+        assert tr.n_samples < 6 or not tr.written.all()
+        if point == "write_final":
+            assert tr.final_written.sum() >= 2
 
 
 # a training step (the task draws its noise through flow.training_pair) and a checkpoint save
