@@ -76,7 +76,7 @@ def test_other_kinds_plot_their_rows(results):
     action = next(t for t in fig.data if t.xaxis == panel)
     row = planning["rows"][0]
     assert "no paired test" in " ".join(res.planning_evidence(planning))  # two RSR seeds, no baseline
-    assert list(action.x) == [row["size"]] and action.y[0] == row["action_accuracy"]["mean"]
+    assert list(action.x) == ["4x4, 2 steps"] and action.y[0] == row["action_accuracy"]["mean"]
     assert action.error_y.array[0] == row["action_accuracy"]["std"] > 0  # 2 checkpoints of 2 training steps differ
 
     digits = load(results, "class_conditioned")

@@ -200,17 +200,20 @@ def trained(tmp_path_factory):
     return d, paths
 
 
-def test_planning_figures_collect_checkpoints_by_size_and_mode(trained, capsys):
+def test_planning_figures_collect_checkpoints_by_size_budget_and_mode(trained, capsys):
     from rsr_model.__main__ import main
     from rsr_model.frozenlake_eval import summarize
     from rsr_model.sample import load_model
 
     d, paths = trained
     out = d / "evaluate"
-    assert main(["evaluate", "--planning", *map(str, paths.values()), "--out", str(out)]) == 0
+    longer = d / "rsr0-3steps.pt"  # another budget: its own row, never averaged with the 2-step ones
+    assert main(["train", "--preset", "frozenlake", "--seed", "0", "--steps", "3", "--batch-size", "4",
+                 "--out", str(longer)]) == 0
+    assert main(["evaluate", "--planning", *map(str, paths.values()), str(longer), "--out", str(out)]) == 0
     result = json.loads((out / "planning.json").read_text())
-    assert [(r["size"], r["mode"], r["checkpoints"]) for r in result["rows"]] == [("4x4", "rsr", 2),
-                                                                                 ("4x4", "no_modulation", 1)]
+    assert [(r["size"], r["steps"], r["mode"], r["checkpoints"]) for r in result["rows"]] == [
+        ("4x4", 2, "rsr", 2), ("4x4", 2, "no_modulation", 1), ("4x4", 3, "rsr", 1)]
     # every figure is the judge's own on the same held-out maps, averaged over the row's checkpoints
     direct = []
     for seed in (0, 1):
@@ -222,14 +225,16 @@ def test_planning_figures_collect_checkpoints_by_size_and_mode(trained, capsys):
         assert row[key]["mean"] == pytest.approx(np.mean([x[key] for x in direct]))
         assert row[key]["std"] == pytest.approx(np.std([x[key] for x in direct], ddof=1))
     assert row["failures"]["hole"] == pytest.approx(np.mean([x["failures"]["hole"] for x in direct]))
-    test = result["rsr_vs_shared"]["4x4"]  # paired by seed (only seed 0 has both) and map
-    runs = {(r["mode"], r["seed"]): r["success_per_map"] for r in result["runs"]}
+    assert list(result["rsr_vs_shared"]) == ["4x4, 2 steps"]  # the 3-step RSR has no baseline of its budget
+    test = result["rsr_vs_shared"]["4x4, 2 steps"]  # paired by seed (only seed 0 has both) and map
+    runs = {(r["mode"], r["seed"]): r["success_per_map"] for r in result["runs"] if r["steps"] == 2}
     a, b = np.array(runs["rsr", 0]), np.array(runs["no_modulation", 0])
     assert test["seeds"] == [0] and test["pairs"] == result["maps"] == len(a)
     assert (test["only_first"], test["only_second"]) == ((a & ~b).sum(), (~a & b).sum())
     assert a.mean() == pytest.approx(direct[0]["success_env"])
     md = (out / "planning.md").read_text()
-    assert md.splitlines()[2].startswith("| 4x4 | rsr | 2 |") and "holes" in md.splitlines()[0]
+    assert md.splitlines()[2].startswith("| 4x4 | 2 | rsr | 2 |") and "holes" in md.splitlines()[0]
+    assert "RSR vs shared module (4x4, 2 steps, seeds [0])" in md
     assert main(["evaluate", "--planning", str(paths["rsr", 0]), "--out", str(out)]) == 2  # never overwritten
 
 

@@ -229,15 +229,16 @@ def class_conditioned_markdown(result: dict[str, Any]) -> str:
 # --- planning ---------------------------------------------------------------------------------
 
 def planning_figure(result: dict[str, Any]) -> go.Figure:
-    """Success, action and frame accuracy per (map size, mode), std over checkpoints as error bars."""
-    from rsr_model.evaluation.planning import FIGURES
+    """Success, action and frame accuracy per (map size, training steps, mode), std over
+    checkpoints as error bars."""
+    from rsr_model.evaluation.planning import FIGURES, budget
 
     fig = make_subplots(rows=1, cols=len(FIGURES), subplot_titles=list(FIGURES.values()), shared_yaxes=True)
     modes = list(dict.fromkeys(r["mode"] for r in result["rows"]))
     for col, key in enumerate(FIGURES, start=1):
         for i, mode in enumerate(modes):
             rows = [r for r in result["rows"] if r["mode"] == mode]
-            fig.add_trace(go.Bar(x=[r["size"] for r in rows], y=[r[key]["mean"] for r in rows], name=mode,
+            fig.add_trace(go.Bar(x=[budget(r) for r in rows], y=[r[key]["mean"] for r in rows], name=mode,
                                  legendgroup=mode, showlegend=col == 1, marker_color=expert_colour(i),
                                  customdata=[r["checkpoints"] for r in rows],
                                  error_y=dict(type="data", array=[r[key]["std"] for r in rows], visible=True),
@@ -250,12 +251,14 @@ def planning_figure(result: dict[str, Any]) -> go.Figure:
 
 
 def planning_evidence(result: dict[str, Any]) -> list[str]:
-    counts = ", ".join(f"{r['size']} {r['mode']}: {r['checkpoints']}" for r in result["rows"])
-    tests = [f"RSR − shared module ({size}, seeds {t['seeds']}): {100 * t['difference']:+.1f} points of success over "
+    from rsr_model.evaluation.planning import budget
+
+    counts = ", ".join(f"{budget(r)} {r['mode']}: {r['checkpoints']}" for r in result["rows"])
+    tests = [f"RSR − shared module ({group}, seeds {t['seeds']}): {100 * t['difference']:+.1f} points of success over "
              f"{t['pairs']} paired plans ({t['only_first']} reached only under RSR, {t['only_second']} only without "
-             f"routing), exact McNemar p = {t['p_value']:.3g}." for size, t in result.get("rsr_vs_shared", {}).items()]
+             f"routing), exact McNemar p = {t['p_value']:.3g}." for group, t in result.get("rsr_vs_shared", {}).items()]
     return [f"Checkpoints per row: {counts}; {result['maps']} held-out maps per checkpoint.",
-            *(tests or ["No size has RSR and the shared module with the same seeds: no paired test; a difference "
+            *(tests or ["No map size and budget has RSR and the shared module with the same seeds: no paired test; a difference "
                         "counts only beyond the error bars."])]
 
 

@@ -5,7 +5,8 @@ This module collects, it does not plan: the FrozenLake preset judges plans in
 `rsr_model.frozenlake_eval`: `make_plans(task, net, rsr, maps)` samples a plan per held-out map
 (`task.eval_maps`), `judge(plan)` checks it, `summarize(judgements, plans)` gives the rates.
 `evaluate --planning` runs those on every checkpoint given (e.g. RSR and the same budget without
-routing, several training seeds each), groups them by (map size, mode), and reports per group
+routing, several training seeds each), groups them by (map size, training steps, mode) - so
+checkpoints of different budgets are never averaged together - and reports per group
 the mean ± std over checkpoints of
 
     success (env)     share of held-out maps whose actions, replayed in the environment, reach the goal
@@ -14,9 +15,9 @@ the mean ± std over checkpoints of
     frame accuracy    share of plan steps whose predicted frame is right
 
 and the mean count per checkpoint of the failure modes (into a hole, diagonal and impossible
-moves in the decoded frames). Where a map size has RSR and the baseline without routing
-(`no_modulation`) trained with the same seeds, RSR is compared with it by an exact McNemar test
-on the paired outcomes (same seed, same held-out map; success in the environment).
+moves in the decoded frames). Where a map size and budget has RSR and the baseline without
+routing (`no_modulation`) trained with the same seeds, RSR is compared with it by an exact McNemar
+test on the paired outcomes (same seed, same held-out map; success in the environment).
 
 Results go to planning.json / planning.md under --out. A checkpoint of a preset without held-out maps, or a
 tree without the FrozenLake judge, is refused with one error line.
@@ -57,7 +58,8 @@ def checkpoint_figures(ckpt: Path, n_maps: int) -> dict[str, Any]:
     plans = judge.make_plans(task, net, rsr, task.eval_maps[:n_maps])
     verdicts = [judge.judge(p) for p in plans]
     rates = judge.summarize(verdicts, plans)
-    return {"size": f"{task.size}x{task.size}", "mode": ck.get("mode", "?"), "seed": (ck.get("args") or {}).get("seed"),
+    return {"size": f"{task.size}x{task.size}", "steps": int(ck.get("step") or 0), "mode": ck.get("mode", "?"),
+            "seed": (ck.get("args") or {}).get("seed"),
             **{k: rates[k] for k in FIGURES}, "failures": {k: rates["failures"][k] for k in FAILURES},
             "success_per_map": [bool(v.success_env) for v in verdicts]}
 
@@ -66,9 +68,9 @@ def planning_rows(checkpoints: Sequence[Path], n_maps: int = 200) -> dict[str, A
     started = time.perf_counter()
     runs = [{"checkpoint": str(c), **checkpoint_figures(c, n_maps)} for c in checkpoints]
     rows = []
-    for size, mode in dict.fromkeys((r["size"], r["mode"]) for r in runs):
-        group = [r for r in runs if (r["size"], r["mode"]) == (size, mode)]
-        row = {"size": size, "mode": mode, "checkpoints": len(group)}
+    for size, steps, mode in dict.fromkeys((r["size"], r["steps"], r["mode"]) for r in runs):
+        group = [r for r in runs if (r["size"], r["steps"], r["mode"]) == (size, steps, mode)]
+        row = {"size": size, "steps": steps, "mode": mode, "checkpoints": len(group)}
         for key in FIGURES:
             values = np.array([r[key] for r in group])
             row[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
@@ -78,17 +80,23 @@ def planning_rows(checkpoints: Sequence[Path], n_maps: int = 200) -> dict[str, A
             "seconds": time.perf_counter() - started}
 
 
+def budget(row: dict[str, Any]) -> str:
+    """The (map size, training steps) a row or run belongs to, as shown in tables and figures."""
+    steps = row.get("steps")  # absent in results written before budgets were told apart
+    return row["size"] if steps is None else f"{row['size']}, {steps} steps"
+
+
 def paired_tests(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per map size: RSR against the baseline without routing, paired by training seed and map."""
+    """Per map size and budget: RSR against the baseline without routing, paired by training seed and map."""
     from .table import mcnemar
 
     tests = {}
-    for size in dict.fromkeys(r["size"] for r in runs):
-        shared = {r["seed"]: r for r in runs if r["size"] == size and r["mode"] == "no_modulation"}
+    for group in dict.fromkeys(budget(r) for r in runs):
+        shared = {r["seed"]: r for r in runs if budget(r) == group and r["mode"] == "no_modulation"}
         pairs = [(r, shared[r["seed"]]) for r in runs
-                 if r["size"] == size and r["mode"] == "rsr" and r["seed"] in shared]
+                 if budget(r) == group and r["mode"] == "rsr" and r["seed"] in shared]
         if pairs:
-            tests[size] = {"seeds": [r["seed"] for r, _ in pairs],
+            tests[group] = {"seeds": [r["seed"] for r, _ in pairs],
                            **mcnemar([x for r, _ in pairs for x in r["success_per_map"]],
                                      [x for _, b in pairs for x in b["success_per_map"]])}
     return tests
@@ -97,13 +105,13 @@ def paired_tests(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     from .markdown import table_lines
 
-    rows = [[r["size"], r["mode"], str(r["checkpoints"]),
+    rows = [[r["size"], str(r.get("steps", "?")), r["mode"], str(r["checkpoints"]),
              *(f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in FIGURES),
              *(f"{r['failures'][k]:.1f}" for k in FAILURES)] for r in result["rows"]]
-    tests = [f"RSR vs shared module ({size}, seeds {t['seeds']}): {100 * t['difference']:+.1f} points of success "
+    tests = [f"RSR vs shared module ({group}, seeds {t['seeds']}): {100 * t['difference']:+.1f} points of success "
              f"over {t['pairs']} paired plans; reached the goal only under RSR {t['only_first']}, only without "
              f"routing {t['only_second']}; exact McNemar p = {t['p_value']:.3g}."
-             for size, t in result.get("rsr_vs_shared", {}).items()]
-    return "\n".join([*table_lines(["map", "mode", "checkpoints", *FIGURES.values(), *FAILURES.values()], rows), "",
+             for group, t in result.get("rsr_vs_shared", {}).items()]
+    return "\n".join([*table_lines(["map", "steps", "mode", "checkpoints", *FIGURES.values(), *FAILURES.values()], rows), "",
                       *tests, f"Held-out maps per checkpoint: {result['maps']}; rates are mean ± std over the "
                       f"checkpoints of a row, failures the mean count per checkpoint."])
