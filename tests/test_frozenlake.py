@@ -232,9 +232,10 @@ def test_planning_figures_collect_checkpoints_by_size_budget_and_mode(trained, c
     assert test["seeds"] == [0] and test["pairs"] == result["maps"] == len(a)
     assert (test["only_first"], test["only_second"]) == ((a & ~b).sum(), (~a & b).sum())
     assert a.mean() == pytest.approx(direct[0]["success_env"])
+    assert test["difference_per_seed"] == [pytest.approx(a.mean() - b.mean())]
     md = (out / "planning.md").read_text()
     assert md.splitlines()[2].startswith("| 4x4 | 2 | rsr | 2 |") and "holes" in md.splitlines()[0]
-    assert "RSR vs shared module (4x4, 2 steps, seeds [0])" in md
+    assert "RSR − shared module (4x4, 2 steps, seeds [0])" in md and "per seed" in md
     assert main(["evaluate", "--planning", str(paths["rsr", 0]), "--out", str(out)]) == 2  # never overwritten
 
 

@@ -251,12 +251,10 @@ def planning_figure(result: dict[str, Any]) -> go.Figure:
 
 
 def planning_evidence(result: dict[str, Any]) -> list[str]:
-    from rsr_model.evaluation.planning import budget
+    from rsr_model.evaluation.planning import budget, paired_sentence
 
     counts = ", ".join(f"{budget(r)} {r['mode']}: {r['checkpoints']}" for r in result["rows"])
-    tests = [f"RSR − shared module ({group}, seeds {t['seeds']}): {100 * t['difference']:+.1f} points of success over "
-             f"{t['pairs']} paired plans ({t['only_first']} reached only under RSR, {t['only_second']} only without "
-             f"routing), exact McNemar p = {t['p_value']:.3g}." for group, t in result.get("rsr_vs_shared", {}).items()]
+    tests = [paired_sentence(group, t) for group, t in result.get("rsr_vs_shared", {}).items()]
     return [f"Checkpoints per row: {counts}; {result['maps']} held-out maps per checkpoint.",
             *(tests or ["No map size and budget has RSR and the shared module with the same seeds: no paired test; a difference "
                         "counts only beyond the error bars."])]

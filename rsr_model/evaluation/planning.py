@@ -96,10 +96,21 @@ def paired_tests(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         pairs = [(r, shared[r["seed"]]) for r in runs
                  if budget(r) == group and r["mode"] == "rsr" and r["seed"] in shared]
         if pairs:
+            # maps are the test's unit; the per-seed differences show whether seeds agree on it
             tests[group] = {"seeds": [r["seed"] for r, _ in pairs],
+                            "difference_per_seed": [float(np.mean(r["success_per_map"]) - np.mean(b["success_per_map"]))
+                                                    for r, b in pairs],
                            **mcnemar([x for r, _ in pairs for x in r["success_per_map"]],
                                      [x for _, b in pairs for x in b["success_per_map"]])}
     return tests
+
+
+def paired_sentence(group: str, t: dict[str, Any]) -> str:
+    """One paired test in words: effect, discordant plans, p, and the per-seed differences."""
+    per_seed = ", ".join(f"{100 * d:+.1f}" for d in t.get("difference_per_seed", []))
+    return (f"RSR − shared module ({group}, seeds {t['seeds']}): {100 * t['difference']:+.1f} points of success over "
+            f"{t['pairs']} paired plans ({t['only_first']} reached only under RSR, {t['only_second']} only without "
+            f"routing), exact McNemar p = {t['p_value']:.3g}" + (f"; per seed {per_seed} points." if per_seed else "."))
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -108,10 +119,7 @@ def markdown(result: dict[str, Any]) -> str:
     rows = [[r["size"], str(r.get("steps", "?")), r["mode"], str(r["checkpoints"]),
              *(f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in FIGURES),
              *(f"{r['failures'][k]:.1f}" for k in FAILURES)] for r in result["rows"]]
-    tests = [f"RSR vs shared module ({group}, seeds {t['seeds']}): {100 * t['difference']:+.1f} points of success "
-             f"over {t['pairs']} paired plans; reached the goal only under RSR {t['only_first']}, only without "
-             f"routing {t['only_second']}; exact McNemar p = {t['p_value']:.3g}."
-             for group, t in result.get("rsr_vs_shared", {}).items()]
+    tests = [paired_sentence(group, t) for group, t in result.get("rsr_vs_shared", {}).items()]
     return "\n".join([*table_lines(["map", "steps", "mode", "checkpoints", *FIGURES.values(), *FAILURES.values()], rows), "",
                       *tests, f"Held-out maps per checkpoint: {result['maps']}; rates are mean ± std over the "
                       f"checkpoints of a row, failures the mean count per checkpoint."])
