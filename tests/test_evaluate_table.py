@@ -36,6 +36,10 @@ def test_quick_table_end_to_end(tmp_path, capsys):
     assert 0 <= routing["rsr"]["gate_entropy"] <= 1
     test = result["rsr_vs_sft"]["middle"]
     assert test["pairs"] == 2 * len(plan(table.QUICK.images_per_category)) and 0 <= test["p_value"] <= 1
+    # the pooled difference is the mean of the seeds' own (each seed has the same images)
+    assert len(test["difference_per_seed"]) == len(test["seeds"]) == 2
+    assert np.mean(test["difference_per_seed"]) == pytest.approx(test["difference"])
+    assert table.per_seed_words(test) in md
     # a finished row is reused, not retrained
     base = out / "checkpoints" / "base.pt"
     _, seconds = table.train_row(out, base, "middle", "rsr", 0, table.QUICK)

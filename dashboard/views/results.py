@@ -171,9 +171,11 @@ def table_figures(result: dict[str, Any]) -> list[go.Figure | str]:
 
 
 def table_evidence(result: dict[str, Any]) -> list[str]:
+    from rsr_model.evaluation.table import per_seed_words
+
     lines = [f"RSR − SFT ({target}): {100 * t['difference']:+.1f} points over {t['pairs']} paired images; "
              f"discordant pairs: {t['only_first']} right only under RSR, {t['only_second']} only under SFT; "
-             f"exact McNemar p = {t['p_value']:.3g}." for target, t in result["rsr_vs_sft"].items()]
+             f"exact McNemar p = {t['p_value']:.3g}{per_seed_words(t)}." for target, t in result["rsr_vs_sft"].items()]
     if not lines:
         lines.append("No RSR vs SFT test: the table lacks one of the two rows for every target.")
     b = result["budget"]

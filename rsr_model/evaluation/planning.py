@@ -88,7 +88,7 @@ def budget(row: dict[str, Any]) -> str:
 
 def paired_tests(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per map size and budget: RSR against the baseline without routing, paired by training seed and map."""
-    from .table import mcnemar
+    from .table import paired_over_seeds
 
     tests = {}
     for group in dict.fromkeys(budget(r) for r in runs):
@@ -96,21 +96,18 @@ def paired_tests(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         pairs = [(r, shared[r["seed"]]) for r in runs
                  if budget(r) == group and r["mode"] == "rsr" and r["seed"] in shared]
         if pairs:
-            # maps are the test's unit; the per-seed differences show whether seeds agree on it
-            tests[group] = {"seeds": [r["seed"] for r, _ in pairs],
-                            "difference_per_seed": [float(np.mean(r["success_per_map"]) - np.mean(b["success_per_map"]))
-                                                    for r, b in pairs],
-                           **mcnemar([x for r, _ in pairs for x in r["success_per_map"]],
-                                     [x for _, b in pairs for x in b["success_per_map"]])}
+            tests[group] = paired_over_seeds([(r["seed"], r["success_per_map"], b["success_per_map"])
+                                              for r, b in pairs])
     return tests
 
 
 def paired_sentence(group: str, t: dict[str, Any]) -> str:
     """One paired test in words: effect, discordant plans, p, and the per-seed differences."""
-    per_seed = ", ".join(f"{100 * d:+.1f}" for d in t.get("difference_per_seed", []))
+    from .table import per_seed_words
+
     return (f"RSR − shared module ({group}, seeds {t['seeds']}): {100 * t['difference']:+.1f} points of success over "
             f"{t['pairs']} paired plans ({t['only_first']} reached only under RSR, {t['only_second']} only without "
-            f"routing), exact McNemar p = {t['p_value']:.3g}" + (f"; per seed {per_seed} points." if per_seed else "."))
+            f"routing), exact McNemar p = {t['p_value']:.3g}{per_seed_words(t)}.")
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -176,6 +176,21 @@ def mcnemar(better: Sequence[bool], worse: Sequence[bool]) -> dict[str, Any]:
             "difference": float(a.mean() - b.mean()) if a.size else 0.0}
 
 
+def paired_over_seeds(pairs: Sequence[tuple[Any, Sequence[bool], Sequence[bool]]]) -> dict[str, Any]:
+    """(seed, outcomes of the first model, of the second) per training seed -> one exact McNemar
+    test over all pooled items, plus each seed's own difference: the test takes items (images,
+    maps) as the unit with the seeds fixed, the per-seed differences show whether seeds agree."""
+    return {"seeds": [seed for seed, _, _ in pairs],
+            "difference_per_seed": [float(np.mean(a) - np.mean(b)) if len(a) else 0.0 for _, a, b in pairs],
+            **mcnemar([x for _, a, _ in pairs for x in a], [x for _, _, b in pairs for x in b])}
+
+
+def per_seed_words(t: dict[str, Any]) -> str:
+    """'; per seed -1.0, +2.5 points' (empty for results written before it was recorded)."""
+    d = t.get("difference_per_seed") or []
+    return f"; per seed {', '.join(f'{100 * x:+.1f}' for x in d)} points" if d else ""
+
+
 def summarise(runs: list[RowRun], planned: Sequence[PlannedImage]) -> dict[str, Any]:
     """Rows (target, mode): mean and std over training seeds of every category score and routing figure."""
     rows = []
@@ -198,7 +213,7 @@ def summarise(runs: list[RowRun], planned: Sequence[PlannedImage]) -> dict[str, 
         if rsr and sft:
             paired = {r.seed: r for r in sft}
             both = [(r, paired[r.seed]) for r in rsr if r.seed in paired]
-            tests[target] = mcnemar([c for r, _ in both for c in r.correct], [c for _, s in both for c in s.correct])
+            tests[target] = paired_over_seeds([(r.seed, r.correct, s.correct) for r, s in both])
     return {"rows": rows, "rsr_vs_sft": tests}
 
 
@@ -225,7 +240,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     for target, t in summary["rsr_vs_sft"].items():
         lines.append(f"RSR vs SFT ({target}): {100 * t['difference']:+.1f} points over {t['pairs']} paired images; "
                      f"right only under RSR {t['only_first']}, only under SFT {t['only_second']}; "
-                     f"exact McNemar p = {t['p_value']:.3g}.")
+                     f"exact McNemar p = {t['p_value']:.3g}{per_seed_words(t)}.")
     b = meta["budget"]
     lines.append(f"\nBudget: base {meta['base']}; RSR stage {b['rsr_steps']} steps per row, training seeds "
                  f"{list(b['seeds'])}; {b['images_per_category']} images per category, {b['sample_steps']} sampler "
