@@ -258,8 +258,8 @@ def planning_evidence(result: dict[str, Any]) -> list[str]:
     counts = ", ".join(f"{budget(r)} {r['mode']}: {r['checkpoints']}" for r in result["rows"])
     tests = [paired_sentence(group, t) for group, t in result.get("rsr_vs_shared", {}).items()]
     return [f"Checkpoints per row: {counts}; {result['maps']} held-out maps per checkpoint.",
-            *(tests or ["No map size and budget has RSR and the shared module with the same seeds: no paired test; a difference "
-                        "counts only beyond the error bars."])]
+            *(tests or ["No map size and budget has RSR and the shared module with the same seeds: no paired test; "
+                        "a difference counts only beyond the error bars."])]
 
 
 def planning_markdown(result: dict[str, Any]) -> str:

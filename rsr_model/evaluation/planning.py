@@ -117,6 +117,6 @@ def markdown(result: dict[str, Any]) -> str:
              *(f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in FIGURES),
              *(f"{r['failures'][k]:.1f}" for k in FAILURES)] for r in result["rows"]]
     tests = [paired_sentence(group, t) for group, t in result.get("rsr_vs_shared", {}).items()]
-    return "\n".join([*table_lines(["map", "steps", "mode", "checkpoints", *FIGURES.values(), *FAILURES.values()], rows), "",
-                      *tests, f"Held-out maps per checkpoint: {result['maps']}; rates are mean ± std over the "
+    head = ["map", "steps", "mode", "checkpoints", *FIGURES.values(), *FAILURES.values()]
+    return "\n".join([*table_lines(head, rows), "", *tests, f"Held-out maps per checkpoint: {result['maps']}; rates are mean ± std over the "
                       f"checkpoints of a row, failures the mean count per checkpoint."])
