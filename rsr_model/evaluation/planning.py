@@ -118,5 +118,6 @@ def markdown(result: dict[str, Any]) -> str:
              *(f"{r['failures'][k]:.1f}" for k in FAILURES)] for r in result["rows"]]
     tests = [paired_sentence(group, t) for group, t in result.get("rsr_vs_shared", {}).items()]
     head = ["map", "steps", "mode", "checkpoints", *FIGURES.values(), *FAILURES.values()]
-    return "\n".join([*table_lines(head, rows), "", *tests, f"Held-out maps per checkpoint: {result['maps']}; rates are mean ± std over the "
-                      f"checkpoints of a row, failures the mean count per checkpoint."])
+    notes = [*tests, f"Held-out maps per checkpoint: {result['maps']}; rates are mean ± std over the checkpoints "
+                     f"of a row, failures the mean count per checkpoint."]
+    return "\n\n".join(["\n".join(table_lines(head, rows)), *notes])  # one paragraph per note

@@ -238,11 +238,11 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         rows.append(cells)
     lines = table_lines(["Target", "Method", *COLUMNS.values(), *ROUTING_COLUMNS.values()], rows) + [""]
     for target, t in summary["rsr_vs_sft"].items():
-        lines.append(f"RSR vs SFT ({target}): {100 * t['difference']:+.1f} points over {t['pairs']} paired images; "
-                     f"right only under RSR {t['only_first']}, only under SFT {t['only_second']}; "
-                     f"exact McNemar p = {t['p_value']:.3g}{per_seed_words(t)}.")
+        lines += [f"RSR vs SFT ({target}): {100 * t['difference']:+.1f} points over {t['pairs']} paired images; "
+                  f"right only under RSR {t['only_first']}, only under SFT {t['only_second']}; "
+                  f"exact McNemar p = {t['p_value']:.3g}{per_seed_words(t)}.", ""]  # a paragraph each
     b = meta["budget"]
-    lines.append(f"\nBudget: base {meta['base']}; RSR stage {b['rsr_steps']} steps per row, training seeds "
+    lines.append(f"Budget: base {meta['base']}; RSR stage {b['rsr_steps']} steps per row, training seeds "
                  f"{list(b['seeds'])}; {b['images_per_category']} images per category, {b['sample_steps']} sampler "
                  f"steps, guidance {b['guidance']}. Scores in %, mean ± std over training seeds. "
                  f"Wall time {meta['seconds']['total']:.0f} s.")
