@@ -43,3 +43,12 @@ def test_planning_hook_refuses_presets_without_planning_figures(tmp_path, capsys
     capsys.readouterr()
     assert main(["evaluate", "--planning", str(ckpt), "--out", str(tmp_path)]) == 2
     assert "no held-out maps to plan on" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("given", [["0", "1", "2"], ["0,1,2"], ["0,1", "2"]])
+def test_seeds_take_spaces_or_commas(given):
+    from rsr_model.__main__ import build_parser
+    from rsr_model.evaluation.cli import _budget
+
+    args = build_parser().parse_args(["evaluate", "--class-conditioned", "--quick", "--seeds", *given, "--out", "x"])
+    assert _budget(args, dq.DEFAULT, dq.QUICK).seeds == (0, 1, 2)

@@ -43,7 +43,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="output folder")
     e.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     e.add_argument("--scenes", type=int, default=500, help="scorer check: scenes per category and resolution")
-    e.add_argument("--seeds", type=_ints, help="table / class-conditioned: training seeds")
+    e.add_argument("--seeds", type=_ints, nargs="+", help="table / class-conditioned: training seeds (0 1 2 or 0,1,2)")
     e.add_argument("--resolutions", type=_ints, default=[24, 32], help="scorer check: image sides")
     e.add_argument("--ckpt", type=Path, help="export: the checkpoint to sample")
     e.add_argument("--prompts", type=Path, help="export: one prompt per line (default: the evaluation set)")
@@ -154,7 +154,7 @@ def _budget(args, default, quick):
     budget = quick if args.quick else default
     targets = None if args.targets is None else ("middle", "multi") if args.targets == "both" else (args.targets,)
     changes = {"base_steps": args.base_steps, "rsr_steps": args.steps,
-               "seeds": tuple(args.seeds) if args.seeds else None, "sample_steps": args.sample_steps,
+               "seeds": tuple(s for part in args.seeds for s in part) if args.seeds else None, "sample_steps": args.sample_steps,
                "guidance": args.guidance, "targets": targets, "images_per_category": args.images_per_category,
                "samples_per_class": args.samples_per_class}
     changes = {k: v for k, v in changes.items() if v is not None and hasattr(budget, k)}
