@@ -153,8 +153,8 @@ def _budget(args, default, quick):
 
     budget = quick if args.quick else default
     targets = None if args.targets is None else ("middle", "multi") if args.targets == "both" else (args.targets,)
-    changes = {"base_steps": args.base_steps, "rsr_steps": args.steps,
-               "seeds": tuple(s for part in args.seeds for s in part) if args.seeds else None, "sample_steps": args.sample_steps,
+    seeds = tuple(s for part in args.seeds for s in part) if args.seeds else None  # "0 1" and "0,1" alike
+    changes = {"base_steps": args.base_steps, "rsr_steps": args.steps, "seeds": seeds, "sample_steps": args.sample_steps,
                "guidance": args.guidance, "targets": targets, "images_per_category": args.images_per_category,
                "samples_per_class": args.samples_per_class}
     changes = {k: v for k, v in changes.items() if v is not None and hasattr(budget, k)}
