@@ -17,7 +17,7 @@ def test_quick_table_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     result = json.loads((out / "table.json").read_text())
     md = (out / "table.md").read_text()
-    assert md.splitlines()[0] in printed and "RSR vs SFT (middle)" in md and "Budget: base trained here" in md
+    assert md.splitlines()[0] in printed and "RSR − SFT (middle)" in md and "Budget: base trained here" in md
     # one row per mode, the paper's columns, mean and std over the two training seeds
     assert [(r["target"], r["mode"]) for r in result["rows"]] == \
         [("—", "base")] + [("middle", m) for m in table.MODES]
@@ -36,9 +36,10 @@ def test_quick_table_end_to_end(tmp_path, capsys):
     assert 0 <= routing["rsr"]["gate_entropy"] <= 1
     test = result["rsr_vs_sft"]["middle"]
     assert test["pairs"] == 2 * len(plan(table.QUICK.images_per_category)) and 0 <= test["p_value"] <= 1
-    # the pooled difference is the mean of the seeds' own (each seed has the same images)
-    assert len(test["difference_per_seed"]) == len(test["seeds"]) == 2
-    assert np.mean(test["difference_per_seed"]) == pytest.approx(test["difference"])
+    # each seed's own difference, from that seed's images under both rows
+    correct = {(r["mode"], r["seed"]): np.array(r["correct"]) for r in result["runs"] if r["target"] == "middle"}
+    assert test["seeds"] == [0, 1] and test["difference_per_seed"] == [
+        pytest.approx(correct["rsr", s].mean() - correct["sft", s].mean()) for s in (0, 1)]
     assert table.per_seed_words(test) in md
     # a finished row is reused, not retrained
     base = out / "checkpoints" / "base.pt"
@@ -53,3 +54,13 @@ def test_mcnemar_counts_discordant_pairs():
     t = table.mcnemar([True] * 9 + [False, True], [False] * 9 + [True, True])
     assert (t["only_first"], t["only_second"], t["pairs"]) == (9, 1, 11)
     assert t["p_value"] == pytest.approx(0.021484375)  # two-sided binomial, 10 discordant pairs
+
+
+def test_paired_over_seeds_keeps_each_seeds_difference():
+    # seed 0: RSR right on 3 of 4 images SFT missed; seed 1: SFT right on 2 RSR missed
+    pairs = [(0, [1, 1, 1, 0], [0, 0, 0, 0]), (1, [0, 0, 1, 1], [1, 1, 1, 1])]
+    t = table.paired_over_seeds([(s, np.array(a, bool), np.array(b, bool)) for s, a, b in pairs])
+    assert t["seeds"] == [0, 1] and t["difference_per_seed"] == [0.75, -0.5]
+    assert (t["pairs"], t["only_first"], t["only_second"]) == (8, 3, 2) and t["difference"] == pytest.approx(0.125)
+    assert table.per_seed_words(t) == "; per seed +75.0, -50.0 points"
+    assert table.per_seed_words({"pairs": 8}) == ""  # results written before per-seed differences

@@ -79,6 +79,7 @@ def test_all_datasets_round_trip(written):
         s = r.samples()
         assert s["prompt"] == list(table.prompt)
         assert s["scene"] == [{"o": [1, 2]}, None, {"k": 1}, {"z": None}]
+        assert [r.scene(i) for i in range(4)] == s["scene"]  # one row at a time, the same values
         np.testing.assert_array_equal(s["seed"], [11, 12, 13, 14])
         np.testing.assert_array_equal(s["label"], [0, -1, 3, 4])
         c = r.coords

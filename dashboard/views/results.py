@@ -171,11 +171,9 @@ def table_figures(result: dict[str, Any]) -> list[go.Figure | str]:
 
 
 def table_evidence(result: dict[str, Any]) -> list[str]:
-    from rsr_model.evaluation.table import per_seed_words
+    from rsr_model.evaluation.table import paired_sentence
 
-    lines = [f"RSR − SFT ({target}): {100 * t['difference']:+.1f} points over {t['pairs']} paired images; "
-             f"discordant pairs: {t['only_first']} right only under RSR, {t['only_second']} only under SFT; "
-             f"exact McNemar p = {t['p_value']:.3g}{per_seed_words(t)}." for target, t in result["rsr_vs_sft"].items()]
+    lines = [paired_sentence(target, t) for target, t in result["rsr_vs_sft"].items()]
     if not lines:
         lines.append("No RSR vs SFT test: the table lacks one of the two rows for every target.")
     b = result["budget"]
@@ -233,14 +231,14 @@ def class_conditioned_markdown(result: dict[str, Any]) -> str:
 def planning_figure(result: dict[str, Any]) -> go.Figure:
     """Success, action and frame accuracy per (map size, training steps, mode), std over
     checkpoints as error bars."""
-    from rsr_model.evaluation.planning import FIGURES, budget
+    from rsr_model.evaluation.planning import FIGURES, budget_label
 
     fig = make_subplots(rows=1, cols=len(FIGURES), subplot_titles=list(FIGURES.values()), shared_yaxes=True)
     modes = list(dict.fromkeys(r["mode"] for r in result["rows"]))
     for col, key in enumerate(FIGURES, start=1):
         for i, mode in enumerate(modes):
             rows = [r for r in result["rows"] if r["mode"] == mode]
-            fig.add_trace(go.Bar(x=[budget(r) for r in rows], y=[r[key]["mean"] for r in rows], name=mode,
+            fig.add_trace(go.Bar(x=[budget_label(r) for r in rows], y=[r[key]["mean"] for r in rows], name=mode,
                                  legendgroup=mode, showlegend=col == 1, marker_color=expert_colour(i),
                                  customdata=[r["checkpoints"] for r in rows],
                                  error_y=dict(type="data", array=[r[key]["std"] for r in rows], visible=True),
@@ -253,9 +251,9 @@ def planning_figure(result: dict[str, Any]) -> go.Figure:
 
 
 def planning_evidence(result: dict[str, Any]) -> list[str]:
-    from rsr_model.evaluation.planning import budget, paired_sentence
+    from rsr_model.evaluation.planning import budget_label, paired_sentence
 
-    counts = ", ".join(f"{budget(r)} {r['mode']}: {r['checkpoints']}" for r in result["rows"])
+    counts = ", ".join(f"{budget_label(r)} {r['mode']}: {r['checkpoints']}" for r in result["rows"])
     tests = [paired_sentence(group, t) for group, t in result.get("rsr_vs_shared", {}).items()]
     return [f"Checkpoints per row: {counts}; {result['maps']} held-out maps per checkpoint.",
             *(tests or ["No map size and budget has RSR and the shared module with the same seeds: no paired test; "

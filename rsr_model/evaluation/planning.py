@@ -80,7 +80,7 @@ def planning_rows(checkpoints: Sequence[Path], n_maps: int = 200) -> dict[str, A
             "seconds": time.perf_counter() - started}
 
 
-def budget(row: dict[str, Any]) -> str:
+def budget_label(row: dict[str, Any]) -> str:
     """The (map size, training steps) a row or run belongs to, as shown in tables and figures."""
     steps = row.get("steps")  # absent in results written before budgets were told apart
     return row["size"] if steps is None else f"{row['size']}, {steps} steps"
@@ -91,10 +91,10 @@ def paired_tests(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     from .table import paired_over_seeds
 
     tests = {}
-    for group in dict.fromkeys(budget(r) for r in runs):
-        shared = {r["seed"]: r for r in runs if budget(r) == group and r["mode"] == "no_modulation"}
+    for group in dict.fromkeys(budget_label(r) for r in runs):
+        shared = {r["seed"]: r for r in runs if budget_label(r) == group and r["mode"] == "no_modulation"}
         pairs = [(r, shared[r["seed"]]) for r in runs
-                 if budget(r) == group and r["mode"] == "rsr" and r["seed"] in shared]
+                 if budget_label(r) == group and r["mode"] == "rsr" and r["seed"] in shared]
         if pairs:
             tests[group] = paired_over_seeds([(r["seed"], r["success_per_map"], b["success_per_map"])
                                               for r, b in pairs])

@@ -191,6 +191,13 @@ def per_seed_words(t: dict[str, Any]) -> str:
     return f"; per seed {', '.join(f'{100 * x:+.1f}' for x in d)} points" if d else ""
 
 
+def paired_sentence(target: str, t: dict[str, Any]) -> str:
+    """One RSR vs SFT test in words (table.md and the dashboard's evidence say the same)."""
+    return (f"RSR − SFT ({target}): {100 * t['difference']:+.1f} points over {t['pairs']} paired images; "
+            f"discordant pairs: {t['only_first']} right only under RSR, {t['only_second']} only under SFT; "
+            f"exact McNemar p = {t['p_value']:.3g}{per_seed_words(t)}.")
+
+
 def summarise(runs: list[RowRun], planned: Sequence[PlannedImage]) -> dict[str, Any]:
     """Rows (target, mode): mean and std over training seeds of every category score and routing figure."""
     rows = []
@@ -238,9 +245,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         rows.append(cells)
     lines = table_lines(["Target", "Method", *COLUMNS.values(), *ROUTING_COLUMNS.values()], rows) + [""]
     for target, t in summary["rsr_vs_sft"].items():
-        lines += [f"RSR vs SFT ({target}): {100 * t['difference']:+.1f} points over {t['pairs']} paired images; "
-                  f"right only under RSR {t['only_first']}, only under SFT {t['only_second']}; "
-                  f"exact McNemar p = {t['p_value']:.3g}{per_seed_words(t)}.", ""]  # a paragraph each
+        lines += [paired_sentence(target, t), ""]  # a paragraph each
     b = meta["budget"]
     lines.append(f"Budget: base {meta['base']}; RSR stage {b['rsr_steps']} steps per row, training seeds "
                  f"{list(b['seeds'])}; {b['images_per_category']} images per category, {b['sample_steps']} sampler "
