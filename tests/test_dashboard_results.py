@@ -85,6 +85,7 @@ def test_other_kinds_plot_their_rows(results):
     fd_bars, fd_seeds = fig.data[0], fig.data[1]
     assert list(fd_bars.y) == [row["fd"] for row in digits["rows"].values()]
     assert len(fd_seeds.y) == 3 * len(digits["budget"]["seeds"])  # each seed of the three trained rows
+    assert "not a floor" in " ".join(res.class_conditioned_evidence(digits))  # FD is biased on 297 real images
 
     check = load(results, "scorer_check")
     accuracy = res.scorer_check_figure(check).data[0]

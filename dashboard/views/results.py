@@ -204,7 +204,7 @@ def class_conditioned_figure(result: dict[str, Any]) -> go.Figure:
                              marker_color=[expert_colour(i) for i in range(len(rows))]), row=1, col=col)
         seeds = [(r["name"], run) for r in rows for run in r.get("runs", [])]
         fig.add_trace(go.Scatter(x=[name for name, _ in seeds], y=[run.get(key) for _, run in seeds], mode="markers",
-                                 marker=dict(color="#222", size=6), name="one training seed", showlegend=col == 1,
+                                 marker=dict(color="#222", size=6), name="each training seed", showlegend=col == 1,
                                  text=[f"seed {run.get('seed')}" for _, run in seeds]), row=1, col=col)
     fig.update_xaxes(tickangle=45, tickfont_size=9)
     fig.update_layout(height=360, margin=dict(l=40, r=10, t=50, b=120), legend_font_size=10,
@@ -217,7 +217,8 @@ def class_conditioned_evidence(result: dict[str, Any]) -> list[str]:
     return [f"Means over training seeds {list(b.get('seeds', []))} (± std in the table where there are several); "
             "no test between rows: judge a difference by the per-seed dots and the spread.",
             f"{result['samples']} samples per row; feature classifier test accuracy "
-            f"{100 * result['classifier_test_accuracy']:.1f} %. 'real test split' is the floor."]
+            f"{100 * result['classifier_test_accuracy']:.1f} %. 'real test split' (297 images) is a reference, not a "
+            f"floor: FD is biased upward on small sets."]
 
 
 def class_conditioned_markdown(result: dict[str, Any]) -> str:
