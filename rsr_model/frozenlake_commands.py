@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .cli import UsageError, read_lines
+from cli_common.command import read_lines
+from cli_common.errors import UsageError
 from .data import frozenlake as lake
 from .frozenlake_eval import judge, make_plans
 from .frozenlake_model import NUM_ACTIONS
@@ -68,7 +69,7 @@ def sample(args: Any) -> None:
 
 
 def record(args: Any) -> None:
-    from rsr_model.cli import sha256_file
+    from cli_common.outputs import sha256_file
     from traces import SampleTable, SamplingLayout, SamplingWriter, TraceMeta
 
     if args.out.exists() and not args.overwrite:

@@ -14,7 +14,7 @@ from rsr_model.frozenlake_eval import judge, make_plans
 from rsr_model.frozenlake_model import FrozenLakeNet, decode, rollout
 from rsr_model.install import install_rsr
 from rsr_model.tasks import get_task
-from traces.errors import UserError
+from cli_common.errors import UserError
 
 MAP = "SFFF/FHFH/FFFH/HFFG"
 
@@ -242,7 +242,7 @@ def test_planning_figures_collect_checkpoints_by_size_budget_and_mode(trained, c
 def test_plan_traces_reach_the_probes_and_the_dashboard(trained, tmp_path):
     """A recorded plan gets the probes' MI(expert; true action) per latent step, and the
     dashboard's filmstrip, routing map and training views render it (training trace included)."""
-    from dashboard.__main__ import make_context
+    from dashboard.common import make_context
     from dashboard.app import create_app
     from dashboard.data import trace_id
     from probes.record import main as record_main

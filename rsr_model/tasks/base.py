@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from traces.errors import UserError
+from cli_common.errors import UserError
 from typing import Any, Sequence
 
 import numpy as np

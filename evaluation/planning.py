@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..cli import UsageError
+from cli_common.errors import UsageError
 
 FIGURES = {"success_env": "success (env)", "success_frames": "success (frames)", "action_accuracy": "action accuracy",
            "frame_accuracy": "frame accuracy"}
@@ -39,7 +39,7 @@ FAILURES = {"hole": "holes", "diagonal_moves": "diagonal", "impossible_moves": "
 
 def _judge():
     try:
-        from .. import frozenlake_eval
+        from rsr_model import frozenlake_eval
     except ImportError:
         raise UsageError("planning figures need the FrozenLake preset's judge (rsr_model.frozenlake_eval), "
                          "which this installation does not have") from None
@@ -48,7 +48,7 @@ def _judge():
 
 def checkpoint_figures(ckpt: Path, n_maps: int) -> dict[str, Any]:
     """One checkpoint's planning rates on the first n_maps held-out maps of its preset."""
-    from ..sample import load_model
+    from rsr_model.sample import load_model
 
     task, net, rsr, ck = load_model(ckpt)
     if not hasattr(task, "eval_maps"):
