@@ -78,7 +78,8 @@ def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
         raise OutputError(f"cannot write {path}: {e.strerror or type(e).__name__}") from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it; mkstemp's files are private
-        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w", newline=None if isinstance(text, bytes) else "") as f:
+        binary = isinstance(text, bytes)
+        with os.fdopen(fd, "wb" if binary else "w", newline=None if binary else "") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
