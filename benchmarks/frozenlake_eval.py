@@ -5,7 +5,7 @@ same model without routing (one shared adapter, the action as an embedding), sam
         [--modes rsr no_modulation] [--eval-maps 200] [--workdir runs/frozenlake] [--out runs/frozenlake_eval.json]
 
 Each (size, mode, seed) trains with `python -m rsr_model train --preset frozenlake[-NxN]` and is
-judged on the preset's held-out maps (rsr_model/frozenlake_eval.py): success read from the
+judged on the preset's held-out maps (rsr_model/tasks/frozenlake/judge.py): success read from the
 decoded frames and by replaying the actions in gymnasium, per-step action accuracy against the
 shortest plan (and the share of actions on *a* shortest path), per-step frame accuracy (gate's
 plan, and teacher-forced), the failure modes, token agreement, MI(applied expert; true action)
@@ -32,7 +32,7 @@ def action_mi_per_step(plans, horizon: int) -> list[float]:
     """MI in bits between the applied action (= expert) and the true action, at every step l < horizon."""
     from probes.stats.information import mutual_information
 
-    from rsr_model.data import frozenlake as lake
+    from rsr_model.tasks.frozenlake import maps as lake
 
     out = []
     for l in range(horizon):
@@ -47,7 +47,7 @@ def action_mi_per_step(plans, horizon: int) -> list[float]:
 
 def run_one(size: int, mode: str, seed: int, steps: int, n_eval: int, workdir: Path) -> dict:
     from rsr_model.__main__ import main
-    from rsr_model.frozenlake_eval import judge, make_plans, summarize, teacher_forced_frame_accuracy
+    from rsr_model.tasks.frozenlake.judge import judge, make_plans, summarize, teacher_forced_frame_accuracy
     from rsr_model.sample import load_model
 
     result_path = workdir / f"{PRESETS[size]}-{mode}-s{seed}-{steps}.json"

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from rsr_model.data import frozenlake as lake
-from rsr_model.frozenlake_eval import judge, make_plans
-from rsr_model.frozenlake_model import FrozenLakeNet, decode, rollout
 from rsr_model.install import install_rsr
 from rsr_model.tasks import get_task
+from rsr_model.tasks.frozenlake import maps as lake
+from rsr_model.tasks.frozenlake.judge import judge, make_plans
+from rsr_model.tasks.frozenlake.model import FrozenLakeNet, decode, rollout
 from traces.errors import UserError
 
 MAP = "SFFF/FHFH/FFFH/HFFG"
@@ -144,7 +144,7 @@ def test_baseline_without_routing_plans_with_its_policy():
 def test_judging_a_plan_twice():
     desc = lake.parse_map(MAP)
     ep = lake.episode(desc)
-    from rsr_model.frozenlake_eval import Plan
+    from rsr_model.tasks.frozenlake.judge import Plan
 
     L = len(ep.actions) + 1
     perfect = Plan(map=desc, actions=ep.actions + [0], length=len(ep.actions), frames=ep.frames,
@@ -202,7 +202,7 @@ def trained(tmp_path_factory):
 
 def test_planning_figures_collect_checkpoints_by_size_budget_and_mode(trained, capsys):
     from rsr_model.__main__ import main
-    from rsr_model.frozenlake_eval import summarize
+    from rsr_model.tasks.frozenlake.judge import summarize
     from rsr_model.sample import load_model
 
     d, paths = trained

@@ -2,7 +2,7 @@
 `evaluate --planning CKPT [CKPT ...]`.
 
 This module collects, it does not plan: the FrozenLake preset judges plans in
-`rsr_model.frozenlake_eval`: `make_plans(task, net, rsr, maps)` samples a plan per held-out map
+`rsr_model.tasks.frozenlake.judge`: `make_plans(task, net, rsr, maps)` samples a plan per held-out map
 (`task.eval_maps`), `judge(plan)` checks it, `summarize(judgements, plans)` gives the rates.
 `evaluate --planning` runs those on every checkpoint given (e.g. RSR and the same budget without
 routing, several training seeds each), groups them by (map size, training steps, mode) - so
@@ -39,11 +39,11 @@ FAILURES = {"hole": "holes", "diagonal_moves": "diagonal", "impossible_moves": "
 
 def _judge():
     try:
-        from .. import frozenlake_eval
+        from ..tasks.frozenlake import judge
     except ImportError:
-        raise UsageError("planning figures need the FrozenLake preset's judge (rsr_model.frozenlake_eval), "
+        raise UsageError("planning figures need the FrozenLake preset's judge (rsr_model.tasks.frozenlake.judge), "
                          "which this installation does not have") from None
-    return frozenlake_eval
+    return judge
 
 
 def checkpoint_figures(ckpt: Path, n_maps: int) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+from typing import Any, Protocol, Sequence
+
 from traces.errors import UserError
-from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -16,10 +18,28 @@ class TaskError(UserError):
     """Bad input for a task (data folder, pretrained folder, prompt); one line for users."""
 
 
+# The command-line flags that carry each conditioning's items, per command: `sample` is
+# `python -m rsr_model sample`, `record` is `python -m probes.record`. A task with another
+# source (FrozenLake's maps) overrides `Task.item_flags` and adds its flags in `Task.arguments`.
+ITEM_FLAGS = {"text": {"sample": ("--prompt", "--prompts-file"), "record": ("--prompts",)},
+              "class": {"sample": ("--label", "--prompts-file"), "record": ("--prompts",)}}
+
+Model = tuple  # (task, transformer, RSR or None, checkpoint dict), as `rsr_model.sample.load_model` returns it
+
+
+class TaskCommands(Protocol):
+    """The bodies of `sample` and `record` for a task whose checkpoints make something other than
+    diffusion samples (FrozenLake: plans). Both get the parsed flags and the loaded checkpoint."""
+
+    def sample(self, args: argparse.Namespace, model: Model) -> None: ...
+
+    def record(self, args: argparse.Namespace, model: Model) -> None: ...
+
+
 class Task:
     name: str = ""
     backbone_class: str = ""  # the diffusers transformer class the preset trains
-    conditioning: str = "text"  # "text" (prompts) or "class" (integer labels)
+    conditioning: str = "text"  # "text" (prompts), "class" (integer labels) or "map" (FrozenLake maps)
     two_stage: bool = True  # train the base first (tiny backbones), or fine-tune RSR only (pretrained)
     trains_base_with_rsr: bool = False  # one stage in which the backbone learns together with RSR (frozenlake)
     default_steps: dict[str, int] = {"base": 1000, "rsr": 300}
@@ -102,3 +122,20 @@ class Task:
     def describe(self, item) -> dict[str, Any]:
         """Ground truth of a conditioning item, for traces (e.g. the scene a caption describes)."""
         return {}
+
+    # --- command line ---------------------------------------------------------------------
+    @classmethod
+    def item_flags(cls, command: str) -> tuple[str, ...]:
+        """The flags of `command` ("sample" or "record") that carry this task's items, the main one first."""
+        return ITEM_FLAGS[cls.conditioning][command]
+
+    @classmethod
+    def arguments(cls, command: str) -> list[tuple[str, dict[str, Any]]]:
+        """Flags this task adds to `command` beyond the shared ones, as (flag, `add_argument` options);
+        the parsers add every task's, so they never name a task."""
+        return []
+
+    def commands(self) -> TaskCommands | None:
+        """Own `sample` and `record` bodies; None: the diffusion sampler's (`rsr_model/__main__.py`
+        draws images, `probes/record.py` records the sampler's routing)."""
+        return None

@@ -1,13 +1,13 @@
-"""`frozenlake`: planning in visual latents (the paper's FrozenLake experiment), 4x4 maps;
-`frozenlake-6x6` and `frozenlake-8x8` are the same at larger sizes.
+"""The task class of `frozenlake`: planning in visual latents (the paper's FrozenLake
+experiment), 4x4 maps; `frozenlake-6x6` and `frozenlake-8x8` are the same at larger sizes.
 
-One training example is a random map's shortest plan (rsr_model/data/frozenlake.py): the
+One training example is a random map's shortest plan (maps.py): the
 frames of the agent after 0..T actions, padded to the horizon with the last frame, and the
 actions padded with NO_ACTION. The whole model (encoder, stack, RSR, decoder) trains in one
 stage, from scratch: the frames decoded from every latent step are matched to the true ones
 (pixel MSE, the agent's path weighted up since the agent is a few pixels of the frame) while
 the true action forces the step's expert, and the gate's logits get a cross-entropy against
-the action at every token (rsr_model/frozenlake_model.py). `--mode no_modulation` trains the
+the action at every token (model.py). `--mode no_modulation` trains the
 baseline without routing (one shared adapter, the action as an embedding).
 """
 
@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import config
-from ..data import frozenlake as lake
-from ..frozenlake_model import NO_ACTION, FrozenLakeNet, decode, rollout
-from ..install import RSR
-from .base import Task, TaskError
+from ... import config
+from ...install import RSR
+from ..base import Task, TaskCommands, TaskError
+from . import maps as lake
+from .model import NO_ACTION, FrozenLakeNet, decode, rollout
 
 PATH_WEIGHT = 10.0  # extra pixel-loss weight on the cells the agent visits
 
@@ -116,6 +116,23 @@ class FrozenLake(Task):
         return frame_loss + action_loss
 
     # --- command line and traces --------------------------------------------------------------
+    @classmethod
+    def item_flags(cls, command: str) -> tuple[str, ...]:
+        return {"sample": ("--map",), "record": ("--maps",)}[command]
+
+    @classmethod
+    def arguments(cls, command: str) -> list[tuple[str, dict[str, Any]]]:
+        if command == "sample":
+            return [("--map", dict(action="append", default=[], help="FrozenLake map like SFFF/FHFH/FFFH/HFFG "
+                                   "(frozenlake presets; repeatable): plan from its start"))]
+        return [("--maps", dict(help="frozenlake checkpoints: a file of maps (one per line, rows joined by '/') "
+                                "or one map"))]
+
+    def commands(self) -> TaskCommands:
+        from . import commands  # plans, not images: the strip of decoded frames and the plan trace
+
+        return commands
+
     def token_grid(self, transformer: nn.Module) -> tuple[int, int]:
         return self.size, self.size  # one token per map cell
 
