@@ -175,6 +175,16 @@ def test_train_sample_and_record_commands(tmp_path, capsys):
         assert main(["sample", "--ckpt", str(ckpt), "--map", bad, "--out", str(png), "--overwrite"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:")
+    # the checkpoint's task decides which item flags apply; another task's are refused, not ignored
+    for command, argv, message in [
+            (main, ["sample", "--ckpt", str(ckpt), "--prompt", "a lake", "--out", str(tmp_path / "x.png")],
+             "takes --map, not --prompt"),
+            (record_main, ["--ckpt", str(ckpt), "--prompts", "a lake", "--out", str(trace)], "takes --maps, not --prompts"),
+            (record_main, ["--ckpt", str(ckpt), "--out", str(trace)], "give at least one --prompts or --maps")]:
+        capsys.readouterr()
+        assert command(argv) == 2
+        assert message in capsys.readouterr().err
+    assert not trace.exists() and not (tmp_path / "x.png").exists()
     maps.write_text(MAP + "\nSFFH/FFFF/HFFF/HHFG\n")
     assert record_main(["--ckpt", str(ckpt), "--maps", str(maps), "--out", str(trace), "--probs"]) == 0
     with open_trace(trace) as tr:
