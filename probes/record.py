@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -26,6 +27,11 @@ from rsr_model.cli import (Parser, UsageError, check_free_space, check_output, e
 from traces.outputs import OutputError, os_error_reason
 
 guard_startup(__name__)
+
+if TYPE_CHECKING:  # annotations only: the start-up imports stay light
+    from rsr_model.recorders import SamplingRecorder
+    from rsr_model.tasks.base import Model
+    from traces import SampleTable, SamplingLayout, SamplingWriter, TraceMeta
 
 
 def int_list(s: str) -> list[int]:
@@ -128,7 +134,7 @@ def run_id(ckpt_sha256: str, items: list, args, world: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def run(args) -> None:
+def run(args: argparse.Namespace) -> None:
     """Load the checkpoint, then record as its task does: the diffusion sampler's routing by
     default, the task's own trace where it has one (FrozenLake: one plan per map)."""
     from rsr_model.sample import load_model
@@ -144,7 +150,7 @@ def run(args) -> None:
     (own.record if own else record_samples)(args, model)
 
 
-def record_samples(args, model) -> None:
+def record_samples(args: argparse.Namespace, model: Model) -> None:
     """The diffusion sampler's recording: N samples per prompt, this rank's share, in one trace."""
     from rsr_model.recorders import sample_table
     from traces import estimate_sampling
@@ -179,7 +185,7 @@ def record_samples(args, model) -> None:
               + ("; it never fired" if not iv["tokens_changed"] else ""))
 
 
-def sampling_recorder(args, task, transformer, rsr):
+def sampling_recorder(args: argparse.Namespace, task, transformer, rsr) -> SamplingRecorder:
     """The recorder of the selected hook points, with the interventions the flags place."""
     from rsr_model.recorders import SamplingRecorder, Selection
 
@@ -199,7 +205,8 @@ def sampling_recorder(args, task, transformer, rsr):
     return rec
 
 
-def trace_meta(args, model, rec, ckpt_sha256: str, seeds: list[int]):
+def trace_meta(args: argparse.Namespace, model: Model, rec: SamplingRecorder, ckpt_sha256: str,
+               seeds: list[int]) -> TraceMeta:
     """The trace's metadata: checkpoint, sampler, interventions, token grid."""
     from traces import TraceMeta
 
@@ -213,14 +220,16 @@ def trace_meta(args, model, rec, ckpt_sha256: str, seeds: list[int]):
                "token_grid": list(rec.grid), "text_encoder": ckpt.get("text_encoder")})
 
 
-def sampling_writer(args, layout, samples, meta, rank: int, world: int, rid: str):
+def sampling_writer(args: argparse.Namespace, layout: SamplingLayout, samples: SampleTable, meta: TraceMeta,
+                    rank: int, world: int, rid: str) -> SamplingWriter:
     from traces import SamplingWriter
 
     return SamplingWriter(args.out, layout, samples, meta, rank=rank, world_size=world, overwrite=args.overwrite,
                           portable=args.portable, run_id=rid)
 
 
-def write_samples(args, rec, writer, rows: list, seeds: list[int], sample_ids: list[int]) -> None:
+def write_samples(args: argparse.Namespace, rec: SamplingRecorder, writer: SamplingWriter, rows: list,
+                  seeds: list[int], sample_ids: list[int]) -> None:
     """Sample and write; on any failure the file keeps every flushed step, marked incomplete."""
     from tqdm import tqdm
 

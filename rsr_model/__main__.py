@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -18,6 +19,9 @@ from .cli import (Parser, UsageError, check_free_space, check_output, finite_flo
                   positive_int, read_lines, run_main)
 
 guard_startup(__name__)
+
+if TYPE_CHECKING:
+    from .tasks.base import Model
 
 MAX_IMAGES = 1024  # one `sample` call draws all its images at once and tiles them into one PNG
 
@@ -142,7 +146,7 @@ def cmd_train(args) -> None:
     print(f"checkpoint: {out}" + (f"; training trace: {args.trace}" if args.trace else ""))
 
 
-def cmd_sample(args) -> None:
+def cmd_sample(args: argparse.Namespace) -> None:
     """Load the checkpoint, then sample as its task does: images by default, plans for FrozenLake."""
     from .sample import load_model
     from .tasks.inputs import check_items, check_some_items
@@ -156,7 +160,7 @@ def cmd_sample(args) -> None:
     (own.sample if own else sample_images)(args, model)
 
 
-def sample_images(args, model) -> None:
+def sample_images(args: argparse.Namespace, model: Model) -> None:
     """The diffusion sampler's `sample`: num-samples images per prompt or label, tiled into one PNG."""
     from .sample import generate, image_grid, save_png
 

@@ -179,7 +179,8 @@ def test_train_sample_and_record_commands(tmp_path, capsys):
     for command, argv, message in [
             (main, ["sample", "--ckpt", str(ckpt), "--prompt", "a lake", "--out", str(tmp_path / "x.png")],
              "takes --map, not --prompt"),
-            (record_main, ["--ckpt", str(ckpt), "--prompts", "a lake", "--out", str(trace)], "takes --maps, not --prompts"),
+            (record_main, ["--ckpt", str(ckpt), "--prompts", "a lake", "--out", str(trace)],
+             "takes --maps, not --prompts"),
             (record_main, ["--ckpt", str(ckpt), "--out", str(trace)], "give at least one --prompts or --maps")]:
         capsys.readouterr()
         assert command(argv) == 2

@@ -67,10 +67,15 @@ class Task:
         if backbone is None:
             return self.new_backbone()
         if backbone.get("class") != self.backbone_class:
-            raise TaskError(f"checkpoint holds a {backbone.get('class')}, preset {self.name!r} uses a {self.backbone_class}")
+            raise TaskError(f"checkpoint holds a {backbone.get('class')}, preset {self.name!r} uses a "
+                            f"{self.backbone_class}")
+        return self.backbone_from_config(backbone["config"])
+
+    def backbone_from_config(self, config: dict[str, Any]) -> nn.Module:
+        """The backbone a checkpoint's config describes (a diffusers class by default)."""
         import diffusers
 
-        return getattr(diffusers, self.backbone_class).from_config(backbone["config"])
+        return getattr(diffusers, self.backbone_class).from_config(config)
 
     def backbone_record(self, transformer: nn.Module) -> dict[str, Any]:
         return {"class": type(transformer).__name__, "config": dict(transformer.config)}

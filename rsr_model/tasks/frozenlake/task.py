@@ -64,15 +64,8 @@ class FrozenLake(Task):
     def new_backbone(self) -> nn.Module:
         return FrozenLakeNet(map_size=self.size, encoder_blocks=self.encoder_blocks)
 
-    def build_backbone(self, backbone: dict | None = None) -> nn.Module:
-        if backbone is None:
-            return self.new_backbone()
-        if backbone.get("class") != self.backbone_class:
-            raise TaskError(f"checkpoint holds a {backbone.get('class')}, preset {self.name!r} uses a {self.backbone_class}")
-        return FrozenLakeNet(**backbone["config"])
-
-    def backbone_record(self, transformer: nn.Module) -> dict[str, Any]:
-        return {"class": type(transformer).__name__, "config": dict(transformer.config)}
+    def backbone_from_config(self, config: dict[str, Any]) -> nn.Module:
+        return FrozenLakeNet(**config)  # the project's own net, not a diffusers class
 
     # --- data -------------------------------------------------------------------------------
     @cached_property
