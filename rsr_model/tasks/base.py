@@ -144,3 +144,10 @@ class Task:
         """Own `sample` and `record` bodies; None: the diffusion sampler's (`rsr_model/__main__.py`
         draws images, `probes/record.py` records the sampler's routing)."""
         return None
+
+    # --- evaluation -----------------------------------------------------------------------
+    def plan_figures(self, transformer: nn.Module, rsr, n: int) -> dict[str, Any]:
+        """`evaluate --planning`: the rates of the task's own judge on its first n held-out problems,
+        with "size" (the row label) and "success_per_map" (for the paired test). Only tasks that plan have it."""
+        raise TaskError(f"preset {self.name!r} has no held-out maps to plan on "
+                        f"(planning figures are for presets that plan, like frozenlake)")

@@ -149,6 +149,17 @@ class FrozenLake(Task):
         return {"map": lake.map_text(item), "shortest_plan": names, "attributes": steps}
 
 
+    # --- evaluation ---------------------------------------------------------------------------
+    def plan_figures(self, transformer: nn.Module, rsr: RSR, n: int) -> dict[str, Any]:
+        """The judge's rates on the first n held-out maps (rsr_model/evaluation/planning.py collects them)."""
+        from .judge import judge, make_plans, summarize
+
+        plans = make_plans(self, transformer, rsr, self.eval_maps[:n])
+        verdicts = [judge(p) for p in plans]
+        return {"size": f"{self.size}x{self.size}", **summarize(verdicts, plans),
+                "success_per_map": [bool(v.success_env) for v in verdicts]}
+
+
 class FrozenLake6(FrozenLake):
     name = "frozenlake-6x6"
     size = 6
