@@ -47,8 +47,8 @@ def action_mi_per_step(plans, horizon: int) -> list[float]:
 
 def run_one(size: int, mode: str, seed: int, steps: int, n_eval: int, workdir: Path) -> dict:
     from rsr_model.__main__ import main
-    from rsr_model.tasks.frozenlake.judge import judge, make_plans, summarize, teacher_forced_frame_accuracy
     from rsr_model.sample import load_model
+    from rsr_model.tasks.frozenlake.judge import judge, make_plans, summarize, teacher_forced_frame_accuracy
 
     result_path = workdir / f"{PRESETS[size]}-{mode}-s{seed}-{steps}.json"
     if result_path.exists():

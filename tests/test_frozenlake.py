@@ -213,8 +213,8 @@ def trained(tmp_path_factory):
 
 def test_planning_figures_collect_checkpoints_by_size_budget_and_mode(trained, capsys):
     from rsr_model.__main__ import main
-    from rsr_model.tasks.frozenlake.judge import summarize
     from rsr_model.sample import load_model
+    from rsr_model.tasks.frozenlake.judge import summarize
 
     d, paths = trained
     out = d / "evaluate"

@@ -3,9 +3,10 @@
 
 This module collects, it does not plan: a task that plans judges its own plans through
 `Task.plan_figures` (FrozenLake: `rsr_model.tasks.frozenlake.judge` samples a plan per held-out
-map, checks it and gives the rates). `evaluate --planning` runs it on every checkpoint given (e.g. RSR and the same budget without
-routing, several training seeds each), groups them by (map size, training steps, mode) - so
-checkpoints of different budgets are never averaged together - and reports per group
+map, checks it and gives the rates). `evaluate --planning` runs it on every checkpoint given
+(e.g. RSR and the same budget without routing, several training seeds each), groups them by
+(map size, training steps, mode) - so checkpoints of different budgets are never averaged
+together - and reports per group
 the mean ± std over checkpoints of
 
     success (env)     share of held-out maps whose actions, replayed in the environment, reach the goal

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any, Protocol, Sequence
 
-from traces.errors import UserError
-
 import numpy as np
 import torch
 from torch import nn
+
+from traces.errors import UserError
 
 from ..config import RSRConfig
 
