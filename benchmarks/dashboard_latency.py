@@ -40,7 +40,7 @@ LATENT_TOKENS, LATENT_DIM, IMAGE = 64, 32, (32, 32, 3)
 
 def cold_report(path: Path) -> None:
     """First analysis of the trace (writes the cache beside it); prints time and peak memory."""
-    from dashboard.__main__ import make_context
+    from dashboard.common import make_context
 
     ctx = make_context([str(path)])
     t0 = time.perf_counter()
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         cache.unlink()
     cold = subprocess.run(child + ["report"], check=True, capture_output=True, text=True).stdout
     browser = not a.no_browser and bool(shutil.which("chromedriver"))
-    from dashboard.__main__ import make_context
+    from dashboard.common import make_context
     from dashboard.app import create_app
 
     res: dict[str, object] = {"trace_mib": a.trace.stat().st_size / 2**20, **json.loads(cold.splitlines()[-1])}

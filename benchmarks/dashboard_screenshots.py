@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from selenium.webdriver.common.by import By
     from werkzeug.serving import make_server
 
-    from dashboard.__main__ import make_context
+    from dashboard.common import make_context
     from dashboard.app import create_app
     from dashboard.data import trace_id
 

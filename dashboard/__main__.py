@@ -13,12 +13,10 @@ import logging
 import sys
 from pathlib import Path
 
-from rsr_model.cli import Parser, run_main
+from cli_common.command import Parser, run_main
 
-from .data import DashboardError, Registry, find_traces
-
-DEFAULT_DIR = "runs"
-DEFAULT_RESULTS = "runs/evaluate"
+from .common import DEFAULT_DIR, DEFAULT_RESULTS, make_context
+from .data import DashboardError
 
 
 def build_parser() -> Parser:
@@ -32,25 +30,6 @@ def build_parser() -> Parser:
     p.add_argument("--permutations", type=int, default=199, help="permutation-null tables per MI in the reports")
     p.add_argument("--debug", action="store_true", help="Dash debug mode (reloader, error pop-ups)")
     return p
-
-
-def make_context(traces: list[str], ckpt: Path | None = None, permutations: int = 199,
-                 results: Path | None = None):
-    """The served registry and app context from command-line style arguments."""
-    from .common import Context
-
-    if traces:
-        paths = find_traces(traces)
-    else:
-        paths = find_traces([DEFAULT_DIR]) if Path(DEFAULT_DIR).is_dir() else []
-    if ckpt is not None and not Path(ckpt).is_file():
-        raise DashboardError(f"--ckpt {ckpt}: no such file")
-    if results is not None and not Path(results).is_dir():
-        raise DashboardError(f"--results {results}: no such folder")
-    if results is None and Path(DEFAULT_RESULTS).is_dir():
-        results = Path(DEFAULT_RESULTS)
-    return Context(Registry(paths, n_perm=permutations), Path(ckpt) if ckpt else None,
-                   Path(results) if results is not None else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,9 +13,9 @@ from typing import Any, Callable
 import numpy as np
 from dash import html
 
-from traces.errors import UserError
+from cli_common.errors import UserError
 
-from .data import Registry
+from .data import DashboardError, Registry, find_traces
 from .jobs import Jobs
 
 log = logging.getLogger("dashboard")
@@ -23,6 +23,8 @@ log = logging.getLogger("dashboard")
 # Qualitative palette (Plotly's D3 / tab10 order), repeated for K > 10.
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
+DEFAULT_DIR = "runs"  # traces served when none are named
+DEFAULT_RESULTS = "runs/evaluate"  # the Results tab's folder when none is named
 GRAPH_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
 
@@ -46,6 +48,22 @@ class Context:
                 self.memo.clear()
             self.memo[k] = fn()
         return self.memo[k]
+
+def make_context(traces: list[str], ckpt: Path | None = None, permutations: int = 199,
+                 results: Path | None = None) -> Context:
+    """The served registry and app context from command-line style arguments."""
+    if traces:
+        paths = find_traces(traces)
+    else:
+        paths = find_traces([DEFAULT_DIR]) if Path(DEFAULT_DIR).is_dir() else []
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise DashboardError(f"--ckpt {ckpt}: no such file")
+    if results is not None and not Path(results).is_dir():
+        raise DashboardError(f"--results {results}: no such folder")
+    if results is None and Path(DEFAULT_RESULTS).is_dir():
+        results = Path(DEFAULT_RESULTS)
+    return Context(Registry(paths, n_perm=permutations), Path(ckpt) if ckpt else None,
+                   Path(results) if results is not None else None)
 
 
 def expert_colour(k: int) -> str:

@@ -27,7 +27,8 @@ from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
 from traces import TraceReader, open_trace
-from traces.errors import TraceError, UserError
+from cli_common.errors import UserError
+from traces.errors import TraceError
 
 REPORT_SUFFIX = ".report.json"
 COMPARE_SUFFIX = ".compare.json"

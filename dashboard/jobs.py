@@ -14,7 +14,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from traces.errors import UserError
+from cli_common.errors import UserError
 
 
 @dataclass

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from rsr_model.cli import guard_startup
+from cli_common.command import guard_startup
 
 guard_startup(__name__)  # before the slow imports below: Ctrl-C while they load exits 130 with one line
 
@@ -89,8 +89,9 @@ def expert_effects(ckpt: str | Path, items: Sequence, seeds: Sequence[int], step
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rsr_model.cli import (Parser, UsageError, check_output, finite_float, int_at_least, positive_int, run_main,
-                               write_atomic)
+    from cli_common.command import Parser, finite_float, int_at_least, positive_int, run_main
+    from cli_common.errors import UsageError
+    from cli_common.outputs import check_output, write_atomic
 
     p = Parser(prog="python -m probes.causal", description="Causal effect of ablating or forcing an expert.")
     p.add_argument("--ckpt", type=Path, required=True)

@@ -2,7 +2,7 @@
 
 import sys
 
-from rsr_model.cli import guard_startup
+from cli_common.command import guard_startup
 
 guard_startup(__name__)  # before the projections' imports: Ctrl-C while they load exits 130 with one line
 

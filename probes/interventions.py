@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from rsr_model.hooks import hook_name
-from traces.errors import UserError
+from cli_common.errors import UserError
 
 
 class InterventionError(UserError):

@@ -27,7 +27,7 @@ import numpy as np
 
 from traces import open_trace
 from traces.derived import open_derived
-from traces.errors import UserError
+from cli_common.errors import UserError
 
 from .stats import pca, umap_embedding
 
@@ -147,7 +147,7 @@ def load_derived(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rsr_model.cli import Parser, run_main
+    from cli_common.command import Parser, run_main
 
     p = Parser(prog="python -m probes.derive", description="Store PCA/UMAP projections of a trace's latents under /derived.")
     p.add_argument("trace", type=Path)

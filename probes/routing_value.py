@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from rsr_model.cli import guard_startup
+from cli_common.command import guard_startup
 
 guard_startup(__name__)  # before torch: Ctrl-C while it loads exits 130 with one line
 
@@ -211,7 +211,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rsr_model.cli import Parser, UsageError, check_output, int_at_least, run_main, sha256_file, write_atomic
+    from cli_common.command import Parser, int_at_least, run_main
+    from cli_common.errors import UsageError
+    from cli_common.outputs import check_output, sha256_file, write_atomic
 
     p = Parser(prog="python -m probes.routing_value", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", type=Path, required=True)

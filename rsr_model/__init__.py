@@ -1,6 +1,6 @@
 """Recursive Sparse Reasoning (RSR): a recursive mixture of LoRA experts inside diffusers attention.
 
-The names below are imported on first use, so a command that needs only `rsr_model.cli` (the
+The names below are imported on first use, so a command that needs only `cli_common` (the
 dashboard, the trace tools) does not pay for importing torch and diffusers.
 """
 

@@ -15,8 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-from .cli import (Parser, UsageError, check_free_space, check_output, finite_float, guard_startup, int_at_least,
-                  positive_int, read_lines, run_main)
+from cli_common.command import Parser, finite_float, guard_startup, positive_int, read_lines, run_main
+from cli_common.errors import UsageError
+from cli_common.outputs import check_free_space, check_output
 
 guard_startup(__name__)
 
@@ -26,16 +27,8 @@ if TYPE_CHECKING:
 MAX_IMAGES = 1024  # one `sample` call draws all its images at once and tiles them into one PNG
 
 
-def int_list(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 4,8,12, got {s!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .config import MODES
-    from .tasks import TASKS
+    from .arguments import add_train_arguments
     from .tasks.inputs import add_task_arguments
 
     p = Parser(prog="python -m rsr_model", description="Train and sample RSR diffusion models.")
@@ -43,42 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a preset and write a checkpoint",
                        description="Train a preset. With no --stage, two-stage presets train the base, then RSR.")
-    t.add_argument("--preset", default="tiny", choices=sorted(TASKS))
-    t.add_argument("--stage", choices=["base", "rsr"], default=None)
-    t.add_argument("--base", type=Path, help="base-stage checkpoint (with --stage rsr)")
-    t.add_argument("--steps", type=positive_int, help="optimizer steps per stage (default: the preset's)")
-    t.add_argument("--out", type=Path, default=Path("sd3_rsr.pt"))
-    t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--batch-size", type=positive_int)
-    t.add_argument("--lr", type=finite_float(0, low_open=True))
-    t.add_argument("--save-every", type=positive_int, default=200)
-    t.add_argument("--ema-decay", type=finite_float(0, 1, high_open=True), default=0.999, help="EMA of base weights (0 = off)")
-    t.add_argument("--rsr-ema-decay", type=finite_float(0, 1, high_open=True),
-                   help="EMA of the experts and gate in the RSR stage, 0 = off (default: the preset's)")
-    t.add_argument("--mode", choices=MODES)
-    t.add_argument("--experts", type=int, help="K")
-    t.add_argument("--latent-steps", type=int, help="L")
-    t.add_argument("--rank", type=int)
-    t.add_argument("--target-layers", type=int_list)
-    t.add_argument("--tau", type=finite_float(0, low_open=True), help="Gumbel-Softmax temperature")
-    t.add_argument("--balance-weight", type=finite_float(0))
-    t.add_argument("--balance-over", choices=["step", "recursion"],
-                   help="balance each recursion step's routing (step) or only the whole recursion's (recursion)")
-    t.add_argument("--gate-lr-scale", type=finite_float(0, low_open=True), help="gate learning rate / experts' (RSR stage; default: the preset's)")
-    t.add_argument("--warm-start", choices=["none", "band", "step-band"],
-                   help="expert warm start: force experts to timestep-band (and recursion-step) cells and teach "
-                        "the gate them for --warm-start-steps, then free the gate (default: the preset's)")
-    t.add_argument("--warm-start-steps", type=int_at_least(0),
-                   help="length of the warm start in RSR steps (default: the first quarter of the RSR stage)")
-    t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    t.add_argument("--pretrained", type=Path, help="local diffusers SD3 folder (preset sd3)")
-    t.add_argument("--data", type=Path, help="image-caption folder with metadata.jsonl (preset sd3)")
-    t.add_argument("--trace", type=Path, help="also write a training trace (HDF5) of the RSR stage here")
-    t.add_argument("--trace-every", type=positive_int, default=50, help="record routing every N steps")
-    t.add_argument("--trace-token-stride", type=positive_int, default=1)
-    t.add_argument("--trace-probs", action="store_true", help="store gate probabilities in the training trace")
+    add_train_arguments(t)
 
     s = sub.add_parser("sample", help="sample images from a checkpoint")
     s.add_argument("--ckpt", type=Path, default=Path("sd3_rsr.pt"))
@@ -93,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("out.png"))
     s.add_argument("--overwrite", action="store_true")
 
-    from .evaluation import cli as evaluation_cli, lora_export
+    from evaluation import cli as evaluation_cli, lora_export
     evaluation_cli.add_parser(sub)
     lora_export.add_parser(sub)
     return p
@@ -177,7 +135,7 @@ def sample_images(args: argparse.Namespace, model: Model) -> None:
 def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         args = build_parser().parse_args(argv)
-        from .evaluation import cli as evaluation_cli, lora_export
+        from evaluation import cli as evaluation_cli, lora_export
 
         commands = {"train": cmd_train, "sample": cmd_sample, "evaluate": evaluation_cli.run,
                     "export-lora": lora_export.run}

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from traces.errors import UserError
+from cli_common.errors import UserError
 
 FORMAT, FORMAT_VERSION = "rsr-checkpoint", 1
 

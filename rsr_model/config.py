@@ -14,7 +14,7 @@ the mode actually runs.
 
 from __future__ import annotations
 
-from traces.errors import UserError
+from cli_common.errors import UserError
 from traces.schema import MAX_EXPERTS
 import dataclasses
 import json

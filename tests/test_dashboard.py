@@ -12,7 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from dashboard.__main__ import build_parser, main as dashboard_main, make_context
+from dashboard.__main__ import build_parser, main as dashboard_main
+from dashboard.common import make_context
 from dashboard.app import create_app
 from dashboard.data import REPORT_SUFFIX, Registry, find_traces, trace_id
 from dashboard.selection import NO_TRACES

@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from dashboard.__main__ import main as dashboard_main, make_context
+from dashboard.__main__ import main as dashboard_main
+from dashboard.common import make_context
 from dashboard.app import create_app
 from dashboard.views import results as res
 from rsr_model.__main__ import main as rsr_main
@@ -70,7 +71,7 @@ def test_table_figures_carry_the_means_spreads_and_test(results):
 def test_other_kinds_plot_their_rows(results):
     planning = load(results, "planning")
     fig = res.planning_figure(planning)
-    from rsr_model.evaluation.planning import FIGURES
+    from evaluation.planning import FIGURES
 
     panel = f"x{list(FIGURES).index('action_accuracy') + 1}"
     action = next(t for t in fig.data if t.xaxis == panel)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from rsr_model.__main__ import main
-from rsr_model.evaluation import digits_quality as dq
+from evaluation import digits_quality as dq
 
 
 def test_figures_on_known_answers():
@@ -48,7 +48,7 @@ def test_planning_hook_refuses_presets_without_planning_figures(tmp_path, capsys
 @pytest.mark.parametrize("given", [["0", "1", "2"], ["0,1,2"], ["0,1", "2"]])
 def test_seeds_take_spaces_or_commas(given):
     from rsr_model.__main__ import build_parser
-    from rsr_model.evaluation.cli import _budget
+    from evaluation.cli import _budget
 
     args = build_parser().parse_args(["evaluate", "--class-conditioned", "--quick", "--seeds", *given, "--out", "x"])
     assert _budget(args, dq.DEFAULT, dq.QUICK).seeds == (0, 1, 2)

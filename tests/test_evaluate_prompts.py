@@ -5,7 +5,7 @@ import numpy as np
 
 from rsr_model.__main__ import main
 from rsr_model.data import shapes as S
-from rsr_model.evaluation import prompts
+from evaluation import prompts
 
 
 def test_no_evaluation_prompt_is_ever_a_training_caption():

@@ -7,8 +7,8 @@ import pytest
 
 from rsr_model.__main__ import main
 from rsr_model.data import shapes as S
-from rsr_model.evaluation import scorer
-from rsr_model.evaluation.check import WRONG_KINDS, scorer_check
+from evaluation import scorer
+from evaluation.check import WRONG_KINDS, scorer_check
 
 
 def _scenes(n, seed=0, **kw):

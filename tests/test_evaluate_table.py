@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from rsr_model.__main__ import main
-from rsr_model.evaluation import table
-from rsr_model.evaluation.prompts import plan
+from evaluation import table
+from evaluation.prompts import plan
 
 from .conftest import one_error_line
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from cli_common.errors import UserError
 from rsr_model.install import install_rsr
 from rsr_model.tasks import get_task
 from rsr_model.tasks.frozenlake import maps as lake
 from rsr_model.tasks.frozenlake.judge import judge, make_plans
 from rsr_model.tasks.frozenlake.model import FrozenLakeNet, decode, rollout
-from traces.errors import UserError
 
 MAP = "SFFF/FHFH/FFFH/HFFG"
 
@@ -253,7 +253,7 @@ def test_planning_figures_collect_checkpoints_by_size_budget_and_mode(trained, c
 def test_plan_traces_reach_the_probes_and_the_dashboard(trained, tmp_path):
     """A recorded plan gets the probes' MI(expert; true action) per latent step, and the
     dashboard's filmstrip, routing map and training views render it (training trace included)."""
-    from dashboard.__main__ import make_context
+    from dashboard.common import make_context
     from dashboard.app import create_app
     from dashboard.data import trace_id
     from probes.record import main as record_main

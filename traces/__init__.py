@@ -6,8 +6,8 @@ through virtual datasets; `estimate_sampling`/`estimate_training` predict sizes 
 This package depends on numpy and h5py, plus hdf5plugin for the default Blosc compression
 (portable traces, `portable=True`, use gzip and read anywhere; `python -m traces convert`).
 
-The names below are imported on first use, so importing `traces.errors` (as every command
-does first) loads neither numpy nor h5py.
+The names below are imported on first use, so importing `traces.errors` loads neither numpy
+nor h5py.
 """
 
 from importlib import import_module

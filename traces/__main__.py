@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli import guard_startup
+from cli_common.command import guard_startup
 
 guard_startup(__name__)  # before h5py loads: Ctrl-C while it does exits 130 with one line
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .cli import Parser, run
+from cli_common.command import Parser, run_main
 from .compression import PORTABLE_FILTER, chosen_filter, filter_kwargs
 from .errors import TraceError
-from .outputs import OutputError, check_free_space, check_output, os_error_reason
+from cli_common.outputs import OutputError, check_free_space, check_output, os_error_reason
 from .reader import open_trace
 from .schema import FLOATS, LIBVER, find
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return (f"wrote {out} ({'portable gzip' if args.portable else 'Blosc'}, {sizes[0]:.2f} MiB; "
                 f"input {sizes[1]:.2f} MiB)")
 
-    return run(body)
+    return run_main(lambda: print(body()))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,13 @@
-"""The project's base class of user errors, and the one exception type of the trace package.
-
-`UserError` is what every package raises for a failure the user can fix (bad flag, wrong
-file, old checkpoint, empty selection); every command line prints it as one `error:` line
-and exits 2 (`rsr_model.cli.run_main`). It lives here because `traces` is the one package
-every other one imports and it needs nothing but the standard library for this.
+"""The one exception type of the trace package.
 
 Every failure a user can cause with a trace (wrong file, old file, bad selection, bad write)
-raises `TraceError` with a one-line message.
+raises `TraceError` with a one-line message; it is a `cli_common.errors.UserError`, so every
+command prints it as one `error:` line and exits 2.
 """
 
 from __future__ import annotations
 
-
-class UserError(Exception):
-    """A failure the user can fix; the message is the one line a command prints."""
+from cli_common.errors import UserError
 
 
 class TraceError(UserError):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .cli import Parser, run
-from .outputs import check_output
+from cli_common.command import Parser, run_main
+from cli_common.outputs import check_output
 from .errors import TraceError
 from .vds import join_ranks
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         path = join_ranks(args.ranks, args.out, overwrite=args.overwrite)
         return f"wrote {path} (virtual datasets over {len(args.ranks)} rank file(s))"
 
-    return run(body)
+    return run_main(lambda: print(body()))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cli_common.jsonable import jsonable
+
 from .errors import TraceError
 from .schema import MAX_EXPERTS, REQUIRED_SCALARS
 
@@ -191,17 +193,9 @@ class TraceMeta:
     @staticmethod
     def to_json(value: Any) -> str:
         try:
-            return json.dumps(value, sort_keys=True, default=_json_default)
+            return json.dumps(jsonable(value), sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise TraceError(f"metadata is not JSON-serialisable: {exc}") from None
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 @dataclass

@@ -27,7 +27,7 @@ import numpy as np
 
 from .compression import filter_kwargs
 from .errors import TraceError
-from .outputs import OutputError, free_bytes, os_error_reason
+from cli_common.outputs import OutputError, free_bytes, os_error_reason
 from .layout import SampleTable, SamplingLayout, TraceMeta, TrainingLayout
 from .schema import AXIS_COORDS, LIBVER, SCHEMA_NAME, SCHEMA_VERSION, WRITER_VERSION, Dataset, datasets
 

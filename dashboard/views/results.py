@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 from dash import Input, Output, dcc, html
 from plotly.subplots import make_subplots
 
-from traces.errors import UserError
+from cli_common.errors import UserError
 
 from ..common import GRAPH_CONFIG, Context, error_text, expert_colour, guarded, message
 
@@ -109,7 +109,7 @@ def table_overall_figure(result: dict[str, Any]) -> go.Figure:
 
 def table_category_figure(result: dict[str, Any]) -> go.Figure:
     """Every category's score per row, with the same error bars."""
-    from rsr_model.evaluation.table import COLUMNS
+    from evaluation.table import COLUMNS
 
     fig = go.Figure()
     for i, row in enumerate(trained_rows(result)):
@@ -126,8 +126,8 @@ def table_category_figure(result: dict[str, Any]) -> go.Figure:
 
 def run_overall(run: dict[str, Any], plan: list[dict[str, Any]]) -> float:
     """One checkpoint's overall score (%), by the table's own category_scores."""
-    from rsr_model.evaluation.prompts import PlannedImage
-    from rsr_model.evaluation.table import category_scores
+    from evaluation.prompts import PlannedImage
+    from evaluation.table import category_scores
 
     return 100 * category_scores(run["correct"], [PlannedImage(**p) for p in plan])["overall"]
 
@@ -171,7 +171,7 @@ def table_figures(result: dict[str, Any]) -> list[go.Figure | str]:
 
 
 def table_evidence(result: dict[str, Any]) -> list[str]:
-    from rsr_model.evaluation.table import paired_sentence
+    from evaluation.table import paired_sentence
 
     lines = [paired_sentence(target, t) for target, t in result["rsr_vs_sft"].items()]
     if not lines:
@@ -182,7 +182,7 @@ def table_evidence(result: dict[str, Any]) -> list[str]:
 
 
 def table_markdown(result: dict[str, Any]) -> str:
-    from rsr_model.evaluation.table import markdown
+    from evaluation.table import markdown
 
     return markdown(result, result)
 
@@ -222,7 +222,7 @@ def class_conditioned_evidence(result: dict[str, Any]) -> list[str]:
 
 
 def class_conditioned_markdown(result: dict[str, Any]) -> str:
-    from rsr_model.evaluation.digits_quality import markdown
+    from evaluation.digits_quality import markdown
 
     return markdown(result)
 
@@ -232,7 +232,7 @@ def class_conditioned_markdown(result: dict[str, Any]) -> str:
 def planning_figure(result: dict[str, Any]) -> go.Figure:
     """Success, action and frame accuracy per (map size, training steps, mode), std over
     checkpoints as error bars."""
-    from rsr_model.evaluation.planning import FIGURES, budget_label
+    from evaluation.planning import FIGURES, budget_label
 
     fig = make_subplots(rows=1, cols=len(FIGURES), subplot_titles=list(FIGURES.values()), shared_yaxes=True)
     modes = list(dict.fromkeys(r["mode"] for r in result["rows"]))
@@ -252,7 +252,7 @@ def planning_figure(result: dict[str, Any]) -> go.Figure:
 
 
 def planning_evidence(result: dict[str, Any]) -> list[str]:
-    from rsr_model.evaluation.planning import budget_label, paired_sentence
+    from evaluation.planning import budget_label, paired_sentence
 
     counts = ", ".join(f"{budget_label(r)} {r['mode']}: {r['checkpoints']}" for r in result["rows"])
     tests = [paired_sentence(group, t) for group, t in result.get("rsr_vs_shared", {}).items()]
@@ -262,7 +262,7 @@ def planning_evidence(result: dict[str, Any]) -> list[str]:
 
 
 def planning_markdown(result: dict[str, Any]) -> str:
-    from rsr_model.evaluation.planning import markdown
+    from evaluation.planning import markdown
 
     return markdown(result)
 
@@ -297,7 +297,7 @@ def scorer_check_evidence(result: dict[str, Any]) -> list[str]:
 
 
 def scorer_check_markdown(result: dict[str, Any]) -> str:
-    from rsr_model.evaluation.check import check_table
+    from evaluation.check import check_table
 
     return check_table(result)
 

@@ -29,7 +29,7 @@ state and the folder, so a resumed run sees the same batches as an uninterrupted
 
 from __future__ import annotations
 
-from traces.errors import UserError
+from cli_common.errors import UserError
 import json
 from dataclasses import dataclass
 from pathlib import Path

@@ -3,7 +3,7 @@
 Why: no image data can be downloaded, yet training and GenEval-style scoring need
 captions whose every word is checkable in the pixels.  Each image comes from a
 `Scene` (the ground truth) and the caption is generated from the scene;
-`rsr_model.evaluation.scorer` re-detects the objects from pixels alone and judges
+`evaluation.scorer` re-detects the objects from pixels alone and judges
 generated images against a scene or caption.
 
 Conventions

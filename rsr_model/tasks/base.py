@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from traces.errors import UserError
+from cli_common.errors import UserError
 
 from ..config import RSRConfig
 

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ...cli import UsageError, read_lines
+from cli_common.command import read_lines
+from cli_common.errors import UsageError
+
 from ..base import Model
 from . import maps as lake
 from .judge import judge, make_plans
@@ -66,9 +68,8 @@ def sample(args: argparse.Namespace, model: Model) -> None:
 
 def record(args: argparse.Namespace, model: Model) -> None:
     """`probes.record --maps`: one plan per map as an `rsr-trace` sampling file (module doc)."""
+    from cli_common.outputs import sha256_file
     from traces import SampleTable, SamplingLayout, SamplingWriter, TraceMeta
-
-    from ...cli import sha256_file
 
     task, net, rsr, ckpt = _with_rsr(args.ckpt, model)
     maps = task.parse_items(read_maps(args.maps))

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from traces.errors import UserError
+from cli_common.errors import UserError
 
 # gymnasium's action ids; the four experts of the navigation preset are these four actions.
 LEFT, DOWN, RIGHT, UP = 0, 1, 2, 3

@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..cli import UsageError, read_lines
+from cli_common.command import read_lines
+from cli_common.errors import UsageError
 from .prompts import geneval_metadata
 
 BENCHMARKS = ("geneval", "dpg")
@@ -102,7 +103,7 @@ def export(task, transformer, items: Sequence[ExportItem], out: Path, benchmark:
            steps: int = 28, guidance: float = 3.0, seed: int = 0, batch_size: int = 64,
            progress: Callable[[int], None] | None = None) -> None:
     """Sample every item `samples_per_prompt` times and write them in the benchmark's layout."""
-    from ..sample import generate
+    from rsr_model.sample import generate
 
     if benchmark == "dpg" and samples_per_prompt != DPG_GRID ** 2:
         raise UsageError(f"DPG-Bench images hold {DPG_GRID ** 2} samples each; "

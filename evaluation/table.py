@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..data.shapes import CATEGORIES
+from rsr_model.data.shapes import CATEGORIES
 from .prompts import PlannedImage, plan
 
 MODES = ("sft", "no_recursion", "no_modulation", "rsr")
@@ -72,14 +72,14 @@ class RowRun:
 # --- training ---------------------------------------------------------------------------------
 
 def _train_args(argv: list[str]):
-    from ..__main__ import build_parser  # the command line's own defaults for every training flag
+    from rsr_model.arguments import train_args  # the command line's own defaults for every training flag
 
-    return build_parser().parse_args(["train", *argv])
+    return train_args(argv)
 
 
 def _complete(path: Path, expect: dict[str, Any]) -> bool:
     """A finished checkpoint whose plan and arguments match `expect` (reused instead of retrained)."""
-    from ..checkpoint import CheckpointError, load_checkpoint
+    from rsr_model.checkpoint import CheckpointError, load_checkpoint
 
     if not path.exists():
         return False
@@ -94,7 +94,7 @@ def _complete(path: Path, expect: dict[str, Any]) -> bool:
 
 def train_checkpoint(path: Path, argv: list[str], expect: dict[str, Any]) -> float:
     """Train (unless an identical finished checkpoint is there); returns the seconds spent."""
-    from ..train import Trainer
+    from rsr_model.train import Trainer
 
     if _complete(path, expect):
         return 0.0
@@ -133,7 +133,7 @@ def sample_and_score(ckpt: Path, planned: Sequence[PlannedImage], budget: Budget
     """Per-image correctness of a checkpoint on the plan, and its routing figures (RSR with a gate)."""
     import contextlib
 
-    from ..sample import generate, load_model
+    from rsr_model.sample import generate, load_model
     from .routing import SamplingRouting, routing_value_figures
     from .scorer import score
 

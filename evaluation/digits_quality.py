@@ -81,7 +81,7 @@ class DigitsClassifier(nn.Module):
 
 def train_classifier(epochs: int, seed: int = 0) -> tuple[DigitsClassifier, float]:
     """The classifier trained on the training split; returns it (eval mode) and its test accuracy."""
-    from ..data import digits
+    from rsr_model.data import digits
 
     torch.manual_seed(seed)
     model = DigitsClassifier()
@@ -170,7 +170,7 @@ def _train_digits(out: Path, name: str, stage_argv: list[str], plan: dict[str, i
 
 @torch.no_grad()
 def sample_digits(ckpt: Path, labels: np.ndarray, budget: DigitsBudget, batch: int = 200) -> torch.Tensor:
-    from ..sample import generate, load_model
+    from rsr_model.sample import generate, load_model
 
     task, transformer, _, _ = load_model(ckpt)
     chunks = [generate(task, transformer, labels[s:s + batch].tolist(), list(range(s, min(s + batch, len(labels)))),
@@ -180,7 +180,7 @@ def sample_digits(ckpt: Path, labels: np.ndarray, budget: DigitsBudget, batch: i
 
 def run_class_conditioned(out: Path, budget: DigitsBudget, base: Path | None = None,
                           progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], str]:
-    from ..data import digits
+    from rsr_model.data import digits
 
     started = time.perf_counter()
     say = progress or (lambda _: None)

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..cli import UsageError
+from cli_common.errors import UsageError
 
 FIGURES = {"success_env": "success (env)", "success_frames": "success (frames)", "action_accuracy": "action accuracy",
            "frame_accuracy": "frame accuracy"}
@@ -39,8 +39,8 @@ FAILURES = {"hole": "holes", "diagonal_moves": "diagonal", "impossible_moves": "
 
 def checkpoint_figures(ckpt: Path, n_maps: int) -> dict[str, Any]:
     """One checkpoint's planning rates on the first n_maps held-out maps of its preset."""
-    from ..sample import load_model
-    from ..tasks import TaskError
+    from rsr_model.sample import load_model
+    from rsr_model.tasks import TaskError
 
     task, net, rsr, ck = load_model(ckpt)
     try:

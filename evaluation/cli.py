@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..cli import UsageError
+from cli_common.errors import UsageError
 
 
 def _ints(text: str) -> list[int]:
@@ -124,7 +124,7 @@ def _empty_out(out: Path, overwrite: bool) -> None:
 
 
 def run_export(args) -> None:
-    from ..sample import load_model
+    from rsr_model.sample import load_model
     from .export import ExportItem, export, read_items
     from .prompts import evaluation_prompts, geneval_metadata
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..hooks import hook_name
+from rsr_model.hooks import hook_name
 
 
 class SamplingRouting:

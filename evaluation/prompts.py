@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..data import shapes
-from ..data.shapes import CATEGORIES
+from rsr_model.data import shapes
+from rsr_model.data.shapes import CATEGORIES
 
 
 @dataclass(frozen=True)

@@ -1,44 +1,75 @@
-"""What every command line of the project shares: bad input ends in one `error:` line on
-stderr and exit code 2, never a traceback; Ctrl-C ends with exit code 130 (`run_main`).
+"""The error contract every command of the project keeps, and its one argparse `Parser`.
 
-Checks that serve every command live here, so a new command reuses them rather than
-restating them: argparse types for numbers (`finite_float`, `positive_int`, `int_at_least`)
-and, from `traces.outputs`, `check_output` / `check_free_space` for output paths, which a
-command calls before it loads a model or takes a step.
+* bad input, an unusable file or a failed write (a `UserError` or an `OSError`): one line
+  `error: ...` on stderr, exit code 2, never a traceback;
+* Ctrl-C (SIGINT), also while the command's imports are still loading: one line, exit code 130.
+
+Checks that serve every command live here, so a new command reuses them rather than restating
+them: argparse types for numbers (`finite_float`, `positive_int`, `int_at_least`), `read_lines`
+for prompt and label files, `env_int` for launcher variables; output paths are judged by
+`cli_common.outputs.check_output` before a command loads a model or takes a step.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Callable
 
-from traces.cli import guard_startup, run_command
-from traces.errors import UserError
-from traces.outputs import OutputError, check_free_space, check_output, write_atomic
-
-__all__ = ["Parser", "UsageError", "OutputError", "run_main", "guard_startup", "finite_float", "positive_int",
-           "int_at_least", "check_output", "check_free_space", "write_atomic", "read_lines", "env_int", "sha256_file"]
-
-
-class UsageError(UserError):
-    """Bad command-line input; the message is the one line the user sees."""
+from .errors import UsageError, UserError
+from .outputs import os_error_reason
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that raises UsageError instead of printing usage and exiting."""
+    """argparse whose usage errors are `UsageError`s (one `error:` line, exit 2 through `run_main`)
+    instead of usage text and exit code 2 from inside argparse."""
 
     def error(self, message: str):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def run_main(body: Callable[[], None], interrupted: str = "interrupted") -> int:
-    """Run a command: a `UserError` (every package's user-facing errors derive from it) or an
-    OSError (unreadable file, full disk) becomes one `error:` line and exit 2; Ctrl-C exit 130."""
-    return run_command(body, interrupted)
+def _interrupted_while_starting(signum, frame) -> None:
+    print("error: interrupted while starting; nothing was written", file=sys.stderr)
+    os._exit(130)  # mid-import: nothing to clean up, and a KeyboardInterrupt here would print a traceback
+
+
+def guard_startup(module_name: str) -> None:
+    """Call first thing in a command's module: until `run_main` starts, Ctrl-C ends the process
+    with one line and exit code 130 (instead of a traceback from whichever import was loading).
+    Does nothing when the module is imported as a library."""
+    if module_name == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+def run_main(body: Callable[[], object], interrupted: str = "interrupted") -> int:
+    """Run a command body under the error contract; returns the exit code. A `UserError` (every
+    package's user-facing errors derive from it) or an OSError (unreadable file, full disk)
+    becomes one `error:` line and exit 2; Ctrl-C exit 130."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, interrupts are handled below
+    try:
+        body()
+    except (UserError, OSError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory; ask for less (fewer samples, a smaller batch)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"error: {interrupted}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        where = f" {e.filename}" if e.filename else ""
+        return f"file operation failed{where}: {os_error_reason(e)}"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def finite_float(low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -102,11 +133,3 @@ def env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise UsageError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -21,8 +21,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..data import shapes
-from ..data.shapes import CATEGORIES, Obj, Scene
+from rsr_model.data import shapes
+from rsr_model.data.shapes import CATEGORIES, Obj, Scene
 from .scorer import score
 
 TARGET = 0.99

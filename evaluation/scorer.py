@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ..data.shapes import (ALL_SHAPES, COLOURS, PALETTE_RGB, SIZE_RANGE, Group, Scene, Spec, parse_caption,
+from rsr_model.data.shapes import (ALL_SHAPES, COLOURS, PALETTE_RGB, SIZE_RANGE, Group, Scene, Spec, parse_caption,
                            signed_distance, spec_of)
 
 _PALETTE_HUE = PALETTE_RGB / PALETTE_RGB.max(axis=1, keepdims=True)  # (C, 3)

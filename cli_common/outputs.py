@@ -6,22 +6,20 @@ existing file without --overwrite) or a disk too small for the expected size fai
 first second, not after the work. `write_atomic` writes small outputs (JSON, CSV) through a
 temporary file and a rename, so a crash leaves the old file or the new one, never half of one.
 
-They live in `traces`, the one package every command imports, and need only the standard library.
+`sha256_file` names a file by its content, for results that must be refused on another input.
+They need only the standard library.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
-
-
-class OutputError(UserError):
-    """An output path that cannot be written, or a disk too small for it; one line."""
+from .errors import OutputError
 
 
 def nearest_folder(path: str | os.PathLike) -> Path:
@@ -118,3 +116,12 @@ def _size(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (checkpoints are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

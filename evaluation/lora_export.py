@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from ..cli import UsageError
-from ..install import arch_of
+from cli_common.errors import UsageError
+from rsr_model.install import arch_of
 
 PROJECTIONS = ("to_q", "to_k", "to_v")
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -51,7 +51,7 @@ def export_lora(ckpt: str | Path, expert: int, out: str | Path) -> Path:
     """Write expert `expert` of a checkpoint as DIR/pytorch_lora_weights.safetensors; returns the file."""
     from diffusers.loaders.lora_pipeline import SD3LoraLoaderMixin
 
-    from ..sample import load_model
+    from rsr_model.sample import load_model
 
     task, transformer, rsr, _ = load_model(ckpt)
     if rsr is None:
