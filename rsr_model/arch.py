@@ -27,6 +27,6 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # c = timestep + class-label embedding of each block's own adaLN-Zero.
     "DiTTransformer2DModel": ArchSpec(blocks="transformer_blocks", attention="attn1", cond="{block}.norm1.emb",
                                       joint=False),
-    # Navigation (rsr_model/frozenlake_model.py): diffusers BasicTransformerBlocks; c = start-frame summary.
+    # Navigation (rsr_model/tasks/frozenlake/model.py): diffusers BasicTransformerBlocks; c = start-frame summary.
     "FrozenLakeNet": ArchSpec(blocks="transformer_blocks", attention="attn1", cond="condition", joint=False),
 }
