@@ -31,7 +31,6 @@ MODES = {"rsr": "RSR (4 action experts, gate)", "no_modulation": "shared module 
 def action_mi_per_step(plans, horizon: int) -> list[float]:
     """MI in bits between the applied action (= expert) and the true action, at every step l < horizon."""
     from probes.stats.information import mutual_information
-
     from rsr_model.tasks.frozenlake import maps as lake
 
     out = []

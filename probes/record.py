@@ -22,7 +22,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-from cli_common.command import Parser, env_int, finite_float, guard_startup, int_at_least, positive_int, read_lines, run_main
+from cli_common.command import (
+    Parser,
+    env_int,
+    finite_float,
+    guard_startup,
+    int_at_least,
+    positive_int,
+    read_lines,
+    run_main,
+)
 from cli_common.errors import OutputError, UsageError
 from cli_common.outputs import check_free_space, check_output, os_error_reason, sha256_file
 

@@ -47,11 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=positive_int, default=1, help="images per prompt")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=positive_int, default=28)
-    s.add_argument("--guidance", type=finite_float(0, 100), default=3.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--guidance", type=finite_float(0, 100), default=3.0,
+                   help="classifier-free guidance scale (1 = off)")
     s.add_argument("--out", type=Path, default=Path("out.png"))
     s.add_argument("--overwrite", action="store_true")
 
-    from evaluation import cli as evaluation_cli, lora_export
+    from evaluation import cli as evaluation_cli
+    from evaluation import lora_export
     evaluation_cli.add_parser(sub)
     lora_export.add_parser(sub)
     return p
@@ -135,7 +137,8 @@ def sample_images(args: argparse.Namespace, model: Model) -> None:
 def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         args = build_parser().parse_args(argv)
-        from evaluation import cli as evaluation_cli, lora_export
+        from evaluation import cli as evaluation_cli
+        from evaluation import lora_export
 
         commands = {"train": cmd_train, "sample": cmd_sample, "evaluate": evaluation_cli.run,
                     "export-lora": lora_export.run}
