@@ -59,7 +59,7 @@ from .routing import (
 )
 from .running import GroupedCounts, GroupedSums, Stat, entropy
 from .spatial import SpatialCoherenceAccumulator, SpatialStats, neighbour_agreement
-from .stability import AgreementAccumulator, AgreementStats, agreement_stats, routing_agreement
+from .stability import AgreementAccumulator, AgreementStats, agreement_stats, agreement_vs_chance, routing_agreement
 from .transitions import TransitionAccumulator, TransitionStats, transition_stats
 
 import types as _types

@@ -47,9 +47,8 @@ class LoadFamily(ProbeFamily):
         """Counts (layer, step, timestep bin, branch, K)."""
         if not self.grid.sampling:
             return self.counts
-        n_t, n_bins = self.grid.n_timesteps, self.grid.n_bins
-        bin_of_t = (np.arange(n_t) * n_bins) // max(n_t, 1)
-        return np.stack([self.counts[:, :, bin_of_t == b].sum(axis=2) for b in range(n_bins)], axis=2)
+        bin_of_t = self.grid.timestep_bin  # the grid's bins (traces.bins.timestep_bins), not a second rule
+        return np.stack([self.counts[:, :, bin_of_t == b].sum(axis=2) for b in range(self.grid.n_bins)], axis=2)
 
     def result(self) -> Part:
         grid, counts = self.grid, self.by_bin()

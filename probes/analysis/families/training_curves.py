@@ -49,7 +49,7 @@ class TrainingCurvesFamily(ProbeFamily):
         if chunk.prob is not None:
             p = chunk.prob.astype(np.float64)  # (layer, step, token, K)
             valid = chunk.ids < self.grid.n_experts
-            self.entropy[w] += np.where(valid, gate_entropy(p), 0).sum(-1) / np.log(self.grid.n_experts)
+            self.entropy[w] += np.where(valid, gate_entropy(p, normalised=True), 0).sum(-1)
             self.margin[w] += np.where(valid, top1_margin(p), 0).sum(-1)
             self.prob_tokens[w] += valid.sum(-1)
 
