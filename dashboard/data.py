@@ -30,6 +30,9 @@ from traces import TraceReader, open_trace
 from traces.errors import TraceError, UserError
 
 REPORT_SUFFIX = ".report.json"
+# Bumped when the views start reading report keys an older cache lacks (2: training_curves.pooled
+# and compare.overall, issue 18), so a cache written by an older dashboard is recomputed.
+CACHE_FORMAT = 2
 COMPARE_SUFFIX = ".compare.json"
 CAUSAL_SUFFIX = ".causal.json"
 
@@ -197,7 +200,7 @@ class Registry:
     def _cached_report(self, e: Entry) -> dict:
         cache = cache_path(e.path, REPORT_SUFFIX)
         sha = file_checksum(e.path, cache)
-        options = {"permutations": self.n_perm, "linear_probes": self.linear_probes}
+        options = {"permutations": self.n_perm, "linear_probes": self.linear_probes, "cache_format": CACHE_FORMAT}
         stored = _read_json(cache)
         if stored and stored.get("sha256") == sha and stored.get("dashboard_options") == options:
             return stored["report"]
@@ -214,7 +217,7 @@ class Registry:
         a, b = self.entry(tid_a), self.entry(tid_b)
         cache = cache_path(a.path, f".vs-{b.id}{COMPARE_SUFFIX}")
         key = [file_checksum(a.path, cache_path(a.path, REPORT_SUFFIX)),
-               file_checksum(b.path, cache_path(b.path, REPORT_SUFFIX))]
+               file_checksum(b.path, cache_path(b.path, REPORT_SUFFIX)), CACHE_FORMAT]
         stored = _read_json(cache)
         if stored and stored.get("sha256") == key:
             return stored["compare"]

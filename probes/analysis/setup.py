@@ -164,6 +164,20 @@ def prompt_attributes(scene: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in attributes.items()}
 
 
+def prompt_attribute_codes(scenes: Any) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Attribute name (in order of first appearance) -> (its values, sorted; (samples,) code of each
+    sample's value), from the samples' `/samples/scene`; a sample without the attribute has "?".
+    The one coding of prompt attributes: the report's MI labels and the dashboard's colours."""
+    per_sample = [prompt_attributes(x) for x in scenes]
+    names = list(dict.fromkeys(k for a in per_sample for k in a))
+    out = {}
+    for name in names:
+        values, codes = np.unique(np.asarray([a.get(name, "?") for a in per_sample], dtype=object).astype(str),
+                                  return_inverse=True)
+        out[name] = (values.tolist(), codes.reshape(-1).astype(np.int64))
+    return out
+
+
 def _position_label(grid: TraceGrid) -> Label:
     h, w = grid.token_grid
     rows, cols = min(POSITION_GRID, h), min(POSITION_GRID, w)
@@ -177,13 +191,12 @@ def _sample_labels(trace: TraceReader, notes: list[str]) -> list[Label]:
     partition of the samples (a label that splits the samples like an earlier one is skipped)."""
     samples = trace.samples()
     per_sample: dict[str, list] = {"prompt": list(samples["prompt"])}
-    attributes = [prompt_attributes(x) for x in samples["scene"]]
-    names = list(dict.fromkeys(k for a in attributes for k in a))
-    if not names:
+    attributes = prompt_attribute_codes(samples["scene"])
+    if not attributes:
         notes.append("prompt-attribute MI skipped: /samples/scene holds no attributes (recorded before they were "
                      "written, or a task without them)")
-    for name in names:
-        per_sample[name] = [a.get(name, "?") for a in attributes]
+    for name, (values, codes) in attributes.items():
+        per_sample[name] = [values[c] for c in codes]
     class_label = np.asarray(samples["label"])
     if class_label.size and (class_label >= 0).all():
         per_sample["class"] = [str(int(x)) for x in class_label]
