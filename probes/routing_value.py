@@ -62,9 +62,10 @@ class HeldOutBatch:
 
 
 def bin_edges(n_bins: int) -> np.ndarray:
-    """Sigma edges of the bins, noisiest first: bin b covers sigma in [edges[b+1], edges[b]), the
-    bins `traces.bins.timestep_bins(1000 - t, n_bins, 0, 1000)` puts a timestep t in (as the
-    evaluation's routing figures do)."""
+    """Sigma edges of the bins, noisiest first: bin b is sigma between edges[b+1] and edges[b], the
+    bin `traces.bins.timestep_bins(1000 - t, n_bins, 0, 1000)` puts a timestep t = 1000 sigma in
+    (as the evaluation's routing figures do; that rule gives an edge itself to the noisier bin,
+    while `held_out_batches` may draw the lower edge, a set of probability zero)."""
     return 1.0 - timestep_bin_edges(n_bins, 0.0, 1.0)
 
 
