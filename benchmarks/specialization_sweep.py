@@ -60,10 +60,10 @@ def sampling_routing(task, transformer, rsr, prompts: list[str], seeds_per_promp
                      guidance: float = 3.0, n_bins: int = 4) -> dict:
     """Routing statistics and scorer accuracy of one sampling run (hooks on probs and expert)."""
     from probes.stats import gate_entropy, mi_summary, top1_margin
-    from traces.bins import timestep_bins
     from rsr_model.evaluation.scorer import score
     from rsr_model.hooks import hook_name
     from rsr_model.sample import generate
+    from traces.bins import timestep_bins
 
     K, L = rsr.config.experts, rsr.config.steps
     items = [p for p in prompts for _ in range(seeds_per_prompt)]

@@ -5,7 +5,8 @@ or `*.h5` found under the folders given). Pages and callbacks name a trace only 
 id (a hash of its resolved path); an id that is not in the registry is refused, so no path
 taken from a request ever reaches the file system.
 
-Reports (`probes.analysis.analyze`, run as `python -m probes.report` in a child process) are cached beside the trace as `<trace>.report.json`,
+Reports (`probes.analysis.analyze`, run as `python -m probes.report` in a child process) are cached beside
+the trace as `<trace>.report.json`,
 keyed by the file's SHA-256. The checksum itself is remembered in that file together with the
 file's size and mtime, so a second start neither re-hashes nor re-analyses an unchanged trace.
 A live (incomplete) trace is analysed in memory and re-analysed when it has grown.
@@ -21,9 +22,9 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
 from traces import TraceReader, open_trace

@@ -121,8 +121,16 @@ def expert_effects(ckpt: str | Path, items: Sequence, seeds: Sequence[int], step
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rsr_model.cli import (Parser, UsageError, check_output, finite_float, int_at_least, positive_int, run_main,
-                               write_atomic)
+    from rsr_model.cli import (
+        Parser,
+        UsageError,
+        check_output,
+        finite_float,
+        int_at_least,
+        positive_int,
+        run_main,
+        write_atomic,
+    )
 
     p = Parser(prog="python -m probes.causal", description="Causal effect of ablating or forcing an expert.")
     p.add_argument("--ckpt", type=Path, required=True)
@@ -159,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         ivs = from_cli(rsr, a.force_expert, a.ablate_expert, a.region, a.t_window, a.at_step,
                        grid=task.token_grid(transformer), timestep_values=sampled_timesteps(task, a.steps))
         print(f"sampling {len(rows)} image(s) x {a.steps} step(s) with and without the intervention", file=sys.stderr)
-        r = causal_effect(task, transformer, rsr, rows, [a.seed + j for j in range(len(rows))], ivs, a.steps, a.guidance)
+        seeds = [a.seed + j for j in range(len(rows))]
+        r = causal_effect(task, transformer, rsr, rows, seeds, ivs, a.steps, a.guidance)
         print(f"denoiser relative change {r['denoiser']['pooled_relative_change']:.4g}, "
               f"final x0 relative change {r['final']['pooled_relative_change']:.4g}, "
               f"image mean |diff| {r['image_mean_abs_diff']:.3g} / 255")

@@ -81,7 +81,8 @@ def _training_curve_lines(curves: dict | None) -> list[str]:
     if not curves:
         return []
     lines = ["specialization over training (means over layers and steps; MI of expert with timestep bin and step):",
-             f"{'steps':>11} {'loss':>7} {'Hgate':>6} {'margin':>6} {'AMI(t)':>7} {'p(t)':>5} {'MI(step)':>8} {'p(s)':>5}"]
+             f"{'steps':>11} {'loss':>7} {'Hgate':>6} {'margin':>6} {'AMI(t)':>7} {'p(t)':>5} {'MI(step)':>8} "
+             f"{'p(s)':>5}"]
     for w, (a, b) in enumerate(zip(curves["window_start_step"], curves["window_end_step"])):
         if a is None:
             continue
@@ -127,7 +128,8 @@ def _header_lines(r: dict) -> list[str]:
             + (f"samples={t.get('samples')} timesteps={len(t.get('timesteps', []))} branches={t.get('branches')}"
                if t["kind"] == "sampling" else f"events={t.get('events')}"),
             f"checks: counts vs ids max |diff| = {c['counts_vs_ids_max_abs_diff']}, "
-            f"share sums max |dev| = {_f(c['share_sum_max_abs_dev'], '{:.1e}')}, invalid records = {c['invalid_records']}",
+            f"share sums max |dev| = {_f(c['share_sum_max_abs_dev'], '{:.1e}')}, "
+            f"invalid records = {c['invalid_records']}",
             head, "-" * len(head)]
 
 
@@ -347,7 +349,6 @@ def run(args) -> dict:
     with open_trace(args.trace) as tr:
         status = trace_status(tr)
         r = analyze(tr, opt)
-    r.pop("_latents", None)  # the linear probes' subsample; Figure 3 reads every stored latent (probes.trajectories)
     if args.compare:
         r["compare"] = compare_traces(args.trace, args.compare, n_bins=args.timestep_bins)
     if derived is not None:

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 
 from probes.analysis import Options, analyze
-from probes.views import (expert_position_counts, flat_gate, position_lift, share_difference, top_tokens,
-                          transition_flows)
+from probes.views import (
+    expert_position_counts,
+    flat_gate,
+    position_lift,
+    share_difference,
+    top_tokens,
+    transition_flows,
+)
 from traces import SampleTable, SamplingLayout, SamplingWriter, TrainingLayout, TrainingWriter, open_trace
 
 K = 3

@@ -207,7 +207,8 @@ def test_agreement_vs_chance_transitions_equal_stability(env):
 
 def test_compare_kappa_dashboard_equals_report(app_ctx, env):
     app, _ = app_ctx
-    values = {"tabs.value": "compare", "sel-trace.value": trace_id(env["trace"]), "cmp-other.value": trace_id(env["other"])}
+    values = {"tabs.value": "compare", "sel-trace.value": trace_id(env["trace"]),
+              "cmp-other.value": trace_id(env["other"])}
     text = text_of(call(app, "compare-body.children", values, "cmp-other.value")["compare-body"]["children"])
     cmp = report(env["trace"], "--compare", env["other"])["compare"]
     kappa = cmp["overall"]["kappa"]

@@ -43,8 +43,7 @@ def analyze(trace: TraceReader | str, options: Options | None = None,
             timings: dict[str, float] | None = None) -> dict[str, Any]:
     """Every routing / latent probe (not the causal one) over a whole trace.
 
-    Returns the report (see `probes/REPORT.md`), plus under the private key "_latents" the
-    latent subsample for the figures (removed before writing JSON). A `timings` dict, if
+    Returns the report (see `probes/REPORT.md`). A `timings` dict, if
     given, receives `stream_s` (reading, decompressing and folding every chunk),
     `assemble_s` (statistics from the tables: permutation nulls, expected MI, linear
     probes) and `chunks`.

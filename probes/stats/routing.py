@@ -23,7 +23,6 @@ from scipy.special import logsumexp
 
 from .running import ArrayResult, GroupedCounts, GroupedSums, Stat, entropy, group_axis_names, safe_div, sum_groups
 
-
 # --------------------------------------------------------------------------- closed-form statistics
 
 
