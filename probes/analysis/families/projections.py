@@ -39,6 +39,8 @@ class ProjectionFamily(ProbeFamily):
         self.meta: list[np.ndarray] = []
 
     def update(self, chunk: Chunk) -> None:
+        if not self.context.options.linear_probes:  # the subsample feeds the linear probes only
+            return
         latents = chunk.latents.astype(np.float32)  # (layer, step, stored token, dim)
         n_layers, n_steps, n_tokens = latents.shape[:3]
         pick = np.sort(self.rng.choice(n_tokens, size=min(self.keep, n_tokens), replace=False))
