@@ -151,7 +151,7 @@ class FrozenLake(Task):
 
     # --- evaluation ---------------------------------------------------------------------------
     def plan_figures(self, transformer: nn.Module, rsr: RSR, n: int) -> dict[str, Any]:
-        """The judge's rates on the first n held-out maps (rsr_model/evaluation/planning.py collects them)."""
+        """The judge's rates on the first n held-out maps (evaluation/planning.py collects them)."""
         from .judge import judge, make_plans, summarize
 
         plans = make_plans(self, transformer, rsr, self.eval_maps[:n])
