@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from rsr_model.hooks import hook_name
 from cli_common.errors import UserError
+from rsr_model.hooks import hook_name
 
 
 class InterventionError(UserError):

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from cli_common.errors import UserError
 from traces import open_trace
 from traces.derived import open_derived
-from cli_common.errors import UserError
 
 from .stats import pca, umap_embedding
 

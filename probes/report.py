@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from cli_common.command import Parser, guard_startup, int_at_least, positive_int, run_main
-from cli_common.outputs import check_output, write_atomic
 from cli_common.errors import UserError
+from cli_common.outputs import check_output, write_atomic
 
 guard_startup(__name__)  # before numpy: Ctrl-C while it loads exits 130 with one line
 

@@ -19,6 +19,7 @@ from dashboard.data import trace_id
 from dashboard.views.intervene import run_intervention
 from dashboard.views.latent import attribute_codes, trajectory_figure
 from dashboard.views.routing import token_grid as dashboard_token_grid
+from evaluation.routing import SamplingRouting
 from probes.analysis.setup import Options, grid_of, labels_of
 from probes.interventions import Intervention
 from probes.record import main as record_main
@@ -27,7 +28,6 @@ from probes.report import main as report_main
 from probes.routing_value import bin_edges
 from probes.stats import routing_agreement
 from rsr_model.__main__ import main as rsr_main
-from evaluation.routing import SamplingRouting
 from rsr_model.sample import load_model
 from traces import open_trace
 from traces.bins import timestep_bins
