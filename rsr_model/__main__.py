@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from cli_common.command import Parser, finite_float, guard_startup, positive_int, read_lines, run_main
 from cli_common.errors import UsageError
-from cli_common.outputs import check_free_space, check_output
+from cli_common.outputs import check_free_space, check_output, same_file
 
 guard_startup(__name__)
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .tasks.base import Model
 
 MAX_IMAGES = 1024  # one `sample` call draws all its images at once and tiles them into one PNG
+SAMPLE_DEFAULTS = {"num_samples": 1, "seed": 0, "steps": 28, "guidance": 3.0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,11 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts-file", type=Path, help="one prompt (or class label) per line")
     s.add_argument("--label", action="append", default=[], help="class label (class-conditioned presets)")
     add_task_arguments(s, "sample")  # a task's own item flags, e.g. FrozenLake's --map
-    s.add_argument("--num-samples", type=positive_int, default=1, help="images per prompt")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=positive_int, default=28)
-    s.add_argument("--guidance", type=finite_float(0, 100), default=3.0,
-                   help="classifier-free guidance scale (1 = off)")
+    # (defaults in SAMPLE_DEFAULTS: unset here, so a task whose sampler has no use for one can refuse it)
+    s.add_argument("--num-samples", type=positive_int, help="images per prompt (default: 1)")
+    s.add_argument("--seed", type=int, help="(default: 0)")
+    s.add_argument("--steps", type=positive_int, help="sampler steps (default: 28)")
+    s.add_argument("--guidance", type=finite_float(0, 100),
+                   help="classifier-free guidance scale, 1 = off (default: 3)")
     s.add_argument("--out", type=Path, default=Path("out.png"))
     s.add_argument("--overwrite", action="store_true")
 
@@ -77,33 +79,53 @@ def checkpoint_bytes(trainer) -> int:
     return 5 * sum(p.numel() * p.element_size() for p in trainer.transformer.parameters())
 
 
+def check_trace_path(args) -> None:
+    """--trace is a new file, and none of the run's others: not an input, not the checkpoint, not its log."""
+    if args.trace is None:
+        return
+    out = args.out if args.out is not None else Path("sd3_rsr.pt")
+    for what, path in (("--out", out), ("the loss log", out.with_suffix(out.suffix + ".log.csv"))):
+        if same_file(args.trace, path):
+            raise UsageError(f"--trace {args.trace} is also {what}; the trace needs a file of its own")
+    check_output(args.trace, args.overwrite, flag="--trace",
+                 inputs={"--base": args.base, "--pretrained": args.pretrained, "--data": args.data})
+
+
 def cmd_train(args) -> None:
     from .train import Trainer
 
-    check_output(args.trace, args.overwrite, flag="--trace")
+    check_trace_path(args)
     if args.trace:
         # The CLI is where the pieces are composed; the training library itself knows nothing of traces.
         from traces import TraceMeta
 
         from .recorders import TrainingRecorder
-    trainer = Trainer(args)  # checks --out before it builds the model
-    check_free_space(args.out, checkpoint_bytes(trainer), "the checkpoint")
-    if args.trace:
-        meta = TraceMeta(model_config={"preset": trainer.task.name}, rsr_config=trainer.rsr_cfg.to_dict(),
-                         seeds=[args.seed], extra={"trace_every": args.trace_every})
-        recorder = TrainingRecorder(args.trace, args.trace_every, trainer.task, meta,
-                                    token_stride=args.trace_token_stride, probs=args.trace_probs,
-                                    overwrite=args.overwrite)
-        trainer.callbacks.append(recorder)
+    trainer = Trainer(args)  # checks --out and every flag before it builds the model; holds --out until it ends
+    a = trainer.args  # the flags with their defaults filled in
+    try:
+        check_free_space(a.out, checkpoint_bytes(trainer), "the checkpoint")
+        if a.trace:
+            warm = trainer.warm_start_plan()
+            meta = TraceMeta(model_config={"preset": trainer.task.name}, rsr_config=trainer.rsr_cfg.to_dict(),
+                             seeds=[a.seed], extra={"trace_every": a.trace_every, "warm_start": warm,
+                                                    "routing": "the expert ids the model used (during the warm "
+                                                               "start: the forced cells)"})
+            recorder = TrainingRecorder(a.trace, a.trace_every, trainer.task, meta,
+                                        token_stride=a.trace_token_stride, probs=a.trace_probs,
+                                        overwrite=a.overwrite)
+            trainer.callbacks.append(recorder)
+    except BaseException:
+        trainer.close()
+        raise
     try:
         out = trainer.run()
     except BaseException:
-        if args.trace:
+        if a.trace:
             recorder.abort()  # the trace keeps every flushed step and stays marked incomplete
         raise
-    if args.trace:
+    if a.trace:
         recorder.close()
-    print(f"checkpoint: {out}" + (f"; training trace: {args.trace}" if args.trace else ""))
+    print(f"checkpoint: {out}" + (f"; training trace: {a.trace}" if a.trace else ""))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -111,11 +133,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from .sample import load_model
     from .tasks.inputs import check_items, check_some_items
 
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, inputs={"--ckpt": args.ckpt, "--prompts-file": args.prompts_file})
     check_some_items(args, "sample")
-    check_image_count(len(read_items(args)), args.num_samples)  # before a slow load (sd3)
+    check_image_count(len(read_items(args)), args.num_samples or SAMPLE_DEFAULTS["num_samples"])  # before a slow load
     model = load_model(args.ckpt)
-    check_items(model[0], args, "sample")
+    check_items(model[0], args, "sample")  # also refuses the flags the task's own sampler would ignore
+    for name, value in SAMPLE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     own = model[0].commands()
     (own.sample if own else sample_images)(args, model)
 

@@ -151,25 +151,33 @@ class HookRegistry:
         match = _matcher(names)
         return [n for n in self.points if match(n)]
 
-    def add(self, names: NamesFilter, fn: HookFn) -> list[HookHandle]:
-        """Attach `fn` to every point whose name matches; a pattern that matches nothing is an error."""
+    def add(self, names: NamesFilter, fn: HookFn, first: bool = False) -> list[HookHandle]:
+        """Attach `fn` to every point whose name matches; a pattern that matches nothing is an error.
+
+        Hooks run in the order attached; `first` puts `fn` before those already there. Hooks that
+        change the value (forcing experts) go first, so every reader sees what the model uses."""
         selected = self.names(names)
         if not selected:
             raise KeyError(f"no hook point matches {names!r}; see .names() for the list")
         handles = []
         for n in selected:
-            self.points[n].fns.append(fn)
+            if first:
+                self.points[n].fns.insert(0, fn)
+            else:
+                self.points[n].fns.append(fn)
             handles.append(HookHandle(self.points[n], fn))
         return handles
 
     @contextlib.contextmanager
-    def hooks(self, fwd: dict[str, HookFn] | list[tuple[NamesFilter, HookFn]]) -> Iterator[list[HookHandle]]:
-        """Attach hooks for the duration of a `with` block; removes exactly those it added."""
+    def hooks(self, fwd: dict[str, HookFn] | list[tuple[NamesFilter, HookFn]],
+              first: bool = False) -> Iterator[list[HookHandle]]:
+        """Attach hooks for the duration of a `with` block; removes exactly those it added.
+        `first`: before the hooks already attached (in the given order), as `add`."""
         items = fwd.items() if isinstance(fwd, dict) else fwd
         handles: list[HookHandle] = []
         try:
-            for names, fn in items:
-                handles += self.add(names, fn)
+            for names, fn in (reversed(list(items)) if first else items):
+                handles += self.add(names, fn, first=first)
             yield handles
         finally:
             for h in handles:

@@ -11,6 +11,7 @@ every `--save-every` steps and at the end of each stage.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import io
@@ -25,11 +26,14 @@ import torch
 from torch import nn
 
 from cli_common.errors import UserError
-from cli_common.outputs import check_output, write_atomic
+from cli_common.outputs import check_output, same_file, write_atomic
 
+from .arguments import (DEFAULTS, PATH_FLAGS, SESSION_FLAGS, RunPlan, check_applicable, fill_defaults, flag,
+                        given_flags, shown)
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RSRConfig
 from .install import RSR, arch_of, install_rsr
+from .run_lock import RunLock
 from .tasks import Task, TaskError, get_task
 from .warm_start import WarmStart, check_layout
 
@@ -87,10 +91,18 @@ def rsr_config_from_args(task: Task, args: Any) -> RSRConfig:
 
 def check_targets(transformer: nn.Module, cfg: RSRConfig) -> None:
     """Fail before any training if RSR cannot go where the config says."""
-    depth = len(getattr(transformer, arch_of(transformer).blocks))
-    bad = [i for i in cfg.target_layers if i >= depth]
+    spec = arch_of(transformer)
+    blocks = getattr(transformer, spec.blocks)
+    bad = [i for i in cfg.target_layers if i >= len(blocks)]
     if bad:
-        raise ConfigError(f"target layer(s) {bad} beyond the model's depth ({depth} blocks: 0..{depth - 1})")
+        raise ConfigError(f"target layer(s) {bad} beyond the model's depth ({len(blocks)} blocks: "
+                          f"0..{len(blocks) - 1})")
+    # A LoRA factor of rank above the layer's width adds nothing but memory (a huge rank would fail
+    # to allocate mid-run, with a traceback, after the base stage)
+    width = min(getattr(blocks[i], spec.attention).to_q.in_features for i in cfg.target_layers)
+    if cfg.rank > width:
+        raise ConfigError(f"--rank {cfg.rank} exceeds the width {width} of the RSR layer's attention "
+                          f"(a LoRA factor has rank at most its width)")
 
 
 def build_from_checkpoint(task: Task, ckpt: dict[str, Any]) -> tuple[nn.Module, RSR | None]:
@@ -122,28 +134,53 @@ class Trainer:
     def __init__(self, args: Any, callbacks: list[Callable[[StepInfo], None]] | None = None) -> None:
         from accelerate import Accelerator
 
-        self.args = args
+        # A copy: the run fills in defaults (or, resumed, the run's own settings) without touching the caller's
+        self.given = given_flags(args)
+        self.args = args = argparse.Namespace(**vars(args))
         self.callbacks = callbacks or []
-        self.out = Path(args.out)
-        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
-        self.task = get_task(args.preset, pretrained=getattr(args, "pretrained", None),
-                             data=getattr(args, "data", None))
-        self.losses: list[dict[str, Any]] = []
-        self._prepare()
+        self.out = Path(args.out if args.out is not None else DEFAULTS["out"])
+        # Output paths first, before any model is built or step runs (resume rewrites --out in place).
+        check_output(self.out, overwrite=args.overwrite or args.resume, inputs=self.inputs)
+        check_output(self.log_path, overwrite=True, flag="loss log", inputs=self.inputs)
+        self._lock: RunLock | None = RunLock(self.out)  # one run per --out, until this one ends
+        try:
+            self.ckpt = load_checkpoint(self.out) if args.resume else {}
+            if args.resume and args.preset is None:
+                args.preset = self.ckpt.get("preset")
+            fill_defaults(args)
+            self.task = get_task(args.preset, pretrained=args.pretrained, data=args.data)
+            if args.resume:
+                self._keep_run()
+            self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+            self.losses: list[dict[str, Any]] = []
+            self._prepare()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        """The files this run reads, which no output of it may be."""
+        a = self.args
+        return {"--base": a.base, "--pretrained": a.pretrained, "--data": a.data}
+
+    def close(self) -> None:
+        """Give up --out (the run lock); the run itself is over or never started."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # --- set-up -----------------------------------------------------------------------------
     def _prepare(self) -> None:
         a, task = self.args, self.task
-        # Output paths first, before any model is built or step runs (resume rewrites --out in place).
-        check_output(self.out, overwrite=a.overwrite or a.resume)
-        check_output(self.log_path, overwrite=True, flag="loss log")
         if a.resume:
-            self.ckpt = load_checkpoint(self.out)
             if self.ckpt.get("preset") != task.name:
                 raise CheckpointError(f"{self.out} was trained with preset {self.ckpt.get('preset')!r}, "
                                       f"not {task.name!r}")
-            self.transformer, self.rsr = build_from_checkpoint(task, self.ckpt)
             self.plan, self.progress = self.ckpt["plan"], dict(self.ckpt["progress"])
+            self.rsr_cfg = RSRConfig.from_dict(self.ckpt["rsr_plan"])
+            self._check_applicable(list(self.plan))  # what a resumed run may still change (e.g. --trace)
+            self.transformer, self.rsr = build_from_checkpoint(task, self.ckpt)
             base_unfinished = self.progress.get("base", 0) < self.plan.get("base", 0)
             if base_unfinished and self.ckpt.get("train_state") is not None:
                 # continue from the raw weights; the EMA ones (base_state) are for sampling
@@ -151,36 +188,87 @@ class Trainer:
             rsr_unfinished = self.progress.get("rsr", 0) < self.plan.get("rsr", 0)
             if rsr_unfinished and self.rsr is not None and self.ckpt.get("rsr_train_state") is not None:
                 self.rsr.load_state_dict(self.ckpt["rsr_train_state"], strict=True)  # raw, as for the base
-            self.rsr_cfg = RSRConfig.from_dict(self.ckpt["rsr_plan"])
             self.losses = list(self.ckpt.get("losses", []))
-            self._keep_recipe()
             return
         if self.out.exists() and not a.overwrite:
             raise CheckpointError(f"{self.out} exists; pass --resume to continue it or --overwrite to replace it")
         if a.stage == "base" and not task.two_stage:
-            raise ConfigError(f"preset {task.name!r} fine-tunes pretrained weights; it has no base stage")
+            raise ConfigError(f"preset {task.name!r} {task.one_stage}; it has no base stage")
         stages = [a.stage] if a.stage else (list(STAGES) if task.two_stage else ["rsr"])
         self.rsr_cfg = rsr_config_from_args(task, a)
+        self.plan = {s: (a.steps if a.steps is not None else task.default_steps[s]) for s in stages}
+        self.progress = {s: 0 for s in stages}
+        self._check_applicable(stages)
         self.rsr = None
         if a.stage == "rsr" and task.two_stage:
             if not a.base:
                 raise ConfigError("--stage rsr needs --base CKPT (a checkpoint of the base stage)")
-            base = load_checkpoint(a.base)
-            if base.get("preset") != task.name:
-                raise CheckpointError(f"{a.base} is a {base.get('preset')!r} checkpoint, not {task.name!r}")
-            base = {**base, "rsr_config": None, "rsr_state": None}
-            self.transformer, _ = build_from_checkpoint(task, base)
+            self.transformer = self._base_backbone(a.base)
         else:
             torch.manual_seed(a.seed)  # the backbone's initial weights
             self.transformer = task.build_backbone(None)
         check_targets(self.transformer, self.rsr_cfg)
         if "rsr" in stages and self.rsr_cfg.has_gate:
             check_layout(a.warm_start or task.warm_start, self.rsr_cfg.experts, self.rsr_cfg.steps)
-        steps = {s: (a.steps if a.steps is not None else task.default_steps[s]) for s in stages}
-        if any(n <= 0 for n in steps.values()):
-            raise ConfigError(f"--steps must be positive, got {a.steps}")
-        self.plan, self.progress = steps, {s: 0 for s in stages}
-        self.ckpt = {}
+
+    def _check_applicable(self, stages: list[str]) -> None:
+        check_applicable(RunPlan(self.task, stages, self.plan, self.rsr_cfg, self.args, self.given,
+                                 torch.cuda.is_available()))
+
+    def _base_backbone(self, path: Path) -> nn.Module:
+        """The backbone of a base-stage checkpoint (--stage rsr --base): an RSR one is refused, since
+        its experts would be dropped without a word."""
+        base = load_checkpoint(path)
+        if base.get("preset") != self.task.name:
+            raise CheckpointError(f"{path} is a {base.get('preset')!r} checkpoint, not {self.task.name!r}")
+        if base.get("rsr_config") is not None:
+            raise CheckpointError(f"--base {path} is an RSR-stage checkpoint (its experts would be discarded); "
+                                  f"give the base-stage checkpoint it was trained from")
+        transformer, _ = build_from_checkpoint(self.task, base)
+        return transformer
+
+    def _keep_run(self) -> None:
+        """A resumed run is the run saved in --out: every run-defining flag given must equal the run's own
+        value (else refused), and the ones not given take it, so nothing is silently taken or ignored."""
+        a, saved = self.args, self.ckpt.get("args") or {}
+        for name in vars(a):
+            if name in SESSION_FLAGS or name == "preset":
+                continue
+            value = saved.get(name, RECIPE_FLAGS.get(name))
+            if name not in self.given:
+                setattr(a, name, Path(value) if name in PATH_FLAGS and value is not None else value)
+            elif not self._same_as_run(name, getattr(a, name), value):
+                raise ConfigError(f"{flag(name)} {shown(getattr(a, name))} differs from the run being resumed "
+                                  f"({shown(self._run_value(name, value))}); a resumed run keeps its own settings: "
+                                  f"drop {flag(name)}")
+
+    def _run_value(self, name: str, saved: Any) -> Any:
+        """What the resumed run actually uses for a flag it saved as `saved` (None: the preset's)."""
+        cfg = self.ckpt.get("rsr_plan") or {}
+        fields = {"mode": "mode", "experts": "num_experts", "latent_steps": "latent_steps", "rank": "rank",
+                  "target_layers": "target_layers", "tau": "gumbel_tau", "balance_weight": "balance_weight",
+                  "balance_over": "balance_over"}
+        if name in fields and fields[name] in cfg:
+            return cfg[fields[name]]
+        if saved is not None:
+            return saved
+        plan = self.ckpt.get("plan") or {}
+        if name == "steps":
+            return sorted(set(plan.values()))[0] if len(set(plan.values())) == 1 else plan
+        if name == "lr":
+            lrs = {self.task.lr[s] for s in plan}
+            return lrs.pop() if len(lrs) == 1 else self.task.lr
+        if name == "batch_size":
+            return self.task.batch_size
+        if name == "warm_start_steps" and getattr(self.task, name) is None:
+            return plan.get("rsr", 0) // 4
+        return getattr(self.task, name, None)
+
+    def _same_as_run(self, name: str, given: Any, saved: Any) -> bool:
+        value = self._run_value(name, saved)
+        if name in PATH_FLAGS:
+            return value is not None and same_file(given, value)
+        return given == value
 
     def _record(self, stage: str, opt, sched) -> dict[str, Any]:
         t = self.accelerator.unwrap_model(self.transformer)
@@ -218,9 +306,12 @@ class Trainer:
 
     # --- loop -------------------------------------------------------------------------------
     def run(self) -> Path:
-        for stage in self.plan:
-            if self.progress[stage] < self.plan[stage]:
-                self._run_stage(stage)
+        try:
+            for stage in self.plan:
+                if self.progress[stage] < self.plan[stage]:
+                    self._run_stage(stage)
+        finally:
+            self.close()
         return self.out
 
     def _param_groups(self, stage: str, params: list, lr: float) -> list[dict]:
@@ -233,31 +324,25 @@ class Trainer:
         return [{"params": [p for p in params if id(p) not in gate]},
                 {"params": [p for p in params if id(p) in gate], "lr": lr * scale}]
 
-    def _keep_recipe(self) -> None:
-        """A resumed run keeps its recipe flags (they are saved with every checkpoint); changing one is refused."""
-        saved = self.ckpt.get("args") or {}
-        for name in RECIPE_FLAGS:
-            given = getattr(self.args, name, None)
-            if saved.get(name) is not None and given is not None and saved[name] != given:
-                raise ConfigError(f"--{name.replace('_', '-')} {given} differs from the run being resumed "
-                                  f"({saved[name]})")
-            if given is None:
-                setattr(self.args, name, saved[name] if name in saved else RECIPE_FLAGS[name])
-
     def _setting(self, name: str) -> Any:
         """A recipe flag: the command line's (or the resumed run's), else the preset's."""
         value = getattr(self.args, name, None)
         return getattr(self.task, name) if value is None else value
 
-    def _warm_start(self, stage: str) -> tuple[WarmStart | None, int]:
-        """The expert warm start of the RSR stage (warm_start.py) and its length in steps."""
-        if stage != "rsr" or not self.rsr.config.has_gate:
-            return None, 0
+    def warm_start_plan(self) -> dict[str, Any] | None:
+        """The RSR stage's expert warm start, {"layout", "steps"}, or None when the run has none."""
+        if "rsr" not in self.plan or not self.rsr_cfg.has_gate:
+            return None
         layout, steps = self._setting("warm_start"), self._setting("warm_start_steps")
         steps = self.plan["rsr"] // 4 if steps is None else steps  # preset default: the stage's first quarter
-        if layout == "none" or steps == 0:
+        return None if layout == "none" or steps == 0 else {"layout": layout, "steps": steps}
+
+    def _warm_start(self, stage: str) -> tuple[WarmStart | None, int]:
+        """The expert warm start of the RSR stage (warm_start.py) and its length in steps."""
+        warm = self.warm_start_plan() if stage == "rsr" else None
+        if warm is None:
             return None, 0
-        return WarmStart(self.rsr, layout, self.task.weighting, self.task.shift), steps
+        return WarmStart(self.rsr, warm["layout"], self.task.weighting, self.task.shift), warm["steps"]
 
     def _run_stage(self, stage: str) -> None:
         """One stage, as one flat loop in labelled phases (in the manner of nanoGPT's train.py)."""

@@ -91,7 +91,10 @@ class WarmStart:
         def force(expert: torch.Tensor, ctx: HookContext) -> torch.Tensor:
             return target(expert, ctx)
 
-        with self.rsr.hooks.hooks({hook_name("*", "logits", "*"): learn, hook_name("*", "expert", "*"): force}):
+        # first: the forced ids are the ones the model uses, so every reader attached before (a training
+        # trace's recorder) must see them, not the gate's own choice
+        with self.rsr.hooks.hooks({hook_name("*", "logits", "*"): learn, hook_name("*", "expert", "*"): force},
+                                  first=True):
             yield self
 
     def gate_loss(self) -> torch.Tensor:

@@ -51,6 +51,8 @@ class Task:
     rsr_ema_decay: float = 0.0  # EMA of the experts and gate in the RSR stage (0 = off)
     weighting: str = "logit_normal"
     shift: float = 1.0
+    one_stage: str = "fine-tunes RSR on pretrained weights"  # why a preset without two_stage has no base stage
+    takes_folders: bool = False  # built from local folders (--pretrained, --data)
 
     def default_rsr(self) -> RSRConfig:
         raise NotImplementedError
@@ -139,6 +141,16 @@ class Task:
         """Flags this task adds to `command` beyond the shared ones, as (flag, `add_argument` options);
         the parsers add every task's, so they never name a task."""
         return []
+
+    def flag_rules(self) -> list:
+        """The training flags this task refuses or constrains, as `rsr_model.arguments.RULES` rows
+        (flags, applies(plan), reason(plan)); checked before the shared rows."""
+        return []
+
+    @classmethod
+    def inapplicable_flags(cls, command: str) -> dict[str, str]:
+        """Flags of `command` ("sample" or "record") that this task's own body would ignore, with why."""
+        return {}
 
     def commands(self) -> TaskCommands | None:
         """Own `sample` and `record` bodies; None: the diffusion sampler's (`rsr_model/__main__.py`

@@ -41,7 +41,8 @@ def check_some_items(args: argparse.Namespace, command: str) -> None:
 
 
 def check_items(task: Task, args: argparse.Namespace, command: str) -> None:
-    """After loading: the flags given carry this task's items, and at least one does."""
+    """After loading: the flags given carry this task's items, at least one does, and no flag given is one
+    the task's own body would ignore (`Task.inapplicable_flags`)."""
     own = task.item_flags(command)
     other = [f for f in item_flags(command) if f not in own and given(args, f)]
     if other:
@@ -49,3 +50,6 @@ def check_items(task: Task, args: argparse.Namespace, command: str) -> None:
                         f"not {other[0]}")
     if not any(given(args, f) for f in own):
         raise TaskError(f"give at least one {' or '.join(own)}")
+    for flag, why in task.inapplicable_flags(command).items():
+        if getattr(args, flag.lstrip("-").replace("-", "_"), None) not in (None, False, []):
+            raise TaskError(f"{flag} does not apply to preset {task.name!r}: {why}")

@@ -166,6 +166,7 @@ class PretrainedSD3(Task):
     backbone_class = "SD3Transformer2DModel"
     conditioning = "text"
     two_stage = False
+    takes_folders = True
     default_steps = {"rsr": 1000}  # replaced by EPOCHS over the caption folder when --data is given
     batch_size = 4  # CPU; 16 with CUDA (see the module docstring)
     lr = {"rsr": 1e-4}  # assumed: the paper's value was lost in extraction

@@ -28,6 +28,8 @@ import numpy as np
 
 from cli_common.errors import UserError
 
+from ...arguments import shown
+
 # gymnasium's action ids; the four experts of the navigation preset are these four actions.
 LEFT, DOWN, RIGHT, UP = 0, 1, 2, 3
 ACTIONS = ("left", "down", "right", "up")
@@ -156,16 +158,16 @@ def parse_map(text: str) -> Map:
         raise MapError("empty map; give rows of S, F, H, G joined by '/', e.g. SFFF/FHFH/FFFH/HFFG")
     n = len(rows)
     if any(len(r) != n for r in rows):
-        raise MapError(f"map must be square: {n} rows of lengths {[len(r) for r in rows]}")
+        raise MapError(f"map must be square: {n} rows of lengths {shown([len(r) for r in rows])}")
     bad = sorted({ch for r in rows for ch in r} - set(TILES))
     if bad:
-        raise MapError(f"unknown tile(s) {''.join(bad)!r}; tiles are S (start), F (ice), H (hole), G (goal)")
+        raise MapError(f"unknown tile(s) {shown(''.join(bad))!r}; tiles are S (start), F (ice), H (hole), G (goal)")
     for tile, name in (("S", "start"), ("G", "goal")):
         count = sum(r.count(tile) for r in rows)
         if count != 1:
             raise MapError(f"map must have exactly one {name} ({tile}), found {count}")
     if shortest_path(rows) is None:
-        raise MapError(f"goal not reachable from the start without crossing a hole in {map_text(rows)}")
+        raise MapError(f"goal not reachable from the start without crossing a hole in {shown(map_text(rows))}")
     return rows
 
 
@@ -198,7 +200,7 @@ class Episode:
 def episode(desc: Map) -> Episode:
     actions = shortest_path(desc)
     if actions is None:
-        raise MapError(f"goal not reachable in {map_text(desc)}")
+        raise MapError(f"goal not reachable in {shown(map_text(desc))}")
     states = replay(desc, actions)
     return Episode(desc, actions, states, np.stack([render(desc, s) for s in states]))
 

@@ -13,6 +13,7 @@ baseline without routing (one shared adapter, the action as an embedding).
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from typing import Any, Sequence
 
@@ -23,9 +24,10 @@ from torch import nn
 
 from ... import config
 from ...install import RSR
+from ...arguments import shown
 from ..base import Task, TaskCommands, TaskError
 from . import maps as lake
-from .model import NO_ACTION, FrozenLakeNet, decode, rollout
+from .model import NO_ACTION, NUM_ACTIONS, FrozenLakeNet, decode, rollout
 
 PATH_WEIGHT = 10.0  # extra pixel-loss weight on the cells the agent visits
 
@@ -42,6 +44,7 @@ class FrozenLake(Task):
     conditioning = "map"
     two_stage = False
     trains_base_with_rsr = True  # nothing is pretrained: encoder, stack, RSR and decoder learn together
+    one_stage = "trains its whole model (encoder, stack, RSR, decoder) from scratch in one stage"
     default_steps = {"rsr": 3000}
     batch_size = 32
     lr = {"rsr": 1e-3}
@@ -109,6 +112,36 @@ class FrozenLake(Task):
         return frame_loss + action_loss
 
     # --- command line and traces --------------------------------------------------------------
+    def flag_rules(self) -> list:
+        """The training flags a navigation model is built around (experts = actions, one latent step per
+        frame, RSR after the encoder) or that its teacher-forced training has no use for."""
+        rsr = self.default_rsr()
+        forced = "in frozenlake training the true action forces each latent step's expert"
+        return [
+            (("base",), lambda p: False, lambda p: f"preset {self.name!r} {self.one_stage}; it starts from no "
+                                                   f"checkpoint"),
+            (("mode",), lambda p: p.cfg.mode in ("rsr", "no_modulation"),
+             lambda p: f"preset {self.name!r} trains --mode rsr (experts = actions) or no_modulation (the baseline)"),
+            (("warm_start", "warm_start_steps", "balance_weight", "balance_over", "tau"), lambda p: False,
+             lambda p: f"does not apply: {forced}"),
+            (("experts",), lambda p: p.cfg.num_experts == NUM_ACTIONS,
+             lambda p: f"preset {self.name!r} has one expert per action: --experts must be {NUM_ACTIONS}"),
+            (("latent_steps",), lambda p: p.cfg.latent_steps == rsr.latent_steps,
+             lambda p: f"preset {self.name!r} has one latent step per frame 0..{self.horizon}: --latent-steps must "
+                       f"be {rsr.latent_steps}"),
+            (("target_layers",), lambda p: p.cfg.target_layers == rsr.target_layers,
+             lambda p: f"preset {self.name!r} puts RSR on the block after its {self.encoder_blocks} encoder "
+                       f"blocks: --target-layers must be {rsr.target_layers[0]}"),
+        ]
+
+    @classmethod
+    def inapplicable_flags(cls, command: str) -> dict[str, str]:
+        if command != "sample":
+            return {}
+        plan = "a plan is one deterministic forward pass per map"
+        return {"--num-samples": f"{plan} (one plan per --map)", "--seed": f"{plan}, with no noise to seed",
+                "--steps": f"{plan}, with no sampler steps", "--guidance": f"{plan}, with no guidance"}
+
     @classmethod
     def item_flags(cls, command: str) -> tuple[str, ...]:
         return {"sample": ("--map",), "record": ("--maps",)}[command]
@@ -135,10 +168,15 @@ class FrozenLake(Task):
     null_condition = condition
 
     def parse_items(self, items: Sequence[str]) -> list[lake.Map]:
+        prose = [text for text in items if re.search(r"[a-z]|\w\s+\w", str(text))]
+        if prose:  # e.g. a prompt file given to `evaluate --export`
+            raise TaskError(f"preset {self.name!r} plans from maps (rows of S, F, H, G joined by '/'), it does "
+                            f"not sample images from prompts or labels: got {shown(prose[0])}")
         maps = [lake.parse_map(text) for text in items]
-        wrong = [lake.map_text(m) for m in maps if len(m) != self.size]
+        wrong = [m for m in maps if len(m) != self.size]
         if wrong:
-            raise lake.MapError(f"preset {self.name!r} plans on {self.size}x{self.size} maps, got {wrong[0]}")
+            raise lake.MapError(f"preset {self.name!r} plans on {self.size}x{self.size} maps, got a "
+                                f"{len(wrong[0])}x{len(wrong[0])} map {shown(lake.map_text(wrong[0]))}")
         return maps
 
     def describe(self, item: lake.Map) -> dict:
