@@ -151,9 +151,9 @@ class Trainer:
             self.task = get_task(args.preset, pretrained=args.pretrained, data=args.data)
             if args.resume:
                 self._keep_run()
-            self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
             self.losses: list[dict[str, Any]] = []
-            self._prepare()
+            self._prepare()  # every check before the accelerator starts (it cannot be changed once started)
+            self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
         except BaseException:
             self.close()
             raise

@@ -51,5 +51,6 @@ def check_items(task: Task, args: argparse.Namespace, command: str) -> None:
     if not any(given(args, f) for f in own):
         raise TaskError(f"give at least one {' or '.join(own)}")
     for flag, why in task.inapplicable_flags(command).items():
-        if getattr(args, flag.lstrip("-").replace("-", "_"), None) not in (None, False, []):
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is not None and value is not False and value != []:  # (0 is given: `--seed 0`)
             raise TaskError(f"{flag} does not apply to preset {task.name!r}: {why}")
