@@ -28,8 +28,17 @@ from torch import nn
 from cli_common.errors import UserError
 from cli_common.outputs import check_output, same_file, write_atomic
 
-from .arguments import (DEFAULTS, PATH_FLAGS, SESSION_FLAGS, RunPlan, check_applicable, fill_defaults, flag,
-                        given_flags, shown)
+from .arguments import (
+    DEFAULTS,
+    PATH_FLAGS,
+    SESSION_FLAGS,
+    RunPlan,
+    check_applicable,
+    fill_defaults,
+    flag,
+    given_flags,
+    shown,
+)
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RSRConfig
 from .install import RSR, arch_of, install_rsr
@@ -449,7 +458,7 @@ class Trainer:
                    rsr: RSR | None) -> dict[str, Any]:
         entry = {"stage": stage, "step": step + 1, "loss": round(fm.item(), 6),
                  "balance": round(bal.item(), 4) if bal is not None else None}
-        if rsr is not None:
+        if rsr is not None:  # the share of tokens per expert the model used: in the warm start, the forced cells
             entry["load"] = [round(x, 3) for x in self._load_share()]
         self.losses.append(entry)
         return entry
@@ -478,7 +487,9 @@ class Trainer:
     def _log_writer(self):
         """The loss CSV beside the checkpoint. A resumed run rewrites it from the checkpoint's own
         loss history (steps 1..N, one header), so rows from after the checkpoint, from a run that
-        died between checkpoints, never linger and none are missing."""
+        died between checkpoints, never linger and none are missing. `load_share` is the share of
+        tokens each expert received, as the model routed them (during an expert warm start, the forced
+        cells, which a training trace stores too), not the gate's own draw."""
         if not hasattr(self, "_log_file"):
             text = io.StringIO()
             history = csv.writer(text)

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import config
-from ...install import RSR
 from ...arguments import shown
+from ...install import RSR
 from ..base import Task, TaskCommands, TaskError
 from . import maps as lake
 from .model import NO_ACTION, NUM_ACTIONS, FrozenLakeNet, decode, rollout
