@@ -25,6 +25,8 @@ class RunLock:
     def __init__(self, out: str | os.PathLike) -> None:
         out = Path(out)
         self.path = out.with_name(out.name + ".lock")
+        # folders made for the lock, removed again if the run is refused before it writes anything there
+        self._made = [d for d in [self.path.parent, *self.path.parent.parents] if not d.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -33,6 +35,7 @@ class RunLock:
             except BlockingIOError:
                 holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
                 os.close(fd)
+                self._fd = None
                 raise RunLockError(f"--out {out} is being written by another training run (process {holder}, "
                                    f"lock {self.path}); wait for it to end or write elsewhere") from None
             # The holder before us may have removed the file between our open and our lock: then we hold
@@ -57,3 +60,8 @@ class RunLock:
         finally:
             os.close(self._fd)
             self._fd = None
+        for folder in self._made:  # deepest first; one that holds the run's files stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break

@@ -106,6 +106,8 @@ CASES = [
     Case("8", TRAIN + ["--experts", "3", "--balance-weight", "0.1"], "more than 3 experts"),
     Case("8", TRAIN + ["--experts", "2", "--balance-over", "recursion"], "more than 3 experts"),
     Case("8", TRAIN + ["--experts", "1", "--tau", "2"], "tunes the gate"),
+    Case("8", ["train", "--steps", "1", "--out", "{t}/new/folder/n.pt", "--experts", "1", "--tau", "2"],
+         "tunes the gate"),
     Case("8", TRAIN + ["--experts", "1", "--gate-lr-scale", "2"], "tunes the gate"),
     Case("8", TRAIN + ["--stage", "rsr", "--base", "{m}/tiny.pt"], "is an RSR-stage checkpoint"),
     Case("8", TRAIN + ["--stage", "base", "--experts", "4"], "--stage base trains only the base"),
@@ -171,7 +173,7 @@ def test_bad_input(case: Case, made, tmp_path, capsys):
     assert case.fragment.format(m=made) in line
     assert len(line) < 400  # one line a person reads, never an echo of a whole input
     assert snapshot(made) == before  # no input changed
-    assert [p for p in out.rglob("*") if p.is_file()] == []  # nothing written, not even a part or a lock
+    assert list(out.iterdir()) == []  # nothing written, not even a part, a lock or its folder
 
 
 # --------------------------------------------------------------------------- class 3: the trace itself
