@@ -84,3 +84,8 @@ def register(app: dash.Dash, ctx: Context) -> None:
             html.Div(dcc.Graph(figure=agreement_figure(cmp), config=GRAPH_CONFIG), className="panel"),
             html.Div(dcc.Graph(figure=share_difference_figure(a, b), config=GRAPH_CONFIG), className="panel"),
         ])
+
+
+from ..common import View  # noqa: E402 -- the declaration below; moves to the imports above
+
+VIEW = View("compare", "Compare", layout, register)

@@ -192,3 +192,8 @@ def register(app: dash.Dash, ctx: Context) -> None:
             return message(st["error"], "error"), [], True
         tr = ctx.registry.reader(tid)
         return message(f"done in {st['elapsed_s']:.1f} s"), result_view(tr, job.result, len(tr.coords["expert"])), True
+
+
+from ..common import View  # noqa: E402 -- the declaration below; moves to the imports above
+
+VIEW = View("intervene", "Intervene", layout, register)

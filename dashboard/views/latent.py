@@ -278,3 +278,8 @@ def register(app: dash.Dash, ctx: Context) -> None:
         if im is not None:
             body.insert(0, html.Img(src=png_uri(im, max(1, PATCH_PX // im.shape[0])), width=PATCH_PX))
         return True, pt.get("bbox"), body
+
+
+from ..common import View  # noqa: E402 -- the declaration below; moves to the imports above
+
+VIEW = View("latent", "Latent explorer", layout, register)

@@ -154,3 +154,8 @@ def register(app: dash.Dash, ctx: Context) -> None:
             return fig, dec, fin, note, None, key
         except Exception as exc:  # noqa: BLE001 -- shown in the view
             return go.Figure(), None, None, "", message(error_text(exc), "error"), None
+
+
+from ..common import View  # noqa: E402 -- the declaration below; moves to the imports above
+
+VIEW = View("routing", "Routing map", layout, register)

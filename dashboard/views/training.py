@@ -72,3 +72,8 @@ def register(app: dash.Dash, ctx: Context) -> None:
             html.Div(dcc.Graph(figure=routing_figure(cur, K), config=GRAPH_CONFIG), className="panel")
             if len(cur["step"]) else message("no routing events recorded yet"),
         ])
+
+
+from ..common import View  # noqa: E402 -- the declaration below; moves to the imports above
+
+VIEW = View("training", "Training health", layout, register)
