@@ -163,8 +163,9 @@ def frame_time(fig, pans: int = 10) -> dict[str, float]:
 
 def first_page(trace: Path, browser: bool) -> dict[str, float]:
     """Seconds from `python -m dashboard` start to the overview figure drawn (warm cache)."""
-    import psutil
     import urllib.request
+
+    import psutil
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -223,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         cache.unlink()
     cold = subprocess.run(child + ["report"], check=True, capture_output=True, text=True).stdout
     browser = not a.no_browser and bool(shutil.which("chromedriver"))
-    from dashboard.common import make_context
     from dashboard.app import create_app
+    from dashboard.common import make_context
 
     res: dict[str, object] = {"trace_mib": a.trace.stat().st_size / 2**20, **json.loads(cold.splitlines()[-1])}
     ctx = make_context([str(a.trace)])

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from selenium.webdriver.common.by import By
     from werkzeug.serving import make_server
 
-    from dashboard.common import make_context
     from dashboard.app import create_app
+    from dashboard.common import make_context
     from dashboard.data import trace_id
 
     traces = [str(x) for x in (a.trace, a.compare, a.training) if x]

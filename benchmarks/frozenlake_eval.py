@@ -5,7 +5,7 @@ same model without routing (one shared adapter, the action as an embedding), sam
         [--modes rsr no_modulation] [--eval-maps 200] [--workdir runs/frozenlake] [--out runs/frozenlake_eval.json]
 
 Each (size, mode, seed) trains with `python -m rsr_model train --preset frozenlake[-NxN]` and is
-judged on the preset's held-out maps (rsr_model/frozenlake_eval.py): success read from the
+judged on the preset's held-out maps (rsr_model/tasks/frozenlake/judge.py): success read from the
 decoded frames and by replaying the actions in gymnasium, per-step action accuracy against the
 shortest plan (and the share of actions on *a* shortest path), per-step frame accuracy (gate's
 plan, and teacher-forced), the failure modes, token agreement, MI(applied expert; true action)
@@ -31,8 +31,7 @@ MODES = {"rsr": "RSR (4 action experts, gate)", "no_modulation": "shared module 
 def action_mi_per_step(plans, horizon: int) -> list[float]:
     """MI in bits between the applied action (= expert) and the true action, at every step l < horizon."""
     from probes.stats.information import mutual_information
-
-    from rsr_model.data import frozenlake as lake
+    from rsr_model.tasks.frozenlake import maps as lake
 
     out = []
     for l in range(horizon):
@@ -47,8 +46,8 @@ def action_mi_per_step(plans, horizon: int) -> list[float]:
 
 def run_one(size: int, mode: str, seed: int, steps: int, n_eval: int, workdir: Path) -> dict:
     from rsr_model.__main__ import main
-    from rsr_model.frozenlake_eval import judge, make_plans, summarize, teacher_forced_frame_accuracy
     from rsr_model.sample import load_model
+    from rsr_model.tasks.frozenlake.judge import judge, make_plans, summarize, teacher_forced_frame_accuracy
 
     result_path = workdir / f"{PRESETS[size]}-{mode}-s{seed}-{steps}.json"
     if result_path.exists():
@@ -84,11 +83,13 @@ def summary(results: list[dict]) -> list[dict]:
         row = {"size": size, "mode": mode, "seeds": [r["seed"] for r in group], "steps": group[0]["steps"]}
         for key in SCALARS:
             values = [r[key] for r in group]
-            row[key] = [round(statistics.mean(values), 3), round(statistics.stdev(values), 3) if len(values) > 1 else 0.0]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            row[key] = [round(statistics.mean(values), 3), round(spread, 3)]
         row["failures"] = {k: sum(r["failures"][k] for r in group) / len(group) for k in group[0]["failures"]}
         # plans that stopped on a goal or hole drawn in the decoded frames the environment never reached
         row["failures"]["stopped_short"] = statistics.mean(
-            round(r["maps"] * (1 - r["success_env"])) - r["failures"]["hole"] - r["failures"]["timed_out"] for r in group)
+            round(r["maps"] * (1 - r["success_env"])) - r["failures"]["hole"] - r["failures"]["timed_out"]
+            for r in group)
         row["mi_bits_first_steps"] = [round(statistics.mean(r["mi_bits_per_step"][l] for r in group), 3)
                                       for l in range(min(6, len(group[0]["mi_bits_per_step"])))]
         rows.append(row)
@@ -103,8 +104,8 @@ def table(rows: list[dict]) -> str:
         f = r["failures"]
         cells = [f"{r['size']}x{r['size']}", MODES[r["mode"]]]
         cells += [f"{r[k][0]:.2f} ± {r[k][1]:.2f}" for k in SCALARS[:-1]]
-        cells += [f"{f['hole']:.1f}", f"{f['stopped_short']:.1f}", f"{f['diagonal_moves']:.1f}", f"{f['impossible_moves']:.1f}",
-                  f"{r['train_seconds'][0]:.0f}"]
+        cells += [f"{f[k]:.1f}" for k in ("hole", "stopped_short", "diagonal_moves", "impossible_moves")]
+        cells += [f"{r['train_seconds'][0]:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -267,7 +267,8 @@ def main() -> None:
         print(f"trace: streaming pass {tb['stream_records_per_s'] / 1e6:.1f} M records/s "
               f"({tb['stream_seconds']:.2f} s: read + decompress + every routing probe)")
         print(f"trace: statistics {tb['assemble_seconds']:.2f} s ({tb['permutations']} permutations per MI table, "
-              f"expected MI); end to end {tb['total_records_per_s'] / 1e6:.1f} M records/s ({tb['total_seconds']:.2f} s)")
+              f"expected MI); end to end {tb['total_records_per_s'] / 1e6:.1f} M records/s "
+              f"({tb['total_seconds']:.2f} s)")
         print(f"trace: peak RSS {tb['rss_peak_mib']:.0f} MiB, growth over the analysis {tb['rss_growth_mib']:.0f} MiB "
               f"(raw ids of the trace {tb['raw_ids_mib']:.0f} MiB)")
         print(f"trace checks: {tb['check']}")

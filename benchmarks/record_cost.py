@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from rsr_model.recorders import SamplingRecorder, Selection, sample_table
 from rsr_model.install import install_rsr
+from rsr_model.recorders import SamplingRecorder, Selection, sample_table
 from rsr_model.sample import generate, load_model
 from rsr_model.tasks import get_task
 from traces import SamplingWriter, open_trace

@@ -39,7 +39,8 @@ def make_case(size: dict, K: int, L: int, dense: bool = False, hooks: bool = Tru
     attn.requires_grad_(False)
     if K == 0:  # the frozen base layer with its own diffusers processor
         return attn
-    cfg = RSRConfig(num_experts=K, latent_steps=L, rank=size["rank"], target_layers=[0], mode="rsr" if K > 1 or L > 1 else "sft")
+    cfg = RSRConfig(num_experts=K, latent_steps=L, rank=size["rank"], target_layers=[0],
+                    mode="rsr" if K > 1 or L > 1 else "sft")
     layer = RSRAttnProcessor(cfg, 0, size["dim"], size["dim"], HookRegistry(), RunState())
     with torch.no_grad():
         layer.experts.B.normal_(std=0.01)
@@ -74,7 +75,8 @@ def time_cases(cases: dict, inputs, reps: int) -> dict[str, float]:
 
 def guard_cost(reps: int = 200_000) -> float:
     """Seconds per `_fire` call with nothing attached (the only work a hook point adds)."""
-    layer = RSRAttnProcessor(RSRConfig(num_experts=2, latent_steps=1, target_layers=[0]), 0, 8, 8, HookRegistry(), RunState())
+    cfg = RSRConfig(num_experts=2, latent_steps=1, target_layers=[0])
+    layer = RSRAttnProcessor(cfg, 0, 8, 8, HookRegistry(), RunState())
     x = torch.zeros(1)
     t0 = time.perf_counter()
     for _ in range(reps):

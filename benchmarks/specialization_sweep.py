@@ -59,10 +59,11 @@ SETTINGS: dict[str, list[str]] = {
 def sampling_routing(task, transformer, rsr, prompts: list[str], seeds_per_prompt: int = 4, steps: int = 28,
                      guidance: float = 3.0, n_bins: int = 4) -> dict:
     """Routing statistics and scorer accuracy of one sampling run (hooks on probs and expert)."""
-    from probes.stats import gate_entropy, mi_summary, top1_margin
     from evaluation.scorer import score
+    from probes.stats import gate_entropy, mi_summary, top1_margin
     from rsr_model.hooks import hook_name
     from rsr_model.sample import generate
+    from traces.bins import timestep_bins
 
     K, L = rsr.config.experts, rsr.config.steps
     items = [p for p in prompts for _ in range(seeds_per_prompt)]
@@ -75,12 +76,12 @@ def sampling_routing(task, transformer, rsr, prompts: list[str], seeds_per_promp
         key = (ctx.layer, ctx.step)
         i = calls.get(key, 0)
         calls[key] = i + 1
-        b = i * n_bins // steps
+        b = int(timestep_bins(i, n_bins, 0, steps))  # sampler position, as sampling-trace reports bin
         by_time[ctx.step, b] += np.bincount(ids.reshape(-1).numpy(), minlength=K)
 
     def on_probs(p, ctx):
         p = p.double().numpy()
-        ent.append(float(gate_entropy(p).mean() / np.log(K)))
+        ent.append(float(gate_entropy(p, normalised=True).mean()))
         margin.append(float(top1_margin(p).mean()))
 
     with rsr.hooks.hooks({hook_name("*", "expert", "*"): on_expert, hook_name("*", "probs", "*"): on_probs}):

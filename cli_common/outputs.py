@@ -18,6 +18,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 from .errors import OutputError
 
@@ -31,13 +32,19 @@ def nearest_folder(path: str | os.PathLike) -> Path:
 
 
 def check_output(path: str | os.PathLike | None, overwrite: bool = False, flag: str = "--out",
-                 folder: bool = False) -> None:
-    """Refuse an output path that cannot be written: it exists (without `overwrite`), is a folder
-    where a file is meant (or a file where a folder is meant), or lies under a file or a folder
-    that this process cannot write to (checked by creating and removing a probe file there)."""
+                 folder: bool = False, inputs: Mapping[str, str | os.PathLike | None] | None = None) -> None:
+    """Refuse an output path that cannot be written: it is one of the command's `inputs` (a flag ->
+    path mapping; compared after resolving symlinks, and refused even with `overwrite`, which
+    replaces outputs, never inputs), it exists (without `overwrite`), is a folder where a file is
+    meant (or a file where a folder is meant), or lies under a file or a folder that this process
+    cannot write to (checked by creating and removing a probe file there)."""
     if path is None:
         return
     path = Path(path)
+    for in_flag, given in (inputs or {}).items():
+        if given is not None and same_file(path, given):
+            raise OutputError(f"{flag} {path} is the command's input {in_flag} {given}: writing it would destroy "
+                              f"the input; write {flag} elsewhere")
     if path.is_dir() and not folder:
         raise OutputError(f"{flag} {path} is a folder; give a file path")
     if path.exists() and folder and not path.is_dir():
@@ -53,6 +60,15 @@ def check_output(path: str | os.PathLike | None, overwrite: bool = False, flag: 
         os.unlink(probe)
     except OSError as e:
         raise OutputError(f"{flag} {path}: cannot write in {parent} ({e.strerror or type(e).__name__})") from None
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: the same inode where both exist (hard links, symlinks,
+    `./x` and `x`), else the same path once symlinks and `..` are resolved."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def free_bytes(path: str | os.PathLike) -> int:
@@ -78,7 +94,8 @@ def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
         raise OutputError(f"cannot write {path}: {e.strerror or type(e).__name__}") from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it; mkstemp's files are private
-        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w", newline=None if isinstance(text, bytes) else "") as f:
+        binary = isinstance(text, bytes)
+        with os.fdopen(fd, "wb" if binary else "w", newline=None if binary else "") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -5,7 +5,8 @@ or `*.h5` found under the folders given). Pages and callbacks name a trace only 
 id (a hash of its resolved path); an id that is not in the registry is refused, so no path
 taken from a request ever reaches the file system.
 
-Reports (`probes.analysis.analyze`, run as `python -m probes.report` in a child process) are cached beside the trace as `<trace>.report.json`,
+Reports (`probes.analysis.analyze`, run as `python -m probes.report` in a child process) are cached beside
+the trace as `<trace>.report.json`,
 keyed by the file's SHA-256. The checksum itself is remembered in that file together with the
 file's size and mtime, so a second start neither re-hashes nor re-analyses an unchanged trace.
 A live (incomplete) trace is analysed in memory and re-analysed when it has grown.
@@ -21,9 +22,9 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
 from traces import TraceReader, open_trace
@@ -31,6 +32,9 @@ from cli_common.errors import UserError
 from traces.errors import TraceError
 
 REPORT_SUFFIX = ".report.json"
+# Bumped when the views start reading report keys an older cache lacks (2: training_curves.pooled
+# and compare.overall, issue 18), so a cache written by an older dashboard is recomputed.
+CACHE_FORMAT = 2
 COMPARE_SUFFIX = ".compare.json"
 CAUSAL_SUFFIX = ".causal.json"
 
@@ -198,7 +202,7 @@ class Registry:
     def _cached_report(self, e: Entry) -> dict:
         cache = cache_path(e.path, REPORT_SUFFIX)
         sha = file_checksum(e.path, cache)
-        options = {"permutations": self.n_perm, "linear_probes": self.linear_probes}
+        options = {"permutations": self.n_perm, "linear_probes": self.linear_probes, "cache_format": CACHE_FORMAT}
         stored = _read_json(cache)
         if stored and stored.get("sha256") == sha and stored.get("dashboard_options") == options:
             return stored["report"]
@@ -215,7 +219,7 @@ class Registry:
         a, b = self.entry(tid_a), self.entry(tid_b)
         cache = cache_path(a.path, f".vs-{b.id}{COMPARE_SUFFIX}")
         key = [file_checksum(a.path, cache_path(a.path, REPORT_SUFFIX)),
-               file_checksum(b.path, cache_path(b.path, REPORT_SUFFIX))]
+               file_checksum(b.path, cache_path(b.path, REPORT_SUFFIX)), CACHE_FORMAT]
         stored = _read_json(cache)
         if stored and stored.get("sha256") == key:
             return stored["compare"]

@@ -23,6 +23,7 @@ import numpy as np
 
 from rsr_model.data import shapes
 from rsr_model.data.shapes import CATEGORIES, Obj, Scene
+
 from .scorer import score
 
 TARGET = 0.99

@@ -125,6 +125,7 @@ def _empty_out(out: Path, overwrite: bool) -> None:
 
 def run_export(args) -> None:
     from rsr_model.sample import load_model
+
     from .export import ExportItem, export, read_items
     from .prompts import evaluation_prompts, geneval_metadata
 
@@ -154,9 +155,9 @@ def _budget(args, default, quick):
     budget = quick if args.quick else default
     targets = None if args.targets is None else ("middle", "multi") if args.targets == "both" else (args.targets,)
     seeds = tuple(s for part in args.seeds for s in part) if args.seeds else None  # "0 1" and "0,1" alike
-    changes = {"base_steps": args.base_steps, "rsr_steps": args.steps, "seeds": seeds, "sample_steps": args.sample_steps,
-               "guidance": args.guidance, "targets": targets, "images_per_category": args.images_per_category,
-               "samples_per_class": args.samples_per_class}
+    changes = {"base_steps": args.base_steps, "rsr_steps": args.steps, "seeds": seeds,
+               "sample_steps": args.sample_steps, "guidance": args.guidance, "targets": targets,
+               "images_per_category": args.images_per_category, "samples_per_class": args.samples_per_class}
     changes = {k: v for k, v in changes.items() if v is not None and hasattr(budget, k)}
     if any(isinstance(v, int) and v < 1 for v in changes.values()) or not changes.get("seeds", (0,)):
         raise UsageError("steps, seeds and image counts must be positive")
@@ -176,13 +177,15 @@ def _run_budgeted(args, name: str, default, quick, runner) -> None:
 
 
 def run_table(args) -> None:
-    from .table import DEFAULT, QUICK, run_table as table
+    from .table import DEFAULT, QUICK
+    from .table import run_table as table
 
     _run_budgeted(args, "table", DEFAULT, QUICK, table)
 
 
 def run_class_conditioned(args) -> None:
-    from .digits_quality import DEFAULT, QUICK, run_class_conditioned as class_conditioned
+    from .digits_quality import DEFAULT, QUICK
+    from .digits_quality import run_class_conditioned as class_conditioned
 
     _run_budgeted(args, "class_conditioned", DEFAULT, QUICK, class_conditioned)
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from cli_common.command import read_lines
 from cli_common.errors import UsageError
+
 from .prompts import geneval_metadata
 
 BENCHMARKS = ("geneval", "dpg")

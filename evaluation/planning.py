@@ -1,12 +1,12 @@
 """Planning figures (the paper's section 4.4: reasoning in visual latents) beside the other tables:
 `evaluate --planning CKPT [CKPT ...]`.
 
-This module collects, it does not plan: the FrozenLake preset judges plans in
-`rsr_model.frozenlake_eval`: `make_plans(task, net, rsr, maps)` samples a plan per held-out map
-(`task.eval_maps`), `judge(plan)` checks it, `summarize(judgements, plans)` gives the rates.
-`evaluate --planning` runs those on every checkpoint given (e.g. RSR and the same budget without
-routing, several training seeds each), groups them by (map size, training steps, mode) - so
-checkpoints of different budgets are never averaged together - and reports per group
+This module collects, it does not plan: a task that plans judges its own plans through
+`Task.plan_figures` (FrozenLake: `rsr_model.tasks.frozenlake.judge` samples a plan per held-out
+map, checks it and gives the rates). `evaluate --planning` runs it on every checkpoint given
+(e.g. RSR and the same budget without routing, several training seeds each), groups them by
+(map size, training steps, mode) - so checkpoints of different budgets are never averaged
+together - and reports per group
 the mean ± std over checkpoints of
 
     success (env)     share of held-out maps whose actions, replayed in the environment, reach the goal
@@ -19,8 +19,8 @@ moves in the decoded frames). Where a map size and budget has RSR and the baseli
 routing (`no_modulation`) trained with the same seeds, RSR is compared with it by an exact McNemar
 test on the paired outcomes (same seed, same held-out map; success in the environment).
 
-Results go to planning.json / planning.md under --out. A checkpoint of a preset without held-out maps, or a
-tree without the FrozenLake judge, is refused with one error line.
+Results go to planning.json / planning.md under --out. A checkpoint of a preset without held-out maps is
+refused with one error line.
 """
 from __future__ import annotations
 
@@ -37,31 +37,20 @@ FIGURES = {"success_env": "success (env)", "success_frames": "success (frames)",
 FAILURES = {"hole": "holes", "diagonal_moves": "diagonal", "impossible_moves": "impossible"}
 
 
-def _judge():
-    try:
-        from rsr_model import frozenlake_eval
-    except ImportError:
-        raise UsageError("planning figures need the FrozenLake preset's judge (rsr_model.frozenlake_eval), "
-                         "which this installation does not have") from None
-    return frozenlake_eval
-
-
 def checkpoint_figures(ckpt: Path, n_maps: int) -> dict[str, Any]:
     """One checkpoint's planning rates on the first n_maps held-out maps of its preset."""
     from rsr_model.sample import load_model
+    from rsr_model.tasks import TaskError
 
     task, net, rsr, ck = load_model(ckpt)
-    if not hasattr(task, "eval_maps"):
-        raise UsageError(f"{ckpt}: preset {task.name!r} has no held-out maps to plan on "
-                         f"(planning figures are for the FrozenLake presets)")
-    judge = _judge()
-    plans = judge.make_plans(task, net, rsr, task.eval_maps[:n_maps])
-    verdicts = [judge.judge(p) for p in plans]
-    rates = judge.summarize(verdicts, plans)
-    return {"size": f"{task.size}x{task.size}", "steps": int(ck.get("step") or 0), "mode": ck.get("mode", "?"),
+    try:
+        rates = task.plan_figures(net, rsr, n_maps)
+    except TaskError as e:
+        raise UsageError(f"{ckpt}: {e}") from None
+    return {"size": rates["size"], "steps": int(ck.get("step") or 0), "mode": ck.get("mode", "?"),
             "seed": (ck.get("args") or {}).get("seed"),
             **{k: rates[k] for k in FIGURES}, "failures": {k: rates["failures"][k] for k in FAILURES},
-            "success_per_map": [bool(v.success_env) for v in verdicts]}
+            "success_per_map": rates["success_per_map"]}
 
 
 def planning_rows(checkpoints: Sequence[Path], n_maps: int = 200) -> dict[str, Any]:

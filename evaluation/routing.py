@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from rsr_model.flow import NUM_TRAIN_TIMESTEPS
 from rsr_model.hooks import hook_name
+from traces.bins import timestep_bins
 
 
 class SamplingRouting:
@@ -35,8 +37,8 @@ class SamplingRouting:
         self.entropy_sum, self.tokens = 0.0, 0
 
     def _on_expert(self, ids: torch.Tensor, ctx) -> None:
-        sigma = ctx.timestep.detach().double().cpu().numpy() / 1000  # (B,)
-        bins = np.clip(((1 - sigma) * self.n_bins).astype(int), 0, self.n_bins - 1)  # bin 0 the noisiest
+        t = ctx.timestep.detach().double().cpu().numpy()  # (B,) sigma * 1000
+        bins = timestep_bins(NUM_TRAIN_TIMESTEPS - t, self.n_bins, 0, NUM_TRAIN_TIMESTEPS)  # bin 0 the noisiest
         layer = self.layers.index(ctx.layer)
         for b in np.unique(bins):
             chosen = ids[torch.as_tensor(bins == b)].reshape(-1)
@@ -45,7 +47,7 @@ class SamplingRouting:
     def _on_probs(self, probs: torch.Tensor, ctx) -> None:
         from probes.stats import gate_entropy
 
-        self.entropy_sum += float(gate_entropy(probs.double().cpu().numpy()).sum())
+        self.entropy_sum += float(gate_entropy(probs.double().cpu().numpy(), normalised=True).sum())
         self.tokens += probs.shape[0] * probs.shape[1]
 
     def hooks(self) -> dict[str, Any]:
@@ -56,7 +58,7 @@ class SamplingRouting:
 
         by_time = mi_summary(self.counts.transpose(0, 1, 3, 2), n_perm=199, seed=0)  # (layers, L): expert x bin
         best = np.unravel_index(int(np.nanargmax(by_time.ami)), by_time.ami.shape)
-        out = {"gate_entropy": self.entropy_sum / max(self.tokens, 1) / np.log(self.K),
+        out = {"gate_entropy": self.entropy_sum / max(self.tokens, 1),
                "ami_timestep": float(by_time.ami[best]), "p_timestep": float(by_time.p_value[best]),
                "ami_timestep_at": {"layer": self.layers[best[0]], "step": int(best[1])},
                "load": (self.counts.sum(2) / np.maximum(self.counts.sum((2, 3))[..., None], 1)).round(3).tolist()}

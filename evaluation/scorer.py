@@ -14,8 +14,18 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from rsr_model.data.shapes import (ALL_SHAPES, COLOURS, PALETTE_RGB, SIZE_RANGE, Group, Scene, Spec, parse_caption,
-                           signed_distance, spec_of)
+from rsr_model.data.shapes import (
+    ALL_SHAPES,
+    COLOURS,
+    PALETTE_RGB,
+    SIZE_RANGE,
+    Group,
+    Scene,
+    Spec,
+    parse_caption,
+    signed_distance,
+    spec_of,
+)
 
 _PALETTE_HUE = PALETTE_RGB / PALETTE_RGB.max(axis=1, keepdims=True)  # (C, 3)
 _FG_THRESHOLD = 100  # brightest channel >= this -> foreground (coverage >= ~0.42)
@@ -96,7 +106,8 @@ def detect(image: np.ndarray, min_area: float | None = None) -> list[Detection]:
         cys = np.array([gy - _CENTROID_DY[s] * z for s, z in zip(ALL_SHAPES, sizes)], dtype=np.float32)
         dx = (u / res)[None, None, :] - np.full(len(ALL_SHAPES), gx, np.float32)[:, None, None]
         dy = (v / res)[None, :, None] - cys[:, None, None]
-        tmpl = np.clip(0.5 - signed_distance(np.arange(len(ALL_SHAPES)), dx, dy, (sizes / 2)[:, None, None]) * res, 0, 1)
+        distance = signed_distance(np.arange(len(ALL_SHAPES)), dx, dy, (sizes / 2)[:, None, None])
+        tmpl = np.clip(0.5 - distance * res, 0, 1)
         iou = np.minimum(tmpl, cov).sum((1, 2)) / np.maximum(np.maximum(tmpl, cov).sum((1, 2)), 1e-6)  # (S,)
         best = int(np.argmax(iou))
         shape = ALL_SHAPES[best] if iou[best] >= 0.5 else "unknown"

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from rsr_model.data.shapes import CATEGORIES
+
 from .prompts import PlannedImage, plan
 
 MODES = ("sft", "no_recursion", "no_modulation", "rsr")
@@ -134,6 +135,7 @@ def sample_and_score(ckpt: Path, planned: Sequence[PlannedImage], budget: Budget
     import contextlib
 
     from rsr_model.sample import generate, load_model
+
     from .routing import SamplingRouting, routing_value_figures
     from .scorer import score
 

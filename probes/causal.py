@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from cli_common.command import guard_startup
 
@@ -35,15 +36,54 @@ from .stats import EffectAccumulator, effect_summary  # noqa: E402
 
 
 @torch.no_grad()
+def before_after(task, transformer, rsr, items: Sequence, seeds: Sequence[int], interventions: Sequence[Intervention],
+                 steps: int = 8, guidance: float = 3.0, capture: Any = None,
+                 on_step: Callable | None = None) -> dict[str, Any]:
+    """The global before/after effect: sample `items` with `seeds` without, then with
+    `interventions` (applied together). The one definition behind `causal_effect` and the
+    dashboard's Intervene tab. `capture` (hook-point names) records those points in both runs
+    (`rsr.hooks.cache`, after the interventions act); `on_step` is the baseline run's sampler
+    callback. Returns the x0 and uint8 images of both runs, the captured calls, the effect
+    summaries (`final` on model-space x0, `final_image` on images in [0, 255]), the mean absolute
+    differences, and per intervention the routing decisions it changed."""
+    from rsr_model.sample import generate
+
+    K = rsr.config.experts
+    run_hooks = [iv.hook(K) for iv in interventions]  # fresh instances: they count the intervened run only
+    runs = {}
+    for name, hooks, callback in (("before", [], on_step),
+                                  ("after", [(iv.names(), h) for iv, h in zip(interventions, run_hooks)], None)):
+        with rsr.hooks.hooks(hooks), (rsr.hooks.cache(capture) if capture is not None else nullcontext({})) as seen:
+            x0 = generate(task, transformer, items, seeds, steps, guidance, on_step=callback)
+        runs[name] = (x0, task.to_images(x0), seen)
+    (base, img_a, seen_a), (x, img_b, seen_b) = runs["before"], runs["after"]
+    return {
+        # tokens_changed: routing decisions (sample x branch x timestep x layer x step x token) the
+        # intervention changed in the intervened run; 0 means it never fired and every effect is 0
+        "interventions": [{**iv.to_dict(), "tokens_changed": h.changed} for iv, h in zip(interventions, run_hooks)],
+        "x0_before": base, "x0_after": x, "images_before": img_a, "images_after": img_b,
+        "captured_before": seen_a, "captured_after": seen_b,
+        "final": effect_summary(base.numpy(), x.numpy()).to_dict(),
+        "final_image": effect_summary(img_a.astype(np.float64), img_b.astype(np.float64)).to_dict(),
+        "image_mean_abs_diff": float(np.abs(img_a.astype(np.float64) - img_b.astype(np.float64)).mean()),
+        "x0_mean_abs_diff": float((base - x).abs().mean()),
+    }
+
+
+def routing_changed(ids_before: np.ndarray, ids_after: np.ndarray) -> float:
+    """Share of tokens whose routing decision differs between two runs (ablated ids count as a
+    decision: an ablation changes every token it reaches)."""
+    return float(np.mean(np.asarray(ids_before) != np.asarray(ids_after)))
+
+
+@torch.no_grad()
 def causal_effect(task, transformer, rsr, items: Sequence, seeds: Sequence[int],
                   interventions: Sequence[Intervention], steps: int = 8, guidance: float = 3.0) -> dict[str, Any]:
     """Effect of `interventions` (applied together) on the denoiser output and the final image."""
     from rsr_model.flow import SamplerStep
-    from rsr_model.sample import generate
 
     K = rsr.config.experts
     hooks = [(iv.names(), iv.hook(K)) for iv in interventions]
-    run_hooks = [iv.hook(K) for iv in interventions]  # separate instances: they count the intervened run only
     local = EffectAccumulator()
     by_t = []
 
@@ -55,21 +95,13 @@ def causal_effect(task, transformer, rsr, items: Sequence, seeds: Sequence[int],
         by_t.append({"index": step.index, "timestep_value": float(step.t[0]),
                      **effect_summary(step.v.numpy(), v_int.numpy()).to_dict()})
 
-    base = generate(task, transformer, items, seeds, steps, guidance, on_step=compare_velocity)
-    with rsr.hooks.hooks([(iv.names(), h) for iv, h in zip(interventions, run_hooks)]):
-        x = generate(task, transformer, items, seeds, steps, guidance)
-    img_a = task.to_images(base).astype(np.float64)
-    img_b = task.to_images(x).astype(np.float64)
+    r = before_after(task, transformer, rsr, items, seeds, interventions, steps, guidance, on_step=compare_velocity)
     return {
-        # tokens_changed: routing decisions (sample x branch x timestep x layer x step x token) the
-        # intervention changed in the intervened run; 0 means it never fired and every effect is 0
-        "interventions": [{**iv.to_dict(), "tokens_changed": h.changed} for iv, h in zip(interventions, run_hooks)],
+        "interventions": r["interventions"],
         "n_samples": len(items), "steps": steps, "guidance": guidance, "seeds": [int(s) for s in seeds],
         "denoiser": local.result().to_dict(),
         "denoiser_by_timestep": by_t,
-        "final": effect_summary(base.numpy(), x.numpy()).to_dict(),
-        "final_image": effect_summary(img_a, img_b).to_dict(),
-        "image_mean_abs_diff": float(np.abs(img_a - img_b).mean()),
+        **{key: r[key] for key in ("final", "final_image", "image_mean_abs_diff")},
     }
 
 
@@ -128,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         ivs = from_cli(rsr, a.force_expert, a.ablate_expert, a.region, a.t_window, a.at_step,
                        grid=task.token_grid(transformer), timestep_values=sampled_timesteps(task, a.steps))
         print(f"sampling {len(rows)} image(s) x {a.steps} step(s) with and without the intervention", file=sys.stderr)
-        r = causal_effect(task, transformer, rsr, rows, [a.seed + j for j in range(len(rows))], ivs, a.steps, a.guidance)
+        seeds = [a.seed + j for j in range(len(rows))]
+        r = causal_effect(task, transformer, rsr, rows, seeds, ivs, a.steps, a.guidance)
         print(f"denoiser relative change {r['denoiser']['pooled_relative_change']:.4g}, "
               f"final x0 relative change {r['final']['pooled_relative_change']:.4g}, "
               f"image mean |diff| {r['image_mean_abs_diff']:.3g} / 255")

@@ -14,10 +14,11 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
-from rsr_model.hooks import hook_name
 from cli_common.errors import UserError
+from rsr_model.hooks import hook_name
 
 
 class InterventionError(UserError):
@@ -78,11 +79,14 @@ class Intervention:
         return m if m.any() else None
 
     def _token_mask(self, N: int, device) -> torch.Tensor:
-        side = math.isqrt(N)
-        if side * side != N and (self.rows or self.cols):
+        from .analysis.setup import token_grid
+
+        grid = token_grid(np.arange(N))  # the model sees every token: square or unknown
+        if grid is None and (self.rows or self.cols):
             raise InterventionError(f"token regions need a square token grid, got {N} tokens")
-        r = torch.arange(N, device=device) // max(side, 1)
-        c = torch.arange(N, device=device) % max(side, 1)
+        w = grid[1] if grid else max(N, 1)
+        r = torch.arange(N, device=device) // w
+        c = torch.arange(N, device=device) % w
         m = torch.ones(N, dtype=torch.bool, device=device)
         if self.rows:
             m &= (r >= self.rows[0]) & (r < self.rows[1])

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from cli_common.errors import UserError
 from traces import open_trace
 from traces.derived import open_derived
-from cli_common.errors import UserError
 
 from .stats import pca, umap_embedding
 
@@ -149,7 +149,8 @@ def load_derived(path: str | Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     from cli_common.command import Parser, run_main
 
-    p = Parser(prog="python -m probes.derive", description="Store PCA/UMAP projections of a trace's latents under /derived.")
+    p = Parser(prog="python -m probes.derive",
+               description="Store PCA/UMAP projections of a trace's latents under /derived.")
     p.add_argument("trace", type=Path)
     p.add_argument("--components", type=int, default=3)
     p.add_argument("--fit-points", type=int, default=20000)

@@ -16,16 +16,31 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-from cli_common.command import Parser, env_int, finite_float, guard_startup, int_at_least, positive_int, read_lines, run_main
+from cli_common.command import (
+    Parser,
+    env_int,
+    finite_float,
+    guard_startup,
+    int_at_least,
+    positive_int,
+    read_lines,
+    run_main,
+)
 from cli_common.errors import OutputError, UsageError
 from cli_common.outputs import check_free_space, check_output, os_error_reason, sha256_file
 
 guard_startup(__name__)
+
+if TYPE_CHECKING:  # annotations only: the start-up imports stay light
+    from rsr_model.recorders import SamplingRecorder
+    from rsr_model.tasks.base import Model
+    from traces import SampleTable, SamplingLayout, SamplingWriter, TraceMeta
 
 
 def int_list(s: str) -> list[int]:
@@ -47,10 +62,12 @@ def int_list(s: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rsr_model.tasks.inputs import add_task_arguments
+
     p = Parser(prog="python -m probes.record", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", type=Path, default=Path("sd3_rsr.pt"))
     p.add_argument("--prompts", help="a text file (one prompt or label per line) or the prompt itself")
-    p.add_argument("--maps", help="frozenlake checkpoints: a file of maps (one per line, rows joined by '/') or one map")
+    add_task_arguments(p, "record")  # a task's own item flags, e.g. FrozenLake's --maps
     p.add_argument("--num-samples", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--out", type=Path, default=Path("traces/run.h5"))
     p.add_argument("--overwrite", action="store_true")
@@ -126,42 +143,34 @@ def run_id(ckpt_sha256: str, items: list, args, world: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def run(args) -> None:
-    check_args(args)
-    if args.maps:  # navigation: one plan per map (rsr_model/frozenlake_commands.py)
-        from rsr_model import frozenlake_commands
-
-        return frozenlake_commands.record(args)
-    if not args.prompts:
-        raise UsageError("give --prompts (or --maps for a frozenlake checkpoint)")
-    from tqdm import tqdm
-
-    from rsr_model.recorders import SamplingRecorder, Selection, sample_table
+def run(args: argparse.Namespace) -> None:
+    """Load the checkpoint, then record as its task does: the diffusion sampler's routing by
+    default, the task's own trace where it has one (FrozenLake: one plan per map)."""
     from rsr_model.sample import load_model
-    from traces import SamplingWriter, TraceMeta, estimate_sampling
+    from rsr_model.tasks.inputs import check_items, check_some_items
 
-    from .interventions import from_cli, sampled_timesteps
-
-    items = read_items(args.prompts)
-    task, transformer, rsr, ckpt = load_model(args.ckpt)
-    if rsr is None:
+    check_args(args)
+    check_some_items(args, "record")
+    model = load_model(args.ckpt)
+    if model[2] is None:
         raise UsageError(f"{args.ckpt} has no RSR layers (a base-stage checkpoint); nothing to record")
-    items = task.parse_items(items)
+    check_items(model[0], args, "record")
+    own = model[0].commands()
+    (own.record if own else record_samples)(args, model)
+
+
+def record_samples(args: argparse.Namespace, model: Model) -> None:
+    """The diffusion sampler's recording: N samples per prompt, this rank's share, in one trace."""
+    from rsr_model.recorders import sample_table
+    from traces import estimate_sampling
+
+    task, transformer, rsr, ckpt = model
+    items = task.parse_items(read_items(args.prompts))
     rank, world = shard(args)
     sample_ids = range(len(items) * args.num_samples)[rank::world]  # a range: no list is built yet
     if not sample_ids:
         raise UsageError(f"rank {rank} of {world} has no samples to record")
-    sel = Selection(layers=args.layers, steps=args.rsr_steps, timesteps=args.timesteps,
-                    token_stride=args.token_stride, tokens=args.tokens, probs=args.probs,
-                    latent_tokens=args.latent_tokens, latent_dim=args.latent_dim, decode=args.decode,
-                    branches=args.branches.split(",") if args.branches else None)
-    try:
-        rec = SamplingRecorder(task, transformer, rsr, sel, steps=args.steps, guidance=args.guidance)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    rec.interventions = from_cli(rsr, args.force_expert, args.ablate_expert, args.region, args.t_window,
-                                 args.at_step, args.at_layers, grid=rec.grid,
-                                 timestep_values=sampled_timesteps(task, args.steps))
+    rec = sampling_recorder(args, task, transformer, rsr)
     # Size and disk before any per-sample list: the estimate needs only the count.
     layout = rec.layout()
     est = estimate_sampling(layout, len(sample_ids), portable=args.portable)
@@ -176,18 +185,66 @@ def run(args) -> None:
     print(f"recording {len(rows)} sample(s) x {len(layout.timesteps)} timestep(s) x {len(layout.layer_ids)} layer(s) "
           f"x {len(layout.step_ids)} step(s) x {len(layout.token_ids)} token(s); {est}", file=sys.stderr)
     ckpt_sha256 = sha256_file(args.ckpt)
-    meta = TraceMeta(
+    writer = sampling_writer(args, layout, samples, trace_meta(args, model, rec, ckpt_sha256, seeds),
+                             rank, world, run_id(ckpt_sha256, items, args, world))
+    write_samples(args, rec, writer, rows, seeds, list(sample_ids))
+    print(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.2f} MiB; expected {est.total / 2**20:.2f} MiB)")
+    for iv in rec.interventions_applied():
+        print(f"{iv['kind']} expert {iv['expert']}: changed {iv['tokens_changed']} routing decision(s)"
+              + ("; it never fired" if not iv["tokens_changed"] else ""))
+
+
+def sampling_recorder(args: argparse.Namespace, task, transformer, rsr) -> SamplingRecorder:
+    """The recorder of the selected hook points, with the interventions the flags place."""
+    from rsr_model.recorders import SamplingRecorder, Selection
+
+    from .interventions import from_cli, sampled_timesteps
+
+    sel = Selection(layers=args.layers, steps=args.rsr_steps, timesteps=args.timesteps,
+                    token_stride=args.token_stride, tokens=args.tokens, probs=args.probs,
+                    latent_tokens=args.latent_tokens, latent_dim=args.latent_dim, decode=args.decode,
+                    branches=args.branches.split(",") if args.branches else None)
+    try:
+        rec = SamplingRecorder(task, transformer, rsr, sel, steps=args.steps, guidance=args.guidance)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    rec.interventions = from_cli(rsr, args.force_expert, args.ablate_expert, args.region, args.t_window,
+                                 args.at_step, args.at_layers, grid=rec.grid,
+                                 timestep_values=sampled_timesteps(task, args.steps))
+    return rec
+
+
+def trace_meta(args: argparse.Namespace, model: Model, rec: SamplingRecorder, ckpt_sha256: str,
+               seeds: list[int]) -> TraceMeta:
+    """The trace's metadata: checkpoint, sampler, interventions, token grid."""
+    from traces import TraceMeta
+
+    task, _, rsr, ckpt = model
+    return TraceMeta(
         model_config={"preset": ckpt["preset"], **ckpt["backbone"]}, rsr_config=rsr.config.to_dict(),
         checkpoint_sha256=ckpt_sha256, seeds=seeds,
         scheduler={"name": "FlowMatchEulerDiscreteScheduler", "shift": task.shift, "num_inference_steps": args.steps,
                    "guidance_scale": args.guidance},
         extra={"interventions": [iv.to_dict() for iv in rec.interventions], "mode": ckpt.get("mode"),
                "token_grid": list(rec.grid), "text_encoder": ckpt.get("text_encoder")})
-    writer = SamplingWriter(args.out, layout, samples, meta, rank=rank, world_size=world, overwrite=args.overwrite,
-                            portable=args.portable, run_id=run_id(ckpt_sha256, items, args, world))
+
+
+def sampling_writer(args: argparse.Namespace, layout: SamplingLayout, samples: SampleTable, meta: TraceMeta,
+                    rank: int, world: int, rid: str) -> SamplingWriter:
+    from traces import SamplingWriter
+
+    return SamplingWriter(args.out, layout, samples, meta, rank=rank, world_size=world, overwrite=args.overwrite,
+                          portable=args.portable, run_id=rid)
+
+
+def write_samples(args: argparse.Namespace, rec: SamplingRecorder, writer: SamplingWriter, rows: list,
+                  seeds: list[int], sample_ids: list[int]) -> None:
+    """Sample and write; on any failure the file keeps every flushed step, marked incomplete."""
+    from tqdm import tqdm
+
     try:
         with tqdm(total=len(rows) * args.steps, desc="record", unit="img-step", file=sys.stderr) as bar:
-            rec.record(writer, rows, seeds, batch_size=args.batch_size, progress=bar, sample_ids=list(sample_ids))
+            rec.record(writer, rows, seeds, batch_size=args.batch_size, progress=bar, sample_ids=sample_ids)
     except OSError as e:
         writer.abort()
         raise OutputError(f"writing {args.out} failed ({os_error_reason(e)}); it holds every step flushed "
@@ -197,11 +254,6 @@ def run(args) -> None:
         raise
     applied = rec.interventions_applied()
     writer.close(attrs={"interventions": applied} if applied else None)
-    size = args.out.stat().st_size
-    print(f"wrote {args.out} ({size / 2**20:.2f} MiB; expected {est.total / 2**20:.2f} MiB)")
-    for iv in applied:
-        print(f"{iv['kind']} expert {iv['expert']}: changed {iv['tokens_changed']} routing decision(s)"
-              + ("; it never fired" if not iv["tokens_changed"] else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from cli_common.command import Parser, guard_startup, int_at_least, positive_int, run_main
-from cli_common.outputs import check_output, write_atomic
 from cli_common.errors import UserError
+from cli_common.outputs import check_output, write_atomic
 
 guard_startup(__name__)  # before numpy: Ctrl-C while it loads exits 130 with one line
 
@@ -82,7 +82,8 @@ def _training_curve_lines(curves: dict | None) -> list[str]:
     if not curves:
         return []
     lines = ["specialization over training (means over layers and steps; MI of expert with timestep bin and step):",
-             f"{'steps':>11} {'loss':>7} {'Hgate':>6} {'margin':>6} {'AMI(t)':>7} {'p(t)':>5} {'MI(step)':>8} {'p(s)':>5}"]
+             f"{'steps':>11} {'loss':>7} {'Hgate':>6} {'margin':>6} {'AMI(t)':>7} {'p(t)':>5} {'MI(step)':>8} "
+             f"{'p(s)':>5}"]
     for w, (a, b) in enumerate(zip(curves["window_start_step"], curves["window_end_step"])):
         if a is None:
             continue
@@ -128,7 +129,8 @@ def _header_lines(r: dict) -> list[str]:
             + (f"samples={t.get('samples')} timesteps={len(t.get('timesteps', []))} branches={t.get('branches')}"
                if t["kind"] == "sampling" else f"events={t.get('events')}"),
             f"checks: counts vs ids max |diff| = {c['counts_vs_ids_max_abs_diff']}, "
-            f"share sums max |dev| = {_f(c['share_sum_max_abs_dev'], '{:.1e}')}, invalid records = {c['invalid_records']}",
+            f"share sums max |dev| = {_f(c['share_sum_max_abs_dev'], '{:.1e}')}, "
+            f"invalid records = {c['invalid_records']}",
             head, "-" * len(head)]
 
 
@@ -257,62 +259,45 @@ def figure_expert_share(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def figure_latent_trajectories(r: dict, lat: dict, path: Path, n_timesteps: int = 6) -> None:
-    """Paper Fig. 3: latent trajectories across recursion steps for several diffusion timesteps.
-
-    Points are h_l averaged over the stored tokens of one image (first layer, first branch), so
-    the picture shows how the image's latent state moves with l and with t, not where single
-    patches sit; PCA (2 components) is fitted on these points. Thin lines: one sample; thick
-    lines with step labels: the mean over samples; colour: diffusion timestep.
-    """
+def figure_latent_trajectories(tr, path: Path, n_timesteps: int = 6) -> list[dict[str, Any]]:
+    """Paper Fig. 3: latent trajectories across recursion steps for several diffusion timesteps,
+    as `probes.trajectories` defines them (image-mean h_l of the first layer and branch, PCA with
+    2 components fitted on those means; its docstring says why). Thin lines: one sample; thick
+    lines with step labels: the mean over samples; colour: diffusion timestep. Returns the lines
+    drawn (`probes.trajectories.trajectory_lines`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .stats import pca
+    from .trajectories import latent_trajectories, trajectory_lines
 
-    X, meta = lat["X"], lat["meta"]
-    col = {c: i for i, c in enumerate(lat["columns"])}
-    sel = (meta[:, col["layer"]] == 0) & (meta[:, col["branch"]] == 0)
-    X, meta = X[sel].astype(np.float64), meta[sel]
-    keys, inv = np.unique(meta[:, [col["sample"], col["timestep"], col["step"]]], axis=0, return_inverse=True)
-    inv = inv.reshape(-1)
-    image_means = np.zeros((len(keys), X.shape[1]))  # token-mean h_l per (sample, timestep, step)
-    np.add.at(image_means, inv, X)
-    image_means /= np.bincount(inv, minlength=len(keys))[:, None]
-    proj = pca(image_means, n_components=2, method="full")
-    Z = proj.coords
-    ts = np.unique(keys[:, 1])
-    chosen = ts[np.unique(np.linspace(0, len(ts) - 1, min(n_timesteps, len(ts))).round().astype(int))]
-    tv = np.asarray(r["trace"]["timestep_values"], float)
+    traj = latent_trajectories(tr)
+    lines = trajectory_lines(traj, n_timesteps)
+    tv = traj["timestep_values"]
     cmap = plt.get_cmap("viridis")
     norm = plt.Normalize(vmin=tv.min(), vmax=tv.max() if tv.max() > tv.min() else tv.min() + 1)
     fig, ax = plt.subplots(figsize=(7, 5.5))
-    steps = np.unique(keys[:, 2])
-    for t in chosen:
-        colr = cmap(norm(tv[t]))
-        for sample in np.unique(keys[keys[:, 1] == t, 0]):
-            m = (keys[:, 0] == sample) & (keys[:, 1] == t)
-            o = np.argsort(keys[m, 2])
-            ax.plot(Z[m][o, 0], Z[m][o, 1], "-", color=colr, alpha=0.35, lw=0.9)
-        mean = np.stack([Z[(keys[:, 1] == t) & (keys[:, 2] == s)].mean(axis=0) for s in steps])
-        ax.plot(mean[:, 0], mean[:, 1], "-o", color=colr, lw=2.4, ms=5, label=f"t={tv[t]:.0f}")
+    for line in lines:
+        colr = cmap(norm(line["timestep_value"]))
+        for xy in line["samples"].values():
+            ax.plot(xy[:, 0], xy[:, 1], "-", color=colr, alpha=0.35, lw=0.9)
+        mean = line["mean"]
+        ax.plot(mean[:, 0], mean[:, 1], "-o", color=colr, lw=2.4, ms=5, label=f"t={line['timestep_value']:.0f}")
         ax.plot(mean[-1, 0], mean[-1, 1], "s", color=colr, ms=8, mec="k")
-        for k, s in enumerate(steps):
-            ax.annotate(f"l={int(r['trace']['steps'][s])}", mean[k], fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    sm = plt.cm.ScalarMappable(cmap=cmap, norm=norm)
-    fig.colorbar(sm, ax=ax, label="diffusion timestep")
-    ev = proj.explained_variance_ratio
+        for k, step in enumerate(line["steps"]):
+            ax.annotate(f"l={step}", mean[k], fontsize=7, xytext=(3, 3), textcoords="offset points")
+    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=norm), ax=ax, label="diffusion timestep")
+    ev = traj["explained_variance_ratio"]
     ax.set_xlabel(f"PC1 ({100 * ev[0]:.0f}%)")
     ax.set_ylabel(f"PC2 ({100 * ev[1]:.0f}%)")
-    ax.set_title(f"Latent trajectories across recursion steps (layer {r['trace']['layers'][0]}, "
-                 f"{r['trace']['branches'][0]}; token-mean h_l, square = last step)", fontsize=9)
+    ax.set_title(f"Latent trajectories across recursion steps (layer {traj['layer']}, {traj['branch']}; "
+                 f"token-mean h_l, square = last step)", fontsize=9)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
+    return lines
 
 
 # --------------------------------------------------------------------------- CLI
@@ -365,7 +350,6 @@ def run(args) -> dict:
     with open_trace(args.trace) as tr:
         status = trace_status(tr)
         r = analyze(tr, opt)
-    lat = r.pop("_latents", None)
     if args.compare:
         r["compare"] = compare_traces(args.trace, args.compare, n_bins=args.timestep_bins)
     if derived is not None:
@@ -384,9 +368,10 @@ def run(args) -> dict:
         out = args.figures / "expert_share_by_timestep.png"
         figure_expert_share(r, out)
         print(f"wrote {out}")
-        if lat is not None and r["trace"]["kind"] == "sampling":
+        if r["trace"]["kind"] == "sampling" and r["trace"]["has_latents"]:
             out = args.figures / "latent_trajectories.png"
-            figure_latent_trajectories(r, lat, out)
+            with open_trace(args.trace) as tr:
+                figure_latent_trajectories(tr, out)
             print(f"wrote {out}")
         else:
             print("no latents in the trace: latent trajectory figure skipped")

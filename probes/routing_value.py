@@ -20,9 +20,10 @@ with a 95% bootstrap interval over held-out samples (paired: the same x_t, t and
 every condition). Beside it, `adapter_gain = 1 - loss(gate) / loss(none)`: in scope "all" how
 much the adapters lower the loss against the frozen base at all. A step's routing can matter a
 lot (the later steps were trained on its output) while the adapters together change nothing;
-only both figures together say the experts do useful, specialized work. Timestep bins are equal-width bins of sigma = t / 1000, bin 0 the noisiest, as
-in the probes of sampling traces (training-trace reports order their bins the other way: compare
-bins by `t_min` / `t_max`, not by index).
+only both figures together say the experts do useful, specialized work. Timestep bins are
+equal-width bins of sigma = t / 1000, bin 0 the noisiest (`traces.bins`), as in the probes of
+sampling traces (training-trace reports order their bins the other way: compare bins by `t_min` /
+`t_max`, not by index).
 
     python -m probes.routing_value --ckpt CKPT [--samples 64] [--bins 4] [--random-draws 3] [--json OUT]
 """
@@ -43,6 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from rsr_model.hooks import hook_name  # noqa: E402
+from traces.bins import timestep_bin_edges  # noqa: E402
 
 ROUTING_VALUE_SCHEMA = "rsr-routing-value"
 ROUTING_VALUE_VERSION = 1
@@ -60,8 +62,11 @@ class HeldOutBatch:
 
 
 def bin_edges(n_bins: int) -> np.ndarray:
-    """Sigma edges of the bins, noisiest first: bin b covers sigma in [edges[b+1], edges[b])."""
-    return np.linspace(1.0, 0.0, n_bins + 1)
+    """Sigma edges of the bins, noisiest first: bin b is sigma between edges[b+1] and edges[b], the
+    bin `traces.bins.timestep_bins(1000 - t, n_bins, 0, 1000)` puts a timestep t = 1000 sigma in
+    (as the evaluation's routing figures do; that rule gives an edge itself to the noisier bin,
+    while `held_out_batches` may draw the lower edge, a set of probability zero)."""
+    return 1.0 - timestep_bin_edges(n_bins, 0.0, 1.0)
 
 
 def held_out_batches(task, n_samples: int, n_bins: int, seed: int = HELD_OUT_SEED) -> list[HeldOutBatch]:

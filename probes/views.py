@@ -9,9 +9,10 @@ computes nothing itself.
 * `share_difference`       -- load share of one report minus another's, per layer and step
 * `top_tokens`             -- the tokens an expert is most confident on (image crops)
 * `transition_flows`       -- recursion-step flows (Sankey links) from a report's transitions
-* `trajectory_means`       -- per-image mean latent projection per recursion step (paper Fig. 3)
-* `training_curves`        -- load, gate entropy and MI(expert; timestep) per window of training
 * `flat_gate`              -- whether a gate's top-1 choice is decided by a negligible margin
+
+Quantities the report also holds are not here (issue 18: one function per quantity): the
+training curves are the report's `training_curves` family, Figure 3 is `probes.trajectories`.
 """
 
 from __future__ import annotations
@@ -128,59 +129,3 @@ def transition_flows(report: dict, layer: str, time_bin: int | None = None) -> d
         links.append({"from_step": a, "to_step": b, "flow": (sa[:, None] * m).tolist(),
                       "chance": (sa[:, None] * sb[None, :]).tolist()})
     return {"steps": steps, "links": links}
-
-
-def trajectory_means(coords: np.ndarray) -> np.ndarray:
-    """Mean over stored tokens of projected latents: (..., step, token, component) ->
-    (..., step, component), NaN (unwritten) tokens left out."""
-    with np.errstate(invalid="ignore"):
-        return np.nanmean(coords, axis=-2) if np.isfinite(coords).any() else np.full(
-            coords.shape[:-2] + coords.shape[-1:], np.nan)
-
-
-def training_curves(tr: TraceReader, window: int | None = None, n_bins: int = 4,
-                    n_perm: int = 49) -> dict[str, Any]:
-    """Routing statistics of a training trace per window of training steps (all layers and
-    recursion steps pooled): load share, normalised load entropy, mean gate entropy and
-    top-1 margin (when probabilities are stored), and MI(expert; timestep bin) with its
-    permutation null. `window` defaults to about 20 windows over the recorded steps."""
-    from .stats import ContingencyAccumulator, counts_from_ids, gate_entropy, load_stats, mi_summary, top1_margin
-
-    ev = tr.events()
-    K = len(tr.coords["expert"])
-    if len(ev["step"]) == 0:
-        return {"step": [], "share": [], "norm_entropy": [], "gate_entropy": [], "margin": [], "mi": []}
-    steps = np.unique(ev["step"])
-    window = window or max(1, int(np.ceil((steps.max() - steps.min() + 1) / 20)))
-    win_of = (ev["step"] - steps.min()) // window
-    n_win = int(win_of.max()) + 1
-    t = ev["timestep"].astype(float)
-    edges = np.linspace(t.min(), t.max() + 1e-9, n_bins + 1)
-    tbin = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, n_bins - 1)
-    counts = np.zeros((n_win, K), np.int64)
-    ent = np.zeros(n_win)
-    marg = np.zeros(n_win)
-    n_prob = np.zeros(n_win)
-    mi = ContingencyAccumulator(K, n_bins, (n_win,))
-    has_prob = tr.has("/routing/prob")
-    for blk in tr.iter_chunks("/routing/expert"):
-        e = blk.coords["event"]
-        w, ids = int(win_of[e]), blk.data
-        valid = ids < K
-        counts[w] += counts_from_ids(ids[valid], K)
-        mi.update(ids[valid], np.int64(tbin[e]), w)
-        if has_prob:
-            p = tr.prob(event=e).astype(np.float64)
-            ent[w] += gate_entropy(p).sum()
-            marg[w] += top1_margin(p).sum()
-            n_prob[w] += p[..., 0].size
-    seen = counts.sum(axis=1) > 0  # windows without recorded events are left out, not drawn as zeros
-    load = load_stats(counts[seen])
-    res = mi_summary(mi.table()[seen], n_perm=n_perm)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {"step": (steps.min() + window * (np.arange(n_win)[seen] + 0.5)).tolist(), "window": window,
-                "share": load.share.tolist(), "norm_entropy": load.norm_entropy.tolist(),
-                "gate_entropy": (ent / n_prob)[seen].tolist() if has_prob else None,
-                "margin": (marg / n_prob)[seen].tolist() if has_prob else None,
-                "mi": res.mi.tolist(), "mi_null_mean": res.null_mean.tolist(),
-                "mi_null_std": res.null_std.tolist(), "mi_p_value": res.p_value.tolist()}

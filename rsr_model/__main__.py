@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -20,11 +21,15 @@ from cli_common.outputs import check_free_space, check_output
 
 guard_startup(__name__)
 
+if TYPE_CHECKING:
+    from .tasks.base import Model
+
 MAX_IMAGES = 1024  # one `sample` call draws all its images at once and tiles them into one PNG
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .arguments import add_train_arguments
+    from .tasks.inputs import add_task_arguments
 
     p = Parser(prog="python -m rsr_model", description="Train and sample RSR diffusion models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -38,16 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     s.add_argument("--prompts-file", type=Path, help="one prompt (or class label) per line")
     s.add_argument("--label", action="append", default=[], help="class label (class-conditioned presets)")
-    s.add_argument("--map", action="append", default=[],
-                   help="FrozenLake map like SFFF/FHFH/FFFH/HFFG (frozenlake presets; repeatable): plan from its start")
+    add_task_arguments(s, "sample")  # a task's own item flags, e.g. FrozenLake's --map
     s.add_argument("--num-samples", type=positive_int, default=1, help="images per prompt")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=positive_int, default=28)
-    s.add_argument("--guidance", type=finite_float(0, 100), default=3.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--guidance", type=finite_float(0, 100), default=3.0,
+                   help="classifier-free guidance scale (1 = off)")
     s.add_argument("--out", type=Path, default=Path("out.png"))
     s.add_argument("--overwrite", action="store_true")
 
-    from evaluation import cli as evaluation_cli, lora_export
+    from evaluation import cli as evaluation_cli
+    from evaluation import lora_export
     evaluation_cli.add_parser(sub)
     lora_export.add_parser(sub)
     return p
@@ -57,16 +63,13 @@ def read_items(args) -> list[str]:
     items = list(args.prompt) + list(args.label)
     if args.prompts_file:
         items += read_lines(args.prompts_file)
-    if not items:
-        raise UsageError("give at least one --prompt, --label or --prompts-file")
     return items
 
 
-def check_conditioning(args, conditioning: str) -> None:
-    """--prompt on a class-conditioned preset, or --label on a text one, would be silently ignored."""
-    takes, other = ("--prompt", "--label") if conditioning == "text" else ("--label", "--prompt")
-    if args.label if conditioning == "text" else args.prompt:
-        raise UsageError(f"this checkpoint's preset is {conditioning}-conditioned: it takes {takes}, not {other}")
+def check_image_count(n_items: int, num_samples: int) -> None:
+    if n_items * num_samples > MAX_IMAGES:
+        raise UsageError(f"{n_items} prompt(s) x --num-samples {num_samples} is more than {MAX_IMAGES} "
+                         f"images; sample in several calls")
 
 
 def checkpoint_bytes(trainer) -> int:
@@ -103,20 +106,26 @@ def cmd_train(args) -> None:
     print(f"checkpoint: {out}" + (f"; training trace: {args.trace}" if args.trace else ""))
 
 
-def cmd_sample(args) -> None:
-    if args.map:  # navigation presets plan instead of sampling images
-        from . import frozenlake_commands
-
-        return frozenlake_commands.sample(args)
-    from .sample import generate, image_grid, load_model, save_png
+def cmd_sample(args: argparse.Namespace) -> None:
+    """Load the checkpoint, then sample as its task does: images by default, plans for FrozenLake."""
+    from .sample import load_model
+    from .tasks.inputs import check_items, check_some_items
 
     check_output(args.out, args.overwrite)
+    check_some_items(args, "sample")
+    check_image_count(len(read_items(args)), args.num_samples)  # before a slow load (sd3)
+    model = load_model(args.ckpt)
+    check_items(model[0], args, "sample")
+    own = model[0].commands()
+    (own.sample if own else sample_images)(args, model)
+
+
+def sample_images(args: argparse.Namespace, model: Model) -> None:
+    """The diffusion sampler's `sample`: num-samples images per prompt or label, tiled into one PNG."""
+    from .sample import generate, image_grid, save_png
+
     items = read_items(args)
-    if len(items) * args.num_samples > MAX_IMAGES:
-        raise UsageError(f"{len(items)} prompt(s) x --num-samples {args.num_samples} is more than {MAX_IMAGES} "
-                         f"images; sample in several calls")
-    task, transformer, _, _ = load_model(args.ckpt)
-    check_conditioning(args, task.conditioning)
+    task, transformer, _, _ = model
     parsed = task.parse_items(items)
     rows = [it for it in parsed for _ in range(args.num_samples)]
     seeds = [args.seed + j for j in range(len(rows))]
@@ -128,7 +137,8 @@ def cmd_sample(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         args = build_parser().parse_args(argv)
-        from evaluation import cli as evaluation_cli, lora_export
+        from evaluation import cli as evaluation_cli
+        from evaluation import lora_export
 
         commands = {"train": cmd_train, "sample": cmd_sample, "evaluate": evaluation_cli.run,
                     "export-lora": lora_export.run}

@@ -22,9 +22,11 @@ class ArchSpec:
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     # c = temb = timestep embedding + pooled text projection, shared by all blocks.
-    "SD3Transformer2DModel": ArchSpec(blocks="transformer_blocks", attention="attn", cond="time_text_embed", joint=True),
+    "SD3Transformer2DModel": ArchSpec(blocks="transformer_blocks", attention="attn", cond="time_text_embed",
+                                      joint=True),
     # c = timestep + class-label embedding of each block's own adaLN-Zero.
-    "DiTTransformer2DModel": ArchSpec(blocks="transformer_blocks", attention="attn1", cond="{block}.norm1.emb", joint=False),
-    # Navigation (rsr_model/frozenlake_model.py): diffusers BasicTransformerBlocks; c = start-frame summary.
+    "DiTTransformer2DModel": ArchSpec(blocks="transformer_blocks", attention="attn1", cond="{block}.norm1.emb",
+                                      joint=False),
+    # Navigation (rsr_model/tasks/frozenlake/model.py): diffusers BasicTransformerBlocks; c = start-frame summary.
     "FrozenLakeNet": ArchSpec(blocks="transformer_blocks", attention="attn1", cond="condition", joint=False),
 }

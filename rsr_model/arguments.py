@@ -34,7 +34,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=finite_float(0, low_open=True))
     p.add_argument("--save-every", type=positive_int, default=200)
-    p.add_argument("--ema-decay", type=finite_float(0, 1, high_open=True), default=0.999, help="EMA of base weights (0 = off)")
+    p.add_argument("--ema-decay", type=finite_float(0, 1, high_open=True), default=0.999,
+                   help="EMA of base weights (0 = off)")
     p.add_argument("--rsr-ema-decay", type=finite_float(0, 1, high_open=True),
                    help="EMA of the experts and gate in the RSR stage, 0 = off (default: the preset's)")
     p.add_argument("--mode", choices=MODES)
@@ -46,7 +47,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balance-weight", type=finite_float(0))
     p.add_argument("--balance-over", choices=["step", "recursion"],
                    help="balance each recursion step's routing (step) or only the whole recursion's (recursion)")
-    p.add_argument("--gate-lr-scale", type=finite_float(0, low_open=True), help="gate learning rate / experts' (RSR stage; default: the preset's)")
+    p.add_argument("--gate-lr-scale", type=finite_float(0, low_open=True),
+                   help="gate learning rate / experts' (RSR stage; default: the preset's)")
     p.add_argument("--warm-start", choices=["none", "band", "step-band"],
                    help="expert warm start: force experts to timestep-band (and recursion-step) cells and teach "
                         "the gate them for --warm-start-steps, then free the gate (default: the preset's)")

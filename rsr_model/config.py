@@ -14,12 +14,13 @@ the mode actually runs.
 
 from __future__ import annotations
 
-from cli_common.errors import UserError
-from traces.schema import MAX_EXPERTS
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from cli_common.errors import UserError
+from traces.schema import MAX_EXPERTS
 
 MODES = ("rsr", "sft", "no_recursion", "no_modulation")
 
@@ -118,7 +119,8 @@ def paper_sd3_medium_middle(**kw: Any) -> RSRConfig:
 
 def paper_sd3_medium_multi(**kw: Any) -> RSRConfig:
     """Paper Table 4: SD3-medium, looped layers 4, 8, 12."""
-    return RSRConfig(**{**dict(num_experts=5, latent_steps=5, rank=128, target_layers=[4, 8, 12], gate_hidden=256), **kw})
+    paper = dict(num_experts=5, latent_steps=5, rank=128, target_layers=[4, 8, 12], gate_hidden=256)
+    return RSRConfig(**{**paper, **kw})
 
 
 def paper_dit_xl(**kw: Any) -> RSRConfig:

@@ -55,7 +55,8 @@ def load_share(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.bincount(valid, minlength=num_experts).float() / max(1, valid.numel())
 
 
-def balance_loss(shares: Sequence[torch.Tensor], mean_probs: Sequence[torch.Tensor], over: str = "step") -> torch.Tensor:
+def balance_loss(shares: Sequence[torch.Tensor], mean_probs: Sequence[torch.Tensor],
+                 over: str = "step") -> torch.Tensor:
     """Switch-Transformer balance loss K * sum_k f_k P_k of one layer's recursion.
 
     shares[s]: (K,) `load_share` of step s's hard choices; mean_probs[s]: (K,) mean gate

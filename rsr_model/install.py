@@ -89,7 +89,8 @@ def install_rsr(transformer: nn.Module, config: RSRConfig, freeze_base: bool = T
     blocks = _get(transformer, spec.blocks)
     bad = [i for i in config.target_layers if i >= len(blocks)]
     if bad:
-        raise ConfigError(f"target layer(s) {bad} beyond the model's depth ({len(blocks)} blocks: 0..{len(blocks) - 1})")
+        raise ConfigError(f"target layer(s) {bad} beyond the model's depth "
+                          f"({len(blocks)} blocks: 0..{len(blocks) - 1})")
     if freeze_base:
         transformer.requires_grad_(False)
     ref = next(transformer.parameters())
@@ -98,7 +99,8 @@ def install_rsr(transformer: nn.Module, config: RSRConfig, freeze_base: bool = T
         attn = _get(blocks[i], spec.attention)
         dim = attn.to_q.in_features
         if attn.to_q.out_features != dim:
-            raise ConfigError(f"block {i}: RSR needs attention inner dim == width, got {attn.to_q.out_features} != {dim}")
+            raise ConfigError(f"block {i}: RSR needs attention inner dim == width, "
+                              f"got {attn.to_q.out_features} != {dim}")
         layer = RSRAttnProcessor(config, i, dim, cond_dim=dim, registry=hooks, state=state).to(ref.device, ref.dtype)
         layer.train(transformer.training)  # a new module is in train mode; follow the model's mode
         restore.append((attn, attn.get_processor()))

@@ -21,8 +21,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from traces import (EXPERT_ABLATED, SampleTable, SamplingLayout, SamplingWriter, TraceMeta, TrainingLayout,
-                    TrainingWriter)
+from traces import (
+    EXPERT_ABLATED,
+    SampleTable,
+    SamplingLayout,
+    SamplingWriter,
+    TraceMeta,
+    TrainingLayout,
+    TrainingWriter,
+)
 
 from .flow import SamplerStep, make_scheduler
 from .hooks import HookFn, hook_name
@@ -239,8 +246,10 @@ class SamplingRecorder:
                         buf.counts[key] = _all_token_counts(e, K)  # (2B|B, K)
                 out.append((hook_name(layer, "expert", s), on_expert))
                 if self.sel.probs:
-                    out.append((hook_name(layer, "probs", s), lambda v, ctx, key=key: buf.active and buf.prob.__setitem__(
-                        key, pick(v).to(torch.float16).cpu())))
+                    def on_probs(v, ctx, key=key):
+                        if buf.active:
+                            buf.prob[key] = pick(v).to(torch.float16).cpu()
+                    out.append((hook_name(layer, "probs", s), on_probs))
                 if lat is not None:
                     def on_latent(h, ctx, key=key):
                         if not buf.active:
@@ -289,7 +298,8 @@ class SamplingRecorder:
     def interventions_applied(self) -> list[dict[str, Any]]:
         """Each intervention's spec with `tokens_changed`: the routing decisions (sample x branch x
         timestep x layer x recursion step x token) it changed in the last `record` run."""
-        return [{**iv.to_dict(), "tokens_changed": h.changed} for iv, h in zip(self.interventions, self.intervention_hooks)]
+        pairs = zip(self.interventions, self.intervention_hooks)
+        return [{**iv.to_dict(), "tokens_changed": h.changed} for iv, h in pairs]
 
     # --- run --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -418,7 +428,10 @@ class TrainingRecorder:
             h.remove()
         self._handles = []
         buf = self._buf
-        stack = lambda d: torch.stack([torch.stack([d[(l, s)] for s in self.steps], 1) for l in self.layers], 1).numpy()
+
+        def stack(d):  # {(layer, step): (B, ...)} -> (B, layer, step, ...)
+            return torch.stack([torch.stack([d[(l, s)] for s in self.steps], 1) for l in self.layers], 1).numpy()
+
         B = buf.expert[(self.layers[0], self.steps[0])].shape[0]
         kw = {"counts": stack(buf.counts)}
         if self.probs:

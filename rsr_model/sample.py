@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .flow import SamplerStep, sample as flow_sample
+from .flow import SamplerStep
+from .flow import sample as flow_sample
 from .install import RSR
 from .tasks import Task, TaskError, get_task
 from .train import build_from_checkpoint

@@ -126,7 +126,8 @@ class Trainer:
         self.callbacks = callbacks or []
         self.out = Path(args.out)
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
-        self.task = get_task(args.preset, pretrained=getattr(args, "pretrained", None), data=getattr(args, "data", None))
+        self.task = get_task(args.preset, pretrained=getattr(args, "pretrained", None),
+                             data=getattr(args, "data", None))
         self.losses: list[dict[str, Any]] = []
         self._prepare()
 
@@ -139,7 +140,8 @@ class Trainer:
         if a.resume:
             self.ckpt = load_checkpoint(self.out)
             if self.ckpt.get("preset") != task.name:
-                raise CheckpointError(f"{self.out} was trained with preset {self.ckpt.get('preset')!r}, not {task.name!r}")
+                raise CheckpointError(f"{self.out} was trained with preset {self.ckpt.get('preset')!r}, "
+                                      f"not {task.name!r}")
             self.transformer, self.rsr = build_from_checkpoint(task, self.ckpt)
             self.plan, self.progress = self.ckpt["plan"], dict(self.ckpt["progress"])
             base_unfinished = self.progress.get("base", 0) < self.plan.get("base", 0)
@@ -237,7 +239,8 @@ class Trainer:
         for name in RECIPE_FLAGS:
             given = getattr(self.args, name, None)
             if saved.get(name) is not None and given is not None and saved[name] != given:
-                raise ConfigError(f"--{name.replace('_', '-')} {given} differs from the run being resumed ({saved[name]})")
+                raise ConfigError(f"--{name.replace('_', '-')} {given} differs from the run being resumed "
+                                  f"({saved[name]})")
             if given is None:
                 setattr(self.args, name, saved[name] if name in saved else RECIPE_FLAGS[name])
 

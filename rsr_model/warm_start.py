@@ -44,7 +44,8 @@ def check_layout(layout: str, experts: int, steps: int) -> None:
     if layout not in LAYOUTS:
         raise ConfigError(f"warm start must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if layout == "step-band" and experts % steps:
-        raise ConfigError(f"warm start 'step-band' needs the experts ({experts}) divisible by the latent steps ({steps})")
+        raise ConfigError(f"warm start 'step-band' needs the experts ({experts}) divisible by the latent "
+                          f"steps ({steps})")
     if layout != "none" and experts < 2:
         raise ConfigError(f"warm start {layout!r} needs at least 2 experts (mode runs {experts})")
 

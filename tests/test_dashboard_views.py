@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 
-from probes.views import (expert_position_counts, flat_gate, position_lift, share_difference, top_tokens,
-                          training_curves, trajectory_means, transition_flows)
+from probes.analysis import Options, analyze
+from probes.views import (
+    expert_position_counts,
+    flat_gate,
+    position_lift,
+    share_difference,
+    top_tokens,
+    transition_flows,
+)
 from traces import SampleTable, SamplingLayout, SamplingWriter, TrainingLayout, TrainingWriter, open_trace
 
 K = 3
@@ -75,21 +82,17 @@ def test_transition_flows_from_report():
     assert np.allclose(fb["links"][0]["flow"], [[0.5, 0.5], [0.0, 0.0]])
 
 
-def test_trajectory_means_and_flat_gate():
-    c = np.arange(2 * 3 * 2, dtype=float).reshape(1, 2, 3, 2)  # (sample, step, token, comp)
-    c[0, 1, 2] = np.nan  # an unwritten token is left out
-    m = trajectory_means(c)
-    assert m.shape == (1, 2, 2)
-    assert np.allclose(m[0, 0], [2.0, 3.0]) and np.allclose(m[0, 1], [7.0, 8.0])
+def test_flat_gate():
     assert flat_gate({"mean_margin": 0.006}) and not flat_gate({"mean_margin": 0.4})
     assert not flat_gate({"mean_margin": None}) and not flat_gate(None)
 
 
 def test_training_curves_known_shares_and_mi(tmp_path):
-    """Expert = timestep bin in the first window (MI = log 2), constant in the second (MI = 0)."""
+    """The report's pooled training curves (what the Training-health tab draws): expert =
+    timestep bin in the first windows (MI = log 2), constant later (MI = 0)."""
     path = tmp_path / "t.h5"
     with TrainingWriter(path, TrainingLayout(n_experts=2, layers=[1], steps=1, tokens=4)) as w:
-        for step in (0, 1, 2, 3, 6, 7):  # steps 4-5 not recorded: that window is left out
+        for step in (0, 1, 2, 3, 6, 7):  # steps 4-5 not recorded: windows hold recorded steps only
             t = np.array([100.0, 900.0, 100.0, 900.0])
             if step < 2:
                 e = np.repeat((t > 500).astype(np.uint8)[:, None, None, None], 4, axis=-1)
@@ -97,10 +100,11 @@ def test_training_curves_known_shares_and_mi(tmp_path):
                 e = np.zeros((4, 1, 1, 4), np.uint8)
             w.write_events(step, np.arange(4), t, e)
             w.log(step, loss=1.0 / (step + 1), balance=1.0)
-    with open_trace(path) as tr:
-        cur = training_curves(tr, window=2, n_bins=2, n_perm=19)
-    assert cur["step"] == [1.0, 3.0, 7.0]
-    assert np.allclose(cur["share"], [[0.5, 0.5], [1.0, 0.0], [1.0, 0.0]])
-    assert cur["mi"][0] == pytest.approx(np.log(2)) and cur["mi"][1] == pytest.approx(0.0)
-    assert cur["mi_p_value"][0] < 0.1
-    assert cur["gate_entropy"] is None  # no probabilities stored
+    cur = analyze(str(path), Options(n_bins=2, n_perm=19, linear_probes=False))["training_curves"]
+    assert cur["window_start_step"] == [0, 1, 2, 3, 6, 7]  # one recorded step per window here
+    pooled = cur["pooled"]
+    assert np.allclose(pooled["load_share"], [[0.5, 0.5]] * 2 + [[1.0, 0.0]] * 4)
+    mi = pooled["mi_timestep_bin"]
+    assert mi["mi"][0] == pytest.approx(np.log(2)) and mi["mi"][2] == pytest.approx(0.0)
+    assert mi["p_value"][0] < 0.1 and mi["null_mean"][0] < mi["mi"][0] and mi["null_std"][0] >= 0
+    assert pooled["gate_norm_entropy"] is None  # no probabilities stored

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from rsr_model.data import frozenlake as lake
-from rsr_model.frozenlake_eval import judge, make_plans
-from rsr_model.frozenlake_model import FrozenLakeNet, decode, rollout
+from cli_common.errors import UserError
 from rsr_model.install import install_rsr
 from rsr_model.tasks import get_task
-from cli_common.errors import UserError
+from rsr_model.tasks.frozenlake import maps as lake
+from rsr_model.tasks.frozenlake.judge import judge, make_plans
+from rsr_model.tasks.frozenlake.model import FrozenLakeNet, decode, rollout
 
 MAP = "SFFF/FHFH/FFFH/HFFG"
 
@@ -144,7 +144,7 @@ def test_baseline_without_routing_plans_with_its_policy():
 def test_judging_a_plan_twice():
     desc = lake.parse_map(MAP)
     ep = lake.episode(desc)
-    from rsr_model.frozenlake_eval import Plan
+    from rsr_model.tasks.frozenlake.judge import Plan
 
     L = len(ep.actions) + 1
     perfect = Plan(map=desc, actions=ep.actions + [0], length=len(ep.actions), frames=ep.frames,
@@ -175,6 +175,17 @@ def test_train_sample_and_record_commands(tmp_path, capsys):
         assert main(["sample", "--ckpt", str(ckpt), "--map", bad, "--out", str(png), "--overwrite"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:")
+    # the checkpoint's task decides which item flags apply; another task's are refused, not ignored
+    for command, argv, message in [
+            (main, ["sample", "--ckpt", str(ckpt), "--prompt", "a lake", "--out", str(tmp_path / "x.png")],
+             "takes --map, not --prompt"),
+            (record_main, ["--ckpt", str(ckpt), "--prompts", "a lake", "--out", str(trace)],
+             "takes --maps, not --prompts"),
+            (record_main, ["--ckpt", str(ckpt), "--out", str(trace)], "give at least one --prompts or --maps")]:
+        capsys.readouterr()
+        assert command(argv) == 2
+        assert message in capsys.readouterr().err
+    assert not trace.exists() and not (tmp_path / "x.png").exists()
     maps.write_text(MAP + "\nSFFH/FFFF/HFFF/HHFG\n")
     assert record_main(["--ckpt", str(ckpt), "--maps", str(maps), "--out", str(trace), "--probs"]) == 0
     with open_trace(trace) as tr:
@@ -202,8 +213,8 @@ def trained(tmp_path_factory):
 
 def test_planning_figures_collect_checkpoints_by_size_budget_and_mode(trained, capsys):
     from rsr_model.__main__ import main
-    from rsr_model.frozenlake_eval import summarize
     from rsr_model.sample import load_model
+    from rsr_model.tasks.frozenlake.judge import summarize
 
     d, paths = trained
     out = d / "evaluate"

@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from cli_common.command import Parser, run_main
+from cli_common.outputs import OutputError, check_free_space, check_output, os_error_reason
+
 from .compression import PORTABLE_FILTER, chosen_filter, filter_kwargs
 from .errors import TraceError
-from cli_common.outputs import OutputError, check_free_space, check_output, os_error_reason
 from .reader import open_trace
 from .schema import FLOATS, LIBVER, find
 

@@ -13,6 +13,7 @@ import sys
 
 from cli_common.command import Parser, run_main
 from cli_common.outputs import check_output
+
 from .errors import TraceError
 from .vds import join_ranks
 

@@ -22,8 +22,18 @@ import numpy as np
 from . import select
 from .compression import missing_plugin, plugin_hint  # also registers the Blosc filters if installed
 from .errors import TraceError
-from .schema import (AXIS_COORDS, JSON_ATTRS, ROOT_ATTRS, KINDS, OUTER_AXES, REQUIRED, SCHEMA_NAME,
-                     SCHEMA_VERSION, VALUE_AXES, find)
+from .schema import (
+    AXIS_COORDS,
+    JSON_ATTRS,
+    KINDS,
+    OUTER_AXES,
+    REQUIRED,
+    ROOT_ATTRS,
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    VALUE_AXES,
+    find,
+)
 
 # Chunk cache per open dataset: big enough for every chunk one slice read touches.
 _CACHE = dict(rdcc_nbytes=32 << 20, rdcc_nslots=10007)

@@ -17,7 +17,6 @@ import numpy as np
 from .errors import TraceError
 
 
-
 def resolve(sel: Any, axis: str, length: int, coord: np.ndarray | None, by_value: bool) -> Any:
     """One axis selection -> int (axis dropped), slice (step > 0) or int64 positions.
 

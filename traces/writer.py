@@ -16,8 +16,8 @@ import atexit
 import datetime as _dt
 import functools
 import os
-import sys
 import socket
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,10 @@ from typing import Any
 import h5py
 import numpy as np
 
+from cli_common.outputs import OutputError, free_bytes, os_error_reason
+
 from .compression import filter_kwargs
 from .errors import TraceError
-from cli_common.outputs import OutputError, free_bytes, os_error_reason
 from .layout import SampleTable, SamplingLayout, TraceMeta, TrainingLayout
 from .schema import AXIS_COORDS, LIBVER, SCHEMA_NAME, SCHEMA_VERSION, WRITER_VERSION, Dataset, datasets
 
@@ -398,7 +399,8 @@ class SamplingWriter(_BaseWriter):
             "/samples/prompt": list(st.prompt),
             "/samples/seed": st.seed,
             "/samples/label": st.label if st.label is not None else [-1] * nsamp,
-            "/samples/scene": [sc if isinstance(sc, str) else TraceMeta.to_json(sc) for sc in (st.scene or [""] * nsamp)],
+            "/samples/scene": [sc if isinstance(sc, str) else TraceMeta.to_json(sc)
+                               for sc in (st.scene or [""] * nsamp)],
             "/latents/token_index": lo.latent_token_ids,
             "/coords/dim": np.arange(lo.latent_dim),
             "/coords/decoded_branch": list(lo.decoded_branches),
@@ -486,7 +488,8 @@ class SamplingWriter(_BaseWriter):
         if "/decoded/final" not in self._f:
             raise TraceError("final images given but the layout has no image_shape")
         b = self._batch.stop - self._batch.start
-        self._f["/decoded/final"][self._batch] = _check("images", images, (b, *self.layout.image_shape)).astype(np.uint8)
+        images = _check("images", images, (b, *self.layout.image_shape))
+        self._f["/decoded/final"][self._batch] = images.astype(np.uint8)
         self._f.flush()
         self._f["/progress/final_written"][self._batch] = 1
         self._commit({})

@@ -77,10 +77,10 @@ def register(app: dash.Dash, ctx: Context) -> None:
             return message("choose a second trace recorded with the same prompts, seeds and grid")
         cmp = ctx.registry.compare(tid, other)
         a, b = ctx.registry.report(tid), ctx.registry.report(other)
-        ka = [v.get("kappa") for lo in cmp["layers"].values() for v in lo.values()]
         return html.Div([
-            html.Div(f"A = {ctx.registry.entry(tid).path.name}, B = {ctx.registry.entry(other).path.name}; mean kappa "
-                     f"{fmt(float(np.nanmean(np.asarray(ka, float))) if ka else None, '{:.3f}')}"),
+            html.Div(f"A = {ctx.registry.entry(tid).path.name}, B = {ctx.registry.entry(other).path.name}; kappa "
+                     f"{fmt(cmp['overall']['kappa'], '{:.3f}')} (mean over layers and steps, weighted by records)",
+                     id="cmp-kappa"),
             html.Div(dcc.Graph(figure=agreement_figure(cmp), config=GRAPH_CONFIG), className="panel"),
             html.Div(dcc.Graph(figure=share_difference_figure(a, b), config=GRAPH_CONFIG), className="panel"),
         ])

@@ -67,12 +67,11 @@ def model(ctx: Context):
 def run_intervention(ctx: Context, tr, sample: int, iv, layer: int, step: int,
                      t_index: int) -> dict[str, Any]:
     """Sample the trace's prompt and seed with and without `iv` (a `probes.interventions.Intervention`,
-    imported on first use: torch is loaded only when someone intervenes); images and the routing of
+    imported on first use: torch is loaded only when someone intervenes) through
+    `probes.causal.before_after`, the report's definition of the effect; images and the routing of
     (layer, step) at the sampler call nearest the selected timestep, before and after."""
-    import torch
-
+    from probes.causal import before_after, routing_changed
     from probes.interventions import Intervention
-    from rsr_model.sample import generate
 
     task, transformer, rsr = model(ctx)
     smp = tr.samples()
@@ -83,20 +82,22 @@ def run_intervention(ctx: Context, tr, sample: int, iv, layer: int, step: int,
     steps, guidance = int(sched.get("num_inference_steps", 8)), float(sched.get("guidance_scale", 3.0))
     capture = Intervention("force", 0, layers=(layer,), step=step).names()
     t_value = float(tr.coords["timestep_value"][t_index])
-    runs = {}
-    for name, hooks in (("before", []), ("after", [(iv.names(), iv.hook(rsr.config.experts))])):
-        with torch.no_grad(), rsr.hooks.hooks(hooks), rsr.hooks.cache(capture) as seen:
-            x0 = generate(task, transformer, items, seeds, steps=steps, guidance=guidance)
-        calls = next(iter(seen.values()), [])
-        nearest = min(calls, key=lambda c: abs(float(c[0].timestep.reshape(-1)[-1]) - t_value)) if calls else None
-        ids = nearest[1][-1].numpy().astype(np.int64) if nearest is not None else None  # cond row is last
-        runs[name] = {"image": task.to_images(x0)[0], "x0": x0, "ids": ids}
-    a, b = runs["before"], runs["after"]
-    diff = np.abs(a["image"].astype(np.int16) - b["image"].astype(np.int16)).astype(np.uint8)
-    return {"before": a["image"], "after": b["image"], "diff": diff, "ids_before": a["ids"], "ids_after": b["ids"],
-            "image_mean_abs_diff": float(diff.mean()),
-            "x0_mean_abs_diff": float((a["x0"] - b["x0"]).abs().mean()),
-            "steps": steps, "guidance": guidance, "item": item, "seed": seeds[0]}
+    r = before_after(task, transformer, rsr, items, seeds, [iv], steps, guidance, capture=capture)
+    a, b = r["images_before"][0], r["images_after"][0]
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16)).astype(np.uint8)  # drawn, not a statistic
+    ids_a, ids_b = _nearest_ids(r["captured_before"], t_value), _nearest_ids(r["captured_after"], t_value)
+    return {"before": a, "after": b, "diff": diff, "ids_before": ids_a, "ids_after": ids_b,
+            "routing_changed": routing_changed(ids_a, ids_b) if ids_a is not None and ids_b is not None else None,
+            "image_mean_abs_diff": r["image_mean_abs_diff"],
+            "x0_mean_abs_diff": r["x0_mean_abs_diff"], "steps": steps, "guidance": guidance, "item": item,
+            "seed": seeds[0]}
+
+
+def _nearest_ids(seen: dict, t_value: float) -> np.ndarray | None:
+    """The conditional row's expert ids at the captured call nearest timestep value `t_value`."""
+    calls = next(iter(seen.values()), [])
+    nearest = min(calls, key=lambda c: abs(float(c[0].timestep.reshape(-1)[-1]) - t_value)) if calls else None
+    return nearest[1][-1].numpy().astype(np.int64) if nearest is not None else None  # cond row is last
 
 
 def result_view(tr, r: dict, K: int) -> list:
@@ -108,13 +109,12 @@ def result_view(tr, r: dict, K: int) -> list:
               for key, title, im in (("before", "before", r["before"]), ("after", "after", r["after"]),
                                      ("diff", "|after − before| × 8", diff_vis))]
     if r["ids_before"] is not None and r["ids_after"] is not None:
-        changed = r["ids_before"] != r["ids_after"]
         for key, ids in (("before", r["ids_before"]), ("after", r["ids_after"])):
             valid = np.where(ids < 0, K, ids)  # -1 (ablated): grey
             panels.append(html.Div([html.H3(f"routing {key}"),
                                     html.Img(src=png_uri(routing_rgb(valid, K, grid), max(1, 100 // grid[0])),
                                              width=100)], className="panel"))
-        panels.append(html.Div(f"tokens whose expert changed: {changed.mean():.1%}"))
+        panels.append(html.Div(f"tokens whose expert changed: {r['routing_changed']:.1%}"))
     panels.append(html.Div(f"{r['item']!r}, seed {r['seed']}, {r['steps']} steps, guidance {r['guidance']}: image mean "
                            f"|diff| {fmt(r['image_mean_abs_diff'], '{:.3g}')} / 255, x0 mean |diff| "
                            f"{fmt(r['x0_mean_abs_diff'], '{:.3g}')}", id="iv-summary"))

@@ -16,8 +16,6 @@ import numpy as np
 import plotly.graph_objects as go
 from dash import Input, Output, State, dash_table, dcc, html
 
-from probes.views import trajectory_means
-
 from ..common import GRAPH_CONFIG, Context, discrete_colourscale, error_text, guarded, message, png_uri
 from .routing import token_grid
 
@@ -90,13 +88,11 @@ ATTRIBUTE = "attribute: "
 
 
 def attribute_codes(tr) -> dict[str, np.ndarray]:
-    """Attribute name -> (samples,) integer code of its value, from `/samples/scene`."""
-    from probes.analysis.setup import prompt_attributes
+    """Attribute name -> (samples,) integer code of its value: the report's coding
+    (`probes.analysis.setup.prompt_attribute_codes`)."""
+    from probes.analysis.setup import prompt_attribute_codes
 
-    per_sample = [prompt_attributes(scene) for scene in tr.samples()["scene"]]
-    names = sorted({name for attrs in per_sample for name in attrs})
-    return {name: np.unique([attrs.get(name, "?") for attrs in per_sample], return_inverse=True)[1].reshape(-1)
-            for name in names}
+    return {name: codes for name, (_, codes) in prompt_attribute_codes(tr.samples()["scene"]).items()}
 
 
 def shown(n_points: int, n: int) -> np.ndarray:
@@ -129,26 +125,29 @@ def scatter_figure(tr, pts: dict, colour: str, n: int) -> go.Figure:
 
 
 def trajectory_figure(tr, layer: int, n_timesteps: int = 6) -> go.Figure:
-    """Paper Fig. 3 from the stored PCA: image-mean latent per recursion step, one line per
-    (sample, timestep), thick line = mean over samples, colour = timestep."""
-    c = tr.read("/derived/pca/coords", layer=layer, branch=0)  # (sample, timestep, step, token, comp)
-    means = trajectory_means(c)[..., :2]  # (sample, timestep, step, 2)
-    tv = tr.coords["timestep_value"]
-    chosen = np.unique(np.linspace(0, len(tv) - 1, min(n_timesteps, len(tv))).round().astype(int))
-    fig = go.Figure()
+    """Paper Fig. 3 as the report draws it (`probes.trajectories`: image-mean latent per recursion
+    step on a PCA of those means), one line per (sample, timestep), thick line = mean over
+    samples, colour = timestep."""
+    from probes.trajectories import latent_trajectories, trajectory_lines
+
+    traj = latent_trajectories(tr, layer)
+    tv = traj["timestep_values"]
     lo, hi = float(np.min(tv)), float(np.max(tv))
-    for t in chosen:
-        colour = _viridis((tv[t] - lo) / (hi - lo or 1))
-        for s in range(means.shape[0]):
-            fig.add_trace(go.Scatter(x=means[s, t, :, 0], y=means[s, t, :, 1], mode="lines", line=dict(color=colour,
-                                     width=1), opacity=0.35, showlegend=False, hoverinfo="skip"))
-        m = np.nanmean(means[:, t], axis=0)
+    fig = go.Figure()
+    for line in trajectory_lines(traj, n_timesteps):
+        colour = _viridis((line["timestep_value"] - lo) / (hi - lo or 1))
+        for xy in line["samples"].values():
+            fig.add_trace(go.Scatter(x=xy[:, 0], y=xy[:, 1], mode="lines", line=dict(color=colour, width=1),
+                                     opacity=0.35, showlegend=False, hoverinfo="skip"))
+        m = line["mean"]
         fig.add_trace(go.Scatter(x=m[:, 0], y=m[:, 1], mode="lines+markers+text", line=dict(color=colour, width=3),
-                                 text=[f"l={int(x)}" for x in tr.coords["step"]], textposition="top center",
-                                 name=f"t={tv[t]:.0f}"))
-    fig.update_layout(height=470, margin=dict(l=30, r=10, t=30, b=30), xaxis_title="PC1", yaxis_title="PC2",
-                      title=dict(text=f"latent trajectories across recursion steps, layer {layer} (paper Fig. 3)",
-                                 font_size=12))
+                                 text=[f"l={x}" for x in line["steps"]], textposition="top center",
+                                 name=f"t={line['timestep_value']:.0f}"))
+    ev = traj["explained_variance_ratio"]
+    fig.update_layout(height=470, margin=dict(l=30, r=10, t=30, b=30), xaxis_title=f"PC1 ({100 * ev[0]:.0f}%)",
+                      yaxis_title=f"PC2 ({100 * ev[1]:.0f}%)",
+                      title=dict(text=f"latent trajectories across recursion steps, layer {layer}, {traj['branch']} "
+                                      "(paper Fig. 3; PCA of image-mean h_l)", font_size=12))
     return fig
 
 

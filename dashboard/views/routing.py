@@ -35,12 +35,11 @@ def layout(ctx: Context):
 
 
 def token_grid(tr: TraceReader) -> tuple[int, int]:
-    g = tr.attrs.get("token_grid")
-    if g:
-        return int(g[0]), int(g[1])
-    n = int(tr.coords["token"].max()) + 1
-    side = int(round(np.sqrt(n)))
-    return (side, side) if side * side == n else (1, n)
+    """The trace's token grid by the report's rule (`probes.analysis.setup.token_grid`); a trace
+    whose grid is unknown is drawn as one row of its token ids."""
+    from probes.analysis.setup import token_grid as grid_of_tokens  # loads probes.stats: not at start-up
+
+    return grid_of_tokens(tr.coords["token"], tr.attrs.get("token_grid")) or (1, int(tr.coords["token"].max()) + 1)
 
 
 def navigation_plan(tr: TraceReader, sample: int) -> dict | None:

@@ -12,9 +12,9 @@ Conventions
 -----------
 * Expert ids >= K (255 unwritten, 254 ablated by an intervention) are invalid and are left
   out of every statistic; `notes` says how many were seen.
-* Timestep bins: sampling traces bin the *recorded* sampler steps in sampler order (bin 0 =
-  the noisiest) into `n_bins` equal groups; training traces bin the events' timestep values
-  into `n_bins` equal-width bins between their min and max.
+* Timestep bins (`traces.bins.timestep_bins`): sampling traces bin the *recorded* sampler
+  steps in sampler order (bin 0 = the noisiest) into `n_bins` equal groups; training traces
+  bin the events' timestep values into `n_bins` equal-width bins between their min and max.
 * Load uses `/routing/counts` (all tokens, even with a token stride); everything else uses
   the stored expert ids of the stored tokens.
 * MI labels: timestep bin, recursion step, position (at most 4x4 regions of the token grid),
@@ -43,8 +43,7 @@ def analyze(trace: TraceReader | str, options: Options | None = None,
             timings: dict[str, float] | None = None) -> dict[str, Any]:
     """Every routing / latent probe (not the causal one) over a whole trace.
 
-    Returns the report (see `probes/REPORT.md`), plus under the private key "_latents" the
-    latent subsample for the figures (removed before writing JSON). A `timings` dict, if
+    Returns the report (see `probes/REPORT.md`). A `timings` dict, if
     given, receives `stream_s` (reading, decompressing and folding every chunk),
     `assemble_s` (statistics from the tables: permutation nulls, expected MI, linear
     probes) and `chunks`.

@@ -8,7 +8,7 @@ import numpy as np
 
 from traces import TraceError, TraceReader, open_trace
 
-from ..stats import AgreementAccumulator, agreement_stats
+from ..stats import AgreementAccumulator, AgreementStats, agreement_stats
 from .results import jsonable, stats_at
 from .setup import Options, grid_of
 
@@ -26,6 +26,20 @@ def _check_same_grid(a: TraceReader, b: TraceReader) -> int:
             or not np.array_equal(samples_a["seed"][:n], samples_b["seed"][:n])):
         raise TraceError("traces differ in prompts or seeds of their common samples")
     return n
+
+
+def weighted_agreement(cells: AgreementStats) -> dict[str, float | int | None]:
+    """Agreement, chance and Cohen's kappa over every (layer, step) cell: the means of the cells'
+    values weighted by their records. Not the kappa of the pooled table: expert k of one layer is
+    not expert k of another, so their tables are not summed; each cell's kappa is against its own
+    chance agreement. The one summary the report and the dashboard's Compare tab show."""
+    n = np.asarray(cells.n, float).reshape(-1)
+    out: dict[str, float | int | None] = {"n": int(n.sum())}
+    for key in ("agreement", "chance", "kappa"):
+        v = np.asarray(getattr(cells, key), float).reshape(-1)
+        ok = np.isfinite(v) & (n > 0)
+        out[key] = float(np.sum(v[ok] * n[ok]) / n[ok].sum()) if ok.any() else None
+    return out
 
 
 def compare_traces(path_a, path_b, n_bins: int = 4) -> dict[str, Any]:
@@ -57,7 +71,7 @@ def compare_traces(path_a, path_b, n_bins: int = 4) -> dict[str, Any]:
                             "by_timestep_bin": [stats_at(per_bin, index + (t,), drop=("confusion",))
                                                 for t in range(grid.n_bins)]}
         return jsonable({
-            "a": str(a.path), "b": str(b.path),
+            "a": str(a.path), "b": str(b.path), "overall": weighted_agreement(total),
             "checkpoint_sha256": [a.attrs.get("checkpoint_sha256"), b.attrs.get("checkpoint_sha256")],
             "layers": {str(layer): {str(step): at((li, si)) for si, step in enumerate(grid.steps)}
                        for li, layer in enumerate(grid.layers)},

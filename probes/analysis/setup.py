@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from traces import TraceReader
+from traces.bins import timestep_bin_edges, timestep_bins
 
 POSITION_GRID = 4  # position labels: at most POSITION_GRID x POSITION_GRID regions
 
@@ -49,6 +50,7 @@ class TraceGrid:
     branches: list[str] = field(default_factory=list)
     timesteps: np.ndarray | None = None  # recorded timesteps (sampling traces)
     timestep_values: np.ndarray | None = None
+    timestep_bin: np.ndarray | None = None  # bin of each recorded timestep position (sampling traces)
 
     @property
     def sampling(self) -> bool:
@@ -83,23 +85,31 @@ class Context:
     options: Options
 
 
+def token_grid(tokens: Any, declared: Any = None) -> tuple[int, int] | None:
+    """(h, w) of the full token grid: `declared` when it is a pair (a trace's `token_grid`
+    attribute, which `probes.record` always writes), else a square grid when `tokens` are exactly
+    0..n-1 with n a square, else None (a grid is not guessed from a subset of the tokens). The one
+    rule the report, the dashboard and the interventions use."""
+    if isinstance(declared, (list, tuple, np.ndarray)) and len(declared) == 2:
+        return int(declared[0]), int(declared[1])
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    n = int(tokens.max()) + 1 if tokens.size else 0
+    side = math.isqrt(n)
+    if n and side * side == n and np.array_equal(tokens, np.arange(n)):
+        return side, side
+    return None
+
+
 def _token_grid(trace: TraceReader, tokens: np.ndarray) -> tuple[tuple[int, int] | None, bool]:
-    attr = trace.attrs.get("token_grid")
-    grid = None
-    if isinstance(attr, (list, tuple, np.ndarray)) and len(attr) == 2:
-        grid = (int(attr[0]), int(attr[1]))
-    else:  # a square grid when every token 0..n-1 is stored and n is a square
-        n = int(tokens.max()) + 1 if tokens.size else 0
-        side = math.isqrt(n)
-        if side * side == n and np.array_equal(tokens, np.arange(n)):
-            grid = (side, side)
+    grid = token_grid(tokens, trace.attrs.get("token_grid"))
     full = grid is not None and np.array_equal(tokens, np.arange(grid[0] * grid[1]))
     return grid, full
 
 
 def grid_of(trace: TraceReader, options: Options) -> TraceGrid:
     """Sampling traces bin the recorded sampler steps in sampler order (bin 0 = noisiest);
-    training traces bin the events' timestep values into equal-width bins."""
+    training traces bin the events' timestep values into equal-width bins (both with
+    `traces.bins.timestep_bins`, whose docstring says why the axes differ)."""
     steps = [int(x) for x in trace.coords["step"]]
     tokens = np.asarray(trace.coords["token"], dtype=np.int64)
     token_grid, full = _token_grid(trace, tokens)
@@ -111,10 +121,11 @@ def grid_of(trace: TraceReader, options: Options) -> TraceGrid:
     t = np.asarray(trace.events()["timestep"], dtype=float)
     n_bins = max(1, options.n_bins)
     lo, hi = (float(t.min()), float(t.max())) if t.size else (0.0, 1000.0)
-    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, n_bins + 1)
+    hi = hi if hi > lo else lo + 1.0
+    edges = timestep_bin_edges(n_bins, lo, hi)
 
     def bin_of(coords: dict) -> int:
-        return int(np.clip(np.searchsorted(edges, coords["timestep"], side="right") - 1, 0, n_bins - 1))
+        return int(timestep_bins(coords["timestep"], n_bins, lo, hi))
 
     bins = [{"bin": b, "t_min": float(edges[b]), "t_max": float(edges[b + 1])} for b in range(n_bins)]
     return TraceGrid("training", n_bins=n_bins, bin_of=bin_of, bins=bins, branches=["train"], **common)
@@ -126,14 +137,14 @@ def _sampling_grid(trace: TraceReader, options: Options, common: dict) -> TraceG
     n_t = len(timesteps)
     n_bins = max(1, min(options.n_bins, n_t))
     position = {int(t): i for i, t in enumerate(timesteps)}
-    bin_of_position = (np.arange(n_t) * n_bins) // n_t
+    bin_of_position = timestep_bins(np.arange(n_t), n_bins, 0, n_t)  # sampler order: bin 0 the noisiest
     bins = [{"bin": b, "timesteps": timesteps[bin_of_position == b].tolist(),
              "timestep_values": values[bin_of_position == b].tolist(),
              "t_max": float(values[bin_of_position == b].max()), "t_min": float(values[bin_of_position == b].min())}
             for b in range(n_bins)]
     return TraceGrid("sampling", n_bins=n_bins, bin_of=lambda c: int(bin_of_position[position[int(c["timestep"])]]),
                      bins=bins, branches=[str(b) for b in trace.coords["branch"]], timesteps=timesteps,
-                     timestep_values=values, **common)
+                     timestep_values=values, timestep_bin=bin_of_position, **common)
 
 
 # --------------------------------------------------------------------------- labels
@@ -153,6 +164,20 @@ def prompt_attributes(scene: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in attributes.items()}
 
 
+def prompt_attribute_codes(scenes: Any) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Attribute name (in order of first appearance) -> (its values, sorted; (samples,) code of each
+    sample's value), from the samples' `/samples/scene`; a sample without the attribute has "?".
+    The one coding of prompt attributes: the report's MI labels and the dashboard's colours."""
+    per_sample = [prompt_attributes(x) for x in scenes]
+    names = list(dict.fromkeys(k for a in per_sample for k in a))
+    out = {}
+    for name in names:
+        values, codes = np.unique(np.asarray([a.get(name, "?") for a in per_sample], dtype=object).astype(str),
+                                  return_inverse=True)
+        out[name] = (values.tolist(), codes.reshape(-1).astype(np.int64))
+    return out
+
+
 def _position_label(grid: TraceGrid) -> Label:
     h, w = grid.token_grid
     rows, cols = min(POSITION_GRID, h), min(POSITION_GRID, w)
@@ -166,13 +191,12 @@ def _sample_labels(trace: TraceReader, notes: list[str]) -> list[Label]:
     partition of the samples (a label that splits the samples like an earlier one is skipped)."""
     samples = trace.samples()
     per_sample: dict[str, list] = {"prompt": list(samples["prompt"])}
-    attributes = [prompt_attributes(x) for x in samples["scene"]]
-    names = list(dict.fromkeys(k for a in attributes for k in a))
-    if not names:
+    attributes = prompt_attribute_codes(samples["scene"])
+    if not attributes:
         notes.append("prompt-attribute MI skipped: /samples/scene holds no attributes (recorded before they were "
                      "written, or a task without them)")
-    for name in names:
-        per_sample[name] = [a.get(name, "?") for a in attributes]
+    for name, (values, codes) in attributes.items():
+        per_sample[name] = [values[c] for c in codes]
     class_label = np.asarray(samples["label"])
     if class_label.size and (class_label >= 0).all():
         per_sample["class"] = [str(int(x)) for x in class_label]

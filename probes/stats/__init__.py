@@ -19,7 +19,6 @@ the chunk size:
 * :mod:`.effects`      -- effect summaries of interventions
 """
 
-from .effects import EffectAccumulator, EffectSummary, effect_summary
 from .decoding import ProbeResult, linear_probe
 from .dynamics import (
     TRAJECTORY_LABELS,
@@ -30,6 +29,7 @@ from .dynamics import (
     convergence_metrics,
     log_slope_rho,
 )
+from .effects import EffectAccumulator, EffectSummary, effect_summary
 from .information import (
     ContingencyAccumulator,
     MIResult,
@@ -59,9 +59,61 @@ from .routing import (
 )
 from .running import GroupedCounts, GroupedSums, Stat, entropy
 from .spatial import SpatialCoherenceAccumulator, SpatialStats, neighbour_agreement
-from .stability import AgreementAccumulator, AgreementStats, agreement_stats, routing_agreement
+from .stability import AgreementAccumulator, AgreementStats, agreement_stats, agreement_vs_chance, routing_agreement
 from .transitions import TransitionAccumulator, TransitionStats, transition_stats
 
-import types as _types
-
-__all__ = [n for n, v in globals().items() if not n.startswith("_") and not isinstance(v, _types.ModuleType)]
+# listed, not computed: a linter (and a reader) sees what the package exports
+__all__ = [
+    "AgreementAccumulator",
+    "AgreementStats",
+    "ContingencyAccumulator",
+    "ConvergenceAccumulator",
+    "ConvergenceMetrics",
+    "ConvergenceSummary",
+    "EffectAccumulator",
+    "EffectSummary",
+    "GateAccumulator",
+    "GateStats",
+    "GroupedCounts",
+    "GroupedSums",
+    "LoadAccumulator",
+    "LoadStats",
+    "MIResult",
+    "ProbeResult",
+    "Projection",
+    "SpatialCoherenceAccumulator",
+    "SpatialStats",
+    "Stat",
+    "TRAJECTORY_LABELS",
+    "TransitionAccumulator",
+    "TransitionStats",
+    "agreement_stats",
+    "agreement_vs_chance",
+    "balance_monitor",
+    "classify_trajectories",
+    "conditional_entropy",
+    "convergence_metrics",
+    "counts_from_ids",
+    "effect_summary",
+    "entropy",
+    "expected_mutual_information",
+    "gate_entropy",
+    "lift_table",
+    "linear_probe",
+    "load_stats",
+    "log_slope_rho",
+    "mi_summary",
+    "miller_madow_mi",
+    "mutual_information",
+    "neighbour_agreement",
+    "pca",
+    "routing_agreement",
+    "sample_null_tables",
+    "sampling_disagreement",
+    "soft_mutual_information",
+    "softmax",
+    "top1_margin",
+    "transition_stats",
+    "umap_embedding",
+    "z_loss",
+]

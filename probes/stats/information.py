@@ -41,7 +41,6 @@ from scipy.special import gammaln
 
 from .running import ArrayResult, GroupedCounts, Stat, entropy, safe_div
 
-
 # --------------------------------------------------------------------------- plug-in quantities
 
 

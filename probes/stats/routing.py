@@ -23,7 +23,6 @@ from scipy.special import logsumexp
 
 from .running import ArrayResult, GroupedCounts, GroupedSums, Stat, entropy, group_axis_names, safe_div, sum_groups
 
-
 # --------------------------------------------------------------------------- closed-form statistics
 
 
@@ -116,9 +115,14 @@ def z_loss(logits: np.ndarray) -> float:
     return float(np.mean(lse**2))
 
 
-def gate_entropy(probs: np.ndarray) -> np.ndarray:
-    """Per-token entropy (nats) of the gate distribution ``-sum_k p_k log p_k``."""
-    return entropy(probs, axis=-1)
+def gate_entropy(probs: np.ndarray, normalised: bool = False) -> np.ndarray:
+    """Per-token entropy of the gate distribution ``-sum_k p_k log p_k``: in nats, or with
+    ``normalised=True`` divided by ``log K`` (K = ``probs.shape[-1]``; 0 = one-hot, 1 = uniform
+    gate), the one normalisation the training curves and the evaluation's routing figures use.
+    Tokens whose stored id is invalid (unwritten, ablated) are the caller's to leave out of a mean."""
+    h = entropy(probs, axis=-1)
+    k = np.shape(probs)[-1]
+    return h / np.log(k) if normalised and k > 1 else h
 
 
 def top1_margin(probs: np.ndarray) -> np.ndarray:

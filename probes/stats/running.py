@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+
 def _index_dtype(bound: int) -> type:
     """Smallest unsigned dtype holding values below ``bound`` (intermediate keys)."""
     for dt in (np.uint8, np.uint16, np.uint32):

@@ -32,14 +32,23 @@ class AgreementStats(ArrayResult):
     n: np.ndarray
 
 
+def agreement_vs_chance(joint: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(n, observed, chance)`` from joint counts ``(..., K, K)`` of two choices a and b:
+    n records, observed = share with a == b (the table's trace), chance = ``sum_k p^a_k p^b_k``
+    (independent choices with the observed shares). The one definition behind both the
+    agreement of two routings (kappa) and the persistence of a transition (lift)."""
+    c = np.asarray(joint, dtype=np.float64)
+    n = c.sum(axis=(-2, -1))
+    observed = safe_div(np.trace(c, axis1=-2, axis2=-1), n)
+    pa = safe_div(c.sum(axis=-1), n[..., None])
+    pb = safe_div(c.sum(axis=-2), n[..., None])
+    return n, observed, np.sum(pa * pb, axis=-1)
+
+
 def agreement_stats(confusion: np.ndarray) -> AgreementStats:
     """Agreement, chance agreement and Cohen's kappa from joint counts ``(..., K, K)``."""
     c = np.asarray(confusion, dtype=np.float64)
-    n = c.sum(axis=(-2, -1))
-    po = safe_div(np.trace(c, axis1=-2, axis2=-1), n)
-    pa = safe_div(c.sum(axis=-1), n[..., None])
-    pb = safe_div(c.sum(axis=-2), n[..., None])
-    pe = np.sum(pa * pb, axis=-1)
+    n, po, pe = agreement_vs_chance(c)
     return AgreementStats(
         agreement=po, chance=pe, kappa=safe_div(po - pe, 1.0 - pe), confusion=c.astype(np.int64), n=n.astype(np.int64)
     )

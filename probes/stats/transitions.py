@@ -24,6 +24,7 @@ import numpy as np
 
 from .information import conditional_entropy, mutual_information
 from .running import ArrayResult, GroupedCounts, Stat, entropy, safe_div
+from .stability import agreement_vs_chance
 
 
 @dataclass
@@ -53,11 +54,7 @@ class TransitionStats(ArrayResult):
 def transition_stats(joint: np.ndarray) -> TransitionStats:
     """Statistics from joint counts ``(..., K, K)`` of (expert at l, expert at l+1)."""
     c = np.asarray(joint, dtype=np.float64)
-    n = c.sum(axis=(-2, -1))
-    p = safe_div(c.sum(axis=-1), n[..., None])  # shares at step l
-    q = safe_div(c.sum(axis=-2), n[..., None])  # shares at step l+1
-    persistence = safe_div(np.trace(c, axis1=-2, axis2=-1), n)
-    chance = np.sum(p * q, axis=-1)
+    n, persistence, chance = agreement_vs_chance(c)  # same expert at l and l+1, vs independent steps
     return TransitionStats(
         matrix=safe_div(c, c.sum(axis=-1, keepdims=True)),
         persistence=persistence,

@@ -29,13 +29,14 @@ state and the folder, so a resumed run sees the same batches as an uninterrupted
 
 from __future__ import annotations
 
-from cli_common.errors import UserError
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from cli_common.errors import UserError
 
 METADATA = "metadata.jsonl"
 LAYOUT_HINT = 'one JSON object per line: {"file_name": "a.png", "text": "a caption"}'

@@ -107,7 +107,8 @@ class Scene:
     relation: Relation | None = None
 
     def to_dict(self) -> dict:
-        rel = None if self.relation is None else {"kind": self.relation.kind, "a": self.relation.a, "b": self.relation.b}
+        r = self.relation
+        rel = None if r is None else {"kind": r.kind, "a": r.a, "b": r.b}
         return {"category": self.category, "objects": [o.to_dict() for o in self.objects], "relation": rel}
 
     @classmethod
@@ -163,7 +164,8 @@ def place(rng: np.random.Generator, sizes: np.ndarray, relation: str | None = No
         if relation is not None:
             dx = c[:, 1, 0] - c[:, 0, 0]  # b.x - a.x
             dy = c[:, 1, 1] - c[:, 0, 1]
-            along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+            axes = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}
+            along, across = axes[relation]
             ok &= along >= np.abs(across) + REL_MARGIN
         idx = np.flatnonzero(ok)
         if idx.size:
@@ -388,8 +390,9 @@ def render_batch(scenes: Sequence[Scene], size: int = 32) -> np.ndarray:
     colour_index = {c: i for i, c in enumerate(COLOURS)}
     for b, sc in enumerate(scenes):
         for k, o in enumerate(sc.objects):
-            img_i.append(b); slot.append(k); sid.append(shape_index[o.shape]); cid.append(colour_index[o.colour])
-            cx.append(o.cx); cy.append(o.cy); sz.append(o.size)
+            for column, value in ((img_i, b), (slot, k), (sid, shape_index[o.shape]), (cid, colour_index[o.colour]),
+                                  (cx, o.cx), (cy, o.cy), (sz, o.size)):
+                column.append(value)
     K = max((len(s.objects) for s in scenes), default=0)
     cov = np.zeros((B, max(K, 1), size, size), dtype=np.float32)  # (B,K,H,W)
     col = np.zeros((B, max(K, 1), 3), dtype=np.float32)  # (B,K,3)

@@ -1,8 +1,8 @@
 """Training presets ("tasks"): what to train on, with which backbone and conditioning.
 
 Each task is a small class with the same surface (see `base.Task`), so training, sampling and
-recording never branch on the preset. Add a preset (e.g. FrozenLake navigation) by adding a
-module here and a line to TASKS.
+recording never branch on the preset. Add a preset by adding a module (or, like FrozenLake, a
+package) here and a line to TASKS; docs/extending.md has the checklist.
 """
 
 from __future__ import annotations

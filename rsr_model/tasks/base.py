@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from cli_common.errors import UserError
-from typing import Any, Sequence
+import argparse
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from cli_common.errors import UserError
 
 from ..config import RSRConfig
 
@@ -16,10 +18,28 @@ class TaskError(UserError):
     """Bad input for a task (data folder, pretrained folder, prompt); one line for users."""
 
 
+# The command-line flags that carry each conditioning's items, per command: `sample` is
+# `python -m rsr_model sample`, `record` is `python -m probes.record`. A task with another
+# source (FrozenLake's maps) overrides `Task.item_flags` and adds its flags in `Task.arguments`.
+ITEM_FLAGS = {"text": {"sample": ("--prompt", "--prompts-file"), "record": ("--prompts",)},
+              "class": {"sample": ("--label", "--prompts-file"), "record": ("--prompts",)}}
+
+Model = tuple  # (task, transformer, RSR or None, checkpoint dict), as `rsr_model.sample.load_model` returns it
+
+
+class TaskCommands(Protocol):
+    """The bodies of `sample` and `record` for a task whose checkpoints make something other than
+    diffusion samples (FrozenLake: plans). Both get the parsed flags and the loaded checkpoint."""
+
+    def sample(self, args: argparse.Namespace, model: Model) -> None: ...
+
+    def record(self, args: argparse.Namespace, model: Model) -> None: ...
+
+
 class Task:
     name: str = ""
     backbone_class: str = ""  # the diffusers transformer class the preset trains
-    conditioning: str = "text"  # "text" (prompts) or "class" (integer labels)
+    conditioning: str = "text"  # "text" (prompts), "class" (integer labels) or "map" (FrozenLake maps)
     two_stage: bool = True  # train the base first (tiny backbones), or fine-tune RSR only (pretrained)
     trains_base_with_rsr: bool = False  # one stage in which the backbone learns together with RSR (frozenlake)
     default_steps: dict[str, int] = {"base": 1000, "rsr": 300}
@@ -47,10 +67,15 @@ class Task:
         if backbone is None:
             return self.new_backbone()
         if backbone.get("class") != self.backbone_class:
-            raise TaskError(f"checkpoint holds a {backbone.get('class')}, preset {self.name!r} uses a {self.backbone_class}")
+            raise TaskError(f"checkpoint holds a {backbone.get('class')}, preset {self.name!r} uses a "
+                            f"{self.backbone_class}")
+        return self.backbone_from_config(backbone["config"])
+
+    def backbone_from_config(self, config: dict[str, Any]) -> nn.Module:
+        """The backbone a checkpoint's config describes (a diffusers class by default)."""
         import diffusers
 
-        return getattr(diffusers, self.backbone_class).from_config(backbone["config"])
+        return getattr(diffusers, self.backbone_class).from_config(config)
 
     def backbone_record(self, transformer: nn.Module) -> dict[str, Any]:
         return {"class": type(transformer).__name__, "config": dict(transformer.config)}
@@ -102,3 +127,27 @@ class Task:
     def describe(self, item) -> dict[str, Any]:
         """Ground truth of a conditioning item, for traces (e.g. the scene a caption describes)."""
         return {}
+
+    # --- command line ---------------------------------------------------------------------
+    @classmethod
+    def item_flags(cls, command: str) -> tuple[str, ...]:
+        """The flags of `command` ("sample" or "record") that carry this task's items, the main one first."""
+        return ITEM_FLAGS[cls.conditioning][command]
+
+    @classmethod
+    def arguments(cls, command: str) -> list[tuple[str, dict[str, Any]]]:
+        """Flags this task adds to `command` beyond the shared ones, as (flag, `add_argument` options);
+        the parsers add every task's, so they never name a task."""
+        return []
+
+    def commands(self) -> TaskCommands | None:
+        """Own `sample` and `record` bodies; None: the diffusion sampler's (`rsr_model/__main__.py`
+        draws images, `probes/record.py` records the sampler's routing)."""
+        return None
+
+    # --- evaluation -----------------------------------------------------------------------
+    def plan_figures(self, transformer: nn.Module, rsr, n: int) -> dict[str, Any]:
+        """`evaluate --planning`: the rates of the task's own judge on its first n held-out problems,
+        with "size" (the row label) and "success_per_map" (for the paired test). Only tasks that plan have it."""
+        raise TaskError(f"preset {self.name!r} has no held-out maps to plan on "
+                        f"(planning figures are for presets that plan, like frozenlake)")

@@ -32,7 +32,8 @@ base from that folder). `two_stage = False`: the trainer runs the "rsr" stage on
   works; "" is also the unconditional prompt when sampling, as in the SD3 pipeline.
 - Sampling uses the folder's scheduler `shift` (3.0 for SD3) and decodes with the VAE.
 
-Defaults from the paper's Table 4 (see docs/design.md, "Training recipe"; the lost learning rate: "Ambiguities" A12): `paper_sd3_medium_middle`
+Defaults from the paper's Table 4 (see docs/design.md, "Training recipe"; the lost learning rate:
+"Ambiguities" A12): `paper_sd3_medium_middle`
 (K = 5 experts, L = 5 latent steps, LoRA rank 128, Gumbel tau 5.0, looped layer 12 of the 24
 SD3-medium blocks; pass `--target-layers 4,8,12` for the multi-layer run); AdamW with betas
 (0.9, 0.999) and weight decay 0 (set by the trainer). The learning rate did not survive the
@@ -61,6 +62,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cli_common.jsonable import jsonable
+
 from .. import config
 from .base import Task, TaskError
 
@@ -77,8 +80,9 @@ def _short(e: BaseException) -> str:
 
 
 def _jsonable(d: dict) -> dict:
-    """A config as plain JSON types (torch.load(weights_only=True) reads them back)."""
-    return json.loads(json.dumps(dict(d), default=str))
+    """A config as plain JSON types (torch.load(weights_only=True) reads them back); values JSON
+    has no type for (dtypes, paths) as their text."""
+    return json.loads(json.dumps(jsonable(dict(d)), default=str))
 
 
 def _public(cfg: dict) -> dict:
@@ -177,7 +181,8 @@ class PretrainedSD3(Task):
         self.index = read_model_index(self.pretrained)
         self.shift = self._scheduler_shift()
         self.batch_size = 16 if torch.cuda.is_available() else 4
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.data = None
         if data is not None:
             from ..data.captions import CaptionFolder, CaptionFolderError

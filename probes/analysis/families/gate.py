@@ -51,5 +51,6 @@ class GateFamily(ProbeFamily):
                               "intervention or a float16 tie); it is meaningful in training traces")
         for cell in self.cells():
             part.steps[cell] = {"gate": stats_at(per_step, cell),
-                                "gate_by_timestep_bin": [stats_at(per_bin, cell + (b,)) for b in range(self.grid.n_bins)]}
+                                "gate_by_timestep_bin": [stats_at(per_bin, cell + (b,))
+                                                         for b in range(self.grid.n_bins)]}
         return part

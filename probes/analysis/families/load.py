@@ -47,9 +47,8 @@ class LoadFamily(ProbeFamily):
         """Counts (layer, step, timestep bin, branch, K)."""
         if not self.grid.sampling:
             return self.counts
-        n_t, n_bins = self.grid.n_timesteps, self.grid.n_bins
-        bin_of_t = (np.arange(n_t) * n_bins) // max(n_t, 1)
-        return np.stack([self.counts[:, :, bin_of_t == b].sum(axis=2) for b in range(n_bins)], axis=2)
+        bin_of_t = self.grid.timestep_bin  # the grid's bins (traces.bins.timestep_bins), not a second rule
+        return np.stack([self.counts[:, :, bin_of_t == b].sum(axis=2) for b in range(self.grid.n_bins)], axis=2)
 
     def result(self) -> Part:
         grid, counts = self.grid, self.by_bin()
@@ -57,7 +56,8 @@ class LoadFamily(ProbeFamily):
         per_step = load_stats(counts.sum(axis=(2, 3)))
         per_branch = load_stats(counts.sum(axis=2))
         per_layer = load_stats(counts.sum(axis=(1, 2, 3)))
-        part = Part(top={"checks": self._checks(), "global": {"load": stats_at(load_stats(counts.sum(axis=(0, 1, 2, 3))), ())}})
+        everything = load_stats(counts.sum(axis=(0, 1, 2, 3)))
+        part = Part(top={"checks": self._checks(), "global": {"load": stats_at(everything, ())}})
         if self.invalid:
             part.notes.append(f"{int(self.invalid)} routing records with invalid ids (>= K: unwritten or ablated) "
                               "left out")
@@ -67,7 +67,8 @@ class LoadFamily(ProbeFamily):
                 d = {"load": stats_at(per_step, (li, si)),
                      "load_by_timestep_bin": [stats_at(per_bin, (li, si, b)) for b in range(grid.n_bins)]}
                 if len(grid.branches) > 1:
-                    d["load_by_branch"] = {br: stats_at(per_branch, (li, si, bi)) for bi, br in enumerate(grid.branches)}
+                    d["load_by_branch"] = {br: stats_at(per_branch, (li, si, bi))
+                                           for bi, br in enumerate(grid.branches)}
                 if grid.sampling:
                     d["share_by_timestep"] = self._share_by_timestep(li, si)
                 part.steps[li, si] = d

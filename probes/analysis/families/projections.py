@@ -1,7 +1,7 @@
 """Latent subsample and linear probes: how well the timestep bin, the recursion step, the
 routed expert and each prompt label can be decoded linearly from h_l (cross-validated,
-against shuffled labels). The subsample (at most `max_latent_points` vectors) also feeds the
-latent-trajectory figure (the report's private "_latents")."""
+against shuffled labels), on a subsample of at most `max_latent_points` vectors. (The
+latent-trajectory figure reads every stored latent itself: `probes.trajectories`.)"""
 
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ class ProjectionFamily(ProbeFamily):
         self.meta: list[np.ndarray] = []
 
     def update(self, chunk: Chunk) -> None:
+        if not self.context.options.linear_probes:  # the subsample feeds the linear probes only
+            return
         latents = chunk.latents.astype(np.float32)  # (layer, step, stored token, dim)
         n_layers, n_steps, n_tokens = latents.shape[:3]
         pick = np.sort(self.rng.choice(n_tokens, size=min(self.keep, n_tokens), replace=False))
@@ -72,7 +74,6 @@ class ProjectionFamily(ProbeFamily):
         if not self.vectors:
             return part
         vectors, meta = np.concatenate(self.vectors), np.concatenate(self.meta)
-        part.top["_latents"] = {"X": vectors, "meta": meta, "columns": LATENT_COLUMNS}
         if self.context.options.linear_probes:
             part.top["linear_probes"] = {str(layer): self._probes(vectors, meta, li)
                                          for li, layer in enumerate(self.grid.layers)}
@@ -95,7 +96,8 @@ class ProjectionFamily(ProbeFamily):
             try:
                 with warnings.catch_warnings():  # linear_probe limits BLAS to one thread itself
                     warnings.simplefilter("ignore")  # ConvergenceWarning: the held-out accuracy is what counts
-                    out[name] = linear_probe(x[keep], y[keep], n_splits=opt.probe_splits, max_samples=opt.probe_max_samples,
+                    out[name] = linear_probe(x[keep], y[keep], n_splits=opt.probe_splits,
+                                             max_samples=opt.probe_max_samples,
                                              C=opt.probe_C, max_iter=200, seed=opt.seed).to_dict()
             except ValueError as e:
                 out[name] = {"skipped": str(e)}

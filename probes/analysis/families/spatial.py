@@ -47,5 +47,6 @@ class SpatialFamily(ProbeFamily):
         part = Part()
         for cell in self.cells():
             part.steps[cell] = {"spatial": stats_at(total, cell),
-                                "spatial_by_timestep_bin": [stats_at(per_bin, cell + (b,)) for b in range(self.grid.n_bins)]}
+                                "spatial_by_timestep_bin": [stats_at(per_bin, cell + (b,))
+                                                            for b in range(self.grid.n_bins)]}
         return part

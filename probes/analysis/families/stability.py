@@ -79,9 +79,11 @@ class StabilityFamily(ProbeFamily):
             part.notes.append(f"seed stability: {int(self.seed_skipped)} samples skipped (same-prompt samples not "
                               "consecutive)")
         for cell in self.cells() if kinds else []:
-            part.steps[cell] = {"stability": {name: self._at(total, per_bin, cell) for name, (total, per_bin) in kinds.items()}}
+            part.steps[cell] = {"stability": {name: self._at(total, per_bin, cell)
+                                              for name, (total, per_bin) in kinds.items()}}
         return part
 
     def _at(self, total, per_bin, index: tuple) -> dict:
         return {**stats_at(total, index, drop=("confusion",)),
-                "by_timestep_bin": [stats_at(per_bin, index + (b,), drop=("confusion",)) for b in range(self.grid.n_bins)]}
+                "by_timestep_bin": [stats_at(per_bin, index + (b,), drop=("confusion",))
+                                    for b in range(self.grid.n_bins)]}

@@ -34,6 +34,7 @@ class TransitionFamily(ProbeFamily):
             part.layers[li] = {"transitions": {
                 f"{steps[s]}->{steps[s + 1]}": {
                     **stats_at(total, (li, s)),
-                    "by_timestep_bin": [stats_at(per_bin, (li, b, s), drop=("matrix",)) for b in range(self.grid.n_bins)]}
+                    "by_timestep_bin": [stats_at(per_bin, (li, b, s), drop=("matrix",))
+                                        for b in range(self.grid.n_bins)]}
                 for s in range(len(steps) - 1)}}
         return part

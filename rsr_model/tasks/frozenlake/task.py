@@ -1,13 +1,13 @@
-"""`frozenlake`: planning in visual latents (the paper's FrozenLake experiment), 4x4 maps;
-`frozenlake-6x6` and `frozenlake-8x8` are the same at larger sizes.
+"""The task class of `frozenlake`: planning in visual latents (the paper's FrozenLake
+experiment), 4x4 maps; `frozenlake-6x6` and `frozenlake-8x8` are the same at larger sizes.
 
-One training example is a random map's shortest plan (rsr_model/data/frozenlake.py): the
+One training example is a random map's shortest plan (maps.py): the
 frames of the agent after 0..T actions, padded to the horizon with the last frame, and the
 actions padded with NO_ACTION. The whole model (encoder, stack, RSR, decoder) trains in one
 stage, from scratch: the frames decoded from every latent step are matched to the true ones
 (pixel MSE, the agent's path weighted up since the agent is a few pixels of the frame) while
 the true action forces the step's expert, and the gate's logits get a cross-entropy against
-the action at every token (rsr_model/frozenlake_model.py). `--mode no_modulation` trains the
+the action at every token (model.py). `--mode no_modulation` trains the
 baseline without routing (one shared adapter, the action as an embedding).
 """
 
@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import config
-from ..data import frozenlake as lake
-from ..frozenlake_model import NO_ACTION, FrozenLakeNet, decode, rollout
-from ..install import RSR
-from .base import Task, TaskError
+from ... import config
+from ...install import RSR
+from ..base import Task, TaskCommands, TaskError
+from . import maps as lake
+from .model import NO_ACTION, FrozenLakeNet, decode, rollout
 
 PATH_WEIGHT = 10.0  # extra pixel-loss weight on the cells the agent visits
 
@@ -64,15 +64,8 @@ class FrozenLake(Task):
     def new_backbone(self) -> nn.Module:
         return FrozenLakeNet(map_size=self.size, encoder_blocks=self.encoder_blocks)
 
-    def build_backbone(self, backbone: dict | None = None) -> nn.Module:
-        if backbone is None:
-            return self.new_backbone()
-        if backbone.get("class") != self.backbone_class:
-            raise TaskError(f"checkpoint holds a {backbone.get('class')}, preset {self.name!r} uses a {self.backbone_class}")
-        return FrozenLakeNet(**backbone["config"])
-
-    def backbone_record(self, transformer: nn.Module) -> dict[str, Any]:
-        return {"class": type(transformer).__name__, "config": dict(transformer.config)}
+    def backbone_from_config(self, config: dict[str, Any]) -> nn.Module:
+        return FrozenLakeNet(**config)  # the project's own net, not a diffusers class
 
     # --- data -------------------------------------------------------------------------------
     @cached_property
@@ -116,6 +109,23 @@ class FrozenLake(Task):
         return frame_loss + action_loss
 
     # --- command line and traces --------------------------------------------------------------
+    @classmethod
+    def item_flags(cls, command: str) -> tuple[str, ...]:
+        return {"sample": ("--map",), "record": ("--maps",)}[command]
+
+    @classmethod
+    def arguments(cls, command: str) -> list[tuple[str, dict[str, Any]]]:
+        if command == "sample":
+            return [("--map", dict(action="append", default=[], help="FrozenLake map like SFFF/FHFH/FFFH/HFFG "
+                                   "(frozenlake presets; repeatable): plan from its start"))]
+        return [("--maps", dict(help="frozenlake checkpoints: a file of maps (one per line, rows joined by '/') "
+                                "or one map"))]
+
+    def commands(self) -> TaskCommands:
+        from . import commands  # plans, not images: the strip of decoded frames and the plan trace
+
+        return commands
+
     def token_grid(self, transformer: nn.Module) -> tuple[int, int]:
         return self.size, self.size  # one token per map cell
 
@@ -137,6 +147,17 @@ class FrozenLake(Task):
         names = [lake.ACTIONS[a] for a in actions]
         steps = {f"action_step_{l}": names[l] if l < len(names) else "none" for l in range(self.horizon + 1)}
         return {"map": lake.map_text(item), "shortest_plan": names, "attributes": steps}
+
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def plan_figures(self, transformer: nn.Module, rsr: RSR, n: int) -> dict[str, Any]:
+        """The judge's rates on the first n held-out maps (evaluation/planning.py collects them)."""
+        from .judge import judge, make_plans, summarize
+
+        plans = make_plans(self, transformer, rsr, self.eval_maps[:n])
+        verdicts = [judge(p) for p in plans]
+        return {"size": f"{self.size}x{self.size}", **summarize(verdicts, plans),
+                "success_per_map": [bool(v.success_env) for v in verdicts]}
 
 
 class FrozenLake6(FrozenLake):

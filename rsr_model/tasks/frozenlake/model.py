@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
-from .gate import Gate
-from .hooks import hook_name
-from .install import RSR
+from ...gate import Gate
+from ...hooks import hook_name
+from ...install import RSR
 
 NUM_ACTIONS = 4
 NO_ACTION = -1  # expert id "no adapter": the latent is left as it is

@@ -4,7 +4,7 @@
 Stop rule: the model rolls out all L latent steps in one forward pass (the gate choosing every
 step's expert); the plan is the actions up to the first decoded frame whose agent stands on
 the goal or in a hole, else all L - 1 actions (the horizon). Cells are read from decoded
-frames with `data.frozenlake.read_cells`.
+frames with `maps.read_cells`.
 
 A plan is judged twice:
 - by its frames: the decoded agent starts on the start cell, reaches the goal, never stands in
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import frozenlake as lake
-from .frozenlake_model import decode, rollout
-from .install import RSR
-from .tasks import Task
-from .tasks.frozenlake import to_model
+from ...install import RSR
+from ..base import Task
+from . import maps as lake
+from .model import decode, rollout
+from .task import to_model
 
 
 def start_frames(maps: Sequence[lake.Map]) -> torch.Tensor:

@@ -10,33 +10,32 @@ one timestep (0: there is no diffusion), the RSR block as the layer, latent step
 axis, the map's cells as tokens; /routing/expert holds every token's own vote, /decoded/step
 frame l, /decoded/final the frame where the plan stops, /samples/scene the map, the plan and
 the true action of every step (the probes' labels `action_step_l`).
+
+Both are reached through `FrozenLake.commands()` after the command line's shared checks (the
+output path, the item flags) and the checkpoint's loading; neither command line names the task.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from cli_common.command import read_lines
 from cli_common.errors import UsageError
-from .data import frozenlake as lake
-from .frozenlake_eval import judge, make_plans
-from .frozenlake_model import NUM_ACTIONS
-from .tasks.frozenlake import FrozenLake
+
+from ..base import Model
+from . import maps as lake
+from .judge import judge, make_plans
+from .model import NUM_ACTIONS
 
 
-def _load(path):
-    from .sample import load_model
-
-    task, net, rsr, ckpt = load_model(path)
-    if not isinstance(task, FrozenLake):
-        raise UsageError(f"{path} is a {task.name!r} checkpoint; maps need a frozenlake one")
-    if rsr is None:
-        raise UsageError(f"{path} has no RSR layer")
-    return task, net, rsr, ckpt
+def _with_rsr(ckpt: Path, model: Model) -> Model:
+    if model[2] is None:
+        raise UsageError(f"{ckpt} has no RSR layer")
+    return model
 
 
 def read_maps(text: str) -> list[str]:
@@ -48,12 +47,11 @@ def read_maps(text: str) -> list[str]:
     raise UsageError(f"--maps: file not found: {text}")
 
 
-def sample(args: Any) -> None:
-    from .sample import image_grid, save_png
+def sample(args: argparse.Namespace, model: Model) -> None:
+    """`sample --map`: the decoded plan of each map as a strip of frames, and its actions printed."""
+    from ...sample import image_grid, save_png
 
-    if args.out.exists() and not args.overwrite:
-        raise UsageError(f"{args.out} exists; pass --overwrite to replace it")
-    task, net, rsr, _ = _load(args.ckpt)
+    task, net, rsr, _ = _with_rsr(args.ckpt, model)
     maps = task.parse_items(args.map)
     plans = make_plans(task, net, rsr, maps)
     width = max(p.length for p in plans) + 1
@@ -68,13 +66,12 @@ def sample(args: Any) -> None:
     print(f"wrote {args.out} ({len(plans)} plan(s), frames 0..stop per row)")
 
 
-def record(args: Any) -> None:
+def record(args: argparse.Namespace, model: Model) -> None:
+    """`probes.record --maps`: one plan per map as an `rsr-trace` sampling file (module doc)."""
     from cli_common.outputs import sha256_file
     from traces import SampleTable, SamplingLayout, SamplingWriter, TraceMeta
 
-    if args.out.exists() and not args.overwrite:
-        raise UsageError(f"{args.out} exists; pass --overwrite to replace it")
-    task, net, rsr, ckpt = _load(args.ckpt)
+    task, net, rsr, ckpt = _with_rsr(args.ckpt, model)
     maps = task.parse_items(read_maps(args.maps))
     plans = make_plans(task, net, rsr, maps, batch_size=args.batch_size)
     L, N = plans[0].votes.shape
