@@ -190,7 +190,7 @@ def poll_job(jobs: Jobs, job_id: str | None, done: Callable[[float], str]) -> Jo
     if not st["done"]:
         return JobPoll("running", message(f"⏳ {st['message']}… {st['elapsed_s']:.1f} s"))
     if st["error"]:
-        return JobPoll("failed", message(st["error"], "error"))
+        return JobPoll("failed", message(" ".join(st["error"].split()), "error"))  # one line, as `guarded`
     return JobPoll("done", message(done(st["elapsed_s"])), job.result)
 
 

@@ -2,6 +2,7 @@
 list, a view left out or declared wrongly failing when the app is built (not a tab silently
 missing), every view's failure shown as one line in that view, and the poll of a background job."""
 
+import ast
 import json
 import threading
 import types
@@ -95,15 +96,13 @@ def test_every_view_shows_its_failure_as_one_line(ctx, monkeypatch):
     for name in ("reader", "report", "compare"):
         monkeypatch.setattr(ctx.registry, name, boom)
     monkeypatch.setattr(views.results, "find_results", boom)
-    ctx.results = Path(".")
+    ctx.results, ctx.ckpt = Path("."), Path("model.pt")  # the Results tab, the Intervene view's full layout
     app = create_app(ctx)
     gated = [k for k, cb in app.callback_map.items() if any(i["id"] == "tabs" for i in cb["inputs"])]
     values = {"sel-trace.value": "some-trace", "sel-layer.value": 2, "sel-step.value": 0, "sel-expert.value": 0,
               "sel-sample.value": 0, "sel-t.value": 0, "cmp-other.value": "other-trace", "lat-method.value": "pca",
               "lat-colour.value": "expert", "lat-max.value": 10000, "flow-bin.value": "all"}
     for view in views.VIEWS:
-        if view.key == "intervene":
-            continue  # without --ckpt it is a fixed message; with one, see test_dashboard's browser test
         shown = [json.dumps(call(app, k, {**values, "tabs.value": view.key}, "tabs.value")) for k in gated]
         errors = [s for s in shown if "msg-error" in s]
         assert errors, f"{view.key}: no error line"
@@ -141,3 +140,17 @@ def test_poll_job_running_failed_done_and_unknown():
     assert "msg-error" in tick.message.className
     tick = poll_job(jobs, "job-from-an-earlier-server", lambda s: "all done")
     assert (tick.state, tick.stop, tick.message) == ("unknown", True, dash.no_update)
+
+
+def test_no_function_over_60_lines():
+    """The developer guide's rule for dashboard/ (decorators count: they are part of a callback)."""
+    root = Path(__file__).resolve().parents[1] / "dashboard"
+    long = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if node.end_lineno - first + 1 > 60:
+                    long.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} "
+                                f"{node.end_lineno - first + 1} lines")
+    assert not long, "functions over 60 lines:\n" + "\n".join(long)
