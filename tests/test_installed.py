@@ -127,6 +127,24 @@ def test_every_command_reports_the_package_version(installed):
         assert out.strip() == f"thinking-pixel {project_version()}", (command, out)
 
 
+def test_version_without_package_metadata(monkeypatch):
+    """Run from a source tree pip never installed: a PEP 440 placeholder, not a crash."""
+    from importlib import metadata
+
+    from cli_common import version
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    version.toolkit_version.cache_clear()
+    try:
+        assert version.toolkit_version() == "0+unknown"
+        assert version.version_line() == "thinking-pixel 0+unknown"
+    finally:
+        version.toolkit_version.cache_clear()
+
+
 def test_train_sample_record_report_convert_from_outside_the_clone(installed, recorded):
     version = project_version()
     w = recorded
