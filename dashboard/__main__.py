@@ -20,7 +20,7 @@ from .data import DashboardError
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="python -m dashboard", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m dashboard", description=__doc__.splitlines()[0], version=True)
     p.add_argument("traces", nargs="*", help=f"trace files or folders (default: {DEFAULT_DIR}/)")
     p.add_argument("--ckpt", type=Path, help="checkpoint for the Intervene view (re-samples with interventions)")
     p.add_argument("--results", type=Path, metavar="DIR",

@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     from cli_common.errors import UsageError
     from cli_common.outputs import check_output, write_atomic
 
-    p = Parser(prog="python -m probes.causal", description="Causal effect of ablating or forcing an expert.")
+    p = Parser(prog="python -m probes.causal", description="Causal effect of ablating or forcing an expert.",
+               version=True)
     p.add_argument("--ckpt", type=Path, required=True)
     p.add_argument("--prompts", required=True)
     p.add_argument("--num-samples", type=positive_int, default=1)

@@ -47,7 +47,7 @@ class ReportError(UserError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m probes.report", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m probes.report", description=__doc__.splitlines()[0], version=True)
     p.add_argument("trace", type=Path)
     p.add_argument("--json", type=Path, help="write the full result as JSON here")
     p.add_argument("--figures", type=Path, help="write PNG figures into this directory")

@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     from cli_common.errors import UsageError
     from cli_common.outputs import check_output, sha256_file, write_atomic
 
-    p = Parser(prog="python -m probes.routing_value", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m probes.routing_value", description=__doc__.splitlines()[0], version=True)
     p.add_argument("--ckpt", type=Path, required=True)
     p.add_argument("--samples", type=int_at_least(2), default=64, help="held-out samples per timestep bin")
     p.add_argument("--bins", type=int_at_least(1), default=4, help="timestep bins (equal widths of sigma)")

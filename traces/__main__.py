@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from cli_common.command import guard_startup
+from cli_common.version import version_line
 
 guard_startup(__name__)  # before h5py loads: Ctrl-C while it does exits 130 with one line
 
@@ -15,6 +16,9 @@ COMMANDS = {"join": join.main, "convert": convert.main}
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:
+        print(version_line())
+        return 0
     if not argv or argv[0] not in COMMANDS:
         print(f"error: python -m traces: expected a command, one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2

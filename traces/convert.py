@@ -112,7 +112,7 @@ def _rebuild_scales(h5: h5py.File, out: h5py.File, items: list) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = Parser(prog="python -m traces convert", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m traces convert", description=__doc__.splitlines()[0], version=True)
     ap.add_argument("input", type=Path)
     ap.add_argument("output", type=Path)
     ap.add_argument("--portable", action="store_true",

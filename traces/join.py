@@ -19,7 +19,7 @@ from .vds import join_ranks
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = Parser(prog="python -m traces join", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m traces join", description=__doc__.splitlines()[0], version=True)
     ap.add_argument("out")
     ap.add_argument("ranks", nargs="+")
     ap.add_argument("--overwrite", action="store_true")
