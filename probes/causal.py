@@ -28,11 +28,11 @@ from cli_common.command import guard_startup
 
 guard_startup(__name__)  # before the slow imports below: Ctrl-C while they load exits 130 with one line
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from .interventions import Intervention  # noqa: E402
-from .stats import EffectAccumulator, effect_summary  # noqa: E402
+from .interventions import Intervention
+from .stats import EffectAccumulator, effect_summary
 
 
 @torch.no_grad()

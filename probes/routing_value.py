@@ -40,11 +40,11 @@ from cli_common.command import guard_startup
 
 guard_startup(__name__)  # before torch: Ctrl-C while it loads exits 130 with one line
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from rsr_model.hooks import hook_name  # noqa: E402
-from traces.bins import timestep_bin_edges  # noqa: E402
+from rsr_model.hooks import hook_name
+from traces.bins import timestep_bin_edges
 
 ROUTING_VALUE_SCHEMA = "rsr-routing-value"
 ROUTING_VALUE_VERSION = 1

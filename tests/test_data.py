@@ -66,7 +66,7 @@ def test_captions_match_scenes():
     for cat, text in examples.items():
         spec = S.parse_caption(text)
         assert S.spec_text(spec) == text
-    o = lambda sh, co, x, y: S.Obj(sh, co, x, y, 0.3)  # noqa: E731
+    o = lambda sh, co, x, y: S.Obj(sh, co, x, y, 0.3)
     assert S.caption(S.Scene("counting", (o("triangle", "red", .2, .2), o("triangle", "red", .7, .7)))) == "two triangles"
     assert S.caption(S.Scene("counting", (o("square", "red", .2, .2),))) == "one square"
     pos = S.Scene("position", (o("square", "green", .8, .5), o("circle", "blue", .2, .5)), S.Relation("right of", 0, 1))

@@ -184,7 +184,7 @@ def test_layer_balances_over_what_its_config_says(sd3, over):
     rsr = install_rsr(model, rsr_config("tiny", target_layers=[2], balance_over=over))
     randomize_rsr(rsr)
     model.train()
-    own_expert = lambda e, ctx: torch.full_like(e, ctx.step % rsr.config.experts)  # noqa: E731  each step its own
+    own_expert = lambda e, ctx: torch.full_like(e, ctx.step % rsr.config.experts)  # each step its own
     with torch.no_grad(), rsr.hooks.hooks({"*.step.*.expert": own_expert}), rsr.hooks.cache("*.probs") as probs:
         run(model, inputs)
     K = rsr.config.experts

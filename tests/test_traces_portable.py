@@ -197,7 +197,7 @@ def test_convert_bad_input_is_one_line_and_leaves_nothing(blosc_trace, tmp_path,
 
 def test_python_m_traces_dispatches(blosc_trace, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "traces", *a], env=env, capture_output=True,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "traces", *a], env=env, capture_output=True,
                                     text=True, timeout=120)
     r = run("convert", str(blosc_trace), str(tmp_path / "p.h5"), "--portable")
     assert r.returncode == 0 and "portable gzip" in r.stdout, r.stderr

@@ -9,7 +9,7 @@ from cli_common.version import version_line
 
 guard_startup(__name__)  # before h5py loads: Ctrl-C while it does exits 130 with one line
 
-from . import convert, join  # noqa: E402
+from . import convert, join
 
 COMMANDS = {"join": join.main, "convert": convert.main}
 
