@@ -17,30 +17,25 @@ from dashboard.app import create_app
 from dashboard.data import REPORT_SUFFIX, Registry, find_traces, trace_id
 from dashboard.selection import NO_TRACES
 from probes.projections import derive
-from probes.record import main as record_main
-from rsr_model.__main__ import main as rsr_main
 from traces import TraceError
 
-PROMPTS = "two red circles left of a blue square\na green triangle\n"
+from .conftest import wait_until
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A tiny checkpoint and a trace recorded from it (probabilities, 16-token latents, early-exit
-    decodes), plus a copy with PCA projections; the folder `served/` holds both."""
+def env(tiny_ckpt, tiny_trace, tmp_path_factory):
+    """The session's tiny checkpoint and a copy of its trace (tests/conftest.py: probabilities,
+    16-token latents, early-exit decodes), plus a copy with PCA projections; the folder `served/`
+    holds both (the dashboard writes its report cache beside them)."""
     d = tmp_path_factory.mktemp("dashboard")
-    ckpt = d / "tiny.pt"
-    assert rsr_main(["train", "--out", str(ckpt), "--steps", "2", "--batch-size", "4"]) == 0
-    (d / "prompts.txt").write_text(PROMPTS)
     served = d / "served"
     served.mkdir()
     trace = served / "run.h5"
-    assert record_main(["--ckpt", str(ckpt), "--prompts", str(d / "prompts.txt"), "--num-samples", "1",
-                        "--steps", "4", "--out", str(trace), "--probs", "--latent-tokens", "16", "--decode"]) == 0
+    shutil.copy(tiny_trace, trace)
     derived = served / "derived.h5"
     shutil.copy(trace, derived)
     derive(derived)
-    return {"dir": d, "ckpt": ckpt, "trace": trace, "derived": derived, "served": served}
+    return {"dir": d, "ckpt": tiny_ckpt, "trace": trace, "derived": derived, "served": served}
 
 
 @pytest.fixture(scope="module")
@@ -438,12 +433,16 @@ def test_projections_computed_from_the_page(env, tmp_path):
     job = call(app, "..lat-job.data...lat-poll.disabled..", {"lat-derive.n_clicks": 1, "sel-trace.value": tid},
                "lat-derive.n_clicks")["lat-job"]["data"]
     poll = "..lat-msg.children...lat-poll.disabled...lat-done.data.."
-    for _ in range(600):
+
+    def finished():
+        """The page's poll, as its interval fires: progress while the job runs, then done."""
+        nonlocal out
         out = call(app, poll, {"lat-job.data": job, "lat-done.data": 0}, "lat-poll.n_intervals")
-        if out["lat-poll"]["disabled"]:
-            break
-        assert "⏳" in text_of(out["lat-msg"]["children"])  # progress while it runs
-        time.sleep(0.1)
+        if not out["lat-poll"]["disabled"]:
+            assert "⏳" in text_of(out["lat-msg"]["children"])  # progress while it runs
+        return out["lat-poll"]["disabled"]
+    out = None
+    wait_until(finished, timeout=60, waiting_for="the projections job to finish", poll_s=0.1)
     assert "projections computed" in text_of(out["lat-msg"]["children"]) and out["lat-done"]["data"] == 1
     fig = call(app, "..lat-scatter.figure...lat-msg.children...lat-derive.style..",
                {"tabs.value": "latent", "sel-trace.value": tid, "sel-layer.value": 2, "lat-method.value": "pca",

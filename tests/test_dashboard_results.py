@@ -19,15 +19,18 @@ from .test_dashboard import browser, call, click, console_errors, selection, tex
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(quick_table, quick_class_conditioned, tmp_path_factory):
     """Every result kind, written by the real commands: the quick ablation table (middle target,
-    2 seeds), a 3-scene scorer check, the quick class-conditioned table and planning figures of
-    two 2-step FrozenLake checkpoints."""
+    2 seeds) and the quick class-conditioned table (the session's runs, tests/conftest.py, whose
+    JSON and Markdown are copied here), a 3-scene scorer check and planning figures of two 2-step
+    FrozenLake checkpoints."""
     d = tmp_path_factory.mktemp("results")
     out = d / "evaluate"
-    assert rsr_main(["evaluate", "--table", "--quick", "--out", str(out)]) == 0
+    out.mkdir()
+    for shared in (quick_table.out, quick_class_conditioned.out):
+        for result in (*shared.glob("*.json"), *shared.glob("*.md")):
+            shutil.copyfile(result, out / result.name)
     assert rsr_main(["evaluate", "--scorer-check", "--scenes", "3", "--out", str(out)]) == 0
-    assert rsr_main(["evaluate", "--class-conditioned", "--quick", "--out", str(out)]) == 0
     lakes = [d / f"lake_s{seed}.pt" for seed in (0, 1)]
     for seed, ckpt in enumerate(lakes):
         assert rsr_main(["train", "--preset", "frozenlake", "--steps", "2", "--batch-size", "4", "--seed", str(seed),
