@@ -14,8 +14,7 @@ from dashboard.views import results as res
 from rsr_model.__main__ import main as rsr_main
 
 from .conftest import one_error_line
-# `browser` serves the `app_ctx` fixture of the module that uses it: here, the results app below
-from .test_dashboard import browser, call, click, console_errors, selection, text_of, wait_for  # noqa: F401
+from .dashboard_page import call, click, console_errors, selection, text_of, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +140,7 @@ def test_command_line_and_defaults(results, tmp_path, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def app_ctx(results, tmp_path_factory):
-    """The app serving no trace at all, only the results folder."""
+    """The app serving no trace at all, only the results folder (what `browser` serves here)."""
     ctx = make_context([str(tmp_path_factory.mktemp("no_traces"))], results=results)
     assert not ctx.registry.entries
     return create_app(ctx), ctx
