@@ -13,7 +13,7 @@ from dashboard.app import create_app
 from dashboard.views import results as res
 from rsr_model.__main__ import main as rsr_main
 
-from .conftest import one_error_line
+from .conftest import one_error_line, train
 from .dashboard_page import call, click, console_errors, selection, text_of, wait_for
 
 
@@ -32,8 +32,7 @@ def results(quick_table, quick_class_conditioned, tmp_path_factory):
     assert rsr_main(["evaluate", "--scorer-check", "--scenes", "3", "--out", str(out)]) == 0
     lakes = [d / f"lake_s{seed}.pt" for seed in (0, 1)]
     for seed, ckpt in enumerate(lakes):
-        assert rsr_main(["train", "--preset", "frozenlake", "--steps", "2", "--batch-size", "4", "--seed", str(seed),
-                         "--out", str(ckpt)]) == 0
+        assert train(ckpt, "--preset", "frozenlake", "--seed", seed) == 0
     assert rsr_main(["evaluate", "--planning", *map(str, lakes), "--out", str(out)]) == 0
     return out
 
