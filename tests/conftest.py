@@ -1,6 +1,7 @@
 """Fixtures and helpers every test file may use: tiny models built in memory, commands run in
-process, waits with a deadline, and set-up made once per session (a trained tiny checkpoint, a
-trace recorded from it, the quick evaluation results) that many files read."""
+process, waits with a deadline, set-up made once per session that many files read (a trained
+tiny checkpoint, a trace recorded from it, the quick evaluation results), and the dashboard
+served to a headless browser."""
 
 import contextlib
 import hashlib
