@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,16 +36,14 @@ PROMPT = "two red circles left of a blue square"
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory) -> Path:
-    """The files the cases refer to, made once: checkpoints, traces, rank files, plain files."""
+def made(tiny_ckpt, dit_base_ckpt, tmp_path_factory) -> Path:
+    """The files the cases refer to, made once: checkpoints (copies of the session's,
+    tests/conftest.py), traces, rank files, plain files."""
     from probes.record import main as record
-    from rsr_model.__main__ import main as rsr
 
     d = tmp_path_factory.mktemp("made")
-    fast = ["--batch-size", "4", "--save-every", "1"]
-    assert rsr(["train", "--out", str(d / "tiny.pt"), "--steps", "2", *fast]) == 0
-    assert rsr(["train", "--preset", "dit-digits", "--stage", "base", "--out", str(d / "dit.pt"), "--steps", "1",
-                *fast]) == 0
+    shutil.copyfile(tiny_ckpt, d / "tiny.pt")
+    shutil.copyfile(dit_base_ckpt, d / "dit.pt")
     rec = ["--ckpt", str(d / "tiny.pt"), "--steps", "2"]
     assert record([*rec, "--prompts", PROMPT, "--out", str(d / "good.h5")]) == 0
     assert record([*rec, "--prompts", "a green triangle", "--seed", "5", "--out", str(d / "other.h5")]) == 0
@@ -58,8 +57,6 @@ def made(tmp_path_factory) -> Path:
     (d / "keep.json").write_text('{"keep": true}\n')
     (d / "keep.png").write_bytes(b"keep")
     (d / "corrupt.pt").write_bytes((d / "tiny.pt").read_bytes()[:5000])
-    for log in d.glob("*.log.csv"):
-        log.unlink()  # (training logs are not inputs of any case)
     return d
 
 
@@ -281,7 +278,7 @@ class Child:
         """Poll until `ready()` (or the child exited: then the test sees why)."""
         end = time.monotonic() + timeout
         while not ready() and self.proc.poll() is None:
-            assert time.monotonic() < end, "".join(self.err)
+            assert time.monotonic() < end, f"gave up after {timeout:g} s waiting for the child: {''.join(self.err)}"
             time.sleep(0.01)
 
     def loaded(self, library: str) -> bool:

@@ -2,10 +2,7 @@
 command line, the report cache, and the page driven in a real headless browser (Chromium)."""
 
 import json
-import re
 import shutil
-import socket
-import threading
 import time
 
 import h5py
@@ -18,84 +15,32 @@ from dashboard.app import create_app
 from dashboard.data import REPORT_SUFFIX, Registry, find_traces, trace_id
 from dashboard.selection import NO_TRACES
 from probes.projections import derive
-from probes.record import main as record_main
-from rsr_model.__main__ import main as rsr_main
 from traces import TraceError
 
-PROMPTS = "two red circles left of a blue square\na green triangle\n"
+from .conftest import wait_until
+from .dashboard_page import ROUTING, call, click, console_errors, selection, text_of, wait_for
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A tiny checkpoint and a trace recorded from it (probabilities, 16-token latents, early-exit
-    decodes), plus a copy with PCA projections; the folder `served/` holds both."""
+def env(tiny_ckpt, tiny_trace, tmp_path_factory):
+    """The session's tiny checkpoint and a copy of its trace (tests/conftest.py: probabilities,
+    16-token latents, early-exit decodes), plus a copy with PCA projections; the folder `served/`
+    holds both (the dashboard writes its report cache beside them)."""
     d = tmp_path_factory.mktemp("dashboard")
-    ckpt = d / "tiny.pt"
-    assert rsr_main(["train", "--out", str(ckpt), "--steps", "2", "--batch-size", "4"]) == 0
-    (d / "prompts.txt").write_text(PROMPTS)
     served = d / "served"
     served.mkdir()
     trace = served / "run.h5"
-    assert record_main(["--ckpt", str(ckpt), "--prompts", str(d / "prompts.txt"), "--num-samples", "1",
-                        "--steps", "4", "--out", str(trace), "--probs", "--latent-tokens", "16", "--decode"]) == 0
+    shutil.copy(tiny_trace, trace)
     derived = served / "derived.h5"
     shutil.copy(trace, derived)
     derive(derived)
-    return {"dir": d, "ckpt": ckpt, "trace": trace, "derived": derived, "served": served}
+    return {"dir": d, "ckpt": tiny_ckpt, "trace": trace, "derived": derived, "served": served}
 
 
 @pytest.fixture(scope="module")
 def app_ctx(env):
     ctx = make_context([str(env["served"])], env["ckpt"], permutations=19)
     return create_app(ctx), ctx
-
-
-def call(app, output: str, values: dict, changed: str | None = None):
-    """POST one callback the way the page does; `values` maps 'id.prop' to the value of every
-    Input/State (missing ones are None). Returns {component id: {prop: value}}."""
-    if output not in app.callback_map:  # outputs with allow_duplicate carry an '@hash' suffix
-        output = next(k for k in app.callback_map if re.sub(r"@[0-9a-f]+", "", k) == output)
-    cb = app.callback_map[output]
-
-    def fill(items):
-        return [{"id": i["id"], "property": i["property"], "value": values.get(f"{i['id']}.{i['property']}")}
-                for i in items]
-    outs = [{"id": o.split(".")[0], "property": o.split(".")[1]} for o in output.strip(".").split("...")]
-    payload = {"output": output, "outputs": outs if len(outs) > 1 else outs[0], "inputs": fill(cb["inputs"]),
-               "state": fill(cb["state"]), "changedPropIds": [changed] if changed else []}
-    r = app.server.test_client().post("/_dash-update-component", json=payload)
-    assert r.status_code in (200, 204), r.data[:500]
-    if r.status_code == 204:
-        return {}
-    return {cid: {re.sub(r"@[0-9a-f]+", "", prop): v for prop, v in props.items()}
-            for cid, props in r.get_json()["response"].items()}
-
-
-def text_of(component) -> str:
-    """All text inside a serialised Dash component tree."""
-    if isinstance(component, str):
-        return component
-    if isinstance(component, (int, float)) or component is None:
-        return ""
-    if isinstance(component, list):
-        return " ".join(text_of(c) for c in component)
-    if isinstance(component, dict):
-        return text_of(component.get("props", {}).get("children"))
-    return ""
-
-
-SYNC = ("..url.search...status.children...sel-trace.options...sel-sample.options...sel-branch.options...sel-t.max"
-        "...sel-t.marks...sel-layer.options...sel-step.max...sel-step.marks...sel-expert.options...sel-trace.value"
-        "...sel-sample.value...sel-branch.value...sel-t.value...sel-layer.value...sel-step.value...sel-expert.value"
-        "...tabs.value..")
-ROUTING = ("..routing-map.figure...routing-decoded.src...routing-final.src...routing-decoded-note.children"
-           "...routing-msg.children...routing-key.data..")
-
-
-def selection(app, search: str = "") -> dict:
-    out = call(app, SYNC, {"url.search": search}, "url.search")
-    return {k: v.get("value") for k, v in out.items() if "value" in v} | {"status": out["status"]["children"],
-                                                                          "search": out["url"]["search"]}
 
 
 # ----------------------------------------------------------------------------- callbacks
@@ -269,67 +214,6 @@ def test_command_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------- browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def browser(app_ctx):
-    """The app on a loopback port and headless Chromium driving it."""
-    shutil_which = shutil.which
-    if not (shutil_which("chromedriver") and (shutil_which("chromium") or shutil_which("google-chrome"))):
-        pytest.skip("chromium and chromedriver are not installed (scripts/setup.sh installs them with apt-get)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-    from werkzeug.serving import make_server
-
-    app, ctx = app_ctx
-    port = _free_port()
-    server = make_server("127.0.0.1", port, app.server, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    opts = Options()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--window-size=1366,768",
-                "--enable-unsafe-swiftshader", "--disable-dev-shm-usage"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(shutil_which("chromedriver")), options=opts)
-    driver.set_page_load_timeout(60)
-    yield driver, f"http://127.0.0.1:{port}", ctx
-    driver.quit()
-    server.shutdown()
-
-
-def wait_for(driver, condition, timeout=30):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))
-
-
-def click(driver, xpath: str) -> None:
-    """Click an element that a callback may still be re-rendering (retry while it is replaced)."""
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
-
-    def attempt(d):
-        try:
-            found = d.find_elements(By.XPATH, xpath)
-            if found:
-                found[0].click()
-                return True
-        except StaleElementReferenceException:
-            pass
-        return False
-    wait_for(driver, attempt)
-
-
-def console_errors(driver) -> list:
-    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-
-
 def routing_state(driver):
     return driver.execute_script(
         "const gd = document.querySelector('#routing-map .js-plotly-plot');"
@@ -439,12 +323,16 @@ def test_projections_computed_from_the_page(env, tmp_path):
     job = call(app, "..lat-job.data...lat-poll.disabled..", {"lat-derive.n_clicks": 1, "sel-trace.value": tid},
                "lat-derive.n_clicks")["lat-job"]["data"]
     poll = "..lat-msg.children...lat-poll.disabled...lat-done.data.."
-    for _ in range(600):
+
+    def finished():
+        """The page's poll, as its interval fires: progress while the job runs, then done."""
+        nonlocal out
         out = call(app, poll, {"lat-job.data": job, "lat-done.data": 0}, "lat-poll.n_intervals")
-        if out["lat-poll"]["disabled"]:
-            break
-        assert "⏳" in text_of(out["lat-msg"]["children"])  # progress while it runs
-        time.sleep(0.1)
+        if not out["lat-poll"]["disabled"]:
+            assert "⏳" in text_of(out["lat-msg"]["children"])  # progress while it runs
+        return out["lat-poll"]["disabled"]
+    out = None
+    wait_until(finished, timeout=60, waiting_for="the projections job to finish", poll_s=0.1)
     assert "projections computed" in text_of(out["lat-msg"]["children"]) and out["lat-done"]["data"] == 1
     fig = call(app, "..lat-scatter.figure...lat-msg.children...lat-derive.style..",
                {"tabs.value": "latent", "sel-trace.value": tid, "sel-layer.value": 2, "lat-method.value": "pca",
