@@ -409,7 +409,8 @@ def test_ctrl_c_in_routing_value_writes_no_json(made, tmp_path, capsys, ctrl_c_a
 
     ctrl_c_after(rv, "held_out_batches", 1)
     capsys.readouterr()
-    _interrupted(capsys, rv.main(["--ckpt", str(made / "tiny.pt"), "--samples", "4", "--json", str(tmp_path / "v.json")]))
+    _interrupted(capsys, rv.main(["--ckpt", str(made / "tiny.pt"), "--samples", "4", "--json",
+                                  str(tmp_path / "v.json")]))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -3,15 +3,15 @@ command line, the report cache, and the page driven in a real headless browser (
 
 import json
 import shutil
-import time
 
 import h5py
 import numpy as np
 import pytest
 
-from dashboard.__main__ import build_parser, main as dashboard_main
-from dashboard.common import make_context
+from dashboard.__main__ import build_parser
+from dashboard.__main__ import main as dashboard_main
 from dashboard.app import create_app
+from dashboard.common import make_context
 from dashboard.data import REPORT_SUFFIX, Registry, find_traces, trace_id
 from dashboard.selection import NO_TRACES
 from probes.projections import derive
@@ -83,7 +83,8 @@ def test_views_render_without_errors(app_ctx, env):
         out = call(app, output, {**sel, "tabs.value": view}, "tabs.value")
         body = out[output.split(".")[0]]["children"]
         assert "msg-error" not in json.dumps(body), (view, text_of(body))
-    overview = text_of(call(app, "overview-body.children", {**sel, "tabs.value": "overview"})["overview-body"]["children"])
+    overview = text_of(call(app, "overview-body.children", {**sel,
+                                                            "tabs.value": "overview"})["overview-body"]["children"])
     assert "argmax over a flat gate" in overview  # the 2-step model's gate is flat: said so, not shown as structure
     training = call(app, "training-body.children", {**sel, "tabs.value": "training"})["training-body"]["children"]
     assert "needs a training trace" in text_of(training)
@@ -129,9 +130,7 @@ def test_report_cache_is_keyed_by_checksum(env, monkeypatch):
     reg.close()
     monkeypatch.setattr(Registry, "_analyse", lambda *a: pytest.fail("re-analysed an unchanged trace"))
     again = Registry([env["trace"]], n_perm=19)
-    t0 = time.perf_counter()
-    assert again.report(tid) == first
-    assert time.perf_counter() - t0 < 1.0
+    assert again.report(tid) == first  # from the cache: the patched analysis would fail the test
     again.close()
 
 
@@ -200,7 +199,7 @@ def test_no_traces_says_how_to_make_one(tmp_path, monkeypatch):
 def test_command_line(tmp_path, capsys):
     assert build_parser().parse_args([]).host == "127.0.0.1"  # loopback unless told otherwise
     assert dashboard_main([str(tmp_path / "missing.h5")]) == 2
-    assert capsys.readouterr().err.startswith("error: ") 
+    assert capsys.readouterr().err.startswith("error: ")
     assert dashboard_main(["--port", "0", str(tmp_path)]) == 2
     assert dashboard_main(["--ckpt", str(tmp_path / "none.pt"), str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err

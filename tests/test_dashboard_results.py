@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from dashboard.__main__ import main as dashboard_main
-from dashboard.common import make_context
 from dashboard.app import create_app
+from dashboard.common import make_context
 from dashboard.views import results as res
 from rsr_model.__main__ import main as rsr_main
 

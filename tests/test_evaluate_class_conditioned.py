@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from rsr_model.__main__ import main
 from evaluation import digits_quality as dq
+from rsr_model.__main__ import main
 
 
 def test_figures_on_known_answers():
@@ -30,7 +30,8 @@ def test_quick_class_conditioned_end_to_end(quick_class_conditioned):
     for row in result["rows"].values():
         assert set(dq.FIGURES) <= set(row) and 0 <= row["precision"] <= 1
     md = (out / "class_conditioned.md").read_text()
-    assert md.startswith("| Model | FD ↓") and "test accuracy" in md and md.splitlines()[0] in quick_class_conditioned.stdout
+    assert md.startswith("| Model | FD ↓") and "test accuracy" in md
+    assert md.splitlines()[0] in quick_class_conditioned.stdout
 
 
 def test_planning_hook_refuses_presets_without_planning_figures(dit_base_ckpt, tmp_path, capsys):
@@ -42,8 +43,8 @@ def test_planning_hook_refuses_presets_without_planning_figures(dit_base_ckpt, t
 
 @pytest.mark.parametrize("given", [["0", "1", "2"], ["0,1,2"], ["0,1", "2"]])
 def test_seeds_take_spaces_or_commas(given):
-    from rsr_model.__main__ import build_parser
     from evaluation.cli import _budget
+    from rsr_model.__main__ import build_parser
 
     args = build_parser().parse_args(["evaluate", "--class-conditioned", "--quick", "--seeds", *given, "--out", "x"])
     assert _budget(args, dq.DEFAULT, dq.QUICK).seeds == (0, 1, 2)

@@ -8,10 +8,10 @@ import torch
 from diffusers.loaders.lora_pipeline import SD3LoraLoaderMixin
 from PIL import Image
 
-from rsr_model.__main__ import main
-from rsr_model.checkpoint import load_checkpoint, save_checkpoint
 from evaluation.export import dpg_grid
 from evaluation.lora_export import WEIGHTS_NAME
+from rsr_model.__main__ import main
+from rsr_model.checkpoint import load_checkpoint, save_checkpoint
 from rsr_model.hooks import hook_name
 from rsr_model.sample import load_model
 from rsr_model.train import build_from_checkpoint

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from rsr_model.__main__ import main
 from evaluation import table
 from evaluation.prompts import plan
+from rsr_model.__main__ import main
 
 from .conftest import one_error_line
 

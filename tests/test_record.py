@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from probes.record import main as record_main
-from rsr_model.recorders import ABLATED, SamplingRecorder, Selection, sample_table
 from rsr_model.hooks import hook_name
+from rsr_model.recorders import ABLATED, SamplingRecorder, Selection, sample_table
 from rsr_model.sample import load_model
 from traces import SamplingWriter, TraceError, open_trace
 

@@ -10,8 +10,8 @@ import pytest
 
 from probes.analysis import Options, analyze, jsonable
 from probes.causal import causal_effect
-from probes.projections import derive, load_derived
 from probes.interventions import Intervention
+from probes.projections import derive, load_derived
 from probes.record import main as record_main
 from probes.report import main as report_main
 from traces import open_trace
@@ -117,7 +117,8 @@ def test_training_trace_load_and_sampling_disagreement(training_trace):
     # /routing/prob is stored as float16: the tolerance is that of the data
     assert np.asarray(curves["gate_norm_entropy"][0]) == pytest.approx(want, rel=1e-5)
     top = np.sort(p, axis=-1)
-    assert np.asarray(curves["gate_margin"][0]) == pytest.approx((top[..., -1] - top[..., -2]).mean(axis=(0, 3)), rel=1e-5, abs=1e-6)
+    assert np.asarray(curves["gate_margin"][0]) == pytest.approx((top[..., -1] - top[..., -2]).mean(axis=(0, 3)),
+                                                                 rel=1e-5, abs=1e-6)
     for window in curves["load_share"]:
         assert all(abs(sum(s) - 1) < 1e-9 for layer in window for s in layer)
     assert np.asarray(curves["mi_timestep_bin"]["mi"]).shape == (len(curves["records"]), 1, 3)
@@ -335,7 +336,8 @@ def test_expert_change_known_answer(tmp_path):
     # sample 0: step 0 changes 2 of 8, then 0 of 7 (one ablated); sample 1 never changes (16 + 16 pairs)
     assert first["n"] == 8 + 7 + 16 and first["share"] == pytest.approx(2 / 31)
     assert [b["n"] for b in first["by_timestep_bin"]] == [16, 15, 0]
-    assert first["by_timestep_bin"][0]["share"] == pytest.approx(2 / 16) and first["by_timestep_bin"][2]["share"] is None
+    assert first["by_timestep_bin"][0]["share"] == pytest.approx(2 / 16)
+    assert first["by_timestep_bin"][2]["share"] is None
     assert second["n"] == 32 and second["share"] == pytest.approx(4 / 32)
     assert second["by_timestep_bin"][1]["share"] == pytest.approx(4 / 16)
 

@@ -120,15 +120,18 @@ def test_sampling_is_deterministic_per_seed(tiny_ckpt, tmp_path):
     assert torch.equal(watched, a) and [i for i, _, _ in seen] == [0, 1, 2]
     assert seen[0][1] == 1.0 and seen[0][2] == a.shape and seen[0][1] > seen[1][1] > seen[2][1] > 0
     # one image does not depend on the rest of the batch
-    torch.testing.assert_close(generate(task, model, ["two blue squares"], seeds=[1], steps=3), a[1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(generate(task, model, ["two blue squares"], seeds=[1], steps=3), a[1:], atol=1e-5,
+                               rtol=0)
     png = tmp_path / "s.png"
-    assert main(["sample", "--ckpt", str(tiny_ckpt), "--prompt", "a red circle", "--steps", "2", "--out", str(png)]) == 0
+    assert main(["sample", "--ckpt", str(tiny_ckpt), "--prompt", "a red circle", "--steps", "2", "--out",
+                 str(png)]) == 0
     assert png.stat().st_size > 0
 
 
 def test_dit_digits_preset(tmp_path):
     out = tmp_path / "dit.pt"
-    assert main(["train", "--preset", "dit-digits", "--out", str(out), *FAST, "--steps", "2", "--mode", "no_recursion"]) == 0
+    assert main(["train", "--preset", "dit-digits", "--out", str(out), *FAST, "--steps", "2", "--mode",
+                 "no_recursion"]) == 0
     ck = load_checkpoint(out)
     assert ck["backbone"]["class"] == "DiTTransformer2DModel" and ck["mode"] == "no_recursion"
     png = tmp_path / "d.png"
@@ -205,7 +208,8 @@ def test_checkpoint_architecture_is_checked_not_only_its_preset_name(made):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "nan.pt"
-    msg = _one_line_error(capsys, ["train", "--out", str(out), *FAST, "--steps", "6", "--lr", "1e30", "--stage", "base"])
+    msg = _one_line_error(capsys, ["train", "--out", str(out), *FAST, "--steps", "6", "--lr", "1e30", "--stage",
+                                   "base"])
     assert "Last good checkpoint" in msg
     ck = load_checkpoint(out)  # still readable, at the last finite step
     assert 1 <= ck["progress"]["base"] < 6
@@ -224,7 +228,8 @@ def test_a_run_saved_before_the_recipe_flags_resumes_as_it_was_trained(tmp_path)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Trainer(train_args(out, "--steps", "2", "--experts", "4", "--warm-start", "none"), callbacks=[crash_in_rsr]).run()
+        Trainer(train_args(out, "--steps", "2", "--experts", "4", "--warm-start", "none"),
+                callbacks=[crash_in_rsr]).run()
     ck = load_checkpoint(out)
     for name in ("warm_start", "warm_start_steps", "rsr_ema_decay"):
         del ck["args"][name]
