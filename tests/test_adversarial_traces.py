@@ -90,7 +90,7 @@ def listing(folder: Path) -> set[str]:
 @dataclass
 class Case:
     cls: int  # the class
-    command: str  # "traces" or "dashboard"
+    command: str  # "traces", "dashboard" or "probes.report" (a reader of joined traces)
     argv: list[str]  # {m}: the made folder, {t}: a fresh folder for outputs
     expect: str  # a piece of the error line
 
@@ -106,8 +106,13 @@ CASES = [
     Case(1, "traces", ["join", "{m}/hard_r1.h5", "{m}/r0.h5", "{m}/r1.h5", "--overwrite"], "input rank file #1"),
     Case(1, "traces", ["join", "{m}/sub/../r0.h5", "{m}/r0.h5", "{m}/r1.h5", "--overwrite"], "input rank file #0"),
     Case(1, "traces", ["join", "{m}/r0.h5", "{m}/link_r0.h5", "{m}/r1.h5", "--overwrite"], "input rank file #0"),
+    Case(1, "traces", ["join", "{m}/link_r1.h5", "{m}/r0.h5", "{m}/r1.h5"], "input rank file #1"),
     # 5: a joined trace whose rank files are not beside it is refused, never read as fill values
     Case(5, "traces", ["convert", "{m}/lonely/joined.h5", "{t}/c.h5"], "rank file r0.h5 is missing"),
+    Case(5, "probes.report", ["{m}/lonely/joined.h5", "--json", "{t}/r.json", "--permutations", "0"],
+         "rank file r0.h5 is missing"),
+    Case(5, "probes.report", ["{m}/lonely/joined.h5", "--figures", "{t}/figs", "--permutations", "0"],
+         "rank file r0.h5 is missing"),
     # 13: the dashboard's address is judged before any work
     Case(13, "dashboard", ["--host", "no-such-host.invalid", "--results", "{m}"], "--host no-such-host.invalid"),
     Case(13, "dashboard", ["--host", "192.0.2.1", "--results", "{m}"], "not an address of this machine"),
@@ -132,6 +137,8 @@ def busy_port():
 def _main(command: str):
     if command == "traces":
         from traces.__main__ import main
+    elif command == "probes.report":
+        from probes.report import main
     else:
         from dashboard.__main__ import main
     return main
