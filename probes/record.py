@@ -155,6 +155,8 @@ def check_args(args) -> None:
     check_output(args.out, args.overwrite, inputs={"--ckpt": args.ckpt, "--prompts": item_file(args.prompts),
                                                    "--maps": item_file(getattr(args, "maps", None))})
     shard(args)
+    if args.prompts is not None:
+        read_items(args.prompts)  # an empty file or a folder: refused before the checkpoint loads
     if args.latent_dim is not None and not args.latent_tokens:
         raise UsageError("--latent-dim projects stored latents; give --latent-tokens N too")
     intervening = args.force_expert is not None or args.ablate_expert is not None

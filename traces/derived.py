@@ -35,15 +35,18 @@ class DerivedWriter:
     The trace itself is never opened for writing: the copy (a hidden temporary file beside it)
     gets the new `/derived`, is flushed to disk, and `commit` swaps it in with one rename. A
     kill or crash at any moment leaves the original trace as it was (plus, at worst, a stale
-    `.NAME.derive-*.tmp` beside it); readers that hold the old file keep reading it. The caller
-    holds `traces.writer.writer_lock` on the trace for the whole derive (`open_derived` does),
-    so no recorder replaces the trace in between.
+    `.NAME.derive-PID-*.tmp` beside it, removed by the next derive of that trace); readers that
+    hold the old file keep reading it. The caller holds `traces.writer.writer_lock` on the trace
+    from its first read to the end of the `open_derived` block (`probes.projections.derive`
+    does), so no recorder replaces the trace in between.
     """
 
     def __init__(self, path: str | os.PathLike, source: str, trace_steps: int) -> None:
         self.path = Path(os.path.realpath(path))  # a symlink to a trace: its target is replaced
+        remove_stale_copies(self.path)
         self._check_room()
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.derive-", suffix=".tmp", dir=self.path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.derive-{os.getpid()}-", suffix=".tmp",
+                                   dir=self.path.parent)
         os.close(fd)
         self.tmp = Path(tmp)
         try:
@@ -116,6 +119,32 @@ class DerivedWriter:
         if unknown:
             raise TraceError(f"{group} has no schema attributes {sorted(unknown)} (traces.schema.DERIVED_ATTRS)")
         self.file.require_group(group).attrs.update(values)
+
+
+def stale_copies(trace: str | os.PathLike) -> list[Path]:
+    """Copies a killed derive left beside `trace` (their process no longer runs)."""
+    trace = Path(trace)
+    stale = []
+    for tmp in trace.parent.glob(f".{trace.name}.derive-*-*.tmp"):
+        pid = tmp.name[len(f".{trace.name}.derive-"):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.append(tmp)
+    return stale
+
+
+def remove_stale_copies(trace: str | os.PathLike) -> None:
+    for tmp in stale_copies(trace):
+        tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager
