@@ -291,6 +291,21 @@ def test_reports_on_token_subsets_and_rank_files(made, tmp_path, capsys):
     assert seeds["kappa"] is not None  # samples 1 and 3 of one prompt compared
 
 
+def test_planning_checks_every_checkpoint_before_planning_any(made, tmp_path, capsys, monkeypatch):
+    """`--planning FROZENLAKE TEXT`: the text checkpoint is refused before the FrozenLake one plans
+    its 200 maps (before: after them)."""
+    from evaluation import planning
+    from rsr_model.__main__ import main as rsr
+
+    def planned(*_):
+        raise AssertionError("a checkpoint was planned before every checkpoint was checked")
+
+    monkeypatch.setattr(planning, "checkpoint_figures", planned)
+    assert rsr(["evaluate", "--planning", str(made / "fl.pt"), str(made / "tiny.pt"), "--out", str(tmp_path)]) == 2
+    assert "no held-out maps" in one_error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- derive killed (class 2)
 
 
@@ -389,4 +404,31 @@ def test_recorder_cannot_replace_a_trace_a_stopped_derive_holds(made, tmp_path, 
     finally:
         proc.send_signal(signal.SIGCONT)
     assert proc.wait(120) == 0, proc.stderr.read()
+    assert _derived_state(trace) == "complete"
+
+
+def test_recorder_cannot_replace_a_trace_while_derive_fits(made, tmp_path, capsys, monkeypatch):
+    """The moment of issue 22: the derive has read the latents and is fitting its PCA, with the
+    trace closed. A recorder's --overwrite then is refused (the derive holds the writer lock from
+    its first read to its swap); before, it truncated the trace and the derive died on it."""
+    from probes import projections
+    from probes.record import main as record
+
+    trace = tmp_path / "t.h5"
+    shutil.copyfile(made / "lat.h5", trace)
+    before = hashlib.sha256(trace.read_bytes()).hexdigest()
+    fit, answers = projections.pca, []
+
+    def racing_fit(*args, **kw):
+        if not answers:
+            answers.append(record(["--ckpt", str(made / "tiny.pt"), "--prompts", "x", "--steps", "2",
+                                   "--out", str(trace), "--overwrite"]))
+            answers.append(one_error_line(capsys.readouterr().err))
+            answers.append(hashlib.sha256(trace.read_bytes()).hexdigest())
+        return fit(*args, **kw)
+
+    monkeypatch.setattr(projections, "pca", racing_fit)
+    capsys.readouterr()
+    projections.derive(trace, overwrite=True)
+    assert answers[0] == 2 and "open in another process" in answers[1] and answers[2] == before
     assert _derived_state(trace) == "complete"
