@@ -119,8 +119,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def input_paths(args) -> dict[str, Path | None]:
     """Every file an action reads, by flag: no output may be one of them."""
-    inputs: dict[str, Path | None] = {"--ckpt": getattr(args, "ckpt", None), "--prompts": getattr(args, "prompts", None),
-                                      "--base": getattr(args, "base", None)}
+    inputs: dict[str, Path | None] = {flag: getattr(args, flag[2:], None) for flag in ("--ckpt", "--prompts", "--base")}
     for i, ckpt in enumerate(getattr(args, "planning", None) or []):
         inputs[f"--planning ({i + 1})"] = ckpt
     return inputs
@@ -138,9 +137,8 @@ def check_free(out: Path, name: str, overwrite: bool, inputs: dict | None = None
 
 def write_result(out: Path, name: str, result: dict[str, Any], markdown: str, overwrite: bool) -> list[Path]:
     """out/name.json and out/name.md, refusing to replace existing files without --overwrite."""
-    from probes.analysis import jsonable
-
     from cli_common.outputs import write_atomic
+    from probes.analysis import jsonable
 
     paths = check_free(out, name, overwrite)
     write_atomic(paths[0], json.dumps(jsonable(result), indent=1))
@@ -171,9 +169,9 @@ def run_scorer_check(args) -> None:
 
 def run_prompts_out(args) -> None:
     """The prompt set as text (one per line, category by category) and as GenEval metadata beside it."""
-    from .prompts import evaluation_prompts, geneval_metadata
-
     from cli_common.outputs import write_atomic
+
+    from .prompts import evaluation_prompts, geneval_metadata
 
     text, meta = args.prompts_out, args.prompts_out.with_suffix(".jsonl")
     if same_file(text, meta):
@@ -261,11 +259,9 @@ def run_class_conditioned(args) -> None:
 
 
 def run_planning(args) -> None:
-    from .planning import markdown, planning_rows
-
-    from .planning import check_plannable
-
     from cli_common.outputs import sha256_file
+
+    from .planning import check_plannable, markdown, planning_rows
 
     seen: dict[str, Path] = {}
     for ckpt in args.planning:

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import pytest
 
 from .conftest import one_error_line
@@ -72,6 +73,13 @@ def made(tmp_path_factory) -> Path:
     assert routing_value(["--ckpt", str(d / "tiny.pt"), "--samples", "2", "--bins", "1", "--random-draws", "1",
                           "--json", str(d / "rv.json")]) == 0
     _routing_value_variants(d)
+    for axis in ("step", "layer"):  # a trace recorded with a repeated selection, before lists were checked
+        shutil.copyfile(d / "good.h5", d / f"dup_{axis}.h5")
+        with h5py.File(d / f"dup_{axis}.h5", "r+") as f:
+            coords = f[f"coords/{axis}"]
+            if len(coords) < 2:
+                coords = f["coords/step"]
+            coords[1] = coords[0]
     shutil.copyfile(d / "fl.pt", d / "fl_copy.pt")
     os.symlink(d / "tiny.pt", d / "ck_link.pt")
     (d / "prompts.txt").write_text(PROMPT + "\n")
@@ -192,6 +200,8 @@ CASES = [
     Case(10, "probes.routing_value", ["--ckpt", "{m}/fl.pt", *RV], "flow-matching loss"),
     Case(10, "evaluate", ["--scorer-check", "--resolutions", "", "--out", "{t}"], "at least one integer"),
     Case(10, "probes.derive", ["{m}/lat.h5", "--seed=-1"], ">= 0"),
+    Case(10, "probes.report", ["{m}/dup_step.h5"], "is stored more than once"),
+    Case(10, "probes.report", ["{m}/dup_layer.h5"], "is stored more than once"),
     Case(10, "probes.report", ["{m}/good.h5", "--routing-value", "{m}/rv_scopes_list.json"], "no scopes"),
     Case(10, "probes.report", ["{m}/good.h5", "--routing-value", "{m}/rv_value_text.json"], "finite value"),
     Case(10, "probes.report", ["{m}/good.h5", "--routing-value", "{m}/rv_ci_short.json"], "value_ci95"),
