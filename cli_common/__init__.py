@@ -4,6 +4,7 @@
 * `command`: the error contract (`run_main`, `guard_startup`) and the one argparse `Parser`
   with the argument types every command reuses;
 * `outputs`: output paths judged before any work, atomic writes, file identity;
+* `version`: the toolkit's version (package metadata) for `--version` and the files it writes;
 * `jsonable`: numpy values -> JSON values, the one conversion for reports, metadata and results.
 
 It needs only the standard library (and numpy for `jsonable`), so a command that fails on its

@@ -22,11 +22,19 @@ from typing import Callable
 
 from .errors import UsageError, UserError
 from .outputs import os_error_reason
+from .version import version_line
 
 
 class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are `UsageError`s (one `error:` line, exit 2 through `run_main`)
-    instead of usage text and exit code 2 from inside argparse."""
+    instead of usage text and exit code 2 from inside argparse. `version=True` (every command's
+    top-level parser) adds `--version`: the toolkit's version from the package metadata."""
+
+    def __init__(self, *args, version: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if version:
+            self.add_argument("--version", action="version", version=version_line(),
+                              help="print the toolkit's version and exit")
 
     def error(self, message: str):
         raise UsageError(f"{self.prog}: {message}")

@@ -1,8 +1,9 @@
 """The Dash app: a selection bar shared by every view, one tab per view, live updates.
 
-`create_app(ctx)` builds the page from the view modules in `dashboard/views/` (each has a
-`layout()` and a `register(app, ctx)`); `python -m dashboard` serves it. Every view but
-Results (evaluation files, `views/results.py`) shows the selected trace.
+`create_app(ctx)` builds the page from `dashboard.views.VIEWS`, the one list of views (each
+module in `dashboard/views/` declares its `VIEW`: key, label, layout, callbacks); `python -m
+dashboard` serves it. Every view but Results (evaluation files, `views/results.py`) shows the
+selected trace.
 """
 
 from __future__ import annotations
@@ -13,22 +14,21 @@ import dash
 from dash import Input, Output, State, dcc, html
 
 from . import selection
-from .common import Context
-from .views import (compare, expert, filmstrip, flow, intervene, latent, overview, results, routing,
-                    training)
+from . import views as view_package
+from .common import Context, View
 
-VIEW_MODULES = {"overview": overview, "routing": routing, "flow": flow, "latent": latent, "expert": expert,
-                "filmstrip": filmstrip, "intervene": intervene, "training": training, "compare": compare,
-                "results": results}
 LIVE_POLL_MS = 2000
 
 
-def create_app(ctx: Context) -> dash.Dash:
+def create_app(ctx: Context, views: list[View] | None = None) -> dash.Dash:
+    """The app serving `ctx` with `views` as its tabs (default: every view, `dashboard.views.VIEWS`);
+    ViewError when a view is declared wrongly or missing from the list."""
+    views = view_package.checked(view_package.VIEWS if views is None else views, view_package.view_modules())
     app = dash.Dash(__name__, title="Thinking Pixel dashboard", assets_folder=str(Path(__file__).with_name("assets")),
                     suppress_callback_exceptions=True, update_title=None)
-    tabs = [dcc.Tab(label=label, value=key, className="tab-small", selected_className="tab-small",
-                    children=html.Div(VIEW_MODULES[key].layout(ctx), className="view", id=f"view-{key}"))
-            for key, label in selection.VIEWS]
+    tabs = [dcc.Tab(label=v.label, value=v.key, className="tab-small", selected_className="tab-small",
+                    children=html.Div(v.layout(ctx), className="view", id=f"view-{v.key}"))
+            for v in views]
     app.layout = html.Div([
         dcc.Location(id="url", refresh=False),
         dcc.Store(id="nav"),
@@ -39,14 +39,14 @@ def create_app(ctx: Context) -> dash.Dash:
                   html.Span(id="live-status", className="sub")], className="header"),
         selection.selection_bar(),
         html.Div(id="status"),
-        dcc.Tabs(id="tabs", value=selection.default_view(ctx), children=tabs),
+        dcc.Tabs(id="tabs", value=selection.default_view(ctx, views), children=tabs),
         # an empty graph in the first layout makes the browser fetch plotly.js while the first
         # callbacks run, not after the overview's figure arrives (about 0.5 s of the first page)
         dcc.Graph(id="plotly-preload", figure={}, style={"display": "none"}),
     ])
-    selection.register(app, ctx)
-    for module in VIEW_MODULES.values():
-        module.register(app, ctx)
+    selection.register(app, ctx, views)
+    for view in views:
+        view.register(app, ctx)
 
     @app.callback(Output("version", "data"), Output("live-status", "children"), Output("live-tick", "disabled"),
                   Input("live-tick", "n_intervals"), State("sel-trace", "value"), State("version", "data"))
@@ -54,7 +54,7 @@ def create_app(ctx: Context) -> dash.Dash:
         """Follow a trace whose writer is still running: bump `version` when it grew."""
         try:
             tr = ctx.registry.reader(tid)
-        except Exception:  # noqa: BLE001 -- no usable trace selected: nothing to follow
+        except Exception:  # any failure means no usable trace is selected: nothing to follow
             return dash.no_update, "", False
         if tr.complete:
             return dash.no_update, "", False

@@ -1,4 +1,5 @@
-"""What every view shares: the app context, expert colours, images as data URIs, messages."""
+"""What every view shares: the app context, the `View` declaration, expert colours, images as
+data URIs, messages, the error guard (`guarded`, `view_body`) and the poll of a background job."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import base64
 import functools
 import io
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import dash
 import numpy as np
-from dash import html
+from dash import Input, Output, State, html
 
 from cli_common.errors import UserError
 
@@ -108,40 +111,112 @@ def message(text: str, kind: str = "info") -> html.Div:
 
 
 def error_text(exc: BaseException) -> str:
+    """One line for the page: a user's error as it reads, anything else with its type (and logged
+    with its traceback, since it is a bug)."""
     if isinstance(exc, (UserError, OSError)):
-        return str(exc)
-    log.exception("view failed")
-    return f"{type(exc).__name__}: {exc}"
+        text = str(exc)
+    else:
+        log.exception("view failed")
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
 
 
-def guarded(fn: Callable) -> Callable:
-    """A view callback that returns one `children`: any failure becomes a message in the view,
-    so a bad trace never takes the page down."""
+def guarded(fn: Callable | None = None, *, failed: Callable[[html.Div], Any] | None = None) -> Callable:
+    """`fn` as a view callback that cannot take the page down: any exception becomes a one-line
+    error message (`error_text`) in the view. A callback with one `children` output returns the
+    message itself; any other passes `failed`, which places it among its outputs (e.g.
+    `lambda msg: (go.Figure(), msg)`) or returns what to show instead. A decorator, bare
+    (`@guarded`) or with `failed` (`@guarded(failed=...)`)."""
+    if fn is None:
+        return functools.partial(guarded, failed=failed)
+
     @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 -- shown to the user
-            return message(error_text(exc), "error")
+        except Exception as exc:  # any failure is shown to the user (and logged when it is a bug)
+            msg = message(error_text(exc), "error")
+            return msg if failed is None else failed(msg)
     return run
 
 
-def view_body(app, view: str, output, *inputs) -> Callable:
-    """Register `fn(trace_id, *input_values)` as the callback that fills a view's body. It runs
-    only while the view's tab is open and a trace is selected (callbacks of hidden views
-    would cost every slider move), and any failure becomes a message in the view."""
-    import dash
-    from dash import Input
+def view_body(app: dash.Dash, view: str, outputs: Output | list[Output], *inputs: Input | State,
+              failed: Callable[[html.Div], Any] | None = None, trace: bool = True) -> Callable:
+    """Register `fn(trace_id, *input_values)` as a callback of the view whose key is `view` (the
+    callback every view renders its body with). It runs only while the view's tab is open and,
+    with `trace`, a trace is selected (callbacks of hidden views would cost every slider move);
+    without `trace` it is `fn(*input_values)`. Failures are `guarded` (see there for `failed`).
+    `outputs` is one Output or a list; `inputs` may end with States."""
+    several = isinstance(outputs, (list, tuple))
+    outs = list(outputs) if several else [outputs]
+    skip = tuple(dash.no_update for _ in outs) if several else dash.no_update
+    gate = [Input("tabs", "value")] + ([Input("sel-trace", "value")] if trace else [])
 
     def register(fn: Callable) -> Callable:
-        @app.callback(output, Input("tabs", "value"), Input("sel-trace", "value"), *inputs)
+        body = guarded(fn, failed=failed)
+
+        @app.callback(*outs, *gate, *inputs)
         @functools.wraps(fn)
-        def run(open_view, tid, *values):
-            if open_view != view or tid is None:
-                return dash.no_update
-            return guarded(fn)(tid, *values)
+        def run(open_view, *values):
+            if open_view != view or (trace and values[0] is None):
+                return skip
+            return body(*values)
         return run
     return register
+
+
+@dataclass
+class JobPoll:
+    """What one tick of a background job's poll shows (`poll_job`)."""
+
+    state: str  # "unknown" (no such job: a restarted server), "running", "failed" or "done"
+    message: Any  # the line to show: progress, error, or done(seconds); dash.no_update when unknown
+    result: Any = None  # the job's result, once done
+
+    @property
+    def stop(self) -> bool:
+        """Whether the poll's dcc.Interval should stop."""
+        return self.state != "running"
+
+
+def poll_job(jobs: Jobs, job_id: str | None, done: Callable[[float], str]) -> JobPoll:
+    """One tick of the poll of job `job_id` (the id `Jobs.start` returned, kept in a dcc.Store
+    while a dcc.Interval ticks): a progress line while it runs, its error when it failed,
+    `done(seconds)` when it finished."""
+    job = jobs.get(job_id)
+    if job is None:
+        return JobPoll("unknown", dash.no_update)
+    st = job.status()
+    if not st["done"]:
+        return JobPoll("running", message(f"⏳ {st['message']}… {st['elapsed_s']:.1f} s"))
+    if st["error"]:
+        return JobPoll("failed", message(" ".join(st["error"].split()), "error"))  # one line, as `guarded`
+    return JobPoll("done", message(done(st["elapsed_s"])), job.result)
+
+
+class ViewError(Exception):
+    """A view declared wrongly (a bug in dashboard/views/, raised when the app is built)."""
+
+
+@dataclass(frozen=True)
+class View:
+    """One tab of the page. Each module in `dashboard/views/` ends with `VIEW = View(...)`, and
+    `dashboard.views.VIEWS` lists them in tab order: the one place a view is registered (the
+    tabs, the link's `view=` and the callbacks are all built from that list)."""
+
+    key: str  # the tab's value and the link's `view=`; `view_body(app, key, ...)` runs while it is open
+    label: str  # the tab's label
+    layout: Callable[[Context], Any]  # layout(ctx): the tab's components, built once per page
+    register: Callable[[dash.Dash, Context], None]  # register(app, ctx): its callbacks
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", self.key):
+            raise ViewError(f"View key {self.key!r}: lowercase letters, digits and _ (it goes in links)")
+        if not isinstance(self.label, str) or not self.label.strip():
+            raise ViewError(f"View {self.key!r}: needs a label for its tab")
+        for name in ("layout", "register"):
+            if not callable(getattr(self, name)):
+                raise ViewError(f"View {self.key!r}: {name} must be a function, got {getattr(self, name)!r}")
 
 
 def fmt(x: Any, spec: str = "{:.3f}") -> str:

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from traces import TraceReader, open_trace
 from cli_common.errors import UserError
+from traces import TraceReader, open_trace
 from traces.errors import TraceError
 
 REPORT_SUFFIX = ".report.json"

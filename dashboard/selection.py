@@ -17,11 +17,8 @@ from urllib.parse import parse_qs, urlencode
 import dash
 from dash import Input, Output, State, dcc, html
 
-from .common import Context, message
+from .common import Context, View, message
 
-VIEWS = [("overview", "Specialization"), ("routing", "Routing map"), ("flow", "Recursion flow"),
-         ("latent", "Latent explorer"), ("expert", "Expert"), ("filmstrip", "Filmstrip"),
-         ("intervene", "Intervene"), ("training", "Training health"), ("compare", "Compare"), ("results", "Results")]
 KEYS = ("trace", "sample", "branch", "t", "layer", "step", "expert", "view")
 CONTROLS = {"trace": "sel-trace", "sample": "sel-sample", "branch": "sel-branch", "t": "sel-t",
             "layer": "sel-layer", "step": "sel-step", "expert": "sel-expert", "view": "tabs"}
@@ -67,10 +64,11 @@ def selection_bar() -> html.Div:
     ], className="selbar")
 
 
-def default_view(ctx: Context) -> str:
+def default_view(ctx: Context, views: list[View]) -> str:
     """The tab a page without a view in its link opens on: with evaluation results and no trace,
-    Results (the only tab with something to show), else the specialization overview."""
-    return "results" if not ctx.registry.entries and ctx.results is not None else "overview"
+    Results (the only tab with something to show), else the first tab (the specialization overview)."""
+    keys = [v.key for v in views]
+    return "results" if not ctx.registry.entries and ctx.results is not None and "results" in keys else keys[0]
 
 
 def read_query(search: str | None) -> dict[str, Any]:
@@ -86,21 +84,22 @@ def _int(x: Any, default: int, n: int) -> int:
     return v if 0 <= v < n else default
 
 
-def valid_selection(ctx: Context, want: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str | None]:
-    """(values, control options, message) for a wanted selection, clamped to the trace."""
+def valid_selection(ctx: Context, want: dict[str, Any],
+                    views: list[View]) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """(values, control options, message) for a wanted selection, clamped to the trace and `views`."""
     reg = ctx.registry
     trace_opts = reg.options()
     ok = [o["value"] for o in trace_opts if reg.entries[o["value"]].error is None]
     tid = want.get("trace") if want.get("trace") in reg.entries else (ok[0] if ok else None)
-    out: dict[str, Any] = {"trace": tid,
-                           "view": want.get("view") if want.get("view") in dict(VIEWS) else default_view(ctx)}
+    view = want.get("view") if want.get("view") in {v.key for v in views} else default_view(ctx, views)
+    out: dict[str, Any] = {"trace": tid, "view": view}
     opts: dict[str, Any] = {"trace": trace_opts}
     msg = None if trace_opts else NO_TRACES
     if want.get("trace") and want.get("trace") not in reg.entries:
         msg = "The link names a trace this dashboard does not serve; showing the first served trace."
     try:
         tr = reg.reader(tid) if tid else None
-    except Exception as exc:  # noqa: BLE001 -- a bad file: message, rest of the page keeps working
+    except Exception as exc:  # a bad file: a message, and the rest of the page keeps working
         msg, tr = str(exc), None
     if tr is None:
         for k in ("sample", "branch", "layer", "expert"):
@@ -138,7 +137,7 @@ def valid_selection(ctx: Context, want: dict[str, Any]) -> tuple[dict[str, Any],
     return out, opts, msg
 
 
-def register(app: dash.Dash, ctx: Context) -> None:
+def register(app: dash.Dash, ctx: Context, views: list[View]) -> None:
     controls = [Input(CONTROLS[k], "value") for k in KEYS]
     outputs = [Output("url", "search"), Output("status", "children"),
                Output("sel-trace", "options"), Output("sel-sample", "options"), Output("sel-branch", "options"),
@@ -160,7 +159,7 @@ def register(app: dash.Dash, ctx: Context) -> None:
             want = {**current, **(nav or {})}
         else:  # a new trace: keep what still fits
             want = current
-        vals, opts, msg = valid_selection(ctx, want)
+        vals, opts, msg = valid_selection(ctx, want, views)
         link = "?" + urlencode({k: v for k, v in vals.items() if v is not None})
         return [link, message(msg, "warn") if msg else None,
                 opts["trace"], opts["sample"], opts["branch"], opts["t"][0], opts["t"][1], opts["layer"],

@@ -225,7 +225,7 @@ def summarise(runs: list[RowRun], planned: Sequence[PlannedImage]) -> dict[str, 
         rows.append(row)
     tests = {}
     for target in dict.fromkeys(r.target for r in runs):
-        pick = lambda mode: [r for r in runs if r.target == target and r.mode == mode]  # noqa: E731
+        pick = lambda mode: [r for r in runs if r.target == target and r.mode == mode]
         rsr, sft = pick("rsr"), pick("sft")
         if rsr and sft:
             paired = {r.seed: r for r in sft}

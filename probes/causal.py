@@ -28,11 +28,11 @@ from cli_common.command import guard_startup
 
 guard_startup(__name__)  # before the slow imports below: Ctrl-C while they load exits 130 with one line
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from .interventions import Intervention  # noqa: E402
-from .stats import EffectAccumulator, effect_summary  # noqa: E402
+from .interventions import Intervention
+from .stats import EffectAccumulator, effect_summary
 
 
 @torch.no_grad()
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     from cli_common.errors import UsageError
     from cli_common.outputs import check_output, write_atomic
 
-    p = Parser(prog="python -m probes.causal", description="Causal effect of ablating or forcing an expert.")
+    p = Parser(prog="python -m probes.causal", description="Causal effect of ablating or forcing an expert.",
+               version=True)
     p.add_argument("--ckpt", type=Path, required=True)
     p.add_argument("--prompts", required=True)
     p.add_argument("--num-samples", type=positive_int, default=1)

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from cli_common.command import Parser, int_at_least, run_main
 
     p = Parser(prog="python -m probes.derive",
-               description="Store PCA/UMAP projections of a trace's latents under /derived.")
+               description="Store PCA/UMAP projections of a trace's latents under /derived.", version=True)
     p.add_argument("trace", type=Path)
     p.add_argument("--components", type=int, default=3)
     p.add_argument("--fit-points", type=int, default=20000)

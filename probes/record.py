@@ -70,12 +70,13 @@ def int_list(s: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     from rsr_model.tasks.inputs import add_task_arguments
 
-    p = Parser(prog="python -m probes.record", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m probes.record", description=__doc__.splitlines()[0], version=True)
     p.add_argument("--ckpt", type=Path, default=Path("sd3_rsr.pt"))
     p.add_argument("--prompts", help="a text file (one prompt or label per line) or the prompt itself")
     add_task_arguments(p, "record")  # a task's own item flags, e.g. FrozenLake's --maps
     p.add_argument("--num-samples", type=positive_int, default=1, help="images per prompt")
-    p.add_argument("--out", type=Path, default=Path("traces/run.h5"))
+    p.add_argument("--out", type=Path, default=Path("runs/trace.h5"),
+                   help="trace file (default runs/trace.h5, in runs/ that the dashboard serves by default)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="sample j uses seed + j")
     p.add_argument("--steps", type=positive_int, default=28, help="sampler steps")

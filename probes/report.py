@@ -37,7 +37,7 @@ from cli_common.outputs import check_output, write_atomic
 
 guard_startup(__name__)  # before numpy: Ctrl-C while it loads exits 130 with one line
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 FIGURES = ("expert_share_by_timestep.png", "latent_trajectories.png")
 
@@ -47,7 +47,7 @@ class ReportError(UserError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m probes.report", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m probes.report", description=__doc__.splitlines()[0], version=True)
     p.add_argument("trace", type=Path)
     p.add_argument("--json", type=Path, help="write the full result as JSON here")
     p.add_argument("--figures", type=Path, help="write PNG figures into this directory")
@@ -87,7 +87,7 @@ def _training_curve_lines(curves: dict | None) -> list[str]:
     for w, (a, b) in enumerate(zip(curves["window_start_step"], curves["window_end_step"])):
         if a is None:
             continue
-        pick = lambda key, sub: _mean(curves[key][sub][w])  # noqa: E731
+        pick = lambda key, sub: _mean(curves[key][sub][w])
         entropy = _mean(curves["gate_norm_entropy"][w]) if curves.get("gate_norm_entropy") else None
         margin = _mean(curves["gate_margin"][w]) if curves.get("gate_margin") else None
         lines.append(f"{f'{a}-{b}':>11} {_f((curves.get('loss') or [None] * (w + 1))[w], '{:.4f}'):>7} "

@@ -40,11 +40,11 @@ from cli_common.command import guard_startup
 
 guard_startup(__name__)  # before torch: Ctrl-C while it loads exits 130 with one line
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from rsr_model.hooks import hook_name  # noqa: E402
-from traces.bins import timestep_bin_edges  # noqa: E402
+from rsr_model.hooks import hook_name
+from traces.bins import timestep_bin_edges
 
 ROUTING_VALUE_SCHEMA = "rsr-routing-value"
 ROUTING_VALUE_VERSION = 1
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     from cli_common.errors import UsageError
     from cli_common.outputs import check_output, sha256_file, write_atomic
 
-    p = Parser(prog="python -m probes.routing_value", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m probes.routing_value", description=__doc__.splitlines()[0], version=True)
     p.add_argument("--ckpt", type=Path, required=True)
     p.add_argument("--samples", type=int_at_least(2), default=64, help="held-out samples per timestep bin")
     p.add_argument("--bins", type=int_at_least(1), default=4, help="timestep bins (equal widths of sigma)")

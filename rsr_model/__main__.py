@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .arguments import add_train_arguments
     from .tasks.inputs import add_task_arguments
 
-    p = Parser(prog="python -m rsr_model", description="Train and sample RSR diffusion models.")
+    p = Parser(prog="python -m rsr_model", description="Train and sample RSR diffusion models.", version=True)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train a preset and write a checkpoint",

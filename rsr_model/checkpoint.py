@@ -3,6 +3,8 @@
 One `torch.save` dict (loaded with `weights_only=True`, so opening a checkpoint runs no code):
 
     format, format_version       "rsr-checkpoint", 1
+    toolkit_version              the thinking-pixel version that wrote the file ("0+unknown" from an
+                                 uninstalled source tree; absent from checkpoints written before it)
     preset, stage                training preset name; "base" | "rsr" (the stage in progress or done)
     backbone                     {"class": diffusers class name, "config": its config dict}
     base_state                   the backbone's weights when they were trained here (tiny, dit-digits),
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 
 from cli_common.errors import UserError
+from cli_common.version import toolkit_version
 
 FORMAT, FORMAT_VERSION = "rsr-checkpoint", 1
 
@@ -45,7 +48,9 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
     # Serialise in memory first: torch.save reports a failed file write (a full disk) as a bare
     # RuntimeError, while a plain write raises an OSError that names the cause.
     data = io.BytesIO()
-    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **ckpt}, data)
+    # The version is the writer's, also when `ckpt` came from an older file (a resume re-saves it).
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **ckpt, "toolkit_version": toolkit_version()},
+               data)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from rsr_model import HOOK_POINTS, MODES, ConfigError, hook_name, install_rsr, load_rsr, rsr_config, remove_rsr
-from rsr_model.hooks import hook_table
+from rsr_model import HOOK_POINTS, MODES, ConfigError, hook_name, install_rsr, load_rsr, remove_rsr, rsr_config
 from rsr_model.experts import LoRAExperts
 from rsr_model.gate import balance_loss, load_share, sample_choice
+from rsr_model.hooks import hook_table
 
 from .conftest import randomize_rsr, run
 
@@ -59,7 +59,8 @@ def test_sft_equals_peft_lora(sd3):
     layers, r = [1, 3], 4
     peft_model = inject_adapter_in_model(
         LoraConfig(r=r, lora_alpha=8, lora_dropout=0.0,
-                   target_modules=[f"transformer_blocks.{i}.attn.{p}" for i in layers for p in ("to_q", "to_k", "to_v")]),
+                   target_modules=[f"transformer_blocks.{i}.attn.{p}" for i in layers for p in ("to_q", "to_k",
+                                                                                                "to_v")]),
         copy.deepcopy(model))
     rsr_model_ = copy.deepcopy(model)
     rsr = install_rsr(rsr_model_, rsr_config("tiny", mode="sft", rank=r, lora_alpha=8, target_layers=layers))
@@ -184,7 +185,7 @@ def test_layer_balances_over_what_its_config_says(sd3, over):
     rsr = install_rsr(model, rsr_config("tiny", target_layers=[2], balance_over=over))
     randomize_rsr(rsr)
     model.train()
-    own_expert = lambda e, ctx: torch.full_like(e, ctx.step % rsr.config.experts)  # noqa: E731  each step its own
+    own_expert = lambda e, ctx: torch.full_like(e, ctx.step % rsr.config.experts)  # each step its own
     with torch.no_grad(), rsr.hooks.hooks({"*.step.*.expert": own_expert}), rsr.hooks.cache("*.probs") as probs:
         run(model, inputs)
     K = rsr.config.experts

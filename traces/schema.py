@@ -26,8 +26,10 @@ KINDS = ("sampling", "training")
 # and SWMR needs at least v110 (SCHEMA.md, "Durability").
 LIBVER = ("v110", "latest")
 
+# `toolkit_version` (the thinking-pixel package that wrote the file) is absent from traces written
+# before it was added: readers take it when present and never require it.
 ROOT_ATTRS = (
-    "schema", "schema_version", "writer_version", "created", "kind", "complete",
+    "schema", "schema_version", "writer_version", "toolkit_version", "created", "kind", "complete",
     "model_config", "rsr_config", "checkpoint_sha256", "command", "seeds", "scheduler",
     "rank", "world_size",
 )

@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from cli_common.outputs import OutputError, free_bytes, os_error_reason
+from cli_common.version import toolkit_version
 
 from .compression import filter_kwargs
 from .errors import TraceError
@@ -99,6 +100,7 @@ class _BaseWriter:
         a["schema"] = SCHEMA_NAME
         a["schema_version"] = SCHEMA_VERSION
         a["writer_version"] = WRITER_VERSION
+        a["toolkit_version"] = toolkit_version()
         a["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         a["kind"] = self.kind
         a["complete"] = False

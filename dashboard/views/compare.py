@@ -13,7 +13,7 @@ from plotly.subplots import make_subplots
 
 from probes.views import share_difference
 
-from ..common import GRAPH_CONFIG, Context, expert_colour, fmt, message, view_body
+from ..common import GRAPH_CONFIG, Context, View, expert_colour, fmt, guarded, message, view_body
 
 
 def layout(ctx: Context):
@@ -29,17 +29,19 @@ def agreement_figure(cmp: dict) -> go.Figure:
     steps = list(next(iter(cmp["layers"].values())))
     fig = make_subplots(rows=1, cols=2, subplot_titles=["Cohen's kappa (0 = chance agreement)",
                                                         "kappa by timestep bin (noise → clean)"])
-    kappa = np.array([[cmp["layers"][l][s].get("kappa") or np.nan for s in steps] for l in layers], float)
-    agree = np.array([[cmp["layers"][l][s].get("agreement") or np.nan for s in steps] for l in layers], float)
-    fig.add_trace(go.Heatmap(z=kappa, x=[f"step {s}" for s in steps], y=[f"layer {l}" for l in layers], zmin=-1,
+    def table(key: str) -> np.ndarray:  # (layer, step); None (undefined) -> NaN, a kappa of 0 stays 0
+        return np.array([[cmp["layers"][layer][s].get(key) for s in steps] for layer in layers], float)
+
+    kappa, agree = table("kappa"), table("agreement")
+    fig.add_trace(go.Heatmap(z=kappa, x=[f"step {s}" for s in steps], y=[f"layer {layer}" for layer in layers], zmin=-1,
                              zmax=1, colorscale="RdBu_r", customdata=agree, showscale=False, text=np.round(kappa, 2),
                              texttemplate="%{text}", hovertemplate="%{y} %{x}<br>kappa %{z:.3f}<br>agreement "
                                                                    "%{customdata:.3f}<extra></extra>"), row=1, col=1)
-    for l in layers:
+    for layer in layers:
         for s in steps:
-            bins = cmp["layers"][l][s]["by_timestep_bin"]
+            bins = cmp["layers"][layer][s]["by_timestep_bin"]
             fig.add_trace(go.Scatter(x=list(range(len(bins))), y=[b.get("kappa") for b in bins], mode="lines+markers",
-                                     name=f"L{l} s{s}"), row=1, col=2)
+                                     name=f"L{layer} s{s}"), row=1, col=2)
     fig.update_xaxes(title_text="timestep bin", row=1, col=2)
     fig.update_layout(height=300, margin=dict(l=60, r=10, t=30, b=40), legend_font_size=9)
     return fig
@@ -57,21 +59,21 @@ def share_difference_figure(a: dict, b: dict) -> go.Figure:
 
 
 def register(app: dash.Dash, ctx: Context) -> None:
-    @app.callback(Output("cmp-other", "options"), Output("cmp-other", "value"), Input("tabs", "value"),
-                  Input("sel-trace", "value"), State("cmp-other", "value"))
-    def others(view, tid, current):
-        if view != "compare":
-            return dash.no_update, dash.no_update
+    def same_kind(tid: str, ids: list[str]) -> list[str]:
+        kind = ctx.registry.reader(tid).kind
+        return [i for i in ids if ctx.registry.reader(i).kind == kind]
+
+    @view_body(app, VIEW.key, [Output("cmp-other", "options"), Output("cmp-other", "value")],
+               State("cmp-other", "value"))
+    def others(tid, current):
+        """The other readable traces; by default the first of the same kind (any, when the
+        selected trace cannot be read: the body says why)."""
         opts = [o for o in ctx.registry.options() if o["value"] != tid and ctx.registry.entry(o["value"]).error is None]
         ids = [o["value"] for o in opts]
-        try:  # default: the first other trace of the same kind
-            kind = ctx.registry.reader(tid).kind
-            same = [i for i in ids if ctx.registry.reader(i).kind == kind]
-        except Exception:  # noqa: BLE001 -- the body says what is wrong with the selected trace
-            same = ids
+        same = guarded(same_kind, failed=lambda _msg: ids)(tid, ids)
         return opts, current if current in ids else (same[0] if same else None)
 
-    @view_body(app, "compare", Output("compare-body", "children"), Input("cmp-other", "value"))
+    @view_body(app, VIEW.key, Output("compare-body", "children"), Input("cmp-other", "value"))
     def render(tid, other):
         if other is None:
             return message("choose a second trace recorded with the same prompts, seeds and grid")
@@ -84,3 +86,6 @@ def register(app: dash.Dash, ctx: Context) -> None:
             html.Div(dcc.Graph(figure=agreement_figure(cmp), config=GRAPH_CONFIG), className="panel"),
             html.Div(dcc.Graph(figure=share_difference_figure(a, b), config=GRAPH_CONFIG), className="panel"),
         ])
+
+
+VIEW = View("compare", "Compare", layout, register)

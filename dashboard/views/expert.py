@@ -20,7 +20,7 @@ from dash import Input, Output, dcc, html
 
 from probes.views import expert_position_counts, position_lift, top_tokens
 
-from ..common import GRAPH_CONFIG, Context, expert_colour, fmt, message, png_uri, view_body
+from ..common import GRAPH_CONFIG, Context, View, expert_colour, fmt, message, png_uri, view_body
 from .routing import token_grid
 
 CROP_TOKENS = 3  # crop = this many tokens square around the token
@@ -54,7 +54,8 @@ def timing_figure(report: dict, k: int) -> go.Figure:
 def position_figure(counts: np.ndarray, k: int, grid: tuple[int, int], tokens: np.ndarray) -> go.Figure:
     z = np.full(grid[0] * grid[1], np.nan)
     z[tokens] = position_lift(counts)[k]
-    fig = go.Figure(go.Heatmap(z=z.reshape(grid), zmid=1, colorscale="RdBu_r", colorbar=dict(title="lift", thickness=10),
+    fig = go.Figure(go.Heatmap(z=z.reshape(grid), zmid=1, colorscale="RdBu_r",
+                               colorbar=dict(title="lift", thickness=10),
                                hovertemplate="row %{y}, col %{x}<br>lift %{z:.2f}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", scaleanchor="x")
     fig.update_layout(height=260, width=300, margin=dict(l=30, r=10, t=30, b=20),
@@ -123,12 +124,12 @@ def causal(ctx: Context, tid: str, tr, k: int) -> html.Div:
             r = result.get(f"{kind}:{k}")
             if r:
                 lines.append(html.Div(f"{kind} expert {k}: denoiser relative change "
-                                      f"{fmt(r['denoiser'].get('pooled_relative_change'), '{:.3g}')}, image mean |diff| "
-                                      f"{fmt(r.get('image_mean_abs_diff'), '{:.3g}')} / 255"))
+                                      f"{fmt(r['denoiser'].get('pooled_relative_change'), '{:.3g}')}, "
+                                      f"image mean |diff| {fmt(r.get('image_mean_abs_diff'), '{:.3g}')} / 255"))
         if "interventions" in result and any(iv.get("expert") == k for iv in result["interventions"]):
             lines.append(html.Div(f"{result['interventions']}: denoiser relative change "
-                                  f"{fmt(result['denoiser'].get('pooled_relative_change'), '{:.3g}')}, image mean |diff| "
-                                  f"{fmt(result.get('image_mean_abs_diff'), '{:.3g}')} / 255"))
+                                  f"{fmt(result['denoiser'].get('pooled_relative_change'), '{:.3g}')}, "
+                                  f"image mean |diff| {fmt(result.get('image_mean_abs_diff'), '{:.3g}')} / 255"))
     ivs = tr.attrs.get("interventions") or []
     for iv in ivs if isinstance(ivs, list) else []:
         if iv.get("expert") == k:
@@ -140,7 +141,7 @@ def causal(ctx: Context, tid: str, tr, k: int) -> html.Div:
 
 
 def register(app: dash.Dash, ctx: Context) -> None:
-    @view_body(app, "expert", Output("expert-body", "children"), Input("sel-expert", "value"),
+    @view_body(app, VIEW.key, Output("expert-body", "children"), Input("sel-expert", "value"),
                Input("sel-layer", "value"), Input("sel-step", "value"), Input("version", "data"))
     def render(tid, k, layer, step, _version):
         if k is None:
@@ -172,3 +173,6 @@ def register(app: dash.Dash, ctx: Context) -> None:
         if tr.kind != "sampling":
             parts.append(message("training trace: no token grid or images; see Training health"))
         return html.Div(parts)
+
+
+VIEW = View("expert", "Expert", layout, register)

@@ -16,14 +16,16 @@ from plotly.subplots import make_subplots
 
 from probes.views import transition_flows
 
-from ..common import GRAPH_CONFIG, Context, expert_colour, fmt, view_body
+from ..common import GRAPH_CONFIG, Context, View, expert_colour, fmt, view_body
+
+ALL_BINS = {"label": "all timesteps", "value": "all"}
 
 
 def layout(ctx: Context):
     return html.Div([
         html.Div([html.Label("timestep bin "), dcc.Dropdown(id="flow-bin", value="all", clearable=False,
-                                                             options=[{"label": "all timesteps", "value": "all"}],
-                                                             style={"width": "260px"})], className="row"),
+                                                             options=[ALL_BINS], style={"width": "260px"})],
+                 className="row"),
         html.Div(id="flow-body"),
     ])
 
@@ -70,9 +72,9 @@ def sankey_figure(report: dict, layer: str, time_bin: int | None) -> go.Figure:
                     dst.append(b * K + j)
                     val.append(f[i, j])
                     col.append("rgba(31,119,180,0.35)" if f[i, j] >= c[i, j] else "rgba(150,150,150,0.35)")
+    hover = "%{source.label} → %{target.label}: %{value:.3f}<extra></extra>"
     fig = go.Figure(go.Sankey(node=dict(label=labels, color=colours, pad=8, thickness=12),
-                              link=dict(source=src, target=dst, value=val, color=col,
-                                        hovertemplate="%{source.label} → %{target.label}: %{value:.3f}<extra></extra>")))
+                              link=dict(source=src, target=dst, value=val, color=col, hovertemplate=hover)))
     fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10), title=dict(
         text="expert paths across recursion steps (share of tokens; blue = above chance, grey = at or below)",
         font_size=12))
@@ -80,19 +82,12 @@ def sankey_figure(report: dict, layer: str, time_bin: int | None) -> go.Figure:
 
 
 def register(app: dash.Dash, ctx: Context) -> None:
-    @app.callback(Output("flow-bin", "options"), Input("tabs", "value"), Input("sel-trace", "value"))
-    def bins(view, tid):
-        if view != "flow" or tid is None:
-            return dash.no_update
-        try:
-            report = ctx.registry.report(tid)
-        except Exception:  # noqa: BLE001 -- the body shows the error
-            return [{"label": "all timesteps", "value": "all"}]
-        return [{"label": "all timesteps", "value": "all"}] + [
-            {"label": f"bin {b['bin']}: t {b['t_max']:.0f}…{b['t_min']:.0f}", "value": b["bin"]}
-            for b in report["timestep_bins"]]
+    @view_body(app, VIEW.key, Output("flow-bin", "options"), failed=lambda _msg: [ALL_BINS])  # the body says why
+    def bins(tid):
+        return [ALL_BINS] + [{"label": f"bin {b['bin']}: t {b['t_max']:.0f}…{b['t_min']:.0f}", "value": b["bin"]}
+                             for b in ctx.registry.report(tid)["timestep_bins"]]
 
-    @view_body(app, "flow", Output("flow-body", "children"), Input("sel-layer", "value"), Input("flow-bin", "value"),
+    @view_body(app, VIEW.key, Output("flow-body", "children"), Input("sel-layer", "value"), Input("flow-bin", "value"),
                Input("version", "data"))
     def render(tid, layer, time_bin, _version):
         report = ctx.registry.report(tid)
@@ -105,3 +100,6 @@ def register(app: dash.Dash, ctx: Context) -> None:
             html.Div(dcc.Graph(figure=sankey_figure(report, str(layer), time_bin), config=GRAPH_CONFIG),
                      className="panel"),
         ])
+
+
+VIEW = View("flow", "Recursion flow", layout, register)

@@ -16,9 +16,19 @@ import numpy as np
 import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html
 
-
-
-from ..common import GRAPH_CONFIG, Context, discrete_colourscale, fmt, message, png_uri, routing_rgb
+from ..common import (
+    GRAPH_CONFIG,
+    Context,
+    View,
+    discrete_colourscale,
+    fmt,
+    guarded,
+    message,
+    png_uri,
+    poll_job,
+    routing_rgb,
+    view_body,
+)
 from .routing import token_grid
 
 IMAGE_PX = 140
@@ -45,7 +55,7 @@ def layout(ctx: Context):
         html.Div([
             html.Div([html.H3("paint the region (box-select); none = whole image"),
                       dcc.Graph(id="iv-grid", config=GRAPH_CONFIG, style={"width": "300px", "height": "300px"}),
-                      html.Div(id="iv-region-text")], className="panel"),
+                      html.Div(id="iv-grid-msg"), html.Div(id="iv-region-text")], className="panel"),
             html.Div(id="iv-result", className="cols", style={"flex": "1", "minWidth": "600px"}),
         ], className="cols"),
         dcc.Store(id="iv-region"), dcc.Store(id="iv-job"),
@@ -121,32 +131,49 @@ def result_view(tr, r: dict, K: int) -> list:
     return panels
 
 
+def intervention(tr, kind: str, expert: int | None, layer: int, step: int | None, only_step: list,
+                 window: list[float], region: dict | None):
+    """(the `probes.interventions.Intervention` the controls describe, the selected recursion step's value)."""
+    from probes.interventions import Intervention
+
+    step_value = int(tr.coords["step"][step or 0])
+    iv = Intervention(kind, int(expert or 0), layers=(int(layer),), step=step_value if only_step else None,
+                      rows=tuple(region["rows"]) if region else None, cols=tuple(region["cols"]) if region else None,
+                      t_min=float(window[0]), t_max=float(window[1]))
+    return iv, step_value
+
+
+def grid_figure(z: np.ndarray, K: int, region: dict | None) -> go.Figure:
+    """The routing map to paint the region on (box-select), the region drawn as a black frame."""
+    fig = go.Figure(go.Heatmap(z=z, zmin=-0.5, zmax=K - 0.5, colorscale=discrete_colourscale(K), showscale=False,
+                               hovertemplate="row %{y}, col %{x}<extra></extra>"))
+    if region:
+        fig.add_shape(type="rect", x0=region["cols"][0] - 0.5, x1=region["cols"][1] - 0.5,
+                      y0=region["rows"][0] - 0.5, y1=region["rows"][1] - 0.5, line=dict(color="black", width=3))
+    fig.update_yaxes(autorange="reversed", scaleanchor="x")
+    fig.update_layout(dragmode="select", margin=dict(l=20, r=10, t=10, b=20), height=300)
+    return fig
+
+
 def register(app: dash.Dash, ctx: Context) -> None:
     if ctx.ckpt is None:
         return
+    register_region(app, ctx)
+    register_run(app, ctx)
 
-    @app.callback(Output("iv-grid", "figure"), Input("tabs", "value"), Input("sel-trace", "value"),
-                  Input("sel-sample", "value"), Input("sel-branch", "value"), Input("sel-t", "value"),
-                  Input("sel-layer", "value"), Input("sel-step", "value"), Input("iv-region", "data"))
-    def grid(view, tid, sample, branch, t, layer, step, region):
-        if view != "intervene" or tid is None:
-            return dash.no_update
+
+def register_region(app: dash.Dash, ctx: Context) -> None:
+    """The map of the selected routing and the region box-selected on it."""
+    @view_body(app, VIEW.key, [Output("iv-grid", "figure"), Output("iv-grid-msg", "children")],
+               Input("sel-sample", "value"), Input("sel-branch", "value"), Input("sel-t", "value"),
+               Input("sel-layer", "value"), Input("sel-step", "value"), Input("iv-region", "data"),
+               failed=lambda msg: (go.Figure(), msg))
+    def grid(tid, sample, branch, t, layer, step, region):
         from .routing import map_data
 
-        try:
-            tr = ctx.registry.reader(tid)
-            z, _ = map_data(tr, sample or 0, branch, t or 0, layer, step or 0)
-        except Exception:  # noqa: BLE001 -- an empty grid; the routing view shows the reason
-            return go.Figure()
-        K = len(tr.coords["expert"])
-        fig = go.Figure(go.Heatmap(z=z, zmin=-0.5, zmax=K - 0.5, colorscale=discrete_colourscale(K), showscale=False,
-                                   hovertemplate="row %{y}, col %{x}<extra></extra>"))
-        if region:
-            fig.add_shape(type="rect", x0=region["cols"][0] - 0.5, x1=region["cols"][1] - 0.5,
-                          y0=region["rows"][0] - 0.5, y1=region["rows"][1] - 0.5, line=dict(color="black", width=3))
-        fig.update_yaxes(autorange="reversed", scaleanchor="x")
-        fig.update_layout(dragmode="select", margin=dict(l=20, r=10, t=10, b=20), height=300)
-        return fig
+        tr = ctx.registry.reader(tid)
+        z, _ = map_data(tr, sample or 0, branch, t or 0, layer, step or 0)
+        return grid_figure(z, len(tr.coords["expert"]), region), None
 
     @app.callback(Output("iv-region", "data"), Output("iv-region-text", "children"), Input("iv-grid", "selectedData"),
                   prevent_initial_call=True)
@@ -158,37 +185,35 @@ def register(app: dash.Dash, ctx: Context) -> None:
         cols = [max(0, int(np.ceil(x0 - 0.5))), int(np.floor(x1 + 0.5))]
         return {"rows": rows, "cols": cols}, f"region rows {rows[0]}:{rows[1]}, cols {cols[0]}:{cols[1]}"
 
+
+def register_run(app: dash.Dash, ctx: Context) -> None:
+    """The run button: the intervention in a background job (its failures are the job's error
+    line), polled until before and after are shown."""
     @app.callback(Output("iv-job", "data"), Output("iv-poll", "disabled"), Input("iv-run", "n_clicks"),
                   State("sel-trace", "value"), State("sel-sample", "value"), State("sel-t", "value"),
                   State("sel-layer", "value"), State("sel-step", "value"), State("sel-expert", "value"),
                   State("iv-kind", "value"), State("iv-only-step", "value"), State("iv-window", "value"),
                   State("iv-region", "data"), prevent_initial_call=True)
     def start(_n, tid, sample, t, layer, step, expert, kind, only_step, window, region):
-        from probes.interventions import Intervention
-
-        tr = ctx.registry.reader(tid)
-        step_value = int(tr.coords["step"][step or 0])
-        iv = Intervention(kind, int(expert or 0), layers=(int(layer),), step=step_value if only_step else None,
-                          rows=tuple(region["rows"]) if region else None, cols=tuple(region["cols"]) if region else None,
-                          t_min=float(window[0]), t_max=float(window[1]))
-
         def work(job):
+            tr = ctx.registry.reader(tid)
+            iv, step_value = intervention(tr, kind, expert, layer, step, only_step, window, region)
             job.message = f"re-sampling with {kind} expert {iv.expert}"
             return run_intervention(ctx, tr, sample or 0, iv, int(layer), step_value, t or 0)
-        return ctx.jobs.start(f"iv:{tid}:{iv}:{sample}:{t}", work).id, False
+        key = f"iv:{tid}:{kind}:{expert}:{layer}:{step}:{bool(only_step)}:{window}:{region}:{sample}:{t}"
+        return ctx.jobs.start(key, work).id, False
 
-    @app.callback(Output("iv-msg", "children"), Output("iv-result", "children"), Output("iv-poll", "disabled",
-                                                                                         allow_duplicate=True),
+    @app.callback(Output("iv-msg", "children"), Output("iv-result", "children"),
+                  Output("iv-poll", "disabled", allow_duplicate=True),
                   Input("iv-poll", "n_intervals"), State("iv-job", "data"), State("sel-trace", "value"),
                   prevent_initial_call=True)
+    @guarded(failed=lambda msg: (msg, [], True))
     def poll(_n, job_id, tid):
-        job = ctx.jobs.get(job_id)
-        if job is None:
-            return dash.no_update, dash.no_update, True
-        st = job.status()
-        if not st["done"]:
-            return message(f"⏳ {st['message']}… {st['elapsed_s']:.1f} s"), dash.no_update, False
-        if st["error"]:
-            return message(st["error"], "error"), [], True
+        tick = poll_job(ctx.jobs, job_id, lambda s: f"done in {s:.1f} s")
+        if tick.state != "done":
+            return tick.message, [] if tick.state == "failed" else dash.no_update, tick.stop
         tr = ctx.registry.reader(tid)
-        return message(f"done in {st['elapsed_s']:.1f} s"), result_view(tr, job.result, len(tr.coords["expert"])), True
+        return tick.message, result_view(tr, tick.result, len(tr.coords["expert"])), True
+
+
+VIEW = View("intervene", "Intervene", layout, register)

@@ -16,7 +16,7 @@ import numpy as np
 import plotly.graph_objects as go
 from dash import Input, Output, State, dash_table, dcc, html
 
-from ..common import GRAPH_CONFIG, Context, discrete_colourscale, error_text, guarded, message, png_uri
+from ..common import GRAPH_CONFIG, Context, View, discrete_colourscale, guarded, message, png_uri, poll_job, view_body
 from .routing import token_grid
 
 MAX_POINTS = 300_000
@@ -27,7 +27,8 @@ COLOUR_BY = ["expert", "timestep", "step", "position", "prompt", "sample"]
 def layout(ctx: Context):
     return html.Div([
         html.Div([
-            html.Label("projection "), dcc.RadioItems(id="lat-method", options=["pca", "umap"], value="pca", inline=True),
+            html.Label("projection "),
+            dcc.RadioItems(id="lat-method", options=["pca", "umap"], value="pca", inline=True),
             html.Label(" colour by "), dcc.Dropdown(id="lat-colour", options=COLOUR_BY, value="expert", clearable=False,
                                                     style={"width": "120px"}),
             html.Label(" points "), dcc.Dropdown(id="lat-max", options=[10_000, 50_000, 100_000, MAX_POINTS],
@@ -115,7 +116,7 @@ def scatter_figure(tr, pts: dict, colour: str, n: int) -> go.Figure:
         c, marker = pts["token"][show].astype(np.float32), dict(colorscale="Turbo")
     else:
         c, marker = pts[colour][show].astype(np.float32), dict(colorscale="Turbo")
-    fig = go.Figure(go.Scattergl(x=pts["x"][show], y=pts["y"][show], mode="markers", 
+    fig = go.Figure(go.Scattergl(x=pts["x"][show], y=pts["y"][show], mode="markers",
                                  marker=dict(color=c, size=4 if len(show) < 20000 else 2, opacity=0.7,
                                              **{"colorbar": dict(title=colour, thickness=10), **marker}),
                                  hoverinfo="none"))
@@ -171,43 +172,74 @@ def patch(tr, s: int, t: int, layer: int, r: int, token: int) -> np.ndarray | No
     return im[r0:r0 + 3 * ph, c0:c0 + 3 * pw]
 
 
+def selection_rows(tr, pts: dict, rows: np.ndarray) -> tuple[list, list]:
+    """The table of selected points (data, columns), at most 1000 rows."""
+    tv = tr.coords["timestep_value"]
+    prompts = tr.samples()["prompt"]
+    data = [{"sample": int(pts["sample"][i]), "t": float(tv[pts["timestep"][i]]), "step": int(pts["step"][i]),
+             "token": int(pts["token"][i]), "expert": int(pts["expert"][i]),
+             "prompt": prompts[pts["sample"][i]][:30]} for i in rows[:1000]]
+    return data, [{"name": k, "id": k} for k in ("sample", "t", "step", "token", "expert", "prompt")]
+
+
+def patch_of(tr, pts: dict, i: int, layer: int) -> np.ndarray | None:
+    """The image patch around point i's token (`patch`)."""
+    return patch(tr, int(pts["sample"][i]), int(pts["timestep"][i]), layer, int(pts["step"][i]), int(pts["token"][i]))
+
+
+def patch_tiles(tr, pts: dict, rows: np.ndarray, layer: int) -> list:
+    """Patches of the first 24 selected points, captioned by expert."""
+    tiles = []
+    for i in rows[:24]:
+        im = patch_of(tr, pts, i, layer)
+        if im is not None:
+            tiles.append(html.Figure([html.Img(src=png_uri(im, max(1, PATCH_PX // im.shape[0])), width=PATCH_PX),
+                                      html.Figcaption(f"e{int(pts['expert'][i])}")]))
+    return tiles
+
+
+HIDDEN = {"display": "none"}
+
+
 def register(app: dash.Dash, ctx: Context) -> None:
     def pts_of(tid, method, layer):
         tr = ctx.registry.reader(tid)
         return tr, ctx.cached(tid, "latent-points", lambda: points(tr, method, layer), method, layer)
 
-    @app.callback(Output("lat-scatter", "figure"), Output("lat-msg", "children"), Output("lat-derive", "style"),
-                  Input("tabs", "value"), Input("sel-trace", "value"), Input("sel-layer", "value"),
-                  Input("lat-method", "value"), Input("lat-colour", "value"), Input("lat-max", "value"),
-                  Input("lat-traj", "n_clicks"), Input("lat-done", "data"), Input("version", "data"))
-    def render(view, tid, layer, method, colour, n, traj, _done, _version):
-        hidden = {"display": "none"}
-        if view != "latent" or tid is None:
-            return dash.no_update, dash.no_update, dash.no_update
-        try:
-            tr = ctx.registry.reader(tid)
-            if tr.kind != "sampling" or not tr.has("/latents/h"):
-                return go.Figure(), message("this trace stores no latents: record with --latent-tokens N"), hidden
-            if not tr.has("/derived/pca/coords"):
-                return go.Figure(), message("latents stored but no projections yet: compute them here "
-                                            "(or run `python -m probes.derive TRACE`)"), {}
-            if dash.ctx.triggered_id == "lat-traj":
-                return trajectory_figure(tr, layer), None, hidden
-            tr, pts = pts_of(tid, method, layer)
-            return scatter_figure(tr, pts, colour, n), None, hidden
-        except Exception as exc:  # noqa: BLE001 -- shown in the view
-            return go.Figure(), message(error_text(exc), "error"), hidden
+    register_scatter(app, ctx, pts_of)
+    register_projections_job(app, ctx)
+    register_selection(app, ctx, pts_of)
 
-    @app.callback(Output("lat-colour", "options"), Input("tabs", "value"), Input("sel-trace", "value"))
-    def colour_options(view, tid):
-        if view != "latent":  # reading the scenes costs ~1 s of imports: not on the first page
-            return dash.no_update
-        try:
-            names = attribute_codes(ctx.registry.reader(tid)) if tid is not None else {}
-        except Exception:  # noqa: BLE001 -- an unreadable trace offers the fixed options only
-            names = {}
-        return COLOUR_BY + [f"{ATTRIBUTE}{name}" for name in names]
 
+def register_scatter(app: dash.Dash, ctx: Context, pts_of) -> None:
+    """The scatter (or the trajectories), the derive button when projections are missing, and
+    the colour options (the fixed ones and the task's prompt attributes)."""
+    @view_body(app, VIEW.key, [Output("lat-scatter", "figure"), Output("lat-msg", "children"),
+                               Output("lat-derive", "style")],
+               Input("sel-layer", "value"), Input("lat-method", "value"), Input("lat-colour", "value"),
+               Input("lat-max", "value"), Input("lat-traj", "n_clicks"), Input("lat-done", "data"),
+               Input("version", "data"), failed=lambda msg: (go.Figure(), msg, HIDDEN))
+    def render(tid, layer, method, colour, n, _traj, _done, _version):
+        tr = ctx.registry.reader(tid)
+        if tr.kind != "sampling" or not tr.has("/latents/h"):
+            return go.Figure(), message("this trace stores no latents: record with --latent-tokens N"), HIDDEN
+        if not tr.has("/derived/pca/coords"):
+            return go.Figure(), message("latents stored but no projections yet: compute them here "
+                                        "(or run `python -m probes.derive TRACE`)"), {}
+        if dash.ctx.triggered_id == "lat-traj":
+            return trajectory_figure(tr, layer), None, HIDDEN
+        tr, pts = pts_of(tid, method, layer)
+        return scatter_figure(tr, pts, colour, n), None, HIDDEN
+
+    # reading the scenes costs ~1 s of imports: only once the tab is open; an unreadable trace
+    # offers the fixed colours (the scatter says what is wrong)
+    @view_body(app, VIEW.key, Output("lat-colour", "options"), failed=lambda _msg: COLOUR_BY)
+    def colour_options(tid):
+        return COLOUR_BY + [f"{ATTRIBUTE}{name}" for name in attribute_codes(ctx.registry.reader(tid))]
+
+
+def register_projections_job(app: dash.Dash, ctx: Context) -> None:
+    """The derive button: `probes.derive` in a background job (the trace released meanwhile), polled."""
     @app.callback(Output("lat-job", "data"), Output("lat-poll", "disabled"), Input("lat-derive", "n_clicks"),
                   State("sel-trace", "value"), prevent_initial_call=True)
     def start_derive(_n, tid):
@@ -222,58 +254,48 @@ def register(app: dash.Dash, ctx: Context) -> None:
                 ctx.memo.clear()
         return ctx.jobs.start(f"derive:{tid}", work).id, False
 
-    @app.callback(Output("lat-msg", "children", allow_duplicate=True), Output("lat-poll", "disabled", allow_duplicate=True),
-                  Output("lat-done", "data"), Input("lat-poll", "n_intervals"), State("lat-job", "data"),
-                  State("lat-done", "data"), prevent_initial_call=True)
+    @app.callback(Output("lat-msg", "children", allow_duplicate=True),
+                  Output("lat-poll", "disabled", allow_duplicate=True), Output("lat-done", "data"),
+                  Input("lat-poll", "n_intervals"), State("lat-job", "data"), State("lat-done", "data"),
+                  prevent_initial_call=True)
     def poll(_n, job_id, done):
-        job = ctx.jobs.get(job_id)
-        if job is None:
-            return dash.no_update, True, dash.no_update
-        st = job.status()
-        if not st["done"]:
-            return message(f"⏳ {st['message']}… {st['elapsed_s']:.1f} s"), False, dash.no_update
-        if st["error"]:
-            return message(st["error"], "error"), True, dash.no_update
-        return message(f"projections computed in {st['elapsed_s']:.1f} s"), True, (done or 0) + 1
+        tick = poll_job(ctx.jobs, job_id, lambda s: f"projections computed in {s:.1f} s")
+        return tick.message, tick.stop, (done or 0) + 1 if tick.state == "done" else dash.no_update
 
+
+def register_selection(app: dash.Dash, ctx: Context, pts_of) -> None:
+    """A box / lasso selection fills the table and the patches; hovering a point shows its patch."""
     @app.callback(Output("lat-table", "data"), Output("lat-table", "columns"), Output("lat-patches", "children"),
                   Input("lat-scatter", "selectedData"), State("sel-trace", "value"), State("sel-layer", "value"),
                   State("lat-method", "value"), State("lat-max", "value"), prevent_initial_call=True)
-    @guarded
+    @guarded(failed=lambda msg: ([], [], [msg]))
     def select(selected, tid, layer, method, n):
         if not selected or not selected.get("points"):
             return [], [], []
         tr, pts = pts_of(tid, method, layer)
         show = shown(len(pts["x"]), n)
         rows = show[np.asarray([p["pointIndex"] for p in selected["points"]], np.int64)]
-        tv = tr.coords["timestep_value"]
-        prompts = tr.samples()["prompt"]
-        data = [{"sample": int(pts["sample"][i]), "t": float(tv[pts["timestep"][i]]), "step": int(pts["step"][i]),
-                 "token": int(pts["token"][i]), "expert": int(pts["expert"][i]),
-                 "prompt": prompts[pts["sample"][i]][:30]} for i in rows[:1000]]
-        cols = [{"name": k, "id": k} for k in ("sample", "t", "step", "token", "expert", "prompt")]
-        tiles = []
-        for i in rows[:24]:
-            im = patch(tr, int(pts["sample"][i]), int(pts["timestep"][i]), layer, int(pts["step"][i]),
-                       int(pts["token"][i]))
-            if im is not None:
-                tiles.append(html.Figure([html.Img(src=png_uri(im, max(1, PATCH_PX // im.shape[0])), width=PATCH_PX),
-                                          html.Figcaption(f"e{int(pts['expert'][i])}")]))
+        data, cols = selection_rows(tr, pts, rows)
+        tiles = patch_tiles(tr, pts, rows, layer)
         return data, cols, [html.Div(f"{len(rows):,} selected; patches of the first {len(tiles)}:")] + tiles
 
     @app.callback(Output("lat-tip", "show"), Output("lat-tip", "bbox"), Output("lat-tip", "children"),
                   Input("lat-scatter", "hoverData"), State("sel-trace", "value"), State("sel-layer", "value"),
                   State("lat-method", "value"), State("lat-max", "value"), prevent_initial_call=True)
+    @guarded(failed=lambda _msg: (False, dash.no_update, dash.no_update))  # a tooltip: the scatter shows errors
     def hover(hover_data, tid, layer, method, n):
         if not hover_data or "pointIndex" not in hover_data["points"][0]:
             return False, dash.no_update, dash.no_update
         pt = hover_data["points"][0]
         tr, pts = pts_of(tid, method, layer)
         i = int(shown(len(pts["x"]), n)[pt["pointIndex"]])
-        im = patch(tr, int(pts["sample"][i]), int(pts["timestep"][i]), layer, int(pts["step"][i]), int(pts["token"][i]))
+        im = patch_of(tr, pts, i, layer)
         label = (f"sample {pts['sample'][i]}, t={tr.coords['timestep_value'][pts['timestep'][i]]:.0f}, "
                  f"step {pts['step'][i]}, token {pts['token'][i]}, expert {pts['expert'][i]}")
         body = [html.Div(label, style={"fontSize": "11px"})]
         if im is not None:
             body.insert(0, html.Img(src=png_uri(im, max(1, PATCH_PX // im.shape[0])), width=PATCH_PX))
         return True, pt.get("bbox"), body
+
+
+VIEW = View("latent", "Latent explorer", layout, register)

@@ -18,7 +18,7 @@ from plotly.subplots import make_subplots
 
 from probes.views import FLAT_GATE_MARGIN, flat_gate
 
-from ..common import GRAPH_CONFIG, Context, fmt, message, view_body
+from ..common import GRAPH_CONFIG, Context, View, fmt, guarded, message, view_body
 
 
 def layout(ctx: Context):
@@ -29,7 +29,7 @@ def share_figure(report: dict) -> go.Figure:
     layers = report["layers"]
     K = report["trace"]["experts"]
     n_steps = max(len(lo["steps"]) for lo in layers.values())
-    titles = [f"layer {l} · step {s}" for l, lo in layers.items() for s in lo["steps"]]
+    titles = [f"layer {layer} · step {s}" for layer, lo in layers.items() for s in lo["steps"]]
     fig = make_subplots(rows=len(layers), cols=n_steps, subplot_titles=titles, shared_yaxes=True,
                         horizontal_spacing=0.02, vertical_spacing=0.08)
     sampling = report["trace"]["kind"] == "sampling"
@@ -62,8 +62,9 @@ def evidence(report: dict, layer: int, step: int) -> html.Div:
     d = lo["steps"].get(str(int(report["trace"]["steps"][step])))
     if d is None:
         return message(f"recursion step {step} is not in the report", "warn")
-    mis = {**{k: v for k, v in d.get("mi", {}).items()}, **{"recursion_step (layer)": v for k, v in lo.get("mi", {}).items()
-                                                            if k == "recursion_step"}}
+    mis = dict(d.get("mi", {}))  # this step's labels, and the recursion step (one MI per layer)
+    if "recursion_step" in lo.get("mi", {}):
+        mis["recursion_step (layer)"] = lo["mi"]["recursion_step"]
     names = list(mis)
     mi = [mis[k].get("mi") for k in names]
     null_hi = [(mis[k].get("null_mean") or 0) + 2 * (mis[k].get("null_std") or 0) for k in names]
@@ -101,14 +102,15 @@ def evidence(report: dict, layer: int, step: int) -> html.Div:
         gate_lines.append(html.Div(f"verdict: {d['verdict']['text']}", className="verdict"))
     ld = d.get("load", {})
     gate_lines.append(html.Div(f"load: effective experts {fmt(ld.get('effective_experts'), '{:.2f}')} of "
-                               f"{report['trace']['experts']}, CV {fmt(ld.get('cv'), '{:.2f}')}, dead {ld.get('n_dead')}"))
+                               f"{report['trace']['experts']}, CV {fmt(ld.get('cv'), '{:.2f}')}, "
+                               f"dead {ld.get('n_dead')}"))
     return html.Div([dcc.Graph(figure=fig, config=GRAPH_CONFIG, id="overview-mi"),
                      html.Table(rows, className="evidence"), html.Div(gate_lines)], className="panel",
                     style={"width": "440px"})
 
 
 def register(app: dash.Dash, ctx: Context) -> None:
-    @view_body(app, "overview", Output("overview-body", "children"), Input("sel-layer", "value"),
+    @view_body(app, VIEW.key, Output("overview-body", "children"), Input("sel-layer", "value"),
                Input("sel-step", "value"), Input("version", "data"))
     def render(tid, layer, step, _version):
         report = ctx.registry.report(tid)
@@ -131,6 +133,7 @@ def register(app: dash.Dash, ctx: Context) -> None:
 
     @app.callback(Output("nav", "data", allow_duplicate=True), Input("overview-share", "clickData"),
                   State("sel-trace", "value"), prevent_initial_call=True)
+    @guarded(failed=lambda _msg: dash.no_update)  # the figure clicked on came from this report: no new failure
     def pick_cell(click, tid):
         """A click on a cell selects its timestep, layer, step and expert."""
         if not click:
@@ -140,7 +143,7 @@ def register(app: dash.Dash, ctx: Context) -> None:
         meta = None
         fig_curve = pt.get("curveNumber", 0)
         layers = report["layers"]
-        flat = [(int(l), int(s)) for l, lo in layers.items() for s in lo["steps"]]
+        flat = [(int(layer), int(s)) for layer, lo in layers.items() for s in lo["steps"]]
         if fig_curve < len(flat):
             meta = flat[fig_curve]
         nav = {"expert": int(str(pt["y"]).lstrip("e"))}
@@ -152,3 +155,6 @@ def register(app: dash.Dash, ctx: Context) -> None:
             if str(pt["x"]) in tv:
                 nav["t"] = tv.index(str(pt["x"]))
         return nav
+
+
+VIEW = View("overview", "Specialization", layout, register)

@@ -18,12 +18,12 @@ from typing import Any, Callable
 
 import dash
 import plotly.graph_objects as go
-from dash import Input, Output, dcc, html
+from dash import Output, dcc, html
 from plotly.subplots import make_subplots
 
 from cli_common.errors import UserError
 
-from ..common import GRAPH_CONFIG, Context, error_text, expert_colour, guarded, message
+from ..common import GRAPH_CONFIG, Context, View, error_text, expert_colour, message, view_body
 
 MAKE_THEM = "python -m rsr_model evaluate --table --quick --out runs/evaluate"
 
@@ -74,9 +74,10 @@ def load_result(path: Path, kind: "Kind") -> dict[str, Any]:
 
 
 def find_results(folder: Path) -> list[Path]:
-    """NAME.json files of every known kind under `folder` (any depth, checkpoints/ skipped)."""
+    """NAME.json files of every known kind under `folder` (any depth, checkpoints/ skipped); only
+    regular files: reading a FIFO or a device of that name would hang the tab."""
     found = [p for name in KINDS for p in folder.rglob(f"{name}.json")
-             if "checkpoints" not in p.relative_to(folder).parts]
+             if "checkpoints" not in p.relative_to(folder).parts and p.is_file()]
     return sorted(found, key=lambda p: (list(KINDS).index(p.stem), str(p)))
 
 
@@ -353,7 +354,7 @@ def render_result(path: Path, folder: Path) -> html.Div:
                    for f in kind.figures(result)]
         evidence = html.Div([html.H3("evidence")] + [html.P(line) for line in kind.evidence(result)],
                             className="panel", style={"maxWidth": "420px"})
-    except Exception as exc:  # noqa: BLE001 -- one bad file is one line; the other results still render
+    except Exception as exc:  # one bad file is one line; the other results still render
         return message(f"{where}: {error_text(exc)}", "error")
     return html.Div([
         html.H2(kind.title, style={"fontSize": "15px", "marginBottom": "2px"}),
@@ -380,8 +381,10 @@ def layout(ctx: Context):
 
 
 def register(app: dash.Dash, ctx: Context) -> None:
-    @app.callback(Output("results-body", "children"), Input("tabs", "value"))
-    def render(view):
-        if view != "results":  # read the files when the tab opens (new results show without a restart)
-            return dash.no_update
-        return guarded(results_page)(ctx.results)
+    # the files are read when the tab opens, so new results show without a restart
+    @view_body(app, VIEW.key, Output("results-body", "children"), trace=False)
+    def render():
+        return results_page(ctx.results)
+
+
+VIEW = View("results", "Results", layout, register)

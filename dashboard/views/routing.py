@@ -14,7 +14,7 @@ from dash import Input, Output, State, dcc, html
 
 from traces import TraceReader
 
-from ..common import GRAPH_CONFIG, Context, discrete_colourscale, error_text, message, png_uri
+from ..common import GRAPH_CONFIG, Context, View, discrete_colourscale, message, png_uri, view_body
 
 IMAGE_PX = 220  # displayed size of decoded images
 
@@ -67,7 +67,8 @@ def grid_values(tr: TraceReader, values: np.ndarray, fill: float = np.nan) -> np
     return out.reshape((h, w) + values.shape[1:])
 
 
-def map_data(tr: TraceReader, sample: int, branch: str, t: int, layer: int, step: int) -> tuple[np.ndarray, np.ndarray | None]:
+def map_data(tr: TraceReader, sample: int, branch: str, t: int, layer: int,
+             step: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(z: expert ids on the grid, NaN where invalid; hover data: gate probabilities or None)."""
     K = len(tr.coords["expert"])
     ids = tr.routing(sample=sample, branch=branch, timestep=t, layer=layer, step=step).astype(float)
@@ -125,31 +126,31 @@ def images(tr: TraceReader, sample: int, t: int, layer: int, step: int) -> tuple
 
 
 def register(app: dash.Dash, ctx: Context) -> None:
-    @app.callback(Output("routing-map", "figure"), Output("routing-decoded", "src"), Output("routing-final", "src"),
-                  Output("routing-decoded-note", "children"), Output("routing-msg", "children"),
-                  Output("routing-key", "data"),
-                  Input("tabs", "value"), Input("sel-trace", "value"), Input("sel-sample", "value"),
-                  Input("sel-branch", "value"), Input("sel-t", "value"), Input("sel-layer", "value"),
-                  Input("sel-step", "value"), Input("version", "data"), State("routing-key", "data"))
-    def render(view, tid, sample, branch, t, layer, step, _version, drawn):
-        if view != "routing" or tid is None:
-            return (dash.no_update,) * 6
-        try:
-            tr = ctx.registry.reader(tid)
-            if tr.kind != "sampling":
-                return (go.Figure(), None, None, "", message("the routing map needs a sampling trace "
-                                                             "(this is a training trace: see Training health)"), None)
-            t, step, sample = t or 0, step or 0, sample or 0
-            z, prob = map_data(tr, sample, branch, t, layer, step)
-            dec, fin, note = images(tr, sample, t, layer, step)
-            key = [tid, sample, branch, layer, list(z.shape)]
-            if drawn == key and dash.ctx.triggered_id in ("sel-t", "sel-step"):
-                fig = dash.Patch()  # same grid: send the new colours and hover data only
-                fig["data"][0]["z"] = z
-                fig["data"][0]["customdata"] = prob
-                fig["layout"]["title"]["text"] = title_of(tr, t, layer, step)
-            else:
-                fig = map_figure(z, prob, len(tr.coords["expert"]), title_of(tr, t, layer, step))
-            return fig, dec, fin, note, None, key
-        except Exception as exc:  # noqa: BLE001 -- shown in the view
-            return go.Figure(), None, None, "", message(error_text(exc), "error"), None
+    outputs = [Output("routing-map", "figure"), Output("routing-decoded", "src"), Output("routing-final", "src"),
+               Output("routing-decoded-note", "children"), Output("routing-msg", "children"),
+               Output("routing-key", "data")]
+
+    @view_body(app, VIEW.key, outputs, Input("sel-sample", "value"), Input("sel-branch", "value"),
+               Input("sel-t", "value"), Input("sel-layer", "value"), Input("sel-step", "value"),
+               Input("version", "data"), State("routing-key", "data"),
+               failed=lambda msg: (go.Figure(), None, None, "", msg, None))
+    def render(tid, sample, branch, t, layer, step, _version, drawn):
+        tr = ctx.registry.reader(tid)
+        if tr.kind != "sampling":
+            return (go.Figure(), None, None, "", message("the routing map needs a sampling trace "
+                                                         "(this is a training trace: see Training health)"), None)
+        t, step, sample = t or 0, step or 0, sample or 0
+        z, prob = map_data(tr, sample, branch, t, layer, step)
+        dec, fin, note = images(tr, sample, t, layer, step)
+        key = [tid, sample, branch, layer, list(z.shape)]
+        if drawn == key and dash.ctx.triggered_id in ("sel-t", "sel-step"):
+            fig = dash.Patch()  # same grid: send the new colours and hover data only
+            fig["data"][0]["z"] = z
+            fig["data"][0]["customdata"] = prob
+            fig["layout"]["title"]["text"] = title_of(tr, t, layer, step)
+        else:
+            fig = map_figure(z, prob, len(tr.coords["expert"]), title_of(tr, t, layer, step))
+        return fig, dec, fin, note, None, key
+
+
+VIEW = View("routing", "Routing map", layout, register)

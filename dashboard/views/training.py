@@ -16,7 +16,7 @@ from plotly.subplots import make_subplots
 
 from probes.views import FLAT_GATE_MARGIN
 
-from ..common import GRAPH_CONFIG, Context, expert_colour, message, view_body
+from ..common import GRAPH_CONFIG, Context, View, expert_colour, message, view_body
 
 
 def layout(ctx: Context):
@@ -66,7 +66,7 @@ def routing_figure(curves: dict, K: int) -> go.Figure:
 
 
 def register(app: dash.Dash, ctx: Context) -> None:
-    @view_body(app, "training", Output("training-body", "children"), Input("version", "data"))
+    @view_body(app, VIEW.key, Output("training-body", "children"), Input("version", "data"))
     def render(tid, _version):
         tr = ctx.registry.reader(tid)
         if tr.kind != "training":
@@ -82,3 +82,6 @@ def register(app: dash.Dash, ctx: Context) -> None:
             html.Div(dcc.Graph(figure=routing_figure(curves, K), config=GRAPH_CONFIG), className="panel")
             if curves and sum(curves["records"]) else message("no routing events recorded yet"),
         ])
+
+
+VIEW = View("training", "Training health", layout, register)

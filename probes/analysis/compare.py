@@ -67,7 +67,7 @@ def compare_traces(path_a, path_b, n_bins: int = 4) -> dict[str, Any]:
                                  np.broadcast_to(step_index, valid.shape)[valid], time_bin)
         confusion = agreement.counts.result()
         total, per_bin = agreement_stats(confusion.sum(axis=2)), agreement_stats(confusion)
-        at = lambda index: {**stats_at(total, index, drop=("confusion",)),  # noqa: E731
+        at = lambda index: {**stats_at(total, index, drop=("confusion",)),
                             "by_timestep_bin": [stats_at(per_bin, index + (t,), drop=("confusion",))
                                                 for t in range(grid.n_bins)]}
         return jsonable({

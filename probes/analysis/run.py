@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from cli_common.version import toolkit_version
 from traces import TraceReader
 
 from ..verdict import add_verdicts
@@ -13,7 +14,7 @@ from .families import FAMILIES, Part, ProbeFamily
 from .setup import Context, Options, TraceGrid, grid_of, labels_of
 
 REPORT_SCHEMA = "rsr-report"
-REPORT_VERSION = 3  # probes/REPORT.md: 2 adds expert_change, 3 the verdicts
+REPORT_VERSION = 4  # probes/REPORT.md: 2 adds expert_change, 3 the verdicts, 4 toolkit_version
 
 
 def stream(trace: TraceReader, families: list[ProbeFamily], context: Context) -> int:
@@ -58,7 +59,7 @@ def run_pass(trace: TraceReader, options: Options, timings: dict[str, float]) ->
 def skeleton(trace: TraceReader, grid: TraceGrid, options: Options, notes: list[str]) -> dict[str, Any]:
     """The report's fixed keys, in order; the families fill in the rest."""
     return {
-        "schema": REPORT_SCHEMA, "schema_version": REPORT_VERSION,
+        "schema": REPORT_SCHEMA, "schema_version": REPORT_VERSION, "toolkit_version": toolkit_version(),
         "trace": trace_info(trace, grid),
         "options": {"timestep_bins": grid.n_bins, "permutations": options.n_perm,
                     "max_latent_points": options.max_latent_points},

@@ -330,7 +330,7 @@ def mi_summary(
     den = np.where(den < 0, np.minimum(den, -np.finfo(float).eps), np.maximum(den, np.finfo(float).eps))
     ami = np.where(avg_h == 0, 1.0, (mi - emi) / den)  # both constant: identical partitions
     nmi = np.where(avg_h > 0, safe_div(mi, avg_h), 1.0)
-    shape = lambda x: np.asarray(x).reshape(lead)  # noqa: E731
+    shape = lambda x: np.asarray(x).reshape(lead)
     return MIResult(
         mi=shape(mi),
         mi_mm=shape(mm),

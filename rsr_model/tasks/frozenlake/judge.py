@@ -149,7 +149,7 @@ def summarize(judgements: Sequence[Judgement], plans: Sequence[Plan]) -> dict[st
         values = list(values)
         return float(np.mean(values)) if values else float("nan")
 
-    steps = lambda key: [x for j in judgements for x in getattr(j, key)]  # noqa: E731
+    steps = lambda key: [x for j in judgements for x in getattr(j, key)]
     return {
         "maps": len(judgements),
         "success_frames": rate(j.success_frames for j in judgements),
