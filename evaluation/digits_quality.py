@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .table import train_checkpoint
+from .table import base_tag, train_checkpoint
 
 PRESET = "dit-digits"
 SIZE = 16
@@ -161,11 +161,15 @@ def quality(classifier: DigitsClassifier, images: torch.Tensor, labels: np.ndarr
 # --- rows -------------------------------------------------------------------------------------
 
 def _train_digits(out: Path, name: str, stage_argv: list[str], plan: dict[str, int], seed: int,
-                  budget: DigitsBudget) -> tuple[Path, float]:
+                  budget: DigitsBudget, base: str | None = None) -> tuple[Path, float]:
+    """Train one checkpoint of the table, or reuse a finished one trained with the same plan, seed
+    and (RSR stage) base: the base is named by its content in the file name (`base_tag`) and by its
+    path in the checkpoint's arguments, so an RSR stage trained on another base is never reused."""
     path = out / "checkpoints" / f"{name}.pt"
     batch = ["--batch-size", str(budget.batch_size)] if budget.batch_size else []
     argv = ["--preset", PRESET, *stage_argv, "--seed", str(seed), "--save-every", str(max(plan.values())), *batch]
-    return path, train_checkpoint(path, argv, {"plan": plan, "args": {"seed": seed}})
+    expect_args = {"seed": seed, **({"base": base} if base is not None else {})}
+    return path, train_checkpoint(path, argv, {"plan": plan, "args": expect_args})
 
 
 @torch.no_grad()
@@ -203,9 +207,10 @@ def run_class_conditioned(out: Path, budget: DigitsBudget, base: Path | None = N
         long, long_s = _train_digits(out, f"digits_base_{total}_s{seed}", ["--stage", "base", "--steps", str(total)],
                                      {"base": total}, seed, budget)
         say(f"seed {seed}: RSR stage, {budget.rsr_steps} steps")
-        rsr, rsr_s = _train_digits(out, f"digits_rsr_s{seed}", ["--stage", "rsr", "--base", str(short), "--mode", "rsr",
-                                                                "--steps", str(budget.rsr_steps)],
-                                   {"rsr": budget.rsr_steps}, seed, budget)
+        rsr, rsr_s = _train_digits(out, f"digits_rsr_s{seed}_{base_tag(short)}",
+                                   ["--stage", "rsr", "--base", str(short), "--mode", "rsr", "--steps",
+                                    str(budget.rsr_steps)], {"rsr": budget.rsr_steps}, seed, budget,
+                                   base=str(short))
         for name, ckpt, seconds in ((f"DiT ({budget.base_steps} steps)", short, base_s),
                                     (f"DiT ({total} steps)", long, long_s),
                                     (f"DiT + RSR ({budget.base_steps} + {budget.rsr_steps})", rsr, base_s + rsr_s)):

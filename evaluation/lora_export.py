@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from cli_common.command import int_at_least
 from cli_common.errors import UsageError
 from rsr_model.install import arch_of
 
@@ -76,15 +77,19 @@ def add_parser(sub):
     e = sub.add_parser("export-lora", help="write one RSR expert as a diffusers/peft LoRA",
                        description=__doc__.splitlines()[0])
     e.add_argument("--ckpt", type=Path, required=True)
-    e.add_argument("--expert", type=int, required=True, help="expert index k (0-based)")
+    e.add_argument("--expert", type=int_at_least(0), required=True, help="expert index k (0-based)")
     e.add_argument("--out", type=Path, required=True, help="folder for pytorch_lora_weights.safetensors")
     e.add_argument("--overwrite", action="store_true")
     return e
 
 
 def run(args) -> None:
-    path = args.out / WEIGHTS_NAME
-    if path.exists() and not args.overwrite:
-        raise UsageError(f"{path} exists; pass --overwrite to replace it")
+    """Judge the output before loading anything: a writable folder that is not the checkpoint, and
+    no weights file there unless --overwrite."""
+    from cli_common.outputs import check_output
+
+    inputs = {"--ckpt": args.ckpt}
+    check_output(args.out, args.overwrite, flag="--out", folder=True, inputs=inputs)
+    check_output(args.out / WEIGHTS_NAME, args.overwrite, flag="--out", inputs=inputs)
     written = export_lora(args.ckpt, args.expert, args.out)
     print(f"wrote {written} (expert {args.expert}; load with pipe.load_lora_weights({str(args.out)!r}))")

@@ -37,6 +37,21 @@ FIGURES = {"success_env": "success (env)", "success_frames": "success (frames)",
 FAILURES = {"hole": "holes", "diagonal_moves": "diagonal", "impossible_moves": "impossible"}
 
 
+def check_plannable(checkpoints: Sequence[Path]) -> None:
+    """Refuse, before any map is planned, a checkpoint whose preset does not plan (a text or digits
+    model given among FrozenLake ones) or that has no RSR layer."""
+    from rsr_model.checkpoint import load_checkpoint
+    from rsr_model.tasks import TASKS
+    from rsr_model.tasks.base import Task
+
+    for ckpt in checkpoints:
+        ck = load_checkpoint(ckpt)
+        task = TASKS.get(ck.get("preset"))
+        if task is None or task.plan_figures is Task.plan_figures:
+            raise UsageError(f"{ckpt}: preset {ck.get('preset')!r} has no held-out maps to plan on "
+                             f"(planning figures are for presets that plan, like frozenlake)")
+
+
 def checkpoint_figures(ckpt: Path, n_maps: int) -> dict[str, Any]:
     """One checkpoint's planning rates on the first n_maps held-out maps of its preset."""
     from rsr_model.sample import load_model

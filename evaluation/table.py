@@ -116,8 +116,16 @@ def train_base(out: Path, budget: Budget) -> tuple[Path, float]:
     return path, train_checkpoint(path, argv, {"plan": {"base": budget.base_steps}, "args": {"seed": 0}})
 
 
+def base_tag(base: Path) -> str:
+    """The base checkpoint named by its content ("base-" and 12 hex digits of its sha256): a cached
+    RSR-stage checkpoint is reused only for the very base it was trained on, whatever its path."""
+    from cli_common.outputs import sha256_file
+
+    return f"base-{sha256_file(base)[:12]}"
+
+
 def train_row(out: Path, base: Path, target: str, mode: str, seed: int, budget: Budget) -> tuple[Path, float]:
-    path = out / "checkpoints" / f"{target}_{mode}_s{seed}.pt"
+    path = out / "checkpoints" / f"{target}_{mode}_s{seed}_{base_tag(base)}.pt"
     layers = ",".join(map(str, TARGETS[target]))
     argv = ["--preset", PRESET, "--stage", "rsr", "--base", str(base), "--mode", mode, "--target-layers", layers,
             "--steps", str(budget.rsr_steps), "--seed", str(seed), "--save-every", str(budget.rsr_steps),

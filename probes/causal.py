@@ -146,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
 
         from .analysis import jsonable
         from .interventions import from_cli, sampled_timesteps
-        from .record import read_items
+        from .record import item_file, read_items
 
         a = p.parse_args(argv)
         if a.force_expert is None and a.ablate_expert is None:
             raise UsageError("give --force-expert or --ablate-expert")
-        check_output(a.json, a.overwrite, flag="--json")
+        check_output(a.json, a.overwrite, flag="--json", inputs={"--ckpt": a.ckpt, "--prompts": item_file(a.prompts)})
         prompts = read_items(a.prompts)
         task, transformer, rsr, _ = load_model(a.ckpt)
         if rsr is None:

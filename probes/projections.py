@@ -11,9 +11,12 @@ of layers differ), the fitted components, means and explained variance ratios wi
 parameters used, and optionally a UMAP of a subsample with each point's grid position.
 
 When it may write: the trace must be complete (its writer closed cleanly) — a live or killed
-trace is refused — and nobody may have it open (HDF5 file locking refuses r+ while a reader,
-e.g. the dashboard, holds it; that is reported as a one-line error). Existing projections are
-replaced only with overwrite=True. PCA is fitted on a subsample of at most `fit_points`
+trace is refused — and nobody may have it open (a reader such as the dashboard, a recorder, another
+derive: one-line error). From its first read to its last write the derive holds the trace's writer
+lock (`traces.writer.writer_lock`), so a recorder's --overwrite is refused meanwhile. The projections
+are written into a copy of the trace that replaces it in one rename (`traces.derived`): a kill at
+any moment leaves the original trace readable. Existing projections are replaced only with
+overwrite=True. PCA is fitted on a subsample of at most `fit_points`
 latents per layer, then every latent is projected chunk by chunk.
 """
 
@@ -28,6 +31,7 @@ import numpy as np
 from cli_common.errors import UserError
 from traces import open_trace
 from traces.derived import open_derived
+from traces.writer import writer_lock
 
 from .stats import pca, umap_embedding
 
@@ -70,6 +74,15 @@ def derive(path: str | Path, n_components: int = 3, fit_points: int = 20000, uma
     Returns a summary dict (what was written, with parameters). Raises DeriveError/TraceError.
     """
     path = Path(path)
+    if seed < 0:
+        raise DeriveError(f"--seed must be >= 0, got {seed}")
+    open_trace(path).close()  # a missing, foreign or damaged trace: its own one-line error first
+    with writer_lock(path):  # held from the first read to the swap: nobody replaces the trace in between
+        return _derive_locked(path, n_components, fit_points, umap, umap_points, seed, overwrite)
+
+
+def _derive_locked(path: Path, n_components: int, fit_points: int, umap: bool, umap_points: int, seed: int,
+                   overwrite: bool) -> dict[str, Any]:
     with open_trace(path) as tr:
         if tr.kind != "sampling" or not tr.has("/latents/h"):
             raise DeriveError(f"{path}: no stored latents (/latents/h); record with --latent-tokens N")
@@ -147,7 +160,7 @@ def load_derived(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cli_common.command import Parser, run_main
+    from cli_common.command import Parser, int_at_least, run_main
 
     p = Parser(prog="python -m probes.derive",
                description="Store PCA/UMAP projections of a trace's latents under /derived.", version=True)
@@ -156,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit-points", type=int, default=20000)
     p.add_argument("--umap", action="store_true", help="also a UMAP embedding of a subsample (slow: numba start-up)")
     p.add_argument("--umap-points", type=int, default=5000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--overwrite", action="store_true")
     def body() -> None:
         a = p.parse_args(argv)

@@ -44,7 +44,9 @@ if TYPE_CHECKING:  # annotations only: the start-up imports stay light
 
 
 def int_list(s: str) -> list[int]:
-    """'0,2,5' or '0:8' (range) or '0:28:4'; a list that selects nothing is refused."""
+    """'0,2,5' or '0:8' (range) or '0:28:4'; a list that selects nothing, or names an index twice, is
+    refused (a selection is a set of hook points: a repeated one would be one cell the writer fills
+    twice over, or a cell planned and never written)."""
     try:
         if ":" in s:
             parts = [int(p) if p else None for p in s.split(":")]
@@ -58,6 +60,10 @@ def int_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers like 0,2,5 or a range 0:28:4, got {s!r}") from None
     if not values:
         raise argparse.ArgumentTypeError(f"{s!r} selects nothing (a reversed or empty range?)")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{s!r} names {', '.join(map(str, repeated))} more than once; "
+                                         f"give each index once")
     return values
 
 
@@ -104,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_items(text: str) -> list[str]:
-    """--prompts: a file of prompts (one per line) or the prompt itself."""
+    """--prompts: a file of prompts (one per line) or the prompt itself (never a folder's path)."""
     path = Path(text)
+    if len(text) < 4096 and path.is_dir():
+        raise UsageError(f"--prompts {text} is a folder; give a file of prompts (one per line) or the prompt itself")
     if path.suffix in (".txt", ".csv", ".lst") or (len(text) < 4096 and path.is_file()):
         return read_lines(path)
     if not text.strip():
@@ -113,10 +121,43 @@ def read_items(text: str) -> list[str]:
     return [text.strip()]
 
 
+# The flags each recording mode reads. A recording of FrozenLake plans (--maps) is one forward
+# pass per map: no sampler, no seeds, no shards, no selection and no intervention, so any other
+# flag given with --maps would be ignored; it is refused before the checkpoint loads instead.
+MAP_RECORDING = frozenset({"ckpt", "maps", "out", "overwrite", "batch_size", "probs", "portable"})
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The dests of the options `argv` names (whatever their value, the default included)."""
+    saved = {a.dest: a.default for a in parser._actions}
+    try:
+        for a in parser._actions:
+            a.default = argparse.SUPPRESS
+        names, _ = parser.parse_known_args(argv)
+    finally:
+        for a in parser._actions:
+            a.default = saved[a.dest]
+    return set(vars(names))
+
+
+def check_applicable(args, given: set[str]) -> None:
+    """Refuse a flag the recording mode would ignore (the table above)."""
+    if getattr(args, "maps", None):
+        extra = sorted(given - MAP_RECORDING)
+        if extra:
+            flag = "--" + extra[0].replace("_", "-")
+            raise UsageError(f"{flag} does not apply to a recording of --maps (one plan per map: no sampler, "
+                             f"selection, shards or interventions); it takes only "
+                             f"{', '.join('--' + f.replace('_', '-') for f in sorted(MAP_RECORDING))}")
+
+
 def check_args(args) -> None:
     """What can be judged before any model is loaded: outputs, ranks, flags that need others."""
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, inputs={"--ckpt": args.ckpt, "--prompts": item_file(args.prompts),
+                                                   "--maps": item_file(getattr(args, "maps", None))})
     shard(args)
+    if args.prompts is not None:
+        read_items(args.prompts)  # an empty file or a folder: refused before the checkpoint loads
     if args.latent_dim is not None and not args.latent_tokens:
         raise UsageError("--latent-dim projects stored latents; give --latent-tokens N too")
     intervening = args.force_expert is not None or args.ablate_expert is not None
@@ -124,6 +165,11 @@ def check_args(args) -> None:
         if getattr(args, flag) is not None and not intervening:
             raise UsageError(f"--{flag.replace('_', '-')} places an intervention; give --force-expert or "
                              f"--ablate-expert too")
+
+
+def item_file(text: str | None) -> Path | None:
+    """The file an item flag names, if it names one (it may be the prompt itself)."""
+    return Path(text) if text and len(text) < 4096 and Path(text).exists() else None
 
 
 def shard(args) -> tuple[int, int]:
@@ -176,8 +222,8 @@ def record_samples(args: argparse.Namespace, model: Model) -> None:
     layout = rec.layout()
     est = estimate_sampling(layout, len(sample_ids), portable=args.portable)
     if est.total > args.max_gb * 2**30:
-        raise UsageError(f"expected trace size {est.total / 2**30:.2f} GB exceeds --max-gb {args.max_gb}; "
-                         f"record fewer samples, timesteps, tokens or extras")
+        raise UsageError(f"expected trace size {human_size(est.total)} exceeds --max-gb {args.max_gb:g} "
+                         f"({human_size(args.max_gb * 2**30)}); record fewer samples, timesteps, tokens or extras")
     check_free_space(args.out, est.total, f"the trace ({len(sample_ids)} samples)")
     rows = [items[i // args.num_samples] for i in sample_ids]
     seeds = [args.seed + i for i in sample_ids]
@@ -193,6 +239,15 @@ def record_samples(args: argparse.Namespace, model: Model) -> None:
     for iv in rec.interventions_applied():
         print(f"{iv['kind']} expert {iv['expert']}: changed {iv['tokens_changed']} routing decision(s)"
               + ("; it never fired" if not iv["tokens_changed"] else ""))
+
+
+def human_size(n: float) -> str:
+    """Bytes in the unit that shows them (a 30 KiB trace is not "0.00 GB")."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} B" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} GiB"
 
 
 def sampling_recorder(args: argparse.Namespace, task, transformer, rsr) -> SamplingRecorder:
@@ -258,7 +313,13 @@ def write_samples(args: argparse.Namespace, rec: SamplingRecorder, writer: Sampl
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(lambda: run(build_parser().parse_args(argv)),
+    def body() -> None:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        check_applicable(args, given_flags(parser, argv))
+        run(args)
+
+    return run_main(body,
                     interrupted="interrupted; the trace holds every step written so far")
 
 

@@ -304,7 +304,7 @@ def figure_latent_trajectories(tr, path: Path, n_timesteps: int = 6) -> list[dic
 
 
 def _read_routing_value(path: Path) -> dict:
-    from .routing_value import ROUTING_VALUE_SCHEMA
+    from .routing_value import check_result
 
     try:
         value = json.loads(path.read_text())
@@ -312,20 +312,39 @@ def _read_routing_value(path: Path) -> dict:
         raise ReportError(f"--routing-value {path}: no such file") from None
     except (OSError, ValueError) as e:
         raise ReportError(f"--routing-value {path}: not a JSON file ({type(e).__name__})") from None
-    if not isinstance(value, dict) or value.get("schema") != ROUTING_VALUE_SCHEMA:
-        raise ReportError(f"--routing-value {path}: not a probes.routing_value result")
-    return value
+    return check_result(value, f"--routing-value {path}")
 
 
-def _check_same_checkpoint(report: dict, value: dict, path: Path) -> None:
-    """A routing value of another checkpoint must not decide this trace's verdicts."""
-    if report["trace"]["kind"] != "sampling":  # a training trace spans many weights, not one checkpoint
+def _check_same_checkpoint(trace, value: dict, path: Path) -> None:
+    """A routing value decides verdicts only for the checkpoint it was measured on: the trace and
+    the result must both name their checkpoint by content, and name the same one."""
+    if trace.kind != "sampling":  # a training trace spans many weights, not one checkpoint
         raise ReportError(f"--routing-value {path}: a routing value belongs to one checkpoint; "
                           f"this is a training trace (use it with a sampling trace of that checkpoint)")
-    a, b = report["trace"].get("checkpoint_sha256"), value.get("checkpoint_sha256")
-    if a and b and a != b:
+    a, b = trace.attrs.get("checkpoint_sha256"), value["checkpoint_sha256"]
+    if not a:
+        raise ReportError(f"--routing-value {path}: the trace {trace.path} does not record its checkpoint's "
+                          f"sha256, so the routing value cannot be matched to it")
+    if a != b:
         raise ReportError(f"--routing-value {path} was measured on another checkpoint than the trace's "
                           f"(sha256 {b[:12]} vs {a[:12]})")
+
+
+def _check_inputs(args) -> dict | None:
+    """Every input judged before any work (and before --derive writes anything): outputs that
+    are not inputs, the trace readable, a routing value of the trace's own checkpoint."""
+    from traces import open_trace
+
+    inputs = {"trace": args.trace, "--compare": args.compare, "--routing-value": args.routing_value}
+    check_output(args.json, args.overwrite, flag="--json", inputs=inputs)
+    check_output(args.figures, args.overwrite, flag="--figures", folder=True, inputs=inputs)
+    for name in FIGURES:
+        check_output(args.figures and args.figures / name, args.overwrite, flag="--figures", inputs=inputs)
+    value = _read_routing_value(args.routing_value) if args.routing_value else None
+    with open_trace(args.trace) as tr:
+        if value is not None:
+            _check_same_checkpoint(tr, value, args.routing_value)
+    return value
 
 
 def run(args) -> dict:
@@ -334,11 +353,7 @@ def run(args) -> dict:
     from .analysis import Options, analyze, compare_traces, jsonable
     from .verdict import add_verdicts
 
-    check_output(args.json, args.overwrite, flag="--json")
-    check_output(args.figures, args.overwrite, flag="--figures", folder=True)
-    for name in FIGURES:
-        check_output(args.figures and args.figures / name, args.overwrite, flag="--figures")
-    value = _read_routing_value(args.routing_value) if args.routing_value else None
+    value = _check_inputs(args)
     derived = None
     if args.derive:
         from .projections import derive
@@ -355,7 +370,6 @@ def run(args) -> dict:
     if derived is not None:
         r["derived"] = derived
     if value is not None:
-        _check_same_checkpoint(r, value, args.routing_value)
         r["routing_value"] = value
         add_verdicts(r, value)
     r["elapsed_s"] = round(time.perf_counter() - t0, 3)

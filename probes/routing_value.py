@@ -215,6 +215,40 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def check_result(value: Any, where: str) -> dict[str, Any]:
+    """A routing-value result as `main` writes it, or UserError (one line) saying what is wrong:
+    another schema or version, no `checkpoint_sha256` (it would decide any checkpoint's verdicts),
+    or a scope without the numbers a verdict reads (a hand-edited or truncated file)."""
+    import math
+
+    from cli_common.errors import UserError
+
+    def bad(what: str) -> UserError:
+        return UserError(f"{where}: {what}; measure it again with python -m probes.routing_value")
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not isinstance(value, dict) or value.get("schema") != ROUTING_VALUE_SCHEMA:
+        raise bad("not a probes.routing_value result")
+    if value.get("schema_version") != ROUTING_VALUE_VERSION:
+        raise bad(f"schema_version {value.get('schema_version')!r}, this toolkit reads {ROUTING_VALUE_VERSION}")
+    sha = value.get("checkpoint_sha256")
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise bad("no checkpoint_sha256 (the checkpoint it was measured on cannot be checked)")
+    scopes = value.get("scopes")
+    if not isinstance(scopes, dict) or not scopes or not isinstance(value.get("layers"), list):
+        raise bad("no scopes or layers")
+    for name, scope in scopes.items():
+        ci = scope.get("value_ci95") if isinstance(scope, dict) else None
+        if not (isinstance(ci, list) and len(ci) == 2 and all(number(x) for x in ci) and number(scope.get("value"))
+                and isinstance(scope.get("gate_below_every_forced"), bool)
+                and (scope.get("adapter_gain") is None or number(scope.get("adapter_gain")))):
+            raise bad(f"scope {name!r} lacks a finite value, value_ci95 [low, high], adapter_gain or "
+                      f"gate_below_every_forced")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     from cli_common.command import Parser, int_at_least, run_main
     from cli_common.errors import UsageError
@@ -234,10 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         from rsr_model.sample import load_model
 
         a = p.parse_args(argv)
-        check_output(a.json, a.overwrite, flag="--json")
+        check_output(a.json, a.overwrite, flag="--json", inputs={"--ckpt": a.ckpt})
         task, transformer, rsr, ckpt = load_model(a.ckpt)
         if rsr is None:
             raise UsageError(f"{a.ckpt} has no RSR layers (a base-stage checkpoint)")
+        if task.commands() is not None:  # a task with its own sampler (FrozenLake plans): no flow-matching loss
+            raise UsageError(f"{a.ckpt} is a {task.name} checkpoint; the routing value measures a diffusion "
+                             f"model's flow-matching loss (judge plans with python -m rsr_model evaluate --planning)")
         print(f"measuring the flow-matching loss on {a.samples} held-out sample(s) x {a.bins} timestep bin(s)",
               file=sys.stderr)
         torch.manual_seed(0)

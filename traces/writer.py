@@ -19,8 +19,9 @@ import os
 import socket
 import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
@@ -300,6 +301,33 @@ def _refuse_if_locked(path: Path) -> None:
                          f"finish or write elsewhere") from None
     finally:
         os.close(fd)  # closing releases the probe's lock
+
+
+@contextmanager
+def writer_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold a trace for a writer that works on it for a while (e.g. `probes.derive`, which reads
+    the latents, fits, then replaces the file): refused (TraceError) while any other process has
+    it open, as `SamplingWriter`/`TrainingWriter` refuse it, then a shared lock for the whole
+    `with` block, so a recorder's `--overwrite` or a second derive is refused in turn, also
+    while this process is stopped between its reads and its write."""
+    path = Path(path)
+    if fcntl is None:
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise TraceError(f"{path}: cannot open ({os_error_reason(e)})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else holds it ...
+        except BlockingIOError:
+            raise TraceError(f"{path} is open in another process (being written or read, e.g. the dashboard); "
+                             f"wait for it to finish or close it") from None
+        fcntl.flock(fd, fcntl.LOCK_SH)  # ... then shared: this process's own HDF5 opens take shared locks too
+        yield
+    finally:
+        os.close(fd)
 
 
 def _take_lock(path: Path) -> int | None:

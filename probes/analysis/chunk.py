@@ -25,8 +25,11 @@ class ChunkTables:
         n_layers, n_steps, slots = len(grid.layers), len(grid.steps), grid.n_experts + 1
         self.shape = (n_layers, n_steps)
         self.n_experts = grid.n_experts
-        position = next((lab.codes for lab in labels if lab.kind == "position"), None)
-        self.n_positions = int(position.max()) + 1 if position is not None else 1
+        label = next((lab for lab in labels if lab.kind == "position"), None)
+        position = label.codes if label is not None else None
+        # every region of the label, also those no stored token falls in (a trace of a few
+        # explicit --tokens): the tables are sized by the label's values, not by the codes seen
+        self.n_positions = len(label.values) if label is not None else 1
         cell = np.arange(n_layers).reshape(-1, 1, 1) * n_steps + np.arange(n_steps).reshape(1, -1, 1)
         position_part = (np.asarray(position, dtype=np.intp).reshape(1, 1, -1) if position is not None
                          else np.zeros((1, 1, 1), np.intp))

@@ -106,12 +106,27 @@ def _token_grid(trace: TraceReader, tokens: np.ndarray) -> tuple[tuple[int, int]
     return grid, full
 
 
+def _refuse_repeated_coordinates(trace: TraceReader) -> None:
+    """A coordinate stored twice (a trace recorded with --layers 2,2 before such lists were
+    refused) makes two table rows of one hook point; the report would count it twice."""
+    from cli_common.errors import UserError
+
+    axes = ["layer", "step", "token"] + (["timestep", "branch"] if trace.kind == "sampling" else [])
+    for axis in axes:
+        values, counts = np.unique(np.asarray(trace.coords[axis]).astype(str), return_counts=True)
+        repeated = values[counts > 1].tolist()
+        if repeated:
+            raise UserError(f"{trace.path}: {axis} {', '.join(repeated)} is stored more than once (recorded "
+                            f"with a repeated selection); record it again with each {axis} once")
+
+
 def grid_of(trace: TraceReader, options: Options) -> TraceGrid:
     """Sampling traces bin the recorded sampler steps in sampler order (bin 0 = noisiest);
     training traces bin the events' timestep values into equal-width bins (both with
     `traces.bins.timestep_bins`, whose docstring says why the axes differ)."""
     steps = [int(x) for x in trace.coords["step"]]
     tokens = np.asarray(trace.coords["token"], dtype=np.int64)
+    _refuse_repeated_coordinates(trace)
     token_grid, full = _token_grid(trace, tokens)
     common = dict(n_experts=int(len(trace.coords["expert"])), layers=[int(x) for x in trace.coords["layer"]],
                   steps=steps, tokens=tokens, token_grid=token_grid, full_grid=full,

@@ -25,6 +25,10 @@ class InformationFamily(ProbeFamily):
         grid = self.grid
         n_layers, n_steps = len(grid.layers), len(grid.steps)
         self.labels = self.context.labels
+        # per-sample label codes are in row order; a chunk names its sample by id (a rank file
+        # holds ids rank, rank + W, ...)
+        self.row_of = ({int(i): r for r, i in enumerate(self.context.trace.coords["sample"])}
+                       if grid.sampling else None)
         self.tables = {lab.name: ContingencyAccumulator(grid.n_experts, len(lab.values),
                                                         (n_layers, grid.n_bins) if lab.kind == "step"
                                                         else (n_layers, n_steps, grid.n_bins))
@@ -42,7 +46,7 @@ class InformationFamily(ProbeFamily):
             elif lab.kind == "position":
                 table.add_counts(chunk.histogram.transpose(0, 1, 3, 2), at=(ALL, ALL, b))
             else:  # one label value per chunk cell
-                table.add_counts(chunk.expert_counts, at=(ALL, ALL, b, ALL, _code(lab, chunk)))
+                table.add_counts(chunk.expert_counts, at=(ALL, ALL, b, ALL, _code(lab, chunk, self.row_of)))
 
     def result(self) -> Part:
         part = Part()
@@ -77,9 +81,11 @@ class InformationFamily(ProbeFamily):
         return {**stats_at(summary["all_steps"], (li,)), "labels": lab.values}
 
 
-def _code(lab: Label, chunk: Chunk) -> int:
+def _code(lab: Label, chunk: Chunk, row_of: dict[int, int] | None) -> int:
     if lab.kind == "bin":
         return chunk.timestep_bin
     if lab.kind == "branch":
         return chunk.branch
-    return int(lab.codes[int(chunk.coords["sample" if lab.kind == "sample" else "event"])])
+    if lab.kind == "sample":
+        return int(lab.codes[row_of[chunk.sample] if row_of is not None else chunk.sample])
+    return int(lab.codes[int(chunk.coords["event"])])

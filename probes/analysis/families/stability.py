@@ -29,7 +29,9 @@ class StabilityFamily(ProbeFamily):
         self.adjacent = AgreementAccumulator(grid.n_experts, shape)
         self.branches = AgreementAccumulator(grid.n_experts, shape + (max(len(grid.branches) - 1, 1),))
         self.seed_skipped = np.zeros((), np.int64)
-        self.prompt_of = list(self.context.trace.samples()["prompt"])
+        # by sample id (a chunk's coordinate), not row: a rank file holds ids rank, rank + W, ...
+        trace = self.context.trace
+        self.prompt_of = dict(zip((int(i) for i in trace.coords["sample"]), trace.samples()["prompt"]))
         self.current_sample: int | None = None
         self.current: dict[tuple[int, int], np.ndarray] = {}  # (branch, timestep) -> clipped ids
         self.reference_prompt = self.reference_sample = None
