@@ -20,8 +20,8 @@ from cli_common.command import Parser, guard_startup, run_main
 
 guard_startup(__name__)  # before dash and h5py load: Ctrl-C while they do exits 130 with one line
 
-from .common import DEFAULT_DIR, DEFAULT_RESULTS, make_context  # noqa: E402
-from .data import DashboardError  # noqa: E402
+from .common import DEFAULT_DIR, DEFAULT_RESULTS, make_context
+from .data import DashboardError
 
 
 def build_parser() -> Parser:
