@@ -86,8 +86,14 @@ def cmd_train(args) -> None:
         from traces import TraceMeta
 
         from .recorders import TrainingRecorder
+    if args.report_to:
+        from probes.tracking import check_trackers
+
+        check_trackers(args.report_to)
     trainer = Trainer(args)  # checks --out before it builds the model
     check_free_space(args.out, checkpoint_bytes(trainer), "the checkpoint")
+    if args.trace and not trainer.accelerator.is_main_process:
+        args.trace = None  # several processes: the main one records its batches' routing (docs/scale.md)
     if args.trace:
         meta = TraceMeta(model_config={"preset": trainer.task.name}, rsr_config=trainer.rsr_cfg.to_dict(),
                          seeds=[args.seed], extra={"trace_every": args.trace_every})
@@ -95,6 +101,7 @@ def cmd_train(args) -> None:
                                     token_stride=args.trace_token_stride, probs=args.trace_probs,
                                     overwrite=args.overwrite)
         trainer.callbacks.append(recorder)
+    tracker = add_tracker(trainer, args)
     try:
         out = trainer.run()
     except BaseException:
@@ -103,7 +110,22 @@ def cmd_train(args) -> None:
         raise
     if args.trace:
         recorder.close()
-    print(f"checkpoint: {out}" + (f"; training trace: {args.trace}" if args.trace else ""))
+    if tracker is not None:
+        tracker.close()  # its event files are complete
+    if trainer.accelerator.is_main_process:
+        print(f"checkpoint: {out}" + (f"; training trace: {args.trace}" if args.trace else ""))
+
+
+def add_tracker(trainer, args):
+    """--report-to: the experiment tracker callback (probes.tracking), after any recorder; None without."""
+    if not args.report_to:
+        return None
+    from probes.tracking import TrainingTracker
+
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "report_to"}
+    tracker = TrainingTracker(trainer.accelerator, args.report_every, config=config)
+    trainer.callbacks.append(tracker)
+    return tracker
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

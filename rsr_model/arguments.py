@@ -61,6 +61,25 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-every", type=positive_int, default=50, help="record routing every N steps")
     p.add_argument("--trace-token-stride", type=positive_int, default=1)
     p.add_argument("--trace-probs", action="store_true", help="store gate probabilities in the training trace")
+    add_cluster_arguments(p)
+
+
+# `accelerate` knows these names; which are usable depends on what is installed (--report-to checks).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio", "swanlab")
+
+
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags for runs of several processes and experiment tracking (docs/scale.md)."""
+    g = p.add_argument_group("several processes and experiment tracking")
+    g.add_argument("--report-to", action="append", choices=TRACKERS + ("all",),
+                   help="log loss, balance, gate entropy and margin, per-expert load and MI(expert; timestep bin) "
+                        "to this accelerate tracker (repeatable; tensorboard: pip install 'thinking-pixel[track]')")
+    g.add_argument("--logging-dir", type=Path, help="where trackers write (default: OUT.logs beside the checkpoint)")
+    g.add_argument("--report-every", type=positive_int, default=10,
+                   help="gate statistics every N steps (loss and balance: every step)")
+    g.add_argument("--check-replicas", action="store_true",
+                   help="at the end of each stage, print a digest of every rank's weights and batches; "
+                        "stop if the weights differ")
 
 
 def train_args(argv: list[str]) -> argparse.Namespace:
