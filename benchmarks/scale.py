@@ -145,36 +145,39 @@ def run_child(argv: list[str]) -> None:
     print(json.dumps(res))
 
 
-def project(model_us: float, bytes_per_record: float, write_s_per_m: float) -> dict:
-    """SD3-medium-size recording (24 blocks, 4096 tokens at 1024 px, 28 steps, K = 8, L = 3,
-    RSR on every block, one prompt per sample, no guidance branch stored twice) from the size
-    estimates of `traces` and the measured per-record costs."""
+def project(ids: dict, probs: dict) -> list[dict]:
+    """SD3-medium-size recording of 1,000 prompts (24 blocks with RSR, 4096 tokens at 1024 px,
+    28 steps, K = 8, L = 3 as the paper's Table 4; guidance runs a cond and an uncond branch):
+    size from `traces.estimate_sampling`, the writer's time from the per-record write cost
+    measured here (`ids`: a routing-only run's largest size, `probs`: a --probs run's)."""
     from traces import SampleTable, SamplingLayout, estimate_sampling
 
-    def lo(**kw):
-        base = dict(n_experts=8, layers=list(range(24)), steps=3, tokens=4096, timesteps=list(range(28)))
-        return SamplingLayout(**{**base, **kw})
+    def lo(flags: str, **kw) -> tuple[str, SamplingLayout]:
+        base = dict(n_experts=8, layers=list(range(24)), steps=3, tokens=4096, timesteps=list(range(28)),
+                    branches=("cond", "uncond"))
+        return flags, SamplingLayout(**{**base, **kw})
 
+    cond, t4, t2 = ("cond",), list(range(0, 28, 4)), list(range(0, 28, 2))
+    plans = [lo("(defaults: every layer, step, timestep, token, both branches)"),
+             lo("--branches cond", branches=cond),
+             lo("--probs", store_prob=True),
+             lo("--probs --branches cond", store_prob=True, branches=cond),
+             lo("--probs --branches cond --timesteps 0:28:2", store_prob=True, branches=cond, timesteps=t2),
+             lo("--probs --branches cond --timesteps 0:28:4", store_prob=True, branches=cond, timesteps=t4),
+             lo("--probs --branches cond --timesteps 0:28:4 --token-stride 4", store_prob=True, branches=cond,
+                timesteps=t4, tokens=list(range(0, 4096, 4))),
+             lo("--probs --branches cond --layers 0:24:4 --timesteps 0:28:4", store_prob=True, branches=cond,
+                layers=list(range(0, 24, 4)), timesteps=t4)]
     table = SampleTable(prompt=[f"p{i}" for i in range(1000)], seed=list(range(1000)))
-    plans = {
-        "everything (all layers, steps, timesteps, tokens)": lo(),
-        "+ --probs": lo(store_prob=True),
-        "--timesteps 0:28:4": lo(timesteps=list(range(0, 28, 4))),
-        "--layers 0:24:4 --timesteps 0:28:4": lo(layers=list(range(0, 24, 4)), timesteps=list(range(0, 28, 4))),
-        "--token-stride 4": lo(tokens=list(range(0, 4096, 4))),
-        "--layers 0:24:2 --timesteps 0:28:2 --token-stride 2": lo(layers=list(range(0, 24, 2)),
-                                                                   timesteps=list(range(0, 28, 2)),
-                                                                   tokens=list(range(0, 4096, 2))),
-    }
-    out = {}
-    for name, layout_ in plans.items():
-        est = estimate_sampling(layout_, 1000, table)
-        records = 1000 * len(layout_.layer_ids) * len(layout_.step_ids) * len(layout_.timesteps) \
-            * len(layout_.token_ids)
-        out[name] = {"records": records, "estimate_gb": est.total / 1e9,
-                     "measured_rate_gb": records * bytes_per_record / 1e9 if "probs" not in name else None,
-                     "writer_s": records * write_s_per_m / 1e6, "model_s": records * model_us / 1e6}
-    return out
+    rows = []
+    for flags, layout_ in plans:
+        records = 1000 * int(np.prod(layout_.cell_shape()))
+        cost = probs if layout_.store_prob else ids
+        est = estimate_sampling(layout_, 1000, table).total
+        rows.append({"flags": flags, "records": records, "estimate_gb": est / 1e9,
+                     "measured_gb": records * cost["bytes_per_record"] / 1e9,
+                     "writer_s": records * cost["write_s_per_M_records"] / 1e6})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,8 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/rsr_scale"))
     ap.add_argument("--dashboard", action="store_true", help="measure the dashboard on the largest trace")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--project", nargs=2, type=Path, metavar=("IDS_JSON", "PROBS_JSON"),
+                    help="print the SD3-medium projection from the scale.json of a routing-only and a --probs run")
     ap.add_argument("--skip-report-above", type=int, default=10**9, help="no report above this many samples")
     args = ap.parse_args(argv)
+    if args.project:
+        ids, probs = (json.loads(p.read_text())[-1]["write"] for p in args.project)
+        print(json.dumps(project(ids, probs), indent=1))
+        return 0
     args.dir.mkdir(parents=True, exist_ok=True)
     results = []
     sizes = [int(s) for s in args.samples.split(",")]
