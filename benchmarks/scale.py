@@ -81,8 +81,15 @@ def floor(path: Path) -> dict:
         d = f["/routing/expert"]
         for sl in d.iter_chunks():
             n += d[sl].size
-    s = time.perf_counter() - t0
-    return {"records": n, "floor_s": s, "floor_records_per_s": n / s}
+        s = time.perf_counter() - t0
+        out = {"records": n, "floor_s": s, "floor_records_per_s": n / s}
+        if "/routing/prob" in f:  # a --probs trace: the report reads the probabilities too
+            t0 = time.perf_counter()
+            for sl in f["/routing/prob"].iter_chunks():
+                f["/routing/prob"][sl]
+            out["floor_probs_s"] = time.perf_counter() - t0
+            out["floor_ids_and_probs_records_per_s"] = n / (s + out["floor_probs_s"])
+    return out
 
 
 def report(path: Path) -> dict:
