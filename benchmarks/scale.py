@@ -73,7 +73,7 @@ def write(path: Path, samples: int, probs: bool, batch: int = 4) -> dict:
 def floor(path: Path) -> dict:
     """Read and decompress /routing/expert chunk by chunk, nothing else."""
     import h5py
-    import hdf5plugin  # noqa: F401 (registers Blosc for h5py)
+    import hdf5plugin  # noqa: F401 -- registers Blosc for h5py
 
     t0 = time.perf_counter()
     n = 0
