@@ -9,14 +9,19 @@ The Results tab shows what `python -m rsr_model evaluate` wrote under --results 
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 
-from cli_common.command import Parser, run_main
+from cli_common.command import Parser, guard_startup, run_main
 
-from .common import DEFAULT_DIR, DEFAULT_RESULTS, make_context
-from .data import DashboardError
+guard_startup(__name__)  # before dash and h5py load: Ctrl-C while they do exits 130 with one line
+
+from .common import DEFAULT_DIR, DEFAULT_RESULTS, make_context  # noqa: E402
+from .data import DashboardError  # noqa: E402
 
 
 def build_parser() -> Parser:
@@ -39,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DashboardError(f"--port {a.port}: must be 1..65535")
         if a.permutations < 0:
             raise DashboardError("--permutations must be >= 0")
+        check_bind(a.host, a.port)
         ctx = make_context(a.traces, a.ckpt, a.permutations, a.results)
         from .app import create_app
 
@@ -53,8 +59,39 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         app.run(host=a.host, port=a.port, debug=a.debug)
+        # werkzeug's server swallows Ctrl-C and returns; that is the only way it returns
+        raise KeyboardInterrupt
 
-    return run_main(body)
+    return run_main(body, interrupted="stopped (Ctrl-C)")
+
+
+def check_bind(host: str, port: int) -> None:
+    """Refuse, before any trace is read, an address the server could not listen on: a host that does
+    not resolve or is not this machine's, a port in use or reserved. Binds a socket as werkzeug will
+    (IPv6 for an address with a colon, address reuse on) and releases it at once."""
+    if os.environ.get("WERKZEUG_RUN_MAIN") == "true":
+        return  # the --debug reloader's child: its parent holds the socket it serves on
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0][4]
+    except (socket.gaierror, UnicodeError) as e:
+        raise DashboardError(f"--host {host}: not an address of this machine ({getattr(e, 'strerror', None) or e})") \
+            from None
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise DashboardError(f"--port {port} is in use on {host} (another server?); choose another --port") \
+                    from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise DashboardError(f"--host {host} is not an address of this machine; use 127.0.0.1 or one of its "
+                                     f"own addresses") from None
+            if e.errno == errno.EACCES:
+                raise DashboardError(f"--port {port}: permission denied (ports below 1024 need privileges); choose "
+                                     f"another --port") from None
+            raise DashboardError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
 if __name__ == "__main__":

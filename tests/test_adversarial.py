@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,16 +36,14 @@ PROMPT = "two red circles left of a blue square"
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory) -> Path:
-    """The files the cases refer to, made once: checkpoints, traces, rank files, plain files."""
+def made(tiny_ckpt, dit_base_ckpt, tmp_path_factory) -> Path:
+    """The files the cases refer to, made once: checkpoints (copies of the session's,
+    tests/conftest.py), traces, rank files, plain files."""
     from probes.record import main as record
-    from rsr_model.__main__ import main as rsr
 
     d = tmp_path_factory.mktemp("made")
-    fast = ["--batch-size", "4", "--save-every", "1"]
-    assert rsr(["train", "--out", str(d / "tiny.pt"), "--steps", "2", *fast]) == 0
-    assert rsr(["train", "--preset", "dit-digits", "--stage", "base", "--out", str(d / "dit.pt"), "--steps", "1",
-                *fast]) == 0
+    shutil.copyfile(tiny_ckpt, d / "tiny.pt")
+    shutil.copyfile(dit_base_ckpt, d / "dit.pt")
     rec = ["--ckpt", str(d / "tiny.pt"), "--steps", "2"]
     assert record([*rec, "--prompts", PROMPT, "--out", str(d / "good.h5")]) == 0
     assert record([*rec, "--prompts", "a green triangle", "--seed", "5", "--out", str(d / "other.h5")]) == 0
@@ -58,8 +57,6 @@ def made(tmp_path_factory) -> Path:
     (d / "keep.json").write_text('{"keep": true}\n')
     (d / "keep.png").write_bytes(b"keep")
     (d / "corrupt.pt").write_bytes((d / "tiny.pt").read_bytes()[:5000])
-    for log in d.glob("*.log.csv"):
-        log.unlink()  # (training logs are not inputs of any case)
     return d
 
 
@@ -167,7 +164,7 @@ CASES = [
     Case("early", "probes.report", ["{m}/good.h5", "--permutations", "-1"], ">= 0"),
     Case("early", "traces", ["convert", "{m}/good.h5", "{m}/notes.txt/c.h5"], "is a file, not a folder"),
     Case("early", "traces", ["convert", "{m}/good.h5", "{m}/other.h5"], "exists"),
-    Case("early", "traces", ["convert", "{m}/good.h5", "{m}/good.h5", "--overwrite"], "is the input"),
+    Case("early", "traces", ["convert", "{m}/good.h5", "{m}/good.h5", "--overwrite"], "is the command's input"),
     Case("early", "traces", ["join", "{m}/notes.txt/j.h5", "{m}/run.rank0.h5", "{m}/run.rank1.h5"],
          "is a file, not a folder"),
     Case("early", "traces", ["join", "{m}/good.h5", "{m}/run.rank0.h5", "{m}/run.rank1.h5"], "exists"),
@@ -196,7 +193,7 @@ CASES = [
     Case("join", "traces", ["join", "{t}/j.h5", "{m}/run.rank0.h5", "{m}/run.rank0.h5", "{m}/run.rank1.h5"],
          "ranks 0..W-1"),
     Case("join", "traces", ["join", "{t}/j.h5", "{m}/run.rank0.h5", "{m}/stranger.rank1.h5"], "same recording"),
-    Case("join", "traces", ["join", "{m}/run.rank0.h5", "{m}/run.rank0.h5", "--overwrite"], "also a rank file"),
+    Case("join", "traces", ["join", "{m}/run.rank0.h5", "{m}/run.rank0.h5", "--overwrite"], "is the command's input"),
     Case("join", "traces", ["join", "{t}/j.h5", "{m}/run.rank0.h5", "{t}/missing.h5"], "no such file"),
     Case("join", "traces", ["join", "{t}/j.h5", "{m}/notes.txt"], "not an HDF5 file"),
     Case("join", "traces", ["join", "{t}/j.h5"], "required"),
@@ -281,7 +278,7 @@ class Child:
         """Poll until `ready()` (or the child exited: then the test sees why)."""
         end = time.monotonic() + timeout
         while not ready() and self.proc.poll() is None:
-            assert time.monotonic() < end, "".join(self.err)
+            assert time.monotonic() < end, f"gave up after {timeout:g} s waiting for the child: {''.join(self.err)}"
             time.sleep(0.01)
 
     def loaded(self, library: str) -> bool:
@@ -412,7 +409,8 @@ def test_ctrl_c_in_routing_value_writes_no_json(made, tmp_path, capsys, ctrl_c_a
 
     ctrl_c_after(rv, "held_out_batches", 1)
     capsys.readouterr()
-    _interrupted(capsys, rv.main(["--ckpt", str(made / "tiny.pt"), "--samples", "4", "--json", str(tmp_path / "v.json")]))
+    _interrupted(capsys, rv.main(["--ckpt", str(made / "tiny.pt"), "--samples", "4", "--json",
+                                  str(tmp_path / "v.json")]))
     assert list(tmp_path.iterdir()) == []
 
 

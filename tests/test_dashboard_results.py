@@ -9,30 +9,31 @@ import numpy as np
 import pytest
 
 from dashboard.__main__ import main as dashboard_main
-from dashboard.common import make_context
 from dashboard.app import create_app
+from dashboard.common import make_context
 from dashboard.views import results as res
 from rsr_model.__main__ import main as rsr_main
 
-from .conftest import one_error_line
-# `browser` serves the `app_ctx` fixture of the module that uses it: here, the results app below
-from .test_dashboard import browser, call, click, console_errors, selection, text_of, wait_for  # noqa: F401
+from .conftest import one_error_line, train
+from .dashboard_page import call, click, console_errors, selection, text_of, wait_for
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(quick_table, quick_class_conditioned, tmp_path_factory):
     """Every result kind, written by the real commands: the quick ablation table (middle target,
-    2 seeds), a 3-scene scorer check, the quick class-conditioned table and planning figures of
-    two 2-step FrozenLake checkpoints."""
+    2 seeds) and the quick class-conditioned table (the session's runs, tests/conftest.py, whose
+    JSON and Markdown are copied here), a 3-scene scorer check and planning figures of two 2-step
+    FrozenLake checkpoints."""
     d = tmp_path_factory.mktemp("results")
     out = d / "evaluate"
-    assert rsr_main(["evaluate", "--table", "--quick", "--out", str(out)]) == 0
+    out.mkdir()
+    for shared in (quick_table.out, quick_class_conditioned.out):
+        for result in (*shared.glob("*.json"), *shared.glob("*.md")):
+            shutil.copyfile(result, out / result.name)
     assert rsr_main(["evaluate", "--scorer-check", "--scenes", "3", "--out", str(out)]) == 0
-    assert rsr_main(["evaluate", "--class-conditioned", "--quick", "--out", str(out)]) == 0
     lakes = [d / f"lake_s{seed}.pt" for seed in (0, 1)]
     for seed, ckpt in enumerate(lakes):
-        assert rsr_main(["train", "--preset", "frozenlake", "--steps", "2", "--batch-size", "4", "--seed", str(seed),
-                         "--out", str(ckpt)]) == 0
+        assert train(ckpt, "--preset", "frozenlake", "--seed", seed) == 0
     assert rsr_main(["evaluate", "--planning", *map(str, lakes), "--out", str(out)]) == 0
     return out
 
@@ -139,7 +140,7 @@ def test_command_line_and_defaults(results, tmp_path, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def app_ctx(results, tmp_path_factory):
-    """The app serving no trace at all, only the results folder."""
+    """The app serving no trace at all, only the results folder (what `browser` serves here)."""
     ctx = make_context([str(tmp_path_factory.mktemp("no_traces"))], results=results)
     assert not ctx.registry.entries
     return create_app(ctx), ctx

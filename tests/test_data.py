@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from rsr_model.data import digits, shapes as S
+from rsr_model.data import digits
+from rsr_model.data import shapes as S
 
 
 def _scenes(n, seed=0, **kw):
@@ -67,7 +68,8 @@ def test_captions_match_scenes():
         spec = S.parse_caption(text)
         assert S.spec_text(spec) == text
     o = lambda sh, co, x, y: S.Obj(sh, co, x, y, 0.3)
-    assert S.caption(S.Scene("counting", (o("triangle", "red", .2, .2), o("triangle", "red", .7, .7)))) == "two triangles"
+    assert S.caption(S.Scene("counting", (o("triangle", "red", .2, .2), o("triangle", "red", .7,
+                                                                          .7)))) == "two triangles"
     assert S.caption(S.Scene("counting", (o("square", "red", .2, .2),))) == "one square"
     pos = S.Scene("position", (o("square", "green", .8, .5), o("circle", "blue", .2, .5)), S.Relation("right of", 0, 1))
     assert S.caption(pos) == "a green square right of a blue circle"

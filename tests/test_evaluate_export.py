@@ -8,15 +8,15 @@ import torch
 from diffusers.loaders.lora_pipeline import SD3LoraLoaderMixin
 from PIL import Image
 
-from rsr_model.__main__ import main
-from rsr_model.checkpoint import load_checkpoint, save_checkpoint
 from evaluation.export import dpg_grid
 from evaluation.lora_export import WEIGHTS_NAME
+from rsr_model.__main__ import main
+from rsr_model.checkpoint import load_checkpoint, save_checkpoint
 from rsr_model.hooks import hook_name
 from rsr_model.sample import load_model
 from rsr_model.train import build_from_checkpoint
 
-from .conftest import one_error_line
+from .conftest import one_error_line, train
 
 EXPERT = 2
 
@@ -25,8 +25,8 @@ EXPERT = 2
 def routed_ckpt(tmp_path_factory):
     """A tiny no_recursion checkpoint (K=4, L=1) whose experts clearly differ."""
     path = tmp_path_factory.mktemp("lora") / "moe.pt"
-    assert main(["train", "--out", str(path), "--batch-size", "4", "--save-every", "1", "--steps", "1",
-                 "--mode", "no_recursion", "--experts", "4", "--target-layers", "1,3"]) == 0
+    assert train(path, "--save-every", 1, "--mode", "no_recursion", "--experts", 4, "--target-layers", "1,3",
+                 steps=1) == 0
     ck = load_checkpoint(path)
     g = torch.Generator().manual_seed(0)
     ck["rsr_state"] = {k: (torch.randn(v.shape, generator=g) * 0.05 if k.endswith("experts.B") else v)

@@ -3,9 +3,9 @@ import json
 
 import numpy as np
 
+from evaluation import prompts
 from rsr_model.__main__ import main
 from rsr_model.data import shapes as S
-from evaluation import prompts
 
 
 def test_no_evaluation_prompt_is_ever_a_training_caption():

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from rsr_model.__main__ import main
-from rsr_model.data import shapes as S
 from evaluation import scorer
 from evaluation.check import WRONG_KINDS, scorer_check
+from rsr_model.__main__ import main
+from rsr_model.data import shapes as S
 
 
 def _scenes(n, seed=0, **kw):

@@ -4,17 +4,15 @@ import json
 import numpy as np
 import pytest
 
-from rsr_model.__main__ import main
 from evaluation import table
 from evaluation.prompts import plan
+from rsr_model.__main__ import main
 
 from .conftest import one_error_line
 
 
-def test_quick_table_end_to_end(tmp_path, capsys):
-    out = tmp_path / "table"
-    assert main(["evaluate", "--table", "--quick", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+def test_quick_table_end_to_end(quick_table, capsys):
+    out, printed = quick_table.out, quick_table.stdout  # run once per session (tests/conftest.py)
     result = json.loads((out / "table.json").read_text())
     md = (out / "table.md").read_text()
     assert md.splitlines()[0] in printed and "RSR − SFT (middle)" in md and "Budget: base trained here" in md

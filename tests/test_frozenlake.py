@@ -205,7 +205,8 @@ def trained(tmp_path_factory):
     paths = {}
     for mode, seed in (("rsr", 0), ("rsr", 1), ("no_modulation", 0)):
         paths[mode, seed] = d / f"{mode}{seed}.pt"
-        trace = ["--trace", str(d / "train.h5"), "--trace-every", "1", "--trace-probs"] if (mode, seed) == ("rsr", 0) else []
+        trace = ["--trace", str(d / "train.h5"), "--trace-every", "1", "--trace-probs"] if (mode, seed) == ("rsr",
+                                                                                                            0) else []
         assert main(["train", "--preset", "frozenlake", "--mode", mode, "--seed", str(seed), "--steps", "2",
                      "--batch-size", "4", "--out", str(paths[mode, seed]), *trace]) == 0
     return d, paths
@@ -253,8 +254,8 @@ def test_planning_figures_collect_checkpoints_by_size_budget_and_mode(trained, c
 def test_plan_traces_reach_the_probes_and_the_dashboard(trained, tmp_path):
     """A recorded plan gets the probes' MI(expert; true action) per latent step, and the
     dashboard's filmstrip, routing map and training views render it (training trace included)."""
-    from dashboard.common import make_context
     from dashboard.app import create_app
+    from dashboard.common import make_context
     from dashboard.data import trace_id
     from probes.record import main as record_main
     from probes.report import main as report_main

@@ -9,6 +9,7 @@ from scipy.linalg import subspace_angles
 from sklearn.metrics import adjusted_mutual_info_score
 
 from probes.stats import (
+    TRAJECTORY_LABELS,
     AgreementAccumulator,
     ContingencyAccumulator,
     ConvergenceAccumulator,
@@ -17,7 +18,6 @@ from probes.stats import (
     GroupedCounts,
     LoadAccumulator,
     SpatialCoherenceAccumulator,
-    TRAJECTORY_LABELS,
     TransitionAccumulator,
     balance_monitor,
     convergence_metrics,

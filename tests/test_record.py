@@ -3,29 +3,26 @@
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from probes.record import main as record_main
-from rsr_model.recorders import ABLATED, SamplingRecorder, Selection, sample_table
-from rsr_model.__main__ import main as rsr_main
 from rsr_model.hooks import hook_name
+from rsr_model.recorders import ABLATED, SamplingRecorder, Selection, sample_table
 from rsr_model.sample import load_model
 from traces import SamplingWriter, TraceError, open_trace
 
-from .conftest import one_error_line
+from .conftest import one_error_line, train, wait_until
 
 PROMPT = "two red circles left of a blue square"
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    assert rsr_main(["train", "--out", str(path), "--steps", "2", "--batch-size", "4"]) == 0
-    return path
+@pytest.fixture
+def ckpt(tiny_ckpt):
+    """The session's tiny checkpoint (tests/conftest.py), shared with other files."""
+    return tiny_ckpt
 
 
 def _record(ckpt, out, *extra):
@@ -156,15 +153,11 @@ def test_sigkill_mid_recording_leaves_flushed_steps_readable(ckpt, tmp_path):
                              "--num-samples", "4", "--batch-size", "1", "--steps", "40", "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            time.sleep(0.5)
-            try:
-                with open_trace(out) as tr:
-                    if tr.written.sum() >= 3:
-                        break
-            except TraceError:
-                pass
+        # The recorder announces no flushed step (its writes run in a background thread), so
+        # watch the file; fail here, not later, if the steps never come or the run ends first.
+        wait_until(lambda: proc.poll() is not None or _steps_written(out) >= 3, timeout=120,
+                   waiting_for=f"3 flushed steps in {out}")
+        assert proc.poll() is None, f"the recording ended (exit {proc.returncode}) before it could be killed"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -180,6 +173,15 @@ def test_sigkill_mid_recording_leaves_flushed_steps_readable(ckpt, tmp_path):
         assert (e[~written] == 255).all()  # the rest reads as unwritten
 
 
+def _steps_written(path) -> int:
+    """(sample, timestep) cells flushed so far; 0 while the file is not yet a readable trace."""
+    try:
+        with open_trace(path) as tr:
+            return int(tr.written.sum())
+    except (TraceError, FileNotFoundError):
+        return 0
+
+
 def test_model_side_never_imports_probes():
     """Data flow one way: the training command and the recorders work without the probes package."""
     code = ("import sys, rsr_model.__main__, rsr_model.recorders, rsr_model.sample; "
@@ -187,10 +189,8 @@ def test_model_side_never_imports_probes():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_training_trace_flag(tmp_path):
-    out, trace = tmp_path / "m.pt", tmp_path / "train.h5"
-    assert rsr_main(["train", "--out", str(out), "--steps", "4", "--batch-size", "3", "--trace", str(trace),
-                     "--trace-every", "2", "--trace-probs"]) == 0
+def test_training_trace_flag(training_trace, tmp_path):
+    trace = training_trace  # 4 steps of batch 3, routing with probabilities on steps 2 and 4
     with open_trace(trace) as tr:
         assert tr.kind == "training" and tr.complete
         ev, logs = tr.events(), tr.train()
@@ -202,7 +202,7 @@ def test_training_trace_flag(tmp_path):
         np.testing.assert_allclose(p.astype(np.float32).sum(-1), 1.0, atol=1e-2)
         assert ((ev["timestep"] > 0) & (ev["timestep"] < 1000)).all()
     # an existing trace is not overwritten by a new run
-    assert rsr_main(["train", "--out", str(tmp_path / "n.pt"), "--steps", "1", "--trace", str(trace)]) == 2
+    assert train(tmp_path / "n.pt", "--trace", trace, steps=1) == 2
 
 
 def test_two_rank_recording_joins_into_one_trace(ckpt, tmp_path):

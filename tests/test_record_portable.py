@@ -4,14 +4,11 @@ import h5py
 import numpy as np
 
 from probes.record import main as record_main
-from rsr_model.__main__ import main as rsr_main
 from traces import open_trace
 
 
-def test_record_portable_matches_default(tmp_path):
-    ckpt = tmp_path / "tiny.pt"
-    assert rsr_main(["train", "--out", str(ckpt), "--steps", "2", "--batch-size", "4"]) == 0
-    base = ["--ckpt", str(ckpt), "--prompts", "a red circle", "--steps", "3", "--probs", "--latent-tokens", "4"]
+def test_record_portable_matches_default(tiny_ckpt, tmp_path):
+    base = ["--ckpt", str(tiny_ckpt), "--prompts", "a red circle", "--steps", "3", "--probs", "--latent-tokens", "4"]
     assert record_main([*base, "--out", str(tmp_path / "b.h5")]) == 0
     assert record_main([*base, "--out", str(tmp_path / "p.h5"), "--portable"]) == 0
     with h5py.File(tmp_path / "p.h5", "r") as f:

@@ -10,28 +10,21 @@ import pytest
 
 from probes.analysis import Options, analyze, jsonable
 from probes.causal import causal_effect
-from probes.projections import derive, load_derived
 from probes.interventions import Intervention
+from probes.projections import derive, load_derived
 from probes.record import main as record_main
 from probes.report import main as report_main
-from rsr_model.__main__ import main as rsr_main
 from traces import open_trace
 
 from .conftest import one_error_line
 
-PROMPTS = "two red circles left of a blue square\na green triangle\na red triangle\n"
-
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tiny_ckpt, tiny_trace, tmp_path_factory):
+    """The session's tiny checkpoint and its trace (tests/conftest.py: 3 prompts x 2 seeds,
+    probabilities, 16 latent tokens), read only; `dir` is this module's own folder."""
     d = tmp_path_factory.mktemp("report")
-    ckpt = d / "tiny.pt"
-    assert rsr_main(["train", "--out", str(ckpt), "--steps", "2", "--batch-size", "4"]) == 0
-    (d / "prompts.txt").write_text(PROMPTS)
-    trace = d / "run.h5"
-    assert record_main(["--ckpt", str(ckpt), "--prompts", str(d / "prompts.txt"), "--num-samples", "2",
-                        "--steps", "4", "--out", str(trace), "--probs", "--latent-tokens", "16"]) == 0
-    return {"dir": d, "ckpt": ckpt, "trace": trace}
+    return {"dir": d, "ckpt": tiny_ckpt, "trace": tiny_trace, "prompts": tiny_trace.with_name("prompts.txt")}
 
 
 def test_load_shares_and_counts_agree_with_ids(env):
@@ -59,7 +52,7 @@ def test_ablated_ids_are_left_out_of_every_statistic(env):
     from rsr_model.recorders import ABLATED
 
     trace = env["dir"] / "ablated.h5"
-    assert record_main(["--ckpt", str(env["ckpt"]), "--prompts", str(env["dir"] / "prompts.txt"),
+    assert record_main(["--ckpt", str(env["ckpt"]), "--prompts", str(env["prompts"]),
                         "--num-samples", "2", "--steps", "4", "--out", str(trace), "--probs",
                         "--ablate-expert", "0", "--at-step", "1"]) == 0
     with open_trace(trace) as tr:
@@ -94,10 +87,8 @@ def test_ablated_ids_are_left_out_of_every_statistic(env):
         assert n_trans == int(both.sum())
 
 
-def test_training_trace_load_and_sampling_disagreement(tmp_path):
-    trace = tmp_path / "train.h5"
-    assert rsr_main(["train", "--out", str(tmp_path / "m.pt"), "--steps", "4", "--batch-size", "3",
-                     "--trace", str(trace), "--trace-every", "2", "--trace-probs"]) == 0
+def test_training_trace_load_and_sampling_disagreement(training_trace):
+    trace = training_trace  # 4 steps of batch 3, routing with probabilities on steps 2 and 4
     r = analyze(str(trace), Options(n_perm=19, linear_probes=False))
     assert r["trace"]["kind"] == "training" and r["trace"]["events"] == 6
     assert r["checks"]["invalid_records"] == 0 and r["checks"]["counts_vs_ids_max_abs_diff"] == 0
@@ -126,7 +117,8 @@ def test_training_trace_load_and_sampling_disagreement(tmp_path):
     # /routing/prob is stored as float16: the tolerance is that of the data
     assert np.asarray(curves["gate_norm_entropy"][0]) == pytest.approx(want, rel=1e-5)
     top = np.sort(p, axis=-1)
-    assert np.asarray(curves["gate_margin"][0]) == pytest.approx((top[..., -1] - top[..., -2]).mean(axis=(0, 3)), rel=1e-5, abs=1e-6)
+    assert np.asarray(curves["gate_margin"][0]) == pytest.approx((top[..., -1] - top[..., -2]).mean(axis=(0, 3)),
+                                                                 rel=1e-5, abs=1e-6)
     for window in curves["load_share"]:
         assert all(abs(sum(s) - 1) < 1e-9 for layer in window for s in layer)
     assert np.asarray(curves["mi_timestep_bin"]["mi"]).shape == (len(curves["records"]), 1, 3)
@@ -267,7 +259,7 @@ def _matches(pattern: str, path: str) -> bool:
     return True
 
 
-def test_report_json_is_the_documented_contract(env, tmp_path):
+def test_report_json_is_the_documented_contract(env, training_trace, tmp_path):
     """Every key path REPORT.md promises is in a real report (CLI, --derive, --compare), and
     every key path of the report is documented."""
     trace = tmp_path / "t.h5"
@@ -283,10 +275,7 @@ def test_report_json_is_the_documented_contract(env, tmp_path):
     assert not undocumented, sorted(undocumented)
     assert not missing, sorted(missing)
     # a training trace holds only documented keys too
-    train = tmp_path / "train.h5"
-    assert rsr_main(["train", "--out", str(tmp_path / "m.pt"), "--steps", "2", "--batch-size", "2",
-                     "--trace", str(train), "--trace-every", "1"]) == 0
-    paths = _report_paths(jsonable(analyze(str(train), Options(n_perm=0, linear_probes=False))))
+    paths = _report_paths(jsonable(analyze(str(training_trace), Options(n_perm=0, linear_probes=False))))
     assert not {p for p in paths if not any(_matches(d, p) for d in required | optional)}
 
 
@@ -347,7 +336,8 @@ def test_expert_change_known_answer(tmp_path):
     # sample 0: step 0 changes 2 of 8, then 0 of 7 (one ablated); sample 1 never changes (16 + 16 pairs)
     assert first["n"] == 8 + 7 + 16 and first["share"] == pytest.approx(2 / 31)
     assert [b["n"] for b in first["by_timestep_bin"]] == [16, 15, 0]
-    assert first["by_timestep_bin"][0]["share"] == pytest.approx(2 / 16) and first["by_timestep_bin"][2]["share"] is None
+    assert first["by_timestep_bin"][0]["share"] == pytest.approx(2 / 16)
+    assert first["by_timestep_bin"][2]["share"] is None
     assert second["n"] == 32 and second["share"] == pytest.approx(4 / 32)
     assert second["by_timestep_bin"][1]["share"] == pytest.approx(4 / 16)
 
@@ -391,7 +381,7 @@ def test_probe_families_save_restore_and_merge(env):
     assert after["n"] == 2 * before["n"] and after["share"] == pytest.approx(before["share"])
 
 
-def test_verdicts_with_the_checkpoints_routing_value(env, tmp_path, capsys):
+def test_verdicts_with_the_checkpoints_routing_value(env, training_trace, tmp_path, capsys):
     """Every step gets a verdict; with the routing value of the trace's own checkpoint it uses it,
     and a barely trained (flat) gate is never called specialized."""
     from probes.routing_value import main as value_main
@@ -417,9 +407,6 @@ def test_verdicts_with_the_checkpoints_routing_value(env, tmp_path, capsys):
     for bad in ("other.json", "junk.json", "missing.json"):
         assert report_main([str(env["trace"]), "--no-probes", "--routing-value", str(tmp_path / bad)]) == 2
         one_error_line(capsys.readouterr().err)
-    train = tmp_path / "train.h5"  # a training trace has no one checkpoint to match
-    assert rsr_main(["train", "--out", str(tmp_path / "m.pt"), "--steps", "1", "--batch-size", "2",
-                     "--trace", str(train), "--trace-every", "1"]) == 0
-    capsys.readouterr()
-    assert report_main([str(train), "--no-probes", "--routing-value", str(value)]) == 2
+    capsys.readouterr()  # a training trace has no one checkpoint to match
+    assert report_main([str(training_trace), "--no-probes", "--routing-value", str(value)]) == 2
     assert "training trace" in one_error_line(capsys.readouterr().err)

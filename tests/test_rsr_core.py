@@ -8,10 +8,10 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from rsr_model import HOOK_POINTS, MODES, ConfigError, hook_name, install_rsr, load_rsr, rsr_config, remove_rsr
-from rsr_model.hooks import hook_table
+from rsr_model import HOOK_POINTS, MODES, ConfigError, hook_name, install_rsr, load_rsr, remove_rsr, rsr_config
 from rsr_model.experts import LoRAExperts
 from rsr_model.gate import balance_loss, load_share, sample_choice
+from rsr_model.hooks import hook_table
 
 from .conftest import randomize_rsr, run
 
@@ -59,7 +59,8 @@ def test_sft_equals_peft_lora(sd3):
     layers, r = [1, 3], 4
     peft_model = inject_adapter_in_model(
         LoraConfig(r=r, lora_alpha=8, lora_dropout=0.0,
-                   target_modules=[f"transformer_blocks.{i}.attn.{p}" for i in layers for p in ("to_q", "to_k", "to_v")]),
+                   target_modules=[f"transformer_blocks.{i}.attn.{p}" for i in layers for p in ("to_q", "to_k",
+                                                                                                "to_v")]),
         copy.deepcopy(model))
     rsr_model_ = copy.deepcopy(model)
     rsr = install_rsr(rsr_model_, rsr_config("tiny", mode="sft", rank=r, lora_alpha=8, target_layers=layers))

@@ -40,7 +40,12 @@ def _write_clip_tokenizer_files(folder: Path) -> tuple[Path, Path, dict]:
 
 
 def build_tiny_sd3_pipeline(folder: Path):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     vocab_file, merges_file, vocab = _write_clip_tokenizer_files(folder.parent / (folder.name + "_tok"))
@@ -123,7 +128,8 @@ def test_loads_the_saved_pipeline_through_the_preset(setup):
     pe, _, pooled, _ = setup["pipe"].encode_prompt("a red circle", None, None, device="cpu",
                                                    do_classifier_free_guidance=False)
     assert cond["encoder_hidden_states"].shape == (2, 77 + 256, 32)
-    assert torch.allclose(cond["encoder_hidden_states"][0], pe[0]) and torch.allclose(cond["pooled_projections"][0], pooled[0])
+    assert torch.allclose(cond["encoder_hidden_states"][0], pe[0]) and torch.allclose(cond["pooled_projections"][0],
+                                                                                      pooled[0])
 
     # Batches are a function of the rng alone (fresh task, empty caches: same numbers).
     x1, c1 = task.batch(np.random.default_rng(5), 4)
@@ -183,7 +189,8 @@ def test_train_then_sample(setup, trained, tmp_path, capsys):
     save_checkpoint({**{k: v for k, v in ckpt.items() if k not in ("format", "format_version")},
                      "pretrained": str(tmp_path / "gone")}, moved)
     capsys.readouterr()
-    assert main(["sample", "--ckpt", str(moved), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "m.png")]) == 2
+    assert main(["sample", "--ckpt", str(moved), "--prompt", "x", "--steps", "1", "--out",
+                 str(tmp_path / "m.png")]) == 2
     assert "not found" in error_of(capsys) and not (tmp_path / "m.png").exists()
 
 

@@ -51,7 +51,8 @@ def test_same_prompt_identical_different_prompts_differ(te):
 
 def test_cache_returns_copies(te):
     s, p = te.encode(["a green triangle"])
-    s.zero_(); p.zero_()
+    s.zero_()
+    p.zero_()
     s2, p2 = te.encode(["a green triangle"])
     assert p2.abs().sum() > 0 and s2.abs().sum() > 0
 

@@ -151,7 +151,8 @@ def test_writers_without_plugin(tmp_path):
         "from traces import SamplingLayout, TraceError\nfrom traces.synthetic import write_synthetic\n"
         "lo = SamplingLayout(n_experts=4, layers=[0], steps=1, tokens=16, timesteps=[0])\n"
         f"write_synthetic({str(tmp_path / 'p.h5')!r}, lo, 2, 2, portable=True)\n"
-        f"try:\n    write_synthetic({str(tmp_path / 'b.h5')!r}, lo, 2, 2)\nexcept TraceError as e:\n    print('ERR', e)\n")
+        f"try:\n    write_synthetic({str(tmp_path / 'b.h5')!r}, lo, 2, 2)\n"
+        "except TraceError as e:\n    print('ERR', e)\n")
     env = dict(os.environ, HDF5_PLUGIN_PATH=str(empty), PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -162,7 +163,8 @@ def test_writers_without_plugin(tmp_path):
 
 def test_training_trace_converts(tmp_path):
     rng = np.random.default_rng(0)
-    lo = TrainingLayout(n_experts=8, layers=[1, 2], steps=2, tokens=64, store_prob=True, scalars=("loss", "balance", "lr"))
+    lo = TrainingLayout(n_experts=8, layers=[1, 2], steps=2, tokens=64, store_prob=True, scalars=("loss", "balance",
+                                                                                                  "lr"))
     with TrainingWriter(tmp_path / "t.h5", lo) as w:
         for step in range(3):
             w.write_events(step, np.arange(2), rng.random(2), coherent_routing(rng, (2, 2, 2, 64)))

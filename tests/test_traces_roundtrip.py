@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-
 import h5py
 import numpy as np
 import pytest
 
-from traces import (SampleTable, SamplingLayout, SamplingWriter, TraceError, TraceMeta,
-                    TrainingLayout, TrainingWriter, open_trace)
+from traces import (
+    SampleTable,
+    SamplingLayout,
+    SamplingWriter,
+    TraceError,
+    TraceMeta,
+    TrainingLayout,
+    TrainingWriter,
+    open_trace,
+)
 from traces.synthetic import coherent_routing, gate_probs
 
 K = 8
@@ -152,7 +159,8 @@ def test_iter_chunks_streams_every_written_cell(written):
     assert len(blocks) == 4 * 2 * 3
     for b in blocks:
         assert b.dims == ("layer", "step", "token")
-        s, br, t = b.coords["sample"], ["cond", "uncond"].index(b.coords["branch"]), [10, 20, 30].index(b.coords["timestep"])
+        s, br, t = b.coords["sample"], ["cond", "uncond"].index(b.coords["branch"]), [10, 20,
+                                                                                      30].index(b.coords["timestep"])
         np.testing.assert_array_equal(b.data, full["expert"][s, br, t, 1:2, :, 0:4])
         np.testing.assert_array_equal(b.coords["token"], [0, 2, 4, 6])
         assert b.coords["sigma"] in (1.0, 0.5, 0.01)

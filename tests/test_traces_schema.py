@@ -53,7 +53,8 @@ def test_sampling_trace_is_the_table(tmp_path):
 
 
 def test_training_trace_is_the_table(tmp_path):
-    lo = TrainingLayout(n_experts=4, layers=[0, 2], steps=2, tokens=16, store_prob=True, scalars=("loss", "balance", "lr"))
+    lo = TrainingLayout(n_experts=4, layers=[0, 2], steps=2, tokens=16, store_prob=True, scalars=("loss", "balance",
+                                                                                                  "lr"))
     with TrainingWriter(tmp_path / "t.h5", lo) as w:
         w.write_events(0, np.arange(2), np.array([0.1, 0.9]), np.zeros((2, 2, 2, 16), np.uint8))
         w.log(0, loss=1.0, balance=0.0)

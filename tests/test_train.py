@@ -1,5 +1,7 @@
 """Training and sampling entry points on the tiny presets."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -102,10 +104,8 @@ def test_resume_equals_uninterrupted_and_checkpoint_round_trip(tmp_path, recipe)
                                    live(hidden_states=x0, timestep=t, **cond).sample, atol=0, rtol=0)
 
 
-def test_sampling_is_deterministic_per_seed(tmp_path):
-    out = tmp_path / "m.pt"
-    assert main(["train", "--out", str(out), *FAST, "--steps", "2"]) == 0
-    task, model, _, _ = load_model(out)
+def test_sampling_is_deterministic_per_seed(tiny_ckpt, tmp_path):
+    task, model, _, _ = load_model(tiny_ckpt)
     a = generate(task, model, ["a red circle", "two blue squares"], seeds=[0, 1], steps=3)
     b = generate(task, model, ["a red circle", "two blue squares"], seeds=[0, 1], steps=3)
     c = generate(task, model, ["a red circle"], seeds=[5], steps=3)
@@ -120,15 +120,18 @@ def test_sampling_is_deterministic_per_seed(tmp_path):
     assert torch.equal(watched, a) and [i for i, _, _ in seen] == [0, 1, 2]
     assert seen[0][1] == 1.0 and seen[0][2] == a.shape and seen[0][1] > seen[1][1] > seen[2][1] > 0
     # one image does not depend on the rest of the batch
-    torch.testing.assert_close(generate(task, model, ["two blue squares"], seeds=[1], steps=3), a[1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(generate(task, model, ["two blue squares"], seeds=[1], steps=3), a[1:], atol=1e-5,
+                               rtol=0)
     png = tmp_path / "s.png"
-    assert main(["sample", "--ckpt", str(out), "--prompt", "a red circle", "--steps", "2", "--out", str(png)]) == 0
+    assert main(["sample", "--ckpt", str(tiny_ckpt), "--prompt", "a red circle", "--steps", "2", "--out",
+                 str(png)]) == 0
     assert png.stat().st_size > 0
 
 
 def test_dit_digits_preset(tmp_path):
     out = tmp_path / "dit.pt"
-    assert main(["train", "--preset", "dit-digits", "--out", str(out), *FAST, "--steps", "2", "--mode", "no_recursion"]) == 0
+    assert main(["train", "--preset", "dit-digits", "--out", str(out), *FAST, "--steps", "2", "--mode",
+                 "no_recursion"]) == 0
     ck = load_checkpoint(out)
     assert ck["backbone"]["class"] == "DiTTransformer2DModel" and ck["mode"] == "no_recursion"
     png = tmp_path / "d.png"
@@ -144,12 +147,13 @@ def _one_line_error(capsys, argv):
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    """Checkpoints the bad-input cases refer to: a good tiny one, a truncated copy, a DiT one."""
+def made(tiny_ckpt, dit_base_ckpt, tmp_path_factory):
+    """Checkpoints the bad-input cases refer to: a good tiny one, a truncated copy, a DiT one
+    (copies of the session's, tests/conftest.py)."""
     d = tmp_path_factory.mktemp("bad_inputs")
     good, dit = d / "good.pt", d / "dit.pt"
-    assert main(["train", "--out", str(good), *FAST, "--steps", "1"]) == 0
-    assert main(["train", "--preset", "dit-digits", "--stage", "base", "--out", str(dit), *FAST, "--steps", "1"]) == 0
+    shutil.copyfile(tiny_ckpt, good)
+    shutil.copyfile(dit_base_ckpt, dit)
     (d / "corrupt.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     return d
 
@@ -204,7 +208,8 @@ def test_checkpoint_architecture_is_checked_not_only_its_preset_name(made):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "nan.pt"
-    msg = _one_line_error(capsys, ["train", "--out", str(out), *FAST, "--steps", "6", "--lr", "1e30", "--stage", "base"])
+    msg = _one_line_error(capsys, ["train", "--out", str(out), *FAST, "--steps", "6", "--lr", "1e30", "--stage",
+                                   "base"])
     assert "Last good checkpoint" in msg
     ck = load_checkpoint(out)  # still readable, at the last finite step
     assert 1 <= ck["progress"]["base"] < 6
@@ -223,7 +228,8 @@ def test_a_run_saved_before_the_recipe_flags_resumes_as_it_was_trained(tmp_path)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Trainer(train_args(out, "--steps", "2", "--experts", "4", "--warm-start", "none"), callbacks=[crash_in_rsr]).run()
+        Trainer(train_args(out, "--steps", "2", "--experts", "4", "--warm-start", "none"),
+                callbacks=[crash_in_rsr]).run()
     ck = load_checkpoint(out)
     for name in ("warm_start", "warm_start_steps", "rsr_ema_decay"):
         del ck["args"][name]

@@ -5,7 +5,6 @@ import pytest
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-from rsr_model.__main__ import main
 from rsr_model.checkpoint import load_checkpoint
 from rsr_model.config import tiny
 from rsr_model.hooks import hook_name
@@ -13,7 +12,7 @@ from rsr_model.install import install_rsr
 from rsr_model.tasks import get_task
 from rsr_model.warm_start import WarmStart, noise_quantile
 
-from .conftest import one_error_line
+from .conftest import one_error_line, train
 
 
 @pytest.mark.parametrize("weighting, shift", [("logit_normal", 1.0), ("logit_normal", 3.0), ("uniform", 1.0)])
@@ -67,9 +66,7 @@ def test_warm_start_forces_cells_and_the_gate_learns_them():
 
 def test_training_with_a_warm_start_and_its_errors(tmp_path, capsys):
     out = tmp_path / "w.pt"
-    fast = ["--batch-size", "4", "--save-every", "1"]
-    assert main(["train", "--out", str(out), *fast, "--steps", "2", "--experts", "6",
-                 "--warm-start", "step-band", "--warm-start-steps", "2"]) == 0
+    assert train(out, "--save-every", 1, "--experts", 6, "--warm-start", "step-band", "--warm-start-steps", 2) == 0
     ck = load_checkpoint(out)
     assert ck["args"]["warm_start"] == "step-band"
     # forced routing sends all of a sample's tokens to its cell, so with 4 samples every expert's
@@ -78,7 +75,6 @@ def test_training_with_a_warm_start_and_its_errors(tmp_path, capsys):
     loads = np.array([e["load"] for e in ck["losses"] if e["stage"] == "rsr"])  # (steps, K)
     assert np.allclose(loads * 12, np.round(loads * 12), atol=0.02)
     capsys.readouterr()
-    assert main(["train", "--out", str(tmp_path / "x.pt"), *fast, "--steps", "1", "--experts", "4",
-                 "--warm-start", "step-band"]) == 2
+    assert train(tmp_path / "x.pt", "--save-every", 1, "--experts", 4, "--warm-start", "step-band", steps=1) == 2
     assert "divisible" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "x.pt").exists()

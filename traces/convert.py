@@ -4,8 +4,11 @@
 HDFView open it without hdf5plugin (about 25% larger routing, slower reads); without it the
 schema's default filters are restored. Everything else is copied as it is: attributes,
 chunk shapes, fill values, unwritten chunks (left unallocated), dimension scales. Convert a
-finished or killed trace, not one a writer is still appending to. The output is written to
-a temporary file beside OUT and renamed, so a failure leaves nothing half-written.
+finished or killed trace: one whose writer still runs on this host (`writer_pid`, see
+`TraceReader.live`) is refused, since its copy would be a snapshot that stays incomplete and
+reads as live while that writer runs. OUT that is IN (symlinks and hard links resolved) is
+refused, --overwrite or not. The output is written to a temporary file beside OUT and
+renamed, so a failure leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ def convert_trace(src: str | os.PathLike, dst: str | os.PathLike, portable: bool
                   overwrite: bool = False) -> Path:
     """Copy trace `src` to `dst` with portable (gzip) or default (Blosc) compression."""
     src, dst = Path(src), Path(dst)
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise TraceError(f"{dst} is the input; write the converted trace to a new path")
-    check_output(dst, overwrite, flag="OUT")
+    check_output(dst, overwrite, flag="OUT", inputs={"IN": src})  # refused even with overwrite
     with open_trace(src) as trace:
+        if trace.live:
+            raise TraceError(f"{src} is still being written (its writer, process {trace.attrs['writer_pid']}, "
+                             f"runs); convert it once the recording ends or is stopped (a killed trace converts)")
         # gzip may grow Blosc data by about a quarter; the temporary copy needs it all before the rename
         check_free_space(dst, int(src.stat().st_size * 1.3), f"the converted copy of {src}")
         h5 = trace.file
@@ -113,11 +117,12 @@ def _rebuild_scales(h5: h5py.File, out: h5py.File, items: list) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = Parser(prog="python -m traces convert", description=__doc__.splitlines()[0], version=True)
-    ap.add_argument("input", type=Path)
-    ap.add_argument("output", type=Path)
+    ap.add_argument("input", type=Path, metavar="IN", help="a finished or killed trace (one still being written "
+                    "is refused; a joined trace: convert its rank files)")
+    ap.add_argument("output", type=Path, metavar="OUT", help="the converted copy (refused if it is IN)")
     ap.add_argument("--portable", action="store_true",
                     help=f"{PORTABLE_FILTER} instead of Blosc: readable without hdf5plugin")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT (never IN)")
 
     def body() -> str:
         args = ap.parse_args(argv)

@@ -4,6 +4,12 @@ Files are opened in SWMR-read mode whenever HDF5 allows it: that is the only mod
 file whose writer was killed (or is still running) opens without external tools, and it
 costs nothing for finished files. Opening reads only attributes and small coordinates;
 every data access reads just the chunks its selection touches.
+
+A joined trace (`python -m traces join`) reads its rank files through HDF5 virtual datasets.
+HDF5 silently returns fill values for a rank file it cannot find (and, for a relative source
+name, falls back to the working directory, where another run's file of that name may sit), so
+opening checks that every rank file is there, beside the joined file as stored, and belongs to
+the joined recording; reads then look the rank files up from the joined file's real folder.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +104,7 @@ class TraceReader:
         self._validate()
         self.attrs = self._load_attrs()
         self.kind: str = self.attrs["kind"]
+        self._vds_access = self._check_rank_files()
         self.coords = self._load_coords()
 
     # Validation -------------------------------------------------------------------------
@@ -122,6 +130,29 @@ class TraceReader:
         for path in REQUIRED[kind]:
             if path not in self._f:
                 raise TraceError(f"{self.path}: missing required dataset {path}")
+
+    def _check_rank_files(self) -> h5py.h5p.PropDAID | None:
+        """For a joined trace: refuse it unless every rank file its virtual datasets map is where
+        the joined file says (relative to its real folder), opens, is a rank of this recording and
+        holds every mapped row; return the dataset access property that makes HDF5 look the rank
+        files up in that folder. None for a rank file or a single-rank trace."""
+        virtual = [d for d in _datasets(self._f) if d.is_virtual]
+        if not virtual:
+            return None
+        base = Path(os.path.realpath(self.path)).parent
+        joined_from = self.attrs.get("joined_from")
+        ranks = {name: i for i, name in enumerate(joined_from)} if isinstance(joined_from, list) else {}
+        needed: dict[str, dict[str, int]] = {}  # rank file -> dataset -> rows the mapping reads
+        for d in virtual:
+            for m in d.virtual_sources():
+                rows = needed.setdefault(m.file_name, {})
+                rows[m.dset_name] = max(rows.get(m.dset_name, 0), m.src_space.get_select_bounds()[1][0] + 1)
+        for name, rows in needed.items():
+            where = Path(name) if os.path.isabs(name) else base / name
+            _check_rank_file(self.path, where, name, rows, self.attrs.get("run_id"), ranks.get(name))
+        dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+        dapl.set_virtual_prefix(os.fsencode(str(base)))  # not the working directory, whatever it is
+        return dapl
 
     def _load_attrs(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -162,7 +193,10 @@ class TraceReader:
         if path not in self._ds:
             if path not in self._f:
                 raise TraceError(f"{self.path}: trace has no dataset {path}")
-            self._ds[path] = self._f[path]
+            d = self._f[path]
+            if self._vds_access is not None and isinstance(d, h5py.Dataset) and d.is_virtual:
+                d = h5py.Dataset(h5py.h5d.open(self._f.id, d.name.encode(), dapl=self._vds_access))
+            self._ds[path] = d
         return self._ds[path]
 
     def has(self, path: str) -> bool:
@@ -175,6 +209,24 @@ class TraceReader:
     def complete(self) -> bool:
         """True only when the writer closed cleanly (root attribute)."""
         return bool(self._f.attrs["complete"])
+
+    @property
+    def live(self) -> bool:
+        """True while a writer may still be appending: not complete, and the process that wrote it
+        (`writer_pid` on `writer_host`) still runs. Only a writer on this host can be checked; a
+        trace whose writer ran elsewhere, or is this very process, counts as not live."""
+        if self.complete:
+            return False
+        pid, host = self.attrs.get("writer_pid"), self.attrs.get("writer_host")
+        if pid is None or host != socket.gethostname() or int(pid) == os.getpid():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # alive, owned by another user
+            return True
+        return True
 
     @property
     def closed(self) -> bool:
@@ -401,6 +453,37 @@ class TraceReader:
 
     def __repr__(self) -> str:
         return f"<TraceReader {self.path} kind={self.kind} steps={self.steps} complete={self.complete}>"
+
+
+def _datasets(f: h5py.File) -> list[h5py.Dataset]:
+    found: list[h5py.Dataset] = []
+    f.visititems(lambda _, obj: found.append(obj) if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
+def _check_rank_file(joined: Path, where: Path, name: str, rows: dict[str, int], run_id: Any,
+                     rank: int | None) -> None:
+    """One rank file of a joined trace: there, readable, of the same recording, long enough."""
+    what = f"{joined}: joined trace whose rank file {name}"
+    shown = os.path.normpath(where)
+    if not where.is_file():
+        raise TraceError(f"{what} is missing (looked for {shown}); keep the rank files where they were "
+                         f"relative to the joined file, or join them again")
+    try:
+        try:
+            f = h5py.File(where, "r")
+        except OSError:
+            f = h5py.File(where, "r", swmr=True)  # a killed rank opens only in SWMR-read mode
+    except OSError as exc:
+        raise TraceError(f"{what} ({shown}) cannot be opened ({_first_line(exc)})") from None
+    with f:
+        if _text(f.attrs.get("run_id")) != run_id or (rank is not None and int(f.attrs.get("rank", -2)) != rank):
+            raise TraceError(f"{what} ({shown}) is not rank {rank} of this recording (another file in its "
+                             f"place); join the right rank files again")
+        for dset, n in rows.items():
+            if dset not in f or f[dset].shape[0] < n:
+                raise TraceError(f"{what} ({shown}) holds less than was joined ({dset}); it was replaced "
+                                 f"or truncated: join the rank files again")
 
 
 def _first_line(exc: BaseException) -> str:

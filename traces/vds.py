@@ -4,7 +4,8 @@ Each rank writes its own file (no parallel HDF5, no collective metadata). The jo
 holds one VDS mapping per rank for every growing dataset (concatenated along the sample or
 event axis), small copies of coordinates and per-sample tables, and summed progress
 counters, so `open_trace` reads it like a single-rank trace. Source paths are stored
-relative to the joined file, so the directory can be moved as a whole.
+relative to the joined file's folder, so the folder can be moved as a whole; `open_trace`
+refuses a joined file whose rank files are not there (HDF5 would read fill values).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Sequence
 
 import h5py
 import numpy as np
+
+from cli_common.outputs import check_output
 
 from .errors import TraceError
 from .reader import open_trace
@@ -33,13 +36,16 @@ def join_ranks(rank_paths: Sequence[str | os.PathLike], out_path: str | os.PathL
     The extent joined is what each rank file holds now (join after the ranks have closed).
     """
     out = Path(out_path)
-    if out.exists() and not overwrite:
-        raise TraceError(f"{out} exists (pass overwrite=True to replace it)")
     if not rank_paths:
         raise TraceError("join_ranks needs at least one rank file")
+    # refused even with overwrite: an output that is (or links to) a rank file would destroy it
+    check_output(out, overwrite, flag="OUT", inputs={f"rank file #{i}": p for i, p in enumerate(rank_paths)})
     extents, complete, kinds, attrs = [], [], set(), []
     for p in rank_paths:
         with open_trace(p) as r:
+            if r.live:
+                raise TraceError(f"{p} is still being written (its writer, process {r.attrs['writer_pid']}, "
+                                 f"runs); join the rank files after the recording ends")
             kinds.add(r.kind)
             complete.append(r.complete)
             attrs.append(r.attrs)
@@ -52,7 +58,9 @@ def join_ranks(rank_paths: Sequence[str | os.PathLike], out_path: str | os.PathL
     try:
         _check_compatible(srcs, rank_paths)
         out.parent.mkdir(parents=True, exist_ok=True)
-        rel = [os.path.relpath(Path(p).resolve(), out.resolve().parent) for p in rank_paths]
+        # relative to the real folder the joined file lands in (a symlink at `out` is replaced, not
+        # followed): the reader looks them up from there, so the folder can move as a whole
+        rel = [os.path.relpath(Path(p).resolve(), out.parent.resolve()) for p in rank_paths]
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # renamed when whole: no half-joined file
         try:
             with h5py.File(tmp, "w", libver=LIBVER) as dst:

@@ -74,9 +74,10 @@ def load_result(path: Path, kind: "Kind") -> dict[str, Any]:
 
 
 def find_results(folder: Path) -> list[Path]:
-    """NAME.json files of every known kind under `folder` (any depth, checkpoints/ skipped)."""
+    """NAME.json files of every known kind under `folder` (any depth, checkpoints/ skipped); only
+    regular files: reading a FIFO or a device of that name would hang the tab."""
     found = [p for name in KINDS for p in folder.rglob(f"{name}.json")
-             if "checkpoints" not in p.relative_to(folder).parts]
+             if "checkpoints" not in p.relative_to(folder).parts and p.is_file()]
     return sorted(found, key=lambda p: (list(KINDS).index(p.stem), str(p)))
 
 
