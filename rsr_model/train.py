@@ -363,7 +363,8 @@ class Trainer:
         torch.manual_seed(seed)  # Gumbel noise, dropout, DiT's label dropout
         x0, cond = self.task.batch(np.random.default_rng(seed), run.batch_size)
         x0, cond = x0.to(acc.device), {k: v.to(acc.device) for k, v in cond.items()}
-        self._batches.update(x0)  # --check-replicas: ranks must draw different batches
+        if getattr(self.args, "check_replicas", False):
+            self._batches.update(x0)  # ranks must draw different batches (a host copy: only when asked)
 
         # --- forward and loss -------------------------------------------------------------------
         warming = run.warm is not None and step < run.warm_steps  # experts forced to their cells, gate taught them
