@@ -196,6 +196,7 @@ def run(args: argparse.Namespace) -> None:
     from rsr_model.sample import load_model
     from rsr_model.tasks.inputs import check_items, check_some_items
 
+    split_for_ranks(args)  # under a launcher: this rank's file, joined into --out by the last rank
     check_args(args)
     check_some_items(args, "record")
     model = load_model(args.ckpt)
@@ -204,6 +205,64 @@ def run(args: argparse.Namespace) -> None:
     check_items(model[0], args, "record")
     own = model[0].commands()
     (own.record if own else record_samples)(args, model)
+    join_if_last(args)
+
+
+def rank_path(out: Path, rank: int) -> Path:
+    """run.h5 -> run.rank0.h5: the rank files `traces join` joins (README)."""
+    return out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
+
+
+def split_for_ranks(args: argparse.Namespace) -> None:
+    """Under `torchrun` / `accelerate launch` ($WORLD_SIZE > 1, no --rank flag), each rank writes
+    run.rankR.h5 beside --out, and --out becomes the joined trace (`args.joined`). Explicit
+    --rank/--world-size keep the old contract: this process writes --out, the user joins."""
+    args.joined = None
+    if args.rank is not None or args.world_size is not None or env_int("WORLD_SIZE", 1) <= 1:
+        return
+    rank, _ = shard(args)
+    check_output(args.out, args.overwrite)
+    args.joined, args.out = args.out, rank_path(args.out, rank)
+
+
+def join_if_last(args: argparse.Namespace) -> None:
+    """After this rank's file is closed: if every rank file is complete, join them into --out.
+
+    No process group is needed: each rank closes its file before it looks at the others, so
+    the last to finish sees all complete; when two finish together, an exclusive lock file
+    lets one of them join."""
+    from traces import open_trace
+    from traces.vds import join_ranks
+
+    if getattr(args, "joined", None) is None:
+        return
+    rank, world = shard(args)
+    paths = [rank_path(args.joined, r) for r in range(world)]
+
+    def complete(path: Path) -> bool:
+        try:
+            with open_trace(path) as r:
+                return bool(r.complete)
+        except Exception:  # absent, or still being written by its rank: not complete
+            return False
+
+    if not all(complete(p) for p in paths):
+        print(f"rank {rank}: wrote {args.out}; the last rank to finish joins the rank files into {args.joined}")
+        return
+    lock = args.joined.with_name(f".{args.joined.name}.joining")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        print(f"rank {rank}: wrote {args.out}; another rank joins the rank files into {args.joined}")
+        return
+    try:
+        newest = max(p.stat().st_mtime for p in paths)
+        if not (args.joined.exists() and args.joined.stat().st_mtime >= newest):  # not joined just now by another
+            join_ranks(paths, args.joined, overwrite=True)  # --out was checked before recording
+    finally:
+        os.close(fd)
+        lock.unlink()
+    print(f"joined {world} rank files into {args.joined} (virtual datasets: keep the rank files beside it)")
 
 
 def record_samples(args: argparse.Namespace, model: Model) -> None:

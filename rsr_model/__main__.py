@@ -100,10 +100,16 @@ def cmd_train(args) -> None:
         from traces import TraceMeta
 
         from .recorders import TrainingRecorder
+    if args.report_to:
+        from probes.tracking import check_trackers
+
+        check_trackers(args.report_to)
     trainer = Trainer(args)  # checks --out and every flag before it builds the model; holds --out until it ends
     a = trainer.args  # the flags with their defaults filled in
     try:
         check_free_space(a.out, checkpoint_bytes(trainer), "the checkpoint")
+        if a.trace and not trainer.accelerator.is_main_process:
+            a.trace = None  # several processes: the main one records its batches' routing (docs/scale.md)
         if a.trace:
             warm = trainer.warm_start_plan()
             meta = TraceMeta(model_config={"preset": trainer.task.name}, rsr_config=trainer.rsr_cfg.to_dict(),
@@ -114,6 +120,7 @@ def cmd_train(args) -> None:
                                         token_stride=a.trace_token_stride, probs=a.trace_probs,
                                         overwrite=a.overwrite)
             trainer.callbacks.append(recorder)
+        tracker = add_tracker(trainer, a)
     except BaseException:
         trainer.close()
         raise
@@ -125,7 +132,22 @@ def cmd_train(args) -> None:
         raise
     if a.trace:
         recorder.close()
-    print(f"checkpoint: {out}" + (f"; training trace: {a.trace}" if a.trace else ""))
+    if tracker is not None:
+        tracker.close()  # its event files are complete
+    if trainer.accelerator.is_main_process:
+        print(f"checkpoint: {out}" + (f"; training trace: {a.trace}" if a.trace else ""))
+
+
+def add_tracker(trainer, args):
+    """--report-to: the experiment tracker callback (probes.tracking), after any recorder; None without."""
+    if not args.report_to:
+        return None
+    from probes.tracking import TrainingTracker
+
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "report_to"}
+    tracker = TrainingTracker(trainer.accelerator, args.report_every, config=config)
+    trainer.callbacks.append(tracker)
+    return tracker
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

@@ -65,6 +65,25 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-every", type=positive_int, help="record routing every N steps (default: 50)")
     p.add_argument("--trace-token-stride", type=positive_int, help="(default: 1)")
     p.add_argument("--trace-probs", action="store_true", help="store gate probabilities in the training trace")
+    add_cluster_arguments(p)
+
+
+# `accelerate` knows these names; which are usable depends on what is installed (--report-to checks).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio", "swanlab")
+
+
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags for runs of several processes and experiment tracking (docs/scale.md)."""
+    g = p.add_argument_group("several processes and experiment tracking")
+    g.add_argument("--report-to", action="append", choices=TRACKERS + ("all",),
+                   help="log loss, balance, gate entropy and margin, per-expert load and MI(expert; timestep bin) "
+                        "to this accelerate tracker (repeatable; tensorboard: pip install 'thinking-pixel[track]')")
+    g.add_argument("--logging-dir", type=Path, help="where trackers write (default: OUT.logs beside the checkpoint)")
+    g.add_argument("--report-every", type=positive_int,
+                   help="gate statistics every N steps (loss and balance: every step)")
+    g.add_argument("--check-replicas", action="store_true",
+                   help="at the end of each stage, print a digest of every rank's weights and batches; "
+                        "stop if the weights differ")
 
 
 def train_args(argv: list[str]) -> argparse.Namespace:
@@ -80,12 +99,13 @@ def train_args(argv: list[str]) -> argparse.Namespace:
 # tell a flag given from a default (a resumed run takes what was not given from the run it continues,
 # and a flag that does not apply is refused only when given). `fill_defaults` sets the rest.
 DEFAULTS: dict[str, Any] = {"preset": "tiny", "out": Path("sd3_rsr.pt"), "seed": 0, "save_every": 200,
-                            "ema_decay": 0.999, "mixed_precision": "no", "trace_every": 50, "trace_token_stride": 1}
+                            "ema_decay": 0.999, "mixed_precision": "no", "trace_every": 50, "trace_token_stride": 1,
+                            "report_every": 10}
 
 # Flags that do not define the run (where it is written, how often it is saved, what watches it):
 # the only ones a resumed run may change.
 SESSION_FLAGS = ("command", "out", "resume", "overwrite", "save_every", "mixed_precision", "trace", "trace_every",
-                 "trace_token_stride", "trace_probs")
+                 "trace_token_stride", "trace_probs", "report_to", "logging_dir", "report_every", "check_replicas")
 PATH_FLAGS = ("base", "pretrained", "data", "out", "trace")
 
 

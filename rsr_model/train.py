@@ -42,6 +42,7 @@ from .arguments import (
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RSRConfig
 from .install import RSR, arch_of, install_rsr
+from .ranks import BatchDigest, peer_stopped, replica_line
 from .run_lock import RunLock
 from .tasks import Task, TaskError, get_task
 from .warm_start import WarmStart, check_layout
@@ -162,7 +163,8 @@ class Trainer:
                 self._keep_run()
             self.losses: list[dict[str, Any]] = []
             self._prepare()  # every check before the accelerator starts (it cannot be changed once started)
-            self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+            self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),
+                                           **tracker_options(args, self.out))
         except BaseException:
             self.close()
             raise
@@ -363,12 +365,14 @@ class Trainer:
                    disable=not acc.is_main_process, dynamic_ncols=True, file=sys.stderr)
         log = self._log_writer()
         last_good = run.start  # the step of the newest checkpoint, for the divergence message
+        self._batches = BatchDigest()
         try:
             for step in range(run.start, run.total):
                 for cb in self.callbacks:  # e.g. a recorder attaching hooks for this step only
                     if hasattr(cb, "before"):
                         cb.before(stage, step + 1, acc.unwrap_model(run.model), run.rsr)
                 fm, bal = self._train_step(run, stage, step, last_good)
+                fm, bal = self._mean_over_ranks(fm), (self._mean_over_ranks(bal) if bal is not None else None)
                 self.progress[stage] = step + 1
 
                 # --- log, checkpoint, callbacks -----------------------------------------------
@@ -386,9 +390,29 @@ class Trainer:
                     last_good = step + 1
                 for cb in self.callbacks:
                     cb(StepInfo(stage, step + 1, fm.item(), entry["balance"], acc.unwrap_model(run.model), run.rsr))
+        except RuntimeError as e:
+            if not peer_stopped(e):
+                raise
+            raise TrainingError(f"another process of this run stopped at {stage} step {self.progress[stage]}; this "
+                                f"one stops too. Last checkpoint: {self.out} ({stage} step {last_good})") from None
         finally:
             bar.close()
         self._end_stage(run)
+        if getattr(self.args, "check_replicas", False):
+            self._check_replicas(stage)
+
+    def _mean_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of a scalar over the ranks (each draws its own batch): what the log and callbacks see."""
+        acc = self.accelerator
+        return acc.reduce(x.detach().clone(), reduction="mean") if acc.num_processes > 1 else x
+
+    def _check_replicas(self, stage: str) -> None:
+        """--check-replicas: one line on the main process; ranks whose weights differ stop the run."""
+        line, same = replica_line(self.accelerator, stage, self.transformer, self._batches)
+        if self.accelerator.is_main_process:
+            print(line, flush=True)
+        if not same:
+            raise TrainingError(f"the ranks' weights differ after the {stage} stage (see the replicas line)")
 
     def _setup_stage(self, stage: str) -> "_StageRun":
         """Model, trainable parameters, EMA, optimizer and schedule of a stage (restored on --resume)."""
@@ -433,6 +457,8 @@ class Trainer:
         torch.manual_seed(seed)  # Gumbel noise, dropout, DiT's label dropout
         x0, cond = self.task.batch(np.random.default_rng(seed), run.batch_size)
         x0, cond = x0.to(acc.device), {k: v.to(acc.device) for k, v in cond.items()}
+        if getattr(self.args, "check_replicas", False):
+            self._batches.update(x0)  # ranks must draw different batches (a host copy: only when asked)
 
         # --- forward and loss -------------------------------------------------------------------
         warming = run.warm is not None and step < run.warm_steps  # experts forced to their cells, gate taught them
@@ -490,6 +516,10 @@ class Trainer:
         died between checkpoints, never linger and none are missing. `load_share` is the share of
         tokens each expert received, as the model routed them (during an expert warm start, the forced
         cells, which a training trace stores too), not the gate's own draw."""
+        if not hasattr(self, "_log_file") and not self.accelerator.is_main_process:
+            # one loss log per run: the main process writes it (the losses are means over ranks)
+            self._log_file = open(os.devnull, "a", newline="")
+            self._csv = csv.writer(self._log_file)
         if not hasattr(self, "_log_file"):
             text = io.StringIO()
             history = csv.writer(text)
@@ -503,6 +533,16 @@ class Trainer:
     def _flush_log(self) -> None:
         self._log_file.flush()
         os.fsync(self._log_file.fileno())
+
+
+def tracker_options(args: Any, out: Path) -> dict[str, Any]:
+    """Accelerator keywords of --report-to (experiment trackers, as diffusers' --report_to):
+    nothing without it; the event files go to --logging-dir (default: beside the checkpoint)."""
+    report_to = getattr(args, "report_to", None)
+    if not report_to:
+        return {}
+    logging_dir = getattr(args, "logging_dir", None) or out.with_name(out.name + ".logs")
+    return {"log_with": report_to, "project_dir": str(logging_dir)}
 
 
 def _log_row(entry: dict[str, Any]) -> list:

@@ -7,7 +7,7 @@ if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 if ! python -c "import torch, diffusers, h5py, dash" 2>/dev/null || [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   pip install -q --upgrade pip
   pip install -q -c constraints.txt torch==2.13.0
-  pip install -q -c constraints.txt -e ".[test]"
+  pip install -q -c constraints.txt -e ".[test,track]"  # track: tests/test_tracking.py reads TensorBoard events
   touch .venv/.installed
 fi
 # The dashboard's browser tests drive headless Chromium through chromedriver (Debian/Ubuntu
