@@ -19,6 +19,13 @@ import hashlib
 import torch
 from torch import nn
 
+from cli_common.command import env_int
+
+
+def launcher_rank() -> int:
+    """This process's global rank as the launcher (torchrun, accelerate launch) set it; 0 alone."""
+    return env_int("RANK", 0)
+
 
 def weights_digest(module: nn.Module) -> str:
     """sha256 (16 hex) of every tensor of `module`'s state dict, in name order."""

@@ -42,7 +42,7 @@ from .arguments import (
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RSRConfig
 from .install import RSR, arch_of, install_rsr
-from .ranks import BatchDigest, peer_stopped, replica_line
+from .ranks import BatchDigest, launcher_rank, peer_stopped, replica_line
 from .run_lock import RunLock
 from .tasks import Task, TaskError, get_task
 from .warm_start import WarmStart, check_layout
@@ -152,7 +152,9 @@ class Trainer:
         # Output paths first, before any model is built or step runs (resume rewrites --out in place).
         check_output(self.out, overwrite=args.overwrite or args.resume, inputs=self.inputs)
         check_output(self.log_path, overwrite=True, flag="loss log", inputs=self.inputs)
-        self._lock: RunLock | None = RunLock(self.out)  # one run per --out, until this one ends
+        # One run per --out, until this one ends; under a launcher the run is all its processes, so the
+        # first process holds the lock for them (RANK is set by torchrun / accelerate before we start).
+        self._lock: RunLock | None = RunLock(self.out) if launcher_rank() == 0 else None
         try:
             self.ckpt = load_checkpoint(self.out) if args.resume else {}
             if args.resume and args.preset is None:

@@ -124,12 +124,12 @@ def test_interrupting_one_rank_ends_the_run_with_one_line(interrupted):
 
 @pytest.fixture(scope="module")
 def resumed2(interrupted, tmp_path_factory):
-    """The interrupted run resumed under two processes, with the replica check and a training trace."""
+    """The interrupted run resumed under two processes, with the replica check (a resumed run takes no
+    --trace: a training trace covers a run from its first step)."""
     d = tmp_path_factory.mktemp("resumed2")
     shutil.copy(interrupted[0] / "c.pt", d / "c.pt")
     saved = load_checkpoint(d / "c.pt")["progress"]
-    r = _run(accelerate(*TRAIN, "--out", "c.pt", "--resume", "--check-replicas", "--trace", "t.h5",
-                        "--trace-every", "2"), d)
+    r = _run(accelerate(*TRAIN, "--out", "c.pt", "--resume", "--check-replicas"), d)
     assert r.returncode == 0, r.stderr[-2000:]
     return d, r, saved
 
@@ -151,18 +151,26 @@ def test_two_ranks_keep_identical_weights_on_different_batches(resumed2):
     assert weights_digest(transformer) == digests["0"][0]
 
 
-def test_two_processes_write_one_checkpoint_one_log_one_trace(resumed2):
+def test_two_processes_write_one_checkpoint_one_log(resumed2):
     d, r, _ = resumed2
-    assert sorted(p.name for p in d.iterdir()) == ["c.pt", "c.pt.log.csv", "t.h5"]
+    assert sorted(p.name for p in d.iterdir()) == ["c.pt", "c.pt.log.csv"]
     assert r.stdout.count("checkpoint: ") == 1  # the main process speaks
     assert _log_steps(d / "c.pt.log.csv") == WHOLE_LOG
     ckpt = load_checkpoint(d / "c.pt")
     assert ckpt["progress"] == {"base": STEPS, "rsr": STEPS}
-    with open_trace(d / "t.h5") as tr:  # the main process's batches' routing
+
+
+def test_two_processes_write_one_training_trace(tmp_path):
+    steps = 4
+    r = _run(accelerate("--preset", "tiny", "--steps", str(steps), "--batch-size", "4", "--out", "c.pt",
+                        "--trace", "t.h5", "--trace-every", "2"), tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.log.csv", "t.h5"]  # one of each, no lock left
+    with open_trace(tmp_path / "t.h5") as tr:  # the main process's batches' routing
         assert tr.kind == "training" and tr.complete
         ev, logs = tr.events(), tr.train()
-        assert sorted(set(ev["step"])) == list(range(2, STEPS + 1, 2)) and len(ev["step"]) == 4 * (STEPS // 2)
-        assert list(logs["step"]) == list(range(1, STEPS + 1))
+        assert sorted(set(ev["step"])) == list(range(2, steps + 1, 2)) and len(ev["step"]) == 4 * (steps // 2)
+        assert list(logs["step"]) == list(range(1, steps + 1))
         assert np.isfinite(logs["loss"]).all() and (tr.routing() < tr.coords["expert"].size).all()
 
 
