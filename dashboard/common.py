@@ -19,7 +19,8 @@ from dash import Input, Output, State, html
 from cli_common.errors import UserError
 
 from .data import DashboardError, Registry, find_traces
-from .jobs import Jobs
+from .jobs import Jobs, no_paths
+from .requests import SELECTION_IDS, check_selection
 
 log = logging.getLogger("dashboard")
 
@@ -87,6 +88,16 @@ def expert_rgb(K: int) -> np.ndarray:
     return np.array(rgb + [(128, 128, 128)], np.uint8)
 
 
+def expert_legend(K: int) -> html.Div:
+    """The colour key of routing images drawn as pictures (no plotly colour bar): a swatch per
+    expert, grey for no expert (unwritten or ablated)."""
+    swatch = {"display": "inline-block", "width": "10px", "height": "10px", "marginRight": "2px",
+              "verticalAlign": "middle"}
+    items = [html.Span([html.Span(style={**swatch, "background": expert_colour(k)}), f"e{k} "]) for k in range(K)]
+    items.append(html.Span([html.Span(style={**swatch, "background": "#808080"}), "none"]))
+    return html.Div(items, className="legend", style={"fontSize": "11px"})
+
+
 def png_uri(image: np.ndarray, scale: int = 1) -> str:
     """uint8 (H, W, 3) -> PNG data URI, upscaled by nearest neighbour."""
     from PIL import Image
@@ -118,7 +129,7 @@ def error_text(exc: BaseException) -> str:
     else:
         log.exception("view failed")
         text = f"{type(exc).__name__}: {exc}"
-    return " ".join(text.split())
+    return " ".join(no_paths(text).split())
 
 
 def guarded(fn: Callable | None = None, *, failed: Callable[[html.Div], Any] | None = None) -> Callable:
@@ -146,14 +157,25 @@ def view_body(app: dash.Dash, view: str, outputs: Output | list[Output], *inputs
     callback every view renders its body with). It runs only while the view's tab is open and,
     with `trace`, a trace is selected (callbacks of hidden views would cost every slider move);
     without `trace` it is `fn(*input_values)`. Failures are `guarded` (see there for `failed`).
-    `outputs` is one Output or a list; `inputs` may end with States."""
+    `outputs` is one Output or a list; `inputs` may end with States. Selection values among the
+    inputs (sample, timestep, step, expert, layer, branch) are checked against the selected trace
+    first (`requests.check_selection`; the app's `dashboard_context` holds the registry)."""
     several = isinstance(outputs, (list, tuple))
     outs = list(outputs) if several else [outputs]
     skip = tuple(dash.no_update for _ in outs) if several else dash.no_update
     gate = [Input("tabs", "value")] + ([Input("sel-trace", "value")] if trace else [])
 
+    selection_at = {i: x.component_id for i, x in enumerate(inputs) if x.component_id in SELECTION_IDS}
+
     def register(fn: Callable) -> Callable:
-        body = guarded(fn, failed=failed)
+        def checked(*values):
+            # a selection value from the request that names no part of the trace is refused here,
+            # once for every view, before it could wrap (-1) or fail deep inside h5py
+            ctx = getattr(app, "dashboard_context", None)
+            if trace and ctx is not None and selection_at:
+                check_selection(ctx.registry.reader(values[0]), {cid: values[1 + i] for i, cid in selection_at.items()})
+            return fn(*values)
+        body = guarded(functools.wraps(fn)(checked), failed=failed)
 
         @app.callback(*outs, *gate, *inputs)
         @functools.wraps(fn)
