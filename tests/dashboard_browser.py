@@ -121,9 +121,10 @@ def drag_box(driver, css: str, frac=(0.1, 0.1, 0.5, 0.5), steps: int = 4) -> Non
     from selenium.webdriver.common.by import By
 
     plot = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, css))[0]
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", plot)
     w, h = plot.size["width"], plot.size["height"]
     x0, y0, x1, y1 = (int(f * s) for f, s in zip(frac, (w, h, w, h)))
-    chain = ActionChains(driver).move_to_element_with_offset(plot, x0 - w // 2, y0 - h // 2).click_and_hold()
+    chain = ActionChains(driver).move_to_element(plot).move_by_offset(x0 - w // 2, y0 - h // 2).click_and_hold()
     for _ in range(steps):
         chain = chain.move_by_offset((x1 - x0) // steps, (y1 - y0) // steps)
     chain.release().perform()

@@ -56,7 +56,7 @@ def layout(ctx: Context):
                           value=[], inline=True),
             html.Label(" timestep window "),
             html.Div(dcc.RangeSlider(id="iv-window", min=0, max=1000, step=1, value=[0, 1000],
-                                     marks={0: "0", 500: "500", 1000: "1000"}), style={"width": "260px"}),
+                                     marks={0: "0", 500: "500", 1000: "1000"}), style={"width": "380px"}),
             html.Button("run", id="iv-run", className="btn"),
         ], className="row"),
         html.Div(id="iv-covered", className="sub"),
