@@ -5,7 +5,6 @@ fetch, as a crafted one would be)."""
 import json
 import time
 
-import numpy as np
 import pytest
 
 from dashboard.app import create_app
@@ -139,32 +138,55 @@ def post_from_page(driver, url: str, body: dict) -> tuple[int, str]:
         ".catch(e => done([0, String(e)]));", url, json.dumps(body)))
 
 
+WRITER = """
+import sys
+import numpy as np
+from traces import SampleTable, SamplingLayout, SamplingWriter
+from traces.synthetic import coherent_routing
+
+lo = SamplingLayout(n_experts=4, layers=[1], steps=2, tokens=64, timesteps=[0, 1, 2],
+                    timestep_values=[900.0, 500.0, 100.0])
+ids = coherent_routing(np.random.default_rng(0), (2, 3, 1, 1, 2, 64), n_experts=4, cell=4)
+w = SamplingWriter(sys.argv[1], lo, SampleTable(prompt=["a", "b"], seed=[0, 1]))
+w.begin_batch(2)
+w.write_timestep(0, ids[:, 0])
+print("one step", flush=True)
+sys.stdin.readline()  # the test says when to finish
+for t in (1, 2):
+    w.write_timestep(t, ids[:, t])
+w.close()
+print("closed", flush=True)
+"""
+
+
 def test_4_finished_live_recording_reads_complete(tmp_path):
-    """A recording that finished while the page followed it kept 'writer closed without finishing'."""
-    from traces import SampleTable, SamplingLayout, SamplingWriter
-    from traces.synthetic import coherent_routing
+    """A recording that finished while the page followed it kept 'writer closed without finishing'
+    (the writer is another process, as `probes.record` is: a reader in the writer's own process
+    shares its file and would see the flag)."""
+    import subprocess
+    import sys
 
     path = tmp_path / "live.h5"
-    lo = SamplingLayout(n_experts=4, layers=[1], steps=2, tokens=64, timesteps=[0, 1, 2],
-                        timestep_values=[900.0, 500.0, 100.0])
-    ids = coherent_routing(np.random.default_rng(0), (2, 3, 1, 1, 2, 64), n_experts=4, cell=4)
-    w = SamplingWriter(path, lo, SampleTable(prompt=["a", "b"], seed=[0, 1]))
-    w.begin_batch(2)
-    w.write_timestep(0, ids[:, 0])
-    ctx = make_context([str(path)], permutations=9)
-    app = create_app(ctx)
-    with serving(app.server) as url, chromium() as driver:
-        driver.get(f"{url}/?view=routing")
-        wait_for(driver, lambda d: "updating while its writer runs" in text(d, "live-status"))
-        for t in (1, 2):
-            w.write_timestep(t, ids[:, t])
-        w.close()
-        wait_for(driver, lambda d: "steps written" not in text(d, "live-status"), timeout=30)
-        time.sleep(3)  # two more polls: the label must not come back
-        assert text(driver, "live-status") == ""
-        assert ctx.registry.reader(ctx.registry.ids()[0]).complete
-        wait_for(driver, lambda d: "t=100" in d.page_source or "t=900" in d.page_source)
-    ctx.registry.close()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "one step"
+        ctx = make_context([str(path)], permutations=9)
+        app = create_app(ctx)
+        with serving(app.server) as url, chromium() as driver:
+            driver.get(f"{url}/?view=routing")
+            wait_for(driver, lambda d: "updating while its writer runs" in text(d, "live-status"))
+            writer.stdin.write("finish\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline().strip() == "closed"
+            wait_for(driver, lambda d: "steps written" not in text(d, "live-status"), timeout=30)
+            time.sleep(5)  # more polls: the label must not come back
+            assert text(driver, "live-status") == ""
+            assert ctx.registry.reader(ctx.registry.ids()[0]).complete
+            wait_for(driver, lambda d: "t=100" in d.page_source or "t=900" in d.page_source)
+        ctx.registry.close()
+    finally:
+        writer.kill()
 
 
 def test_5_bad_values_are_one_line_messages_not_500s(page, env):
