@@ -13,7 +13,7 @@ from pathlib import Path
 import dash
 from dash import Input, Output, State, dcc, html
 
-from . import selection
+from . import security, selection
 from . import views as view_package
 from .common import Context, View
 
@@ -30,6 +30,8 @@ def create_app(ctx: Context, views: list[View] | None = None) -> dash.Dash:
                     children=html.Div(v.layout(ctx), className="view", id=f"view-{v.key}"))
             for v in views]
     app.dashboard_context = ctx  # view_body checks request values against the served traces
+    security.install_host_check(app.server, security.allowed_hosts(ctx.bind))
+    security.install_error_line(app.server)
     app.layout = html.Div([
         dcc.Location(id="url", refresh=False),
         dcc.Store(id="nav"),

@@ -43,6 +43,7 @@ class Context:
     # derived results that cost a pass over the trace: (trace id, steps, name, args) -> value
     memo: dict = field(default_factory=dict)
     model: Any = None  # (task, transformer, rsr) of ckpt, loaded on first use
+    bind: str = "127.0.0.1"  # the address served on (--host): which Host headers are answered (`security`)
 
     def cached(self, tid: str, name: str, fn: Callable[[], Any], *key: Any) -> Any:
         steps = self.registry.reader(tid).steps

@@ -15,7 +15,7 @@ import pytest
 from dashboard.__main__ import build_parser, main as dashboard_main
 from dashboard.common import make_context
 from dashboard.app import create_app
-from dashboard.data import REPORT_SUFFIX, Registry, find_traces, trace_id
+from dashboard.data import REPORT_SUFFIX, Registry, cache_path, find_traces, trace_id
 from dashboard.selection import NO_TRACES
 from probes.projections import derive
 from probes.record import main as record_main
@@ -178,7 +178,7 @@ def test_report_cache_is_keyed_by_checksum(env, monkeypatch):
     reg = Registry([env["trace"]], n_perm=19)
     tid = reg.ids()[0]
     first = reg.report(tid)
-    cache = env["trace"].with_name(env["trace"].name + REPORT_SUFFIX)
+    cache = cache_path(env["trace"], REPORT_SUFFIX)
     stored = json.loads(cache.read_text())
     assert len(stored["sha256"]) == 64 and stored["report"]["trace"]["experts"] == first["trace"]["experts"]
     reg.close()

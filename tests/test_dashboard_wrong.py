@@ -197,15 +197,15 @@ def test_5_bad_values_are_one_line_messages_not_500s(page, env):
     open_view(driver, url, f"trace={tid}&view=latent")
     sel = {"sel-trace.value": tid, "sel-sample.value": 0, "sel-branch.value": "cond", "sel-t.value": 0,
            "sel-layer.value": 2, "sel-step.value": 0, "sel-expert.value": 0}
-    select = "..lat-table.data...lat-table.columns...lat-patches.children...lat-count.children...lat-summary.children.."
+    select = "..lat-table.data...lat-table.columns...lat-patches.children.."
     start = "..iv-job.data...iv-poll.disabled...iv-msg.children.."
     cases = [
         (select, {**sel, "lat-method.value": "pca", "lat-max.value": 50000,
                   "lat-scatter.selectedData": {"points": [{"pointIndex": 10**9}]}}, "lat-scatter.selectedData",
-         "lat-count", "point indices"),
+         "lat-patches", "point indices"),
         (select, {**sel, "lat-method.value": "tsne", "lat-max.value": 50000,
                   "lat-scatter.selectedData": {"points": [{"pointIndex": 0}]}}, "lat-scatter.selectedData",
-         "lat-count", "projection 'tsne'"),
+         "lat-patches", "projection 'tsne'"),
         (start, {**sel, "sel-expert.value": "x", "sel-step.value": 99, "iv-window.value": None,
                  "iv-kind.value": "force", "iv-run.n_clicks": 1}, "iv-run.n_clicks", "iv-msg", "expert 'x'"),
         (start, {**sel, "sel-step.value": 99, "iv-window.value": None, "iv-kind.value": "force",

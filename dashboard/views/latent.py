@@ -42,8 +42,7 @@ def layout(ctx: Context):
         html.Div([
             html.Div([dcc.Graph(id="lat-scatter", config=GRAPH_CONFIG, style={"height": "470px", "width": "640px"}),
                       dcc.Tooltip(id="lat-tip")], className="panel"),
-            html.Div([html.H3("selection"), html.Div(id="lat-count"), html.Div(id="lat-summary"),
-                      html.Div(id="lat-patches", className="crops"),
+            html.Div([html.H3("selection"), html.Div(id="lat-patches"),
                       dash_table.DataTable(id="lat-table", page_size=8, style_table={"width": "560px"},
                                            style_cell={"fontSize": "11px", "padding": "2px"})],
                      className="panel", style={"width": "580px"}),
@@ -340,13 +339,12 @@ def register_projections_job(app: dash.Dash, ctx: Context) -> None:
 def register_selection(app: dash.Dash, ctx: Context, pts_of) -> None:
     """A box / lasso selection fills the table and the patches; hovering a point shows its patch."""
     @app.callback(Output("lat-table", "data"), Output("lat-table", "columns"), Output("lat-patches", "children"),
-                  Output("lat-count", "children"), Output("lat-summary", "children"),
                   Input("lat-scatter", "selectedData"), State("sel-trace", "value"), State("sel-layer", "value"),
                   State("lat-method", "value"), State("lat-max", "value"), prevent_initial_call=True)
-    @guarded(failed=lambda msg: ([], [], [], msg, []))
+    @guarded(failed=lambda msg: ([], [], [msg]))
     def select(selected, tid, layer, method, n):
         if not isinstance(selected, dict) or not selected.get("points"):
-            return [], [], [], None, []
+            return [], [], []
         tr, pts = pts_of(tid, method, layer)
         rows = selected_rows(selected, shown(len(pts["x"]), drawn(n)))
         data, cols = selection_rows(tr, pts, rows)
@@ -354,9 +352,10 @@ def register_selection(app: dash.Dash, ctx: Context, pts_of) -> None:
         listed = f"the table lists all {len(data):,}" if len(data) == len(rows) else \
             f"the table lists the first {len(data):,} of {len(rows):,}"
         count = html.Div(f"{len(rows):,} points selected; {listed}; patches of {len(tiles)} drawn at random",
-                         id="lat-count-text")
-        summary = dcc.Graph(figure=summary_figure(tr, pts, rows), config=GRAPH_CONFIG, style={"height": "170px"})
-        return data, cols, tiles, count, summary
+                         id="lat-count")
+        summary = dcc.Graph(figure=summary_figure(tr, pts, rows), config=GRAPH_CONFIG, style={"height": "170px"},
+                            id="lat-summary")
+        return data, cols, [count, summary, html.Div(tiles, className="crops")]
 
     @app.callback(Output("lat-tip", "show"), Output("lat-tip", "bbox"), Output("lat-tip", "children"),
                   Input("lat-scatter", "hoverData"), State("sel-trace", "value"), State("sel-layer", "value"),
