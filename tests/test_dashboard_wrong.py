@@ -11,7 +11,6 @@ from dashboard.app import create_app
 from dashboard.common import make_context
 from dashboard.data import trace_id
 from tests.dashboard_browser import (
-    call,
     chromium,
     click,
     drag_box,

@@ -16,8 +16,8 @@ import numpy as np
 import plotly.graph_objects as go
 from dash import Input, Output, State, dash_table, dcc, html
 
-from ..common import GRAPH_CONFIG, Context, View, discrete_colourscale, guarded, message, png_uri, poll_job, view_body
 from .. import requests
+from ..common import GRAPH_CONFIG, Context, View, discrete_colourscale, guarded, message, png_uri, poll_job, view_body
 from .routing import token_grid
 
 MAX_POINTS = 300_000
@@ -248,8 +248,9 @@ def patch_tiles(tr, pts: dict, rows: np.ndarray, layer: int) -> list:
     for i in random_rows(rows, PATCHES):
         im = patch_of(tr, pts, i, layer)
         if im is not None:
+            caption = f"e{int(pts['expert'][i])} t{float(tv[pts['timestep'][i]]):.0f}"
             tiles.append(html.Figure([html.Img(src=png_uri(im, max(1, PATCH_PX // im.shape[0])), width=PATCH_PX),
-                                      html.Figcaption(f"e{int(pts['expert'][i])} t{float(tv[pts['timestep'][i]]):.0f}")]))
+                                      html.Figcaption(caption)]))
     return tiles
 
 
