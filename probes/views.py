@@ -133,15 +133,16 @@ def transition_flows(report: dict, layer: str, time_bin: int | None = None) -> d
 
 
 def bin_transitions(tr: TraceReader, layer: int, timesteps: list[int]) -> dict[str, Any]:
-    """Recursion-step transitions of one layer over the timestep positions `timesteps` (a report
-    timestep bin's `timesteps`), counted from the trace over every sample, branch and token: the
+    """Recursion-step transitions of one layer over the sampler timesteps `timesteps` (`timestep`
+    coordinate values: a report timestep bin's `timesteps`), counted from the trace over every sample, branch and token: the
     per-bin matrices the report leaves out. Report-shaped, so `transition_flows` reads it:
     {"steps": {step: {"load": {"share": [K]}}}, "transitions": {"a->b": TransitionStats with matrix}}."""
     from .stats import transition_stats
 
     K = len(tr.coords["expert"])
     steps = [str(int(s)) for s in tr.coords["step"]]
-    ids = tr.routing(layer=layer)[:, :, list(timesteps)]  # (sample, branch, bin timesteps, step, token)
+    at = tr.index("timestep", list(timesteps))
+    ids = tr.routing(layer=layer)[:, :, at]  # (sample, branch, bin timesteps, step, token)
     clipped = np.minimum(ids, K).astype(np.int64)  # unwritten / ablated ids -> slot K, dropped below
     out: dict[str, Any] = {"steps": {}, "transitions": {}}
     for s, name in enumerate(steps):
