@@ -32,6 +32,19 @@ DEFAULT_RESULTS = "runs/evaluate"  # the Results tab's folder when none is named
 GRAPH_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
 
+def _figure_defaults() -> None:
+    """Every figure's title at the top left: the plot toolbar sits at the top right, and a centred
+    title ran under it (the Specialization MI chart, Compare)."""
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    pio.templates["thinking_pixel"] = go.layout.Template(layout=dict(title=dict(x=0.01, xanchor="left")))
+    pio.templates.default = "plotly+thinking_pixel"
+
+
+_figure_defaults()
+
+
 @dataclass
 class Context:
     """Server-side state shared by the callbacks of every view."""
