@@ -53,19 +53,40 @@ class Context:
     ckpt: Path | None = None
     results: Path | None = None  # folder of `python -m rsr_model evaluate` results (the Results tab)
     jobs: Jobs = field(default_factory=Jobs)
-    # derived results that cost a pass over the trace: (trace id, steps, name, args) -> value
+    # derived results that cost a pass over the trace: (trace id, steps, name, args) -> value, least
+    # recently used first; bounded by bytes (`memo_budget`), not entries: one latent layer of a big
+    # trace is tens of MiB, a crop strip a few KiB
     memo: dict = field(default_factory=dict)
+    memo_budget: int = 512 * 2**20
     model: Any = None  # (task, transformer, rsr) of ckpt, loaded on first use
     bind: str = "127.0.0.1"  # the address served on (--host): which Host headers are answered (`security`)
 
     def cached(self, tid: str, name: str, fn: Callable[[], Any], *key: Any) -> Any:
         steps = self.registry.reader(tid).steps
         k = (tid, steps, name) + key
-        if k not in self.memo:
-            if len(self.memo) > 256:
-                self.memo.clear()
-            self.memo[k] = fn()
-        return self.memo[k]
+        if k in self.memo:
+            self.memo[k] = self.memo.pop(k)  # most recently used: last
+            return self.memo[k]
+        value = fn()
+        self.memo[k] = value
+        while len(self.memo) > 1 and self.memo_bytes() > self.memo_budget:
+            self.memo.pop(next(iter(self.memo)))  # the least recently used
+        return value
+
+    def memo_bytes(self) -> int:
+        """Bytes held by the memo's arrays (what bounds it; other values count as small)."""
+        return sum(nbytes(v) for v in self.memo.values())
+
+
+def nbytes(value: Any) -> int:
+    """Bytes of the NumPy arrays in a value (an array, or a dict / list / tuple of them)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v) for v in value[:1000])
+    return 64
 
 def make_context(traces: list[str], ckpt: Path | None = None, permutations: int = 199,
                  results: Path | None = None) -> Context:
