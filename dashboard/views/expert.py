@@ -189,8 +189,6 @@ def register(app: dash.Dash, ctx: Context) -> None:
                                 className="cols")]
         second = []
         idle = inactive(report, layer, step_value, k)
-        if idle:
-            parts.insert(1, message(idle, "warn"))
         if tr.kind == "sampling" and not idle:
             counts = ctx.cached(tid, "position", lambda: expert_position_counts(tr, layer, step), layer, step)
             second.append(html.Div(dcc.Graph(figure=position_figure(counts, k, token_grid(tr), tr.coords["token"]),
@@ -203,6 +201,8 @@ def register(app: dash.Dash, ctx: Context) -> None:
         if tr.kind == "sampling" and not idle:
             row3.insert(0, ctx.cached(tid, "crops", lambda: crops(tr, k, layer, step), k, layer, step))
         parts.append(html.Div(row3, className="cols"))
+        if idle:
+            parts.insert(1, message(idle, "warn"))
         if tr.kind != "sampling":
             parts.append(message("training trace: no token grid or images; see Training health"))
         return html.Div(parts)
