@@ -34,8 +34,9 @@ def app_ctx(tmp_path_factory):
 
 def expert_page(app, ctx, k, step):
     tid = ctx.registry.ids()[0]
-    return call(app, "expert-body.children", {"tabs.value": "expert", "sel-trace.value": tid, "sel-expert.value": k,
-                                              "sel-layer.value": 1, "sel-step.value": step}, "tabs.value")["expert-body"]["children"]
+    out = call(app, "expert-body.children", {"tabs.value": "expert", "sel-trace.value": tid, "sel-expert.value": k,
+                                             "sel-layer.value": 1, "sel-step.value": step}, "tabs.value")
+    return out["expert-body"]["children"]
 
 
 def test_expert_never_chosen_at_the_step_gets_no_noise_map(app_ctx):
