@@ -29,7 +29,8 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#bcbd22", "#17becf"]
 DEFAULT_DIR = "runs"  # traces served when none are named
 DEFAULT_RESULTS = "runs/evaluate"  # the Results tab's folder when none is named
-GRAPH_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
+# the toolbar only while the pointer is over a plot: shown always, it covered titles and subplot titles
+GRAPH_CONFIG = {"displaylogo": False, "displayModeBar": "hover", "toImageButtonOptions": {"format": "png", "scale": 2}}
 
 
 def _figure_defaults() -> None:

@@ -14,6 +14,7 @@ from dash import dcc, html
 
 from .common import Context, error_text, message
 from .data import inside
+from .jobs import no_paths
 
 FILES = ("report.json", "routing_value.json")
 MAX_ROWS = 40  # headline rows per file; the whole JSON is under "all of it"
@@ -39,7 +40,7 @@ def scalar_rows(obj: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, s
             if isinstance(v, (dict, list)) and depth < 2:
                 rows += scalar_rows(v, key, depth + 1)
             elif isinstance(v, (int, float, str, bool)) or v is None:
-                rows.append((key, f"{v:.4g}" if isinstance(v, float) else str(v)[:80]))
+                rows.append((key, f"{v:.4g}" if isinstance(v, float) else no_paths(str(v))[:80]))
     elif isinstance(obj, list) and len(obj) <= 8:
         for i, v in enumerate(obj):
             rows += scalar_rows(v, f"{prefix}[{i}]", depth + 1) if isinstance(v, dict) else \
@@ -57,7 +58,7 @@ def file_section(path: Path, name: str) -> html.Div:
                        + [html.Tr([html.Td(k, style={"textAlign": "left"}), html.Td(v)]) for k, v in rows[:MAX_ROWS]],
                        className="evidence")
     more = f" (first {MAX_ROWS} of {len(rows)} values)" if len(rows) > MAX_ROWS else ""
-    text = json.dumps(data, indent=1)
+    text = no_paths(json.dumps(data, indent=1))  # a report names its trace by absolute path
     return html.Div([
         html.H3(f"{name}{more}"), table,
         html.Details([html.Summary("all of it (JSON)"),

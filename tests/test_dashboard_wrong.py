@@ -94,9 +94,10 @@ def test_3_interventions_that_select_nothing_are_refused(page, env):
     tid = trace_id(env["trace"])
     open_view(driver, url, f"trace={tid}&view=intervene&expert=1")
     covered = wait_for(driver, lambda d: (t := text(d, "iv-covered")) and "covers" in t and t)
-    assert "covers 4 of 4 sampled timesteps: 1000, 667, 334, 1" in covered
+    assert "covers 4 of 4 sampled timesteps the trace recorded: 1000, 667, 334, 1" in covered
     type_into(driver, "#iv-window .dash-range-slider-max-input", "5")  # the slider's own number boxes
-    wait_for(driver, lambda d: "window 0..5 covers 1 of 4 sampled timesteps: 1" in text(d, "iv-covered"))
+    one = "window 0..5 covers 1 of 4 sampled timesteps the trace recorded: 1"
+    wait_for(driver, lambda d: one in text(d, "iv-covered"))
     type_into(driver, "#iv-window .dash-range-slider-min-input", "2")  # 2..5: between the last two samples
     wait_for(driver, lambda d: "covers none of the sampled timesteps" in text(d, "iv-covered"))
     assert driver.find_element(By.ID, "iv-run").get_attribute("disabled")

@@ -189,7 +189,9 @@ def covered_line(tr, window: Any) -> tuple[Any, bool]:
     if not hit:
         return message(f"window {lo:.0f}..{hi:.0f} covers none of the sampled timesteps ({sampled_text(tr)}): "
                        "nothing to intervene on", "warn"), True
-    return (f"window {lo:.0f}..{hi:.0f} covers {len(hit)} of {len(values)} sampled timesteps: "
+    # the trace's recorded timesteps (a subset when recorded with --timesteps); the run checks the
+    # sampler's own list again before it starts
+    return (f"window {lo:.0f}..{hi:.0f} covers {len(hit)} of {len(values)} sampled timesteps the trace recorded: "
             + ", ".join(f"{t:.0f}" for t in hit)), False
 
 
