@@ -80,9 +80,9 @@ def evidence(report: dict, layer: int, step: int) -> html.Div:
                                                                   color="#d62728"),
                    name="null mean + 2 sd"),
     ])
-    fig.update_layout(height=240, margin=dict(l=40, r=10, t=30, b=60), title=dict(
-        text=f"MI of the expert with each label, layer {layer} step {step}", font_size=12),
-        legend=dict(orientation="h", y=1.15, font_size=10), yaxis_title="nats")
+    fig.update_layout(height=260, margin=dict(l=40, r=10, t=50, b=60), title=dict(  # legend under the title
+        text=f"MI of the expert with each label, layer {layer} step {step}", font_size=12, y=0.97, yanchor="top"),
+        legend=dict(orientation="h", y=1.02, yanchor="bottom", font_size=10), yaxis_title="nats")
     rows = [html.Tr([html.Th(h) for h in ("label", "MI", "null ± sd", "p", "AMI")])]
     for k in names:
         m = mis[k]
