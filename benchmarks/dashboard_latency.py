@@ -16,6 +16,12 @@ runs/bench/dashboard.h5 with PCA projections, by a child process) it measures:
   browser frame time of a pan (relayout -> plotly_afterplot) in headless Chromium
   (SwiftShader software WebGL: a pessimistic bound for a laptop GPU);
 * this process's peak resident memory (it holds the app and served all of the above).
+
+`--browser-runs TRACE` measures a given trace (the demo's) in headless Chromium instead, each
+of `--runs` times on a fresh `python -m dashboard` process: the first page interactive (the
+overview figure drawn) cold (the report cache removed, so the report is computed) and warm
+(cached), and a slider key-press (ArrowRight / ArrowLeft on the timestep slider) to the routing map
+redrawn (plotly_afterplot), timed inside the page.
 """
 
 from __future__ import annotations
@@ -203,13 +209,105 @@ def first_page(trace: Path, browser: bool) -> dict[str, float]:
         proc.wait(10)
 
 
+def clear_cache(trace: Path) -> None:
+    """Remove what the dashboard cached for `trace` (its report, comparisons)."""
+    from dashboard.data import REPORT_SUFFIX, cache_path
+
+    for cache in cache_path(trace, REPORT_SUFFIX).parent.glob(trace.name + ".*.json"):
+        cache.unlink()
+    for cache in trace.parent.glob(trace.name + ".*.json"):  # beside the trace: older dashboards
+        cache.unlink()
+
+
+def start_dashboard(trace: Path) -> tuple[subprocess.Popen, str]:
+    """`python -m dashboard TRACE` on a free loopback port, once it answers."""
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dashboard", str(trace), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}/"
+    t0 = time.perf_counter()
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.perf_counter() - t0 > 120:
+                raise RuntimeError("dashboard did not start")
+            time.sleep(0.05)
+
+
+PRESS = ("const done = arguments[arguments.length - 1]; const key = arguments[0];"
+         "const gd = document.querySelector('#routing-map .js-plotly-plot');"
+         "const thumb = document.querySelector('#sel-t [role=slider]');"
+         "thumb.focus(); const t0 = performance.now();"
+         "gd.once('plotly_afterplot', () => done(performance.now() - t0));"
+         "thumb.dispatchEvent(new KeyboardEvent('keydown', {key: key, bubbles: true}));")
+
+
+def browser_run(trace: Path, d, cold: bool, presses: int) -> dict[str, float]:
+    """One fresh dashboard process: seconds from its start to the overview drawn, then the
+    key-press to redrawn-map times (ms) on the routing map."""
+    from selenium.webdriver.common.by import By
+
+    if cold:
+        clear_cache(trace)
+    t0 = time.perf_counter()
+    proc, url = start_dashboard(trace)
+    try:
+        d.get(url + "?view=overview")
+        while not d.execute_script("return !!document.querySelector('#overview-share .main-svg')"):
+            time.sleep(0.02)
+        out: dict[str, float] = {"first_page_s": time.perf_counter() - t0}
+        d.find_element(By.XPATH, "//*[@id='tabs']//*[text()='Routing map']").click()
+        while not d.execute_script("const g = document.querySelector('#routing-map .js-plotly-plot');"
+                                   "return !!(g && g.calcdata);"):
+            time.sleep(0.02)
+        time.sleep(0.5)
+        ms = []
+        for i in range(presses):  # right, left, right...: the slider never sits at an end
+            ms.append(d.execute_async_script(PRESS, "ArrowLeft" if i % 2 else "ArrowRight"))
+            time.sleep(0.2)
+        ms.sort()
+        out.update(press_median_ms=statistics.median(ms), press_max_ms=ms[-1])
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def browser_runs(trace: Path, runs: int, presses: int) -> dict[str, list]:
+    """`runs` cold and `runs` warm browser runs (`browser_run`), alternating cold, warm."""
+    d = chrome()  # launched first: its start-up is not the dashboard's
+    d.set_script_timeout(30)
+    try:
+        res: dict[str, list] = {"cold": [], "warm": []}
+        for _ in range(runs):
+            res["cold"].append(browser_run(trace, d, True, presses))
+            res["warm"].append(browser_run(trace, d, False, presses))
+        return res
+    finally:
+        d.quit()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.dashboard_latency", description=__doc__.splitlines()[0])
     p.add_argument("--trace", type=Path, default=Path("runs/bench/dashboard.h5"))
     p.add_argument("--moves", type=int, default=200)
     p.add_argument("--no-browser", action="store_true")
     p.add_argument("--child", choices=["make", "report"], help=argparse.SUPPRESS)
+    p.add_argument("--browser-runs", type=Path, metavar="TRACE",
+                   help="measure TRACE in the browser only (first page cold / warm, key-press to redrawn map)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--presses", type=int, default=10)
     a = p.parse_args(argv)
+    if a.browser_runs:
+        res = browser_runs(a.browser_runs, a.runs, a.presses)
+        print(json.dumps(res, indent=1))
+        return 0
     if a.child == "make":
         make_trace(a.trace)
         return 0
@@ -220,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     child = [sys.executable, "-m", "benchmarks.dashboard_latency", "--trace", str(a.trace), "--child"]
     if not a.trace.exists():
         subprocess.run(child + ["make"], check=True)
-    for cache in a.trace.parent.glob(a.trace.name + ".*.json"):
-        cache.unlink()
+    clear_cache(a.trace)
     cold = subprocess.run(child + ["report"], check=True, capture_output=True, text=True).stdout
     browser = not a.no_browser and bool(shutil.which("chromedriver"))
     from dashboard.app import create_app

@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(2)
 
     def intervene() -> None:
+        grid = wait("#iv-grid .nsewdrag")[0]  # paint a region: the upper left quarter
+        w, h = grid.size["width"], grid.size["height"]
+        ActionChains(d).move_to_element(grid).move_by_offset(-w // 2 + 4, -h // 2 + 4).click_and_hold() \
+            .move_by_offset(w // 4, h // 4).move_by_offset(w // 4, h // 4).release().perform()
+        time.sleep(1.5)
         d.find_element(By.ID, "iv-run").click()
         wait("#iv-summary", 300)
         time.sleep(1)
@@ -97,11 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         shot("5_expert", q + "&view=expert", "#expert-title", height=1100)
         shot("6_filmstrip", q + "&view=filmstrip", "#filmstrip-body img", overlay, height=1000)
         if a.ckpt:
-            shot("7_intervene", q + "&view=intervene", "#iv-grid .main-svg", intervene)
+            shot("7_intervene", q + "&view=intervene", "#iv-grid .main-svg", intervene, height=1000)
         if a.training:
             shot("8_training_health", f"?trace={trace_id(a.training)}&view=training", "#training-body .main-svg")
         if a.compare:
             shot("9_compare", q + "&view=compare", "#compare-body .main-svg")
+        shot("10_results", q + "&view=results", "#results-body .result", height=1000)
     finally:
         d.quit()
         server.shutdown()

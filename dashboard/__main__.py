@@ -2,7 +2,7 @@
 
 Serves the given trace files (or the *.h5 files found under the given folders; default
 `runs/`) in a Dash app on http://HOST:PORT/. Binds to loopback unless --host says otherwise.
-Reports are computed once per trace file and cached beside it (`<trace>.report.json`).
+Reports are computed once per trace file and cached in `.dashboard-cache/` in its folder.
 The Results tab shows what `python -m rsr_model evaluate` wrote under --results (default
 `runs/evaluate`, when it exists); it needs no trace.
 """
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DashboardError("--permutations must be >= 0")
         check_bind(a.host, a.port)
         ctx = make_context(a.traces, a.ckpt, a.permutations, a.results)
+        ctx.bind = a.host  # requests naming another host are refused (dashboard.security)
         from .app import create_app
 
         app = create_app(ctx)

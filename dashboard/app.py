@@ -13,7 +13,7 @@ from pathlib import Path
 import dash
 from dash import Input, Output, State, dcc, html
 
-from . import selection
+from . import security, selection
 from . import views as view_package
 from .common import Context, View
 
@@ -29,6 +29,9 @@ def create_app(ctx: Context, views: list[View] | None = None) -> dash.Dash:
     tabs = [dcc.Tab(label=v.label, value=v.key, className="tab-small", selected_className="tab-small",
                     children=html.Div(v.layout(ctx), className="view", id=f"view-{v.key}"))
             for v in views]
+    app.dashboard_context = ctx  # view_body checks request values against the served traces
+    security.install_host_check(app.server, security.allowed_hosts(ctx.bind))
+    security.install_error_line(app.server)
     app.layout = html.Div([
         dcc.Location(id="url", refresh=False),
         dcc.Store(id="nav"),
@@ -59,8 +62,28 @@ def create_app(ctx: Context, views: list[View] | None = None) -> dash.Dash:
         if tr.complete:
             return dash.no_update, "", False
         steps = ctx.registry.refresh(tid)
-        label = (f"incomplete trace: {steps} steps written (writer closed without finishing)" if tr.closed else
+        if tr.closed:
+            tr, steps = finished(ctx, tid, steps)
+            if tr is not None and tr.complete:  # a bump of `version` redraws the views from the final file
+                return (-1 if version == steps else steps), "", False
+        label = (f"incomplete trace: {steps} steps written (writer closed without finishing)"
+                 if tr is not None and tr.closed else
                  f"incomplete trace: {steps} steps written; updating while its writer runs")
         return (steps if steps != version else dash.no_update), label, False
 
     return app
+
+
+def finished(ctx: Context, tid: str, steps: int):
+    """(reader, steps) of a trace whose writer has closed, re-opened: a live (SWMR) reader never
+    sees the `complete` flag the writer sets after leaving SWMR, so only a fresh open tells a
+    finished recording from one whose writer stopped. (None, steps) while the writer still has
+    the file (it sets the flag in a moment; the next tick tries again)."""
+    with ctx.registry.exclusive(tid, "re-opening the finished recording"):
+        pass  # closes the live reader and forgets its in-memory report
+    try:
+        tr = ctx.registry.reader(tid)
+    except Exception:  # still held by the writer: not yet known
+        ctx.registry.entry(tid).error = None
+        return None, steps
+    return tr, tr.steps

@@ -19,7 +19,8 @@ from dash import Input, Output, State, html
 from cli_common.errors import UserError
 
 from .data import DashboardError, Registry, find_traces
-from .jobs import Jobs
+from .jobs import Jobs, no_paths
+from .requests import SELECTION_IDS, check_selection
 
 log = logging.getLogger("dashboard")
 
@@ -28,7 +29,21 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#bcbd22", "#17becf"]
 DEFAULT_DIR = "runs"  # traces served when none are named
 DEFAULT_RESULTS = "runs/evaluate"  # the Results tab's folder when none is named
-GRAPH_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
+# the toolbar only while the pointer is over a plot: shown always, it covered titles and subplot titles
+GRAPH_CONFIG = {"displaylogo": False, "displayModeBar": "hover", "toImageButtonOptions": {"format": "png", "scale": 2}}
+
+
+def _figure_defaults() -> None:
+    """Every figure's title at the top left: the plot toolbar sits at the top right, and a centred
+    title ran under it (the Specialization MI chart, Compare)."""
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    pio.templates["thinking_pixel"] = go.layout.Template(layout=dict(title=dict(x=0.01, xanchor="left")))
+    pio.templates.default = "plotly+thinking_pixel"
+
+
+_figure_defaults()
 
 
 @dataclass
@@ -39,18 +54,40 @@ class Context:
     ckpt: Path | None = None
     results: Path | None = None  # folder of `python -m rsr_model evaluate` results (the Results tab)
     jobs: Jobs = field(default_factory=Jobs)
-    # derived results that cost a pass over the trace: (trace id, steps, name, args) -> value
+    # derived results that cost a pass over the trace: (trace id, steps, name, args) -> value, least
+    # recently used first; bounded by bytes (`memo_budget`), not entries: one latent layer of a big
+    # trace is tens of MiB, a crop strip a few KiB
     memo: dict = field(default_factory=dict)
+    memo_budget: int = 512 * 2**20
     model: Any = None  # (task, transformer, rsr) of ckpt, loaded on first use
+    bind: str = "127.0.0.1"  # the address served on (--host): which Host headers are answered (`security`)
 
     def cached(self, tid: str, name: str, fn: Callable[[], Any], *key: Any) -> Any:
         steps = self.registry.reader(tid).steps
         k = (tid, steps, name) + key
-        if k not in self.memo:
-            if len(self.memo) > 256:
-                self.memo.clear()
-            self.memo[k] = fn()
-        return self.memo[k]
+        if k in self.memo:
+            self.memo[k] = self.memo.pop(k)  # most recently used: last
+            return self.memo[k]
+        value = fn()
+        self.memo[k] = value
+        while len(self.memo) > 1 and self.memo_bytes() > self.memo_budget:
+            self.memo.pop(next(iter(self.memo)))  # the least recently used
+        return value
+
+    def memo_bytes(self) -> int:
+        """Bytes held by the memo's arrays (what bounds it; other values count as small)."""
+        return sum(nbytes(v) for v in self.memo.values())
+
+
+def nbytes(value: Any) -> int:
+    """Bytes of the NumPy arrays in a value (an array, or a dict / list / tuple of them)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v) for v in value[:1000])
+    return 64
 
 def make_context(traces: list[str], ckpt: Path | None = None, permutations: int = 199,
                  results: Path | None = None) -> Context:
@@ -87,6 +124,16 @@ def expert_rgb(K: int) -> np.ndarray:
     return np.array(rgb + [(128, 128, 128)], np.uint8)
 
 
+def expert_legend(K: int) -> html.Div:
+    """The colour key of routing images drawn as pictures (no plotly colour bar): a swatch per
+    expert, grey for no expert (unwritten or ablated)."""
+    swatch = {"display": "inline-block", "width": "10px", "height": "10px", "marginRight": "2px",
+              "verticalAlign": "middle"}
+    items = [html.Span([html.Span(style={**swatch, "background": expert_colour(k)}), f"e{k} "]) for k in range(K)]
+    items.append(html.Span([html.Span(style={**swatch, "background": "#808080"}), "none"]))
+    return html.Div(items, className="legend", style={"fontSize": "11px"})
+
+
 def png_uri(image: np.ndarray, scale: int = 1) -> str:
     """uint8 (H, W, 3) -> PNG data URI, upscaled by nearest neighbour."""
     from PIL import Image
@@ -118,7 +165,7 @@ def error_text(exc: BaseException) -> str:
     else:
         log.exception("view failed")
         text = f"{type(exc).__name__}: {exc}"
-    return " ".join(text.split())
+    return " ".join(no_paths(text).split())
 
 
 def guarded(fn: Callable | None = None, *, failed: Callable[[html.Div], Any] | None = None) -> Callable:
@@ -146,14 +193,25 @@ def view_body(app: dash.Dash, view: str, outputs: Output | list[Output], *inputs
     callback every view renders its body with). It runs only while the view's tab is open and,
     with `trace`, a trace is selected (callbacks of hidden views would cost every slider move);
     without `trace` it is `fn(*input_values)`. Failures are `guarded` (see there for `failed`).
-    `outputs` is one Output or a list; `inputs` may end with States."""
+    `outputs` is one Output or a list; `inputs` may end with States. Selection values among the
+    inputs (sample, timestep, step, expert, layer, branch) are checked against the selected trace
+    first (`requests.check_selection`; the app's `dashboard_context` holds the registry)."""
     several = isinstance(outputs, (list, tuple))
     outs = list(outputs) if several else [outputs]
     skip = tuple(dash.no_update for _ in outs) if several else dash.no_update
     gate = [Input("tabs", "value")] + ([Input("sel-trace", "value")] if trace else [])
 
+    selection_at = {i: x.component_id for i, x in enumerate(inputs) if x.component_id in SELECTION_IDS}
+
     def register(fn: Callable) -> Callable:
-        body = guarded(fn, failed=failed)
+        def checked(*values):
+            # a selection value from the request that names no part of the trace is refused here,
+            # once for every view, before it could wrap (-1) or fail deep inside h5py
+            ctx = getattr(app, "dashboard_context", None)
+            if trace and ctx is not None and selection_at:
+                check_selection(ctx.registry.reader(values[0]), {cid: values[1 + i] for i, cid in selection_at.items()})
+            return fn(*values)
+        body = guarded(functools.wraps(fn)(checked), failed=failed)
 
         @app.callback(*outs, *gate, *inputs)
         @functools.wraps(fn)

@@ -5,8 +5,8 @@ or `*.h5` found under the folders given). Pages and callbacks name a trace only 
 id (a hash of its resolved path); an id that is not in the registry is refused, so no path
 taken from a request ever reaches the file system.
 
-Reports (`probes.analysis.analyze`, run as `python -m probes.report` in a child process) are cached beside
-the trace as `<trace>.report.json`,
+Reports (`probes.analysis.analyze`, run as `python -m probes.report` in a child process) are cached
+in the dashboard's own folder, `.dashboard-cache/<trace>.report.json` beside the trace (`cache_path`),
 keyed by the file's SHA-256. The checksum itself is remembered in that file together with the
 file's size and mtime, so a second start neither re-hashes nor re-analyses an unchanged trace.
 A live (incomplete) trace is analysed in memory and re-analysed when it has grown.
@@ -72,7 +72,7 @@ def find_traces(args: Iterable[str | os.PathLike]) -> list[Path]:
     for a in args:
         p = Path(a)
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*.h5") if q.is_file() and ".rank" not in q.name)
+            out += sorted(q for q in p.rglob("*.h5") if ".rank" not in q.name and inside(q, p))
         elif p.is_file():
             out.append(p)
         else:
@@ -232,11 +232,26 @@ class Registry:
         return _read_json(self.entry(tid).path.with_name(self.entry(tid).path.name + CAUSAL_SUFFIX))
 
 
+def inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is a regular file that resolves inside `folder`: a symlink found in a served
+    folder that points out of it is not served (it would expose, and cache beside, any file)."""
+    try:
+        return path.is_file() and not path.is_symlink() and path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+CACHE_FOLDER = ".dashboard-cache"
+
+
 def cache_path(trace: Path, suffix: str) -> Path:
-    """Beside the trace when that folder is writable, else under ~/.cache/thinking-pixel."""
-    here = trace.with_name(trace.name + suffix)
+    """Where the dashboard caches what it derived from `trace` (its report, comparisons): in a
+    folder of its own, `.dashboard-cache/` in the trace's folder when that is writable (the
+    served folder: nothing is written outside it), else ~/.cache/thinking-pixel/."""
+    own = trace.parent / CACHE_FOLDER
     if os.access(trace.parent, os.W_OK):
-        return here
+        own.mkdir(exist_ok=True)
+        return own / (trace.name + suffix)
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "thinking-pixel"
     root.mkdir(parents=True, exist_ok=True)
     return root / f"{trace_id(trace)}{suffix}"

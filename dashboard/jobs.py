@@ -8,6 +8,7 @@ first runs returns the running job).
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 import time
 import traceback
@@ -50,9 +51,9 @@ class Jobs:
             try:
                 job.result = fn(job)
             except UserError as e:
-                job.error = str(e)
+                job.error = no_paths(str(e))
             except Exception as e:  # shown in the page; the server stays up
-                job.error = f"{type(e).__name__}: {e}"
+                job.error = no_paths(f"{type(e).__name__}: {e}")
                 traceback.print_exc()
             finally:
                 job.done = True
@@ -62,3 +63,12 @@ class Jobs:
 
     def get(self, job_id: str | None) -> Job | None:
         return self._jobs.get(job_id) if isinstance(job_id, str) else None
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.:/])(?:/[^/\s'\",:;()\[\]]+)+/([^/\s'\",:;()\[\]]+)")
+
+
+def no_paths(text: str) -> str:
+    """`text` with every absolute path cut to its last part (a trace's listed name): messages go
+    to whoever can reach the page, who need not learn the server's folders."""
+    return _ABSOLUTE.sub(r"\1", text)

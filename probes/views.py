@@ -9,6 +9,7 @@ computes nothing itself.
 * `share_difference`       -- load share of one report minus another's, per layer and step
 * `top_tokens`             -- the tokens an expert is most confident on (image crops)
 * `transition_flows`       -- recursion-step flows (Sankey links) from a report's transitions
+* `bin_transitions`        -- transition matrices of one timestep bin (the report keeps only its scalars)
 * `flat_gate`              -- whether a gate's top-1 choice is decided by a negligible margin
 
 Quantities the report also holds are not here (issue 18: one function per quantity): the
@@ -129,3 +130,29 @@ def transition_flows(report: dict, layer: str, time_bin: int | None = None) -> d
         links.append({"from_step": a, "to_step": b, "flow": (sa[:, None] * m).tolist(),
                       "chance": (sa[:, None] * sb[None, :]).tolist()})
     return {"steps": steps, "links": links}
+
+
+def bin_transitions(tr: TraceReader, layer: int, timesteps: list[int]) -> dict[str, Any]:
+    """Recursion-step transitions of one layer over the sampler timesteps `timesteps` (`timestep`
+    coordinate values: a report timestep bin's `timesteps`), counted from the trace over every sample,
+    branch and token: the per-bin matrices the report leaves out. Report-shaped, so `transition_flows` reads it:
+    {"steps": {step: {"load": {"share": [K]}}}, "transitions": {"a->b": TransitionStats with matrix}}."""
+    from .stats import transition_stats
+
+    K = len(tr.coords["expert"])
+    steps = [str(int(s)) for s in tr.coords["step"]]
+    at = tr.index("timestep", list(timesteps))
+    ids = tr.routing(layer=layer)[:, :, at]  # (sample, branch, bin timesteps, step, token)
+    clipped = np.minimum(ids, K).astype(np.int64)  # unwritten / ablated ids -> slot K, dropped below
+    out: dict[str, Any] = {"steps": {}, "transitions": {}}
+    for s, name in enumerate(steps):
+        counts = np.bincount(clipped[..., s, :].reshape(-1), minlength=K + 1)[:K]
+        out["steps"][name] = {"load": {"share": (counts / max(counts.sum(), 1)).tolist()}}
+    for s in range(len(steps) - 1):
+        pair = (clipped[..., s, :] * (K + 1) + clipped[..., s + 1, :]).reshape(-1)
+        joint = np.bincount(pair, minlength=(K + 1) ** 2).reshape(K + 1, K + 1)[:K, :K]
+        stats = transition_stats(joint)
+        out["transitions"][f"{steps[s]}->{steps[s + 1]}"] = {
+            name: np.asarray(getattr(stats, name)).tolist() for name in
+            ("matrix", "persistence", "chance", "persistence_lift", "cond_entropy", "next_entropy", "mi", "n")}
+    return out

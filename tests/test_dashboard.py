@@ -12,7 +12,7 @@ from dashboard.__main__ import build_parser
 from dashboard.__main__ import main as dashboard_main
 from dashboard.app import create_app
 from dashboard.common import make_context
-from dashboard.data import REPORT_SUFFIX, Registry, find_traces, trace_id
+from dashboard.data import REPORT_SUFFIX, Registry, cache_path, find_traces, trace_id
 from dashboard.selection import NO_TRACES
 from probes.projections import derive
 from traces import TraceError
@@ -124,7 +124,7 @@ def test_report_cache_is_keyed_by_checksum(env, monkeypatch):
     reg = Registry([env["trace"]], n_perm=19)
     tid = reg.ids()[0]
     first = reg.report(tid)
-    cache = env["trace"].with_name(env["trace"].name + REPORT_SUFFIX)
+    cache = cache_path(env["trace"], REPORT_SUFFIX)
     stored = json.loads(cache.read_text())
     assert len(stored["sha256"]) == 64 and stored["report"]["trace"]["experts"] == first["trace"]["experts"]
     reg.close()

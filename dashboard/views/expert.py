@@ -52,9 +52,12 @@ def timing_figure(report: dict, k: int) -> go.Figure:
 
 
 def position_figure(counts: np.ndarray, k: int, grid: tuple[int, int], tokens: np.ndarray) -> go.Figure:
+    """Lift of expert k per token on one fixed scale, 0..K with 1 (no preference) white: an
+    auto-scaled map turns +-0.5 % noise into structure."""
+    K = counts.shape[0]
     z = np.full(grid[0] * grid[1], np.nan)
     z[tokens] = position_lift(counts)[k]
-    fig = go.Figure(go.Heatmap(z=z.reshape(grid), zmid=1, colorscale="RdBu_r",
+    fig = go.Figure(go.Heatmap(z=z.reshape(grid), zmin=0, zmax=K, zmid=1, colorscale="RdBu_r",
                                colorbar=dict(title="lift", thickness=10),
                                hovertemplate="row %{y}, col %{x}<br>lift %{z:.2f}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", scaleanchor="x")
@@ -71,8 +74,9 @@ def preference_figure(report: dict, layer: int, step_value: int, k: int) -> go.F
             continue
         names = [str(x) for x in m.get("labels", [])]
         lift = np.asarray(m["lift"], float)[k]
+        # the p-value tests the label against the choice among all experts, not this expert alone
         fig.add_trace(go.Bar(x=[f"{label}: {n}"[:40] for n in names], y=lift,
-                             name=f"{label} (p={fmt(m.get('p_value'), '{:.2g}')})"))
+                             name=f"{label} (MI with routing, all experts: p={fmt(m.get('p_value'), '{:.2g}')})"))
     fig.add_hline(y=1, line_dash="dot")
     fig.update_layout(height=260, margin=dict(l=40, r=10, t=30, b=90), yaxis_title="lift P(k|label)/P(k)",
                       title=dict(text="prompts and attributes it prefers", font_size=12), legend_font_size=9,
@@ -86,12 +90,38 @@ def neighbours(report: dict, layer: int, k: int) -> html.Div:
     for key, tr_ in lo.get("transitions", {}).items():
         m = np.asarray(tr_["matrix"], float)
         nxt, prev = m[k], m[:, k]
-        rows.append(html.Div(f"{key}: after expert {k} → " + ", ".join(
-            f"e{j} {p:.2f}" for j, p in sorted(enumerate(nxt), key=lambda x: -np.nan_to_num(x[1]))[:3])
-            + f"; P(stay) chance {fmt(tr_.get('chance'), '{:.2f}')}; into {k} from: " + ", ".join(
-            f"e{j} {p:.2f}" for j, p in sorted(enumerate(prev), key=lambda x: -np.nan_to_num(x[1]))[:3])))
+        rows.append(html.Div(f"{key}: after expert {k} → " + top_three(nxt, f"expert {k} is never chosen at step "
+                                                                           f"{key.split('->')[0]}")
+                             + f"; P(stay) chance {fmt(tr_.get('chance'), '{:.2f}')}; into {k} from: "
+                             + top_three(prev, "no step-s expert was counted")))
     return html.Div([html.H3("follows / precedes (recursion steps)")] + (rows or ["no consecutive recorded steps"]),
                     className="panel", style={"maxWidth": "600px"})
+
+
+INACTIVE_SHARE = 0.01  # below this share of tokens the per-token maps and crops show noise, not a preference
+
+
+def inactive(report: dict, layer: int, step_value: int, k: int) -> str | None:
+    """Why expert k's token maps are not drawn at (layer, step) -- it is (almost) never chosen
+    there -- naming the steps where it is; None when it is active."""
+    steps = report["layers"][str(layer)]["steps"]
+    share = steps[str(step_value)]["load"]["share"][k]
+    if share is None or not np.isfinite(share) or share >= INACTIVE_SHARE:
+        return None
+    active = [f"step {s} ({d['load']['share'][k]:.1%})" for s, d in steps.items()
+              if d["load"]["share"][k] is not None and d["load"]["share"][k] >= INACTIVE_SHARE]
+    return (f"expert {k} takes {share:.2%} of the tokens at layer {layer}, step {step_value}: its lift map and "
+            "crops here would show noise, so they are not drawn. "
+            + (f"It is active at {', '.join(active)}." if active else "It is active at no recorded step here."))
+
+
+def top_three(p: np.ndarray, none: str) -> str:
+    """The three largest finite probabilities as 'e1 0.80, e0 0.15, ...'; `none` when there are
+    none (an expert never chosen has a row of NaN: no transitions from it, not 'nan')."""
+    finite = [(j, v) for j, v in enumerate(p) if np.isfinite(v)]
+    if not finite:
+        return none
+    return ", ".join(f"e{j} {v:.2f}" for j, v in sorted(finite, key=lambda x: -x[1])[:3])
 
 
 def crops(tr, k: int, layer: int, step: int) -> html.Div:
@@ -158,7 +188,8 @@ def register(app: dash.Dash, ctx: Context) -> None:
                                           className="panel", style={"flex": "1", "minWidth": "380px"})],
                                 className="cols")]
         second = []
-        if tr.kind == "sampling":
+        idle = inactive(report, layer, step_value, k)
+        if tr.kind == "sampling" and not idle:
             counts = ctx.cached(tid, "position", lambda: expert_position_counts(tr, layer, step), layer, step)
             second.append(html.Div(dcc.Graph(figure=position_figure(counts, k, token_grid(tr), tr.coords["token"]),
                                              config=GRAPH_CONFIG), className="panel"))
@@ -167,9 +198,11 @@ def register(app: dash.Dash, ctx: Context) -> None:
                                                                                              "minWidth": "360px"}))
         parts[1].children += second
         row3 = [neighbours(report, layer, k), causal(ctx, tid, tr, k)]
-        if tr.kind == "sampling":
+        if tr.kind == "sampling" and not idle:
             row3.insert(0, ctx.cached(tid, "crops", lambda: crops(tr, k, layer, step), k, layer, step))
         parts.append(html.Div(row3, className="cols"))
+        if idle:
+            parts.insert(1, message(idle, "warn"))
         if tr.kind != "sampling":
             parts.append(message("training trace: no token grid or images; see Training health"))
         return html.Div(parts)

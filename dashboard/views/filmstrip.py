@@ -10,7 +10,7 @@ import dash
 import numpy as np
 from dash import Input, Output, dcc, html
 
-from ..common import Context, View, message, png_uri, routing_rgb, view_body
+from ..common import Context, View, expert_legend, message, png_uri, routing_rgb, view_body
 from .routing import navigation_plan, plan_step_label, token_grid
 
 TILE_PX = 72
@@ -76,7 +76,8 @@ def register(app: dash.Dash, ctx: Context) -> None:
         else:
             caption = (f"sample {sample}: {tr.samples()['prompt'][sample]} — early-exit decodes at layer {layer} "
                        f"(rows: noise → clean)")
-        return html.Div([html.Div(caption), html.Table(rows, className="film")])
+        key = [expert_legend(len(tr.coords["expert"]))] if overlay else []  # what the overlay's colours mean
+        return html.Div([html.Div(caption)] + key + [html.Table(rows, className="film")])
 
 
 VIEW = View("filmstrip", "Filmstrip", layout, register)

@@ -1,9 +1,12 @@
 """View 3, recursion flow: how tokens move between experts from one recursion step to the next.
 
-Transition matrices P(expert at s+1 | expert at s) from the report, with the persistence
-against its chance level (independent steps with the same marginals), and a Sankey of
-expert paths step 0 -> 1 -> ... whose grey links show the chance flow. All per timestep bin
-or over all timesteps. Flows come from `probes.views.transition_flows`.
+Transition matrices P(expert at s+1 | expert at s) from the report, headed by how determined
+the next expert is: the conditional entropy H(next | current) against H(next), its value
+if consecutive steps were independent (0 = the current expert fixes the next one, whatever
+the persistence), with the persistence and its chance level beside it; and a Sankey of expert
+paths step 0 -> 1 -> ... whose grey links show the chance flow. Over all timesteps from the
+report; per timestep bin from `probes.views.bin_transitions` (the report keeps no per-bin
+matrices). Flows come from `probes.views.transition_flows`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import plotly.graph_objects as go
 from dash import Input, Output, dcc, html
 from plotly.subplots import make_subplots
 
-from probes.views import transition_flows
+from probes.views import bin_transitions, transition_flows
 
 from ..common import GRAPH_CONFIG, Context, View, expert_colour, fmt, view_body
 
@@ -30,34 +33,52 @@ def layout(ctx: Context):
     ])
 
 
-def matrices_figure(report: dict, layer: str, time_bin: int | None) -> go.Figure:
+def matrices_figure(report: dict, layer: str) -> go.Figure:
+    """The transition matrices of `report` (the report, or one bin's `flow_report`) at `layer`."""
     trans = report["layers"][layer].get("transitions", {})
     K = report["trace"]["experts"]
     keys = list(trans)
-    fig = make_subplots(rows=1, cols=max(1, len(keys)), subplot_titles=[
-        f"step {k}: persistence {fmt(_at(trans[k], time_bin).get('persistence'), '{:.2f}')} "
-        f"vs chance {fmt(_at(trans[k], time_bin).get('chance'), '{:.2f}')}" for k in keys] or [""])
+    fig = make_subplots(rows=1, cols=max(1, len(keys)), subplot_titles=[headline(k, trans[k]) for k in keys] or [""])
     for i, k in enumerate(keys):
-        m = np.asarray(_at(trans[k], time_bin)["matrix"], float)
+        m = np.asarray(trans[k]["matrix"], float)
         fig.add_trace(go.Heatmap(z=m, x=[f"e{j}" for j in range(K)], y=[f"e{j}" for j in range(K)], zmin=0, zmax=1,
                                  colorscale="Blues", showscale=i == 0, text=np.round(m, 2), texttemplate="%{text}",
+                                 colorbar=dict(title="P(to | from)", thickness=10),
                                  hovertemplate="from %{y} to %{x}: %{z:.3f}<extra></extra>"), row=1, col=i + 1)
     fig.update_yaxes(autorange="reversed")
     fig.update_yaxes(title_text="from (step s)", col=1)
     fig.update_xaxes(title_text="to (step s+1)")
-    fig.update_layout(height=300, margin=dict(l=50, r=10, t=40, b=40), title=dict(
-        text=f"layer {layer}: transition matrices between recursion steps", font_size=12))
+    fig.update_layout(height=340, margin=dict(l=50, r=10, t=80, b=40), title=dict(
+        text=f"layer {layer}: transition matrices between recursion steps", font_size=12, y=0.98, yanchor="top"))
     fig.update_annotations(font_size=11)
     return fig
 
 
-def _at(tr_: dict, time_bin: int | None) -> dict:
-    return tr_ if time_bin is None else tr_["by_timestep_bin"][time_bin]
+def headline(pair: str, stats: dict) -> str:
+    """How determined the next expert is (conditional entropy against its independent-steps value,
+    both in nats, from the report), then persistence against its chance level."""
+    return (f"step {pair}: H(next | current) {fmt(stats.get('cond_entropy'), '{:.2f}')} "
+            f"vs {fmt(stats.get('next_entropy'), '{:.2f}')} if independent<br>"
+            f"persistence {fmt(stats.get('persistence'), '{:.2f}')} vs chance {fmt(stats.get('chance'), '{:.2f}')}")
 
 
-def sankey_figure(report: dict, layer: str, time_bin: int | None) -> go.Figure:
+def flow_report(ctx: Context, tid: str, layer: int, time_bin: int | None) -> dict:
+    """The report, or for a timestep bin a report-shaped dict of that bin's transitions and loads."""
+    report = ctx.registry.report(tid)
+    if time_bin is None:
+        return report
+    bins = report["timestep_bins"]
+    if not 0 <= time_bin < len(bins):
+        raise LookupError(f"timestep bin {time_bin}: this trace has bins 0..{len(bins) - 1}")
+    tr = ctx.registry.reader(tid)
+    part = ctx.cached(tid, "bin-transitions", lambda: bin_transitions(tr, layer, bins[time_bin]["timesteps"]),
+                      layer, time_bin)
+    return {"trace": report["trace"], "layers": {str(layer): part}}
+
+
+def sankey_figure(report: dict, layer: str) -> go.Figure:
     K = report["trace"]["experts"]
-    flows = transition_flows(report, layer, time_bin)
+    flows = transition_flows(report, layer)
     steps = flows["steps"]
     labels = [f"s{s} e{k}" for s in steps for k in range(K)]
     colours = [expert_colour(k) for _ in steps for k in range(K)]
@@ -90,14 +111,14 @@ def register(app: dash.Dash, ctx: Context) -> None:
     @view_body(app, VIEW.key, Output("flow-body", "children"), Input("sel-layer", "value"), Input("flow-bin", "value"),
                Input("version", "data"))
     def render(tid, layer, time_bin, _version):
-        report = ctx.registry.report(tid)
         time_bin = None if time_bin in (None, "all") else int(time_bin)
+        report = flow_report(ctx, tid, int(layer), time_bin)
         if not report["layers"][str(layer)].get("transitions"):
             return html.Div("fewer than two consecutive recursion steps recorded: no transitions")
         return html.Div([
-            html.Div(dcc.Graph(figure=matrices_figure(report, str(layer), time_bin), config=GRAPH_CONFIG),
+            html.Div(dcc.Graph(figure=matrices_figure(report, str(layer)), config=GRAPH_CONFIG),
                      className="panel"),
-            html.Div(dcc.Graph(figure=sankey_figure(report, str(layer), time_bin), config=GRAPH_CONFIG),
+            html.Div(dcc.Graph(figure=sankey_figure(report, str(layer)), config=GRAPH_CONFIG),
                      className="panel"),
         ])
 

@@ -16,10 +16,12 @@ import numpy as np
 import plotly.graph_objects as go
 from dash import Input, Output, State, dash_table, dcc, html
 
+from .. import requests
 from ..common import GRAPH_CONFIG, Context, View, discrete_colourscale, guarded, message, png_uri, poll_job, view_body
 from .routing import token_grid
 
 MAX_POINTS = 300_000
+POINT_OPTIONS = [10_000, 50_000, 100_000, MAX_POINTS]
 PATCH_PX = 48
 COLOUR_BY = ["expert", "timestep", "step", "position", "prompt", "sample"]
 
@@ -31,7 +33,7 @@ def layout(ctx: Context):
             dcc.RadioItems(id="lat-method", options=["pca", "umap"], value="pca", inline=True),
             html.Label(" colour by "), dcc.Dropdown(id="lat-colour", options=COLOUR_BY, value="expert", clearable=False,
                                                     style={"width": "120px"}),
-            html.Label(" points "), dcc.Dropdown(id="lat-max", options=[10_000, 50_000, 100_000, MAX_POINTS],
+            html.Label(" points "), dcc.Dropdown(id="lat-max", options=POINT_OPTIONS,
                                                  value=50_000, clearable=False, style={"width": "100px"}),
             html.Button("Figure 3: trajectories", id="lat-traj", className="btn"),
             html.Button("compute projections", id="lat-derive", className="btn", style={"display": "none"}),
@@ -40,7 +42,7 @@ def layout(ctx: Context):
         html.Div([
             html.Div([dcc.Graph(id="lat-scatter", config=GRAPH_CONFIG, style={"height": "470px", "width": "640px"}),
                       dcc.Tooltip(id="lat-tip")], className="panel"),
-            html.Div([html.H3("selection"), html.Div(id="lat-patches", className="crops"),
+            html.Div([html.H3("selection"), html.Div(id="lat-patches"),
                       dash_table.DataTable(id="lat-table", page_size=8, style_table={"width": "560px"},
                                            style_cell={"fontSize": "11px", "padding": "2px"})],
                      className="panel", style={"width": "580px"}),
@@ -172,14 +174,66 @@ def patch(tr, s: int, t: int, layer: int, r: int, token: int) -> np.ndarray | No
     return im[r0:r0 + 3 * ph, c0:c0 + 3 * pw]
 
 
+TABLE_ROWS = 1000
+PATCHES = 24
+
+
 def selection_rows(tr, pts: dict, rows: np.ndarray) -> tuple[list, list]:
-    """The table of selected points (data, columns), at most 1000 rows."""
+    """The table of selected points (data, columns): at most TABLE_ROWS of `rows`, in their order."""
     tv = tr.coords["timestep_value"]
     prompts = tr.samples()["prompt"]
     data = [{"sample": int(pts["sample"][i]), "t": float(tv[pts["timestep"][i]]), "step": int(pts["step"][i]),
              "token": int(pts["token"][i]), "expert": int(pts["expert"][i]),
-             "prompt": prompts[pts["sample"][i]][:30]} for i in rows[:1000]]
+             "prompt": prompts[pts["sample"][i]][:30]} for i in rows[:TABLE_ROWS]]
     return data, [{"name": k, "id": k} for k in ("sample", "t", "step", "token", "expert", "prompt")]
+
+
+def selected_rows(selected: dict, show: np.ndarray) -> np.ndarray:
+    """Rows of the points a selection names (its pointIndex values index the drawn points);
+    RequestError for an index the scatter does not draw (a negative one would wrap)."""
+    from ..requests import RequestError
+
+    points = selected.get("points")
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise RequestError("selection: expected a list of points")
+    index = [p.get("pointIndex") for p in points]
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(show) for i in index):
+        raise RequestError(f"selection: point indices must be whole numbers 0..{len(show) - 1}")
+    return show[np.asarray(index, np.int64)]
+
+
+def random_rows(rows: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """n rows drawn at random from the selection (fixed seed: the same selection shows the same
+    patches), not its first n, which are one sample's first timestep."""
+    if len(rows) <= n:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
+
+
+def summary_figure(tr, pts: dict, rows: np.ndarray) -> go.Figure:
+    """Histograms of expert, timestep, recursion step and prompt over the whole selection (plotly
+    counts the values; nothing is counted here)."""
+    from plotly.subplots import make_subplots
+
+    K = len(tr.coords["expert"])
+    prompts = np.asarray(tr.samples()["prompt"], object).astype(str)
+    tv = tr.coords["timestep_value"]
+    fig = make_subplots(rows=1, cols=4, subplot_titles=["expert", "timestep", "recursion step", "prompt"],
+                        horizontal_spacing=0.06)
+    columns = [([f"e{int(e)}" if e >= 0 else "none" for e in pts["expert"][rows]],
+                [f"e{k}" for k in range(K)] + ["none"]),
+               ([f"{float(tv[t]):.0f}" for t in pts["timestep"][rows]], [f"{float(v):.0f}" for v in tv]),
+               ([str(int(tr.coords["step"][r])) for r in pts["step"][rows]], [str(int(s)) for s in tr.coords["step"]]),
+               ([prompts[s][:14] for s in pts["sample"][rows]], None)]
+    for i, (x, order) in enumerate(columns):
+        fig.add_trace(go.Histogram(x=x, marker_color="#1f77b4", showlegend=False,
+                                   hovertemplate="%{x}: %{y}<extra></extra>"), row=1, col=i + 1)
+        if order:
+            fig.update_xaxes(categoryorder="array", categoryarray=order, row=1, col=i + 1)
+    fig.update_layout(height=170, margin=dict(l=30, r=10, t=24, b=40), bargap=0.1)
+    fig.update_annotations(font_size=11)
+    fig.update_xaxes(tickfont_size=9)
+    return fig
 
 
 def patch_of(tr, pts: dict, i: int, layer: int) -> np.ndarray | None:
@@ -188,22 +242,34 @@ def patch_of(tr, pts: dict, i: int, layer: int) -> np.ndarray | None:
 
 
 def patch_tiles(tr, pts: dict, rows: np.ndarray, layer: int) -> list:
-    """Patches of the first 24 selected points, captioned by expert."""
+    """Patches of PATCHES selected points drawn at random (`random_rows`), captioned by expert and t."""
     tiles = []
-    for i in rows[:24]:
+    tv = tr.coords["timestep_value"]
+    for i in random_rows(rows, PATCHES):
         im = patch_of(tr, pts, i, layer)
         if im is not None:
+            caption = f"e{int(pts['expert'][i])} t{float(tv[pts['timestep'][i]]):.0f}"
             tiles.append(html.Figure([html.Img(src=png_uri(im, max(1, PATCH_PX // im.shape[0])), width=PATCH_PX),
-                                      html.Figcaption(f"e{int(pts['expert'][i])}")]))
+                                      html.Figcaption(caption)]))
     return tiles
 
 
 HIDDEN = {"display": "none"}
 
 
+def drawn(n) -> int:
+    """How many points the scatter draws: one of the page's options (RequestError otherwise)."""
+    if n not in POINT_OPTIONS or isinstance(n, bool):
+        raise requests.RequestError(f"points {n!r}: one of {', '.join(map(str, POINT_OPTIONS))}")
+    return n
+
+
 def register(app: dash.Dash, ctx: Context) -> None:
     def pts_of(tid, method, layer):
         tr = ctx.registry.reader(tid)
+        requests.check_selection(tr, {"sel-layer": layer})
+        if method not in ("pca", "umap"):
+            raise requests.RequestError(f"projection {method!r}: must be pca or umap")
         return tr, ctx.cached(tid, "latent-points", lambda: points(tr, method, layer), method, layer)
 
     register_scatter(app, ctx, pts_of)
@@ -229,7 +295,7 @@ def register_scatter(app: dash.Dash, ctx: Context, pts_of) -> None:
         if dash.ctx.triggered_id == "lat-traj":
             return trajectory_figure(tr, layer), None, HIDDEN
         tr, pts = pts_of(tid, method, layer)
-        return scatter_figure(tr, pts, colour, n), None, HIDDEN
+        return scatter_figure(tr, pts, colour, drawn(n)), None, HIDDEN
 
     # reading the scenes costs ~1 s of imports: only once the tab is open; an unreadable trace
     # offers the fixed colours (the scatter says what is wrong)
@@ -242,8 +308,16 @@ def register_projections_job(app: dash.Dash, ctx: Context) -> None:
     """The derive button: `probes.derive` in a background job (the trace released meanwhile), polled."""
     @app.callback(Output("lat-job", "data"), Output("lat-poll", "disabled"), Input("lat-derive", "n_clicks"),
                   State("sel-trace", "value"), prevent_initial_call=True)
+    @guarded(failed=lambda msg: (dash.no_update, True))
     def start_derive(_n, tid):
         from probes.projections import derive
+
+        tr = ctx.registry.reader(tid)
+        # the page offers the button only for a trace with latents and no projections: a request
+        # for any other trace would write /derived into it unasked
+        if tr.kind != "sampling" or not tr.has("/latents/h") or tr.has("/derived/pca/coords"):
+            raise requests.RequestError(f"{ctx.registry.entry(tid).path.name}: projections are computed only for "
+                                        "a trace with latents and none yet")
 
         def work(job):
             job.message = "computing PCA of the stored latents"
@@ -270,14 +344,19 @@ def register_selection(app: dash.Dash, ctx: Context, pts_of) -> None:
                   State("lat-method", "value"), State("lat-max", "value"), prevent_initial_call=True)
     @guarded(failed=lambda msg: ([], [], [msg]))
     def select(selected, tid, layer, method, n):
-        if not selected or not selected.get("points"):
+        if not isinstance(selected, dict) or not selected.get("points"):
             return [], [], []
         tr, pts = pts_of(tid, method, layer)
-        show = shown(len(pts["x"]), n)
-        rows = show[np.asarray([p["pointIndex"] for p in selected["points"]], np.int64)]
+        rows = selected_rows(selected, shown(len(pts["x"]), drawn(n)))
         data, cols = selection_rows(tr, pts, rows)
         tiles = patch_tiles(tr, pts, rows, layer)
-        return data, cols, [html.Div(f"{len(rows):,} selected; patches of the first {len(tiles)}:")] + tiles
+        listed = f"the table lists all {len(data):,}" if len(data) == len(rows) else \
+            f"the table lists the first {len(data):,} of {len(rows):,}"
+        count = html.Div(f"{len(rows):,} points selected; {listed}; patches of {len(tiles)} drawn at random",
+                         id="lat-count")
+        summary = dcc.Graph(figure=summary_figure(tr, pts, rows), config=GRAPH_CONFIG, style={"height": "170px"},
+                            id="lat-summary")
+        return data, cols, [count, summary, html.Div(tiles, className="crops")]
 
     @app.callback(Output("lat-tip", "show"), Output("lat-tip", "bbox"), Output("lat-tip", "children"),
                   Input("lat-scatter", "hoverData"), State("sel-trace", "value"), State("sel-layer", "value"),
@@ -288,7 +367,7 @@ def register_selection(app: dash.Dash, ctx: Context, pts_of) -> None:
             return False, dash.no_update, dash.no_update
         pt = hover_data["points"][0]
         tr, pts = pts_of(tid, method, layer)
-        i = int(shown(len(pts["x"]), n)[pt["pointIndex"]])
+        i = int(selected_rows({"points": [pt]}, shown(len(pts["x"]), drawn(n)))[0])
         im = patch_of(tr, pts, i, layer)
         label = (f"sample {pts['sample'][i]}, t={tr.coords['timestep_value'][pts['timestep'][i]]:.0f}, "
                  f"step {pts['step'][i]}, token {pts['token'][i]}, expert {pts['expert'][i]}")

@@ -41,9 +41,12 @@ def share_figure(report: dict) -> go.Figure:
             else:
                 x = np.asarray([0.5 * (b["t_min"] + b["t_max"]) for b in report["timestep_bins"]])
                 share = np.asarray([b["share"] for b in d["load_by_timestep_bin"]], float)
+            order = np.argsort(-x, kind="stable")  # noisiest first, as the title says (training bins run up)
+            x, share = x[order], share[order]
             fig.add_trace(go.Heatmap(
                 x=[f"{v:.0f}" for v in x], y=[f"e{k}" for k in range(K)], z=(share * K).T, customdata=share.T,
-                zmin=0, zmax=2, zmid=1, colorscale="RdBu_r", showscale=(i == 0 and j == 0),
+                # lift runs 0..K (K: the expert takes every token); a cap at 2 made every specialised cell alike
+                zmin=0, zmax=K, zmid=1, colorscale="RdBu_r", showscale=(i == 0 and j == 0),
                 colorbar=dict(title="lift", len=0.6, thickness=10),
                 hovertemplate="t=%{x}<br>expert %{y}<br>share %{customdata:.3f}<br>lift %{z:.2f}<extra>"
                               + f"layer {layer} step {step}</extra>",
@@ -77,9 +80,9 @@ def evidence(report: dict, layer: int, step: int) -> html.Div:
                                                                   color="#d62728"),
                    name="null mean + 2 sd"),
     ])
-    fig.update_layout(height=240, margin=dict(l=40, r=10, t=30, b=60), title=dict(
-        text=f"MI of the expert with each label, layer {layer} step {step}", font_size=12),
-        legend=dict(orientation="h", y=1.15, font_size=10), yaxis_title="nats")
+    fig.update_layout(height=260, margin=dict(l=40, r=10, t=50, b=60), title=dict(  # legend under the title
+        text=f"MI of the expert with each label, layer {layer} step {step}", font_size=12, y=0.97, yanchor="top"),
+        legend=dict(orientation="h", y=1.02, yanchor="bottom", font_size=10), yaxis_title="nats")
     rows = [html.Tr([html.Th(h) for h in ("label", "MI", "null ± sd", "p", "AMI")])]
     for k in names:
         m = mis[k]

@@ -23,6 +23,7 @@ from plotly.subplots import make_subplots
 
 from cli_common.errors import UserError
 
+from .. import folder_results
 from ..common import GRAPH_CONFIG, Context, View, error_text, expert_colour, message, view_body
 
 MAKE_THEM = "python -m rsr_model evaluate --table --quick --out runs/evaluate"
@@ -384,7 +385,7 @@ def register(app: dash.Dash, ctx: Context) -> None:
     # the files are read when the tab opens, so new results show without a restart
     @view_body(app, VIEW.key, Output("results-body", "children"), trace=False)
     def render():
-        return results_page(ctx.results)
+        return folder_results.section(ctx) + results_page(ctx.results)  # the served folders' own, then evaluate's
 
 
 VIEW = View("results", "Results", layout, register)

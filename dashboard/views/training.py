@@ -61,7 +61,9 @@ def routing_figure(curves: dict, K: int) -> go.Figure:
     fig.add_trace(go.Scatter(x=x, y=mi["mi"], name="MI (nats)", customdata=mi["p_value"],
                              hovertemplate="MI %{y:.4f}<br>p %{customdata:.3g}<extra></extra>"), row=1, col=3)
     fig.update_xaxes(title_text="training step")
-    fig.update_layout(height=280, margin=dict(l=40, r=10, t=30, b=40), legend_font_size=9)
+    # the legend below the three panels: at the right it was cut off by the panel's width
+    fig.update_layout(height=340, margin=dict(l=40, r=10, t=30, b=40),
+                      legend=dict(orientation="h", yanchor="top", y=-0.28, x=0, font_size=9))
     return fig
 
 
