@@ -59,8 +59,18 @@ import torch
 from rsr_model.hooks import hook_name
 from traces.bins import timestep_bin_edges
 
-from .routing_conditions import (Key, Sampled, Scope, forced, oracle, random_image, random_token, router, scopes,
-                                 single_point_scope)
+from .routing_conditions import (
+    Key,
+    Sampled,
+    Scope,
+    forced,
+    oracle,
+    random_image,
+    random_token,
+    router,
+    scopes,
+    single_point_scope,
+)
 from .routing_interval import Resampler, bin_means, estimate, relative_gain, routing_share
 
 ROUTING_VALUE_SCHEMA = "rsr-routing-value"
@@ -105,7 +115,8 @@ def held_out_batches(task, n_samples: int, n_bins: int, seed: int = HELD_OUT_SEE
     return out
 
 
-def held_out_sets(task, n_samples: int, n_bins: int, n_sets: int, seed: int = HELD_OUT_SEED) -> list[list[HeldOutBatch]]:
+def held_out_sets(task, n_samples: int, n_bins: int, n_sets: int,
+                  seed: int = HELD_OUT_SEED) -> list[list[HeldOutBatch]]:
     """`n_sets` independent held-out sets (streams seed, seed + 1, ...): the interval's set level."""
     return [held_out_batches(task, n_samples, n_bins, seed + j) for j in range(n_sets)]
 
