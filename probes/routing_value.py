@@ -320,6 +320,16 @@ def routing_value(transformer, rsr, batches: Sequence[HeldOutBatch] | Sequence[S
     }
 
 
+def planted_for(ckpt: dict[str, Any], task, transformer, rsr, batches: Sequence[HeldOutBatch]) -> dict | None:
+    """The warm start the checkpoint was trained with and the routing's agreement with its cells (None: none)."""
+    from .planted import planted_agreement, planted_layout
+
+    planted = planted_layout(ckpt, task, rsr)
+    if planted is not None:
+        planted.update(planted_agreement(transformer, rsr, task, planted["layout"], batches))
+    return planted
+
+
 def _ci(r: dict[str, Any], key: str) -> str:
     if r.get(key) is None:
         return "-"
@@ -350,6 +360,11 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"adapters, all steps: loss {whole['overall']['gate']:.5f} with the gate's routing, "
                      f"{whole['overall']['none']:.5f} without any (the frozen base): "
                      f"{100 * whole['adapter_gain']:+.2f}% gain")
+    planted = result.get("planted")
+    if planted:
+        lines.append(f"planted: warm start '{planted['layout']}' for the first {planted['steps']} RSR steps; "
+                     f"the gate's routing agrees with the planted cells on {100 * planted['agreement']:.1f}% of "
+                     f"held-out tokens (chance {100 * planted['chance']:.1f}%)")
     if "elapsed_s" in result:
         lines.append(f"measured in {result['elapsed_s']:.1f} s ({result.get('held_out_sets', 1)} held-out set(s), "
                      f"{result['random_draws']} draws per random condition)")
@@ -386,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{a.bins} timestep bin(s)",
               file=sys.stderr)
         torch.manual_seed(0)
-        result = routing_value(transformer, rsr, held_out_sets(task, a.samples, a.bins, a.held_out_sets, a.seed),
-                               a.random_draws)
+        sets = held_out_sets(task, a.samples, a.bins, a.held_out_sets, a.seed)
+        result = routing_value(transformer, rsr, sets, a.random_draws)
+        result["planted"] = planted_for(ckpt, task, transformer, rsr, sets[0])
         result["checkpoint"] = str(a.ckpt)
         result["checkpoint_sha256"] = sha256_file(a.ckpt)
         print("\n".join(summary_lines(result)))

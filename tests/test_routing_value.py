@@ -98,7 +98,7 @@ def test_band_specialized_experts_are_found_and_the_gate_beats_random():
     for name, r in result["scopes"].items():
         assert r["overall"]["gate"] < r["overall"]["none"], name
     assert "all" in "\n".join(summary_lines(result))
-    verdict = step_verdict(_step_evidence(model, rsr, _batches(model, rsr, lambda b: b)), every_step)
+    verdict = step_verdict(_step_evidence(model, rsr, _batches(model, rsr, lambda b: b)), every_step, every_step)
     assert verdict["label"] == "specialized", verdict["text"]
 
 
