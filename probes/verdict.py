@@ -9,8 +9,10 @@ and `evaluate --table` all call `step_verdict` / `add_verdicts`.
 With a routing value (`probes.routing_value`, the scope of that layer and step) the value decides,
 judged by its 95% interval (over held-out sets, samples and random draws):
 
-    harmful        the interval lies below 0: the gate's routing is worse than random routing with
-                   the same load (judged against the per-image null, schema 2's `value`)
+    harmful        the interval lies below 0 against the per-image null AND the per-token null (schema
+                   2): the gate's routing is worse than any random routing with the same load. A claim
+                   in either direction must hold against both nulls: a gate that mixes experts inside
+                   an image (position routing) can lose to the per-image null by the mixing alone
     specialized    the interval's lower end is above MIN_VALUE against the per-image null AND the
                    per-token null (schema 2), and the adapters' gain (scope "all", 1 - L(gate)/L(none))
                    is measured with an interval whose lower end is above 0: the routing matters and
@@ -86,14 +88,14 @@ def _gain(whole: dict[str, Any] | None) -> tuple[float | None, list[float] | Non
 def _valued(value: dict[str, Any], whole: dict[str, Any] | None, flat: bool) -> tuple[str, str]:
     """Label and text when a routing value was measured for this layer and step."""
     lo, hi = value["value_ci95"]
-    token_lo = (value.get("value_token_ci95") or [lo])[0]
+    token_lo, token_hi = value.get("value_token_ci95") or [lo, hi]
     shown = f"routing value {_interval(value['value'], value['value_ci95'])}"
     gain, gain_ci = _gain(whole)
     gain_text = ("adapter gain not measured" if gain is None else f"adapter gain {100 * gain:.2f}%"
                  + (f" [{100 * gain_ci[0]:.2f}, {100 * gain_ci[1]:.2f}]" if gain_ci else " (no interval)"))
     share = (whole or {}).get("routing_share")
     share_text = f"; routing share {share:.2f}" if share is not None and share == share else ""
-    if hi < 0:
+    if hi < 0 and token_hi < 0:
         return "harmful", f"routing worse than random routing of the same load ({shown})"
     if lo > MIN_VALUE and token_lo > MIN_VALUE:
         if gain_ci is not None and gain_ci[0] > 0:

@@ -90,3 +90,7 @@ def test_each_layer_gets_the_value_measured_on_its_own_routing():
     del routing_value["scopes"]["3.0"]  # no per-layer scope: no value, rather than the pooled one
     add_verdicts(report, routing_value)
     assert report["layers"]["3"]["steps"]["0"]["verdict"]["label"] == "structured_unmeasured"
+
+
+def test_harmful_must_hold_against_both_nulls():
+    assert step_verdict(step(0.4, 0.2, 0.005), value(-0.03, -0.05, -0.01, token=[-0.02, 0.01]))["label"] == "chance"
