@@ -22,7 +22,8 @@ judged by its 95% interval (over held-out sets, samples and random draws):
                    adapters together do (almost) nothing against the frozen base
     gain_unmeasured  the value clears MIN_VALUE, but the adapter gain has no interval (a schema-1
                    result) or its interval neither clears 0 nor lies below MIN_VALUE
-    small          the value's interval is above 0 but its lower end not above MIN_VALUE
+    small          the value's interval is above 0 (against both nulls) but its lower end not above
+                   MIN_VALUE
     flat_gate      the value is not distinguishable from 0 and the gate is flat (mean top-1 margin
                    below FLAT_MARGIN): an argmax over a nearly uniform gate
     chance         the value is not distinguishable from 0 (margin known and not flat, or unknown)
@@ -90,6 +91,8 @@ def _valued(value: dict[str, Any], whole: dict[str, Any] | None, flat: bool) -> 
     lo, hi = value["value_ci95"]
     token_lo, token_hi = value.get("value_token_ci95") or [lo, hi]
     shown = f"routing value {_interval(value['value'], value['value_ci95'])}"
+    if value.get("value_token_ci95"):  # schema 2: both nulls, since every claim must hold against both
+        shown += f" per image, {_interval(value['value_token'], value['value_token_ci95'])} per token"
     gain, gain_ci = _gain(whole)
     gain_text = ("adapter gain not measured" if gain is None else f"adapter gain {100 * gain:.2f}%"
                  + (f" [{100 * gain_ci[0]:.2f}, {100 * gain_ci[1]:.2f}]" if gain_ci else " (no interval)"))
@@ -106,7 +109,7 @@ def _valued(value: dict[str, Any], whole: dict[str, Any] | None, flat: bool) -> 
                                   f"other's output, not useful specialists")
         return "gain_unmeasured", (f"routing matters ({shown}) but the adapters' own gain is not established "
                                    f"({gain_text})")
-    if lo > 0:
+    if lo > 0 and token_lo > 0:
         return "small", f"routing helps, but little ({shown}, lower end not above {MIN_VALUE})"
     if flat:
         return "flat_gate", f"argmax over a flat gate; routing not distinguishable from chance ({shown})"

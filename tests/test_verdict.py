@@ -12,7 +12,7 @@ def step(margin, ami, p):
 def value(v, lo, hi, token=None):
     out = {"value": v, "value_ci95": [lo, hi], "gate_below_every_forced": True}
     if token is not None:
-        out["value_token_ci95"] = token
+        out["value_token"], out["value_token_ci95"] = sum(token) / 2, token
     return out
 
 
@@ -92,5 +92,7 @@ def test_each_layer_gets_the_value_measured_on_its_own_routing():
     assert report["layers"]["3"]["steps"]["0"]["verdict"]["label"] == "structured_unmeasured"
 
 
-def test_harmful_must_hold_against_both_nulls():
+def test_harmful_and_small_must_hold_against_both_nulls():
     assert step_verdict(step(0.4, 0.2, 0.005), value(-0.03, -0.05, -0.01, token=[-0.02, 0.01]))["label"] == "chance"
+    v = step_verdict(step(0.4, 0.2, 0.005), value(0.012, 0.007, 0.019, token=[-0.005, 0.002]))
+    assert v["label"] == "chance" and "per token" in v["text"]  # the tiny checkpoint's step 2 (docs/specialization.md)
