@@ -43,7 +43,8 @@ def test_quick_table_end_to_end(tmp_path, capsys):
     fig = run["routing"]
     whole = {"value": fig["routing_value"], "value_ci95": fig["routing_value_ci95"],
              "adapter_gain": fig["adapter_gain"], "adapter_gain_ci95": fig["adapter_gain_ci95"],
-             "value_token": fig["value_token"], "value_token_ci95": fig["value_token_ci95"], "routing_share": fig["routing_share"]}
+             "value_token": fig["value_token"], "value_token_ci95": fig["value_token_ci95"],
+             "routing_share": fig["routing_share"]}
     step = {"gate": {"mean_margin": fig["gate_margin"]},
             "mi": {"timestep_bin": {"ami": fig["ami_timestep"], "p_value": fig["p_timestep"]}}}
     assert step_verdict(step, whole, whole)["text"] == fig["verdict_text"]
