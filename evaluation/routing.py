@@ -52,12 +52,12 @@ class SamplingRouting:
             self.counts[layer, ctx.step, b] += np.bincount(chosen[chosen >= 0].numpy(), minlength=self.K)
 
     def _on_probs(self, probs: torch.Tensor, ctx) -> None:
-        from probes.stats import gate_entropy
+        from probes.stats import gate_entropy, top1_margin
 
-        self.entropy_sum += float(gate_entropy(probs.double().cpu().numpy(), normalised=True).sum())
-        if probs.shape[-1] > 1:
-            top = probs.detach().double().topk(2, dim=-1).values
-            self.margin_sum += float((top[..., 0] - top[..., 1]).sum())
+        p = probs.detach().double().cpu().numpy()
+        self.entropy_sum += float(gate_entropy(p, normalised=True).sum())
+        if p.shape[-1] > 1:
+            self.margin_sum += float(top1_margin(p).sum())
         self.tokens += probs.shape[0] * probs.shape[1]
 
     def hooks(self) -> dict[str, Any]:

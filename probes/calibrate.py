@@ -115,15 +115,14 @@ def held_out(model, rsr, teacher: Callable[[int], int], n: int, seed: int) -> li
 def trace_evidence(model, rsr, batches: list[HeldOutBatch]) -> dict[str, Any]:
     """A report-like skeleton measured on `batches`: per (layer, step) the gate's mean top-1 margin and the MI
     of the chosen expert with the timestep bin (`probes.stats.mi_summary`), as a trace report holds them."""
-    from .stats import mi_summary
+    from .stats import mi_summary, top1_margin
 
     K = rsr.config.experts
     tables: dict[tuple[int, int], np.ndarray] = {}
     margins: dict[tuple[int, int], list[float]] = {}
 
     def on_probs(p: torch.Tensor, ctx) -> None:
-        top = p.topk(2, dim=-1).values
-        margins.setdefault((ctx.layer, ctx.step), []).append(float((top[..., 0] - top[..., 1]).mean()))
+        margins.setdefault((ctx.layer, ctx.step), []).append(float(top1_margin(p.double().numpy()).mean()))
 
     for b, batch in enumerate(batches):
         def on_expert(ids: torch.Tensor, ctx, b=b) -> None:
