@@ -4,8 +4,10 @@
 
 Samples the same prompts and seeds without hooks, then with the recorder writing a trace:
   - routing only (expert ids + counts)                       target ratio <= 1.05
+  - routing + gate probabilities (what the verdict's flatness needs)
   - routing + probabilities + latents of 64 tokens, no decode  target ratio <= 1.25
-and reports bytes per routing record of the routing-only trace (target <= 0.4).
+and reports bytes per routing record of the routing-only trace (target <= 0.4), and the bytes
+the probabilities add per record (issue 19: may the recorder store them by default?).
 Without --ckpt it uses the tiny preset's backbone with RSR installed and non-zero expert
 weights (the cost does not depend on training). Outputs go to runs/bench/.
 """
@@ -57,7 +59,8 @@ def main() -> None:
     items = [PROMPTS[i % len(PROMPTS)] for i in range(args.samples)]
     seeds = list(range(args.samples))
     task.condition(items + [""])  # warm the text-encoder cache: all variants pay the same
-    selections = {"routing": Selection(), "routing+probs+latents64": Selection(probs=True, latent_tokens=64)}
+    selections = {"routing": Selection(), "routing+probs": Selection(probs=True),
+                  "routing+probs+latents64": Selection(probs=True, latent_tokens=64)}
 
     def plain() -> None:
         for s in range(0, len(items), args.batch_size):
@@ -88,6 +91,11 @@ def main() -> None:
         records = d.size
         stored = d.id.get_storage_size()
     print(f"  routing bytes per record: {stored / records:.3f} ({stored} bytes for {records} records)")
+    with open_trace(out / "record_routing+probs.h5") as tr:
+        prob = tr.dataset("/routing/prob").id.get_storage_size()
+    size = {k: (out / f"record_{k}.h5").stat().st_size for k in ("routing", "routing+probs")}
+    print(f"  probabilities add {prob / records:.3f} bytes per routing record ({prob} bytes); "
+          f"file {size['routing']} -> {size['routing+probs']} bytes ({size['routing+probs'] / size['routing']:.2f}x)")
 
 
 if __name__ == "__main__":

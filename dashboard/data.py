@@ -10,6 +10,13 @@ in the dashboard's own folder, `.dashboard-cache/<trace>.report.json` beside the
 keyed by the file's SHA-256. The checksum itself is remembered in that file together with the
 file's size and mtime, so a second start neither re-hashes nor re-analyses an unchanged trace.
 A live (incomplete) trace is analysed in memory and re-analysed when it has grown.
+
+The verdicts come from `probes.verdict` through `probes.report`, the same function and command a
+researcher runs by hand. When a `probes.routing_value` result made for the trace's checkpoint lies
+beside the trace or beside the checkpoint (the `--ckpt` of the trace's recording command), matched by
+the checkpoint's SHA-256, the report is computed with it (`--routing-value`), so the page shows the
+verdict `python -m probes.report TRACE --routing-value THAT.json` prints; the cache is keyed by that
+file too.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -33,10 +41,13 @@ from traces.errors import TraceError
 
 REPORT_SUFFIX = ".report.json"
 # Bumped when the views start reading report keys an older cache lacks (2: training_curves.pooled
-# and compare.overall, issue 18), so a cache written by an older dashboard is recomputed.
-CACHE_FORMAT = 2
+# and compare.overall, issue 18; 3: issue 19 verdicts and the routing value found for the checkpoint), so a
+# cache written by an older dashboard is recomputed.
+CACHE_FORMAT = 3
 COMPARE_SUFFIX = ".compare.json"
 CAUSAL_SUFFIX = ".causal.json"
+ROUTING_VALUE_SCHEMA = "rsr-routing-value"  # probes.routing_value's schema name (that module loads torch)
+ROUTING_VALUE_MAX_BYTES = 20 << 20  # larger JSON files beside a trace are not routing values; not read
 
 
 class DashboardError(UserError):
@@ -182,17 +193,23 @@ class Registry:
             steps = tr.refresh()
             stale = steps != e.report_steps and time.monotonic() - e.report_time > self.live_reanalyse_s
             if e.report is None or stale:
-                e.report = self._analyse(e.path)
+                e.report = self._analyse(e.path, self.routing_value(tid))
                 e.report_steps, e.report_time = steps, time.monotonic()
             return e.report
 
-    def _analyse(self, path: Path) -> dict:
+    def routing_value(self, tid: str) -> Path | None:
+        """The routing-value JSON of this trace's checkpoint, if one lies beside the trace or the checkpoint."""
+        tr = self.reader(tid)
+        return find_routing_value(self.entry(tid).path, tr.attrs.get("checkpoint_sha256"), tr.attrs.get("command"))
+
+    def _analyse(self, path: Path, routing_value: Path | None = None) -> dict:
         """The report, computed by `python -m probes.report` in a child process: the server's
         memory stays what serving needs, and a crash inside the analysis cannot take it down."""
         with tempfile.TemporaryDirectory(prefix="dashboard-report-") as tmp:
             out = Path(tmp) / "report.json"
             cmd = [sys.executable, "-m", "probes.report", str(path), "--json", str(out),
-                   "--permutations", str(self.n_perm)] + ([] if self.linear_probes else ["--no-probes"])
+                   "--permutations", str(self.n_perm)] + ([] if self.linear_probes else ["--no-probes"]) \
+                + (["--routing-value", str(routing_value)] if routing_value else [])
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0 or not out.is_file():
                 lines = [x for x in done.stderr.splitlines() if x.strip()] or [f"exit code {done.returncode}"]
@@ -202,11 +219,13 @@ class Registry:
     def _cached_report(self, e: Entry) -> dict:
         cache = cache_path(e.path, REPORT_SUFFIX)
         sha = file_checksum(e.path, cache)
-        options = {"permutations": self.n_perm, "linear_probes": self.linear_probes, "cache_format": CACHE_FORMAT}
+        value = self.routing_value(e.id)
+        options = {"permutations": self.n_perm, "linear_probes": self.linear_probes, "cache_format": CACHE_FORMAT,
+                   "routing_value": _file_identity(value)}
         stored = _read_json(cache)
         if stored and stored.get("sha256") == sha and stored.get("dashboard_options") == options:
             return stored["report"]
-        report = self._analyse(e.path)
+        report = self._analyse(e.path, value)
         st = e.path.stat()
         _write_json(cache, {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                             "dashboard_options": options, "report": report})
@@ -242,6 +261,57 @@ def inside(path: Path, folder: Path) -> bool:
 
 
 CACHE_FOLDER = ".dashboard-cache"
+
+
+def _recorded_checkpoint(trace: Path, command: str | None) -> Path | None:
+    """The checkpoint named by `--ckpt` in the trace's recording command (relative paths: from the
+    trace's folder, then the current one), if it still exists."""
+    try:
+        words = shlex.split(command or "")
+    except ValueError:
+        return None
+    for i, w in enumerate(words):
+        if w == "--ckpt" and i + 1 < len(words):
+            name = words[i + 1]
+        elif w.startswith("--ckpt="):
+            name = w.split("=", 1)[1]
+        else:
+            continue
+        for base in (trace.parent, Path.cwd()):
+            if (base / name).is_file():
+                return (base / name).resolve()
+    return None
+
+
+def find_routing_value(trace: Path, checkpoint_sha256: str | None, command: str | None = None) -> Path | None:
+    """A `probes.routing_value` JSON for the checkpoint with this SHA-256, beside the trace or beside the
+    checkpoint it was recorded from; the newest when there are several. None without a checkpoint hash."""
+    if not checkpoint_sha256:
+        return None
+    ckpt = _recorded_checkpoint(trace, command)
+    folders = [trace.parent] + ([ckpt.parent] if ckpt is not None and ckpt.parent != trace.parent else [])
+    found = []
+    for folder in folders:
+        for p in folder.glob("*.json"):
+            if p.name.endswith((REPORT_SUFFIX, COMPARE_SUFFIX, CAUSAL_SUFFIX)):
+                continue
+            try:
+                if p.stat().st_size > ROUTING_VALUE_MAX_BYTES:
+                    continue
+            except OSError:
+                continue
+            doc = _read_json(p)
+            if isinstance(doc, dict) and doc.get("schema") == ROUTING_VALUE_SCHEMA \
+                    and doc.get("checkpoint_sha256") == checkpoint_sha256:
+                found.append(p)
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def _file_identity(path: Path | None) -> list | None:
+    if path is None:
+        return None
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
 def cache_path(trace: Path, suffix: str) -> Path:

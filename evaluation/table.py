@@ -147,7 +147,7 @@ def sample_and_score(ckpt: Path, planned: Sequence[PlannedImage], budget: Budget
     from .routing import SamplingRouting, routing_value_figures
     from .scorer import score
 
-    task, transformer, rsr, _ = load_model(ckpt)
+    task, transformer, rsr, ckpt_dict = load_model(ckpt)
     recorder = SamplingRouting(rsr) if rsr is not None and rsr.config.has_gate else None
     hooks = rsr.hooks.hooks(recorder.hooks()) if recorder else contextlib.nullcontext()
     correct = []
@@ -159,8 +159,9 @@ def sample_and_score(ckpt: Path, planned: Sequence[PlannedImage], budget: Budget
             correct += [bool(score(im, p.prompt)["correct"]) for im, p in zip(task.to_images(x0), chunk)]
     routing = {}
     if recorder is not None:
-        routing = {**recorder.figures(), **routing_value_figures(task, transformer, rsr, budget.value_samples,
-                                                                 budget.value_bins, budget.value_draws)}
+        figures = recorder.figures()
+        routing = {**figures, **routing_value_figures(task, transformer, rsr, budget.value_samples, budget.value_bins,
+                                                      budget.value_draws, figures, ckpt_dict)}
     return correct, routing
 
 
@@ -222,6 +223,8 @@ def summarise(runs: list[RowRun], planned: Sequence[PlannedImage]) -> dict[str, 
         numeric = {k for r in group for k, v in r.routing.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         row["routing"] = {k: float(np.mean([r.routing[k] for r in group if k in r.routing])) for k in sorted(numeric)}
+        if any("verdict" in r.routing for r in group):  # one label per training seed (probes.verdict)
+            row["verdicts"] = [r.routing.get("verdict") for r in group]
         rows.append(row)
     tests = {}
     for target in dict.fromkeys(r.target for r in runs):
@@ -238,8 +241,9 @@ def summarise(runs: list[RowRun], planned: Sequence[PlannedImage]) -> dict[str, 
 
 COLUMNS = {"single_object": "Single", "two_object": "Two", "counting": "Count", "colors": "Colors",
            "position": "Position", "color_attr": "Attr", "overall": "Overall"}  # the paper's column order
-ROUTING_COLUMNS = {"gate_entropy": "H(gate)/log K", "ami_timestep": "AMI(e;t)", "ami_step": "AMI(e;s)",
-                   "routing_value": "routing value"}
+ROUTING_COLUMNS = {"gate_entropy": "H(gate)/log K", "gate_margin": "margin", "ami_timestep": "AMI(e;t)",
+                   "ami_step": "AMI(e;s)", "routing_value": "routing value", "routing_share": "routing share",
+                   "oracle_gap": "oracle gap"}
 
 
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -252,8 +256,9 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             s = row["scores"][col]
             cells.append(f"{s['mean']:.1f} ± {s['std']:.1f}" if len(row["seeds"]) > 1 else f"{s['mean']:.1f}")
         cells += [f"{row['routing'][k]:.3f}" if k in row["routing"] else "—" for k in ROUTING_COLUMNS]
+        cells.append(" / ".join(str(v) for v in row["verdicts"]) if row.get("verdicts") else "—")
         rows.append(cells)
-    lines = table_lines(["Target", "Method", *COLUMNS.values(), *ROUTING_COLUMNS.values()], rows) + [""]
+    lines = table_lines(["Target", "Method", *COLUMNS.values(), *ROUTING_COLUMNS.values(), "verdict"], rows) + [""]
     for target, t in summary["rsr_vs_sft"].items():
         lines += [paired_sentence(target, t), ""]  # a paragraph each
     b = meta["budget"]

@@ -32,6 +32,21 @@ def test_quick_table_end_to_end(quick_table, capsys):
     assert "ami_step" in routing["rsr"] and "ami_step" not in routing["no_recursion"]
     assert routing["sft"] == {} and routing["no_modulation"] == {}
     assert 0 <= routing["rsr"]["gate_entropy"] <= 1
+    # the verdict is probes.verdict's, the function the report and the dashboard use (one per training seed)
+    from probes.verdict import LABELS, step_verdict
+
+    verdicts = {row["mode"]: row.get("verdicts") for row in result["rows"]}
+    assert verdicts["sft"] is None and len(verdicts["rsr"]) == 2 and set(verdicts["rsr"]) <= set(LABELS)
+    run = next(r for r in result["runs"] if r["mode"] == "rsr" and r["seed"] == 0)
+    fig = run["routing"]
+    whole = {"value": fig["routing_value"], "value_ci95": fig["routing_value_ci95"],
+             "adapter_gain": fig["adapter_gain"], "adapter_gain_ci95": fig["adapter_gain_ci95"],
+             "value_token": fig["value_token"], "value_token_ci95": fig["value_token_ci95"],
+             "routing_share": fig["routing_share"]}
+    step = {"gate": {"mean_margin": fig["gate_margin"]},
+            "mi": {"timestep_bin": {"ami": fig["ami_timestep"], "p_value": fig["p_timestep"]}}}
+    assert step_verdict(step, whole, whole)["text"] == fig["verdict_text"]
+    assert "| verdict |" in md.splitlines()[0]
     test = result["rsr_vs_sft"]["middle"]
     assert test["pairs"] == 2 * len(plan(table.QUICK.images_per_category)) and 0 <= test["p_value"] <= 1
     # each seed's own difference, from that seed's images under both rows

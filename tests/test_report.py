@@ -131,7 +131,7 @@ def test_report_cli_table_json_figures(env, capsys):
     text = capsys.readouterr().out
     assert "load share" in text and "MaxVio" in text and "linear probes" in text
     r = json.loads(out.read_text())
-    assert r["schema"] == "rsr-report" and r["schema_version"] == 4
+    assert r["schema"] == "rsr-report" and r["schema_version"] == 5
     for key in ("trace", "options", "timestep_bins", "checks", "global", "layers", "linear_probes", "notes"):
         assert key in r
     layer = r["layers"][str(r["trace"]["layers"][0])]

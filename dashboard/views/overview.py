@@ -101,8 +101,9 @@ def evidence(report: dict, layer: int, step: int) -> html.Div:
                                    f"is nearly uniform and the chosen expert is decided by tiny probability "
                                    f"differences, so it flips under small perturbations; routing structure here is "
                                    f"structure of those differences, not of confident choices", className="flag"))
-    if d.get("verdict"):  # the report's verdict for this layer and step, with its evidence
-        gate_lines.append(html.Div(f"verdict: {d['verdict']['text']}", className="verdict"))
+    if d.get("verdict"):  # the report's verdict for this layer and step (probes.verdict), with its evidence
+        gate_lines.append(html.Div(f"verdict: {d['verdict']['text']}", className="verdict", id="overview-verdict"))
+    gate_lines.append(html.Div(_value_source(report), className="hint"))
     ld = d.get("load", {})
     gate_lines.append(html.Div(f"load: effective experts {fmt(ld.get('effective_experts'), '{:.2f}')} of "
                                f"{report['trace']['experts']}, CV {fmt(ld.get('cv'), '{:.2f}')}, "
@@ -110,6 +111,17 @@ def evidence(report: dict, layer: int, step: int) -> html.Div:
     return html.Div([dcc.Graph(figure=fig, config=GRAPH_CONFIG, id="overview-mi"),
                      html.Table(rows, className="evidence"), html.Div(gate_lines)], className="panel",
                     style={"width": "440px"})
+
+
+def _value_source(report: dict) -> str:
+    """Where the verdict's routing value came from, or how to make one."""
+    rv = report.get("routing_value")
+    if rv is None:
+        return ("no probes.routing_value result for this trace's checkpoint beside the trace or the checkpoint: "
+                "python -m probes.routing_value --ckpt CKPT --json routing_value.json (in the trace's folder)")
+    return (f"routing value of checkpoint {str(rv.get('checkpoint', '?')).rsplit('/', 1)[-1]} "
+            f"(sha256 {str(rv.get('checkpoint_sha256', ''))[:12]}; schema {rv.get('schema_version')}, "
+            f"{rv.get('held_out_sets', 1)} held-out set(s), {rv.get('random_draws')} draws)")
 
 
 def register(app: dash.Dash, ctx: Context) -> None:

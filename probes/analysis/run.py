@@ -14,7 +14,7 @@ from .families import FAMILIES, Part, ProbeFamily
 from .setup import Context, Options, TraceGrid, grid_of, labels_of
 
 REPORT_SCHEMA = "rsr-report"
-REPORT_VERSION = 4  # probes/REPORT.md: 2 adds expert_change, 3 the verdicts, 4 toolkit_version
+REPORT_VERSION = 5  # probes/REPORT.md: 2 adds expert_change, 3 the verdicts, 4 toolkit_version, 5 issue 19 verdicts
 
 
 def stream(trace: TraceReader, families: list[ProbeFamily], context: Context) -> int:

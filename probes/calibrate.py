@@ -1,0 +1,292 @@
+"""Calibration: the verdict on models whose truth is known, as a confusion table.
+
+    python -m probes.calibrate [--cases all|cheap] [--draws 4] [--samples 12] [--sets 2] [--json OUT]
+
+Every model is the tiny SD3 backbone (3 blocks, 16x16 latents) with RSR on block 1 (the `tiny` RSR
+configuration: K=4 experts, L=3 recursion steps), built by hand so that the answer is known before
+the instrument runs. Held-out batches are one per timestep bin (sigma uniform in the bin, 4 bins);
+their targets are the output of a TEACHER routing of the same model, so "the right routing" is
+defined exactly. The expected verdict of every recursion step is stated here, in advance:
+
+    case               what it is                                          expected verdict (every step)
+    band_experts       distinct experts; targets made with expert b in      specialized
+                       band b at every step; the gate taught that rule
+    identical_experts  every expert a copy of one; targets made with it;    chance
+                       the gate taught the band rule (sharp, structured)
+    planted_random     distinct random experts; targets from the frozen     chance (text: planted)
+                       base; the gate taught the band rule (structure
+                       without value, as a warm start plants it)
+    flat_gate          band_experts' experts and targets, the gate's         flat_gate
+                       weights scaled to 1e-3 (near-uniform probabilities)
+    random_trained     experts trained (SGD, zero-initialised B) under       chance
+                       per-token random routing on band_experts' targets;
+                       the gate taught the band rule
+
+"cheap" runs the first four (no training beyond the gate); the test suite runs a cheaper subset
+(tests/test_calibrate.py); the whole table and its wall time are in docs/specialization.md.
+A wrong verdict is a fault of a rule, not of a threshold: change the rule (probes/verdict.py) and
+say which, never the thresholds, to make a row pass.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from cli_common.command import guard_startup
+
+guard_startup(__name__)  # before torch: Ctrl-C while it loads exits 130 with one line
+
+import numpy as np
+import torch
+
+from .routing_value import HeldOutBatch, bin_edges, routing_value
+from .verdict import add_verdicts
+
+N_BINS = 4
+EXPECTED = {"band_experts": "specialized", "identical_experts": "chance", "planted_random": "chance",
+            "flat_gate": "flat_gate", "random_trained": "chance"}
+CHEAP = ("band_experts", "identical_experts", "planted_random", "flat_gate")
+
+
+def _inputs(n: int, gen: torch.Generator, sigma: torch.Tensor) -> dict[str, torch.Tensor]:
+    return dict(hidden_states=torch.randn(n, 3, 16, 16, generator=gen),
+                encoder_hidden_states=torch.randn(n, 8, 384, generator=gen),
+                pooled_projections=torch.randn(n, 384, generator=gen), timestep=sigma * 1000)
+
+
+def band(sigma: torch.Tensor) -> torch.Tensor:
+    """Timestep bin of sigma, noisiest first (the bins of `probes.routing_value`)."""
+    return torch.clamp((N_BINS * (1 - sigma)).long(), 0, N_BINS - 1)
+
+
+def base_model(seed: int = 0):
+    """The tiny backbone with RSR on block 1 and distinct random experts (B ~ N(0, 0.3))."""
+    from rsr_model import install_rsr, rsr_config
+    from rsr_model.backbones import tiny_sd3
+
+    torch.manual_seed(seed)
+    model = tiny_sd3(num_layers=3, sample_size=16, pos_embed_max_size=16).eval()
+    rsr = install_rsr(model, rsr_config("tiny", target_layers=[1]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in rsr.values():
+            layer.experts.B.copy_(torch.randn(layer.experts.B.shape, generator=g) * 0.3)
+    return model, rsr
+
+
+def teach_gate_band_rule(model, rsr, steps: int = 120) -> None:
+    """Supervise every recursion step's gate logits with the timestep band (cross-entropy); the experts stay."""
+    params = [p for n, p in rsr.named_parameters() if ".gate." in n]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        sigma = torch.rand(16, generator=gen)
+        target = band(sigma)
+        logits = []
+        with rsr.hooks.hooks({"*.logits": lambda v, ctx: logits.append(v)}):
+            model(**_inputs(16, gen, sigma))
+        loss = sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1), target.repeat_interleave(lg.shape[1]))
+                   for lg in logits)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def held_out(model, rsr, teacher: Callable[[int], int], n: int, seed: int) -> list[HeldOutBatch]:
+    """One batch per bin; targets are the model's output with expert `teacher(bin)` everywhere (-1: the base)."""
+    gen = torch.Generator().manual_seed(seed)
+    edges = bin_edges(N_BINS)
+    out = []
+    for b in range(N_BINS):
+        sigma = edges[b + 1] + (edges[b] - edges[b + 1]) * torch.rand(n, generator=gen)
+        inp = _inputs(n, gen, sigma)
+        with torch.no_grad(), rsr.hooks.hooks({"*.expert": lambda ids, ctx, k=teacher(b): torch.full_like(ids, k)}):
+            target = model(**inp).sample
+        cond = {k: inp[k] for k in ("encoder_hidden_states", "pooled_projections")}
+        out.append(HeldOutBatch(inp["hidden_states"], inp["timestep"], cond, target))
+    return out
+
+
+@torch.no_grad()
+def trace_evidence(model, rsr, batches: list[HeldOutBatch]) -> dict[str, Any]:
+    """A report-like skeleton measured on `batches`: per (layer, step) the gate's mean top-1 margin and the MI
+    of the chosen expert with the timestep bin (`probes.stats.mi_summary`), as a trace report holds them."""
+    from .stats import mi_summary, top1_margin
+
+    K = rsr.config.experts
+    tables: dict[tuple[int, int], np.ndarray] = {}
+    margins: dict[tuple[int, int], list[float]] = {}
+
+    def on_probs(p: torch.Tensor, ctx) -> None:
+        margins.setdefault((ctx.layer, ctx.step), []).append(float(top1_margin(p.double().numpy()).mean()))
+
+    for b, batch in enumerate(batches):
+        def on_expert(ids: torch.Tensor, ctx, b=b) -> None:
+            t = tables.setdefault((ctx.layer, ctx.step), np.zeros((K, len(batches)), np.int64))
+            t[:, b] += np.bincount(ids.reshape(-1).numpy(), minlength=K)
+        with rsr.hooks.hooks({"*.expert": on_expert, "*.probs": on_probs}):
+            model(hidden_states=batch.xt, timestep=batch.t, **batch.cond)
+    layers: dict[str, Any] = {}
+    for (layer, step), table in sorted(tables.items()):
+        mi = mi_summary(table, n_perm=199, seed=0)
+        layers.setdefault(str(layer), {"steps": {}})["steps"][str(step)] = {
+            "gate": {"mean_margin": float(np.mean(margins[(layer, step)]))},
+            "mi": {"timestep_bin": {"ami": float(mi.ami), "p_value": float(mi.p_value)}}}
+    return {"layers": layers}
+
+
+def _copy_expert_zero(rsr) -> None:
+    with torch.no_grad():
+        for layer in rsr.values():
+            layer.experts.A.copy_(layer.experts.A[:1].expand_as(layer.experts.A))
+            layer.experts.B.copy_(layer.experts.B[:1].expand_as(layer.experts.B))
+
+
+def _flatten_gate(rsr, scale: float = 1e-3) -> None:
+    with torch.no_grad():
+        for n, p in rsr.named_parameters():
+            if ".gate." in n:
+                p.mul_(scale)
+
+
+def train_experts_under_random_routing(model, rsr, pool: list[list[HeldOutBatch]], epochs: int = 6) -> None:
+    """Zero the B factors, then fit the experts to the teacher's targets in `pool` with every token routed to
+    a random expert (uniform, per token): every expert sees all the data, so none can specialise."""
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in rsr.values():
+            layer.experts.B.zero_()
+    params = [p for n, p in rsr.named_parameters() if ".experts." in n]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    K = rsr.config.experts
+    rand = lambda ids, ctx: torch.randint(0, K, ids.shape, generator=gen)
+    for _ in range(epochs):
+        for batches in pool:
+            for batch in batches:
+                with rsr.hooks.hooks({"*.expert": rand}):
+                    pred = model(hidden_states=batch.xt, timestep=batch.t, **batch.cond).sample
+                loss = ((pred - batch.target) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+
+def build_case(name: str, n: int, sets: int) -> tuple[Any, Any, list[list[HeldOutBatch]], dict | None]:
+    """The model of case `name`, its held-out sets (seeds 100, 101, ...) and what was planted (if anything).
+    Targets are made first, by the teacher; then the case changes the model as its row says."""
+    if name not in EXPECTED:
+        raise ValueError(f"no calibration case {name!r}; cases are {', '.join(EXPECTED)}")
+    model, rsr = base_model()
+    teacher = lambda b: b
+    if name == "identical_experts":
+        _copy_expert_zero(rsr)
+        teacher = lambda b: 0
+    elif name == "planted_random":
+        teacher = lambda b: -1  # the frozen base: no routing of these random experts is right
+    batch_sets = [held_out(model, rsr, teacher, n, 100 + j) for j in range(sets)]
+    if name == "random_trained":
+        pool = [held_out(model, rsr, teacher, 16, 500 + j) for j in range(8)]  # training data, other seeds
+        train_experts_under_random_routing(model, rsr, pool)
+    teach_gate_band_rule(model, rsr)
+    if name == "flat_gate":
+        _flatten_gate(rsr)
+    planted = {"layout": "band", "steps": 120} if name == "planted_random" else None
+    return model, rsr, batch_sets, planted
+
+
+def run_case(name: str, n: int = 12, sets: int = 2, draws: int = 4, n_boot: int = 500) -> dict[str, Any]:
+    """Build the case, measure its routing value and trace evidence, and give every step's verdict."""
+    start = time.perf_counter()
+    model, rsr, batch_sets, planted = build_case(name, n, sets)
+    value = routing_value(model, rsr, batch_sets, random_draws=draws, n_boot=n_boot)
+    if planted is not None:  # agreement of the gate's routing with the planted band rule, on held-out batches
+        planted["agreement"], planted["chance"] = band_agreement(model, rsr, batch_sets[0])
+        value["planted"] = planted
+    report = trace_evidence(model, rsr, batch_sets[0])
+    add_verdicts(report, value)
+    steps = report["layers"]["1"]["steps"]
+    whole = value["scopes"]["all"]
+    return {"case": name, "expected": EXPECTED[name], "verdicts": {s: d["verdict"]["label"] for s, d in steps.items()},
+            "texts": {s: d["verdict"]["text"] for s, d in steps.items()},
+            "figures": {k: whole.get(k) for k in ("value", "value_ci95", "value_token", "adapter_gain",
+                                                   "adapter_gain_ci95", "routing_share", "oracle_gap",
+                                                   "argmax_vs_sampled")},
+            "margin": {s: d["gate"]["mean_margin"] for s, d in steps.items()},
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+@torch.no_grad()
+def band_agreement(model, rsr, batches: list[HeldOutBatch]) -> tuple[float, float]:
+    """Share of tokens the gate sends to their band's expert, and the chance share (the band's load)."""
+    hit, total, shares = 0, 0, []
+    for batch in batches:
+        def on_expert(ids: torch.Tensor, ctx) -> None:
+            nonlocal hit, total
+            hit += int((ids == band(ctx.timestep / 1000)[:, None]).sum())
+            total += ids.numel()
+            shares.append(np.bincount(ids.reshape(-1).numpy(), minlength=rsr.config.experts) / ids.numel())
+        with rsr.hooks.hooks({"*.expert": on_expert}):
+            model(hidden_states=batch.xt, timestep=batch.t, **batch.cond)
+    return hit / max(total, 1), 1.0 / rsr.config.experts
+
+
+def confusion(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one row per case (expected, the verdict of every step, whether all match), then the
+    confusion counts of expected vs given labels over all (case, step) cells."""
+    lines = ["| case | expected | verdict per recursion step | value [95% CI] (all steps) | adapter gain | "
+             "routing share | oracle gap | match | s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r["figures"]
+        ci = f["value_ci95"]
+        lines.append(f"| {r['case']} | {r['expected']} | {', '.join(r['verdicts'].values())} | "
+                     f"{f['value']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] | {100 * f['adapter_gain']:+.1f}% | "
+                     f"{f['routing_share']:.2f} | {f['oracle_gap']:+.3f} | "
+                     f"{'yes' if all(v == r['expected'] for v in r['verdicts'].values()) else 'NO'} | {r['seconds']} |")
+    given = sorted({v for r in rows for v in r["verdicts"].values()} | {r["expected"] for r in rows})
+    expected = sorted({r["expected"] for r in rows})
+    lines += ["", "| expected \\ given | " + " | ".join(given) + " |", "|---|" + "---|" * len(given)]
+    for e in expected:
+        counts = [sum(v == g for r in rows if r["expected"] == e for v in r["verdicts"].values()) for g in given]
+        lines.append(f"| {e} | " + " | ".join(str(c) for c in counts) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cli_common.command import Parser, int_at_least, run_main
+    from cli_common.outputs import check_output, write_atomic
+
+    p = Parser(prog="python -m probes.calibrate", description=__doc__.splitlines()[0], version=True)
+    p.add_argument("--cases", default="all", help="all, cheap, or a comma-separated list of cases")
+    p.add_argument("--samples", type=int_at_least(2), default=12, help="held-out samples per bin and set")
+    p.add_argument("--sets", type=int_at_least(1), default=2, help="held-out sets")
+    p.add_argument("--draws", type=int_at_least(1), default=4, help="draws of each random condition")
+    p.add_argument("--json", type=Path, help="write the rows here")
+    p.add_argument("--overwrite", action="store_true")
+
+    def body() -> None:
+        from .analysis import jsonable
+
+        a = p.parse_args(argv)
+        check_output(a.json, a.overwrite, flag="--json")
+        names = list(EXPECTED) if a.cases == "all" else list(CHEAP) if a.cases == "cheap" else a.cases.split(",")
+        start = time.perf_counter()
+        rows = []
+        for name in names:
+            rows.append(run_case(name, a.samples, a.sets, a.draws))
+            print(f"{name}: expected {rows[-1]['expected']}, given {list(rows[-1]['verdicts'].values())} "
+                  f"({rows[-1]['seconds']} s)", file=sys.stderr)
+        print(confusion(rows))
+        print(f"\nwall time {time.perf_counter() - start:.0f} s ({a.samples} samples x {N_BINS} bins x {a.sets} "
+              f"set(s), {a.draws} draws)")
+        if a.json is not None:
+            write_atomic(a.json, json.dumps(jsonable(rows), indent=1))
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
