@@ -4,7 +4,6 @@ and one POST of a callback as the page sends it."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import socket
 import threading
@@ -16,6 +15,9 @@ import pytest
 from probes.projections import derive
 from probes.record import main as record_main
 from rsr_model.__main__ import main as rsr_main
+
+from .dashboard_page import call, click, payload, text_of, wait_for  # noqa: F401 -- the page helpers, re-exported
+from .dashboard_page import console_errors as severe_console_errors  # noqa: F401 -- its older name here
 
 PROMPTS = "two red circles left of a blue square\na green triangle\n"
 
@@ -81,12 +83,6 @@ def chromium():
         driver.quit()
 
 
-def wait_for(driver, condition, timeout=30):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))
-
-
 def text(driver, element_id: str) -> str:
     """The visible text of an element, '' while it does not exist."""
     from selenium.webdriver.common.by import By
@@ -96,23 +92,6 @@ def text(driver, element_id: str) -> str:
         return found[0].text if found else ""
     except Exception:  # replaced while read (stale): read again on the next poll
         return ""
-
-
-def click(driver, xpath: str) -> None:
-    """Click an element that a callback may still be re-rendering (retry while it is replaced)."""
-    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
-    from selenium.webdriver.common.by import By
-
-    def attempt(d):
-        try:
-            found = d.find_elements(By.XPATH, xpath)
-            if found:
-                found[0].click()
-                return True
-        except (StaleElementReferenceException, WebDriverException):
-            pass
-        return False
-    wait_for(driver, attempt)
 
 
 def drag_box(driver, css: str, frac=(0.1, 0.1, 0.5, 0.5), steps: int = 4) -> None:
@@ -142,45 +121,3 @@ def lasso_all(driver, css: str) -> None:
         for _ in range(4):
             chain = chain.move_by_offset(dx // 4, dy // 4)
     chain.release().perform()
-
-
-def severe_console_errors(driver) -> list:
-    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-
-
-def payload(app, output: str, values: dict, changed: str | None = None) -> dict:
-    """The JSON body the page POSTs to /_dash-update-component for the callback with `output`;
-    `values` maps 'id.prop' to the value of every Input/State (missing ones are None)."""
-    if output not in app.callback_map:  # outputs with allow_duplicate carry an '@hash' suffix
-        output = next(k for k in app.callback_map if re.sub(r"@[0-9a-f]+", "", k) == output)
-    cb = app.callback_map[output]
-
-    def fill(items):
-        return [{"id": i["id"], "property": i["property"], "value": values.get(f"{i['id']}.{i['property']}")}
-                for i in items]
-    outs = [{"id": o.split(".")[0], "property": o.split(".")[1]} for o in output.strip(".").split("...")]
-    return {"output": output, "outputs": outs if len(outs) > 1 else outs[0], "inputs": fill(cb["inputs"]),
-            "state": fill(cb["state"]), "changedPropIds": [changed] if changed else []}
-
-
-def call(app, output: str, values: dict, changed: str | None = None) -> dict:
-    """POST one callback through the Flask test client; {component id: {prop: value}}; asserts no 500."""
-    r = app.server.test_client().post("/_dash-update-component", json=payload(app, output, values, changed))
-    assert r.status_code in (200, 204), r.data[:500]
-    if r.status_code == 204:
-        return {}
-    return {cid: {re.sub(r"@[0-9a-f]+", "", prop): v for prop, v in props.items()}
-            for cid, props in r.get_json()["response"].items()}
-
-
-def text_of(component) -> str:
-    """All text inside a serialised Dash component tree."""
-    if isinstance(component, str):
-        return component
-    if isinstance(component, (int, float)) or component is None:
-        return ""
-    if isinstance(component, list):
-        return " ".join(text_of(c) for c in component)
-    if isinstance(component, dict):
-        return text_of(component.get("props", {}).get("children"))
-    return ""

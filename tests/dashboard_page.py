@@ -5,9 +5,9 @@ fixture is in tests/conftest.py). Used by every dashboard test file."""
 import re
 
 
-def call(app, output: str, values: dict, changed: str | None = None):
-    """POST one callback the way the page does; `values` maps 'id.prop' to the value of every
-    Input/State (missing ones are None). Returns {component id: {prop: value}}."""
+def payload(app, output: str, values: dict, changed: str | None = None) -> dict:
+    """The JSON body the page POSTs to /_dash-update-component for the callback with `output`;
+    `values` maps 'id.prop' to the value of every Input/State (missing ones are None)."""
     if output not in app.callback_map:  # outputs with allow_duplicate carry an '@hash' suffix
         output = next(k for k in app.callback_map if re.sub(r"@[0-9a-f]+", "", k) == output)
     cb = app.callback_map[output]
@@ -16,9 +16,13 @@ def call(app, output: str, values: dict, changed: str | None = None):
         return [{"id": i["id"], "property": i["property"], "value": values.get(f"{i['id']}.{i['property']}")}
                 for i in items]
     outs = [{"id": o.split(".")[0], "property": o.split(".")[1]} for o in output.strip(".").split("...")]
-    payload = {"output": output, "outputs": outs if len(outs) > 1 else outs[0], "inputs": fill(cb["inputs"]),
-               "state": fill(cb["state"]), "changedPropIds": [changed] if changed else []}
-    r = app.server.test_client().post("/_dash-update-component", json=payload)
+    return {"output": output, "outputs": outs if len(outs) > 1 else outs[0], "inputs": fill(cb["inputs"]),
+            "state": fill(cb["state"]), "changedPropIds": [changed] if changed else []}
+
+
+def call(app, output: str, values: dict, changed: str | None = None) -> dict:
+    """POST one callback the way the page does; {component id: {prop: value}}; asserts no 500."""
+    r = app.server.test_client().post("/_dash-update-component", json=payload(app, output, values, changed))
     assert r.status_code in (200, 204), r.data[:500]
     if r.status_code == 204:
         return {}
@@ -61,7 +65,7 @@ def wait_for(driver, condition, timeout=30):
 
 def click(driver, xpath: str) -> None:
     """Click an element that a callback may still be re-rendering (retry while it is replaced)."""
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
 
     def attempt(d):
@@ -70,7 +74,7 @@ def click(driver, xpath: str) -> None:
             if found:
                 found[0].click()
                 return True
-        except StaleElementReferenceException:
+        except (StaleElementReferenceException, WebDriverException):  # replaced, or covered while redrawn
             pass
         return False
     wait_for(driver, attempt)

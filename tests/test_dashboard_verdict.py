@@ -3,7 +3,6 @@ verdict `probes.report --routing-value` writes and the one the dashboard's page 
 
 import json
 import shutil
-import threading
 
 import pytest
 
@@ -15,7 +14,7 @@ from probes.report import main as report_main
 from probes.routing_value import main as value_main
 from rsr_model.__main__ import main as rsr_main
 
-from .test_dashboard import _free_port, wait_for
+from .dashboard_browser import chromium, serving, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -52,35 +51,16 @@ def test_the_routing_value_of_the_traces_checkpoint_is_found(demo, tmp_path):
 
 
 def test_report_and_dashboard_show_the_same_verdict(demo):
-    import shutil as sh
-
-    if not (sh.which("chromedriver") and (sh.which("chromium") or sh.which("google-chrome"))):
-        pytest.skip("chromium and chromedriver are not installed")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
-    from werkzeug.serving import make_server
 
     expected = demo["report"]["layers"]
     layer = next(iter(expected))
     verdict = expected[layer]["steps"]["0"]["verdict"]
     assert "value not measured" not in verdict["text"] and "routing value" in verdict["text"]
-    ctx = make_context([str(demo["dir"])], demo["ckpt"], permutations=19)
-    app = create_app(ctx)
-    port = _free_port()
-    server = make_server("127.0.0.1", port, app.server, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    opts = Options()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1366,768", "--disable-dev-shm-usage"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(sh.which("chromedriver")), options=opts)
-    try:
-        driver.get(f"http://127.0.0.1:{port}/?trace={trace_id(demo['trace'])}&view=overview")
+    app = create_app(make_context([str(demo["dir"])], demo["ckpt"], permutations=19))
+    with chromium() as driver, serving(app.server) as url:
+        driver.get(f"{url}/?trace={trace_id(demo['trace'])}&view=overview")
         shown = wait_for(driver, lambda d: d.find_elements(By.ID, "overview-verdict"), timeout=120)[0].text
         assert shown == f"verdict: {verdict['text']}"
         assert "value not measured" not in driver.page_source
         assert "routing value of checkpoint tiny.pt" in driver.page_source
-    finally:
-        driver.quit()
-        server.shutdown()
