@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -188,25 +187,9 @@ def trace_status(trace) -> str | None:
         amount = f"{done} of {planned} planned samples written"
     else:
         amount = f"{trace.n_events} routing events and {int(trace.dataset('/progress/logs')[0])} logged steps written"
-    if _writer_alive(trace.attrs):
+    if trace.live:  # the one definition: traces.reader.TraceReader.live
         return f"live: still being written ({amount} so far); the numbers below will change"
     return f"incomplete: {amount} (the recorder did not close cleanly)"
-
-
-def _writer_alive(attrs: dict) -> bool:
-    """Whether the process that wrote the trace runs on this host now."""
-    import socket
-
-    pid = attrs.get("writer_pid")
-    if pid is None or attrs.get("writer_host") != socket.gethostname() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------- figures
