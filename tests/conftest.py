@@ -74,6 +74,29 @@ def one_error_line(err: str) -> str:
     return errors[0]
 
 
+def snapshot(folder: Path) -> dict[str, str]:
+    """SHA-256 of every regular file under `folder` (symlinks left out): equal before and after a
+    refused command means no input changed."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def assert_refused(main, argv: list[str], inputs: Path, out: Path, capsys, fragment: str, code: int = 2) -> str:
+    """The contract of every command on bad input (the adversarial tables): exit `code`, exactly
+    one `error:` line holding `fragment`, every file under `inputs` byte-identical, and nothing at all
+    written under `out` (not a part, a lock or a folder). Returns the error line."""
+    before = snapshot(inputs)
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == code, err
+    line = one_error_line(err)
+    assert fragment in line, line
+    assert snapshot(inputs) == before  # no input changed
+    assert list(out.iterdir()) == []  # nothing written, not even a part
+    return line
+
+
 # --------------------------------------------------------------------------- commands and waits
 
 

@@ -12,7 +12,6 @@ signals, start-up imports and resource limits need a real process and run as sub
 
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import shutil
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import one_error_line
+from .conftest import assert_refused, one_error_line, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "two red circles left of a blue square"
@@ -58,11 +57,6 @@ def made(tiny_ckpt, dit_base_ckpt, tmp_path_factory) -> Path:
     (d / "keep.png").write_bytes(b"keep")
     (d / "corrupt.pt").write_bytes((d / "tiny.pt").read_bytes()[:5000])
     return d
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _mains():
@@ -235,14 +229,7 @@ def test_bad_input(case: Case, made, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     argv = [a.format(m=made, t=out) for a in case.argv]
-    before = snapshot(made)
-    capsys.readouterr()
-    rc = _mains()[case.command](argv)
-    err = capsys.readouterr().err
-    assert rc == case.code, err
-    assert case.fragment in one_error_line(err)
-    assert snapshot(made) == before  # no existing file changed
-    assert list(out.iterdir()) == []  # nothing written, not even a part
+    assert_refused(_mains()[case.command], argv, made, out, capsys, case.fragment, case.code)
 
 
 def test_table_is_large_and_covers_every_command():

@@ -31,7 +31,7 @@ import pytest
 from traces import SampleTable, SamplingLayout, SamplingWriter, TraceError, join_ranks, open_trace
 from traces.synthetic import cell_routing
 
-from .conftest import one_error_line
+from .conftest import one_error_line, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT = SamplingLayout(n_experts=8, layers=[2, 4], steps=2, tokens=64, timesteps=[0, 5, 9],
@@ -76,11 +76,6 @@ def made(tmp_path_factory) -> Path:
     shutil.copy(d / "joined.h5", d / "lonely" / "joined.h5")
     (d / "notes.txt").write_text("not a trace\n")
     return d
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
 def listing(folder: Path) -> set[str]:
