@@ -9,9 +9,6 @@ import importlib
 import importlib.util
 import io
 import os
-import shutil
-import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,35 +234,12 @@ def quick_class_conditioned(tmp_path_factory) -> Iterator[CommandResult]:
 # --------------------------------------------------------------------------- the dashboard in a browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def browser(app_ctx):
     """The app of the requesting module's `app_ctx` fixture on a loopback port, and headless
     Chromium driving it: (driver, url, context). Page helpers are in tests/dashboard_page.py."""
-    if not (shutil.which("chromedriver") and (shutil.which("chromium") or shutil.which("google-chrome"))):
-        pytest.skip("chromium and chromedriver are not installed (scripts/setup.sh installs them with apt-get)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-    from werkzeug.serving import make_server
+    from .dashboard_browser import chromium, serving
 
     app, ctx = app_ctx
-    port = _free_port()
-    server = make_server("127.0.0.1", port, app.server, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    opts = Options()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--window-size=1366,768",
-                "--enable-unsafe-swiftshader", "--disable-dev-shm-usage"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
-    driver.set_page_load_timeout(60)
-    yield driver, f"http://127.0.0.1:{port}", ctx
-    driver.quit()
-    server.shutdown()
+    with chromium(height=768) as driver, serving(app.server) as url:
+        yield driver, url, ctx

@@ -61,8 +61,8 @@ def serving(flask_app):
 
 
 @contextmanager
-def chromium():
-    """Headless Chromium (skips the test when it or chromedriver is missing)."""
+def chromium(height: int = 900):
+    """Headless Chromium, 1366 px wide (skips the test when it or chromedriver is missing)."""
     if not (shutil.which("chromedriver") and (shutil.which("chromium") or shutil.which("google-chrome"))):
         pytest.skip("chromium and chromedriver are not installed (scripts/setup.sh installs them with apt-get)")
     from selenium import webdriver
@@ -71,7 +71,7 @@ def chromium():
 
     opts = Options()
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--window-size=1366,900",
+                "--disable-component-update", "--no-first-run", f"--window-size=1366,{height}",
                 "--enable-unsafe-swiftshader", "--disable-dev-shm-usage"):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -31,6 +30,8 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
+
+from .dashboard_browser import chromium, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("rsr", "rsr-record", "rsr-report", "rsr-dashboard", "rsr-traces")  # [project.scripts]
@@ -165,16 +166,10 @@ def test_train_sample_record_report_convert_from_outside_the_clone(installed, re
 # ----------------------------------------------------------------------------- the dashboard
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dashboard_url(installed, recorded):
     """`rsr-dashboard` serving the working folder's runs/ (its default) on a loopback port."""
-    port = _free_port()
+    port = free_port()
     log = (recorded / "dashboard.log").open("w")
     proc = subprocess.Popen([str(installed["bin"] / "rsr-dashboard"), "--port", str(port), "--permutations", "19"],
                             cwd=recorded, env=installed["env"], stdout=log, stderr=subprocess.STDOUT)
@@ -206,22 +201,10 @@ def test_dashboard_serves_its_stylesheet(dashboard_url):
 def test_installed_dashboard_is_styled_in_a_browser(dashboard_url):
     """The stylesheet applied: the header's computed style, not only a served file. With
     SCREENSHOT=path set, the page (overview rendered) is saved there."""
-    if not (shutil.which("chromedriver") and (shutil.which("chromium") or shutil.which("google-chrome"))):
-        pytest.skip("chromium and chromedriver are not installed (scripts/setup.sh installs them with apt-get)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    opts = Options()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--window-size=1366,768",
-                "--enable-unsafe-swiftshader", "--disable-dev-shm-usage"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
-    try:
-        driver.set_page_load_timeout(60)
+    with chromium(height=768) as driver:
         driver.get(f"{dashboard_url}/?view=overview")
         wait = WebDriverWait(driver, 120, poll_frequency=0.2)
         header = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".header"))[0]
@@ -235,5 +218,3 @@ def test_installed_dashboard_is_styled_in_a_browser(dashboard_url):
         if os.environ.get("SCREENSHOT"):
             time.sleep(1)  # let Plotly finish its transitions
             driver.save_screenshot(os.environ["SCREENSHOT"])
-    finally:
-        driver.quit()
