@@ -52,7 +52,8 @@ EXPECTED = {"band_experts": "specialized", "identical_experts": "chance", "plant
 CHEAP = ("band_experts", "identical_experts", "planted_random", "flat_gate")
 
 
-def _inputs(n: int, gen: torch.Generator, sigma: torch.Tensor) -> dict[str, torch.Tensor]:
+def random_inputs(n: int, gen: torch.Generator, sigma: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A batch of the tiny backbone's inputs at noise levels `sigma` (random latents and text)."""
     return dict(hidden_states=torch.randn(n, 3, 16, 16, generator=gen),
                 encoder_hidden_states=torch.randn(n, 8, 384, generator=gen),
                 pooled_projections=torch.randn(n, 384, generator=gen), timestep=sigma * 1000)
@@ -88,7 +89,7 @@ def teach_gate_band_rule(model, rsr, steps: int = 120) -> None:
         target = band(sigma)
         logits = []
         with rsr.hooks.hooks({"*.logits": lambda v, ctx: logits.append(v)}):
-            model(**_inputs(16, gen, sigma))
+            model(**random_inputs(16, gen, sigma))
         loss = sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1), target.repeat_interleave(lg.shape[1]))
                    for lg in logits)
         opt.zero_grad()
@@ -103,7 +104,7 @@ def held_out(model, rsr, teacher: Callable[[int], int], n: int, seed: int) -> li
     out = []
     for b in range(N_BINS):
         sigma = edges[b + 1] + (edges[b] - edges[b + 1]) * torch.rand(n, generator=gen)
-        inp = _inputs(n, gen, sigma)
+        inp = random_inputs(n, gen, sigma)
         with torch.no_grad(), rsr.hooks.hooks({"*.expert": lambda ids, ctx, k=teacher(b): torch.full_like(ids, k)}):
             target = model(**inp).sample
         cond = {k: inp[k] for k in ("encoder_hidden_states", "pooled_projections")}

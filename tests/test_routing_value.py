@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from probes.calibrate import band, random_inputs, teach_gate_band_rule
 from probes.routing_value import HeldOutBatch, bin_edges, routing_value, summary_lines
 from probes.stats import mi_summary
 from probes.verdict import step_verdict
@@ -15,41 +16,12 @@ from .conftest import randomize_rsr
 N_BINS = 4
 
 
-def _inputs(n, gen, sigma):
-    return dict(hidden_states=torch.randn(n, 3, 16, 16, generator=gen),
-                encoder_hidden_states=torch.randn(n, 8, 384, generator=gen),
-                pooled_projections=torch.randn(n, 384, generator=gen), timestep=sigma * 1000)
-
-
-def _band(sigma):
-    """Bin of sigma, noisiest first (bin 0 = sigma in [0.75, 1])."""
-    return torch.clamp((N_BINS * (1 - sigma)).long(), 0, N_BINS - 1)
-
-
 def _model():
     torch.manual_seed(0)
     model = tiny_sd3(num_layers=3, sample_size=16, pos_embed_max_size=16).eval()
     rsr = install_rsr(model, rsr_config("tiny", target_layers=[1]))
     randomize_rsr(rsr, scale=0.3)
     return model, rsr
-
-
-def _train_gate_to_route_by_band(model, rsr, steps=120):
-    """Supervise every recursion step's gate logits with the timestep band (cross-entropy)."""
-    params = [p for n, p in rsr.named_parameters() if ".gate." in n]
-    opt = torch.optim.Adam(params, lr=1e-2)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        sigma = torch.rand(16, generator=gen)
-        band = _band(sigma)
-        logits = []
-        with rsr.hooks.hooks({"*.logits": lambda v, ctx: logits.append(v)}):
-            model(**_inputs(16, gen, sigma))
-        loss = sum(torch.nn.functional.cross_entropy(l.flatten(0, 1), band.repeat_interleave(l.shape[1]))
-                   for l in logits)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
 
 
 def _batches(model, rsr, teacher):
@@ -59,7 +31,7 @@ def _batches(model, rsr, teacher):
     out = []
     for b in range(N_BINS):
         sigma = edges[b + 1] + (edges[b] - edges[b + 1]) * torch.rand(12, generator=gen)
-        inp = _inputs(12, gen, sigma)
+        inp = random_inputs(12, gen, sigma)
         with torch.no_grad(), rsr.hooks.hooks({"*.expert": lambda ids, ctx: torch.full_like(ids, teacher(b))}):
             target = model(**inp).sample
         cond = {k: inp[k] for k in ("encoder_hidden_states", "pooled_projections")}
@@ -88,7 +60,7 @@ def _step_evidence(model, rsr, batches, step="*"):
 
 def test_band_specialized_experts_are_found_and_the_gate_beats_random():
     model, rsr = _model()
-    _train_gate_to_route_by_band(model, rsr)
+    teach_gate_band_rule(model, rsr)
     result = routing_value(model, rsr, _batches(model, rsr, teacher=lambda b: b), random_draws=2, n_boot=200)
     assert set(result["scopes"]) == {"0", "1", "2", "all"}
     every_step = result["scopes"]["all"]  # the teacher's routing is band b -> expert b at every step
@@ -151,7 +123,7 @@ def _sharp_logits(big=30.0):
     """A logits hook that makes the gate certain of the band's expert (probabilities one-hot to float precision)."""
     def fn(logits, ctx):
         out = torch.zeros_like(logits)
-        out[torch.arange(logits.shape[0]), :, _band(ctx.timestep / 1000)] = big
+        out[torch.arange(logits.shape[0]), :, band(ctx.timestep / 1000)] = big
         return out
     return fn
 
