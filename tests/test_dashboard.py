@@ -247,18 +247,13 @@ def test_browser_page_slider_expert_page(browser, env):
 
 
 def test_browser_lasso_fills_the_table(browser, env):
-    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+
+    from .dashboard_browser import lasso_all
 
     driver, url, ctx = browser
     driver.get(f"{url}/?trace={trace_id(env['derived'])}&view=latent")
-    plot = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#lat-scatter .nsewdrag"))[0]
-    w, h = plot.size["width"], plot.size["height"]
-    chain = ActionChains(driver).move_to_element(plot).move_by_offset(-w // 2 + 3, -h // 2 + 3).click_and_hold()
-    for dx, dy in ((w - 6, 0), (0, h - 6), (-(w - 6), 0), (0, -(h - 10))):
-        for _ in range(4):
-            chain = chain.move_by_offset(dx // 4, dy // 4)
-    chain.release().perform()
+    lasso_all(driver, "#lat-scatter .nsewdrag")
     rows = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#lat-table td"))
     assert rows
     assert "selected" in driver.find_element(By.ID, "lat-patches").text
