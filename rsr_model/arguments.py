@@ -57,6 +57,22 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "the gate them for --warm-start-steps, then free the gate (default: the preset's)")
     p.add_argument("--warm-start-steps", type=int_at_least(0),
                    help="length of the warm start in RSR steps (default: the first quarter of the RSR stage)")
+    p.add_argument("--routing", choices=["token", "expert_choice"],
+                   help="token: each token draws its expert (paper); expert_choice: experts compete for tokens "
+                        "(Table 4's differentiable top-k, temperature 0.1), at training and sampling")
+    p.add_argument("--upcycle-steps", type=int_at_least(0),
+                   help="recipe: train expert 0 alone for N RSR steps, then copy it into every expert "
+                        "(default: the preset's)")
+    p.add_argument("--upcycle-noise", type=finite_float(0),
+                   help="noise added to each upcycled copy, x the factor's spread (default: 0.01)")
+    p.add_argument("--soft-steps", type=int_at_least(0),
+                   help="recipe: N RSR steps of a soft mixture of every expert by the gate's probabilities, "
+                        "before hard routing (default: the preset's)")
+    p.add_argument("--anneal", action=argparse.BooleanOptionalAction, default=None,
+                   help="recipe: anneal the hard draw's Gumbel noise from 1 to 0 (argmax, as sampled) over the "
+                        "hard-routing steps (default: the preset's)")
+    p.add_argument("--train-routing", choices=["gate", "random"],
+                   help="random: the control trained with a uniformly random expert per token throughout")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="(default: no; fp16 needs a CUDA GPU)")
     p.add_argument("--pretrained", type=Path, help="local diffusers SD3 folder (preset sd3)")
     p.add_argument("--data", type=Path, help="image-caption folder with metadata.jsonl (preset sd3)")
@@ -149,11 +165,17 @@ class RunPlan:
     def warm_layout(self) -> str:
         return self.args.warm_start or self.task.warm_start
 
+    def setting(self, name: str) -> Any:
+        """A recipe flag as the run will use it: the command line's, else the preset's."""
+        value = getattr(self.args, name, None)
+        return getattr(self.task, name) if value is None else value
+
 
 Rule = tuple[tuple[str, ...], Callable[[RunPlan], bool], Callable[[RunPlan], str]]
 
 RSR_STAGE_FLAGS = ("mode", "experts", "latent_steps", "rank", "target_layers", "tau", "balance_weight",
-                   "balance_over", "gate_lr_scale", "warm_start", "warm_start_steps", "rsr_ema_decay", "trace",
+                   "balance_over", "gate_lr_scale", "warm_start", "warm_start_steps", "rsr_ema_decay", "routing",
+                   "upcycle_steps", "upcycle_noise", "soft_steps", "anneal", "train_routing", "trace",
                    "trace_every", "trace_token_stride", "trace_probs")
 
 # flags -> (does it apply to this run?, why not). A task adds its own first (`Task.flag_rules`).
@@ -178,6 +200,14 @@ RULES: list[Rule] = [
      lambda p: "sets the length of a warm start, and this run has none"),
     (("warm_start_steps",), lambda p: p.args.warm_start_steps < p.plan.get("rsr", 0),
      lambda p: f"is not below the RSR stage's {p.plan.get('rsr')} steps: the gate would never be freed"),
+    (("routing", "upcycle_steps", "soft_steps", "anneal", "train_routing"), lambda p: p.cfg.has_gate,
+     lambda p: f"chooses between experts, and this run has none to choose (mode {p.cfg.mode} with "
+               f"{p.cfg.experts} expert)"),
+    (("upcycle_noise",), lambda p: bool(p.setting("upcycle_steps")),
+     lambda p: "sets the noise of upcycled experts, and this run does not upcycle (--upcycle-steps)"),
+    (("upcycle_steps", "soft_steps", "anneal", "train_routing"), lambda p: p.warm_layout == "none",
+     lambda p: f"a learned routing recipe does not combine with the warm start {p.warm_layout!r}, which plants "
+               f"the routing (--warm-start none)"),
     (("balance_weight", "balance_over"), lambda p: p.cfg.experts > 3,
      lambda p: f"the balance loss is added only with more than 3 experts (paper section 4.1), and this run "
                f"has {p.cfg.experts}"),

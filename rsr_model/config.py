@@ -23,6 +23,7 @@ from cli_common.errors import UserError
 from traces.schema import MAX_EXPERTS
 
 MODES = ("rsr", "sft", "no_recursion", "no_modulation")
+ROUTINGS = ("token", "expert_choice")
 
 
 class ConfigError(UserError):
@@ -42,6 +43,11 @@ class RSRConfig:
     gate_hidden: int = 64
     lora_alpha: float | None = None  # None: alpha = rank, so the LoRA scale is 1
     lora_dropout: float = 0.0
+    # "token": each token draws its expert from the gate (the paper's hard Gumbel; argmax at sampling);
+    # "expert_choice": experts compete for tokens (paper Table 4's differentiable top-k at temperature
+    # `ec_temperature`, read as expert choice: docs/design.md A7 reading b), at training and sampling alike
+    routing: str = "token"
+    ec_temperature: float = 0.1
 
     def __post_init__(self) -> None:
         self.target_layers = [int(i) for i in self.target_layers]
@@ -66,6 +72,10 @@ class RSRConfig:
             raise ConfigError(f"balance_over must be 'step' or 'recursion', got {self.balance_over!r}")
         if self.gumbel_tau <= 0:
             raise ConfigError(f"gumbel_tau must be positive, got {self.gumbel_tau}")
+        if self.routing not in ROUTINGS:
+            raise ConfigError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
+        if self.ec_temperature <= 0:
+            raise ConfigError(f"ec_temperature must be positive, got {self.ec_temperature}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 

@@ -83,16 +83,26 @@ class LoRAExperts(nn.Module):
         dq, dk, dv = out.view(Bsz, N, 3, self.out_dim).unbind(2)
         return dq, dk, dv
 
-    def forward_dense(self, h: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Reference: every expert on every token, then masked (what X-LoRA-style mixtures pay)."""
+    def _every_expert(self, h: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token: (K, B, N, 3, D_out), before the LoRA scaling."""
         x = self.dropout(h)
         z = torch.einsum("bnd,kdr->kbnr", x, self.A)  # (K, B, N, 3r)
         z = z.unflatten(-1, (3, self.rank))  # (K, B, N, 3, r)
-        y = torch.einsum("kbnjr,kjro->kbnjo", z, self.B)  # (K, B, N, 3, Do)
-        mask = F.one_hot(expert.clamp(min=0), self.num_experts).permute(2, 0, 1).to(y.dtype)  # (K, B, N)
-        mask = mask * (expert >= 0).to(y.dtype)
-        out = (y * mask[..., None, None]).sum(0) * self.scaling  # (B, N, 3, Do)
+        return torch.einsum("kbnjr,kjro->kbnjo", z, self.B)  # (K, B, N, 3, Do)
+
+    def forward_dense(self, h: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reference: every expert on every token, then masked (what X-LoRA-style mixtures pay)."""
+        mask = F.one_hot(expert.clamp(min=0), self.num_experts).to(h.dtype) * (expert >= 0).to(h.dtype)[..., None]
+        out = self.mixture(h, mask)
         if weight is not None:
-            out = out * weight[..., None, None]
+            out = tuple(o * weight[..., None] for o in out)
+        return out
+
+    def mixture(self, h: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Soft mixture sum_k w_k dW_k(h) of every expert, weights (B, N, K) (the gate's probabilities in a
+        recipe's soft phase, rsr_model/recipe.py): the gate gets the loss's gradient directly, not a
+        straight-through estimate. Returns the q, k, v outputs, each (B, N, D_out)."""
+        y = self._every_expert(h)  # (K, B, N, 3, Do)
+        out = torch.einsum("kbnjo,bnk->bnjo", y, weights.to(y.dtype)) * self.scaling  # (B, N, 3, Do)
         return out.unbind(2)

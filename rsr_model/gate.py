@@ -4,6 +4,7 @@ Training uses hard Gumbel-Softmax with the straight-through estimator (torch's
 `F.gumbel_softmax(hard=True)`): the forward choice is argmax(logits + Gumbel noise), i.e. a
 categorical sample from softmax(logits) whatever tau is; tau only shapes the gradient.
 Sampling uses argmax. The gate probabilities softmax(logits) are kept apart from the choice.
+`expert_choice` is the other routing rule a config may name (experts compete for tokens).
 """
 
 from __future__ import annotations
@@ -31,12 +32,40 @@ class Gate(nn.Module):
         return self.out(F.silu(self.token(h) + self.cond(c)[:, None, :]))
 
 
-def sample_choice(logits: torch.Tensor, tau: float, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pick one expert per token. Returns (expert (B, N) long, straight-through one-hot (B, N, K) or None)."""
+def sample_choice(logits: torch.Tensor, tau: float, training: bool, temperature: float = 1.0
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pick one expert per token. Returns (expert (B, N) long, straight-through one-hot (B, N, K) or None).
+
+    `temperature` (training only) scales the Gumbel noise of the draw: 1 draws from softmax(logits) as
+    the paper trains, 0 is the argmax that sampling uses; a recipe anneals it (rsr_model/recipe.py) so
+    the experts end training under the routing they are sampled with. The gradient is the same
+    straight-through estimate at any temperature."""
     if not training:
         return logits.argmax(-1), None
-    y = F.gumbel_softmax(logits, tau=tau, hard=True)  # (B, N, K): one-hot forward, soft gradient
-    return y.argmax(-1), y
+    if temperature == 1.0:  # the paper's draw, bit for bit (runs saved before annealing existed resume exactly)
+        y = F.gumbel_softmax(logits, tau=tau, hard=True)  # (B, N, K): one-hot forward, soft gradient
+        return y.argmax(-1), y
+    gumbel = -torch.empty_like(logits).exponential_().log()  # (B, N, K) standard Gumbel noise
+    expert = (logits + temperature * gumbel).argmax(-1)  # (B, N): a draw from softmax(logits / temperature)
+    soft = (logits / tau).softmax(-1)
+    return expert, F.one_hot(expert, logits.shape[-1]).to(soft.dtype) - soft.detach() + soft
+
+
+def expert_choice(logits: torch.Tensor, temperature: float, training: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Experts compete for tokens (paper Table 4's differentiable top-k, read as expert choice).
+
+    Each expert spreads a softmax at `temperature` over the image's tokens (B, N, K), so an expert
+    claims the tokens it scores highest relative to the others; each token then goes to the expert
+    that claims it most, which keeps one expert per token (what the layer and traces assume) and
+    balances the load without a loss. Same rule at training and sampling (no noise); the gradient
+    is straight-through the token's normalised claims."""
+    claims = (logits / temperature).softmax(1)  # (B, N, K): each expert's distribution over tokens
+    soft = claims / claims.sum(-1, keepdim=True)  # (B, N, K): a token's share of the experts' claims
+    expert = soft.argmax(-1)  # (B, N)
+    if not training:
+        return expert, None
+    return expert, F.one_hot(expert, logits.shape[-1]).to(soft.dtype) - soft.detach() + soft
 
 
 def straight_through_weight(onehot: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:

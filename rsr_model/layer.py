@@ -32,7 +32,7 @@ from torch import nn
 
 from .config import RSRConfig
 from .experts import LoRAExperts
-from .gate import Gate, balance_loss, load_share, sample_choice, straight_through_weight
+from .gate import Gate, balance_loss, expert_choice, load_share, sample_choice, straight_through_weight
 from .hooks import HookContext, HookPoint, HookRegistry, hook_name
 
 
@@ -43,6 +43,12 @@ class RunState:
         self.sample_ids: torch.Tensor | None = None
         self.train_step: int | None = None
         self.branch = None
+        # The training recipe's routing of this step (rsr_model/recipe.py), read only in training:
+        # None (the gate's draw, Gumbel noise scaled by `temperature`), "first" (every token to expert 0:
+        # upcycling), "soft" (the gate's probabilities mix every expert), "random" (uniform random expert
+        # per token: the random-routing control)
+        self.routing: str | None = None
+        self.temperature: float = 1.0
 
 
 @dataclass
@@ -83,7 +89,8 @@ class RSRAttnProcessor(nn.Module):
 
     # --- routing -----------------------------------------------------------------------------
     def _route(self, h: torch.Tensor, c: torch.Tensor, s: int):
-        """Returns expert (B, N), straight-through weight (B, N) or None, and probs (B, N, K) or None."""
+        """Returns expert (B, N), straight-through weight (B, N) or None, probs (B, N, K) or None, and the
+        mixture weights (B, N, K) when the recipe mixes every expert (its soft phase), else None."""
         pts = self.hp_steps[s]
         B, N, _ = h.shape
         if self.gate is None:
@@ -91,15 +98,26 @@ class RSRAttnProcessor(nn.Module):
                 self._fire(pts.logits, h.new_zeros(B, N, 1), s)
                 self._fire(pts.probs, h.new_ones(B, N, 1), s)
             expert = self._checked(self._fire(pts.expert, h.new_zeros(B, N, dtype=torch.long), s), pts)
-            return expert, None, None
+            return expert, None, None, None
         logits = self._fire(pts.logits, self.gate(h, c), s)  # (B, N, K)
         probs = None
         if self.training or pts.probs.fns:
             probs = self._fire(pts.probs, logits.softmax(-1), s)  # (B, N, K)
-        expert, onehot = sample_choice(logits, self.config.gumbel_tau, self.training)
+        recipe = self.state.routing if self.training else None
+        onehot = None
+        if recipe == "first":
+            expert = h.new_zeros(B, N, dtype=torch.long)
+        elif recipe == "random":
+            expert = torch.randint(0, self.num_experts, (B, N), device=h.device)
+        elif recipe == "soft":
+            expert = logits.argmax(-1)  # what hooks and the load see; the output mixes every expert
+        elif self.config.routing == "expert_choice":
+            expert, onehot = expert_choice(logits, self.config.ec_temperature, self.training)
+        else:
+            expert, onehot = sample_choice(logits, self.config.gumbel_tau, self.training, self.state.temperature)
         expert = self._checked(self._fire(pts.expert, expert, s), pts)
         weight = straight_through_weight(onehot, expert) if onehot is not None else None
-        return expert, weight, probs
+        return expert, weight, probs, (probs if recipe == "soft" else None)
 
     def _checked(self, expert: torch.Tensor, pts: StepPoints) -> torch.Tensor:
         if pts.expert.fns and expert.numel() and (int(expert.min()) < -1 or int(expert.max()) >= self.num_experts):
@@ -149,13 +167,14 @@ class RSRAttnProcessor(nn.Module):
         h, balances, loads = x, [], []
         for s in range(steps):
             h = self._fire(self.hp_steps[s].latent, h, s)  # (B, N, D)
-            expert, weight, probs = self._route(h, c, s)
+            expert, weight, probs, mix = self._route(h, c, s)
             if self.training:  # routing health for progress bars, and the balance loss
                 share = load_share(expert, self.num_experts)
                 loads.append(share)
-                if self.gate is not None:
+                if self.gate is not None and self.state.routing not in ("first", "random"):  # the gate routes
                     balances.append((share, probs.reshape(-1, self.num_experts).mean(0)))  # f_k, P_k of step s
-            dq, dk, dv = self.experts(h, expert, weight)  # each (B, N, D)
+            # each (B, N, D): one expert per token, or in a recipe's soft phase the gate's mixture of all
+            dq, dk, dv = self.experts(h, expert, weight) if mix is None else self.experts.mixture(h, mix)
             if s < steps - 1:
                 hv, _ = self._attend(attn, dq, dk, dv, text)
                 h = h + hv  # accumulate across steps

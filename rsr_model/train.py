@@ -45,12 +45,14 @@ from .install import RSR, arch_of, install_rsr
 from .ranks import BatchDigest, launcher_rank, peer_stopped, replica_line
 from .run_lock import RunLock
 from .tasks import Task, TaskError, get_task
+from .recipe import Recipe, upcycle
 from .warm_start import WarmStart, check_layout
 
 STAGES = ("base", "rsr")
 # RSR-stage recipe flags (default: the preset's); a resumed run keeps the values it started with,
 # and a run saved before a flag existed resumes without it (the value here)
-RECIPE_FLAGS = {"gate_lr_scale": 1.0, "warm_start": "none", "warm_start_steps": 0, "rsr_ema_decay": 0.0}
+RECIPE_FLAGS = {"gate_lr_scale": 1.0, "warm_start": "none", "warm_start_steps": 0, "rsr_ema_decay": 0.0,
+                "upcycle_steps": 0, "upcycle_noise": 0.01, "soft_steps": 0, "anneal": False, "train_routing": "gate"}
 
 
 class TrainingError(UserError):
@@ -79,6 +81,7 @@ class _StageRun:
     sched: Any
     params: list  # the trainable parameters (and the EMA's)
     rsr: RSR | None  # None in the base stage
+    recipe: Recipe | None  # the RSR stage's routing phases (recipe.py); None in the base stage
     warm: WarmStart | None
     warm_steps: int
     batch_size: int
@@ -95,7 +98,8 @@ def rsr_config_from_args(task: Task, args: Any) -> RSRConfig:
     changes = {k: v for k, v in dict(mode=args.mode, num_experts=args.experts, latent_steps=args.latent_steps,
                                        rank=args.rank, target_layers=args.target_layers, gumbel_tau=args.tau,
                                        balance_weight=args.balance_weight,
-                                       balance_over=getattr(args, "balance_over", None)).items() if v is not None}
+                                       balance_over=getattr(args, "balance_over", None),
+                                       routing=getattr(args, "routing", None)).items() if v is not None}
     return RSRConfig.from_dict({**cfg.to_dict(), **changes})
 
 
@@ -223,6 +227,8 @@ class Trainer:
         check_targets(self.transformer, self.rsr_cfg)
         if "rsr" in stages and self.rsr_cfg.has_gate:
             check_layout(a.warm_start or task.warm_start, self.rsr_cfg.experts, self.rsr_cfg.steps)
+        if "rsr" in stages:
+            self.recipe().check(self.plan["rsr"], self.rsr_cfg.has_gate)
 
     def _check_applicable(self, stages: list[str]) -> None:
         check_applicable(RunPlan(self.task, stages, self.plan, self.rsr_cfg, self.args, self.given,
@@ -260,7 +266,7 @@ class Trainer:
         cfg = self.ckpt.get("rsr_plan") or {}
         fields = {"mode": "mode", "experts": "num_experts", "latent_steps": "latent_steps", "rank": "rank",
                   "target_layers": "target_layers", "tau": "gumbel_tau", "balance_weight": "balance_weight",
-                  "balance_over": "balance_over"}
+                  "balance_over": "balance_over", "routing": "routing"}
         if name in fields and fields[name] in cfg:
             return cfg[fields[name]]
         if saved is not None:
@@ -349,6 +355,11 @@ class Trainer:
         layout, steps = self._setting("warm_start"), self._setting("warm_start_steps")
         steps = self.plan["rsr"] // 4 if steps is None else steps  # preset default: the stage's first quarter
         return None if layout == "none" or steps == 0 else {"layout": layout, "steps": steps}
+
+    def recipe(self) -> Recipe:
+        """The RSR stage's routing recipe (upcycling, soft phase, annealing, random-routing control)."""
+        return Recipe(**{name: self._setting(name) for name in ("upcycle_steps", "upcycle_noise", "soft_steps",
+                                                                 "anneal", "train_routing")})
 
     def _warm_start(self, stage: str) -> tuple[WarmStart | None, int]:
         """The expert warm start of the RSR stage (warm_start.py) and its length in steps."""
@@ -447,7 +458,8 @@ class Trainer:
         model, opt = acc.prepare(self.transformer, opt)
         model.train()
         warm, warm_steps = self._warm_start(stage)
-        return _StageRun(model, opt, sched, params, self.rsr if stage == "rsr" else None, warm, warm_steps,
+        recipe = self.recipe() if stage == "rsr" else None
+        return _StageRun(model, opt, sched, params, self.rsr if stage == "rsr" else None, recipe, warm, warm_steps,
                          a.batch_size or task.batch_size, start, self.plan[stage])
 
     def _train_step(self, run: "_StageRun", stage: str, step: int, last_good: int):
@@ -457,10 +469,17 @@ class Trainer:
         # --- batch: every random draw of this step comes from (seed, stage, step) -------------
         seed = stage_seed(self.args.seed + acc.process_index, stage, step)
         torch.manual_seed(seed)  # Gumbel noise, dropout, DiT's label dropout
-        x0, cond = self.task.batch(np.random.default_rng(seed), run.batch_size)
+        x0, cond = self.task.stage_batch(stage, np.random.default_rng(seed), run.batch_size)
         x0, cond = x0.to(acc.device), {k: v.to(acc.device) for k, v in cond.items()}
         if getattr(self.args, "check_replicas", False):
             self._batches.update(x0)  # ranks must draw different batches (a host copy: only when asked)
+
+        # --- routing of this step (the recipe's phase) ------------------------------------------
+        if run.recipe is not None:
+            if run.recipe.upcycles_at(step):  # expert 0 becomes every expert, then the gate routes
+                upcycle(rsr, run.opt, run.recipe.upcycle_noise, seed)
+            phase = run.recipe.phase(step, run.total)
+            rsr.state.routing, rsr.state.temperature = phase.routing, phase.temperature
 
         # --- forward and loss -------------------------------------------------------------------
         warming = run.warm is not None and step < run.warm_steps  # experts forced to their cells, gate taught them
@@ -493,6 +512,8 @@ class Trainer:
 
     def _end_stage(self, run: "_StageRun") -> None:
         self._log_file.flush()
+        if run.rsr is not None:  # sampling routes by the gate (argmax), whatever the last phase was
+            run.rsr.state.routing, run.rsr.state.temperature = None, 1.0
         self.transformer = self.accelerator.unwrap_model(run.model)
         if self._ema is not None:  # the RSR stage freezes the averaged base; sampling uses averaged experts
             self._ema.copy_to(self._ema_params)

@@ -49,6 +49,12 @@ class Task:
     warm_start: str = "none"  # expert warm start of the RSR stage (rsr_model/warm_start.py)
     warm_start_steps: int | None = None  # None: the first quarter of the RSR stage
     rsr_ema_decay: float = 0.0  # EMA of the experts and gate in the RSR stage (0 = off)
+    # the RSR stage's routing recipe (rsr_model/recipe.py): none of it by default (the paper's hard Gumbel)
+    upcycle_steps: int = 0
+    upcycle_noise: float = 0.01
+    soft_steps: int = 0
+    anneal: bool = False
+    train_routing: str = "gate"
     weighting: str = "logit_normal"
     shift: float = 1.0
     one_stage: str = "fine-tunes RSR on pretrained weights"  # why a preset without two_stage has no base stage
@@ -85,6 +91,11 @@ class Task:
     def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clean training inputs x0 (n, C, H, W) and the transformer's conditioning kwargs."""
         raise NotImplementedError
+
+    def stage_batch(self, stage: str, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training batch of `stage` ("base" or "rsr"): `batch` unless the stages train on different
+        data (a shifted task's base learns the plain task, its RSR stage the shift)."""
+        return self.batch(rng, n)
 
     def training_loss(self, model: nn.Module, rsr, x0: torch.Tensor, cond: dict[str, torch.Tensor],
                       seed: int) -> torch.Tensor:
