@@ -357,9 +357,19 @@ class Trainer:
         return None if layout == "none" or steps == 0 else {"layout": layout, "steps": steps}
 
     def recipe(self) -> Recipe:
-        """The RSR stage's routing recipe (upcycling, soft phase, annealing, random-routing control)."""
-        return Recipe(**{name: self._setting(name) for name in ("upcycle_steps", "upcycle_noise", "soft_steps",
-                                                                 "anneal", "train_routing")})
+        """The RSR stage's routing recipe (upcycling, soft phase, annealing, random-routing control). The
+        preset's recipe is for its gated model: a run without a gate (sft, no_modulation) has none, and the
+        random-routing control takes only what its command line gives (Recipe.check refuses a learned phase).
+        A phase the preset leaves at None lasts a quarter of the stage."""
+        names = ("upcycle_steps", "upcycle_noise", "soft_steps", "anneal", "train_routing")
+        if not self.rsr_cfg.has_gate:
+            return Recipe()
+        if self._setting("train_routing") == "random":
+            return Recipe(**{name: value for name in names if (value := getattr(self.args, name, None)) is not None})
+        values = {name: self._setting(name) for name in names}
+        quarter = self.plan.get("rsr", 0) // 4
+        values.update({k: quarter for k in ("upcycle_steps", "soft_steps") if values[k] is None})
+        return Recipe(**values)
 
     def _warm_start(self, stage: str) -> tuple[WarmStart | None, int]:
         """The expert warm start of the RSR stage (warm_start.py) and its length in steps."""

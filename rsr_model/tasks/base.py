@@ -50,9 +50,9 @@ class Task:
     warm_start_steps: int | None = None  # None: the first quarter of the RSR stage
     rsr_ema_decay: float = 0.0  # EMA of the experts and gate in the RSR stage (0 = off)
     # the RSR stage's routing recipe (rsr_model/recipe.py): none of it by default (the paper's hard Gumbel)
-    upcycle_steps: int = 0
+    upcycle_steps: int | None = 0  # None: the first quarter of the RSR stage
     upcycle_noise: float = 0.01
-    soft_steps: int = 0
+    soft_steps: int | None = 0  # None: the second quarter
     anneal: bool = False
     train_routing: str = "gate"
     weighting: str = "logit_normal"

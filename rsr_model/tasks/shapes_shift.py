@@ -28,9 +28,9 @@ class TinyShift(TinySD3Shapes):
     name = "tiny-shift"
     default_steps = {"base": 600, "rsr": 400}
     warm_start = "none"
-    upcycle_steps = 100
+    upcycle_steps = None  # the first quarter of the RSR stage
     upcycle_noise = 0.1
-    soft_steps = 100
+    soft_steps = None  # the second quarter
     anneal = True
     eval_split = "all"  # what held-out measurements draw: every combination (fresh seeds)
 
