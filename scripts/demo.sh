@@ -10,25 +10,36 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 out=runs/demo
 mkdir -p "$out"
-# The demo's base stage is shorter than the preset's 1800 steps so the whole demo fits in 15
-# minutes on a 2-core machine (the RSR stage: 200 of its 400; docs/specialization.md).
+# The demo trains `tiny-shift` (rsr_model/tasks/shapes_shift.py): a base on plain coloured shapes, then
+# an RSR stage on four caption-keyed colour styles the frozen base cannot make, with the learned routing
+# recipe (upcycling, a soft phase, annealed hard routing; no planted cells), and beside it the same model
+# trained under random routing (the control the Compare tab sets beside it). Stage lengths are shorter
+# than the preset's so the whole demo fits in about 12 minutes on a 2-core machine.
 base_steps=${DEMO_STEPS:-400}
-rsr_steps=${DEMO_STEPS:-200}
+rsr_steps=${DEMO_STEPS:-300}
+preset=(--preset tiny-shift)
 
-echo "== 1. train the tiny preset: the base backbone, then RSR on the frozen base"
-python -m rsr_model train --stage base --steps "$base_steps" --out "$out/base.pt" --overwrite
-python -m rsr_model train --stage rsr --base "$out/base.pt" --steps "$rsr_steps" --out "$out/sd3_rsr.pt" --overwrite
+echo "== 1. train tiny-shift: the base backbone (plain shapes), then RSR on the styles, and the random-routing control"
+python -m rsr_model train "${preset[@]}" --stage base --steps "$base_steps" --out "$out/base.pt" --overwrite
+python -m rsr_model train "${preset[@]}" --stage rsr --base "$out/base.pt" --steps "$rsr_steps" \
+    --out "$out/sd3_rsr.pt" --overwrite
+python -m rsr_model train "${preset[@]}" --stage rsr --base "$out/base.pt" --steps "$rsr_steps" \
+    --train-routing random --out "$out/control_random.pt" --overwrite
 echo "== 2. sample"
-python -m rsr_model sample --ckpt "$out/sd3_rsr.pt" --prompts-file examples/prompts.txt --num-samples 4 \
+python -m rsr_model sample --ckpt "$out/sd3_rsr.pt" --prompts-file examples/shift_prompts.txt --num-samples 2 \
     --out "$out/samples.png" --overwrite
-echo "== 3. record a trace (routing, gate probabilities, 64-token latents, early-exit decodes)"
-python -m probes.record --ckpt "$out/sd3_rsr.pt" --prompts examples/prompts.txt --num-samples 4 \
+echo "== 3. record traces (routing, gate probabilities, 64-token latents, early-exit decodes) of both models"
+python -m probes.record --ckpt "$out/sd3_rsr.pt" --prompts examples/shift_prompts.txt --num-samples 4 \
     --probs --latent-tokens 64 --decode --timesteps 0:28:3 --out "$out/trace.h5" --overwrite
-echo "== 4. routing value (does the gate's choice lower the loss?) and the report, with a verdict per step"
+python -m probes.record --ckpt "$out/control_random.pt" --prompts examples/shift_prompts.txt --num-samples 4 \
+    --probs --latent-tokens 64 --timesteps 0:28:3 --out "$out/control_trace.h5" --overwrite
+echo "== 4. routing value (does the gate's choice lower the loss?) and the reports, with a verdict per step"
 python -m probes.routing_value --ckpt "$out/sd3_rsr.pt" --json "$out/routing_value.json" --overwrite
 python -m probes.report "$out/trace.h5" --json "$out/report.json" --figures "$out/figures" \
     --routing-value "$out/routing_value.json" --overwrite
-echo "outputs in $out/: base.pt, sd3_rsr.pt, samples.png, trace.h5, routing_value.json, report.json, figures/"
+python -m probes.report "$out/control_trace.h5" --json "$out/control_report.json" --overwrite
+echo "outputs in $out/: base.pt, sd3_rsr.pt, control_random.pt, samples.png, trace.h5, control_trace.h5,"
+echo "  routing_value.json, report.json, control_report.json, figures/"
 echo "== 5. projections of the latents for the dashboard's latent explorer"
 python -m probes.derive "$out/trace.h5" --overwrite
 dashboard=(python -m dashboard "$out" --ckpt "$out/sd3_rsr.pt")
