@@ -54,8 +54,10 @@ GATED = ("rsr", "rsr_random")
 ROW_TEXT = {"rsr": "RSR, learned recipe", "lora_r": "LoRA rank r (same active parameters)",
             "lora_Kr": "LoRA rank K·r (same total parameters)", "rsr_random": "RSR trained under random routing"}
 STYLE_SEED = 3_000_017  # styled scenes for AMI(expert; style): a stream neither training nor the held-out sets use
+# The training flags a reused checkpoint must have been trained with. Not --base's path: a row's file name
+# carries the base's content hash (table.base_tag), so a copied or moved folder is still reused.
 RUN_ARGS = ("seed", "mode", "rank", "train_routing", "upcycle_steps", "upcycle_noise", "soft_steps", "anneal",
-            "batch_size", "base")  # the training flags a reused checkpoint must have been trained with
+            "batch_size")
 
 
 @dataclass(frozen=True)
@@ -519,7 +521,7 @@ def markdown(result: dict[str, Any]) -> str:
                  f"{result['base_loss']:.4f}. RSR stage {b['rsr_steps']} steps per row"
                  f"{' with ' + ' '.join(b['rsr_flags']) + ' on the learned row' if b['rsr_flags'] else ''}, training "
                  f"seeds {list(b['seeds'])}. Held-out: {h['sets']} set(s) x {h['bins']} timestep bin(s) x "
-                 f"{h['samples']} samples (split {h['split']!r}), bins weighted equally; {b['value_draws']} draw(s) per "
-                 f"random condition; AMI on {b['style_batches']} x {b['style_samples']} styled scenes. A target is "
-                 f"met only when every seed meets it. Wall time {result['seconds']['total']:.0f} s.")
+                 f"{h['samples']} samples (split {h['split']!r}), bins weighted equally; {b['value_draws']} "
+                 f"draw(s) per random condition; AMI on {b['style_batches']} x {b['style_samples']} styled scenes. "
+                 f"A target is met only when every seed meets it. Wall time {result['seconds']['total']:.0f} s.")
     return "\n".join(lines)
