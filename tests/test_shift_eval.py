@@ -102,6 +102,10 @@ def test_quick_shift_targets_follow_the_figures(quick_shift):
     for gain, met in ((0.12, True), (0.08, False)):
         rsr["adapter_gain"] = gain
         assert shift.targets(result)[0]["met"] is met
+    paired = result["rsr_vs_lora_r"]  # a paired difference counts only when its interval is above 0
+    for diff, ci, met in ((0.05, [0.01, 0.08], True), (0.05, [-0.01, 0.08], False), (0.02, [0.01, 0.03], False)):
+        paired["difference_per_seed"], paired["ci95_per_seed"] = [diff], [ci]
+        assert shift.targets(result)[5]["met"] is met
     control = next(r for r in result["runs"] if r["row"] == "rsr_random")
     control["verdict"], control["value_ci95"] = "chance", [-0.01, 0.01]
     control["verdicts"] = {k: "chance" for k in control["verdicts"]}
