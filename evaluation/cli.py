@@ -6,8 +6,9 @@
     evaluate --table [--quick] [--base CKPT] [--steps N]               ablation table (paper Table 3 in small)
     evaluate --class-conditioned [--quick]                             dit-digits FD / precision / recall (Table 1)
     evaluate --planning CKPT [CKPT ...]                                planning figures (FrozenLake preset)
+    evaluate --shift [--quick] [--base CKPT] [--seeds 0 1 2]           tiny-shift: learned RSR and its controls
 
-The scorer check, the table, the class-conditioned table and the planning figures print a markdown
+The scorer check, the tables, the class-conditioned table and the planning figures print a markdown
 table and write NAME.json and NAME.md under --out (default runs/evaluate); checkpoints they
 train go to --out/checkpoints and are reused by a later run with the same budget.
 """
@@ -62,6 +63,7 @@ APPLIES = {
     "class_conditioned": {"out", "overwrite", "seeds", "quick", "base", "base_steps", "steps", "samples_per_class",
                           "sample_steps", "guidance"},
     "planning": {"out", "overwrite"},
+    "shift": {"out", "overwrite", "seeds", "quick", "base", "base_steps", "steps"},
 }
 ACTIONS = tuple(APPLIES)
 DEFAULT_OUT = Path("runs/evaluate")
@@ -94,11 +96,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     act.add_argument("--class-conditioned", action="store_true", help="dit-digits with and without RSR")
     act.add_argument("--planning", type=Path, nargs="+", metavar="CKPT",
                      help="planning figures of FrozenLake checkpoints (several seeds and modes)")
+    act.add_argument("--shift", action="store_true",
+                     help="tiny-shift: the learned RSR model beside LoRA rank r, LoRA rank K*r and random routing")
     e.add_argument("--out", type=Path, help=f"output folder (default {DEFAULT_OUT})")
     e.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     e.add_argument("--scenes", type=positive_int, help="scorer check: scenes per category and resolution (default 500)")
     e.add_argument("--seeds", type=unique_ints(0), nargs="+",
-                   help="table / class-conditioned: training seeds (0 1 2 or 0,1,2)")
+                   help="table / class-conditioned / shift: training seeds (0 1 2 or 0,1,2)")
     e.add_argument("--resolutions", type=unique_ints(8), help="scorer check: image sides (default 24,32)")
     e.add_argument("--ckpt", type=Path, help="export: the checkpoint to sample")
     e.add_argument("--prompts", type=Path, help="export: one prompt per line (default: the evaluation set)")
@@ -106,11 +110,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--sample-steps", type=positive_int, help="sampler steps (default: export 28, else the budget's)")
     e.add_argument("--guidance", type=finite_float(0, 100),
                    help="guidance scale (default: export 3.0, else the budget's)")
-    e.add_argument("--quick", action="store_true", help="table / class-conditioned: a budget for tests (minutes)")
-    e.add_argument("--base", type=Path, help="table / class-conditioned: an existing base-stage checkpoint")
+    e.add_argument("--quick", action="store_true",
+                   help="table / class-conditioned / shift: a budget for tests (minutes)")
+    e.add_argument("--base", type=Path, help="table / class-conditioned / shift: an existing base-stage checkpoint")
     e.add_argument("--base-steps", type=positive_int,
-                   help="table / class-conditioned: base-stage steps when training one")
-    e.add_argument("--steps", type=positive_int, help="table / class-conditioned: RSR-stage steps of every row")
+                   help="table / class-conditioned / shift: base-stage steps when training one")
+    e.add_argument("--steps", type=positive_int,
+                   help="table / class-conditioned / shift: RSR-stage steps of every row")
     e.add_argument("--images-per-category", type=positive_int, help="table: images sampled per GenEval category")
     e.add_argument("--samples-per-class", type=positive_int, help="class-conditioned: samples per digit")
     e.add_argument("--targets", choices=["middle", "multi", "both"], help="table: which target blocks (default both)")
@@ -231,11 +237,14 @@ def _budget(args, default, quick):
     return dataclasses.replace(budget, **changes)
 
 
-def _run_budgeted(args, name: str, default, quick, runner) -> None:
-    """Check the inputs before any training, run, print the markdown, write name.json / name.md."""
+def _run_budgeted(args, name: str, default, quick, runner, check=None) -> None:
+    """Check the inputs before any training (`check(budget, base)`: the runner's own), run, print the
+    markdown, write name.json / name.md."""
     budget = _budget(args, default, quick)
     if args.base is not None and not args.base.is_file():
         raise UsageError(f"base checkpoint not found: {args.base}")
+    if check is not None:
+        check(budget, args.base)
     check_free(args.out, name, args.overwrite, input_paths(args))
     check_output(args.out / "checkpoints", True, flag="--out", folder=True, inputs=input_paths(args))
     result, markdown = runner(args.out, budget, args.base, progress=lambda what: print(f"[{name}] {what}", flush=True))
@@ -256,6 +265,15 @@ def run_class_conditioned(args) -> None:
     from .digits_quality import run_class_conditioned as class_conditioned
 
     _run_budgeted(args, "class_conditioned", DEFAULT, QUICK, class_conditioned)
+
+
+def run_shift(args) -> None:
+    from .shift import DEFAULT, QUICK, check_budget
+    from .shift import run_shift as shift
+
+    if args.base is not None and args.base_steps is not None:
+        raise UsageError("--base-steps does not apply with --base (the base is given, not trained here)")
+    _run_budgeted(args, "shift", DEFAULT, QUICK, shift, check=check_budget)
 
 
 def run_planning(args) -> None:
@@ -296,4 +314,6 @@ def run(args) -> None:
         return run_table(args)
     if args.class_conditioned:
         return run_class_conditioned(args)
+    if args.shift:
+        return run_shift(args)
     return run_planning(args)
