@@ -43,9 +43,9 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RSRConfig
 from .install import RSR, arch_of, install_rsr
 from .ranks import BatchDigest, launcher_rank, peer_stopped, replica_line
+from .recipe import Recipe, upcycle
 from .run_lock import RunLock
 from .tasks import Task, TaskError, get_task
-from .recipe import Recipe, upcycle
 from .warm_start import WarmStart, check_layout
 
 STAGES = ("base", "rsr")
