@@ -90,7 +90,7 @@ def band(sigma: torch.Tensor) -> torch.Tensor:
 RULES: dict[str, Rule] = {
     "band": lambda sigma, step: band(sigma),  # bin b -> expert b (the teacher of band_experts)
     "step": lambda sigma, step: torch.full_like(band(sigma), step),  # recursion step s -> expert s
-    "shifted": lambda sigma, step: (band(sigma) + 1) % N_BINS,  # bin b -> expert b + 1: always wrong
+    "shifted": lambda sigma, step: (band(sigma) + N_BINS // 2) % N_BINS,  # bin b -> expert b + 2 (planted_wrong)
 }
 
 
@@ -134,15 +134,17 @@ def teach_gate_band_rule(model, rsr, steps: int = GATE_STEPS) -> None:
     teach_gate(model, rsr, RULES["band"], steps)
 
 
-def held_out(model, rsr, teacher: Callable[[int], int], n: int, seed: int) -> list[HeldOutBatch]:
-    """One batch per bin; targets are the model's output with expert `teacher(bin)` everywhere (-1: the base)."""
+def held_out(model, rsr, teacher: Callable[[int, int], int], n: int, seed: int) -> list[HeldOutBatch]:
+    """One batch per bin; targets are the model's output with expert `teacher(bin, step)` for every token at
+    each recursion step (-1: no adapter, the frozen base)."""
     gen = torch.Generator().manual_seed(seed)
     edges = bin_edges(N_BINS)
     out = []
     for b in range(N_BINS):
         sigma = edges[b + 1] + (edges[b] - edges[b + 1]) * torch.rand(n, generator=gen)
         inp = random_inputs(n, gen, sigma)
-        with torch.no_grad(), rsr.hooks.hooks({"*.expert": lambda ids, ctx, k=teacher(b): torch.full_like(ids, k)}):
+        route = lambda ids, ctx, b=b: torch.full_like(ids, teacher(b, ctx.step))
+        with torch.no_grad(), rsr.hooks.hooks({"*.expert": route}):
             target = model(**inp).sample
         cond = {k: inp[k] for k in ("encoder_hidden_states", "pooled_projections")}
         out.append(HeldOutBatch(inp["hidden_states"], inp["timestep"], cond, target))
@@ -191,6 +193,15 @@ def _copy_expert_zero(rsr, factors: str = "AB") -> None:
                 w.copy_(w[:1].expand_as(w))
 
 
+def _pair_experts(rsr) -> None:
+    """Two kinds of expert: expert 1 a copy of expert 0 (kind P), expert 3 a copy of expert 2 (kind Q)."""
+    with torch.no_grad():
+        for layer in rsr.values():
+            for w in (layer.experts.A, layer.experts.B):
+                w[1].copy_(w[0])
+                w[3].copy_(w[2])
+
+
 def _flatten_gate(rsr, scale: float = 1e-3) -> None:
     with torch.no_grad():
         for n, p in rsr.named_parameters():
@@ -229,13 +240,14 @@ def build_case(name: str, n: int, sets: int) -> tuple[Any, Any, list[list[HeldOu
     if name not in EXPECTED:
         raise ValueError(f"no calibration case {name!r}; cases are {', '.join(EXPECTED)}")
     model, rsr = base_model()
-    teacher, rule, planted = (lambda b: b), "band", None
+    teacher, rule, planted = (lambda b, s: b), "band", None
     if name == "identical_experts":
         _copy_expert_zero(rsr)
-        teacher = lambda b: 0
+        teacher = lambda b, s: 0
     elif name == "planted_random":  # the frozen base: no routing of these random experts is right
-        teacher, rule, planted = (lambda b: -1), "step", {"layout": "step", "steps": GATE_STEPS}
-    elif name == "planted_wrong":
+        teacher, rule, planted = (lambda b, s: -1), "step", {"layout": "step", "steps": GATE_STEPS}
+    elif name == "planted_wrong":  # targets of kind P in bins 0-1, Q in 2-3; the gate sends 0-1 to Q, 2-3 to P
+        _pair_experts(rsr)
         rule = "shifted"
     batch_sets = [held_out(model, rsr, teacher, n, 100 + j) for j in range(sets)]
     if name == "random_trained":
