@@ -1,13 +1,19 @@
 """Calibration on models of known truth: the verdict must be the one stated in advance (probes.calibrate)."""
 
+import json
+import math
+
 import pytest
 
 from probes.calibrate import CHEAP, EXPECTED, confusion, main, run_case
 
+from .conftest import assert_refused
+
 
 def test_every_case_states_its_expected_verdict_in_advance():
-    assert set(EXPECTED) == {"band_experts", "identical_experts", "planted_random", "flat_gate", "random_trained"}
-    assert set(CHEAP) < set(EXPECTED)
+    assert set(EXPECTED) == {"band_experts", "identical_experts", "planted_random", "planted_wrong", "flat_gate",
+                             "random_trained"}
+    assert set(CHEAP) < set(EXPECTED) and "random_trained" not in CHEAP
     with pytest.raises(ValueError):
         run_case("no_such_case")
 
@@ -21,12 +27,36 @@ def test_known_truth_gets_its_expected_verdict(case):
     assert f"| {case} | {EXPECTED[case]} |" in table and "| yes |" in table
 
 
-def test_planted_structure_is_named_in_the_verdict(capsys, tmp_path):
+def test_routing_to_the_wrong_kind_is_worse_than_random_routing_of_the_same_load():
+    """planted_wrong: what its construction gives is the whole routing (scope "all") below both same-load
+    nulls; a single step's sign, the other steps held on the gate's wrong routing, it does not give (steps 0
+    and 1 measure about 0; docs/specialization.md), so only step 2 is asserted harmful, as measured."""
+    row = run_case("planted_wrong", n=12, sets=1, draws=2, n_boot=200)
+    whole = row["figures"]
+    assert whole["value_ci95"][1] < 0 and whole["value_token_ci95"][1] < 0, whole
+    assert row["rule"]["name"] == "shifted" and row["rule"]["agreement"] > 0.7, row["rule"]
+    assert row["verdicts"]["2"] == "harmful", row["texts"]
+    assert "| planted_wrong | harmful |" in confusion([row])
+
+
+def test_planted_structure_without_value_is_exactly_chance_and_named(capsys, tmp_path):
+    """Step rule over random experts: every same-load random routing is the gate's own, so both values are 0
+    with the degenerate interval [0, 0] at every step, which reads "chance" (not harmful, not small), while
+    MI(expert; step) is at its ceiling and the text says the structure was planted by the step rule."""
     out = tmp_path / "rows.json"
     assert main(["--cases", "planted_random", "--samples", "4", "--sets", "1", "--draws", "1", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| planted_random | chance |" in text and "wall time" in text
-    import json
-
+    assert "| planted_random | chance | chance, chance, chance |" in text and "wall time" in text
     row = json.loads(out.read_text())[0]
-    assert all("planted" in t for t in row["texts"].values())
+    for scope in [*row["by_step"].values(), row["figures"]]:
+        assert scope["value"] == 0.0 and scope["value_ci95"] == [0.0, 0.0], scope
+        assert scope["value_token"] == 0.0 and scope["value_token_ci95"] == [0.0, 0.0], scope
+    assert row["rule"] == {"name": "step", "agreement": 1.0, "chance": 1.0}
+    assert math.isclose(row["mi_step"]["mi"], math.log(3), rel_tol=1e-9) and row["mi_step"]["ceiling"] == math.log(3)
+    assert all("planted" in t and "'step'" in t and "100.0%" in t for t in row["texts"].values()), row["texts"]
+
+
+def test_an_unknown_case_is_refused_before_any_work(capsys, tmp_path):
+    (tmp_path / "out").mkdir()
+    assert_refused(main, ["--cases", "band_experts,nope", "--json", str(tmp_path / "out" / "rows.json")],
+                   tmp_path / "out", tmp_path / "out", capsys, "'nope'")
