@@ -143,7 +143,8 @@ def check_budget(budget: ShiftBudget, base: Path | None) -> None:
     task = preset_task()
     parsed = train_args(row_flags("rsr", budget))
     names = ("upcycle_steps", "upcycle_noise", "soft_steps", "anneal", "train_routing")
-    recipe = Recipe(**{n: getattr(task, n) if getattr(parsed, n) is None else getattr(parsed, n) for n in names})
+    recipe = Recipe.of_stage({n: getattr(task, n) if getattr(parsed, n) is None else getattr(parsed, n)
+                              for n in names}, budget.rsr_steps)
     try:
         recipe.check(budget.rsr_steps, task.default_rsr().has_gate)
     except ConfigError as e:
@@ -162,9 +163,6 @@ def check_base(base: Path) -> None:
     if ck.get("preset") != PRESET or ck.get("rsr_config") is not None or "base" not in ck.get("plan", {}):
         raise UsageError(f"--base {base} is not a base-stage checkpoint of preset {PRESET!r} (it is a "
                          f"{ck.get('preset')!r} {'RSR-stage' if ck.get('rsr_config') else 'base-stage'} checkpoint)")
-    if ck["progress"].get("base", 0) < ck["plan"]["base"]:
-        raise UsageError(f"--base {base} is unfinished ({ck['progress'].get('base', 0)} of {ck['plan']['base']} "
-                         f"base steps); finish it with python -m rsr_model train --resume")
 
 
 # --- held-out data ----------------------------------------------------------------------------
@@ -374,8 +372,13 @@ def run_shift(out: Path, budget: ShiftBudget, base: Path | None = None,
         say(f"base, {budget.base_steps} steps")
         base, seconds["base_training"] = train_base(out, budget)
         base_note = f"trained here, {budget.base_steps} steps, seed 0"
-    else:
-        base_note = f"given, {base}"
+    else:  # a checkpoint of a longer run is a base of the steps it has (stated: its schedule was the longer one's)
+        from rsr_model.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(base)
+        done, planned = ck["progress"].get("base", 0), ck["plan"]["base"]
+        longer = f", a checkpoint of a {planned}-step run" if done < planned else ""
+        base_note = f"given, {base} ({done} steps{longer})"
     task, base_model, _, _ = load_model(base)
     t0 = time.perf_counter()
     sets = held_out_sets(task, budget.value_samples, budget.value_bins, budget.value_sets)

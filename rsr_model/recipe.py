@@ -53,6 +53,14 @@ class Recipe:
     anneal: bool = False
     train_routing: str = "gate"
 
+    @classmethod
+    def of_stage(cls, settings: dict, total: int) -> "Recipe":
+        """The recipe of an RSR stage of `total` steps from flag values (a phase left at None lasts a quarter
+        of the stage): what training runs, and what a caller checks before training."""
+        quarter = total // 4
+        return cls(**{k: (quarter if v is None and k in ("upcycle_steps", "soft_steps") else v)
+                      for k, v in settings.items()})
+
     def check(self, total: int, has_gate: bool) -> None:
         """Fail before training if the phases cannot run in a stage of `total` steps."""
         if self.train_routing not in TRAIN_ROUTINGS:

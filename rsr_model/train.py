@@ -366,10 +366,7 @@ class Trainer:
             return Recipe()
         if self._setting("train_routing") == "random":
             return Recipe(**{name: value for name in names if (value := getattr(self.args, name, None)) is not None})
-        values = {name: self._setting(name) for name in names}
-        quarter = self.plan.get("rsr", 0) // 4
-        values.update({k: quarter for k in ("upcycle_steps", "soft_steps") if values[k] is None})
-        return Recipe(**values)
+        return Recipe.of_stage({name: self._setting(name) for name in names}, self.plan.get("rsr", 0))
 
     def _warm_start(self, stage: str) -> tuple[WarmStart | None, int]:
         """The expert warm start of the RSR stage (warm_start.py) and its length in steps."""
