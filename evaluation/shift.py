@@ -305,9 +305,41 @@ def adapter_parameters(rsr) -> int:
     return int(sum(p.numel() for p in rsr.parameters())) if rsr is not None else 0
 
 
+MEASURED_BY = ("value_samples", "value_bins", "value_sets", "value_draws", "bootstrap", "style_samples",
+               "style_batches")  # the budget fields a row's measurement depends on
+
+
 def measure(ckpt: Path, row: str, sets, style: Sequence[StyledBatch], base_losses: np.ndarray,
             budget: ShiftBudget) -> tuple[dict[str, Any], np.ndarray]:
-    """A row's figures on the shared held-out data, and its per-sample losses (for the paired comparison)."""
+    """A row's figures on the shared held-out data, and its per-sample losses (for the paired comparison).
+    Kept beside the checkpoint (CKPT.measure.json, keyed by the checkpoint's and base losses' content and the
+    measurement budget), so processes that measured seeds apart are joined into one table without
+    measuring again."""
+    import hashlib
+    import json
+
+    from cli_common.jsonable import jsonable
+    from cli_common.outputs import sha256_file, write_atomic
+
+    key = {"checkpoint": sha256_file(ckpt), "base_losses": hashlib.sha256(base_losses.tobytes()).hexdigest(),
+           "row": row, **{k: getattr(budget, k) for k in MEASURED_BY}}
+    cache = ckpt.with_name(ckpt.name + ".measure.json")
+    if cache.is_file():
+        try:
+            kept = json.loads(cache.read_text())
+            if kept.get("key") == key:
+                return kept["figures"], np.asarray(kept["losses"], dtype=np.float64).reshape(kept["shape"])
+        except (ValueError, KeyError):
+            pass  # unreadable: measured again and rewritten
+    figures, losses = _measure(ckpt, row, sets, style, base_losses, budget)
+    figures = jsonable(figures)  # as the result file will hold them, so a reused row reads the same
+    write_atomic(cache, json.dumps({"key": key, "figures": figures, "losses": losses.ravel().tolist(),
+                                    "shape": list(losses.shape)}))
+    return figures, losses
+
+
+def _measure(ckpt: Path, row: str, sets, style: Sequence[StyledBatch], base_losses: np.ndarray,
+             budget: ShiftBudget) -> tuple[dict[str, Any], np.ndarray]:
     from probes.routing_interval import bin_means
     from rsr_model.sample import load_model
 
