@@ -15,6 +15,7 @@ loss-free balancing (MaxVio), OLMoE / NeMo (dead experts, utilisation).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -154,6 +155,74 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+# --------------------------------------------------------------------------- float16 gate sums
+
+FLOAT16_FINITE_END = 0x7C00  # float16 bit patterns below this are the finite values >= +0
+
+
+@functools.cache
+def _float16_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Value and ``-p log p`` (0 at p = 0) of every finite non-negative float16 bit pattern."""
+    value = np.arange(FLOAT16_FINITE_END, dtype=np.uint16).view(np.float16).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        neg_p_log_p = np.where(value > 0, -value * np.log(np.where(value > 0, value, 1.0)), 0.0)
+    return value, neg_p_log_p
+
+
+def _top_two(columns: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Largest and second largest (with multiplicity) of ``len(columns)`` >= 2 arrays, elementwise,
+    by a tournament of maxima and minima; the values are >= 0 (a missing opponent is 0)."""
+    level = [(np.maximum(a, b), np.minimum(a, b)) for a, b in zip(columns[0::2], columns[1::2])]
+    if len(columns) % 2:
+        level.append((columns[-1], np.zeros_like(columns[-1])))
+    while len(level) > 1:
+        merged = [(np.maximum(a, c), np.maximum(np.minimum(a, c), np.maximum(b, d)))
+                  for (a, b), (c, d) in zip(level[0::2], level[1::2])]
+        level = merged + level[len(merged) * 2:]
+    return level[0]
+
+
+def float16_row_sums(probs: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+    """`GateAccumulator`'s per-record columns of stored float16 probabilities ``(rows..., T, K)``
+    and their valid ids ``(rows..., T)``, summed over the T records of each row: ``(rows...,
+    K + 6)``; None where this path does not apply (a negative, infinite or NaN probability, a
+    token whose probabilities are all 0, an id >= K, K < 2: `GateAccumulator.update` then takes
+    the general path).
+
+    The same quantities as the general path, computed from the float16 bit patterns: the sums
+    of P_k and of the margin are exact either way (sums of float16 values in float64); the
+    entropy is ``log S + sum_k (-p_k log p_k) / S`` with ``S = sum_k p_k`` (the general path's
+    entropy of p / S, rearranged), ``-p log p`` looked up per bit pattern, so it agrees with
+    the general path to float64 rounding; argmax is the first column holding the largest value.
+    """
+    k, n_tokens = probs.shape[-1], probs.shape[-2]
+    bits = probs.view(np.uint16)
+    if k < 2 or bits.size == 0 or bits.max() >= FLOAT16_FINITE_END or ids.max() >= k:
+        return None
+    rows = probs.shape[:-2]
+    columns = list(np.ascontiguousarray(np.moveaxis(bits, -1, 0)).reshape(k, -1, n_tokens))
+    value, neg_p_log_p = _float16_tables()
+    out = np.zeros((columns[0].shape[0], k + 6))
+    total = plogp = None
+    for j, column in enumerate(columns):
+        v, h = value[column], neg_p_log_p[column]
+        out[:, j] = v.sum(axis=-1)
+        total, plogp = (v, h) if total is None else (np.add(total, v, out=total), np.add(plogp, h, out=plogp))
+    if not (total > 0).all():
+        return None
+    entropy_ = np.log(total)
+    entropy_ += np.divide(plogp, total, out=plogp)
+    top, second = _top_two(columns)
+    argmax = np.full(top.shape, k, np.uint16)
+    for j in range(k - 1, -1, -1):
+        np.putmask(argmax, columns[j] == top, j)
+    out[:, k] = entropy_.sum(axis=-1)
+    out[:, k + 1] = value[top].sum(axis=-1) - value[second].sum(axis=-1)
+    out[:, k + 3] = (argmax != ids.reshape(argmax.shape)).sum(axis=-1)  # disagreements
+    out[:, k + 5] = n_tokens  # has_ids; lse^2 and has_logits stay 0
+    return out.reshape(rows + (k + 6,))
+
+
 # --------------------------------------------------------------------------- accumulators
 
 
@@ -260,9 +329,17 @@ class GateAccumulator(Stat):
         logits: np.ndarray | None = None,
         ids: np.ndarray | None = None,
         groups: Sequence[np.ndarray | int] = (),
+        expert_counts: np.ndarray | None = None,
     ) -> None:
+        """Fold in one chunk. Stored (float16) probabilities with valid ids and groups that are
+        constant along the token axis (the second to last axis of ``probs``, e.g. one (layer,
+        step) per row) take `float16_row_sums`: the same sums, by row, without float64 copies
+        of every probability; ``expert_counts`` (rows + (K,)), the ids' counts per row when the
+        caller has them, then saves counting the ids again."""
         if probs is None and logits is None:
             raise ValueError("give probs or logits")
+        if logits is None and ids is not None and self._update_rows(probs, ids, groups, expert_counts):
+            return
         if logits is not None:
             logits = np.asarray(logits, dtype=np.float64)
             lse = logsumexp(logits, axis=-1)
@@ -296,6 +373,25 @@ class GateAccumulator(Stat):
         )
         self._sums.update(cols, groups)
         self._load.update([hard], groups)
+
+    def _update_rows(self, probs, ids, groups, expert_counts) -> bool:
+        """The float16 path of `update`; False (nothing folded) where it does not apply."""
+        p, hard = np.asarray(probs), np.asarray(ids)
+        if p.dtype != np.float16 or p.ndim < 2 or hard.shape != p.shape[:-1] or p.shape[-1] != self.n_experts:
+            return False
+        if any(np.ndim(g) and np.shape(g)[-1] != 1 for g in groups):
+            return False  # a group that varies along the tokens
+        sums = float16_row_sums(p, hard)
+        if sums is None:
+            return False
+        rows = p.shape[:-2]
+        row_groups = [np.asarray(g)[..., 0] if np.ndim(g) else g for g in groups]
+        self._sums.add_rows(sums, p.shape[-2], row_groups)
+        if expert_counts is None:
+            self._load.update([hard], groups)
+        else:
+            self._load.add_grouped(np.broadcast_to(expert_counts, rows + (self.n_experts,)), row_groups)
+        return True
 
     def result(self, keep: Sequence[str] | None = None) -> GateStats:
         """Statistics per group; ``keep`` names the group axes to keep (the others are

@@ -50,11 +50,24 @@ def neighbour_agreement(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-map counts of same-expert horizontal and vertical neighbour pairs.
 
     ``maps`` has shape ``(..., h, w)``; returns two int arrays of shape ``(...)``.
+    Computed on the row-major token axis (contiguous slices, byte sums): vertical pairs are
+    the tokens ``w`` apart, horizontal pairs the tokens 1 apart less the ``h - 1`` pairs that
+    wrap from the end of one row to the start of the next.
     """
     m = np.asarray(maps)
-    same_h = np.count_nonzero(m[..., :, 1:] == m[..., :, :-1], axis=(-2, -1))
-    same_v = np.count_nonzero(m[..., 1:, :] == m[..., :-1, :], axis=(-2, -1))
+    *lead, h, w = m.shape
+    flat = m.reshape(*lead, h * w)
+    same_h = _count_true(flat[..., 1:] == flat[..., :-1]) - _count_true(flat[..., w - 1:-1:w] == flat[..., w::w])
+    same_v = _count_true(flat[..., w:] == flat[..., :-w])
     return same_h, same_v
+
+
+def _count_true(mask: np.ndarray) -> np.ndarray:
+    """Number of True along the last axis, as int64 (summed as bytes: no bool-to-int copy)."""
+    if mask.shape[-1] == 0:
+        return np.zeros(mask.shape[:-1], np.int64)
+    acc = np.uint16 if mask.shape[-1] <= np.iinfo(np.uint16).max else np.int64
+    return mask.view(np.uint8).sum(axis=-1, dtype=acc).astype(np.int64)
 
 
 class SpatialCoherenceAccumulator(Stat):
