@@ -6,7 +6,8 @@ the ids clipped to K (any id >= K, unwritten 255 or ablated 254, becomes the ext
 which every table drops, so nothing needs masking) and one `np.bincount` on a combined key
 that gives both the histogram per (layer, step, position region, expert) and the joint counts
 of (expert at step s, expert at step s+1) per (layer, step pair) that the transitions read:
-the histogram of steps 0..S-2 is the pair table's row sum, that of step S-1 its column sum.
+the histogram of steps 0..S-2 is the pair table's row sum, that of step S-1 its column sum
+(when that table is no larger than the chunk; else two counts).
 Families that pair two routings of the same tokens (stability, expert change) count the
 pairs with `ChunkTables.pairs`, again one `np.bincount`, shared between the families that ask
 for the same two routings in one chunk. Keys are built in the smallest unsigned dtype that
@@ -21,15 +22,11 @@ import numpy as np
 
 from .setup import Label, TraceGrid
 
-MAX_JOINT_CELLS = 1 << 18  # above this many (layer, step pair, region, K+1, K+1) cells, count apart
 
 
 def _key_dtype(size: int) -> type:
     """Smallest unsigned dtype holding every key below `size` (np.bincount takes any of them)."""
-    for dt in (np.uint16, np.uint32):
-        if size <= np.iinfo(dt).max + 1:
-            return dt
-    return np.intp
+    return np.uint16 if size <= 1 << 16 else np.uint32 if size <= 1 << 32 else np.intp
 
 
 class ChunkTables:
@@ -54,7 +51,10 @@ class ChunkTables:
         self._pair_dtype = _key_dtype(self._pair_size)
         self._pair_key = (cell * slots**2).astype(self._pair_dtype)  # (layer, step, 1)
         self._joint_size = n_layers * (n_steps - 1) * self.n_positions * slots**2
-        self.joint = n_steps >= 2 and self._joint_size <= MAX_JOINT_CELLS
+        # one count for both only where its table is no larger than the records it counts
+        self.joint = n_steps >= 2 and self._joint_size <= n_layers * (n_steps - 1) * len(grid.tokens)
+        self._timestep_index = ({t: i for i, t in enumerate(np.asarray(grid.timesteps).tolist())}
+                                if grid.timesteps is not None else {})
         if self.joint:
             pair_cell = (np.arange(n_layers).reshape(-1, 1, 1) * (n_steps - 1)
                          + np.arange(n_steps - 1).reshape(1, -1, 1))
@@ -76,15 +76,22 @@ class ChunkTables:
             return self.histogram(clipped), None
         n_layers, n_steps = self.shape
         slots = self.n_experts + 1
-        key = np.multiply(clipped[:, :-1], slots, dtype=self._joint_dtype, casting="unsafe")
-        np.add(key, clipped[:, 1:], out=key, casting="unsafe")
+        # key (layer, step pair, region, expert at s+1, expert at s): the sums below run over
+        # leading axes (fast reductions), not over a short last axis
+        key = np.multiply(clipped[:, 1:], slots, dtype=self._joint_dtype, casting="unsafe")
+        np.add(key, clipped[:, :-1], out=key, casting="unsafe")
         np.add(key, self._joint_key, out=key, casting="unsafe")
         table = np.bincount(key.reshape(-1), minlength=self._joint_size).reshape(
             n_layers, n_steps - 1, self.n_positions, slots, slots)
         histogram = np.empty((n_layers, n_steps, self.n_positions, slots), np.int64)
-        histogram[:, :-1] = table.sum(axis=4)  # step s: the first of the pair (s, s+1)
-        histogram[:, -1] = table[:, -1].sum(axis=2)  # the last step: the second of the last pair
-        return histogram, table.sum(axis=2)[..., : self.n_experts, : self.n_experts]
+        np.einsum("lspba->lspa", table, out=histogram[:, :-1])  # step s: the first of the pair (s, s+1)
+        np.einsum("lpba->lpb", table[:, -1], out=histogram[:, -1])  # the last step: the second of the last pair
+        k = self.n_experts
+        return histogram, table.sum(axis=2).swapaxes(-1, -2)[..., :k, :k]
+
+    def timestep_index(self, timestep) -> int:
+        """Position of a recorded timestep in the grid's timesteps."""
+        return self._timestep_index[timestep.item() if isinstance(timestep, np.generic) else timestep]
 
     def pairs(self, first: np.ndarray, second: np.ndarray, shift: int = 0) -> np.ndarray:
         """Joint counts (layer, step, K, K) of two clipped routings of the same tokens, valid
@@ -148,7 +155,7 @@ def make_chunk(grid: TraceGrid, tables: ChunkTables, coords: dict, ids: np.ndarr
     histogram, step_pairs = tables.count(clipped)
     if grid.sampling:
         branch = grid.branches.index(str(coords["branch"]))
-        timestep = int(np.nonzero(grid.timesteps == coords["timestep"])[0][0])
+        timestep = tables.timestep_index(coords["timestep"])
     else:
         branch, timestep = 0, None
     valid = histogram[..., :k]
