@@ -23,7 +23,6 @@ import numpy as np
 from .setup import Label, TraceGrid
 
 
-
 def _key_dtype(size: int) -> type:
     """Smallest unsigned dtype holding every key below `size` (np.bincount takes any of them)."""
     return np.uint16 if size <= 1 << 16 else np.uint32 if size <= 1 << 32 else np.intp

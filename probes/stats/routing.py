@@ -158,15 +158,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- float16 gate sums
 
 FLOAT16_FINITE_END = 0x7C00  # float16 bit patterns below this are the finite values >= +0
+ROW_BLOCK_RECORDS = 16384  # records per block of rows: the float64 temporaries stay in cache
 
 
 @functools.cache
-def _float16_tables() -> tuple[np.ndarray, np.ndarray]:
-    """Value and ``-p log p`` (0 at p = 0) of every finite non-negative float16 bit pattern."""
+def _neg_p_log_p() -> np.ndarray:
+    """``-p log p`` (0 at p = 0) of every finite non-negative float16 bit pattern, in float64."""
     value = np.arange(FLOAT16_FINITE_END, dtype=np.uint16).view(np.float16).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        neg_p_log_p = np.where(value > 0, -value * np.log(np.where(value > 0, value, 1.0)), 0.0)
-    return value, neg_p_log_p
+        return np.where(value > 0, -value * np.log(np.where(value > 0, value, 1.0)), 0.0)
 
 
 def _top_two(columns: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -189,38 +189,68 @@ def float16_row_sums(probs: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
     token whose probabilities are all 0, an id >= K, K < 2: `GateAccumulator.update` then takes
     the general path).
 
-    The same quantities as the general path, computed from the float16 bit patterns: the sums
-    of P_k and of the margin are exact either way (sums of float16 values in float64); the
-    entropy is ``log S + sum_k (-p_k log p_k) / S`` with ``S = sum_k p_k`` (the general path's
-    entropy of p / S, rearranged), ``-p log p`` looked up per bit pattern, so it agrees with
-    the general path to float64 rounding; argmax is the first column holding the largest value.
+    The same quantities as the general path, computed from the float16 bit patterns a few rows
+    at a time: the sums of P_k and of the margin are exact either way (sums of float16 values in
+    float64); the entropy is ``log S + sum_k (-p_k log p_k) / S`` with ``S = sum_k p_k`` (the
+    general path's entropy of p / S, rearranged), ``-p log p`` looked up per bit pattern, so it
+    agrees with the general path to float64 rounding; argmax is the first column holding the
+    largest value, as ``np.argmax``.
     """
     k, n_tokens = probs.shape[-1], probs.shape[-2]
     bits = probs.view(np.uint16)
     if k < 2 or bits.size == 0 or bits.max() >= FLOAT16_FINITE_END or ids.max() >= k:
         return None
     rows = probs.shape[:-2]
-    columns = list(np.ascontiguousarray(np.moveaxis(bits, -1, 0)).reshape(k, -1, n_tokens))
-    value, neg_p_log_p = _float16_tables()
-    out = np.zeros((columns[0].shape[0], k + 6))
-    total = plogp = None
-    for j, column in enumerate(columns):
-        v, h = value[column], neg_p_log_p[column]
-        out[:, j] = v.sum(axis=-1)
-        total, plogp = (v, h) if total is None else (np.add(total, v, out=total), np.add(plogp, h, out=plogp))
-    if not (total > 0).all():
-        return None
-    entropy_ = np.log(total)
-    entropy_ += np.divide(plogp, total, out=plogp)
-    top, second = _top_two(columns)
-    argmax = np.full(top.shape, k, np.uint16)
-    for j in range(k - 1, -1, -1):
-        np.putmask(argmax, columns[j] == top, j)
-    out[:, k] = entropy_.sum(axis=-1)
-    out[:, k + 1] = value[top].sum(axis=-1) - value[second].sum(axis=-1)
-    out[:, k + 3] = (argmax != ids.reshape(argmax.shape)).sum(axis=-1)  # disagreements
+    bits, ids = bits.reshape(-1, n_tokens, k), ids.reshape(-1, n_tokens)
+    out = np.zeros((bits.shape[0], k + 6))
+    step = max(1, ROW_BLOCK_RECORDS // n_tokens)
+    for r0 in range(0, bits.shape[0], step):
+        if not _row_block_sums(bits[r0:r0 + step], ids[r0:r0 + step], out[r0:r0 + step]):
+            return None
     out[:, k + 5] = n_tokens  # has_ids; lse^2 and has_logits stay 0
     return out.reshape(rows + (k + 6,))
+
+
+def _row_block_sums(bits: np.ndarray, ids: np.ndarray, out: np.ndarray) -> bool:
+    """`float16_row_sums` of a block of rows (``bits`` (rows, T, K)) into ``out``; False where a
+    token's probabilities are all 0 (its entropy is NaN: the general path's business)."""
+    k = bits.shape[-1]
+    columns = np.ascontiguousarray(np.moveaxis(bits, -1, 0))  # (K, rows, T): one array per expert
+    total, plogp, v, h = (np.empty(columns.shape[1:]) for _ in range(4))
+    for j, column in enumerate(columns):
+        np.copyto(v if j else total, column.view(np.float16))  # float16 -> float64 is exact
+        np.take(_neg_p_log_p(), column, out=h if j else plogp)
+        out[:, j] = (v if j else total).sum(axis=-1)
+        if j:
+            total += v
+            plogp += h
+    if not (total > 0).all():
+        return False
+    entropy_ = np.log(total)
+    entropy_ += np.divide(plogp, total, out=plogp)
+    out[:, k] = entropy_.sum(axis=-1)
+    top, second = _top_two(list(columns))
+    np.copyto(v, top.view(np.float16))
+    np.copyto(h, second.view(np.float16))
+    out[:, k + 1] = v.sum(axis=-1) - h.sum(axis=-1)  # both sums exact: the sum of the margins
+    out[:, k + 3] = _disagreements(columns, top, second, ids)
+    return True
+
+
+def _disagreements(columns: np.ndarray, top: np.ndarray, second: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Per row, the records whose argmax (the first of ``columns`` holding the largest value)
+    is not their id: with one largest value, those whose id's value is not it; with a tie,
+    ``np.argmax`` over the columns of those records."""
+    k, n = columns.shape[0], top.size
+    flat_ids = ids.reshape(-1)
+    at = flat_ids.astype(np.intp)
+    at *= n
+    at += np.arange(n)
+    wrong = columns.reshape(-1)[at] != top.reshape(-1)
+    tie = np.flatnonzero(top.reshape(-1) == second.reshape(-1))
+    if tie.size:
+        wrong[tie] = columns.reshape(k, n)[:, tie].argmax(axis=0) != flat_ids[tie]
+    return wrong.reshape(top.shape).sum(axis=-1)
 
 
 # --------------------------------------------------------------------------- accumulators

@@ -30,7 +30,6 @@ from typing import Sequence
 
 import numpy as np
 
-
 _UNSIGNED = ((np.uint8, 255), (np.uint16, 65535), (np.uint32, 2**32 - 1))
 
 
