@@ -238,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run the report with the code of another checkout (e.g. `git worktree add /tmp/before "
                          "COMMIT`) on the same traces, right after this one's: before/after in one run")
     args = ap.parse_args(argv)
-    if args.baseline is not None and not (args.baseline / "benchmarks" / "scale.py").is_file():
-        raise SystemExit(f"error: --baseline {args.baseline}: no benchmarks/scale.py there")
+    if args.baseline is not None and not (args.baseline / "probes" / "analysis").is_dir():
+        print(f"error: --baseline {args.baseline}: not a checkout of this project (no probes/analysis/)",
+              file=sys.stderr)
+        return 2
     if args.project:
         ids, probs = (json.loads(p.read_text())[-1]["write"] for p in args.project)
         print(json.dumps(project(ids, probs), indent=1))

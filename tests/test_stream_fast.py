@@ -215,3 +215,26 @@ def test_float16_gate_rows_leave_what_they_cannot_sum_to_the_general_path():
     fast.update(probs=base, ids=ids, groups=per_token)
     general.update(probs=base.astype(np.float64), ids=ids, groups=per_token)
     assert np.array_equal(fast._sums.result()[0], general._sums.result()[0])
+
+
+def test_joined_and_rank_traces_read_counts_by_sample(tmp_path, monkeypatch):
+    """Counts are read one sample at a time by sample id: a rank file (ids 4, 5 in rows 0, 1)
+    and the joined virtual trace give counts that match their ids, and the general paths' report."""
+    from traces import join_ranks
+
+    layout = SamplingLayout(n_experts=8, layers=[2, 4], steps=2, tokens=64, timesteps=[0, 5, 9],
+                            branches=("cond", "uncond"))
+    paths = []
+    for rank, ids in ((0, [0, 1, 2, 3]), (1, [4, 5])):
+        paths.append(tmp_path / f"run.rank{rank}.h5")
+        table = SampleTable(prompt=[f"p{i % 3}" for i in ids], seed=ids, sample_id=ids)
+        with SamplingWriter(paths[-1], layout, table, rank=rank, world_size=2, run_id="run-a") as w:
+            for b0 in range(0, len(ids), 2):
+                w.begin_batch(2)
+                for t in range(3):
+                    w.write_timestep(t, cell_routing(rank, b0, t, (2, 2, 2, 2, 64)))
+    joined = join_ranks(paths, tmp_path / "run.h5")
+    for path in (paths[1], joined):
+        fast = jsonable(analyze(str(path), Options(n_perm=19, linear_probes=False)))
+        assert fast["checks"]["counts_vs_ids_max_abs_diff"] == 0 and fast["checks"]["counts_vs_ids_cells"] > 0
+        assert_same_report(fast, reference_report(path, monkeypatch))
