@@ -12,7 +12,11 @@ probabilities, 8 float16 per record), in separate processes so each peak memory 
    (sample, timestep), no statistics): what no analysis can beat on this machine;
 3. report: the report's analysis (`probes.analysis.analyze`, routing probes, no linear
    probes: what `probes.report --no-probes` computes), wall time, streaming-pass time and
-   peak RSS of its process, and the streaming pass's ratio to the floor;
+   peak RSS of its process, and the streaming pass's ratio to the floor, in wall time and in
+   CPU time of the fold alone (`pass_cpu_s`: barely moved by other jobs sharing the machine;
+   for a --probs trace also against the floor that reads the probabilities too);
+   `--baseline CHECKOUT` runs the same measurement with another checkout's packages right
+   after, on the same trace (before / after in one run);
 4. dashboard (`--dashboard`, largest size): first page, routing-slider p95 and server
    memory, with `benchmarks.dashboard_latency`'s server-side measures.
 
@@ -75,34 +79,61 @@ def floor(path: Path) -> dict:
     import h5py
     import hdf5plugin  # noqa: F401 -- registers Blosc for h5py
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     with h5py.File(path, "r") as f:
         d = f["/routing/expert"]
         for sl in d.iter_chunks():
             n += d[sl].size
-        s = time.perf_counter() - t0
-        out = {"records": n, "floor_s": s, "floor_records_per_s": n / s}
+        s, cpu = time.perf_counter() - t0, time.process_time() - c0
+        out = {"records": n, "floor_s": s, "floor_records_per_s": n / s, "floor_cpu_s": cpu}
         if "/routing/prob" in f:  # a --probs trace: the report reads the probabilities too
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for sl in f["/routing/prob"].iter_chunks():
                 f["/routing/prob"][sl]
-            out["floor_probs_s"] = time.perf_counter() - t0
+            out["floor_probs_s"], out["floor_probs_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
             out["floor_ids_and_probs_records_per_s"] = n / (s + out["floor_probs_s"])
     return out
 
 
 def report(path: Path) -> dict:
+    """`stream_s` is the analysis's own timing (setup and the fold over every chunk); `pass_s`
+    and `pass_cpu_s` time the fold alone (`probes.analysis.run.stream`: reading, decompressing
+    and every family's update), in wall and CPU time, the same in any checkout."""
+    import probes.analysis.run as run
     from probes.analysis import Options, analyze
 
     timings: dict = {}
+    fold = run.stream
+
+    def timed_stream(*args, **kwargs):
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            return fold(*args, **kwargs)
+        finally:
+            timings.update(pass_s=time.perf_counter() - t0, pass_cpu_s=time.process_time() - c0)
+
+    run.stream = timed_stream
     t0 = time.perf_counter()
     r = analyze(str(path), Options(linear_probes=False), timings=timings)
     total = time.perf_counter() - t0
     assert r["checks"]["invalid_records"] == 0 and r["checks"]["counts_vs_ids_max_abs_diff"] == 0
     records = int(r["checks"]["records"])
-    return {"records": records, "report_s": total, "stream_s": timings["stream_s"],
-            "stream_records_per_s": records / timings["stream_s"], "report_records_per_s": records / total}
+    return {"records": records, "report_s": total, "stream_s": timings["stream_s"], "pass_s": timings["pass_s"],
+            "pass_cpu_s": timings["pass_cpu_s"], "stream_records_per_s": records / timings["stream_s"],
+            "report_records_per_s": records / total}
+
+
+def over_floor(floor_: dict, report_: dict) -> dict:
+    """The streaming pass's time over the floor's, in wall time and (robust to other jobs on the
+    machine) in CPU time; for a --probs trace also over the floor that reads the probabilities."""
+    out = {"stream_over_floor": report_["stream_s"] / floor_["floor_s"],
+           "pass_over_floor_cpu": report_["pass_cpu_s"] / floor_["floor_cpu_s"]}
+    if "floor_probs_s" in floor_:
+        out["stream_over_ids_and_probs_floor"] = report_["stream_s"] / (floor_["floor_s"] + floor_["floor_probs_s"])
+        out["pass_over_ids_and_probs_floor_cpu"] = report_["pass_cpu_s"] / (
+            floor_["floor_cpu_s"] + floor_["floor_probs_cpu_s"])
+    return out
 
 
 def dashboard(path: Path, moves: int = 60) -> dict:
@@ -126,11 +157,13 @@ def dashboard(path: Path, moves: int = 60) -> dict:
             "slider_median_ms": slider["median_ms"], "slider_bytes": slider["bytes_median"]}
 
 
-def child(kind: str, path: Path, *extra: str) -> dict:
-    """Run one measurement in its own process; adds its wall time and peak RSS (wait4)."""
-    cmd = [sys.executable, "-m", "benchmarks.scale", "--child", kind, str(path), *extra]
+def child(kind: str, path: Path, *extra: str, root: Path | None = None) -> dict:
+    """Run one measurement in its own process, this file's measurement with the packages of
+    checkout `root` (default this one); adds its wall time and peak RSS (wait4)."""
+    root = root or ROOT
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(path), *extra]
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     out = p.stdout.read()
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
@@ -201,7 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--project", nargs=2, type=Path, metavar=("IDS_JSON", "PROBS_JSON"),
                     help="print the SD3-medium projection from the scale.json of a routing-only and a --probs run")
     ap.add_argument("--skip-report-above", type=int, default=10**9, help="no report above this many samples")
+    ap.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                    help="also run the report with the code of another checkout (e.g. `git worktree add /tmp/before "
+                         "COMMIT`) on the same traces, right after this one's: before/after in one run")
     args = ap.parse_args(argv)
+    if args.baseline is not None and not (args.baseline / "probes" / "analysis").is_dir():
+        print(f"error: --baseline {args.baseline}: not a checkout of this project (no probes/analysis/)",
+              file=sys.stderr)
+        return 2
     if args.project:
         ids, probs = (json.loads(p.read_text())[-1]["write"] for p in args.project)
         print(json.dumps(project(ids, probs), indent=1))
@@ -218,9 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row["floor"]), flush=True)
         if n <= args.skip_report_above:
             row["report"] = child("report", path)
-            row["report"]["stream_over_floor"] = row["floor"]["floor_records_per_s"] / \
-                row["report"]["stream_records_per_s"]
+            row["report"].update(over_floor(row["floor"], row["report"]))
             print(json.dumps(row["report"]), flush=True)
+            if args.baseline is not None:
+                row["baseline_report"] = child("report", path, root=args.baseline)
+                row["baseline_report"].update(over_floor(row["floor"], row["baseline_report"]))
+                print(json.dumps({"baseline": str(args.baseline), **row["baseline_report"]}), flush=True)
         if args.dashboard and n == sizes[-1]:
             row["dashboard"] = child("dashboard", path)
             print(json.dumps(row["dashboard"]), flush=True)

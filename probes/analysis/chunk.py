@@ -3,10 +3,15 @@
 A chunk cell is one (sample, branch, timestep) of a sampling trace or one event of a training
 trace: expert ids of shape (layer, step, token). The shared per-chunk work is done once here:
 the ids clipped to K (any id >= K, unwritten 255 or ablated 254, becomes the extra slot K,
-which every table drops, so nothing needs masking) and one histogram per (layer, step,
-position region, expert) by a single `np.bincount`. Families that pair two routings of the
-same tokens (transitions, stability) count the pairs with `ChunkTables.pairs`, again one
-`np.bincount`.
+which every table drops, so nothing needs masking) and one `np.bincount` on a combined key
+that gives both the histogram per (layer, step, position region, expert) and the joint counts
+of (expert at step s, expert at step s+1) per (layer, step pair) that the transitions read:
+the histogram of steps 0..S-2 is the pair table's row sum, that of step S-1 its column sum
+(when that table is no larger than the chunk; else two counts).
+Families that pair two routings of the same tokens (stability, expert change) count the
+pairs with `ChunkTables.pairs`, again one `np.bincount`, shared between the families that ask
+for the same two routings in one chunk. Keys are built in the smallest unsigned dtype that
+holds them (uint16 for the usual grids), so building one costs a few byte passes.
 """
 
 from __future__ import annotations
@@ -18,43 +23,94 @@ import numpy as np
 from .setup import Label, TraceGrid
 
 
+def _key_dtype(size: int) -> type:
+    """Smallest unsigned dtype holding every key below `size` (np.bincount takes any of them)."""
+    return np.uint16 if size <= 1 << 16 else np.uint32 if size <= 1 << 32 else np.intp
+
+
 class ChunkTables:
     """The combined bincount keys of a grid's (layer, step[, position]) cells, computed once."""
 
     def __init__(self, grid: TraceGrid, labels: list[Label]) -> None:
         n_layers, n_steps, slots = len(grid.layers), len(grid.steps), grid.n_experts + 1
         self.shape = (n_layers, n_steps)
-        self.n_experts = grid.n_experts
+        self.n_experts = self.k = grid.n_experts
         label = next((lab for lab in labels if lab.kind == "position"), None)
         position = label.codes if label is not None else None
         # every region of the label, also those no stored token falls in (a trace of a few
         # explicit --tokens): the tables are sized by the label's values, not by the codes seen
         self.n_positions = len(label.values) if label is not None else 1
-        cell = np.arange(n_layers).reshape(-1, 1, 1) * n_steps + np.arange(n_steps).reshape(1, -1, 1)
         position_part = (np.asarray(position, dtype=np.intp).reshape(1, 1, -1) if position is not None
                          else np.zeros((1, 1, 1), np.intp))
-        self._histogram_key = ((cell * self.n_positions + position_part) * slots).astype(np.intp)
+        cell = np.arange(n_layers).reshape(-1, 1, 1) * n_steps + np.arange(n_steps).reshape(1, -1, 1)
         self._histogram_size = n_layers * n_steps * self.n_positions * slots
-        self._pair_key = (cell * slots**2).astype(np.intp)  # (layer, step, 1)
+        self._histogram_key = ((cell * self.n_positions + position_part) * slots).astype(
+            _key_dtype(self._histogram_size))
         self._pair_size = n_layers * n_steps * slots**2
+        self._pair_dtype = _key_dtype(self._pair_size)
+        self._pair_key = (cell * slots**2).astype(self._pair_dtype)  # (layer, step, 1)
+        self._joint_size = n_layers * (n_steps - 1) * self.n_positions * slots**2
+        # one count for both only where its table is no larger than the records it counts
+        self.joint = n_steps >= 2 and self._joint_size <= n_layers * (n_steps - 1) * len(grid.tokens)
+        self._timestep_index = ({t: i for i, t in enumerate(np.asarray(grid.timesteps).tolist())}
+                                if grid.timesteps is not None else {})
+        if self.joint:
+            pair_cell = (np.arange(n_layers).reshape(-1, 1, 1) * (n_steps - 1)
+                         + np.arange(n_steps - 1).reshape(1, -1, 1))
+            self._joint_dtype = _key_dtype(self._joint_size)
+            self._joint_key = ((pair_cell * self.n_positions + position_part) * slots**2).astype(self._joint_dtype)
+        self._memo: list[tuple[np.ndarray, np.ndarray, int, np.ndarray]] = []
 
     def histogram(self, clipped: np.ndarray) -> np.ndarray:
         """Counts (layer, step, position region, K + 1) of clipped ids; slot K = invalid."""
         flat = np.bincount((self._histogram_key + clipped).reshape(-1), minlength=self._histogram_size)
         return flat.reshape(*self.shape, self.n_positions, self.n_experts + 1)
 
+    def count(self, clipped: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The chunk's histogram (as `histogram`) and, with >= 2 steps, its step pairs (layer,
+        step pair, K, K) (as `pairs(clipped, clipped, shift=1)` without the empty last step),
+        from one bincount. Starts a new chunk: forgets the pair tables of the previous one."""
+        self._memo = []
+        if not self.joint:
+            return self.histogram(clipped), None
+        n_layers, n_steps = self.shape
+        slots = self.n_experts + 1
+        # key (layer, step pair, region, expert at s+1, expert at s): the sums below run over
+        # leading axes (fast reductions), not over a short last axis
+        key = np.multiply(clipped[:, 1:], slots, dtype=self._joint_dtype, casting="unsafe")
+        np.add(key, clipped[:, :-1], out=key, casting="unsafe")
+        np.add(key, self._joint_key, out=key, casting="unsafe")
+        table = np.bincount(key.reshape(-1), minlength=self._joint_size).reshape(
+            n_layers, n_steps - 1, self.n_positions, slots, slots)
+        histogram = np.empty((n_layers, n_steps, self.n_positions, slots), np.int64)
+        np.einsum("lspba->lspa", table, out=histogram[:, :-1])  # step s: the first of the pair (s, s+1)
+        np.einsum("lpba->lpb", table[:, -1], out=histogram[:, -1])  # the last step: the second of the last pair
+        k = self.n_experts
+        return histogram, table.sum(axis=2).swapaxes(-1, -2)[..., :k, :k]
+
+    def timestep_index(self, timestep) -> int:
+        """Position of a recorded timestep in the grid's timesteps."""
+        return self._timestep_index[timestep.item() if isinstance(timestep, np.generic) else timestep]
+
     def pairs(self, first: np.ndarray, second: np.ndarray, shift: int = 0) -> np.ndarray:
         """Joint counts (layer, step, K, K) of two clipped routings of the same tokens, valid
-        pairs only; `shift=1` pairs step s of `first` with step s+1 of `second` (transitions;
-        the last step's row stays empty)."""
+        pairs only; `shift=1` pairs step s of `first` with step s+1 of `second` (the last
+        step's row stays empty). Within one chunk the table of the same two arrays is counted
+        once (stability and expert change both pair a chunk with its previous timestep);
+        it is read-only."""
+        for a, b, s, table in self._memo:
+            if a is first and b is second and s == shift:
+                return table
         n_steps, slots = self.shape[1], self.n_experts + 1
-        if shift:
-            first, second = first[:, :-shift], second[:, shift:]
-        key = np.multiply(first, slots, dtype=np.intp)
-        key += self._pair_key[:, : n_steps - shift]
-        key += second
+        a, b = (first[:, :-shift], second[:, shift:]) if shift else (first, second)
+        key = np.multiply(a, slots, dtype=self._pair_dtype, casting="unsafe")
+        np.add(key, b, out=key, casting="unsafe")
+        np.add(key, self._pair_key[:, : n_steps - shift], out=key, casting="unsafe")
         table = np.bincount(key.reshape(-1), minlength=self._pair_size).reshape(*self.shape, slots, slots)
-        return table[..., : self.n_experts, : self.n_experts]
+        table = table[..., : self.n_experts, : self.n_experts]
+        table.flags.writeable = False
+        self._memo.append((first, second, shift, table))
+        return table
 
 
 @dataclass
@@ -74,6 +130,7 @@ class Chunk:
     expert_counts: np.ndarray  # (layer, step, K): valid ids only
     n_invalid: int
     tables: ChunkTables
+    step_pairs: np.ndarray | None = None  # (layer, step pair, K, K): valid pairs of steps s, s+1
 
     @property
     def all_valid(self) -> bool:
@@ -83,16 +140,23 @@ class Chunk:
     def sample(self) -> int:
         return int(self.coords["sample"])
 
+    def transitions(self) -> np.ndarray:
+        """(layer, step pair, K, K) joint counts of the experts at steps s and s+1."""
+        if self.step_pairs is not None:
+            return self.step_pairs
+        return self.tables.pairs(self.clipped, self.clipped, shift=1)[:, :-1]
+
 
 def make_chunk(grid: TraceGrid, tables: ChunkTables, coords: dict, ids: np.ndarray, counts: np.ndarray,
                prob: np.ndarray | None, latents: np.ndarray | None) -> Chunk:
     k = grid.n_experts
-    clipped = np.minimum(ids, k)
-    histogram = tables.histogram(clipped)
+    clipped = ids if ids.size and ids.max() < k else np.minimum(ids, k)  # a copy only with invalid ids
+    histogram, step_pairs = tables.count(clipped)
     if grid.sampling:
         branch = grid.branches.index(str(coords["branch"]))
-        timestep = int(np.nonzero(grid.timesteps == coords["timestep"])[0][0])
+        timestep = tables.timestep_index(coords["timestep"])
     else:
         branch, timestep = 0, None
+    valid = histogram[..., :k]
     return Chunk(coords, ids, counts, prob, latents, grid.bin_of(coords), branch, timestep, clipped,
-                 histogram[..., :k], histogram[..., :k].sum(axis=2), int(histogram[..., k].sum()), tables)
+                 valid, valid.sum(axis=2), int(histogram[..., k].sum()), tables, step_pairs)

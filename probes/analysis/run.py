@@ -22,16 +22,37 @@ def stream(trace: TraceReader, families: list[ProbeFamily], context: Context) ->
     grid, tables = context.grid, ChunkTables(context.grid, context.labels)
     needed = {name for family in families for name in family.needs if trace.has(name)}
     extra = {name: trace.iter_chunks(name) for name in ("/routing/prob", "/latents/h") if name in needed}
-    counts = trace.iter_chunks("/routing/counts")
+    counts = SampleCounts(trace, tables) if grid.sampling else None
+    counts_cells = None if grid.sampling else trace.iter_chunks("/routing/counts")
     n_chunks = 0
     for block in trace.iter_chunks("/routing/expert"):
         data = {name: next(it).data for name, it in extra.items()}
-        chunk = make_chunk(grid, tables, block.coords, block.data, next(counts).data,
+        cell_counts = counts.cell(block.coords) if counts is not None else next(counts_cells).data
+        chunk = make_chunk(grid, tables, block.coords, block.data, cell_counts,
                            data.get("/routing/prob"), data.get("/latents/h"))
         for family in families:
             family.update(chunk)
         n_chunks += 1
     return n_chunks
+
+
+class SampleCounts:
+    """`/routing/counts` of a sampling trace by chunk cell, read one sample at a time: its HDF5
+    chunk holds every branch and timestep of the sample, so one read serves all its cells
+    (instead of one small read per cell)."""
+
+    def __init__(self, trace: TraceReader, tables: ChunkTables) -> None:
+        self.trace, self.tables = trace, tables
+        self.row = {int(s): r for r, s in enumerate(trace.coords["sample"])}
+        self.branch = {str(b): i for i, b in enumerate(trace.coords["branch"])}
+        self.sample: int | None = None
+        self.block: Any = None
+
+    def cell(self, coords: dict) -> Any:
+        sample = int(coords["sample"])
+        if sample != self.sample:
+            self.sample, self.block = sample, self.trace.read("/routing/counts", sample=self.row[sample])
+        return self.block[self.branch[str(coords["branch"])], self.tables.timestep_index(coords["timestep"])]
 
 
 def run_pass(trace: TraceReader, options: Options, timings: dict[str, float]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ loss-free balancing (MaxVio), OLMoE / NeMo (dead experts, utilisation).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -154,6 +155,104 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+# --------------------------------------------------------------------------- float16 gate sums
+
+FLOAT16_FINITE_END = 0x7C00  # float16 bit patterns below this are the finite values >= +0
+ROW_BLOCK_RECORDS = 16384  # records per block of rows: the float64 temporaries stay in cache
+
+
+@functools.cache
+def _neg_p_log_p() -> np.ndarray:
+    """``-p log p`` (0 at p = 0) of every finite non-negative float16 bit pattern, in float64."""
+    value = np.arange(FLOAT16_FINITE_END, dtype=np.uint16).view(np.float16).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(value > 0, -value * np.log(np.where(value > 0, value, 1.0)), 0.0)
+
+
+def _top_two(columns: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Largest and second largest (with multiplicity) of ``len(columns)`` >= 2 arrays, elementwise,
+    by a tournament of maxima and minima; the values are >= 0 (a missing opponent is 0)."""
+    level = [(np.maximum(a, b), np.minimum(a, b)) for a, b in zip(columns[0::2], columns[1::2])]
+    if len(columns) % 2:
+        level.append((columns[-1], np.zeros_like(columns[-1])))
+    while len(level) > 1:
+        merged = [(np.maximum(a, c), np.maximum(np.minimum(a, c), np.maximum(b, d)))
+                  for (a, b), (c, d) in zip(level[0::2], level[1::2])]
+        level = merged + level[len(merged) * 2:]
+    return level[0]
+
+
+def float16_row_sums(probs: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+    """`GateAccumulator`'s per-record columns of stored float16 probabilities ``(rows..., T, K)``
+    and their valid ids ``(rows..., T)``, summed over the T records of each row: ``(rows...,
+    K + 6)``; None where this path does not apply (a negative, infinite or NaN probability, a
+    token whose probabilities are all 0, an id >= K, K < 2: `GateAccumulator.update` then takes
+    the general path).
+
+    The same quantities as the general path, computed from the float16 bit patterns a few rows
+    at a time: the sums of P_k and of the margin are exact either way (sums of float16 values in
+    float64); the entropy is ``log S + sum_k (-p_k log p_k) / S`` with ``S = sum_k p_k`` (the
+    general path's entropy of p / S, rearranged), ``-p log p`` looked up per bit pattern, so it
+    agrees with the general path to float64 rounding; argmax is the first column holding the
+    largest value, as ``np.argmax``.
+    """
+    k, n_tokens = probs.shape[-1], probs.shape[-2]
+    bits = probs.view(np.uint16)
+    if k < 2 or bits.size == 0 or bits.max() >= FLOAT16_FINITE_END or ids.max() >= k:
+        return None
+    rows = probs.shape[:-2]
+    bits, ids = bits.reshape(-1, n_tokens, k), ids.reshape(-1, n_tokens)
+    out = np.zeros((bits.shape[0], k + 6))
+    step = max(1, ROW_BLOCK_RECORDS // n_tokens)
+    for r0 in range(0, bits.shape[0], step):
+        if not _row_block_sums(bits[r0:r0 + step], ids[r0:r0 + step], out[r0:r0 + step]):
+            return None
+    out[:, k + 5] = n_tokens  # has_ids; lse^2 and has_logits stay 0
+    return out.reshape(rows + (k + 6,))
+
+
+def _row_block_sums(bits: np.ndarray, ids: np.ndarray, out: np.ndarray) -> bool:
+    """`float16_row_sums` of a block of rows (``bits`` (rows, T, K)) into ``out``; False where a
+    token's probabilities are all 0 (its entropy is NaN: the general path's business)."""
+    k = bits.shape[-1]
+    columns = np.ascontiguousarray(np.moveaxis(bits, -1, 0))  # (K, rows, T): one array per expert
+    total, plogp, v, h = (np.empty(columns.shape[1:]) for _ in range(4))
+    for j, column in enumerate(columns):
+        np.copyto(v if j else total, column.view(np.float16))  # float16 -> float64 is exact
+        np.take(_neg_p_log_p(), column, out=h if j else plogp)
+        out[:, j] = (v if j else total).sum(axis=-1)
+        if j:
+            total += v
+            plogp += h
+    if not (total > 0).all():
+        return False
+    entropy_ = np.log(total)
+    entropy_ += np.divide(plogp, total, out=plogp)
+    out[:, k] = entropy_.sum(axis=-1)
+    top, second = _top_two(list(columns))
+    np.copyto(v, top.view(np.float16))
+    np.copyto(h, second.view(np.float16))
+    out[:, k + 1] = v.sum(axis=-1) - h.sum(axis=-1)  # both sums exact: the sum of the margins
+    out[:, k + 3] = _disagreements(columns, top, second, ids)
+    return True
+
+
+def _disagreements(columns: np.ndarray, top: np.ndarray, second: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Per row, the records whose argmax (the first of ``columns`` holding the largest value)
+    is not their id: with one largest value, those whose id's value is not it; with a tie,
+    ``np.argmax`` over the columns of those records."""
+    k, n = columns.shape[0], top.size
+    flat_ids = ids.reshape(-1)
+    at = flat_ids.astype(np.intp)
+    at *= n
+    at += np.arange(n)
+    wrong = columns.reshape(-1)[at] != top.reshape(-1)
+    tie = np.flatnonzero(top.reshape(-1) == second.reshape(-1))
+    if tie.size:
+        wrong[tie] = columns.reshape(k, n)[:, tie].argmax(axis=0) != flat_ids[tie]
+    return wrong.reshape(top.shape).sum(axis=-1)
+
+
 # --------------------------------------------------------------------------- accumulators
 
 
@@ -260,9 +359,17 @@ class GateAccumulator(Stat):
         logits: np.ndarray | None = None,
         ids: np.ndarray | None = None,
         groups: Sequence[np.ndarray | int] = (),
+        expert_counts: np.ndarray | None = None,
     ) -> None:
+        """Fold in one chunk. Stored (float16) probabilities with valid ids and groups that are
+        constant along the token axis (the second to last axis of ``probs``, e.g. one (layer,
+        step) per row) take `float16_row_sums`: the same sums, by row, without float64 copies
+        of every probability; ``expert_counts`` (rows + (K,)), the ids' counts per row when the
+        caller has them, then saves counting the ids again."""
         if probs is None and logits is None:
             raise ValueError("give probs or logits")
+        if logits is None and ids is not None and self._update_rows(probs, ids, groups, expert_counts):
+            return
         if logits is not None:
             logits = np.asarray(logits, dtype=np.float64)
             lse = logsumexp(logits, axis=-1)
@@ -296,6 +403,25 @@ class GateAccumulator(Stat):
         )
         self._sums.update(cols, groups)
         self._load.update([hard], groups)
+
+    def _update_rows(self, probs, ids, groups, expert_counts) -> bool:
+        """The float16 path of `update`; False (nothing folded) where it does not apply."""
+        p, hard = np.asarray(probs), np.asarray(ids)
+        if p.dtype != np.float16 or p.ndim < 2 or hard.shape != p.shape[:-1] or p.shape[-1] != self.n_experts:
+            return False
+        if any(np.ndim(g) and np.shape(g)[-1] != 1 for g in groups):
+            return False  # a group that varies along the tokens
+        sums = float16_row_sums(p, hard)
+        if sums is None:
+            return False
+        rows = p.shape[:-2]
+        row_groups = [np.asarray(g)[..., 0] if np.ndim(g) else g for g in groups]
+        self._sums.add_rows(sums, p.shape[-2], row_groups)
+        if expert_counts is None:
+            self._load.update([hard], groups)
+        else:
+            self._load.add_grouped(np.broadcast_to(expert_counts, rows + (self.n_experts,)), row_groups)
+        return True
 
     def result(self, keep: Sequence[str] | None = None) -> GateStats:
         """Statistics per group; ``keep`` names the group axes to keep (the others are

@@ -30,11 +30,13 @@ from typing import Sequence
 
 import numpy as np
 
+_UNSIGNED = ((np.uint8, 255), (np.uint16, 65535), (np.uint32, 2**32 - 1))
+
 
 def _index_dtype(bound: int) -> type:
     """Smallest unsigned dtype holding values below ``bound`` (intermediate keys)."""
-    for dt in (np.uint8, np.uint16, np.uint32):
-        if bound <= np.iinfo(dt).max:
+    for dt, top in _UNSIGNED:
+        if bound <= top:
             return dt
     return np.intp
 
@@ -268,6 +270,28 @@ class GroupedSums(Stat):
         self._counts += np.bincount(key, minlength=self._n_groups)
         for j in range(self.width):  # one weighted bincount per column
             self._sums[:, j] += np.bincount(key, weights=flat[:, j], minlength=self._n_groups)
+
+    def add_at(self, sums: np.ndarray, counts: np.ndarray | int, at: tuple) -> None:
+        """Fold in per-group sums of one block of the group grid: ``at`` indexes it (ints and
+        slices, as `GroupedCounts.add_counts`), ``sums`` has the block's shape + ``(width,)``
+        and ``counts`` (records per group) broadcasts to the block."""
+        self._sums.reshape(self.group_shape + (self.width,))[at] += sums
+        self._counts.reshape(self.group_shape)[at] += counts
+
+    def add_rows(self, sums: np.ndarray, counts: np.ndarray, groups: Sequence[np.ndarray | int] = ()) -> None:
+        """Fold in sums already taken over the records of each row: ``sums`` of shape
+        ``lead + (width,)`` and ``counts`` (records per row) of shape ``lead``, with group
+        indices broadcastable to ``lead`` (several rows may share a group)."""
+        s = np.asarray(sums, dtype=np.float64)
+        if s.shape[-1] != self.width:
+            raise ValueError(f"last axis must have width {self.width}")
+        lead = s.shape[:-1]
+        if len(groups) != len(self.group_shape):
+            raise ValueError(f"expected {len(self.group_shape)} group arrays, got {len(groups)}")
+        key = (_flat_key(list(groups), self.group_shape, lead).reshape(-1) if self.group_shape
+               else np.zeros(int(np.prod(lead)), dtype=np.intp))
+        np.add.at(self._sums, key, s.reshape(-1, self.width))
+        np.add.at(self._counts, key, np.broadcast_to(np.asarray(counts, dtype=np.int64), lead).reshape(-1))
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         return (

@@ -50,11 +50,24 @@ def neighbour_agreement(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-map counts of same-expert horizontal and vertical neighbour pairs.
 
     ``maps`` has shape ``(..., h, w)``; returns two int arrays of shape ``(...)``.
+    Computed on the row-major token axis (contiguous slices, byte sums): vertical pairs are
+    the tokens ``w`` apart, horizontal pairs the tokens 1 apart less the ``h - 1`` pairs that
+    wrap from the end of one row to the start of the next.
     """
     m = np.asarray(maps)
-    same_h = np.count_nonzero(m[..., :, 1:] == m[..., :, :-1], axis=(-2, -1))
-    same_v = np.count_nonzero(m[..., 1:, :] == m[..., :-1, :], axis=(-2, -1))
+    *lead, h, w = m.shape
+    flat = m.reshape(*lead, h * w)
+    same_h = _count_true(flat[..., 1:] == flat[..., :-1]) - _count_true(flat[..., w - 1:-1:w] == flat[..., w::w])
+    same_v = _count_true(flat[..., w:] == flat[..., :-w])
     return same_h, same_v
+
+
+def _count_true(mask: np.ndarray) -> np.ndarray:
+    """Number of True along the last axis, as int64 (summed as bytes: no bool-to-int copy)."""
+    if mask.shape[-1] == 0:
+        return np.zeros(mask.shape[:-1], np.int64)
+    acc = np.uint16 if mask.shape[-1] < 1 << 16 else np.int64
+    return mask.view(np.uint8).sum(axis=-1, dtype=acc).astype(np.int64)
 
 
 class SpatialCoherenceAccumulator(Stat):
@@ -95,6 +108,18 @@ class SpatialCoherenceAccumulator(Stat):
             self._experts.add_grouped(c, groups)
         else:
             self._experts.update([a], [np.expand_dims(np.asarray(g), (-2, -1)) if np.ndim(g) else g for g in groups])
+
+    def add_block(self, ids: np.ndarray, at: tuple, expert_counts: np.ndarray) -> None:
+        """Fold in maps whose groups are one block of the group grid: ``at`` indexes it (ints
+        and slices, as `GroupedCounts.add_counts`), ``ids`` has the block's shape + ``(h, w)``
+        (or ``h*w``) and ``expert_counts`` the block's shape + ``(K,)``. The same state as
+        `update` with one group index per map, without building group keys."""
+        a = np.asarray(ids)
+        if a.shape[-1] == self.h * self.w and (a.ndim < 2 or a.shape[-2:] != (self.h, self.w)):
+            a = a.reshape(a.shape[:-1] + (self.h, self.w))
+        sh, sv = neighbour_agreement(a)
+        self._pairs.add_at(np.stack([sh, sv, np.ones_like(sh)], axis=-1), 1, at)
+        self._experts.add_counts(expert_counts, at)
 
     def result(self, keep: Sequence[str] | None = None) -> SpatialStats:
         """Coherence per group; ``keep`` names the group axes to keep (the others are

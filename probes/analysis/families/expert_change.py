@@ -18,24 +18,23 @@ class ExpertChangeFamily(ProbeFamily):
         shape = (len(self.grid.layers), len(self.grid.steps), self.grid.n_bins)
         self.changed = np.zeros(shape, np.int64)  # tokens whose expert changed
         self.pairs = np.zeros(shape, np.int64)  # tokens valid at both timesteps
-        # branch -> (sample, timestep, clipped ids, all valid) of the branch's previous chunk
-        self.previous: dict[int, tuple[int, int, np.ndarray, bool]] = {}
+        # branch -> (sample, timestep, clipped ids) of the branch's previous chunk
+        self.previous: dict[int, tuple[int, int, np.ndarray]] = {}
         self.bin_of_timestep = [self.grid.bin_of({"timestep": t}) for t in self.grid.timesteps]
 
     def update(self, chunk: Chunk) -> None:
         last = self.previous.get(chunk.branch)
-        self.previous[chunk.branch] = (chunk.sample, chunk.timestep, chunk.clipped, chunk.all_valid)
+        self.previous[chunk.branch] = (chunk.sample, chunk.timestep, chunk.clipped)
         if last is None or last[:2] != (chunk.sample, chunk.timestep - 1):
             return
-        earlier, ids = last[2], chunk.clipped
+        # the joint table of (expert at the earlier timestep, expert now) over the tokens valid at
+        # both: its sum is the pairs, its off-diagonal the changes (the stability family's
+        # adjacent-timestep table of the same two chunks: counted once, ChunkTables.pairs)
+        table = chunk.tables.pairs(last[2], chunk.clipped)
+        n = table.sum(axis=(-2, -1))
         at = (slice(None), slice(None), self.bin_of_timestep[chunk.timestep - 1])
-        if last[3] and chunk.all_valid:  # the common case: one comparison pass
-            self.pairs[at] += ids.shape[-1]
-            self.changed[at] += (earlier != ids).sum(axis=-1)
-            return
-        both = (earlier < self.grid.n_experts) & (ids < self.grid.n_experts)
-        self.pairs[at] += both.sum(axis=-1)
-        self.changed[at] += (both & (earlier != ids)).sum(axis=-1)
+        self.pairs[at] += n
+        self.changed[at] += n - np.trace(table, axis1=-2, axis2=-1)
 
     def result(self) -> Part:
         with np.errstate(invalid="ignore", divide="ignore"):

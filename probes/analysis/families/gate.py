@@ -31,11 +31,11 @@ class GateFamily(ProbeFamily):
         self.step_index = np.arange(len(grid.steps)).reshape(1, -1, 1)
 
     def update(self, chunk: Chunk) -> None:
-        probs = chunk.prob.astype(np.float64)
         groups = (self.layer_index, self.step_index, chunk.timestep_bin, chunk.branch)
-        if chunk.all_valid:
-            self.gate.update(probs=probs, ids=chunk.ids, groups=groups)
+        if chunk.all_valid:  # stored float16: GateAccumulator's row path, with the chunk's counts
+            self.gate.update(probs=chunk.prob, ids=chunk.ids, groups=groups, expert_counts=chunk.expert_counts)
             return
+        probs = chunk.prob.astype(np.float64)
         valid = chunk.ids < self.grid.n_experts
         self.gate.update(probs=probs[valid], ids=chunk.ids[valid],
                          groups=(np.broadcast_to(self.layer_index, valid.shape)[valid],

@@ -33,8 +33,7 @@ class SpatialFamily(ProbeFamily):
         n_layers, n_steps = chunk.ids.shape[:2]
         maps = chunk.ids.reshape(n_layers, n_steps, *self.grid.token_grid)
         if chunk.all_valid:
-            self.spatial.update(maps, self.layer_index, self.step_index, chunk.timestep_bin,
-                                expert_counts=chunk.expert_counts)
+            self.spatial.add_block(maps, (slice(None), slice(None), chunk.timestep_bin), chunk.expert_counts)
             return
         valid = (chunk.ids < self.grid.n_experts).all(axis=-1)
         if valid.any():

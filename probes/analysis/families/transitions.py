@@ -23,8 +23,7 @@ class TransitionFamily(ProbeFamily):
         self.transitions = TransitionAccumulator(self.grid.n_experts, shape)
 
     def update(self, chunk: Chunk) -> None:  # table (layer, bin, step pair, K, K)
-        pairs = chunk.tables.pairs(chunk.clipped, chunk.clipped, shift=1)[:, :-1]
-        self.transitions.add_counts(pairs, at=(slice(None), chunk.timestep_bin))
+        self.transitions.add_counts(chunk.transitions(), at=(slice(None), chunk.timestep_bin))
 
     def result(self) -> Part:
         steps, table = self.grid.steps, self.transitions.table()
