@@ -15,7 +15,7 @@ from dash import Input, Output, State, dcc, html
 
 from . import security, selection
 from . import views as view_package
-from .common import Context, View
+from .common import Context, View, guarded, unguarded
 
 LIVE_POLL_MS = 2000
 
@@ -25,13 +25,15 @@ def create_app(ctx: Context, views: list[View] | None = None) -> dash.Dash:
     ViewError when a view is declared wrongly or missing from the list."""
     views = view_package.checked(view_package.VIEWS if views is None else views, view_package.view_modules())
     app = dash.Dash(__name__, title="Thinking Pixel dashboard", assets_folder=str(Path(__file__).with_name("assets")),
-                    suppress_callback_exceptions=True, update_title=None)
+                    suppress_callback_exceptions=True, update_title=None,
+                    on_error=unguarded)
     tabs = [dcc.Tab(label=v.label, value=v.key, className="tab-small", selected_className="tab-small",
                     children=html.Div(v.layout(ctx), className="view", id=f"view-{v.key}"))
             for v in views]
     app.dashboard_context = ctx  # view_body checks request values against the served traces
     security.install_host_check(app.server, security.allowed_hosts(ctx.bind))
     security.install_error_line(app.server)
+    security.install_callback_check(app)  # a body the page would not send: 400 before Dash reads it
     app.layout = html.Div([
         dcc.Location(id="url", refresh=False),
         dcc.Store(id="nav"),
@@ -53,6 +55,7 @@ def create_app(ctx: Context, views: list[View] | None = None) -> dash.Dash:
 
     @app.callback(Output("version", "data"), Output("live-status", "children"), Output("live-tick", "disabled"),
                   Input("live-tick", "n_intervals"), State("sel-trace", "value"), State("version", "data"))
+    @guarded(failed=lambda msg: (dash.no_update, msg, False))
     def live(_n, tid, version):
         """Follow a trace whose writer is still running: bump `version` when it grew."""
         try:

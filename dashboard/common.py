@@ -187,6 +187,23 @@ def guarded(fn: Callable | None = None, *, failed: Callable[[html.Div], Any] | N
     return run
 
 
+def in_status(n_outputs: int = 1) -> Callable[[html.Div], Any]:
+    """`failed=` for a callback with no place of its own for a message (the selection's, the play
+    buttons', navigation): the line goes to the page's status line under the selection bar, and
+    the callback's `n_outputs` outputs stay as they were."""
+    def show(msg: html.Div) -> Any:
+        dash.set_props("status", {"children": msg})
+        return dash.no_update if n_outputs == 1 else (dash.no_update,) * n_outputs
+    return show
+
+
+def unguarded(exc: Exception) -> None:
+    """The app's `on_error`: a callback that is not `guarded` (a bug: every callback should be)
+    still answers with one error line in the status line, not an HTTP 500; its outputs stay."""
+    log.error("%s from a callback that is not guarded", type(exc).__name__)  # the fuzz test looks for this line
+    in_status()(message(error_text(exc), "error"))
+
+
 def view_body(app: dash.Dash, view: str, outputs: Output | list[Output], *inputs: Input | State,
               failed: Callable[[html.Div], Any] | None = None, trace: bool = True) -> Callable:
     """Register `fn(trace_id, *input_values)` as a callback of the view whose key is `view` (the
