@@ -8,6 +8,7 @@ selected trace.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import dash
@@ -75,6 +76,29 @@ def create_app(ctx: Context, views: list[View] | None = None) -> dash.Dash:
         return (steps if steps != version else dash.no_update), label, False
 
     return app
+
+
+def warm_up(ctx: Context) -> None:
+    """What the first page's overview needs, done while the browser is still loading the page's
+    scripts (`python -m dashboard` runs this in a thread once the server is built): plotly's figure
+    defaults, the report of the trace the page opens on (from its cache, or computed) and one
+    throwaway overview figure (the first figure plotly builds costs about twice a later one).
+    A failure here is only logged: the page shows it when it asks for that report."""
+    from .common import figure_defaults
+    from .views.overview import evidence, share_figure
+
+    figure_defaults()
+    ok = [o["value"] for o in ctx.registry.options() if ctx.registry.entries[o["value"]].error is None]
+    if not ok:
+        return
+    try:
+        report = ctx.registry.report(ok[0])
+        share_figure(report)
+        layer = next(iter(report["layers"]), None)
+        if layer is not None:
+            evidence(report, int(layer), 0)
+    except Exception as exc:  # shown by the page, not here
+        logging.getLogger("dashboard").info("warm-up: %s: %s", type(exc).__name__, exc)
 
 
 def finished(ctx: Context, tid: str, steps: int):

@@ -8,6 +8,7 @@ import functools
 import io
 import logging
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,17 +34,25 @@ DEFAULT_RESULTS = "runs/evaluate"  # the Results tab's folder when none is named
 GRAPH_CONFIG = {"displaylogo": False, "displayModeBar": "hover", "toImageButtonOptions": {"format": "png", "scale": 2}}
 
 
-def _figure_defaults() -> None:
+_defaults_lock = threading.Lock()
+_defaults_set = False
+
+
+def figure_defaults() -> None:
     """Every figure's title at the top left: the plot toolbar sits at the top right, and a centred
-    title ran under it (the Specialization MI chart, Compare)."""
-    import plotly.graph_objects as go
-    import plotly.io as pio
+    title ran under it (the Specialization MI chart, Compare). Set on first use, not at import:
+    building plotly's templates costs about 0.3 s, which would delay the server's start; `guarded`
+    (every callback) calls this before its view builds a figure, and `app.warm_up` at start."""
+    global _defaults_set
+    with _defaults_lock:
+        if _defaults_set:
+            return
+        import plotly.graph_objects as go
+        import plotly.io as pio
 
-    pio.templates["thinking_pixel"] = go.layout.Template(layout=dict(title=dict(x=0.01, xanchor="left")))
-    pio.templates.default = "plotly+thinking_pixel"
-
-
-_figure_defaults()
+        pio.templates["thinking_pixel"] = go.layout.Template(layout=dict(title=dict(x=0.01, xanchor="left")))
+        pio.templates.default = "plotly+thinking_pixel"
+        _defaults_set = True
 
 
 @dataclass
@@ -180,6 +189,7 @@ def guarded(fn: Callable | None = None, *, failed: Callable[[html.Div], Any] | N
     @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
+            figure_defaults()
             return fn(*args, **kwargs)
         except Exception as exc:  # any failure is shown to the user (and logged when it is a bug)
             msg = message(error_text(exc), "error")
