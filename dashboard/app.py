@@ -51,8 +51,10 @@ def create_app(ctx: Context, views: list[View] | None = None) -> dash.Dash:
         dcc.Graph(id="plotly-preload", figure={}, style={"display": "none"}),
     ])
     selection.register(app, ctx, views)
+    app.dashboard_gates = {}  # view_body: store id -> the view and controls its gate passes on
     for view in views:
         view.register(app, ctx)
+    app.layout.children.append(html.Div([dcc.Store(id=store) for store in app.dashboard_gates], id="gates"))
 
     @app.callback(Output("version", "data"), Output("live-status", "children"), Output("live-tick", "disabled"),
                   Input("live-tick", "n_intervals"), State("sel-trace", "value"), State("version", "data"))

@@ -67,6 +67,8 @@ def install_error_line(server) -> None:
         if isinstance(exc, HTTPException):  # 400, 404, 405...: werkzeug's status, one line
             return f"{exc.code} {exc.name}: {no_paths(exc.description or '')}".strip() + "\n", exc.code, \
                 {"Content-Type": "text/plain; charset=utf-8"}
+        if type(exc).__name__ == "DependencyException":  # Dash: a script path it does not serve
+            return "404 Not Found: no such script\n", 404, {"Content-Type": "text/plain; charset=utf-8"}
         logging.getLogger("dashboard").warning("request failed: %s: %s", type(exc).__name__, exc)
         text = " ".join(no_paths(f"{type(exc).__name__}: {exc}").split())[:300]
         return f"error: {text}\n", 500, {"Content-Type": "text/plain; charset=utf-8"}
@@ -85,8 +87,9 @@ def callback_problem(body, callbacks: dict) -> str | None:
     if not isinstance(body, dict):
         return "the body must be a JSON object (a Dash callback request)"
     output = body.get("output")
-    if not isinstance(output, str) or output not in callbacks:
-        return f"no callback has the output {str(output)[:80]!r}"
+    if not isinstance(output, str) or output not in callbacks or "callback" not in callbacks[output]:
+        # (a clientside callback, such as a view's gate, is listed with no server function)
+        return f"no server callback has the output {str(output)[:80]!r}"
     cb = callbacks[output]
     n_out = len(output.strip(".").split("...")) if output.startswith("..") else 1
     outs = body.get("outputs")

@@ -80,9 +80,10 @@ def request(url: str, method: str, path: str, body: bytes | None = None, host: s
 
 
 def mutations(app, base: dict, rng: random.Random) -> list[dict]:
-    """Callback bodies with one Input/State replaced by a bad value, drawn at random (seeded)."""
+    """Callback bodies with one Input/State replaced by a bad value, drawn at random (seeded); a
+    view's callback is sent with its view open, with the bad value in its gate or its own input."""
     bodies = []
-    outputs = list(app.callback_map)
+    outputs = [k for k, cb in app.callback_map.items() if "callback" in cb]  # server callbacks (not the gates)
     for _ in range(N_MUTATIONS):
         output = rng.choice(outputs)
         cb = app.callback_map[output]
@@ -91,7 +92,11 @@ def mutations(app, base: dict, rng: random.Random) -> list[dict]:
             continue
         target = rng.choice(items)
         key = f"{target['id']}.{target['property']}"
-        values = {**base, key: rng.choice(BAD_VALUES)}
+        gate = next((i["id"] for i in cb["inputs"] if i["id"] in app.dashboard_gates), None)
+        if target["id"] == gate and app.dashboard_gates[gate]["ids"] and rng.random() < 0.7:  # one selection value inside the gate, else the gate itself
+            key = ".".join(rng.choice(app.dashboard_gates[gate]["ids"]))
+        view = {"tabs.value": app.dashboard_gates[gate]["view"]} if gate else {}  # its view open: it runs
+        values = {**base, **view, key: rng.choice(BAD_VALUES)}
         bodies.append(payload(app, output, values, key))
     return bodies
 
@@ -131,6 +136,7 @@ def test_fuzzed_requests(world, monkeypatch, caplog):
     expert_buttons = next(k for k in app.callback_map if "open-expert" in str(app.callback_map[k]["inputs"]))
     malformed += [json.dumps(b).encode() for b in (
         payload(app, expert_buttons, {}),  # a pattern-matching (ALL) input sent as one value, not a list
+        payload(app, next(iter(app.dashboard_gates)) + ".data", {}),  # a view's gate runs in the browser only
         {**sync, "outputs": "x"}, {**sync, "changedPropIds": 5}, {**sync, "inputs": sync["inputs"][:-1]},
         {**sync, "state": [{"id": "sel-t"}]}, {**sync, "inputs": [[]] * len(sync["inputs"])})]
     crafted = [  # job requests the page would not send
