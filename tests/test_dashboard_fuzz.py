@@ -93,7 +93,8 @@ def mutations(app, base: dict, rng: random.Random) -> list[dict]:
         target = rng.choice(items)
         key = f"{target['id']}.{target['property']}"
         gate = next((i["id"] for i in cb["inputs"] if i["id"] in app.dashboard_gates), None)
-        if target["id"] == gate and app.dashboard_gates[gate]["ids"] and rng.random() < 0.7:  # one selection value inside the gate, else the gate itself
+        # one selection value inside the gate (most often), else the gate itself
+        if target["id"] == gate and app.dashboard_gates[gate]["ids"] and rng.random() < 0.7:
             key = ".".join(rng.choice(app.dashboard_gates[gate]["ids"]))
         view = {"tabs.value": app.dashboard_gates[gate]["view"]} if gate else {}  # its view open: it runs
         values = {**base, **view, key: rng.choice(BAD_VALUES)}
