@@ -77,18 +77,26 @@ def make_trace(path: Path) -> None:
 
 def routing_moves(app, tid: str, moves: int) -> dict[str, float]:
     """Server time of routing-map updates (Patch) for slider moves, through the Flask stack."""
+    from dashboard.common import gate_value
+
     client = app.server.test_client()
     output = ("..routing-map.figure...routing-decoded.src...routing-final.src...routing-decoded-note.children"
               "...routing-msg.children...routing-key.data..")
     cb = app.callback_map[output]
     rng = np.random.default_rng(0)
 
+    gate = next(i["id"] for i in cb["inputs"] if i["id"] in app.dashboard_gates)  # the view's selection
+
     def post(values, changed):
+        def value(i):
+            if i["id"] == gate:  # what the page's gate (run in the browser) sends
+                return gate_value(app, gate, values, changed)
+            return values.get(f"{i['id']}.{i['property']}")
         payload = {"output": output, "outputs": [{"id": o.split(".")[0], "property": o.split(".")[1]}
                                                  for o in output.strip(".").split("...")],
-                   "inputs": [{**i, "value": values.get(f"{i['id']}.{i['property']}")} for i in cb["inputs"]],
-                   "state": [{**i, "value": values.get(f"{i['id']}.{i['property']}")} for i in cb["state"]],
-                   "changedPropIds": [changed]}
+                   "inputs": [{**i, "value": value(i)} for i in cb["inputs"]],
+                   "state": [{**i, "value": value(i)} for i in cb["state"]],
+                   "changedPropIds": [f"{gate}.data"]}
         t0 = time.perf_counter()
         r = client.post("/_dash-update-component", json=payload)
         return time.perf_counter() - t0, r
@@ -273,6 +281,11 @@ def browser_run(trace: Path, d, cold: bool, presses: int) -> dict[str, float]:
             time.sleep(0.2)
         ms.sort()
         out.update(press_median_ms=statistics.median(ms), press_max_ms=ms[-1])
+        t1 = time.perf_counter()  # the page opened again on the same server: the browser's cache holds plotly.js
+        d.get(url + "?view=overview")
+        while not d.execute_script("return !!document.querySelector('#overview-share .main-svg')"):
+            time.sleep(0.02)
+        out["reload_s"] = time.perf_counter() - t1
         return out
     finally:
         proc.terminate()

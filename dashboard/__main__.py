@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from cli_common.command import Parser, guard_startup, run_main
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: bound to {a.host}: anyone who reaches this address can read the served traces",
                   file=sys.stderr)
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        from .app import warm_up
+
+        threading.Thread(target=warm_up, args=(ctx,), daemon=True, name="warm-up").start()
         app.run(host=a.host, port=a.port, debug=a.debug)
         # werkzeug's server swallows Ctrl-C and returns; that is the only way it returns
         raise KeyboardInterrupt

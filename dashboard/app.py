@@ -8,6 +8,7 @@ selected trace.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import dash
@@ -15,7 +16,7 @@ from dash import Input, Output, State, dcc, html
 
 from . import security, selection
 from . import views as view_package
-from .common import Context, View
+from .common import Context, View, guarded, unguarded
 
 LIVE_POLL_MS = 2000
 
@@ -25,13 +26,15 @@ def create_app(ctx: Context, views: list[View] | None = None) -> dash.Dash:
     ViewError when a view is declared wrongly or missing from the list."""
     views = view_package.checked(view_package.VIEWS if views is None else views, view_package.view_modules())
     app = dash.Dash(__name__, title="Thinking Pixel dashboard", assets_folder=str(Path(__file__).with_name("assets")),
-                    suppress_callback_exceptions=True, update_title=None)
+                    suppress_callback_exceptions=True, update_title=None,
+                    on_error=unguarded)
     tabs = [dcc.Tab(label=v.label, value=v.key, className="tab-small", selected_className="tab-small",
                     children=html.Div(v.layout(ctx), className="view", id=f"view-{v.key}"))
             for v in views]
     app.dashboard_context = ctx  # view_body checks request values against the served traces
     security.install_host_check(app.server, security.allowed_hosts(ctx.bind))
     security.install_error_line(app.server)
+    security.install_callback_check(app)  # a body the page would not send: 400 before Dash reads it
     app.layout = html.Div([
         dcc.Location(id="url", refresh=False),
         dcc.Store(id="nav"),
@@ -48,11 +51,14 @@ def create_app(ctx: Context, views: list[View] | None = None) -> dash.Dash:
         dcc.Graph(id="plotly-preload", figure={}, style={"display": "none"}),
     ])
     selection.register(app, ctx, views)
+    app.dashboard_gates = {}  # view_body: store id -> the view and controls its gate passes on
     for view in views:
         view.register(app, ctx)
+    app.layout.children.append(html.Div([dcc.Store(id=store) for store in app.dashboard_gates], id="gates"))
 
     @app.callback(Output("version", "data"), Output("live-status", "children"), Output("live-tick", "disabled"),
                   Input("live-tick", "n_intervals"), State("sel-trace", "value"), State("version", "data"))
+    @guarded(failed=lambda msg: (dash.no_update, msg, False))
     def live(_n, tid, version):
         """Follow a trace whose writer is still running: bump `version` when it grew."""
         try:
@@ -72,6 +78,29 @@ def create_app(ctx: Context, views: list[View] | None = None) -> dash.Dash:
         return (steps if steps != version else dash.no_update), label, False
 
     return app
+
+
+def warm_up(ctx: Context) -> None:
+    """What the first page's overview needs, done while the browser is still loading the page's
+    scripts (`python -m dashboard` runs this in a thread once the server is built): plotly's figure
+    defaults, the report of the trace the page opens on (from its cache, or computed) and one
+    throwaway overview figure (the first figure plotly builds costs about twice a later one).
+    A failure here is only logged: the page shows it when it asks for that report."""
+    from .common import figure_defaults
+    from .views.overview import evidence, share_figure
+
+    figure_defaults()
+    ok = [o["value"] for o in ctx.registry.options() if ctx.registry.entries[o["value"]].error is None]
+    if not ok:
+        return
+    try:
+        report = ctx.registry.report(ok[0])
+        share_figure(report)
+        layer = next(iter(report["layers"]), None)
+        if layer is not None:
+            evidence(report, int(layer), 0)
+    except Exception as exc:  # shown by the page, not here
+        logging.getLogger("dashboard").info("warm-up: %s: %s", type(exc).__name__, exc)
 
 
 def finished(ctx: Context, tid: str, steps: int):

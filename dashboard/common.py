@@ -4,10 +4,13 @@ data URIs, messages, the error guard (`guarded`, `view_body`) and the poll of a 
 from __future__ import annotations
 
 import base64
+import contextvars
 import functools
 import io
+import json
 import logging
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,17 +36,25 @@ DEFAULT_RESULTS = "runs/evaluate"  # the Results tab's folder when none is named
 GRAPH_CONFIG = {"displaylogo": False, "displayModeBar": "hover", "toImageButtonOptions": {"format": "png", "scale": 2}}
 
 
-def _figure_defaults() -> None:
+_defaults_lock = threading.Lock()
+_defaults_set = False
+
+
+def figure_defaults() -> None:
     """Every figure's title at the top left: the plot toolbar sits at the top right, and a centred
-    title ran under it (the Specialization MI chart, Compare)."""
-    import plotly.graph_objects as go
-    import plotly.io as pio
+    title ran under it (the Specialization MI chart, Compare). Set on first use, not at import:
+    building plotly's templates costs about 0.3 s, which would delay the server's start; `guarded`
+    (every callback) calls this before its view builds a figure, and `app.warm_up` at start."""
+    global _defaults_set
+    with _defaults_lock:
+        if _defaults_set:
+            return
+        import plotly.graph_objects as go
+        import plotly.io as pio
 
-    pio.templates["thinking_pixel"] = go.layout.Template(layout=dict(title=dict(x=0.01, xanchor="left")))
-    pio.templates.default = "plotly+thinking_pixel"
-
-
-_figure_defaults()
+        pio.templates["thinking_pixel"] = go.layout.Template(layout=dict(title=dict(x=0.01, xanchor="left")))
+        pio.templates.default = "plotly+thinking_pixel"
+        _defaults_set = True
 
 
 @dataclass
@@ -180,6 +191,7 @@ def guarded(fn: Callable | None = None, *, failed: Callable[[html.Div], Any] | N
     @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
+            figure_defaults()
             return fn(*args, **kwargs)
         except Exception as exc:  # any failure is shown to the user (and logged when it is a bug)
             msg = message(error_text(exc), "error")
@@ -187,20 +199,86 @@ def guarded(fn: Callable | None = None, *, failed: Callable[[html.Div], Any] | N
     return run
 
 
+def in_status(n_outputs: int = 1) -> Callable[[html.Div], Any]:
+    """`failed=` for a callback with no place of its own for a message (the selection's, the play
+    buttons', navigation): the line goes to the page's status line under the selection bar, and
+    the callback's `n_outputs` outputs stay as they were."""
+    def show(msg: html.Div) -> Any:
+        dash.set_props("status", {"children": msg})
+        return dash.no_update if n_outputs == 1 else (dash.no_update,) * n_outputs
+    return show
+
+
+def unguarded(exc: Exception) -> None:
+    """The app's `on_error`: a callback that is not `guarded` (a bug: every callback should be)
+    still answers with one error line in the status line, not an HTTP 500; its outputs stay."""
+    log.error("%s from a callback that is not guarded", type(exc).__name__)  # the fuzz test looks for this line
+    in_status()(message(error_text(exc), "error"))
+
+
+# Controls whose values reach a view through its gate (`view_body`): the selection bar and the
+# live trace's version. A view's other inputs (its own controls) are Inputs of its callback.
+GATED = ("sel-trace", *SELECTION_IDS, "version")
+_changed: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("changed", default=())
+
+# The gate of one view callback, run in the browser: while the view's tab is open (and, for a
+# trace view, a trace is selected) it copies the values of the controls the callback reads into
+# its store, which is the callback's input; otherwise it leaves the store alone, so the server
+# hears nothing of a hidden view (at load, eleven callbacks fired where one view shows; every
+# slider move asked every view). `changed`: the controls that moved (`changed_controls`).
+GATE_JS = """function(view) {
+    const dc = window.dash_clientside, ids = %(ids)s, values = Array.prototype.slice.call(arguments, 1);
+    if (view !== %(view)s) { return dc.no_update; }
+    const out = {view: view, at: Date.now(),
+                 changed: ((dc.callback_context || {}).triggered || []).map(t => t.prop_id.split('.')[0])};
+    ids.forEach((id, i) => { out[id] = values[i]; });
+    if (%(trace)s && out['sel-trace'] == null) { return dc.no_update; }
+    return out;
+}"""
+
+
+def changed_controls() -> tuple[str, ...]:
+    """The selection controls (ids) whose move made the running view callback fire ("tabs" when
+    its tab was opened); () when the view's own control did."""
+    return _changed.get()
+
+
+def gate_value(app: dash.Dash, store: str, values: dict[str, Any], changed: str | None = None) -> dict | None:
+    """What the page's gate (`GATE_JS`) writes into `store` given control values ('id.prop' ->
+    value, as a request carries them, 'tabs.value' the open tab); None where it writes nothing.
+    For driving view callbacks as the page does (tests, benchmarks)."""
+    g = app.dashboard_gates[store]
+    if values.get("tabs.value") != g["view"]:
+        return None
+    out = {cid: values.get(f"{cid}.{prop}") for cid, prop in g["ids"]}
+    if g["trace"] and out.get("sel-trace") is None:
+        return None
+    return {**out, "view": g["view"], "at": 0, "changed": [changed.split(".")[0]] if changed else []}
+
+
 def view_body(app: dash.Dash, view: str, outputs: Output | list[Output], *inputs: Input | State,
               failed: Callable[[html.Div], Any] | None = None, trace: bool = True) -> Callable:
     """Register `fn(trace_id, *input_values)` as a callback of the view whose key is `view` (the
     callback every view renders its body with). It runs only while the view's tab is open and,
-    with `trace`, a trace is selected (callbacks of hidden views would cost every slider move);
-    without `trace` it is `fn(*input_values)`. Failures are `guarded` (see there for `failed`).
-    `outputs` is one Output or a list; `inputs` may end with States. Selection values among the
-    inputs (sample, timestep, step, expert, layer, branch) are checked against the selected trace
-    first (`requests.check_selection`; the app's `dashboard_context` holds the registry)."""
+    with `trace`, a trace is selected: the selection values it reads (`GATED`) come through a
+    gate run in the browser (`GATE_JS`), so hidden views cost no request; without `trace` it is
+    `fn(*input_values)`. Failures are `guarded` (see there for `failed`). `outputs` is one Output
+    or a list; `inputs` may end with States. Selection values among the inputs (sample, timestep,
+    step, expert, layer, branch) are checked against the selected trace first
+    (`requests.check_selection`; the app's `dashboard_context` holds the registry)."""
     several = isinstance(outputs, (list, tuple))
     outs = list(outputs) if several else [outputs]
     skip = tuple(dash.no_update for _ in outs) if several else dash.no_update
-    gate = [Input("tabs", "value")] + ([Input("sel-trace", "value")] if trace else [])
-
+    gated = [isinstance(x, Input) and x.component_id in GATED for x in inputs]
+    ids = (["sel-trace"] if trace else []) + [x.component_id for x, g in zip(inputs, gated) if g]
+    ids = list(dict.fromkeys(ids))
+    props = {x.component_id: x.component_property for x in inputs} | {"sel-trace": "value"}
+    gates = app.__dict__.setdefault("dashboard_gates", {})
+    store = f"gate-{view}-{len(gates)}"
+    gates[store] = {"view": view, "trace": trace, "ids": [(i, props[i]) for i in ids]}
+    app.clientside_callback(GATE_JS % {"ids": json.dumps(ids), "view": json.dumps(view), "trace": json.dumps(trace)},
+                            Output(store, "data"), Input("tabs", "value"), *[Input(i, props[i]) for i in ids])
+    own = [x for x, g in zip(inputs, gated) if not g]
     selection_at = {i: x.component_id for i, x in enumerate(inputs) if x.component_id in SELECTION_IDS}
 
     def register(fn: Callable) -> Callable:
@@ -213,12 +291,17 @@ def view_body(app: dash.Dash, view: str, outputs: Output | list[Output], *inputs
             return fn(*values)
         body = guarded(functools.wraps(fn)(checked), failed=failed)
 
-        @app.callback(*outs, *gate, *inputs)
+        # prevent_initial_call: at load only the open view's gate writes its store and fires this
+        @app.callback(*outs, Input(store, "data"), *own, prevent_initial_call=True)
         @functools.wraps(fn)
-        def run(open_view, *values):
-            if open_view != view or (trace and values[0] is None):
+        def run(gate, *own_values):
+            if not isinstance(gate, dict) or gate.get("view") != view or (trace and gate.get("sel-trace") is None):
                 return skip
-            return body(*values)
+            mine = iter(own_values)
+            values = [gate.get(x.component_id) if g else next(mine) for x, g in zip(inputs, gated)]
+            trig = dash.ctx.triggered_id
+            _changed.set(tuple(str(c) for c in gate.get("changed") or ()) if trig in (store, None) else ())
+            return body(*([gate.get("sel-trace")] if trace else []), *values)
         return run
     return register
 

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlencode
 import dash
 from dash import Input, Output, State, dcc, html
 
-from .common import Context, View, message
+from .common import Context, View, guarded, in_status, message
 
 KEYS = ("trace", "sample", "branch", "t", "layer", "step", "expert", "view")
 CONTROLS = {"trace": "sel-trace", "sample": "sel-sample", "branch": "sel-branch", "t": "sel-t",
@@ -146,6 +146,7 @@ def register(app: dash.Dash, ctx: Context, views: list[View]) -> None:
               [Output(CONTROLS[k], "value") for k in KEYS]
 
     @app.callback(outputs, [Input("url", "search"), Input("nav", "data")] + controls)
+    @guarded(failed=lambda msg: [dash.no_update, msg] + [dash.no_update] * (len(outputs) - 2))
     def sync(search, nav, *values):
         trig = dash.ctx.triggered_id
         current = dict(zip(KEYS, values))
@@ -168,6 +169,7 @@ def register(app: dash.Dash, ctx: Context, views: list[View]) -> None:
     @app.callback(Output("playing", "data"), Output("play-tick", "disabled"),
                   Input("play-t", "n_clicks"), Input("play-step", "n_clicks"), State("playing", "data"),
                   prevent_initial_call=True)
+    @guarded(failed=in_status(2))
     def play(_t, _s, playing):
         which = "t" if dash.ctx.triggered_id == "play-t" else "step"
         if playing == which:
@@ -178,6 +180,7 @@ def register(app: dash.Dash, ctx: Context, views: list[View]) -> None:
                   Input("play-tick", "n_intervals"), State("playing", "data"), State("sel-t", "value"),
                   State("sel-t", "max"), State("sel-step", "value"), State("sel-step", "max"),
                   prevent_initial_call=True)
+    @guarded(failed=in_status(2))
     def advance(_n, playing, t, t_max, step, step_max):
         if playing == "t":
             return ((t or 0) + 1) % ((t_max or 0) + 1), dash.no_update

@@ -4,20 +4,38 @@ fixture is in tests/conftest.py). Used by every dashboard test file."""
 
 import re
 
+from dashboard.common import gate_value
+
 
 def payload(app, output: str, values: dict, changed: str | None = None) -> dict:
     """The JSON body the page POSTs to /_dash-update-component for the callback with `output`;
-    `values` maps 'id.prop' to the value of every Input/State (missing ones are None)."""
+    `values` maps 'id.prop' to the value of every Input/State (missing ones are None). A view's
+    callback reads the selection through its gate store (`dashboard.common.view_body`): its value
+    is built from 'tabs.value' and the selection's 'sel-*.value' as the page's gate would
+    (`gate_value`: None while another tab is open), unless `values` names the store itself."""
     if output not in app.callback_map:  # outputs with allow_duplicate carry an '@hash' suffix
         output = next(k for k in app.callback_map if re.sub(r"@[0-9a-f]+", "", k) == output)
     cb = app.callback_map[output]
 
+    gates = getattr(app, "dashboard_gates", {})
+
+    def value(i):
+        key = f"{i['id']}.{i['property']}"
+        if i["id"] in gates and key not in values:  # a view's gate: what the page's clientside gate writes
+            return gate_value(app, i["id"], values, changed)
+        return values.get(key)
+
     def fill(items):
-        return [{"id": i["id"], "property": i["property"], "value": values.get(f"{i['id']}.{i['property']}")}
-                for i in items]
+        return [{"id": i["id"], "property": i["property"], "value": value(i)} for i in items]
     outs = [{"id": o.split(".")[0], "property": o.split(".")[1]} for o in output.strip(".").split("...")]
+    mine = {f"{i['id']}.{i['property']}" for i in cb["inputs"]}
+    gate = next((f"{i['id']}.data" for i in cb["inputs"] if i["id"] in gates), None)
+    if changed and changed not in mine and gate:  # a selection control moved: the page sends its gate
+        changed_ids = [gate]
+    else:
+        changed_ids = [changed] if changed else []
     return {"output": output, "outputs": outs if len(outs) > 1 else outs[0], "inputs": fill(cb["inputs"]),
-            "state": fill(cb["state"]), "changedPropIds": [changed] if changed else []}
+            "state": fill(cb["state"]), "changedPropIds": changed_ids}
 
 
 def call(app, output: str, values: dict, changed: str | None = None) -> dict:

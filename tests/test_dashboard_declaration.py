@@ -98,7 +98,7 @@ def test_every_view_shows_its_failure_as_one_line(ctx, monkeypatch):
     monkeypatch.setattr(views.results, "find_results", boom)
     ctx.results, ctx.ckpt = Path("."), Path("model.pt")  # the Results tab, the Intervene view's full layout
     app = create_app(ctx)
-    gated = [k for k, cb in app.callback_map.items() if any(i["id"] == "tabs" for i in cb["inputs"])]
+    gated = [k for k, cb in app.callback_map.items() if any(i["id"] in app.dashboard_gates for i in cb["inputs"])]
     values = {"sel-trace.value": "some-trace", "sel-layer.value": 2, "sel-step.value": 0, "sel-expert.value": 0,
               "sel-sample.value": 0, "sel-t.value": 0, "cmp-other.value": "other-trace", "lat-method.value": "pca",
               "lat-colour.value": "expert", "lat-max.value": 10000, "flow-bin.value": "all"}

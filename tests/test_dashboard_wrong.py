@@ -5,6 +5,7 @@ fetch, as a crafted one would be)."""
 import json
 import time
 
+import numpy as np
 import pytest
 
 from dashboard.app import create_app
@@ -118,6 +119,71 @@ def test_3_interventions_that_select_nothing_are_refused(page, env):
         response = json.loads(reply)["response"]
         assert "iv-job" not in response  # no job started
         assert expected in text_of(response["iv-msg"]["children"]), (expected, reply)
+
+
+def unused_expert_block(trace, t_index: int, size: int = 3) -> tuple[int, int, int]:
+    """(expert, row, col): a size x size block of the token grid where, in the recorded trace, that
+    expert routes no token of sample 0 at timestep t_index (any branch, any recursion step, layer 2)."""
+    from traces import open_trace
+
+    tr = open_trace(trace)
+    ids = tr.routing(layer=2)[0, :, t_index]  # (branch, step, token)
+    h, w = (int(v) for v in tr.attrs["token_grid"])
+    grid = ids.reshape(ids.shape[0], ids.shape[1], h, w)
+    K = len(tr.coords["expert"])
+    counts = np.bincount(ids.ravel(), minlength=K)
+    for e in np.argsort(counts):  # the rarest expert first
+        for r in range(h - size + 1):
+            for c in range(w - size + 1):
+                if not (grid[:, :, r:r + size, c:c + size] == e).any():
+                    return int(e), r, c
+    raise AssertionError("every 3x3 block uses every expert")
+
+
+BOX = ("const gd = document.querySelector('#iv-grid .js-plotly-plot');"
+       "const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, b = arguments[0];"
+       "return [xa.l2p(b[0]) / xa._length, ya.l2p(b[1]) / ya._length, xa.l2p(b[2]) / xa._length,"
+       "        ya.l2p(b[3]) / ya._length];")
+
+
+def test_3_an_intervention_that_changes_nothing_is_flagged(page, env):
+    """A run whose window and region select tokens but whose intervention changes none of them
+    (ablating an expert no token there is routed to) ends "done" like any other: it must be
+    flagged in the result, the message line and the runs table, while a run that does change
+    routing (forcing that expert on the same tokens) is not."""
+    from selenium.webdriver.common.by import By
+
+    driver, url, app, ctx = page
+    expert, r, c = unused_expert_block(env["trace"], t_index=3)
+    open_view(driver, url, f"trace={trace_id(env['trace'])}&view=intervene&expert={expert}&t=3")
+    type_into(driver, "#iv-window .dash-range-slider-max-input", "5")  # covers t = 1 only: timestep index 3
+    wait_for(driver, lambda d: "covers 1 of 4 sampled timesteps the trace recorded: 1" in text(d, "iv-covered"))
+    wait_for(driver, lambda d: d.execute_script("const g = document.querySelector('#iv-grid .js-plotly-plot');"
+                                                "return !!(g && g._fullLayout && g._fullLayout.xaxis._length);"))
+    # a box whose corners lie 0.35 of a cell inside the block's outer cells: their centres are inside
+    frac = driver.execute_script(BOX, [c - 0.35, r - 0.35, c + 2.35, r + 2.35])
+    drag_box(driver, "#iv-grid .nsewdrag", tuple(frac))
+    region = f"region rows {r}:{r + 3}, cols {c}:{c + 3}"
+    wait_for(driver, lambda d: text(d, "iv-region-text") == region)
+    flagged = "//*[@id='iv-runs-rows']//td[@class='flag']"
+    for run, kind in enumerate(("force", "ablate"), 1):
+        click(driver, f"//*[@id='iv-kind']//label[normalize-space()='{kind}']")
+        click(driver, "//*[@id='iv-run']")
+        wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#iv-runs-rows tr")) == run + 1, timeout=180)
+        newest = driver.find_elements(By.CSS_SELECTOR, "#iv-runs-rows tr")[1].text
+        assert f"{kind} e{expert}" in newest and f"rows {r}:{r + 3}, cols {c}:{c + 3}" in newest, newest
+        changed = wait_for(driver, lambda d: text(d, "iv-changed"))
+        if kind == "force":  # every token of the block, in both branches, at each of the 3 steps
+            assert changed == "routing decisions the intervention changed over the run: 54", changed
+            assert "no effect" not in newest and not driver.find_elements(By.XPATH, flagged)
+            assert "changed no routing decision" not in text(driver, "iv-msg")
+        else:
+            assert changed == "routing decisions the intervention changed over the run: 0 (no effect)", changed
+            assert driver.find_element(By.ID, "iv-changed").get_attribute("class") == "flag"
+            assert "this intervention changed no routing decision (0 tokens): it never fired" in text(driver, "iv-msg")
+            cells = driver.find_elements(By.XPATH, flagged)
+            assert [cell.text for cell in cells] == ["0 (no effect)"], newest  # the ablation's row only
+    assert severe_console_errors(driver) == []
 
 
 def type_into(driver, css: str, value: str) -> None:

@@ -210,10 +210,12 @@ def grid_figure(z: np.ndarray, K: int, region: dict | None) -> go.Figure:
 
 
 def region_of(selected: dict, grid: tuple[int, int]) -> dict[str, list[int]] | None:
-    """The token rows and columns (half-open) a box selection on the grid covers, clipped to the grid."""
+    """The token rows and columns (half-open) whose cell centres a box selection on the grid
+    contains (cell r spans r - 0.5..r + 0.5), clipped to the grid; the frame drawn then snaps to
+    those cells' edges."""
     (x0, x1), (y0, y1) = sorted(selected["range"]["x"]), sorted(selected["range"]["y"])
-    rows = [max(0, int(np.ceil(y0 - 0.5))), min(grid[0], int(np.floor(y1 + 0.5)))]
-    cols = [max(0, int(np.ceil(x0 - 0.5))), min(grid[1], int(np.floor(x1 + 0.5)))]
+    rows = [max(0, int(np.ceil(y0))), min(grid[0], int(np.floor(y1)) + 1)]
+    cols = [max(0, int(np.ceil(x0))), min(grid[1], int(np.floor(x1)) + 1)]
     if rows[0] >= rows[1] or cols[0] >= cols[1]:
         return None
     return {"rows": rows, "cols": cols}

@@ -332,6 +332,7 @@ def register_projections_job(app: dash.Dash, ctx: Context) -> None:
                   Output("lat-poll", "disabled", allow_duplicate=True), Output("lat-done", "data"),
                   Input("lat-poll", "n_intervals"), State("lat-job", "data"), State("lat-done", "data"),
                   prevent_initial_call=True)
+    @guarded(failed=lambda msg: (msg, True, dash.no_update))
     def poll(_n, job_id, done):
         tick = poll_job(ctx.jobs, job_id, lambda s: f"projections computed in {s:.1f} s")
         return tick.message, tick.stop, (done or 0) + 1 if tick.state == "done" else dash.no_update

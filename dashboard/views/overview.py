@@ -18,7 +18,7 @@ from plotly.subplots import make_subplots
 
 from probes.views import FLAT_GATE_MARGIN, flat_gate
 
-from ..common import GRAPH_CONFIG, Context, View, fmt, guarded, message, view_body
+from ..common import GRAPH_CONFIG, Context, View, fmt, guarded, in_status, message, view_body
 
 
 def layout(ctx: Context):
@@ -141,6 +141,7 @@ def register(app: dash.Dash, ctx: Context) -> None:
 
     @app.callback(Output("nav", "data", allow_duplicate=True), Input({"type": "open-expert", "k": ALL}, "n_clicks"),
                   prevent_initial_call=True)
+    @guarded(failed=in_status())
     def open_expert(clicks):
         if not any(clicks or []):
             return dash.no_update

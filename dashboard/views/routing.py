@@ -14,7 +14,16 @@ from dash import Input, Output, State, dcc, html
 
 from traces import TraceReader
 
-from ..common import GRAPH_CONFIG, Context, View, discrete_colourscale, message, png_uri, view_body
+from ..common import (
+    GRAPH_CONFIG,
+    Context,
+    View,
+    changed_controls,
+    discrete_colourscale,
+    message,
+    png_uri,
+    view_body,
+)
 
 IMAGE_PX = 220  # displayed size of decoded images
 
@@ -143,7 +152,8 @@ def register(app: dash.Dash, ctx: Context) -> None:
         z, prob = map_data(tr, sample, branch, t, layer, step)
         dec, fin, note = images(tr, sample, t, layer, step)
         key = [tid, sample, branch, layer, list(z.shape)]
-        if drawn == key and dash.ctx.triggered_id in ("sel-t", "sel-step"):
+        moved = changed_controls()
+        if drawn == key and moved and set(moved) <= {"sel-t", "sel-step"}:
             fig = dash.Patch()  # same grid: send the new colours and hover data only
             fig["data"][0]["z"] = z
             fig["data"][0]["customdata"] = prob
