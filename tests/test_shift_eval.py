@@ -159,10 +159,13 @@ def test_shift_refuses_bad_flags(quick_shift, tmp_path, capsys):
     assert "exists" in one_error_line(capsys.readouterr().err)
 
 
-def test_dashboard_results_tab_survives_shift_json(quick_shift):
-    """The Results tab lists the known result kinds; a folder holding shift.json renders without an error."""
+def test_dashboard_results_tab_shows_shift_json(quick_shift):
+    """The Results tab renders shift.json: its title, the held-out loss figure with one point per (row, seed),
+    and the targets as evidence lines, without an error."""
     from dashboard.views.results import results_page
 
     out, _ = quick_shift
-    page = results_page(out)
-    assert "msg-error" not in str(page)
+    page = str(results_page(out))
+    assert "msg-error" not in page
+    assert "Shifted task and its controls" in page and "held-out loss" in page
+    assert "same-active" in page or "RSR vs" in page or "routing value" in page

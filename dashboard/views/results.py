@@ -304,6 +304,42 @@ def scorer_check_markdown(result: dict[str, Any]) -> str:
     return check_table(result)
 
 
+# --- the shifted task and its controls (evaluate --shift) --------------------------------------
+
+def shift_figure(result: dict[str, Any]) -> go.Figure:
+    """Held-out loss of every (row, seed) with the frozen base as a line; the gated rows' routing value."""
+    from evaluation.shift import ROWS
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["held-out loss", "routing value, all steps (95% interval)"])
+    for i, row in enumerate(ROWS):
+        runs = [r for r in result["runs"] if r["row"] == row]
+        style = dict(mode="markers", marker=dict(size=9, color=expert_colour(i)), legendgroup=row,
+                     text=[f"seed {r['seed']}" for r in runs])
+        fig.add_trace(go.Scatter(x=[row] * len(runs), y=[r["loss"] for r in runs], name=row, **style), row=1, col=1)
+        if runs and all("value" in r for r in runs):
+            interval = dict(type="data", array=[r["value_ci95"][1] - r["value"] for r in runs],
+                            arrayminus=[r["value"] - r["value_ci95"][0] for r in runs])
+            fig.add_trace(go.Scatter(x=[row] * len(runs), y=[r["value"] for r in runs], error_y=interval,
+                                     showlegend=False, **style), row=1, col=2)
+    fig.add_hline(y=result["base_loss"], line_dash="dash", line_color="#555", annotation_text="frozen base",
+                  row=1, col=1)
+    fig.add_hline(y=0, line_dash="dot", line_color="#999", row=1, col=2)
+    fig.update_layout(height=300, margin=dict(l=50, r=10, t=50, b=40), legend_font_size=10,
+                      title=dict(text="one point per training seed", font_size=12))
+    return fig
+
+
+def shift_evidence(result: dict[str, Any]) -> list[str]:
+    words = {None: "not measured", True: "met", False: "not met"}
+    return [f"{t['figure']} ({t['target']}): {'; '.join(t['per_seed'])}: {words[t['met']]}." for t in result["targets"]]
+
+
+def shift_markdown(result: dict[str, Any]) -> str:
+    from evaluation.shift import markdown
+
+    return markdown(result)
+
+
 # --- kinds and the page -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -339,6 +375,9 @@ KINDS = {
                          ("cells", "resolutions", "scenes", "target", "passed", "worst_accuracy", "worst_rejection"),
                          "cells", ("accuracy", "noisy_accuracy", "rejection"),
                          lambda r: [scorer_check_figure(r)], scorer_check_evidence, scorer_check_markdown),
+    "shift": Kind("Shifted task and its controls (issue 20)", "python -m rsr_model evaluate --shift",
+                  ("runs", "rows", "targets", "base_loss", "budget"), "runs", ("row", "seed", "loss"),
+                  lambda r: [shift_figure(r)], shift_evidence, shift_markdown),
 }
 
 
