@@ -89,10 +89,10 @@ def warm_up(ctx: Context) -> None:
     from .common import figure_defaults
     from .views.overview import evidence, share_figure
 
-    figure_defaults()
     ok = [o["value"] for o in ctx.registry.options() if ctx.registry.entries[o["value"]].error is None]
-    if not ok:
+    if not ok:  # no trace to open: nothing to warm (and no thread left importing plotly when Ctrl-C ends the server)
         return
+    figure_defaults()
     try:
         report = ctx.registry.report(ok[0])
         share_figure(report)
