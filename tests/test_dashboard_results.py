@@ -97,6 +97,8 @@ def test_other_kinds_plot_their_rows(results):
 
 def test_tables_rebuilt_from_the_json_equal_the_written_markdown(results):
     for name, kind in res.KINDS.items():
+        if name == "shift":  # made by evaluate --shift: tests/test_shift_eval.py checks the same equality on its own
+            continue
         assert kind.markdown(load(results, name)).strip() == (results / f"{name}.md").read_text().strip(), name
 
 

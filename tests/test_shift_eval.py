@@ -164,7 +164,11 @@ def test_dashboard_results_tab_shows_shift_json(quick_shift):
     and the targets as evidence lines, without an error."""
     from dashboard.views.results import results_page
 
+    from dashboard.views import results as res
+
     out, _ = quick_shift
+    shown = res.KINDS["shift"].markdown(json.loads((out / "shift.json").read_text()))
+    assert shown.strip() == (out / "shift.md").read_text().strip()  # the tab rebuilds the written table exactly
     page = str(results_page(out))
     assert "msg-error" not in page
     assert "Shifted task and its controls" in page and "held-out loss" in page
