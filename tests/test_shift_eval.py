@@ -162,9 +162,8 @@ def test_shift_refuses_bad_flags(quick_shift, tmp_path, capsys):
 def test_dashboard_results_tab_shows_shift_json(quick_shift):
     """The Results tab renders shift.json: its title, the held-out loss figure with one point per (row, seed),
     and the targets as evidence lines, without an error."""
-    from dashboard.views.results import results_page
-
     from dashboard.views import results as res
+    from dashboard.views.results import results_page
 
     out, _ = quick_shift
     shown = res.KINDS["shift"].markdown(json.loads((out / "shift.json").read_text()))
