@@ -203,7 +203,7 @@ RULES: list[Rule] = [
     (("routing", "upcycle_steps", "soft_steps", "anneal", "train_routing"), lambda p: p.cfg.has_gate,
      lambda p: f"chooses between experts, and this run has none to choose (mode {p.cfg.mode} with "
                f"{p.cfg.experts} expert)"),
-    (("upcycle_noise",), lambda p: p.setting("upcycle_steps") != 0,  # None: the preset's quarter of the stage
+    (("upcycle_noise",), lambda p: p.setting("upcycle_steps") != 0 and p.setting("train_routing") != "random",
      lambda p: "sets the noise of upcycled experts, and this run does not upcycle (--upcycle-steps)"),
     (("upcycle_steps", "soft_steps", "anneal", "train_routing"), lambda p: p.warm_layout == "none",
      lambda p: f"a learned routing recipe does not combine with the warm start {p.warm_layout!r}, which plants "

@@ -106,11 +106,15 @@ def test_upcycling_and_the_random_control_route_as_stated(sd3, routing, check):
     with rsr.hooks.hooks({"*.expert": lambda ids, ctx: seen.append(ids.clone())}):
         run(model, inputs)
     assert seen and all(check(ids, 3) for ids in seen)
-    model.eval()  # sampling ignores the training recipe: the gate's argmax
+    model.eval()  # sampling ignores the training recipe: the gate's argmax, as with no recipe set
     seen.clear()
     with rsr.hooks.hooks({"*.expert": lambda ids, ctx: seen.append(ids.clone())}):
         run(model, inputs)
-    assert not all(bool((ids == 0).all()) for ids in seen) or routing != "first"
+    rsr.state.routing = None
+    plain = []
+    with rsr.hooks.hooks({"*.expert": lambda ids, ctx: plain.append(ids.clone())}):
+        run(model, inputs)
+    assert all(torch.equal(a, b) for a, b in zip(seen, plain)) and len(seen) == len(plain)
 
 
 def test_upcycle_copies_expert_zero_and_its_moments_with_noise(sd3):
@@ -166,6 +170,7 @@ def test_tiny_shift_trains_its_base_on_the_plain_task_and_the_rsr_stage_on_the_s
     (["--upcycle-steps", "0", "--upcycle-noise", "0.1"], "does not upcycle"),
     (["--mode", "sft", "--soft-steps", "1"], "has none to choose"),
     (["--train-routing", "random", "--anneal"], "takes no upcycling"),
+    (["--train-routing", "random", "--upcycle-noise", "0.1"], "does not upcycle"),
     (["--preset", "tiny", "--anneal"], "warm start"),
     (["--upcycle-steps", "3", "--soft-steps", "1"], "leave no hard-routing step"),
 ])
