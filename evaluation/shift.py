@@ -54,6 +54,7 @@ GATED = ("rsr", "rsr_random")
 ROW_TEXT = {"rsr": "RSR, learned recipe", "lora_r": "LoRA rank r (same active parameters)",
             "lora_Kr": "LoRA rank K·r (same total parameters)", "rsr_random": "RSR trained under random routing"}
 STYLE_SEED = 3_000_017  # styled scenes for AMI(expert; style): a stream neither training nor the held-out sets use
+SCORE_SEED = 3_000_019  # held-out-combination prompts and sampler seeds of the scored images
 # The training flags a reused checkpoint must have been trained with. Not --base's path: a row's file name
 # carries the base's content hash (table.base_tag), so a copied or moved folder is still reused.
 RUN_ARGS = ("seed", "mode", "rank", "train_routing", "upcycle_steps", "upcycle_noise", "soft_steps", "anneal",
@@ -74,6 +75,9 @@ class ShiftBudget:
     bootstrap: int = 1000
     style_samples: int = 64  # styled scenes per batch for AMI(expert; style)
     style_batches: int = 4
+    score_images: int = 216  # held-out-combination prompts sampled and scored per (row, seed): 648 pairs over 3 seeds
+    sample_steps: int = 28  # sampler of the scored images (the demo's)
+    guidance: float = 3.0
 
 
 # The preset's own stage lengths (tiny-shift: base 600, RSR 400; its recipe's upcycling and soft phase
@@ -82,7 +86,7 @@ DEFAULT = ShiftBudget(base_steps=600, rsr_steps=400, seeds=(0, 1, 2))
 # For tests: the recipe's phases scaled down to fit a 6-step stage.
 QUICK = ShiftBudget(base_steps=4, rsr_steps=6, seeds=(0,), batch_size=4, rsr_flags=("--upcycle-steps", "1",
                     "--soft-steps", "1"), value_samples=4, value_bins=1, value_sets=1, value_draws=1, bootstrap=100,
-                    style_samples=8, style_batches=1)
+                    style_samples=8, style_batches=1, score_images=4, sample_steps=2)
 
 
 # --- rows and training ------------------------------------------------------------------------
@@ -355,10 +359,72 @@ def _measure(ckpt: Path, row: str, sets, style: Sequence[StyledBatch], base_loss
     return out, losses
 
 
+# --- scorer accuracy on held-out combinations ---------------------------------------------------
+
+def score_prompts(task, n: int) -> tuple[list[str], list[int]]:
+    """`n` styled captions of held-out (style, shape) combinations (split "test": pairs training never
+    showed together) and their sampler seeds; the same for every row and seed, so images are paired."""
+    from rsr_model.data import styles
+
+    _, captions, _ = styles.sample_batch(np.random.default_rng(SCORE_SEED), n, task.size, "test")
+    return captions, [SCORE_SEED + i for i in range(n)]
+
+
+def scored(ckpt: Path, budget: ShiftBudget, batch: int = 48) -> list[bool]:
+    """Per image, whether `evaluation.style_scorer` judges the checkpoint's sample of each held-out prompt
+    correct. Kept beside the checkpoint (CKPT.score.json, keyed by its content and the sampling budget)."""
+    import json
+
+    from cli_common.outputs import sha256_file, write_atomic
+    from rsr_model.sample import generate, load_model
+
+    from .style_scorer import score_styled
+
+    key = {"checkpoint": sha256_file(ckpt), "images": budget.score_images, "steps": budget.sample_steps,
+           "guidance": budget.guidance, "seed": SCORE_SEED}
+    cache = ckpt.with_name(ckpt.name + ".score.json")
+    if cache.is_file():
+        try:
+            kept = json.loads(cache.read_text())
+            if kept.get("key") == key:
+                return [bool(c) for c in kept["correct"]]
+        except (ValueError, KeyError):
+            pass
+    task, transformer, _, _ = load_model(ckpt)
+    prompts, seeds = score_prompts(task, budget.score_images)
+    correct: list[bool] = []
+    for start in range(0, len(prompts), batch):
+        x0 = generate(task, transformer, prompts[start:start + batch], seeds[start:start + batch],
+                      steps=budget.sample_steps, guidance=budget.guidance)
+        correct += [bool(score_styled(im, p)["correct"])
+                    for im, p in zip(task.to_images(x0), prompts[start:start + batch])]
+    write_atomic(cache, json.dumps({"key": key, "correct": correct}))
+    return correct
+
+
+def paired_accuracy(runs: list[dict[str, Any]], budget: ShiftBudget, n_boot: int = 2000) -> dict[str, Any]:
+    """RSR minus LoRA rank r scorer accuracy on the same prompts and sampler seeds: per seed and pooled over
+    seeds, each with a 95% bootstrap interval over the paired images."""
+    by = {(r["row"], r["seed"]): np.asarray(r["correct"], float) for r in runs if "correct" in r}
+    seeds = [s for (row, s) in by if row == "rsr" and ("lora_r", s) in by]
+    rng = np.random.default_rng(0)
+
+    def interval(d: np.ndarray) -> list[float]:
+        means = d[rng.integers(0, d.size, (n_boot, d.size))].mean(axis=1)
+        return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+    diffs = [by["rsr", s] - by["lora_r", s] for s in seeds]
+    pooled = np.concatenate(diffs) if diffs else np.zeros(0)
+    return {"seeds": seeds, "pairs": int(pooled.size),
+            "difference_per_seed": [float(d.mean()) for d in diffs], "ci95_per_seed": [interval(d) for d in diffs],
+            "difference": float(pooled.mean()) if pooled.size else None,
+            "ci95": interval(pooled) if pooled.size else None}
+
+
 # --- the whole table --------------------------------------------------------------------------
 
-SUMMARY = ("loss", "adapter_gain", "value", "value_token", "routing_share", "oracle_gap", "argmax_vs_sampled",
-           "value_over_oracle", "gate_vs_best_forced", "ami_style_max")
+SUMMARY = ("loss", "accuracy", "adapter_gain", "value", "value_token", "routing_share", "oracle_gap",
+           "argmax_vs_sampled", "value_over_oracle", "gate_vs_best_forced", "ami_style_max")
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -424,8 +490,13 @@ def run_shift(out: Path, budget: ShiftBudget, base: Path | None = None,
             path, train_s = train_row(out, base, row, seed, budget)
             t0 = time.perf_counter()
             figures, losses[row, seed] = measure(path, row, sets, style, base_losses, budget)
+            measure_s = time.perf_counter() - t0
+            say(f"{row} seed {seed}: sampling and scoring {budget.score_images} held-out prompts")
+            t0 = time.perf_counter()
+            correct = scored(path, budget)
             runs.append({"row": row, "seed": seed, "checkpoint": path.name, "train_flags": row_flags(row, budget),
-                         **figures, "seconds": {"train": train_s, "measure": time.perf_counter() - t0},
+                         **figures, "correct": correct, "accuracy": float(np.mean(correct)) if correct else None,
+                         "seconds": {"train": train_s, "measure": measure_s, "score": time.perf_counter() - t0},
                          "reused": train_s == 0.0})
     seconds["total"] = time.perf_counter() - started
     result = {"preset": PRESET, "budget": asdict(budget), "base": base_note,
@@ -433,6 +504,7 @@ def run_shift(out: Path, budget: ShiftBudget, base: Path | None = None,
               "held_out": {"sets": budget.value_sets, "bins": budget.value_bins, "samples": budget.value_samples,
                            "split": task.eval_split},
               "runs": runs, "rows": summarise(runs), "rsr_vs_lora_r": paired_rsr_vs_lora(runs, losses, budget),
+              "accuracy_rsr_vs_lora_r": paired_accuracy(runs, budget),
               "seconds": seconds}
     result["targets"] = targets(result)
     return result, markdown(result)
@@ -488,16 +560,26 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                  for r, sp in zip(ctl, specialized_step)]),
         _target("verdict of the learned model (scope all)", "specialized, every seed", [r["verdict"] for r in rsr],
                 [r["verdict"] == "specialized" for r in rsr]),
-        _target("scorer accuracy on held-out combinations", "RSR above LoRA rank r, >= 600 paired images",
-                ["not measured by evaluate --shift"], None),
+        _accuracy_target(result),
     ]
+
+
+def _accuracy_target(result: dict[str, Any]) -> dict[str, Any]:
+    acc = result.get("accuracy_rsr_vs_lora_r")
+    figure, wanted = "scorer accuracy on held-out combinations", "RSR above LoRA rank r, >= 600 paired images"
+    if not acc or not acc["pairs"]:  # a result written before the scorer was part of the table
+        return _target(figure, wanted, ["not measured"], None)
+    shown = [f"seed {s}: {_ci_pct(d, ci)}" for s, d, ci in zip(acc["seeds"], acc["difference_per_seed"],
+                                                              acc["ci95_per_seed"])]
+    shown.append(f"pooled over {acc['pairs']} pairs: {_ci_pct(acc['difference'], acc['ci95'])}")
+    return _target(figure, wanted, shown, [acc["pairs"] >= 600 and acc["ci95"][0] > 0])
 
 
 # --- markdown ---------------------------------------------------------------------------------
 
-COLUMNS = ("row", "seed", "held-out loss", "adapter gain [95%]", "routing value [95%]", "per-token value",
-           "routing share", "oracle gap", "value / oracle", "gate vs best forced", "AMI(e; style) max",
-           "verdict: all (per step)", "params", "train s", "measure s")
+COLUMNS = ("row", "seed", "held-out loss", "scorer accuracy", "adapter gain [95%]", "routing value [95%]",
+           "per-token value", "routing share", "oracle gap", "value / oracle", "gate vs best forced",
+           "AMI(e; style) max", "verdict: all (per step)", "params", "train s", "measure s")
 
 
 def _num(x: Any, fmt: str) -> str:
@@ -511,7 +593,8 @@ def _where(ami: dict[str, Any]) -> str:
 
 def _run_cells(r: dict[str, Any]) -> list[str]:
     gated = r["row"] in GATED
-    cells = [r["row"], str(r["seed"]), f"{r['loss']:.4f}", _ci_pct(r["adapter_gain"], r["adapter_gain_ci95"])]
+    accuracy = "—" if r.get("accuracy") is None else f"{100 * r['accuracy']:.1f}% of {len(r['correct'])}"
+    cells = [r["row"], str(r["seed"]), f"{r['loss']:.4f}", accuracy, _ci_pct(r["adapter_gain"], r["adapter_gain_ci95"])]
     if gated:
         steps = ", ".join(r["verdicts"].values())
         cells += [_ci_pct(r["value"], r["value_ci95"]), _pct(r["value_token"]), _num(r["routing_share"], ".2f"),
@@ -520,7 +603,7 @@ def _run_cells(r: dict[str, Any]) -> list[str]:
     else:
         cells += ["—"] * 8
     return cells + [str(r["adapter_parameters"]), f"{r['seconds']['train']:.0f}" + (" (reused)" if r["reused"] else ""),
-                    f"{r['seconds']['measure']:.0f}"]
+                    f"{r['seconds']['measure'] + r['seconds'].get('score', 0.0):.0f}"]
 
 
 def _mean_cells(row: dict[str, Any]) -> list[str]:
@@ -531,9 +614,9 @@ def _mean_cells(row: dict[str, Any]) -> list[str]:
             return "—"
         m, s = f[key]["mean"], f[key]["std"]
         return f"{100 * m:+.1f} ± {100 * s:.1f}%" if pct else f"{m:{fmt}} ± {s:{fmt}}"
-    return [f"**{row['row']}**", "mean ± std", ms("loss", False, ".4f"), ms("adapter_gain"), ms("value"),
-            ms("value_token"), ms("routing_share", False), ms("oracle_gap"), ms("value_over_oracle", False),
-            ms("gate_vs_best_forced"), ms("ami_style_max", False),
+    return [f"**{row['row']}**", "mean ± std", ms("loss", False, ".4f"), ms("accuracy"), ms("adapter_gain"),
+            ms("value"), ms("value_token"), ms("routing_share", False), ms("oracle_gap"),
+            ms("value_over_oracle", False), ms("gate_vs_best_forced"), ms("ami_style_max", False),
             " / ".join(row["verdicts"]) if row["verdicts"] else "—", "", "", ""]
 
 
@@ -547,6 +630,13 @@ def markdown(result: dict[str, Any]) -> str:
         per = "; ".join(f"seed {s}: {_ci_pct(d, ci)}" for s, d, ci in
                         zip(paired["seeds"], paired["difference_per_seed"], paired["ci95_per_seed"]))
         lines += [f"RSR vs LoRA rank r, (L_lora_r - L_rsr) / L_lora_r on the same held-out samples: {per}.", ""]
+    acc = result.get("accuracy_rsr_vs_lora_r")
+    if acc and acc["pairs"]:
+        per = "; ".join(f"seed {s}: {_ci_pct(d, ci)}" for s, d, ci in
+                        zip(acc["seeds"], acc["difference_per_seed"], acc["ci95_per_seed"]))
+        lines += [f"Scorer accuracy on held-out combinations (evaluation/style_scorer.py), RSR minus LoRA rank r on "
+                  f"the same prompts and sampler seeds: {per}; pooled over {acc['pairs']} pairs "
+                  f"{_ci_pct(acc['difference'], acc['ci95'])}.", ""]
     lines += table_lines(["target (issue 20)", "wanted", "per seed", "met"],
                          [[t["figure"], t["target"], "; ".join(t["per_seed"]),
                            "not measured" if t["met"] is None else "met" if t["met"] else "not met"]
@@ -557,6 +647,8 @@ def markdown(result: dict[str, Any]) -> str:
                  f"{' with ' + ' '.join(b['rsr_flags']) + ' on the learned row' if b['rsr_flags'] else ''}, training "
                  f"seeds {list(b['seeds'])}. Held-out: {h['sets']} set(s) x {h['bins']} timestep bin(s) x "
                  f"{h['samples']} samples (split {h['split']!r}), bins weighted equally; {b['value_draws']} "
-                 f"draw(s) per random condition; AMI on {b['style_batches']} x {b['style_samples']} styled scenes. "
+                 f"draw(s) per random condition; AMI on {b['style_batches']} x {b['style_samples']} styled scenes; "
+                 f"{b.get('score_images', 0)} held-out-combination prompts sampled per row and seed "
+                 f"({b.get('sample_steps')} steps, guidance {b.get('guidance')}) and scored. "
                  f"A target is met only when every seed meets it. Wall time {result['seconds']['total']:.0f} s.")
     return "\n".join(lines)

@@ -3,6 +3,7 @@ text of a rendered component tree, and waits and clicks for the headless browser
 fixture is in tests/conftest.py). Used by every dashboard test file."""
 
 import re
+import time
 
 from dashboard.common import gate_value
 
@@ -96,6 +97,21 @@ def click(driver, xpath: str) -> None:
             pass
         return False
     wait_for(driver, attempt)
+
+
+def click_until(driver, xpath: str, condition, timeout: float = 30, every: float = 3):
+    """Click, then wait up to `every` seconds for `condition`; click again if it has not come (a click on an
+    element that a callback re-renders right after can land on the old copy and be lost)."""
+    from selenium.common.exceptions import TimeoutException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        click(driver, xpath)
+        try:
+            return wait_for(driver, condition, timeout=min(every, max(0.1, deadline - time.monotonic())))
+        except TimeoutException:
+            if time.monotonic() >= deadline:
+                raise
 
 
 def console_errors(driver) -> list:

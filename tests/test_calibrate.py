@@ -28,14 +28,14 @@ def test_known_truth_gets_its_expected_verdict(case):
 
 
 def test_routing_to_the_wrong_kind_is_worse_than_random_routing_of_the_same_load():
-    """planted_wrong: what its construction gives is the whole routing (scope "all") below both same-load
-    nulls; a single step's sign, the other steps held on the gate's wrong routing, it does not give (steps 0
-    and 1 measure about 0; docs/specialization.md), so only step 2 is asserted harmful, as measured."""
+    """planted_wrong (one recursion step, so a step's routing is the whole routing): the routing is below both
+    same-load nulls, for the whole routing and at its step, and the verdict is "harmful"."""
     row = run_case("planted_wrong", n=12, sets=1, draws=2, n_boot=200)
-    whole = row["figures"]
-    assert whole["value_ci95"][1] < 0 and whole["value_token_ci95"][1] < 0, whole
+    whole, step = row["figures"], row["by_step"]["0"]
+    for scope in (whole, step):
+        assert scope["value_ci95"][1] < 0 and scope["value_token_ci95"][1] < 0, scope
     assert row["rule"]["name"] == "shifted" and row["rule"]["agreement"] > 0.7, row["rule"]
-    assert row["verdicts"]["2"] == "harmful", row["texts"]
+    assert row["verdicts"] == {"0": "harmful"}, row["texts"]
     assert "| planted_wrong | harmful |" in confusion([row])
 
 

@@ -18,7 +18,7 @@ from probes.projections import derive
 from traces import TraceError
 
 from .conftest import wait_until
-from .dashboard_page import ROUTING, call, click, console_errors, selection, text_of, wait_for
+from .dashboard_page import ROUTING, call, click_until, console_errors, selection, text_of, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -239,8 +239,8 @@ def test_browser_page_slider_expert_page(browser, env):
     assert "t=1" in driver.current_url and "view=routing" in driver.current_url
     # choosing an expert opens its page
     driver.find_element(By.XPATH, "//*[@id='tabs']//*[text()='Specialization']").click()
-    click(driver, "//button[contains(., 'expert 2')]")
-    title = wait_for(driver, lambda d: d.find_elements(By.ID, "expert-title"))[0]
+    title = click_until(driver, "//button[contains(., 'expert 2')]",
+                        lambda d: d.find_elements(By.ID, "expert-title"))[0]
     assert "Expert 2" in title.text
     assert "view=expert" in driver.current_url and "expert=2" in driver.current_url
     assert console_errors(driver) == []

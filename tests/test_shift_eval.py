@@ -83,10 +83,31 @@ def test_quick_shift_rows_and_figures(quick_shift):
         for step in r["ami_style"]["by_step"].values():
             assert np.asarray(step["table"]).shape == (cfg.experts, 4) and np.sum(step["table"]) == n_tokens
         assert r["ami_style_max"] == max(s["ami"] for s in r["ami_style"]["by_step"].values())
+    # every row sampled the same held-out-combination prompts, scored by the style scorer
+    prompts, _ = shift.score_prompts(shift.preset_task(), shift.QUICK.score_images)
+    from rsr_model.data import styles
+
+    assert all(styles.held_out(*_scene_and_style(p)) for p in prompts)
+    for r in result["runs"]:
+        assert len(r["correct"]) == shift.QUICK.score_images and r["accuracy"] == pytest.approx(np.mean(r["correct"]))
+        assert r["seconds"]["score"] > 0
+    acc = result["accuracy_rsr_vs_lora_r"]
+    assert acc["seeds"] == [0] and acc["pairs"] == shift.QUICK.score_images
+    assert acc["difference"] == pytest.approx(runs["rsr"]["accuracy"] - runs["lora_r"]["accuracy"])
     # the paired comparison: the relative difference of the two rows' losses, per seed
     paired = result["rsr_vs_lora_r"]
     assert paired["seeds"] == [0] and paired["difference_per_seed"][0] == pytest.approx(
         1 - np.mean(np.asarray(runs["rsr"]["loss_by_bin"]) / np.asarray(runs["lora_r"]["loss_by_bin"])))
+
+
+def _scene_and_style(caption: str):
+    """(Scene-like object with the caption's shapes, style) for styles.held_out."""
+    from types import SimpleNamespace
+
+    from rsr_model.data import shapes, styles
+
+    head, style = styles.split_caption(caption)
+    return SimpleNamespace(objects=[SimpleNamespace(shape=g.shape) for g in shapes.parse_caption(head).groups]), style
 
 
 def test_quick_shift_targets_follow_the_figures(quick_shift):
@@ -112,6 +133,12 @@ def test_quick_shift_targets_follow_the_figures(quick_shift):
     assert shift.targets(result)[6]["met"] is True
     control["verdicts"]["2.1"] = "specialized"  # one step called specialized is enough to fail the control
     assert shift.targets(result)[6]["met"] is False
+    acc = result["accuracy_rsr_vs_lora_r"]  # accuracy: >= 600 pairs and the pooled interval above 0
+    for pairs, ci, met in ((648, [0.01, 0.05], True), (648, [-0.01, 0.05], False), (300, [0.01, 0.05], False)):
+        acc["pairs"], acc["ci95"] = pairs, ci
+        assert shift.targets(result)[8]["met"] is met
+    del result["accuracy_rsr_vs_lora_r"]  # a result written before the scorer was part of the table
+    assert shift.targets(result)[8]["met"] is None
 
 
 def test_quick_shift_reuses_checkpoints(quick_shift, tmp_path):
@@ -151,9 +178,6 @@ def test_shift_refuses_bad_flags(quick_shift, tmp_path, capsys):
     for extra, fragment in cases:
         assert_refused(main, ["evaluate", "--shift", "--quick", "--out", str(target), *extra], inputs, target,
                        capsys, fragment)
-    # the default budget's recipe (100 upcycling + 100 soft steps) does not fit a 150-step stage either
-    assert_refused(main, ["evaluate", "--shift", "--steps", "150", "--out", str(target)], inputs, target, capsys,
-                   "leave no hard-routing step")
     # results are not replaced by accident
     assert main(["evaluate", "--shift", "--quick", "--out", str(out)]) == 2
     assert "exists" in one_error_line(capsys.readouterr().err)
