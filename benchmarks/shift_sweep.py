@@ -31,6 +31,8 @@ SETTINGS: dict[str, list[str]] = {
     "hard_only": ["--upcycle-steps", "0", "--soft-steps", "0"],  # annealed hard routing only
     "no_balance": ["--balance-weight", "0"],  # nothing pushes the load towards uniform
     "tau1": ["--tau", "1"],  # a sharper straight-through gradient for the gate
+    # the two that raised AMI(style) on their own (no_balance, hard_only), together
+    "hard_no_balance": ["--upcycle-steps", "0", "--soft-steps", "0", "--balance-weight", "0"],
 }
 
 
