@@ -33,6 +33,9 @@ SETTINGS: dict[str, list[str]] = {
     "tau1": ["--tau", "1"],  # a sharper straight-through gradient for the gate
     # the two that raised AMI(style) on their own (no_balance, hard_only), together
     "hard_no_balance": ["--upcycle-steps", "0", "--soft-steps", "0", "--balance-weight", "0"],
+    # paper Table 4's differentiable top-k in the expert-choice reading (docs/design.md A7 b); balances the
+    # load per image by construction, so a whole image cannot go to one expert
+    "expert_choice": ["--routing", "expert_choice"],
 }
 
 
