@@ -2,8 +2,7 @@
 
 The pass counts each chunk with one joint bincount (histogram and step pairs), shares pair
 tables between families, counts neighbour pairs on the flat token axis and sums stored float16
-gate probabilities by row from their bit patterns; on large traces the two counts run as compiled
-kernels (probes.analysis.compiled). Each is checked here against the plain
+gate probabilities by row from their bit patterns. Each is checked here against the plain
 definition on real traces: the tiny model's recorded trace (probabilities, 144 tokens, two seeds
 per prompt) and a benchmark-layout trace from the real `SamplingWriter` (4096 tokens, where the
 joint count applies; two branches, repeated prompts, probabilities, some ablated ids).
@@ -77,32 +76,21 @@ def assert_same_report(got, want, where="report"):
         assert got == want, where
 
 
-@pytest.mark.parametrize("compiled", ["0", "1"])
 @pytest.mark.parametrize("name", ["tiny", "clean", "ablated"])
-def test_report_equals_the_general_paths(name, compiled, layout_trace, monkeypatch, request):
-    """The fast paths, with the numpy counts ("0") and with the compiled kernels forced on ("1";
-    probes.analysis.compiled, used by size on large traces), give the general paths' report."""
-    from probes.analysis import compiled as kernels
-
-    if compiled == "1" and kernels.kernels() is None:
-        pytest.skip("numba cannot be imported here")
+def test_report_equals_the_general_paths(name, layout_trace, monkeypatch, request):
     path = request.getfixturevalue("tiny_trace") if name == "tiny" else layout_trace[name]
-    with monkeypatch.context() as m:
-        m.setenv(kernels.ENV, compiled)
-        fast = jsonable(analyze(str(path), Options(n_perm=19, linear_probes=False)))
-    monkeypatch.setenv(kernels.ENV, "0")
+    fast = jsonable(analyze(str(path), Options(n_perm=19, linear_probes=False)))
     assert_same_report(fast, reference_report(path, monkeypatch))
     assert fast["global"]["gate"]["n"] > 0 and fast["checks"]["counts_vs_ids_max_abs_diff"] == 0
     if name == "ablated":
         assert fast["checks"]["invalid_records"] == len(range(0, 4096, 7)) + 100
 
 
-def chunks_of(trace, compiled: bool = False):
+def chunks_of(trace):
     """(grid, tables, chunks) of every chunk cell of an open trace, as the pass builds them."""
     grid = grid_of(trace, Options(linear_probes=False))
     labels = labels_of(trace, grid)[0]
-    tables = ChunkTables(grid, labels, compiled=compiled)
-    assert (tables._kernels is not None) == compiled
+    tables = ChunkTables(grid, labels)
     counts = SampleCounts(trace, tables)
     cells = [make_chunk(grid, tables, b.coords, b.data, counts.cell(b.coords), None, None)
              for b in trace.iter_chunks("/routing/expert")]
@@ -117,15 +105,10 @@ def count_pairs(a, b, k):
     return out
 
 
-@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("name", ["clean", "ablated"])
-def test_chunk_tables_equal_counting_each_record(name, compiled, layout_trace):
-    from probes.analysis.compiled import kernels
-
-    if compiled and kernels() is None:
-        pytest.skip("numba cannot be imported here")
+def test_chunk_tables_equal_counting_each_record(name, layout_trace):
     with open_trace(layout_trace[name]) as trace:
-        grid, labels, tables, cells = chunks_of(trace, compiled)
+        grid, labels, tables, cells = chunks_of(trace)
         counts = trace.counts()
         rows = {int(s): r for r, s in enumerate(trace.coords["sample"])}
     k = grid.n_experts

@@ -11,9 +11,7 @@ the histogram of steps 0..S-2 is the pair table's row sum, that of step S-1 its 
 Families that pair two routings of the same tokens (stability, expert change) count the
 pairs with `ChunkTables.pairs`, again one `np.bincount`, shared between the families that ask
 for the same two routings in one chunk. Keys are built in the smallest unsigned dtype that
-holds them (uint16 for the usual grids), so building one costs a few byte passes. On large
-traces the pair count runs as a compiled kernel instead (`probes.analysis.compiled`: one pass, no
-key array, the same table).
+holds them (uint16 for the usual grids), so building one costs a few byte passes.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ def _key_dtype(size: int) -> type:
 class ChunkTables:
     """The combined bincount keys of a grid's (layer, step[, position]) cells, computed once."""
 
-    def __init__(self, grid: TraceGrid, labels: list[Label], compiled: bool = False) -> None:
+    def __init__(self, grid: TraceGrid, labels: list[Label]) -> None:
         n_layers, n_steps, slots = len(grid.layers), len(grid.steps), grid.n_experts + 1
         self.shape = (n_layers, n_steps)
         self.n_experts = self.k = grid.n_experts
@@ -44,11 +42,6 @@ class ChunkTables:
         self.n_positions = len(label.values) if label is not None else 1
         position_part = (np.asarray(position, dtype=np.intp).reshape(1, 1, -1) if position is not None
                          else np.zeros((1, 1, 1), np.intp))
-        self._kernels = None
-        if compiled:
-            from .compiled import kernels
-
-            self._kernels = kernels()
         cell = np.arange(n_layers).reshape(-1, 1, 1) * n_steps + np.arange(n_steps).reshape(1, -1, 1)
         self._histogram_size = n_layers * n_steps * self.n_positions * slots
         self._histogram_key = ((cell * self.n_positions + position_part) * slots).astype(
@@ -110,14 +103,10 @@ class ChunkTables:
                 return table
         n_steps, slots = self.shape[1], self.n_experts + 1
         a, b = (first[:, :-shift], second[:, shift:]) if shift else (first, second)
-        if self._kernels is not None:
-            table = np.zeros((*self.shape, slots, slots), np.int64)
-            self._kernels.pair_counts(a, b, table)
-        else:
-            key = np.multiply(a, slots, dtype=self._pair_dtype, casting="unsafe")
-            np.add(key, b, out=key, casting="unsafe")
-            np.add(key, self._pair_key[:, : n_steps - shift], out=key, casting="unsafe")
-            table = np.bincount(key.reshape(-1), minlength=self._pair_size).reshape(*self.shape, slots, slots)
+        key = np.multiply(a, slots, dtype=self._pair_dtype, casting="unsafe")
+        np.add(key, b, out=key, casting="unsafe")
+        np.add(key, self._pair_key[:, : n_steps - shift], out=key, casting="unsafe")
+        table = np.bincount(key.reshape(-1), minlength=self._pair_size).reshape(*self.shape, slots, slots)
         table = table[..., : self.n_experts, : self.n_experts]
         table.flags.writeable = False
         self._memo.append((first, second, shift, table))

@@ -10,7 +10,6 @@ from traces import TraceReader
 
 from ..verdict import add_verdicts
 from .chunk import ChunkTables, make_chunk
-from .compiled import wanted
 from .families import FAMILIES, Part, ProbeFamily
 from .setup import Context, Options, TraceGrid, grid_of, labels_of
 
@@ -20,8 +19,7 @@ REPORT_VERSION = 5  # probes/REPORT.md: 2 adds expert_change, 3 the verdicts, 4 
 
 def stream(trace: TraceReader, families: list[ProbeFamily], context: Context) -> int:
     """Fold every chunk cell of the trace into the running families; returns the chunk count."""
-    records = trace.dataset("/routing/expert").size
-    grid, tables = context.grid, ChunkTables(context.grid, context.labels, compiled=wanted(records))
+    grid, tables = context.grid, ChunkTables(context.grid, context.labels)
     needed = {name for family in families for name in family.needs if trace.has(name)}
     extra = {name: trace.iter_chunks(name) for name in ("/routing/prob", "/latents/h") if name in needed}
     counts = SampleCounts(trace, tables) if grid.sampling else None
