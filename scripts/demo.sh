@@ -14,7 +14,7 @@ mkdir -p "$out"
 # an RSR stage on four caption-keyed colour styles the frozen base cannot make, with the learned routing
 # recipe (upcycling, a soft phase, annealed hard routing; no planted cells), and beside it the same model
 # trained under random routing (the control the Compare tab sets beside it). Stage lengths are shorter
-# than the preset's so the whole demo fits in about 12 minutes on a 2-core machine.
+# than the preset's; the whole demo took 1095 s from a fresh clone, alone on a 2-core machine.
 base_steps=${DEMO_STEPS:-400}
 rsr_steps=${DEMO_STEPS:-300}
 preset=(--preset tiny-shift)
