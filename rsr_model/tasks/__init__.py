@@ -11,12 +11,14 @@ from .base import Task, TaskError
 from .digits_dit import DigitsDiT
 from .frozenlake import FrozenLake, FrozenLake6, FrozenLake8
 from .sd3_local import PretrainedSD3
+from .shapes_compose import TinyCompose
 from .shapes_sd3 import TinySD3Shapes
 from .shapes_shift import TinyShift
 
 TASKS: dict[str, type[Task]] = {
     TinySD3Shapes.name: TinySD3Shapes,
     TinyShift.name: TinyShift,
+    TinyCompose.name: TinyCompose,
     DigitsDiT.name: DigitsDiT,
     PretrainedSD3.name: PretrainedSD3,
     FrozenLake.name: FrozenLake,
