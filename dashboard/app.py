@@ -86,12 +86,12 @@ def warm_up(ctx: Context) -> None:
     defaults, the report of the trace the page opens on (from its cache, or computed) and one
     throwaway overview figure (the first figure plotly builds costs about twice a later one).
     A failure here is only logged: the page shows it when it asks for that report."""
-    from .common import figure_defaults
-    from .views.overview import evidence, share_figure
-
     ok = [o["value"] for o in ctx.registry.options() if ctx.registry.entries[o["value"]].error is None]
     if not ok:  # no trace to open: nothing to warm (and no thread left importing plotly when Ctrl-C ends the server)
         return
+    from .common import figure_defaults
+    from .views.overview import evidence, share_figure
+
     figure_defaults()
     try:
         report = ctx.registry.report(ok[0])

@@ -402,7 +402,7 @@ def scored(ckpt: Path, budget: ShiftBudget, batch: int = 48) -> list[bool]:
     return correct
 
 
-def paired_accuracy(runs: list[dict[str, Any]], budget: ShiftBudget, n_boot: int = 2000) -> dict[str, Any]:
+def paired_accuracy(runs: list[dict[str, Any]], n_boot: int = 2000) -> dict[str, Any]:
     """RSR minus LoRA rank r scorer accuracy on the same prompts and sampler seeds: per seed and pooled over
     seeds, each with a 95% bootstrap interval over the paired images."""
     by = {(r["row"], r["seed"]): np.asarray(r["correct"], float) for r in runs if "correct" in r}
@@ -504,7 +504,7 @@ def run_shift(out: Path, budget: ShiftBudget, base: Path | None = None,
               "held_out": {"sets": budget.value_sets, "bins": budget.value_bins, "samples": budget.value_samples,
                            "split": task.eval_split},
               "runs": runs, "rows": summarise(runs), "rsr_vs_lora_r": paired_rsr_vs_lora(runs, losses, budget),
-              "accuracy_rsr_vs_lora_r": paired_accuracy(runs, budget),
+              "accuracy_rsr_vs_lora_r": paired_accuracy(runs),
               "seconds": seconds}
     result["targets"] = targets(result)
     return result, markdown(result)

@@ -283,12 +283,19 @@ def test_live_trace_is_refused_and_converts_once_its_writer_is_gone(tmp_path, ca
 # --------------------------------------------------------------------------- class 13: the dashboard
 
 
-def test_dashboard_ctrl_c_exits_130_with_one_line(tmp_path):
+@pytest.mark.parametrize("served", ["results only", "a trace"])
+def test_dashboard_ctrl_c_exits_130_with_one_line(tmp_path, served, request):
+    """Ctrl-C as soon as the server answers, while (with a trace) the warm-up thread is still importing
+    plotly and reading the report: one line, exit 130, never a hang at shutdown."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.Popen([sys.executable, "-m", "dashboard", "--port", str(port), "--results", str(tmp_path)],
+    traces = []
+    if served == "a trace":  # a copy: the dashboard writes its report cache beside the trace it serves
+        (tmp_path / "served").mkdir()
+        traces = [str(shutil.copy(request.getfixturevalue("tiny_trace"), tmp_path / "served" / "run.h5"))]
+    p = subprocess.Popen([sys.executable, "-m", "dashboard", *traces, "--port", str(port), "--results", str(tmp_path)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 120
