@@ -295,8 +295,11 @@ def test_dashboard_ctrl_c_exits_130_with_one_line(tmp_path, served, request):
     if served == "a trace":  # a copy: the dashboard writes its report cache beside the trace it serves
         (tmp_path / "served").mkdir()
         traces = [str(shutil.copy(request.getfixturevalue("tiny_trace"), tmp_path / "served" / "run.h5"))]
+    # SIGINT at its default in the child, as at a terminal: a suite run as a background job (CI, nohup) has
+    # SIGINT ignored, children inherit that, and a Python started so never installs its Ctrl-C handler
     p = subprocess.Popen([sys.executable, "-m", "dashboard", *traces, "--port", str(port), "--results", str(tmp_path)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # until it serves
