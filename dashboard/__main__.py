@@ -62,13 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         from .app import warm_up
 
-        warming = threading.Thread(target=warm_up, args=(ctx,), daemon=True, name="warm-up")
-        warming.start()
+        threading.Thread(target=warm_up, args=(ctx,), daemon=True, name="warm-up").start()
         app.run(host=a.host, port=a.port, debug=a.debug)
-        # werkzeug's server swallows Ctrl-C and returns; that is the only way it returns. A Ctrl-C right
-        # after start can find the warm-up thread inside an import: let it leave the import (seconds at
-        # most) before the interpreter shuts down, or shutdown can wait forever on the module lock it holds
-        warming.join(timeout=5)
+        # werkzeug's server swallows Ctrl-C and returns; that is the only way it returns
         raise KeyboardInterrupt
 
     return run_main(body, interrupted="stopped (Ctrl-C)")
