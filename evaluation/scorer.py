@@ -44,7 +44,7 @@ class Detection:
     iou: float  # soft IoU with the fitted template of `shape`
 
 
-def _as_uint8_hwc(image: np.ndarray) -> np.ndarray:
+def as_uint8_hwc(image: np.ndarray) -> np.ndarray:
     """Accept uint8 HWC, or float in [-1,1] as HWC or CHW (numpy or torch)."""
     a = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
     if a.ndim != 3:
@@ -71,7 +71,7 @@ def detect(image: np.ndarray, min_area: float | None = None) -> list[Detection]:
     pixel gives its area and centroid; for each shape those fix a template (size from
     area / fill, centre from centroid), and the template with the best soft IoU wins
     (below 0.5: "unknown").  Using soft coverage keeps 8 px circles apart from squares."""
-    img = _as_uint8_hwc(image)
+    img = as_uint8_hwc(image)
     res = img.shape[0]
     if min_area is None:
         min_area = max(4.0, 0.1 * (SIZE_RANGE[0] * res) ** 2)

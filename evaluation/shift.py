@@ -378,10 +378,10 @@ def scored(ckpt: Path, budget: ShiftBudget, batch: int = 48) -> list[bool]:
     from cli_common.outputs import sha256_file, write_atomic
     from rsr_model.sample import generate, load_model
 
-    from .style_scorer import score_styled
+    from .style_scorer import SCORER_VERSION, score_styled
 
     key = {"checkpoint": sha256_file(ckpt), "images": budget.score_images, "steps": budget.sample_steps,
-           "guidance": budget.guidance, "seed": SCORE_SEED}
+           "guidance": budget.guidance, "seed": SCORE_SEED, "scorer": SCORER_VERSION}
     cache = ckpt.with_name(ckpt.name + ".score.json")
     if cache.is_file():
         try:
@@ -609,12 +609,12 @@ def _run_cells(r: dict[str, Any]) -> list[str]:
 def _mean_cells(row: dict[str, Any]) -> list[str]:
     f = row["figures"]
 
-    def ms(key: str, pct: bool = True, fmt: str = ".2f") -> str:
+    def ms(key: str, pct: bool = True, fmt: str = ".2f", sign: str = "+") -> str:
         if key not in f:
             return "—"
         m, s = f[key]["mean"], f[key]["std"]
-        return f"{100 * m:+.1f} ± {100 * s:.1f}%" if pct else f"{m:{fmt}} ± {s:{fmt}}"
-    return [f"**{row['row']}**", "mean ± std", ms("loss", False, ".4f"), ms("accuracy"), ms("adapter_gain"),
+        return f"{100 * m:{sign}.1f} ± {100 * s:.1f}%" if pct else f"{m:{fmt}} ± {s:{fmt}}"
+    return [f"**{row['row']}**", "mean ± std", ms("loss", False, ".4f"), ms("accuracy", sign="-"), ms("adapter_gain"),
             ms("value"), ms("value_token"), ms("routing_share", False), ms("oracle_gap"),
             ms("value_over_oracle", False), ms("gate_vs_best_forced"), ms("ami_style_max", False),
             " / ".join(row["verdicts"]) if row["verdicts"] else "—", "", "", ""]

@@ -27,15 +27,18 @@ from scipy import ndimage
 
 from rsr_model.data import shapes, styles
 
-from .scorer import score
+from .scorer import as_uint8_hwc, score
 
+SCORER_VERSION = 1  # raise when a judgement changes: evaluate --shift keeps scores beside checkpoints under it
 GRAY_SPREAD = 24  # uint8: max - min over channels of a gray pixel (rendering and rounding stay within ~2)
 _GRAY_FLOOR = 30  # uint8 intensity above which a gray pixel is foreground (background is 0)
 _WHITE = float(shapes.PALETTE["white"][0])
 
 
 def unstyle(image: np.ndarray, style: str) -> np.ndarray:
-    """uint8 (H, W, 3) drawn in `style` -> the plain image it should be (gray: stretched intensity)."""
+    """An image drawn in `style` (uint8 HWC, or float in [-1, 1], as `scorer.as_uint8_hwc` reads) -> the
+    plain uint8 image it should be (gray: stretched intensity)."""
+    image = as_uint8_hwc(image)
     if style == "negative":
         return 255 - image
     if style == "swapped":  # drawn as (b, r, g)
@@ -63,7 +66,8 @@ def _stretched_gray(image: np.ndarray) -> np.ndarray:
 
 
 def is_gray(image: np.ndarray) -> bool:
-    f = image.astype(np.int16)
+    """Whether every foreground pixel's channels are within GRAY_SPREAD of each other (and there is one)."""
+    f = as_uint8_hwc(image).astype(np.int16)
     spread = f.max(axis=2) - f.min(axis=2)
     foreground = f.mean(axis=2) >= _GRAY_FLOOR
     return bool(foreground.any()) and int(spread[foreground].max()) <= GRAY_SPREAD
@@ -75,6 +79,7 @@ def score_styled(image: np.ndarray, caption: str) -> dict[str, Any]:
     head, style = styles.split_caption(caption)
     if style is None:
         return score(image, caption)
+    image = as_uint8_hwc(image)
     spec = shapes.parse_caption(head)
     if style == "gray":
         spec = replace(spec, groups=tuple(replace(g, colour=None) for g in spec.groups))
@@ -93,7 +98,7 @@ def check_styled(n: int = 400, size: int = 32, split: str = "test", seed: int = 
     not recoverable from its render, so not checked)."""
     rng = np.random.default_rng(seed)
     images, captions, names = styles.sample_batch(rng, n, size, split)
-    pixels = ((np.clip(images, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    pixels = [as_uint8_hwc(im) for im in images]
     correct = np.array([score_styled(im, c)["correct"] for im, c in zip(pixels, captions)])
     out: dict[str, Any] = {"n": n, "size": size, "split": split, "accuracy": float(correct.mean()), "by_style": {}}
     for style in styles.STYLES:

@@ -3,12 +3,13 @@ import numpy as np
 import pytest
 
 from evaluation import style_scorer
+from evaluation.scorer import as_uint8_hwc
 from evaluation.style_scorer import check_styled, score_styled, unstyle
 from rsr_model.data import shapes, styles
 
 
 def _pixels(images: np.ndarray) -> np.ndarray:
-    return ((np.clip(images, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    return np.stack([as_uint8_hwc(im) for im in images])
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ recipe is tiny-shift's: learned, nothing planted.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..data import compose, shapes
 from .shapes_sd3 import TinySD3Shapes
@@ -34,10 +33,6 @@ class TinyCompose(TinyShift):
     def _compose(self, rng: np.random.Generator, n: int, split: str):
         images, captions, _ = compose.sample_batch(rng, n, self.size, split)
         return self._conditioned(rng, images, captions)
-
-    def _conditioned(self, rng: np.random.Generator, images: np.ndarray, captions: list[str]):
-        drop = rng.random(len(captions)) < self.caption_dropout
-        return torch.from_numpy(images), self.condition(["" if d else c for c, d in zip(captions, drop)])
 
     def describe(self, item: str) -> dict:
         out = TinySD3Shapes.describe(self, item)  # the plain captions' attributes (no style suffix here)

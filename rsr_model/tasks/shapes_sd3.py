@@ -60,9 +60,13 @@ class TinySD3Shapes(Task):
 
     def batch(self, rng: np.random.Generator, n: int):
         images, captions, _ = shapes.sample_batch(rng, n, size=self.size)
-        drop = rng.random(n) < self.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop)]
-        return torch.from_numpy(images), self.condition(captions)
+        return self._conditioned(rng, images, captions)
+
+    def _conditioned(self, rng: np.random.Generator, images: np.ndarray, captions: Sequence[str]):
+        """(images as a tensor, their conditioning) with each caption dropped to "" at `caption_dropout`
+        (the unconditional branch classifier-free guidance needs); every shapes preset's batches end here."""
+        drop = rng.random(len(captions)) < self.caption_dropout
+        return torch.from_numpy(images), self.condition(["" if d else c for c, d in zip(captions, drop)])
 
     def condition(self, items: Sequence[str]):
         states, pooled = self.encoder.encode(list(items), max_length=MAX_TOKENS)

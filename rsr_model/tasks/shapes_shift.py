@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from .. import config
 from ..data import styles
@@ -47,9 +46,7 @@ class TinyShift(TinySD3Shapes):
 
     def _styled(self, rng: np.random.Generator, n: int, split: str):
         images, captions, _ = styles.sample_batch(rng, n, self.size, split)
-        drop = rng.random(n) < self.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop)]
-        return torch.from_numpy(images), self.condition(captions)
+        return self._conditioned(rng, images, captions)
 
     def describe(self, item: str) -> dict[str, Any]:
         plain, style = styles.split_caption(item)
