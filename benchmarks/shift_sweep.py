@@ -12,7 +12,7 @@ the sweep ranks recipes; the table (`evaluate --shift`) is the evidence.
         [--steps 300] [--only default,gate10x]
 
 Training runs one at a time (time it alone). One JSON line per setting in OUT/results.jsonl and a
-markdown table at the end; a setting already in results.jsonl is not run again.
+markdown table at the end; a setting already in results.jsonl with the same seed, steps and base is not run again.
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
-    done = {json.loads(line)["setting"] for line in results.read_text().splitlines()} if results.is_file() else set()
+    # a row is reused only for the same setting, seed, steps and base (the checkpoint's own reuse is keyed the same
+    # way by evaluation.table.train_checkpoint); another budget in the same folder is a new row
+    kept = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
+    done = {(r["setting"], r["seed"], r["steps"], r.get("base")) for r in kept}
     sweep = shift.ShiftBudget(base_steps=0, rsr_steps=args.steps, seeds=(args.seed,), value_samples=16,
                               value_sets=1, value_draws=2, bootstrap=300)
     task, base_model, _, _ = load_model(args.base)
@@ -69,15 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     base_losses = shift.per_sample_losses(base_model, sets)
     print(f"frozen base held-out loss {float(bin_means(base_losses).mean()):.4f}", flush=True)
     for name in names:
-        if name in done:
+        if (name, args.seed, args.steps, str(args.base)) in done:
             continue
         budget = dataclasses.replace(sweep, rsr_flags=tuple(SETTINGS[name]))
-        path = args.out / f"{name}_s{args.seed}.pt"
+        path = args.out / f"{name}_s{args.seed}_{args.steps}.pt"
         argv_ = shift.row_argv(args.base, "rsr", args.seed, budget)
         train_s = train_checkpoint(path, argv_, shift._expect(argv_, "rsr", args.steps))
         t0 = time.perf_counter()
         figures, _ = shift.measure(path, "rsr", sets, style, base_losses, budget)
-        row = {"setting": name, "flags": SETTINGS[name], "seed": args.seed, "steps": args.steps,
+        row = {"setting": name, "flags": SETTINGS[name], "seed": args.seed, "steps": args.steps, "base": str(args.base),
                "train_s": round(train_s, 1), "measure_s": round(time.perf_counter() - t0, 1),
                **{k: figures.get(k) for k in ("loss", "adapter_gain", "value", "value_ci95", "value_token",
                                                "value_token_ci95", "gate_vs_best_forced", "ami_style_max",
