@@ -46,9 +46,6 @@ def create_app(ctx: Context, views: list[View] | None = None) -> dash.Dash:
         selection.selection_bar(),
         html.Div(id="status"),
         dcc.Tabs(id="tabs", value=selection.default_view(ctx, views), children=tabs),
-        # an empty graph in the first layout makes the browser fetch plotly.js while the first
-        # callbacks run, not after the overview's figure arrives (about 0.5 s of the first page)
-        dcc.Graph(id="plotly-preload", figure={}, style={"display": "none"}),
     ])
     selection.register(app, ctx, views)
     app.dashboard_gates = {}  # view_body: store id -> the view and controls its gate passes on

@@ -333,3 +333,29 @@ def test_projections_computed_from_the_page(env, tmp_path):
                 "lat-colour.value": "timestep", "lat-max.value": 10000}, "lat-done.data")
     assert fig["lat-scatter"]["figure"]["data"][0]["type"] == "scattergl"
     ctx.registry.close()
+
+
+def test_browser_uses_the_dashboard_bundle(browser, env):
+    """The page draws with the dashboard's own plotly.js (assets/plotly-dashboard.min.js: only the
+    traces the views use), never fetches the 4.8 MB plotly.min.js, and that bundle draws the
+    views' Sankey and WebGL scatter (tests/test_plotly_bundle.py checks it lists every trace type)."""
+    from plotly.offline import get_plotlyjs_version
+    from selenium.webdriver.common.by import By
+
+    from .test_plotly_bundle import trace_types_built
+
+    driver, url, ctx = browser
+    driver.get(f"{url}/?trace={trace_id(env['derived'])}&view=flow&layer=2&step=1")
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#flow-body .js-plotly-plot g.sankey"))
+    scripts = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert any("/assets/plotly-dashboard.min.js" in s for s in scripts)
+    assert not any("plotly.min.js" in s and "plotly-dashboard" not in s for s in scripts), scripts
+    assert driver.execute_script("return Plotly.version") == get_plotlyjs_version()
+    registered = set(driver.execute_script("return Object.keys(Plotly.PlotSchema.get().traces)"))
+    assert trace_types_built() <= registered
+    driver.find_element(By.XPATH, "//*[@id='tabs']//*[text()='Latent explorer']").click()
+    drawn = ("const gd = document.querySelector('#lat-scatter .js-plotly-plot');"
+             "return !!(gd && gd._fullData && gd._fullData.length && gd._fullData[0].type === 'scattergl'"
+             " && gd._fullData[0].visible === true && gd.querySelector('canvas.gl-canvas'));")
+    wait_for(driver, lambda d: d.execute_script(drawn))
+    assert console_errors(driver) == []
