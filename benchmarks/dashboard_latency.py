@@ -282,7 +282,8 @@ def browser_run(trace: Path, d, cold: bool, presses: int) -> dict[str, float]:
             time.sleep(0.2)
         ms.sort()
         out.update(press_median_ms=statistics.median(ms), press_max_ms=ms[-1])
-        out["server_rss_mib"] = psutil.Process(proc.pid).memory_info().rss / 2**20  # after the first page and the presses
+        # the server after the first page and the key presses
+        out["server_rss_mib"] = psutil.Process(proc.pid).memory_info().rss / 2**20
         t1 = time.perf_counter()  # the page opened again on the same server: the browser's cache holds plotly.js
         d.get(url + "?view=overview")
         while not d.execute_script("return !!document.querySelector('#overview-share .main-svg')"):

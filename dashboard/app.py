@@ -80,19 +80,19 @@ def create_app(ctx: Context, views: list[View] | None = None) -> dash.Dash:
 def warm_up(ctx: Context) -> None:
     """What the first page's overview needs, done while the browser is still loading the page's
     scripts (`python -m dashboard` runs this in a thread once the server is built): plotly's figure
-    defaults, the report of the trace the page opens on (from its cache, or computed) and one
-    throwaway overview figure (the first figure plotly builds costs about twice a later one).
+    defaults, the report of the trace the page opens on (from its cache, or computed) and its
+    overview figure (kept for the page's first callback: `overview_figure`).
     A failure here is only logged: the page shows it when it asks for that report."""
     ok = [o["value"] for o in ctx.registry.options() if ctx.registry.entries[o["value"]].error is None]
     if not ok:  # no trace to open: nothing to warm (and no thread left importing plotly when Ctrl-C ends the server)
         return
     from .common import figure_defaults
-    from .views.overview import evidence, share_figure
+    from .views.overview import evidence, overview_figure
 
     figure_defaults()
     try:
         report = ctx.registry.report(ok[0])
-        share_figure(report)
+        overview_figure(ctx, ok[0])
         layer = next(iter(report["layers"]), None)
         if layer is not None:
             evidence(report, int(layer), 0)

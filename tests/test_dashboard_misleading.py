@@ -61,3 +61,17 @@ def test_overview_lift_scale_reaches_K(app_ctx):
     figure = json.dumps(out)  # every heatmap of the overview: the small multiples of lift
     zmax = [int(part.split(",")[0].split("}")[0]) for part in figure.split('"zmax": ')[1:]]
     assert zmax and set(zmax) == {K}  # was capped at 2
+
+
+def test_overview_is_a_facet_grid_with_every_timestep_apart(app_ctx):
+    """One title per recursion step and per layer (not one per panel), and timesteps under distinct
+    labels, however close (two under one category label would be drawn as one column)."""
+    from dashboard.views.overview import share_figure, timestep_labels
+
+    app, ctx = app_ctx
+    report = ctx.registry.report(ctx.registry.ids()[0])
+    titles = sorted(a["text"] for a in share_figure(report).to_plotly_json()["layout"]["annotations"])
+    steps = {s for layer in report["layers"].values() for s in layer["steps"]}
+    assert titles == sorted([f"layer {layer}" for layer in report["layers"]] + [f"step {s}" for s in steps])
+    assert timestep_labels(np.array([1000.0, 964.3, 928.6])) == ["1000", "964", "929"]
+    assert timestep_labels(np.array([0.964, 0.958, 0.5])) == ["0.964", "0.958", "0.500"]

@@ -28,9 +28,12 @@ def layout(ctx: Context):
 def share_figure(report: dict) -> go.Figure:
     layers = report["layers"]
     K = report["trace"]["experts"]
-    n_steps = max(len(lo["steps"]) for lo in layers.values())
-    titles = [f"layer {layer} · step {s}" for layer, lo in layers.items() for s in lo["steps"]]
-    fig = make_subplots(rows=len(layers), cols=n_steps, subplot_titles=titles, shared_yaxes=True,
+    steps = max((list(lo["steps"]) for lo in layers.values()), key=len)
+    # A facet grid: x shared by column (every panel has the same timesteps: tick labels on the bottom row
+    # only), y by row, one title per column and per row instead of one per panel. With 4 layers x 5 steps
+    # this drew in 260-270 ms instead of 290-470 (fresh page, headless Chromium), most of it fewer labels.
+    fig = make_subplots(rows=len(layers), cols=len(steps), shared_yaxes=True, shared_xaxes=True,
+                        column_titles=[f"step {s}" for s in steps], row_titles=[f"layer {layer}" for layer in layers],
                         horizontal_spacing=0.02, vertical_spacing=0.08)
     sampling = report["trace"]["kind"] == "sampling"
     for i, (layer, lo) in enumerate(layers.items()):
@@ -44,18 +47,37 @@ def share_figure(report: dict) -> go.Figure:
             order = np.argsort(-x, kind="stable")  # noisiest first, as the title says (training bins run up)
             x, share = x[order], share[order]
             fig.add_trace(go.Heatmap(
-                x=[f"{v:.0f}" for v in x], y=[f"e{k}" for k in range(K)], z=(share * K).T, customdata=share.T,
+                x=timestep_labels(x), y=[f"e{k}" for k in range(K)], z=(share * K).T, customdata=share.T,
                 # lift runs 0..K (K: the expert takes every token); a cap at 2 made every specialised cell alike
                 zmin=0, zmax=K, zmid=1, colorscale="RdBu_r", showscale=(i == 0 and j == 0),
-                colorbar=dict(title="lift", len=0.6, thickness=10),
+                colorbar=dict(title="lift", len=0.6, thickness=10, x=1.05),  # right of the row titles
                 hovertemplate="t=%{x}<br>expert %{y}<br>share %{customdata:.3f}<br>lift %{z:.2f}<extra>"
                               + f"layer {layer} step {step}</extra>",
                 meta=[int(layer), int(step)]), row=i + 1, col=j + 1)
-    fig.update_xaxes(title_text="", tickfont_size=9, type="category")
-    fig.update_layout(height=min(620, 170 + 150 * len(layers)), margin=dict(l=40, r=10, t=40, b=30),
+    fig.update_annotations(font_size=12)  # the row and column titles
+    # at most about 10 labelled timesteps per panel: each label is measured in the browser before it is drawn
+    n_timesteps = max(len(trace.x) for trace in fig.data) if fig.data else 1
+    fig.update_xaxes(title_text="", tickfont_size=9, type="category", tick0=0, dtick=-(-n_timesteps // 10))
+    fig.update_layout(height=min(620, 170 + 150 * len(layers)), margin=dict(l=40, r=30, t=50, b=30),
                       title=dict(text="Expert share by diffusion timestep (noise → clean), lift over 1/K",
                                  font_size=13))
     return fig
+
+
+def timestep_labels(values: np.ndarray) -> list[str]:
+    """Category labels of timestep values, with as few decimals as keep them apart (two timesteps
+    under one label would be drawn as one column)."""
+    for decimals in range(4):
+        labels = [f"{v:.{decimals}f}" for v in values]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{v:.6g}" for v in values]
+
+
+def overview_figure(ctx: Context, tid: str) -> go.Figure:
+    """`share_figure` of the trace's report, built once per trace version: the warm-up builds it
+    before the page asks (0.2 s for 4 layers x 5 steps, most of it `make_subplots`)."""
+    return ctx.cached(tid, "overview-share", lambda: share_figure(ctx.registry.report(tid)))
 
 
 def evidence(report: dict, layer: int, step: int) -> html.Div:
@@ -133,7 +155,7 @@ def register(app: dash.Dash, ctx: Context) -> None:
         buttons = [html.Button(f"expert {k} →", id={"type": "open-expert", "k": k}, className="btn")
                    for k in range(K)]
         return html.Div([
-            html.Div([dcc.Graph(id="overview-share", figure=share_figure(report), config=GRAPH_CONFIG)],
+            html.Div([dcc.Graph(id="overview-share", figure=overview_figure(ctx, tid), config=GRAPH_CONFIG)],
                      className="panel", style={"flex": "1", "minWidth": "520px"}),
             html.Div([evidence(report, layer, step or 0),
                       html.Div(["open an expert's page: ", *buttons])]),
