@@ -359,3 +359,33 @@ def test_browser_uses_the_dashboard_bundle(browser, env):
              " && gd._fullData[0].visible === true && gd.querySelector('canvas.gl-canvas'));")
     wait_for(driver, lambda d: d.execute_script(drawn))
     assert console_errors(driver) == []
+
+
+def test_browser_click_on_an_overview_cell_selects_it(browser, env):
+    """A click on a cell of the overview (one heatmap row per layer, the recursion steps side by side)
+    selects that cell's timestep, layer, recursion step and expert."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    driver, url, ctx = browser
+    tid = trace_id(env["trace"])
+    report = ctx.registry.report(tid)
+    steps = [int(s) for s in report["trace"]["steps"]]
+    timesteps = report["trace"]["timestep_values"]
+    driver.get(f"{url}/?trace={tid}&view=overview&step=0&t=0&expert=0")
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#overview-share .main-svg"))
+    # the cell of expert 1 at the second-noisiest timestep of the last recursion step
+    n_t = len(timesteps)
+    column = (len(steps) - 1) * (n_t + 1) + 1
+    name, dx, dy = driver.execute_script(
+        "const gd = document.querySelector('#overview-share .js-plotly-plot');"
+        "const name = gd.data[0].x[arguments[0]]; const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;"
+        "return [name, xa._offset + xa.d2p(name), ya._offset + ya.d2p('e1')];", column)
+    assert name.endswith(f"step {steps[-1]}")
+    plot = driver.find_element(By.CSS_SELECTOR, "#overview-share .js-plotly-plot")
+    w, h = plot.size["width"], plot.size["height"]
+    ActionChains(driver).move_to_element(plot).move_by_offset(int(dx - w // 2), int(dy - h // 2)).click().perform()
+    second = sorted(range(n_t), key=lambda i: -timesteps[i])[1]  # columns run noisiest first
+    wait_for(driver, lambda d: f"step={len(steps) - 1}" in d.current_url and "expert=1" in d.current_url)
+    assert f"t={second}&" in driver.current_url + "&" and f"layer={report['trace']['layers'][0]}" in driver.current_url
+    assert console_errors(driver) == []

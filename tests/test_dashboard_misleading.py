@@ -63,15 +63,31 @@ def test_overview_lift_scale_reaches_K(app_ctx):
     assert zmax and set(zmax) == {K}  # was capped at 2
 
 
-def test_overview_is_a_facet_grid_with_every_timestep_apart(app_ctx):
-    """One title per recursion step and per layer (not one per panel), and timesteps under distinct
-    labels, however close (two under one category label would be drawn as one column)."""
-    from dashboard.views.overview import share_figure, timestep_labels
+def test_overview_is_one_row_per_layer_with_every_timestep_apart(app_ctx):
+    """One heatmap row per layer holding every recursion step's shares (steps side by side, an empty
+    column between them), one title per step and per layer, and timesteps under distinct labels,
+    however close (two under one label would read as one)."""
+    from dashboard.views.overview import share_figure, share_grid, timestep_labels
 
     app, ctx = app_ctx
     report = ctx.registry.report(ctx.registry.ids()[0])
-    titles = sorted(a["text"] for a in share_figure(report).to_plotly_json()["layout"]["annotations"])
+    fig = share_figure(report)
+    titles = sorted(a["text"] for a in fig.to_plotly_json()["layout"]["annotations"])
     steps = {s for layer in report["layers"].values() for s in layer["steps"]}
     assert titles == sorted([f"layer {layer}" for layer in report["layers"]] + [f"step {s}" for s in steps])
+    grid, K = share_grid(report), report["trace"]["experts"]
+    assert len(fig.data) == len(report["layers"])
+    for row, (trace, lo) in enumerate(zip(fig.data, report["layers"].values())):
+        share = np.asarray(trace.customdata, float)  # (expert, column)
+        for j, cell in enumerate(lo["steps"].values()):
+            expected = np.asarray(cell["share_by_timestep"]["share"], float)[grid.order].T
+            assert np.array_equal(share[:, j * grid.width: j * grid.width + len(grid.labels)], expected)
+            if j:
+                assert np.isnan(share[:, j * grid.width - 1]).all()  # the gap before this step
+        assert np.allclose(np.asarray(trace.z, float), share * K, equal_nan=True)
+        layer, step, t = grid.cell_at(row, trace.x[grid.width + 1])  # second step, second-noisiest timestep
+        assert (layer, step) == (int(list(report["layers"])[row]), int(list(lo["steps"])[1]))
+        assert t == int(np.argsort(-np.asarray(report["trace"]["timestep_values"]), kind="stable")[1])
+        assert grid.cell_at(row, trace.x[grid.width - 1]) is None  # a gap
     assert timestep_labels(np.array([1000.0, 964.3, 928.6])) == ["1000", "964", "929"]
     assert timestep_labels(np.array([0.964, 0.958, 0.5])) == ["0.964", "0.958", "0.500"]

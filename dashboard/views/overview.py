@@ -1,7 +1,8 @@
 """View 1, specialization overview: the paper's Figure 4 made interactive, beside the evidence.
 
-Left: expert share across diffusion timesteps, one panel per (layer, recursion step), coloured
-by lift over 1/K (share x K; 1 = uniform), raw share on hover. Clicking a cell selects that
+Left: expert share across diffusion timesteps for every (layer, recursion step), one heatmap row
+per layer with the recursion steps side by side, coloured by lift over 1/K (share x K; 1 =
+uniform), raw share on hover. Clicking a cell selects that
 timestep, layer, step and expert. Right: for the selected layer and step, the mutual
 information of the expert with each label against its permutation null (bar = MI, whisker =
 null mean + 2 sd), with p-value and AMI, and the gate's entropy and top-1 margin; a gate
@@ -9,6 +10,8 @@ whose mean margin is below `probes.views.FLAT_GATE_MARGIN` is flagged as a flat 
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import dash
 import numpy as np
@@ -25,40 +28,96 @@ def layout(ctx: Context):
     return html.Div(id="overview-body")
 
 
+@dataclass
+class ShareGrid:
+    """Where each (layer, recursion step, timestep) of a report sits in the overview: one heatmap row per
+    layer, the recursion steps side by side in it, each a block of `n_timesteps` columns (noisiest first)
+    followed by one empty column. `share_figure` draws it; a click is read back with `cell_at`."""
+
+    layers: list[int]
+    steps: list[list[int]]  # per layer, its recursion steps in order
+    labels: list[str]  # timestep labels of a block's columns, noisiest first
+    order: list[int]  # per block column, the index of its timestep in the report's order
+
+    @property
+    def width(self) -> int:
+        return len(self.labels) + 1  # a step's columns and the empty one after it
+
+    def columns(self, row: int) -> list[str]:
+        """The category of each column of a layer's row: "t=<timestep> · step <s>", and in each gap a
+        label of spaces of its own (categories must differ; the hover shows the name)."""
+        names = []
+        for j, step in enumerate(self.steps[row]):
+            names += [f"t={label} · step {step}" for label in self.labels] + [" " * (j + 1)]
+        return names[:-1]
+
+    def cell_at(self, row: int, name: str) -> tuple[int, int, int] | None:
+        """(layer, step, index of the timestep in the report's order) at a heatmap cell of a row, by its
+        column's category; None in a gap or outside the grid."""
+        if not 0 <= row < len(self.layers) or name not in (names := self.columns(row)):
+            return None
+        block, at = divmod(names.index(name), self.width)
+        if not (0 <= row < len(self.layers) and 0 <= block < len(self.steps[row]) and at < len(self.labels)):
+            return None
+        return self.layers[row], self.steps[row][block], self.order[at]
+
+
+def timestep_axis(report: dict) -> np.ndarray:
+    """The x of every (layer, step) cell's shares: timestep values (sampling) or bin centres (training)."""
+    if report["trace"]["kind"] == "sampling":
+        return np.asarray(report["trace"]["timestep_values"], float)
+    return np.asarray([0.5 * (b["t_min"] + b["t_max"]) for b in report["timestep_bins"]])
+
+
+def cell_shares(report: dict, cell: dict) -> np.ndarray:
+    """(timestep, K) expert shares of one (layer, step) cell, in the report's timestep order."""
+    if report["trace"]["kind"] == "sampling":
+        return np.asarray(cell["share_by_timestep"]["share"], float)
+    return np.asarray([b["share"] for b in cell["load_by_timestep_bin"]], float)
+
+
+def share_grid(report: dict) -> ShareGrid:
+    x = timestep_axis(report)
+    order = np.argsort(-x, kind="stable")  # noisiest first, as the title says (training bins run up)
+    return ShareGrid(layers=[int(layer) for layer in report["layers"]],
+                     steps=[[int(s) for s in lo["steps"]] for lo in report["layers"].values()],
+                     labels=timestep_labels(x[order]), order=order.tolist())
+
+
 def share_figure(report: dict) -> go.Figure:
-    layers = report["layers"]
-    K = report["trace"]["experts"]
-    steps = max((list(lo["steps"]) for lo in layers.values()), key=len)
-    # A facet grid: x shared by column (every panel has the same timesteps: tick labels on the bottom row
-    # only), y by row, one title per column and per row instead of one per panel. With 4 layers x 5 steps
-    # this drew in 260-270 ms instead of 290-470 (fresh page, headless Chromium), most of it fewer labels.
-    fig = make_subplots(rows=len(layers), cols=len(steps), shared_yaxes=True, shared_xaxes=True,
-                        column_titles=[f"step {s}" for s in steps], row_titles=[f"layer {layer}" for layer in layers],
-                        horizontal_spacing=0.02, vertical_spacing=0.08)
-    sampling = report["trace"]["kind"] == "sampling"
-    for i, (layer, lo) in enumerate(layers.items()):
-        for j, (step, d) in enumerate(lo["steps"].items()):
-            if sampling:
-                x = np.asarray(d["share_by_timestep"]["timestep_value"], float)
-                share = np.asarray(d["share_by_timestep"]["share"], float)
-            else:
-                x = np.asarray([0.5 * (b["t_min"] + b["t_max"]) for b in report["timestep_bins"]])
-                share = np.asarray([b["share"] for b in d["load_by_timestep_bin"]], float)
-            order = np.argsort(-x, kind="stable")  # noisiest first, as the title says (training bins run up)
-            x, share = x[order], share[order]
-            fig.add_trace(go.Heatmap(
-                x=timestep_labels(x), y=[f"e{k}" for k in range(K)], z=(share * K).T, customdata=share.T,
-                # lift runs 0..K (K: the expert takes every token); a cap at 2 made every specialised cell alike
-                zmin=0, zmax=K, zmid=1, colorscale="RdBu_r", showscale=(i == 0 and j == 0),
-                colorbar=dict(title="lift", len=0.6, thickness=10, x=1.05),  # right of the row titles
-                hovertemplate="t=%{x}<br>expert %{y}<br>share %{customdata:.3f}<br>lift %{z:.2f}<extra>"
-                              + f"layer {layer} step {step}</extra>",
-                meta=[int(layer), int(step)]), row=i + 1, col=j + 1)
-    fig.update_annotations(font_size=12)  # the row and column titles
-    # at most about 10 labelled timesteps per panel: each label is measured in the browser before it is drawn
-    n_timesteps = max(len(trace.x) for trace in fig.data) if fig.data else 1
-    fig.update_xaxes(title_text="", tickfont_size=9, type="category", tick0=0, dtick=-(-n_timesteps // 10))
-    fig.update_layout(height=min(620, 170 + 150 * len(layers)), margin=dict(l=40, r=30, t=50, b=30),
+    """Expert share by timestep, coloured by lift over 1/K, for every (layer, recursion step): the
+    paper's Figure 4. One heatmap per layer with the steps side by side (`ShareGrid`), not one panel
+    per (layer, step): a plotly subplot costs the browser its axes and drag layers, and 4 layers x 5
+    steps drew in 80-95 ms as 4 rows against 310-440 ms as 20 panels (fresh headless Chromium page)."""
+    grid, K = share_grid(report), report["trace"]["experts"]
+    n_t, width = len(grid.labels), grid.width
+    fig = make_subplots(rows=len(grid.layers), cols=1, shared_xaxes=True, vertical_spacing=0.1,
+                        row_titles=[f"layer {layer}" for layer in grid.layers])
+    for i, (layer, lo) in enumerate(report["layers"].items()):
+        share = np.full((K, len(lo["steps"]) * width - 1), np.nan)  # (expert, column), NaN in the gaps
+        for j, cell in enumerate(lo["steps"].values()):
+            share[:, j * width: j * width + n_t] = cell_shares(report, cell)[grid.order].T
+        fig.add_trace(go.Heatmap(
+            z=share * K, customdata=share, x=grid.columns(i), y=[f"e{k}" for k in range(K)], hoverongaps=False,
+            # lift runs 0..K (K: the expert takes every token); a cap at 2 made every specialised cell alike
+            zmin=0, zmax=K, zmid=1, colorscale="RdBu_r", showscale=(i == 0),
+            colorbar=dict(title="lift", len=0.6, thickness=10, x=1.05),  # right of the row titles
+            hovertemplate="%{x}<br>expert %{y}<br>share %{customdata:.3f}<br>lift %{z:.2f}<extra>"
+                          + f"layer {layer}</extra>",
+            meta=int(layer)), row=i + 1, col=1)
+        fig.update_yaxes(showgrid=False, row=i + 1, col=1)
+    every = -(-n_t // 10)  # at most about 10 labelled timesteps per step: each label is measured before drawing
+    widest = max(range(len(grid.layers)), key=lambda row: len(grid.steps[row]))
+    names = grid.columns(widest)
+    ticks = [j * width + c for j in range(len(grid.steps[widest])) for c in range(0, n_t, every)]
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=names, tickvals=[names[t] for t in ticks],
+                     ticktext=[grid.labels[t % width] for t in ticks], tickfont_size=9, showgrid=False)
+    for j, step in enumerate(grid.steps[widest]):
+        fig.add_annotation(text=f"step {step}", x=j * width + (n_t - 1) / 2, xref="x", y=1.0, yref="paper",
+                           yanchor="bottom", showarrow=False)
+    fig.update_annotations(font_size=12)  # the step and layer titles
+    fig.update_layout(height=min(620, 170 + 150 * len(grid.layers)), margin=dict(l=40, r=30, t=60, b=30),
+                      plot_bgcolor="white",  # the gaps between the steps
                       title=dict(text="Expert share by diffusion timestep (noise → clean), lift over 1/K",
                                  font_size=13))
     return fig
@@ -66,7 +125,7 @@ def share_figure(report: dict) -> go.Figure:
 
 def timestep_labels(values: np.ndarray) -> list[str]:
     """Category labels of timestep values, with as few decimals as keep them apart (two timesteps
-    under one label would be drawn as one column)."""
+    under one label would read as one)."""
     for decimals in range(4):
         labels = [f"{v:.{decimals}f}" for v in values]
         if len(set(labels)) == len(labels):
@@ -76,7 +135,7 @@ def timestep_labels(values: np.ndarray) -> list[str]:
 
 def overview_figure(ctx: Context, tid: str) -> go.Figure:
     """`share_figure` of the trace's report, built once per trace version: the warm-up builds it
-    before the page asks (0.2 s for 4 layers x 5 steps, most of it `make_subplots`)."""
+    before the page asks (0.1-0.13 s for 4 layers x 5 steps once plotly is warm)."""
     return ctx.cached(tid, "overview-share", lambda: share_figure(ctx.registry.report(tid)))
 
 
@@ -178,20 +237,14 @@ def register(app: dash.Dash, ctx: Context) -> None:
             return dash.no_update
         pt = click["points"][0]
         report = ctx.registry.report(tid)
-        meta = None
-        fig_curve = pt.get("curveNumber", 0)
-        layers = report["layers"]
-        flat = [(int(layer), int(s)) for layer, lo in layers.items() for s in lo["steps"]]
-        if fig_curve < len(flat):
-            meta = flat[fig_curve]
-        nav = {"expert": int(str(pt["y"]).lstrip("e"))}
-        if meta:
-            nav["layer"] = meta[0]
-            nav["step"] = [int(s) for s in report["trace"]["steps"]].index(meta[1])
+        cell = share_grid(report).cell_at(pt.get("curveNumber", 0), str(pt.get("x")))
+        if cell is None:  # the empty column between two steps
+            return dash.no_update
+        layer, step, timestep = cell
+        nav = {"expert": int(str(pt["y"]).lstrip("e")), "layer": layer,
+               "step": [int(s) for s in report["trace"]["steps"]].index(step)}
         if report["trace"]["kind"] == "sampling":
-            tv = [f"{v:.0f}" for v in report["trace"]["timestep_values"]]
-            if str(pt["x"]) in tv:
-                nav["t"] = tv.index(str(pt["x"]))
+            nav["t"] = timestep
         return nav
 
 
