@@ -3,6 +3,7 @@ reaches K, the Expert page does not draw an expert's token map where it is never
 follows / precedes says so instead of printing 'nan'."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,3 +92,25 @@ def test_overview_is_one_row_per_layer_with_every_timestep_apart(app_ctx):
         assert grid.cell_at(row, trace.x[grid.width - 1]) is None  # a gap
     assert timestep_labels(np.array([1000.0, 964.3, 928.6])) == ["1000", "964", "929"]
     assert timestep_labels(np.array([0.964, 0.958, 0.5])) == ["0.964", "0.958", "0.500"]
+
+
+def test_overview_of_a_training_trace_runs_noise_to_clean(training_trace, tmp_path):
+    """A training trace's overview is drawn from its timestep bins, noisiest bin first as the title
+    says (the bins run up in the report), with each bin's shares in its column."""
+    import shutil
+
+    from dashboard.views.overview import share_figure, share_grid
+
+    trace = Path(shutil.copy(training_trace, tmp_path / training_trace.name))  # the dashboard caches beside it
+    ctx = make_context([str(trace)], permutations=0)
+    try:
+        report = ctx.registry.report(ctx.registry.ids()[0])
+    finally:
+        ctx.registry.close()
+    assert report["trace"]["kind"] == "training"
+    grid, fig = share_grid(report), share_figure(report)
+    centres = [0.5 * (b["t_min"] + b["t_max"]) for b in report["timestep_bins"]]
+    assert [centres[i] for i in grid.order] == sorted(centres, reverse=True)
+    first = next(iter(next(iter(report["layers"].values()))["steps"].values()))
+    noisiest = np.asarray(first["load_by_timestep_bin"][grid.order[0]]["share"], float)
+    assert np.array_equal(np.asarray(fig.data[0].customdata, float)[:, 0], noisiest)
