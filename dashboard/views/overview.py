@@ -57,7 +57,7 @@ class ShareGrid:
         if not 0 <= row < len(self.layers) or name not in (names := self.columns(row)):
             return None
         block, at = divmod(names.index(name), self.width)
-        if not (0 <= row < len(self.layers) and 0 <= block < len(self.steps[row]) and at < len(self.labels)):
+        if at == len(self.labels):  # the empty column after a step
             return None
         return self.layers[row], self.steps[row][block], self.order[at]
 
@@ -77,6 +77,7 @@ def cell_shares(report: dict, cell: dict) -> np.ndarray:
 
 
 def share_grid(report: dict) -> ShareGrid:
+    """The overview's layout of a report (`ShareGrid`)."""
     x = timestep_axis(report)
     order = np.argsort(-x, kind="stable")  # noisiest first, as the title says (training bins run up)
     return ShareGrid(layers=[int(layer) for layer in report["layers"]],
