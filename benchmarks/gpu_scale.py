@@ -14,6 +14,10 @@ One SD3-medium-sized joint-attention layer (1536 wide, 24 heads, 4096 vision tok
    attached against the same forward with the training/sampling recorder's hooks attached
    (chosen expert ids copied to the host as uint8 per recursion step, and the all-token
    counts per expert), and with gate probabilities (float16) copied too.
+
+`--smoke` runs every step of it on the CPU at a tiny size (width 64, 16 vision tokens, one rep):
+not a measurement, a check that the script runs before a GPU session spends its minutes on it
+(tests/test_gpu_scale.py runs it).
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ import time
 import torch
 
 
-def build(size: dict, K: int, L: int):
-    """The layer (base if K == 0) on CUDA, and its hook registry (None for the base)."""
+def build(size: dict, K: int, L: int, device: str = "cuda"):
+    """The layer (base if K == 0) on `device`, and its hook registry (None for the base)."""
     from diffusers.models.attention import JointTransformerBlock
 
     from rsr_model.config import RSRConfig
@@ -47,7 +51,7 @@ def build(size: dict, K: int, L: int):
         with torch.no_grad():
             layer.experts.B.normal_(std=0.01)
         attn.set_processor(layer)
-    attn.cuda()
+    attn.to(device)
     params = [p for p in attn.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     return attn, registry, opt
@@ -58,7 +62,7 @@ def train_step(case, x, y, c) -> None:
     if hasattr(attn.processor, "cond"):
         attn.processor.cond = c
     xv = x.detach().requires_grad_(True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
         out, ctx = attn(hidden_states=xv, encoder_hidden_states=y)
         loss = out.float().square().mean() + ctx.float().square().mean()
     loss.backward()
@@ -70,21 +74,22 @@ def train_step(case, x, y, c) -> None:
 def sample_step(case, x, y, c) -> None:
     attn = case[0]
     attn.processor.cond = c
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16):
         attn(hidden_states=x, encoder_hidden_states=y)
 
 
 def timed(fns: dict, reps: int) -> dict[str, float]:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for fn in fns.values():  # warm-up (cuBLAS plans, allocator)
         fn()
         fn()
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():  # interleaved: drift and clocks hit every variant alike
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             fn()
-            torch.cuda.synchronize()
+            sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -108,18 +113,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=4096, help="vision tokens (4096 = 1024 px for SD3)")
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true",
+                    help="run every step on the CPU at a tiny size, once: a check of the script, not a measurement")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: no CUDA device; this benchmark needs a GPU", file=sys.stderr)
+    if args.smoke:
+        given = [flag for flag, default in (("--reps", 20), ("--tokens", 4096), ("--batch", 2))
+                 if getattr(args, flag[2:]) != default]
+        if given:
+            print(f"error: {given[0]} does not apply with --smoke (its size is fixed)", file=sys.stderr)
+            return 2
+        device, args.reps = "cpu", 1
+        size = dict(dim=64, heads=2, n=16, m=8, batch=2, rank=4)
+    elif not torch.cuda.is_available():
+        print("error: no CUDA device; this benchmark needs a GPU (--smoke checks the script on the CPU)",
+              file=sys.stderr)
         return 2
-    size = dict(dim=1536, heads=24, n=args.tokens, m=154, batch=args.batch, rank=128)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(size["batch"], size["n"], size["dim"], generator=g, device="cuda")
-    y = torch.randn(size["batch"], size["m"], size["dim"], generator=g, device="cuda")
-    c = torch.randn(size["batch"], size["dim"], generator=g, device="cuda")
-    cases = {"base": build(size, 0, 3), "K1": build(size, 1, 3), "K8": build(size, 8, 3)}
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | width 1536, 24 heads, {size['n']} vision "
-          f"+ 154 text tokens, batch {size['batch']}, rank 128, L = 3, bf16 autocast, median of {args.reps}")
+    else:
+        device = "cuda"
+        size = dict(dim=1536, heads=24, n=args.tokens, m=154, batch=args.batch, rank=128)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(size["batch"], size["n"], size["dim"], generator=g, device=device)
+    y = torch.randn(size["batch"], size["m"], size["dim"], generator=g, device=device)
+    c = torch.randn(size["batch"], size["dim"], generator=g, device=device)
+    cases = {"base": build(size, 0, 3, device), "K1": build(size, 1, 3, device), "K8": build(size, 8, 3, device)}
+    where = "SMOKE TEST on the CPU, not a measurement" if args.smoke else torch.cuda.get_device_name()
+    print(f"{where} | torch {torch.__version__} | width {size['dim']}, {size['heads']} heads, {size['n']} vision "
+          f"+ {size['m']} text tokens, batch {size['batch']}, rank {size['rank']}, L = 3, bf16 autocast, "
+          f"median of {args.reps}")
 
     t = timed({k: (lambda case=case: train_step(case, x, y, c)) for k, case in cases.items()}, args.reps)
     for k, v in t.items():
@@ -142,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
               args.reps)
     for k, v in s.items():
         print(f"  sample K8 {k:<14} {v * 1e3:8.2f} ms  ratio {v / s['none']:.3f}")
-    print(f"  peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    if device == "cuda":
+        print(f"  peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     return 0
 
 
