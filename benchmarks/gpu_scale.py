@@ -110,18 +110,23 @@ def recorder_hooks(registry, K: int, probs: bool) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_scale", description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--tokens", type=int, default=4096, help="vision tokens (4096 = 1024 px for SD3)")
-    ap.add_argument("--batch", type=int, default=2)
+    sizes = {"reps": 20, "tokens": 4096, "batch": 2}  # defaults; None below means "not given"
+    ap.add_argument("--reps", type=int, help=f"timed repetitions per variant (default {sizes['reps']})")
+    ap.add_argument("--tokens", type=int, help=f"vision tokens (default {sizes['tokens']} = 1024 px for SD3)")
+    ap.add_argument("--batch", type=int, help=f"batch size (default {sizes['batch']})")
     ap.add_argument("--smoke", action="store_true",
                     help="run every step on the CPU at a tiny size, once: a check of the script, not a measurement")
     args = ap.parse_args(argv)
+    given = [name for name in sizes if getattr(args, name) is not None]
+    bad = [name for name in given if getattr(args, name) < 1]
+    if bad or (args.smoke and given):
+        why = (f"must be at least 1, got {getattr(args, bad[0])}" if bad
+               else "does not apply with --smoke (its size is fixed)")
+        print(f"error: --{(bad or given)[0]} {why}", file=sys.stderr)
+        return 2
+    for name, default in sizes.items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     if args.smoke:
-        given = [flag for flag, default in (("--reps", 20), ("--tokens", 4096), ("--batch", 2))
-                 if getattr(args, flag[2:]) != default]
-        if given:
-            print(f"error: {given[0]} does not apply with --smoke (its size is fixed)", file=sys.stderr)
-            return 2
         device, args.reps = "cpu", 1
         size = dict(dim=64, heads=2, n=16, m=8, batch=2, rank=4)
     elif not torch.cuda.is_available():

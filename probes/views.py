@@ -67,6 +67,24 @@ def position_lift(counts: np.ndarray) -> np.ndarray:
         return (counts / per_token) / share[:, None]
 
 
+def timestep_axis(report: dict) -> np.ndarray:
+    """The timesteps a report's per-cell shares run over: the recorded timestep values of a sampling
+    trace, the bin centres of a training trace (in the report's order)."""
+    if report["trace"]["kind"] == "sampling":
+        return np.asarray(report["trace"]["timestep_values"], float)
+    return np.asarray([0.5 * (b["t_min"] + b["t_max"]) for b in report["timestep_bins"]])
+
+
+def timestep_lift(report: dict, cell: dict) -> np.ndarray:
+    """(timestep, K) lift over 1/K (share x K: 1 = uniform, K = the expert takes every token) of one
+    (layer, step) cell of a report, along `timestep_axis`."""
+    if report["trace"]["kind"] == "sampling":
+        share = np.asarray(cell["share_by_timestep"]["share"], float)
+    else:
+        share = np.asarray([b["share"] for b in cell["load_by_timestep_bin"]], float)
+    return share * report["trace"]["experts"]
+
+
 def share_difference(a: dict, b: dict) -> dict[str, list[float]]:
     """{"<layer> <step>": share_b - share_a per expert} for the (layer, step) cells both reports hold."""
     out = {}

@@ -79,13 +79,13 @@ def test_overview_is_one_row_per_layer_with_every_timestep_apart(app_ctx):
     grid, K = share_grid(report), report["trace"]["experts"]
     assert len(fig.data) == len(report["layers"])
     for row, (trace, lo) in enumerate(zip(fig.data, report["layers"].values())):
-        share = np.asarray(trace.customdata, float)  # (expert, column)
+        lift = np.asarray(trace.z, float)  # (expert, column)
         for j, cell in enumerate(lo["steps"].values()):
-            expected = np.asarray(cell["share_by_timestep"]["share"], float)[grid.order].T
-            assert np.array_equal(share[:, j * grid.width: j * grid.width + len(grid.labels)], expected)
+            share = np.asarray(cell["share_by_timestep"]["share"], float)[grid.order].T  # the report's, by hand
+            assert np.allclose(lift[:, j * grid.width: j * grid.width + len(grid.labels)], share * K)
             if j:
-                assert np.isnan(share[:, j * grid.width - 1]).all()  # the gap before this step
-        assert np.allclose(np.asarray(trace.z, float), share * K, equal_nan=True)
+                assert np.isnan(lift[:, j * grid.width - 1]).all()  # the gap before this step
+        assert np.allclose(np.asarray(trace.customdata, float), lift / K, equal_nan=True)  # the share on hover
         layer, step, t = grid.cell_at(row, trace.x[grid.width + 1])  # second step, second-noisiest timestep
         assert (layer, step) == (int(list(report["layers"])[row]), int(list(lo["steps"])[1]))
         assert t == int(np.argsort(-np.asarray(report["trace"]["timestep_values"]), kind="stable")[1])
@@ -113,4 +113,4 @@ def test_overview_of_a_training_trace_runs_noise_to_clean(training_trace, tmp_pa
     assert [centres[i] for i in grid.order] == sorted(centres, reverse=True)
     first = next(iter(next(iter(report["layers"].values()))["steps"].values()))
     noisiest = np.asarray(first["load_by_timestep_bin"][grid.order[0]]["share"], float)
-    assert np.array_equal(np.asarray(fig.data[0].customdata, float)[:, 0], noisiest)
+    assert np.allclose(np.asarray(fig.data[0].customdata, float)[:, 0], noisiest)

@@ -108,3 +108,17 @@ def test_training_curves_known_shares_and_mi(tmp_path):
     assert mi["mi"][0] == pytest.approx(np.log(2)) and mi["mi"][2] == pytest.approx(0.0)
     assert mi["p_value"][0] < 0.1 and mi["null_mean"][0] < mi["mi"][0] and mi["null_std"][0] >= 0
     assert pooled["gate_norm_entropy"] is None  # no probabilities stored
+
+
+def test_timestep_axis_and_lift_of_both_trace_kinds():
+    from probes.views import timestep_axis, timestep_lift
+
+    sampling = {"trace": {"kind": "sampling", "experts": 2, "timestep_values": [900.0, 100.0]}}
+    cell = {"share_by_timestep": {"share": [[0.75, 0.25], [0.5, 0.5]]}}
+    assert timestep_axis(sampling).tolist() == [900.0, 100.0]
+    assert timestep_lift(sampling, cell).tolist() == [[1.5, 0.5], [1.0, 1.0]]
+    training = {"trace": {"kind": "training", "experts": 4}, "timestep_bins": [{"t_min": 0, "t_max": 500},
+                                                                             {"t_min": 500, "t_max": 1000}]}
+    cell = {"load_by_timestep_bin": [{"share": [1.0, 0, 0, 0]}, {"share": [0.25, 0.25, 0.25, 0.25]}]}
+    assert timestep_axis(training).tolist() == [250.0, 750.0]
+    assert timestep_lift(training, cell).tolist() == [[4.0, 0, 0, 0], [1.0, 1.0, 1.0, 1.0]]

@@ -24,9 +24,12 @@ def test_smoke_runs_every_step_on_the_cpu():
 
 
 def test_refusals_are_one_line():
-    done = run("--smoke", "--reps", "3")
-    assert done.returncode == 2 and done.stderr.splitlines() == ["error: --reps does not apply with --smoke (its "
-                                                                 "size is fixed)"]
+    for args, line in [(("--smoke", "--reps", "3"), "error: --reps does not apply with --smoke (its size is fixed)"),
+                       (("--smoke", "--reps", "20"), "error: --reps does not apply with --smoke (its size is fixed)"),
+                       (("--reps", "0"), "error: --reps must be at least 1, got 0"),
+                       (("--tokens", "-4"), "error: --tokens must be at least 1, got -4")]:
+        done = run(*args)
+        assert done.returncode == 2 and done.stderr.splitlines() == [line], (args, done.stderr)
     if not torch.cuda.is_available():
         done = run()
         assert done.returncode == 2 and len(done.stderr.splitlines()) == 1

@@ -18,7 +18,7 @@ import numpy as np
 import plotly.graph_objects as go
 from dash import Input, Output, dcc, html
 
-from probes.views import expert_position_counts, position_lift, top_tokens
+from probes.views import expert_position_counts, position_lift, timestep_axis, timestep_lift, top_tokens
 
 from ..common import GRAPH_CONFIG, Context, View, expert_colour, fmt, message, png_uri, view_body
 from .routing import token_grid
@@ -33,17 +33,11 @@ def layout(ctx: Context):
 
 def timing_figure(report: dict, k: int) -> go.Figure:
     fig = go.Figure()
-    K = report["trace"]["experts"]
-    sampling = report["trace"]["kind"] == "sampling"
+    x = timestep_axis(report)
     for layer, lo in report["layers"].items():
         for step, d in lo["steps"].items():
-            if sampling:
-                x = d["share_by_timestep"]["timestep_value"]
-                y = np.asarray(d["share_by_timestep"]["share"], float)[:, k] * K
-            else:
-                x = [0.5 * (b["t_min"] + b["t_max"]) for b in report["timestep_bins"]]
-                y = np.asarray([b["share"] for b in d["load_by_timestep_bin"]], float)[:, k] * K
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"L{layer} s{step}"))
+            fig.add_trace(go.Scatter(x=x, y=timestep_lift(report, d)[:, k], mode="lines+markers",
+                                     name=f"L{layer} s{step}"))
     fig.add_hline(y=1, line_dash="dot", annotation_text="uniform (1/K)", annotation_font_size=10)
     fig.update_xaxes(autorange="reversed", title="diffusion timestep (noise → clean)")
     fig.update_layout(height=260, margin=dict(l=40, r=10, t=30, b=40), yaxis_title="lift",

@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 from dash import ALL, Input, Output, State, dcc, html
 from plotly.subplots import make_subplots
 
-from probes.views import FLAT_GATE_MARGIN, flat_gate
+from probes.views import FLAT_GATE_MARGIN, flat_gate, timestep_axis, timestep_lift
 
 from ..common import GRAPH_CONFIG, Context, View, fmt, guarded, in_status, message, view_body
 
@@ -62,20 +62,6 @@ class ShareGrid:
         return self.layers[row], self.steps[row][block], self.order[at]
 
 
-def timestep_axis(report: dict) -> np.ndarray:
-    """The x of every (layer, step) cell's shares: timestep values (sampling) or bin centres (training)."""
-    if report["trace"]["kind"] == "sampling":
-        return np.asarray(report["trace"]["timestep_values"], float)
-    return np.asarray([0.5 * (b["t_min"] + b["t_max"]) for b in report["timestep_bins"]])
-
-
-def cell_shares(report: dict, cell: dict) -> np.ndarray:
-    """(timestep, K) expert shares of one (layer, step) cell, in the report's timestep order."""
-    if report["trace"]["kind"] == "sampling":
-        return np.asarray(cell["share_by_timestep"]["share"], float)
-    return np.asarray([b["share"] for b in cell["load_by_timestep_bin"]], float)
-
-
 def share_grid(report: dict) -> ShareGrid:
     """The overview's layout of a report (`ShareGrid`)."""
     x = timestep_axis(report)
@@ -95,11 +81,11 @@ def share_figure(report: dict) -> go.Figure:
     fig = make_subplots(rows=len(grid.layers), cols=1, shared_xaxes=True, vertical_spacing=0.1,
                         row_titles=[f"layer {layer}" for layer in grid.layers])
     for i, (layer, lo) in enumerate(report["layers"].items()):
-        share = np.full((K, len(lo["steps"]) * width - 1), np.nan)  # (expert, column), NaN in the gaps
+        lift = np.full((K, len(lo["steps"]) * width - 1), np.nan)  # (expert, column), NaN in the gaps
         for j, cell in enumerate(lo["steps"].values()):
-            share[:, j * width: j * width + n_t] = cell_shares(report, cell)[grid.order].T
+            lift[:, j * width: j * width + n_t] = timestep_lift(report, cell)[grid.order].T
         fig.add_trace(go.Heatmap(
-            z=share * K, customdata=share, x=grid.columns(i), y=[f"e{k}" for k in range(K)], hoverongaps=False,
+            z=lift, customdata=lift / K, x=grid.columns(i), y=[f"e{k}" for k in range(K)], hoverongaps=False,
             # lift runs 0..K (K: the expert takes every token); a cap at 2 made every specialised cell alike
             zmin=0, zmax=K, zmid=1, colorscale="RdBu_r", showscale=(i == 0),
             colorbar=dict(title="lift", len=0.6, thickness=10, x=1.05),  # right of the row titles

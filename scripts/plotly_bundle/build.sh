@@ -5,7 +5,10 @@
 # The built file is committed: nothing is downloaded when the dashboard runs.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-work="$(mktemp -d)"
+# A fixed folder, not mktemp: plotly's inline-CSS step names a style element by a hash of the CSS file's
+# absolute path, so the same folder gives the same bytes on every build.
+work=/tmp/thinking-pixel-plotly-bundle
+rm -rf "$work" && mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 cp "$here/package.json" "$here/package-lock.json" "$here/entry.js" "$here/build.js" "$work/"
 (cd "$work" && npm ci --no-audit --no-fund --loglevel=error && node build.js "$here/../../dashboard/assets/plotly-dashboard.min.js")
