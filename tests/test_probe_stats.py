@@ -11,6 +11,7 @@ from sklearn.metrics import adjusted_mutual_info_score
 from probes.stats import (
     TRAJECTORY_LABELS,
     AgreementAccumulator,
+    AgreementCounts,
     ContingencyAccumulator,
     ConvergenceAccumulator,
     EffectAccumulator,
@@ -19,6 +20,7 @@ from probes.stats import (
     LoadAccumulator,
     SpatialCoherenceAccumulator,
     TransitionAccumulator,
+    agreement_stats,
     balance_monitor,
     convergence_metrics,
     effect_summary,
@@ -384,6 +386,33 @@ def test_routing_stability_kappa():
     assert r.kappa == pytest.approx(0.6, abs=0.006)
     assert routing_agreement(a, a, k).kappa == pytest.approx(1)
     assert abs(routing_agreement(a, rng.integers(0, k, n), k).kappa) < 0.01
+
+
+def test_agreement_from_the_trace_and_margins_equals_the_whole_table():
+    """The stream's agreement (same-expert pairs and the two routings' counts, AgreementCounts)
+    gives the figures of the K x K table, per group and pooled, folded in blocks or as tables."""
+    rng = np.random.default_rng(13)
+    k, groups = 6, (3, 2)
+    a = rng.integers(0, k, (3, 2, 500))
+    b = np.where(rng.random(a.shape) < 0.5, a, rng.integers(0, k, a.shape))
+    b[0, 0] = 0  # a collapsed routing: kappa against chance 1/k of a
+    table = np.zeros(groups + (k, k), np.int64)
+    np.add.at(table, (np.arange(3)[:, None, None], np.arange(2)[None, :, None], a, b), 1)
+    counts = AgreementCounts(k, groups)
+    onehot = lambda x: (x[..., None] == np.arange(k)).sum(axis=-2)
+    for half in (slice(0, 250), slice(250, 500)):
+        x, y = a[..., half], b[..., half]
+        counts.add((x == y).sum(axis=-1), onehot(x), onehot(y))
+    from_table = AgreementCounts(k, groups)
+    from_table.add_table(table[:, 0], at=(slice(None), 0))
+    from_table.add_table(table[:, 1], at=(slice(None), 1))
+    want, pooled = agreement_stats(table), agreement_stats(table.sum(axis=1))
+    for acc in (counts, from_table):
+        got = acc.result()
+        for field in ("agreement", "chance", "kappa", "n"):
+            assert np.array_equal(getattr(got, field), getattr(want, field)), field
+            assert np.array_equal(getattr(acc.summed((1,)), field), getattr(pooled, field)), field
+        assert got.confusion is None
 
 
 def test_grouped_counts_streaming_equals_one_shot():

@@ -14,7 +14,7 @@ import pytest
 
 import probes.stats.routing as routing
 from probes.analysis import Options, analyze, jsonable
-from probes.analysis.chunk import ChunkTables, make_chunk
+from probes.analysis.chunk import ChunkTables, make_chunk, position_histogram
 from probes.analysis.run import SampleCounts
 from probes.analysis.setup import grid_of, labels_of
 from probes.stats import GateAccumulator
@@ -55,7 +55,13 @@ def reference_report(path, monkeypatch) -> dict:
     and the step pairs counted apart (ChunkTables.histogram, ChunkTables.pairs(shift=1))."""
     with monkeypatch.context() as m:
         m.setattr(routing, "float16_row_sums", lambda probs, ids: None)
-        m.setattr(ChunkTables, "count", lambda self, clipped: (self.histogram(clipped), None))
+        init = ChunkTables.__init__
+
+        def general(self, grid, labels):  # the histogram and the step pairs counted apart
+            init(self, grid, labels)
+            self.joint = False
+
+        m.setattr(ChunkTables, "__init__", general)
         return jsonable(analyze(str(path), Options(n_perm=19, linear_probes=False)))
 
 
@@ -130,6 +136,14 @@ def test_chunk_tables_equal_counting_each_record(name, layout_trace):
     assert np.array_equal(table, count_pairs(earlier.ids.astype(np.int64), now.ids.astype(np.int64), k))
     assert tables.pairs(earlier.clipped, now.clipped) is table  # counted once per chunk, read-only
     assert not table.flags.writeable
+    # what agreement reads, over the pairs valid at both: the same-expert pairs and both margins
+    same, first, second = tables.agreement(earlier.routing, now.routing)
+    assert np.array_equal(same, np.trace(table, axis1=-2, axis2=-1))
+    assert np.array_equal(first, table.sum(axis=-1)) and np.array_equal(second, table.sum(axis=-2))
+    assert tables.agreement(earlier.routing, now.routing)[0] is same  # counted once per chunk
+    # the position histogram from a sum of counted tables is the sum of the histograms
+    assert np.array_equal(position_histogram(earlier.counted + now.counted)[..., :k],
+                          earlier.histogram + now.histogram)
 
 
 def test_neighbour_agreement_equals_the_grid_definition():

@@ -59,12 +59,21 @@ from .routing import (
 )
 from .running import GroupedCounts, GroupedSums, Stat, entropy
 from .spatial import SpatialCoherenceAccumulator, SpatialStats, neighbour_agreement
-from .stability import AgreementAccumulator, AgreementStats, agreement_stats, agreement_vs_chance, routing_agreement
+from .stability import (
+    AgreementAccumulator,
+    AgreementCounts,
+    AgreementStats,
+    agreement_from_counts,
+    agreement_stats,
+    agreement_vs_chance,
+    routing_agreement,
+)
 from .transitions import TransitionAccumulator, TransitionStats, transition_stats
 
 # listed, not computed: a linter (and a reader) sees what the package exports
 __all__ = [
     "AgreementAccumulator",
+    "AgreementCounts",
     "AgreementStats",
     "ContingencyAccumulator",
     "ConvergenceAccumulator",
@@ -87,6 +96,7 @@ __all__ = [
     "TRAJECTORY_LABELS",
     "TransitionAccumulator",
     "TransitionStats",
+    "agreement_from_counts",
     "agreement_stats",
     "agreement_vs_chance",
     "balance_monitor",

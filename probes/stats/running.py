@@ -76,6 +76,14 @@ def _flat_key(
     return key
 
 
+def count_true(mask: np.ndarray) -> np.ndarray:
+    """Number of True along the last axis, as int64 (summed as bytes: no bool-to-int copy)."""
+    if mask.shape[-1] == 0:
+        return np.zeros(mask.shape[:-1], np.int64)
+    acc = np.uint16 if mask.shape[-1] < 1 << 16 else np.int64
+    return mask.view(np.uint8).sum(axis=-1, dtype=acc).astype(np.int64)
+
+
 class Stat:
     """The one contract of every streaming statistic (after baukit's ``runningstats.Stat``).
 
@@ -277,6 +285,14 @@ class GroupedSums(Stat):
         and ``counts`` (records per group) broadcasts to the block."""
         self._sums.reshape(self.group_shape + (self.width,))[at] += sums
         self._counts.reshape(self.group_shape)[at] += counts
+
+    def add_columns(self, at: tuple, *columns: np.ndarray | int, count: np.ndarray | int = 1) -> None:
+        """`add_at` with the sums given column by column (each broadcast to the block), so the
+        caller does not stack them; ``count`` records per group."""
+        block = self._sums.reshape(self.group_shape + (self.width,))[at]
+        for j, column in enumerate(columns):
+            block[..., j] += column
+        self._counts.reshape(self.group_shape)[at] += count
 
     def add_rows(self, sums: np.ndarray, counts: np.ndarray, groups: Sequence[np.ndarray | int] = ()) -> None:
         """Fold in sums already taken over the records of each row: ``sums`` of shape

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .running import ArrayResult, GroupedCounts, GroupedSums, Stat, group_axis_names, safe_div, sum_groups
+from .running import ArrayResult, GroupedCounts, GroupedSums, Stat, count_true, group_axis_names, safe_div, sum_groups
 
 
 @dataclass
@@ -50,24 +50,21 @@ def neighbour_agreement(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-map counts of same-expert horizontal and vertical neighbour pairs.
 
     ``maps`` has shape ``(..., h, w)``; returns two int arrays of shape ``(...)``.
-    Computed on the row-major token axis (contiguous slices, byte sums): vertical pairs are
-    the tokens ``w`` apart, horizontal pairs the tokens 1 apart less the ``h - 1`` pairs that
-    wrap from the end of one row to the start of the next.
+    Computed on the row-major token axis (contiguous slices, one byte sum for both):
+    horizontal pairs are the tokens 1 apart less the ``h - 1`` that wrap from the end of one
+    row to the start of the next, vertical pairs the tokens ``w`` apart.
     """
     m = np.asarray(maps)
     *lead, h, w = m.shape
-    flat = m.reshape(*lead, h * w)
-    same_h = _count_true(flat[..., 1:] == flat[..., :-1]) - _count_true(flat[..., w - 1:-1:w] == flat[..., w::w])
-    same_v = _count_true(flat[..., w:] == flat[..., :-w])
-    return same_h, same_v
-
-
-def _count_true(mask: np.ndarray) -> np.ndarray:
-    """Number of True along the last axis, as int64 (summed as bytes: no bool-to-int copy)."""
-    if mask.shape[-1] == 0:
-        return np.zeros(mask.shape[:-1], np.int64)
-    acc = np.uint16 if mask.shape[-1] < 1 << 16 else np.int64
-    return mask.view(np.uint8).sum(axis=-1, dtype=acc).astype(np.int64)
+    n = h * w
+    flat = m.reshape(*lead, n)
+    same = np.empty((*lead, 2, n), bool)  # (..., horizontal / vertical, first token of the pair)
+    np.equal(flat[..., 1:], flat[..., :-1], out=same[..., 0, : n - 1])
+    same[..., 0, w - 1 :: w] = False  # the pairs that wrap, and the last token (no pair)
+    np.equal(flat[..., w:], flat[..., :-w], out=same[..., 1, : n - w])
+    same[..., 1, n - w :] = False  # the last row: no token below
+    counts = count_true(same)
+    return counts[..., 0], counts[..., 1]
 
 
 class SpatialCoherenceAccumulator(Stat):
@@ -118,7 +115,7 @@ class SpatialCoherenceAccumulator(Stat):
         if a.shape[-1] == self.h * self.w and (a.ndim < 2 or a.shape[-2:] != (self.h, self.w)):
             a = a.reshape(a.shape[:-1] + (self.h, self.w))
         sh, sv = neighbour_agreement(a)
-        self._pairs.add_at(np.stack([sh, sv, np.ones_like(sh)], axis=-1), 1, at)
+        self._pairs.add_columns(at, sh, sv, 1)
         self._experts.add_counts(expert_counts, at)
 
     def result(self, keep: Sequence[str] | None = None) -> SpatialStats:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..chunk import Chunk
+from ..chunk import Chunk, Routing
 from .base import Part, ProbeFamily
 
 
@@ -18,23 +18,23 @@ class ExpertChangeFamily(ProbeFamily):
         shape = (len(self.grid.layers), len(self.grid.steps), self.grid.n_bins)
         self.changed = np.zeros(shape, np.int64)  # tokens whose expert changed
         self.pairs = np.zeros(shape, np.int64)  # tokens valid at both timesteps
-        # branch -> (sample, timestep, clipped ids) of the branch's previous chunk
-        self.previous: dict[int, tuple[int, int, np.ndarray]] = {}
+        # branch -> (sample, timestep, routing) of the branch's previous chunk
+        self.previous: dict[int, tuple[int, int, Routing]] = {}
         self.bin_of_timestep = [self.grid.bin_of({"timestep": t}) for t in self.grid.timesteps]
 
     def update(self, chunk: Chunk) -> None:
         last = self.previous.get(chunk.branch)
-        self.previous[chunk.branch] = (chunk.sample, chunk.timestep, chunk.clipped)
+        self.previous[chunk.branch] = (chunk.sample, chunk.timestep, chunk.routing)
         if last is None or last[:2] != (chunk.sample, chunk.timestep - 1):
             return
-        # the joint table of (expert at the earlier timestep, expert now) over the tokens valid at
-        # both: its sum is the pairs, its off-diagonal the changes (the stability family's
-        # adjacent-timestep table of the same two chunks: counted once, ChunkTables.pairs)
-        table = chunk.tables.pairs(last[2], chunk.clipped)
-        n = table.sum(axis=(-2, -1))
+        # over the tokens valid at both timesteps: the pairs are the earlier counts' sum, the
+        # changes those less the same-expert pairs (the stability family's adjacent-timestep
+        # agreement of the same two chunks: counted once, ChunkTables.agreement)
+        same, earlier, _ = chunk.tables.agreement(last[2], chunk.routing)
+        n = earlier.sum(axis=-1)
         at = (slice(None), slice(None), self.bin_of_timestep[chunk.timestep - 1])
         self.pairs[at] += n
-        self.changed[at] += n - np.trace(table, axis1=-2, axis2=-1)
+        self.changed[at] += n - same
 
     def result(self) -> Part:
         with np.errstate(invalid="ignore", divide="ignore"):

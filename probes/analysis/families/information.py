@@ -1,16 +1,20 @@
 """MI(expert; label) with Miller-Madow, permutation null and AMI, plus lift P(e|y)/P(e).
 
-Every label's table is filled from the chunk's histogram (a chunk has one timestep bin,
+Every label's table is filled from the chunk's counts (a chunk has one timestep bin,
 branch and sample), so no record is counted twice. Tables are (layer, step, bin, K, M),
-except recursion_step's: (layer, bin, K, steps), reported per layer.
+except recursion_step's: (layer, bin, K, steps), reported per layer. The position label adds
+up each chunk's counted table (`Chunk.counted`) per bin and takes the histogram from the sums,
+once, at the end.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ...stats import ContingencyAccumulator, lift_table, mi_summary
-from ..chunk import Chunk
+from ..chunk import Chunk, ChunkTables, position_histogram
 from ..results import stats_at
 from ..setup import Label
 from .base import Part, ProbeFamily
@@ -32,19 +36,28 @@ class InformationFamily(ProbeFamily):
         self.tables = {lab.name: ContingencyAccumulator(grid.n_experts, len(lab.values),
                                                         (n_layers, grid.n_bins) if lab.kind == "step"
                                                         else (n_layers, n_steps, grid.n_bins))
-                       for lab in self.labels}
+                       for lab in self.labels if lab.kind != "position"}
+        shape = ChunkTables(grid, self.labels).counted_shape
+        self.position = np.zeros((grid.n_bins,) + shape, np.int64)  # sum of Chunk.counted per bin
 
-    def _state(self) -> dict:  # the Stat state: one accumulator per label
-        return {f"tables.{name}": acc for name, acc in self.tables.items()}
+    def _state(self) -> dict:  # the Stat state: one accumulator per label, and the position sums
+        return {"position": self.position, **{f"tables.{name}": acc for name, acc in self.tables.items()}}
+
+    def _table(self, lab: Label) -> np.ndarray:
+        if lab.kind != "position":
+            return self.tables[lab.name].table()
+        k = self.grid.n_experts  # (bin, layer, step, region, K) -> (layer, step, bin, K, region)
+        return np.stack([position_histogram(at)[..., :k] for at in self.position]).transpose(1, 2, 0, 4, 3)
 
     def update(self, chunk: Chunk) -> None:
         b = chunk.timestep_bin
         for lab in self.labels:
+            if lab.kind == "position":
+                self.position[b] += chunk.counted
+                continue
             table = self.tables[lab.name]
             if lab.kind == "step":
                 table.add_counts(chunk.expert_counts.transpose(0, 2, 1), at=(ALL, b))
-            elif lab.kind == "position":
-                table.add_counts(chunk.histogram.transpose(0, 1, 3, 2), at=(ALL, ALL, b))
             else:  # one label value per chunk cell
                 table.add_counts(chunk.expert_counts, at=(ALL, ALL, b, ALL, _code(lab, chunk, self.row_of)))
 
@@ -60,7 +73,7 @@ class InformationFamily(ProbeFamily):
 
     def _summaries(self, lab: Label) -> dict[str, Any]:
         opt = self.context.options
-        table = self.tables[lab.name].table()
+        table = self._table(lab)
         bin_axis = 1 if lab.kind == "step" else 2
         total = table.sum(axis=bin_axis)
         out = {"total": mi_summary(total, n_perm=opt.n_perm, seed=opt.seed), "table": total,

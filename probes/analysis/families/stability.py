@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...stats import AgreementAccumulator, agreement_stats
-from ..chunk import Chunk
+from ...stats import AgreementCounts
+from ..chunk import Chunk, Routing
 from ..results import stats_at
 from .base import Part, ProbeFamily
 
@@ -25,35 +25,36 @@ class StabilityFamily(ProbeFamily):
     def setup(self) -> None:
         grid = self.grid
         shape = (len(grid.layers), len(grid.steps), grid.n_bins)
-        self.seeds = AgreementAccumulator(grid.n_experts, shape)
-        self.adjacent = AgreementAccumulator(grid.n_experts, shape)
-        self.branches = AgreementAccumulator(grid.n_experts, shape + (max(len(grid.branches) - 1, 1),))
+        # agreement needs only the same-expert pairs and each routing's counts (not K x K tables)
+        self.seeds = AgreementCounts(grid.n_experts, shape)
+        self.adjacent = AgreementCounts(grid.n_experts, shape)
+        self.branches = AgreementCounts(grid.n_experts, shape + (max(len(grid.branches) - 1, 1),))
         self.seed_skipped = np.zeros((), np.int64)
+        self.bin_of_timestep = [grid.bin_of({"timestep": t}) for t in grid.timesteps]
         # by sample id (a chunk's coordinate), not row: a rank file holds ids rank, rank + W, ...
         trace = self.context.trace
         self.prompt_of = dict(zip((int(i) for i in trace.coords["sample"]), trace.samples()["prompt"]))
         self.current_sample: int | None = None
-        self.current: dict[tuple[int, int], np.ndarray] = {}  # (branch, timestep) -> clipped ids
+        self.current: dict[tuple[int, int], Routing] = {}  # (branch, timestep) -> routing
         self.reference_prompt = self.reference_sample = None
-        self.reference: dict[tuple[int, int], np.ndarray] = {}
+        self.reference: dict[tuple[int, int], Routing] = {}
         self.seen_prompts: set = set()
 
     def update(self, chunk: Chunk) -> None:
         if chunk.sample != self.current_sample:
             self._finish_sample()
             self.current_sample, self.current = chunk.sample, {}
-        branch, time, ids, pairs = chunk.branch, chunk.timestep, chunk.clipped, chunk.tables.pairs
+        branch, time, routing, agreement = chunk.branch, chunk.timestep, chunk.routing, chunk.tables.agreement
         previous = self.current.get((branch, time - 1))
         if previous is not None:
-            earlier_bin = self.grid.bin_of({"timestep": self.grid.timesteps[time - 1]})
-            self.adjacent.add_counts(pairs(previous, ids), at=(ALL, ALL, earlier_bin))
+            self.adjacent.add(*agreement(previous, routing), at=(ALL, ALL, self.bin_of_timestep[time - 1]))
         if branch > 0 and (0, time) in self.current:
-            self.branches.add_counts(pairs(self.current[0, time], ids), at=(ALL, ALL, chunk.timestep_bin, branch - 1))
+            self.branches.add(*agreement(self.current[0, time], routing), at=(ALL, ALL, chunk.timestep_bin, branch - 1))
         if self.reference_prompt == self.prompt_of[chunk.sample] and self.reference_sample != chunk.sample:
             reference = self.reference.get((branch, time))
             if reference is not None:
-                self.seeds.add_counts(pairs(reference, ids), at=(ALL, ALL, chunk.timestep_bin))
-        self.current[branch, time] = ids
+                self.seeds.add(*agreement(reference, routing), at=(ALL, ALL, chunk.timestep_bin))
+        self.current[branch, time] = routing
 
     def _finish_sample(self) -> None:
         if self.current_sample is None:
@@ -70,11 +71,12 @@ class StabilityFamily(ProbeFamily):
         self.current_sample, self.current = None, {}
         part, kinds = Part(), {}
         for name, acc in (("seeds", self.seeds), ("adjacent_timesteps", self.adjacent), ("branches", self.branches)):
-            confusion = acc.counts.result()
-            if name == "branches":
-                confusion = confusion.sum(axis=3)  # over the non-reference branches
-            if confusion.sum():
-                kinds[name] = (agreement_stats(confusion.sum(axis=2)), agreement_stats(confusion))
+            if name == "branches":  # pooled over the non-reference branches
+                per_bin, total = acc.summed((3,)), acc.summed((2, 3))
+            else:
+                per_bin, total = acc.result(), acc.summed((2,))
+            if acc.first.any():
+                kinds[name] = (total, per_bin)
         if "seeds" not in kinds:
             part.notes.append("seed stability skipped: no prompt was sampled with more than one seed")
         if self.seed_skipped:
