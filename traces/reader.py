@@ -376,12 +376,15 @@ class TraceReader:
         mask = self._written_lookup(axes) if only_written else None
         ev = self.events() if self.kind == "training" else None
         chunks = self._chunks(path)  # once: on a joined file it reads HDF5 attributes
+        # the outer coordinates as Python values, once per pass (not one .item() per chunk)
+        values = {ax: self.coords[ax].tolist() for ax in (*axes[:n_outer], "timestep_value", "sigma")
+                  if ax in self.coords}
         for combo in itertools.product(*outer):
             pos = dict(zip(axes[:n_outer], (int(c) for c in combo)))
             if mask is not None and not mask(pos):
                 continue
             data = self._select(d, [int(c) for c in combo] + keys[n_outer:], chunks)
-            yield Block(data, axes[n_outer:], self._block_coords(pos, axes[n_outer:], keys[n_outer:], ev))
+            yield Block(data, axes[n_outer:], self._block_coords(pos, axes[n_outer:], keys[n_outer:], ev, values))
 
     def _written_lookup(self, axes: tuple[str, ...]):
         if self.kind == "sampling" and "sample" in axes and "timestep" in axes:
@@ -393,18 +396,18 @@ class TraceReader:
         return None
 
     def _block_coords(self, pos: dict[str, int], inner: tuple[str, ...], keys: list[Any],
-                      ev: dict[str, np.ndarray] | None) -> dict[str, Any]:
+                      ev: dict[str, np.ndarray] | None, values: dict[str, list]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for ax, i in pos.items():
             if ax == "event" and ev is not None:
                 out.update(event=i, train_step=int(ev["step"][i]), sample=int(ev["sample"][i]),
                            timestep=float(ev["timestep"][i]))
                 continue
-            c = self.coords.get(ax)
-            out[ax] = c[i].item() if c is not None else i
+            c = values.get(ax)
+            out[ax] = c[i] if c is not None else i
             if ax == "timestep":
-                out["timestep_value"] = float(self.coords["timestep_value"][i])
-                out["sigma"] = float(self.coords["sigma"][i])
+                out["timestep_value"] = float(values["timestep_value"][i])
+                out["sigma"] = float(values["sigma"][i])
         for ax, k in zip(inner, keys):
             c = self.coords.get(ax)
             if c is not None:
