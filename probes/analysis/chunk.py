@@ -77,7 +77,8 @@ class ChunkTables:
                          + np.arange(n_steps - 1).reshape(1, -1, 1))
             self._joint_dtype = _key_dtype(self._joint_size)
             self._joint_key = ((pair_cell * self.n_positions + position_part) * slots**2).astype(self._joint_dtype)
-        self._memo: list[tuple[object, object, int, object]] = []  # (first, second, shift, table), this chunk
+        # this chunk's counted pairs: (first, second, shift, table), shift -1 for an agreement triple
+        self._memo: list[tuple[object, object, int, object]] = []
 
     @property
     def counted_shape(self) -> tuple[int, ...]:
