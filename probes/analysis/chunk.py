@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..stats.running import count_true
+from ..stats.stability import joint_margins
 from .setup import Label, TraceGrid
 
 
@@ -137,8 +138,7 @@ class ChunkTables:
         if first.all_valid and second.all_valid:  # every token pairs: the margins are the chunks' counts
             counted = (count_true(first.clipped == second.clipped), first.expert_counts, second.expert_counts)
         else:
-            table = self.pairs(first.clipped, second.clipped)
-            counted = (np.trace(table, axis1=-2, axis2=-1), table.sum(axis=-1), table.sum(axis=-2))
+            counted = joint_margins(self.pairs(first.clipped, second.clipped))
         self._memo.append((first, second, -1, counted))
         return counted
 

@@ -17,7 +17,7 @@ each routing's expert counts needs one equality count per token, not a K x K tab
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -41,8 +41,13 @@ def agreement_vs_chance(joint: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     n records, observed = share with a == b (the table's trace), chance = ``sum_k p^a_k p^b_k``
     (independent choices with the observed shares). The one definition behind both the
     agreement of two routings (kappa) and the persistence of a transition (lift)."""
-    c = np.asarray(joint, dtype=np.float64)
-    return _vs_chance(np.trace(c, axis1=-2, axis2=-1), c.sum(axis=-1), c.sum(axis=-2))
+    return _vs_chance(*joint_margins(np.asarray(joint, dtype=np.float64)))
+
+
+def joint_margins(joint: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What agreement reads of a joint table (..., K, K) of two choices a and b: the records
+    with a == b (its trace) and the counts of a and of b (its row and column sums)."""
+    return np.trace(joint, axis1=-2, axis2=-1), joint.sum(axis=-1), joint.sum(axis=-2)
 
 
 def _vs_chance(same: np.ndarray, count_a: np.ndarray, count_b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -57,10 +62,7 @@ def _vs_chance(same: np.ndarray, count_a: np.ndarray, count_b: np.ndarray) -> tu
 def agreement_stats(confusion: np.ndarray) -> AgreementStats:
     """Agreement, chance agreement and Cohen's kappa from joint counts ``(..., K, K)``."""
     c = np.asarray(confusion, dtype=np.float64)
-    n, po, pe = agreement_vs_chance(c)
-    return AgreementStats(
-        agreement=po, chance=pe, kappa=safe_div(po - pe, 1.0 - pe), confusion=c.astype(np.int64), n=n.astype(np.int64)
-    )
+    return replace(agreement_from_counts(*joint_margins(c)), confusion=c.astype(np.int64))
 
 
 def agreement_from_counts(same: np.ndarray, count_a: np.ndarray, count_b: np.ndarray) -> AgreementStats:
@@ -114,7 +116,7 @@ class AgreementCounts(Stat):
 
     def add_table(self, joint: np.ndarray, at: tuple = ()) -> None:
         """Fold in joint counts (..., K, K) of (first, second)."""
-        self.add(np.trace(joint, axis1=-2, axis2=-1), joint.sum(axis=-1), joint.sum(axis=-2), at)
+        self.add(*joint_margins(joint), at)
 
     def update(self, *args, **kwargs) -> None:  # the Stat contract's name for folding in a chunk
         self.add(*args, **kwargs)
