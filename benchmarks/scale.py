@@ -77,8 +77,10 @@ def write(path: Path, samples: int, probs: bool, batch: int = 4) -> dict:
             "write_s_per_M_records": write_s / records * 1e6}
 
 
-def floor(path: Path) -> dict:
-    """Read and decompress /routing/expert chunk by chunk, nothing else."""
+def floor(path: Path, workers: int = 1) -> dict:
+    """Read and decompress /routing/expert chunk by chunk, nothing else; with `workers` > 1
+    also the same read split over that many forked processes by sample rows (the floor of
+    a report folded by as many workers)."""
     import h5py
     import hdf5plugin  # noqa: F401 -- registers Blosc for h5py
 
@@ -96,34 +98,65 @@ def floor(path: Path) -> dict:
                 f["/routing/prob"][sl]
             out["floor_probs_s"], out["floor_probs_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
             out["floor_ids_and_probs_records_per_s"] = n / (s + out["floor_probs_s"])
+        n_samples = f["/routing/expert"].shape[0]
+    if workers > 1:
+        import multiprocessing
+
+        bounds = np.linspace(0, n_samples, workers + 1).astype(int)
+        t0 = time.perf_counter()
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            assert sum(pool.map(_read_rows, [(str(path), a, b) for a, b in zip(bounds[:-1], bounds[1:])])) == n
+        out.update(workers=workers, parallel_floor_s=time.perf_counter() - t0)
     return out
 
 
-def report(path: Path) -> dict:
+def _read_rows(job: tuple[str, int, int]) -> int:
+    """One floor worker: the chunks of sample rows a..b-1."""
+    import h5py
+    import hdf5plugin  # noqa: F401 -- registers Blosc for h5py
+
+    path, a, b = job
+    with h5py.File(path, "r") as f:
+        d = f["/routing/expert"]
+        return sum(d[sl].size for sl in d.iter_chunks() if a <= sl[0].start < b)
+
+
+def report(path: Path, workers: int = 1) -> dict:
     """`stream_s` is the analysis's own timing (setup and the fold over every chunk); `pass_s`
-    and `pass_cpu_s` time the fold alone (`probes.analysis.run.stream`: reading, decompressing
-    and every family's update), in wall and CPU time, the same in any checkout."""
+    and `pass_cpu_s` time the fold alone (`probes.analysis.run.fold`, `run.stream` in older
+    checkouts: reading, decompressing and every family's update), in wall and CPU time (with
+    `workers` > 1: the workers' CPU time added)."""
+    import resource
+
     import probes.analysis.run as run
     from probes.analysis import Options, analyze
 
     timings: dict = {}
-    fold = run.stream
+    name = "fold" if hasattr(run, "fold") else "stream"
+    fold = getattr(run, name)
 
-    def timed_stream(*args, **kwargs):
-        t0, c0 = time.perf_counter(), time.process_time()
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    def timed_fold(*args, **kwargs):
+        t0, c0, k0 = time.perf_counter(), time.process_time(), children_cpu()
         try:
             return fold(*args, **kwargs)
         finally:
-            timings.update(pass_s=time.perf_counter() - t0, pass_cpu_s=time.process_time() - c0)
+            timings.update(pass_s=time.perf_counter() - t0,
+                           pass_cpu_s=time.process_time() - c0 + children_cpu() - k0)
 
-    run.stream = timed_stream
+    setattr(run, name, timed_fold)
     t0 = time.perf_counter()
-    r = analyze(str(path), Options(linear_probes=False), timings=timings)
+    parallel = {"workers": workers} if workers > 1 else {}  # a baseline checkout may have no `workers`
+    r = analyze(str(path), Options(linear_probes=False), timings=timings, **parallel)
     total = time.perf_counter() - t0
     assert r["checks"]["invalid_records"] == 0 and r["checks"]["counts_vs_ids_max_abs_diff"] == 0
     records = int(r["checks"]["records"])
-    return {"records": records, "report_s": total, "stream_s": timings["stream_s"], "pass_s": timings["pass_s"],
-            "pass_cpu_s": timings["pass_cpu_s"], "stream_records_per_s": records / timings["stream_s"],
+    return {"records": records, "workers": workers, "processes": timings.get("processes", 1), "report_s": total,
+            "stream_s": timings["stream_s"], "pass_s": timings["pass_s"], "pass_cpu_s": timings["pass_cpu_s"],
+            "stream_records_per_s": records / timings["stream_s"],
             "report_records_per_s": records / total}
 
 
@@ -132,6 +165,8 @@ def over_floor(floor_: dict, report_: dict) -> dict:
     machine) in CPU time; for a --probs trace also over the floor that reads the probabilities."""
     out = {"stream_over_floor": report_["stream_s"] / floor_["floor_s"],
            "pass_over_floor_cpu": report_["pass_cpu_s"] / floor_["floor_cpu_s"]}
+    if "parallel_floor_s" in floor_:  # against the same read split over as many processes
+        out["stream_over_parallel_floor"] = report_["stream_s"] / floor_["parallel_floor_s"]
     if "floor_probs_s" in floor_:
         out["stream_over_ids_and_probs_floor"] = report_["stream_s"] / (floor_["floor_s"] + floor_["floor_probs_s"])
         out["pass_over_ids_and_probs_floor_cpu"] = report_["pass_cpu_s"] / (
@@ -201,8 +236,10 @@ def run_child(argv: list[str]) -> None:
     kind, path = argv[0], Path(argv[1])
     if kind == "write":
         res = write(path, int(argv[2]), argv[3] == "probs")
+    elif kind in ("floor", "report"):
+        res = {"floor": floor, "report": report}[kind](path, *(int(a) for a in argv[2:3]))
     else:
-        res = {"floor": floor, "report": report, "dashboard": dashboard}[kind](path)
+        res = dashboard(path)
     print(json.dumps(res))
 
 
@@ -255,14 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--project", nargs=2, type=Path, metavar=("IDS_JSON", "PROBS_JSON"),
                     help="print the SD3-medium projection from the scale.json of a routing-only and a --probs run")
     ap.add_argument("--repeat", type=int, default=3, help="floor and report runs per size (the fastest counts)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="fold the report in this many processes (probes.analysis.parallel); the floor is "
+                         "then also read by as many")
     ap.add_argument("--skip-report-above", type=int, default=10**9, help="no report above this many samples")
     ap.add_argument("--baseline", type=Path, metavar="CHECKOUT",
                     help="also run the report with the code of another checkout (e.g. `git worktree add /tmp/before "
                          "COMMIT`) on the same traces, right after this one's: before/after in one run")
     args = ap.parse_args(argv)
-    if args.repeat < 1:
-        print(f"error: --repeat {args.repeat}: give at least 1", file=sys.stderr)
-        return 2
+    for flag, value in (("--repeat", args.repeat), ("--workers", args.workers)):
+        if value < 1:
+            print(f"error: {flag} {value}: give at least 1", file=sys.stderr)
+            return 2
     if args.baseline is not None and not (args.baseline / "probes" / "analysis").is_dir():
         print(f"error: --baseline {args.baseline}: not a checkout of this project (no probes/analysis/)",
               file=sys.stderr)
@@ -283,13 +324,14 @@ def main(argv: list[str] | None = None) -> int:
         # machine can do: other jobs only ever slow a run down), with every run kept beside it
         floors, reports = [], []
         for _ in range(args.repeat):
-            floors.append(child("floor", path))
+            floors.append(child("floor", path, str(args.workers)))
             print(json.dumps(floors[-1]), flush=True)
             if n <= args.skip_report_above:
-                reports.append(child("report", path))
+                reports.append(child("report", path, str(args.workers)))
                 reports[-1].update(over_floor(floors[-1], reports[-1]))
                 print(json.dumps(reports[-1]), flush=True)
-        row["floor"] = fastest(floors, ("floor_s", "floor_cpu_s", "floor_probs_s", "floor_probs_cpu_s"))
+        row["floor"] = fastest(floors, ("floor_s", "floor_cpu_s", "floor_probs_s", "floor_probs_cpu_s",
+                                        "parallel_floor_s"))
         row["floor_runs"] = floors
         if reports:
             row["report"] = fastest(reports, ("report_s", "stream_s", "pass_s", "pass_cpu_s"))

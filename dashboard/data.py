@@ -41,9 +41,10 @@ from traces.errors import TraceError
 
 REPORT_SUFFIX = ".report.json"
 # Bumped when the views start reading report keys an older cache lacks (2: training_curves.pooled
-# and compare.overall, issue 18; 3: issue 19 verdicts and the routing value found for the checkpoint), so a
-# cache written by an older dashboard is recomputed.
-CACHE_FORMAT = 3
+# and compare.overall, issue 18; 3: issue 19 verdicts and the routing value found for the checkpoint; 4: the
+# linear probes' latent subsample drawn per chunk cell, issue 23), so a cache written by an older dashboard
+# is recomputed.
+CACHE_FORMAT = 4
 COMPARE_SUFFIX = ".compare.json"
 CAUSAL_SUFFIX = ".causal.json"
 ROUTING_VALUE_SCHEMA = "rsr-routing-value"  # probes.routing_value's schema name (that module loads torch)

@@ -12,6 +12,8 @@ table per layer and recursion step, and optionally writes the JSON and PNG figur
     --compare OTHER   also routing stability against another trace with the same grid
                       (e.g. another checkpoint, same prompts and seeds)
     --no-probes       skip the linear probes (the slowest part)
+    --workers N       fold a sampling trace in N processes (at most the CPUs this process may
+                      use; probes.analysis.parallel): the same report, float sums to rounding
     --overwrite       replace existing output files (never replaced otherwise)
 
 Bad input (missing or foreign trace, existing output without --overwrite, unwritable
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--permutations", type=int_at_least(0), default=199, help="permutation-null tables per MI (0: none)")
     p.add_argument("--max-latent-points", type=positive_int, default=20000)
     p.add_argument("--no-probes", action="store_true", help="skip the linear probes")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="processes that fold a sampling trace (default 1; at most the CPUs available)")
     p.add_argument("--derive", action="store_true", help="store PCA of the latents under /derived first")
     p.add_argument("--compare", type=Path, help="another trace with the same grid (checkpoint stability)")
     p.add_argument("--routing-value", type=Path,
@@ -324,10 +328,22 @@ def _check_inputs(args) -> dict | None:
     for name in FIGURES:
         check_output(args.figures and args.figures / name, args.overwrite, flag="--figures", inputs=inputs)
     value = _read_routing_value(args.routing_value) if args.routing_value else None
+    _check_workers(args.workers)
     with open_trace(args.trace) as tr:
         if value is not None:
             _check_same_checkpoint(tr, value, args.routing_value)
+        if args.workers > 1 and tr.kind != "sampling":
+            raise ReportError(f"--workers {args.workers}: a training trace is folded in one process "
+                              "(its curves follow the events in order); leave --workers out")
     return value
+
+
+def _check_workers(workers: int) -> None:
+    from .analysis.parallel import available_cpus
+
+    if workers > available_cpus():
+        raise ReportError(f"--workers {workers}: this process may use {available_cpus()} CPUs; "
+                          "more workers than that only share them")
 
 
 def run(args) -> dict:
@@ -347,7 +363,7 @@ def run(args) -> dict:
                   linear_probes=not args.no_probes)
     with open_trace(args.trace) as tr:
         status = trace_status(tr)
-        r = analyze(tr, opt)
+        r = analyze(tr, opt, workers=args.workers)
     if args.compare:
         r["compare"] = compare_traces(args.trace, args.compare, n_bins=args.timestep_bins)
     if derived is not None:

@@ -40,20 +40,21 @@ from .setup import Options, prompt_attributes
 
 
 def analyze(trace: TraceReader | str, options: Options | None = None,
-            timings: dict[str, float] | None = None) -> dict[str, Any]:
+            timings: dict[str, float] | None = None, workers: int = 1) -> dict[str, Any]:
     """Every routing / latent probe (not the causal one) over a whole trace.
 
     Returns the report (see `probes/REPORT.md`). A `timings` dict, if
     given, receives `stream_s` (reading, decompressing and folding every chunk),
     `assemble_s` (statistics from the tables: permutation nulls, expected MI, linear
-    probes) and `chunks`.
+    probes), `chunks` and `processes` (that folded them). `workers` > 1 folds a sampling trace in that many processes
+    (`probes.analysis.parallel`): the same report, float sums to float64 rounding.
     """
     options = options or Options()
     own = not isinstance(trace, TraceReader)
     if own:
         trace = open_trace(trace)
     try:
-        return run_pass(trace, options, timings if timings is not None else {})
+        return run_pass(trace, options, timings if timings is not None else {}, workers)
     finally:
         if own:
             trace.close()

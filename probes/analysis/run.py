@@ -17,15 +17,29 @@ REPORT_SCHEMA = "rsr-report"
 REPORT_VERSION = 5  # probes/REPORT.md: 2 adds expert_change, 3 the verdicts, 4 toolkit_version, 5 issue 19 verdicts
 
 
-def stream(trace: TraceReader, families: list[ProbeFamily], context: Context) -> int:
-    """Fold every chunk cell of the trace into the running families; returns the chunk count."""
+def fold(trace: TraceReader, families: list[ProbeFamily], context: Context,
+         workers: int = 1) -> tuple[int, int]:
+    """Fold every chunk cell of the trace into the running families, in this process or (a
+    sampling trace, `workers` > 1) in up to `workers` processes (`parallel`); returns the
+    chunk count and the processes that folded them."""
+    if workers > 1 and context.grid.sampling:
+        from .parallel import fold_in_workers
+
+        return fold_in_workers(trace, families, context, workers)
+    return stream(trace, families, context), 1
+
+
+def stream(trace: TraceReader, families: list[ProbeFamily], context: Context, rows: range | None = None) -> int:
+    """Fold every chunk cell of the trace (of the sample rows `rows` only, if given) into the
+    running families, in this process; returns the chunk count."""
     grid, tables = context.grid, ChunkTables(context.grid, context.labels)
+    sel = {"sample": slice(rows.start, rows.stop)} if rows is not None else {}
     needed = {name for family in families for name in family.needs if trace.has(name)}
-    extra = {name: trace.iter_chunks(name) for name in ("/routing/prob", "/latents/h") if name in needed}
+    extra = {name: trace.iter_chunks(name, **sel) for name in ("/routing/prob", "/latents/h") if name in needed}
     counts = SampleCounts(trace, tables) if grid.sampling else None
     counts_cells = None if grid.sampling else trace.iter_chunks("/routing/counts")
     n_chunks = 0
-    for block in trace.iter_chunks("/routing/expert"):
+    for block in trace.iter_chunks("/routing/expert", **sel):
         data = {name: next(it).data for name, it in extra.items()}
         cell_counts = counts.cell(block.coords) if counts is not None else next(counts_cells).data
         chunk = make_chunk(grid, tables, block.coords, block.data, cell_counts,
@@ -55,14 +69,14 @@ class SampleCounts:
         return self.block[self.branch[str(coords["branch"])], self.tables.timestep_index(coords["timestep"])]
 
 
-def run_pass(trace: TraceReader, options: Options, timings: dict[str, float]) -> dict[str, Any]:
+def run_pass(trace: TraceReader, options: Options, timings: dict[str, float], workers: int = 1) -> dict[str, Any]:
     start = time.perf_counter()
     grid = grid_of(trace, options)
     labels, notes = labels_of(trace, grid)
     context = Context(trace, grid, labels, options)
     families = [family(context) for family in FAMILIES]
     running = [f for f in families if f.skipped is None]
-    n_chunks = stream(trace, running, context)
+    n_chunks, processes = fold(trace, running, context, workers)
     streamed = time.perf_counter()
     report = skeleton(trace, grid, options, notes)
     notes.append("z-loss unavailable: traces store gate probabilities, not logits")
@@ -73,7 +87,8 @@ def run_pass(trace: TraceReader, options: Options, timings: dict[str, float]) ->
             continue
         add_part(report, family.result())
     add_verdicts(report)  # from the trace's own evidence; the report CLI adds the routing value
-    timings.update(stream_s=streamed - start, assemble_s=time.perf_counter() - streamed, chunks=n_chunks)
+    timings.update(stream_s=streamed - start, assemble_s=time.perf_counter() - streamed, chunks=n_chunks,
+                   processes=processes)
     return report
 
 

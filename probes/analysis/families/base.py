@@ -35,6 +35,9 @@ class ProbeFamily(Stat):
     reads a dataset only if some running family needs it). `update(chunk)` folds one chunk
     cell (keep it vectorised: a few whole-array operations per chunk, no loop over tokens);
     `result()` returns the family's `Part` of the report.
+    A family that looks across samples (stability's seeds) also implements `start_at(row)`
+    and `finish()`, so that a worker of a parallel pass (`probes.analysis.parallel`) can fold
+    a range of samples and hand over a state that merges into the whole pass's.
     """
 
     name: str = ""
@@ -64,6 +67,13 @@ class ProbeFamily(Stat):
 
     def update(self, chunk: Chunk) -> None:
         raise NotImplementedError
+
+    def start_at(self, row: int) -> None:
+        """Begin the fold at sample row `row` (of a sampling trace) in the state the one-process
+        pass has there, for what the family carries from sample to sample."""
+
+    def finish(self) -> None:
+        """The stream ended: fold in whatever the family holds back (result() calls it too)."""
 
     def result(self) -> Part:
         raise NotImplementedError

@@ -34,7 +34,6 @@ class ProjectionFamily(ProbeFamily):
         self.routed_position = np.array([position.get(int(t), -1) for t in self.latent_tokens])  # -1: not routed
         n_cells = int(trace.written.sum()) * len(grid.branches) * len(grid.layers) * len(grid.steps)
         self.keep = max(1, min(len(self.latent_tokens), opt.max_latent_points // max(1, n_cells)))
-        self.rng = np.random.default_rng(opt.seed)
         self.vectors: list[np.ndarray] = []
         self.meta: list[np.ndarray] = []
 
@@ -43,7 +42,10 @@ class ProjectionFamily(ProbeFamily):
             return
         latents = chunk.latents.astype(np.float32)  # (layer, step, stored token, dim)
         n_layers, n_steps, n_tokens = latents.shape[:3]
-        pick = np.sort(self.rng.choice(n_tokens, size=min(self.keep, n_tokens), replace=False))
+        # drawn from the seed and the cell's coordinates, not from one stream: the same tokens
+        # whichever process folds the cell (probes.analysis.parallel)
+        rng = np.random.default_rng((self.context.options.seed, chunk.sample, chunk.branch, chunk.timestep))
+        pick = np.sort(rng.choice(n_tokens, size=min(self.keep, n_tokens), replace=False))
         routed = self.routed_position[pick]
         experts = np.where(routed >= 0, chunk.ids[:, :, np.maximum(routed, 0)], 255).astype(np.int64)
         layer, step = np.meshgrid(np.arange(n_layers), np.arange(n_steps), indexing="ij")

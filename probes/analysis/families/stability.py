@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...stats import AgreementCounts
-from ..chunk import Chunk, Routing
+from ..chunk import Chunk, ChunkTables, Routing, make_chunk
 from ..results import stats_at
 from .base import Part, ProbeFamily
 
@@ -56,6 +56,28 @@ class StabilityFamily(ProbeFamily):
                 self.seeds.add(*agreement(reference, routing), at=(ALL, ALL, chunk.timestep_bin))
         self.current[branch, time] = routing
 
+    def start_at(self, row: int) -> None:
+        """The prompts the one-process pass has seen before sample row `row` and its reference
+        sample there (the last one whose prompt was new), with the reference's routing read
+        again when a sample from `row` on has the reference's prompt."""
+        trace = self.context.trace
+        ids = [int(i) for i in trace.coords["sample"]]
+        prompts = [self.prompt_of[i] for i in ids]
+        for r in np.flatnonzero(trace.written[:row].any(axis=1)):  # the samples the pass visited
+            if prompts[r] not in self.seen_prompts:
+                self.seen_prompts.add(prompts[r])
+                self.reference_prompt, self.reference_sample, reference_row = prompts[r], ids[r], int(r)
+        if self.reference_prompt is None or self.reference_prompt not in prompts[row:]:
+            return
+        tables = ChunkTables(self.grid, self.context.labels)
+        for block in trace.iter_chunks("/routing/expert", sample=reference_row):
+            chunk = make_chunk(self.grid, tables, block.coords, block.data, None, None, None)
+            self.reference[chunk.branch, chunk.timestep] = chunk.routing
+
+    def finish(self) -> None:
+        self._finish_sample()
+        self.current_sample, self.current = None, {}
+
     def _finish_sample(self) -> None:
         if self.current_sample is None:
             return
@@ -67,8 +89,7 @@ class StabilityFamily(ProbeFamily):
             self.seed_skipped += 1  # same prompt seen before but its reference was evicted
 
     def result(self) -> Part:
-        self._finish_sample()
-        self.current_sample, self.current = None, {}
+        self.finish()
         part, kinds = Part(), {}
         for name, acc in (("seeds", self.seeds), ("adjacent_timesteps", self.adjacent), ("branches", self.branches)):
             if name == "branches":  # pooled over the non-reference branches
