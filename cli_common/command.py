@@ -118,6 +118,21 @@ def int_at_least(low: int) -> Callable[[str], int]:
 positive_int = int_at_least(1)
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (a cluster job's share, not the node's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_count(text: str) -> int:
+    """argparse type: a number of worker processes, 1 to the CPUs this process may use (more
+    would only share them)."""
+    value = positive_int(text)
+    if value > available_cpus():
+        raise argparse.ArgumentTypeError(f"{value} workers: this process may use {available_cpus()} CPUs; "
+                                         "more workers than that only share them")
+    return value
+
+
 def read_lines(path: str | Path) -> list[str]:
     """Non-empty stripped lines of a text file (prompts, labels); UsageError if unreadable or empty."""
     path = Path(path)

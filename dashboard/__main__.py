@@ -2,7 +2,8 @@
 
 Serves the given trace files (or the *.h5 files found under the given folders; default
 `runs/`) in a Dash app on http://HOST:PORT/. Binds to loopback unless --host says otherwise.
-Reports are computed once per trace file and cached in `.dashboard-cache/` in its folder.
+Reports are computed once per trace file and cached in `.dashboard-cache/` in its folder
+(`--report-workers N`: a sampling trace's report folded by N processes, the same report).
 The Results tab shows what `python -m rsr_model evaluate` wrote under --results (default
 `runs/evaluate`, when it exists); it needs no trace.
 """
@@ -17,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from cli_common.command import Parser, guard_startup, run_main
+from cli_common.command import Parser, guard_startup, run_main, worker_count
 
 guard_startup(__name__)  # before dash and h5py load: Ctrl-C while they do exits 130 with one line
 
@@ -34,6 +35,8 @@ def build_parser() -> Parser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback: only this machine)")
     p.add_argument("--port", type=int, default=8050)
     p.add_argument("--permutations", type=int, default=199, help="permutation-null tables per MI in the reports")
+    p.add_argument("--report-workers", type=worker_count, default=1, metavar="N",
+                   help="processes that compute a sampling trace's report (probes.report --workers; default 1)")
     p.add_argument("--debug", action="store_true", help="Dash debug mode (reloader, error pop-ups)")
     return p
 
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.permutations < 0:
             raise DashboardError("--permutations must be >= 0")
         check_bind(a.host, a.port)
-        ctx = make_context(a.traces, a.ckpt, a.permutations, a.results)
+        ctx = make_context(a.traces, a.ckpt, a.permutations, a.results, a.report_workers)
         ctx.bind = a.host  # requests naming another host are refused (dashboard.security)
         from .app import create_app
 

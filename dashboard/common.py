@@ -101,7 +101,7 @@ def nbytes(value: Any) -> int:
     return 64
 
 def make_context(traces: list[str], ckpt: Path | None = None, permutations: int = 199,
-                 results: Path | None = None) -> Context:
+                 results: Path | None = None, report_workers: int = 1) -> Context:
     """The served registry and app context from command-line style arguments."""
     if traces:
         paths = find_traces(traces)
@@ -113,7 +113,7 @@ def make_context(traces: list[str], ckpt: Path | None = None, permutations: int 
         raise DashboardError(f"--results {results}: no such folder")
     if results is None and Path(DEFAULT_RESULTS).is_dir():
         results = Path(DEFAULT_RESULTS)
-    return Context(Registry(paths, n_perm=permutations), Path(ckpt) if ckpt else None,
+    return Context(Registry(paths, n_perm=permutations, workers=report_workers), Path(ckpt) if ckpt else None,
                    Path(results) if results is not None else None)
 
 

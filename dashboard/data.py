@@ -102,7 +102,7 @@ class Registry:
     """The allow-list of served traces, their open readers and their reports."""
 
     def __init__(self, paths: Iterable[Path], n_perm: int = 199, linear_probes: bool = False,
-                 live_reanalyse_s: float = 10.0) -> None:
+                 live_reanalyse_s: float = 10.0, workers: int = 1) -> None:
         self.entries: dict[str, Entry] = {}
         for p in paths:
             e = Entry(trace_id(p), Path(p).resolve())
@@ -110,6 +110,7 @@ class Registry:
         self.n_perm = n_perm
         self.linear_probes = linear_probes
         self.live_reanalyse_s = live_reanalyse_s
+        self.workers = workers  # processes per report of a sampling trace (probes.report --workers)
 
     # Lookup ------------------------------------------------------------------------------
     def ids(self) -> list[str]:
@@ -194,7 +195,7 @@ class Registry:
             steps = tr.refresh()
             stale = steps != e.report_steps and time.monotonic() - e.report_time > self.live_reanalyse_s
             if e.report is None or stale:
-                e.report = self._analyse(e.path, self.routing_value(tid))
+                e.report = self._analyse(e.path, self.routing_value(tid), tr.kind)
                 e.report_steps, e.report_time = steps, time.monotonic()
             return e.report
 
@@ -203,14 +204,16 @@ class Registry:
         tr = self.reader(tid)
         return find_routing_value(self.entry(tid).path, tr.attrs.get("checkpoint_sha256"), tr.attrs.get("command"))
 
-    def _analyse(self, path: Path, routing_value: Path | None = None) -> dict:
+    def _analyse(self, path: Path, routing_value: Path | None = None, kind: str = "sampling") -> dict:
         """The report, computed by `python -m probes.report` in a child process: the server's
-        memory stays what serving needs, and a crash inside the analysis cannot take it down."""
+        memory stays what serving needs, and a crash inside the analysis cannot take it down.
+        A sampling trace's report is folded by `self.workers` processes (a training trace's by one)."""
         with tempfile.TemporaryDirectory(prefix="dashboard-report-") as tmp:
             out = Path(tmp) / "report.json"
             cmd = [sys.executable, "-m", "probes.report", str(path), "--json", str(out),
                    "--permutations", str(self.n_perm)] + ([] if self.linear_probes else ["--no-probes"]) \
-                + (["--routing-value", str(routing_value)] if routing_value else [])
+                + (["--routing-value", str(routing_value)] if routing_value else []) \
+                + (["--workers", str(self.workers)] if self.workers > 1 and kind == "sampling" else [])
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0 or not out.is_file():
                 lines = [x for x in done.stderr.splitlines() if x.strip()] or [f"exit code {done.returncode}"]
@@ -226,7 +229,7 @@ class Registry:
         stored = _read_json(cache)
         if stored and stored.get("sha256") == sha and stored.get("dashboard_options") == options:
             return stored["report"]
-        report = self._analyse(e.path, value)
+        report = self._analyse(e.path, value, self.reader(e.id).kind)
         st = e.path.stat()
         _write_json(cache, {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                             "dashboard_options": options, "report": report})

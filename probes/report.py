@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cli_common.command import Parser, guard_startup, int_at_least, positive_int, run_main
+from cli_common.command import Parser, guard_startup, int_at_least, positive_int, run_main, worker_count
 from cli_common.errors import UserError
 from cli_common.outputs import check_output, write_atomic
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--permutations", type=int_at_least(0), default=199, help="permutation-null tables per MI (0: none)")
     p.add_argument("--max-latent-points", type=positive_int, default=20000)
     p.add_argument("--no-probes", action="store_true", help="skip the linear probes")
-    p.add_argument("--workers", type=positive_int, default=1,
+    p.add_argument("--workers", type=worker_count, default=1,
                    help="processes that fold a sampling trace (default 1; at most the CPUs available)")
     p.add_argument("--derive", action="store_true", help="store PCA of the latents under /derived first")
     p.add_argument("--compare", type=Path, help="another trace with the same grid (checkpoint stability)")
@@ -328,7 +328,6 @@ def _check_inputs(args) -> dict | None:
     for name in FIGURES:
         check_output(args.figures and args.figures / name, args.overwrite, flag="--figures", inputs=inputs)
     value = _read_routing_value(args.routing_value) if args.routing_value else None
-    _check_workers(args.workers)
     with open_trace(args.trace) as tr:
         if value is not None:
             _check_same_checkpoint(tr, value, args.routing_value)
@@ -336,14 +335,6 @@ def _check_inputs(args) -> dict | None:
             raise ReportError(f"--workers {args.workers}: a training trace is folded in one process "
                               "(its curves follow the events in order); leave --workers out")
     return value
-
-
-def _check_workers(workers: int) -> None:
-    from .analysis.parallel import available_cpus
-
-    if workers > available_cpus():
-        raise ReportError(f"--workers {workers}: this process may use {available_cpus()} CPUs; "
-                          "more workers than that only share them")
 
 
 def run(args) -> dict:

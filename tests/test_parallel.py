@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dashboard.__main__ import main as dashboard_main
+from dashboard.data import Registry
 from probes.analysis import Options, analyze, jsonable
 from probes.analysis.parallel import sample_ranges
 from probes.report import main as report_main
@@ -118,6 +120,24 @@ def test_report_command_refuses_bad_workers(layout, tmp_path, capsys, argv, frag
     assert not out.exists()
 
 
+@pytest.mark.parametrize("value", ["0", "4096"])
+def test_dashboard_refuses_bad_report_workers(layout, capsys, value):
+    assert dashboard_main([str(layout["whole"]), "--report-workers", value, "--port", "8765"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--report-workers" in err[0]
+
+
+def test_dashboard_report_folded_by_workers_is_the_same(layout, training_trace):
+    """The dashboard's report child with --report-workers 2: the same report for a sampling
+    trace; a training trace's report is computed by one process (not refused)."""
+    one = Registry([layout["whole"]], n_perm=19)._analyse(layout["whole"])
+    two = Registry([layout["whole"]], n_perm=19, workers=2)._analyse(layout["whole"], kind="sampling")
+    one.pop("elapsed_s"), two.pop("elapsed_s")
+    assert_same_report(two, one)
+    training = Registry([training_trace], n_perm=0, workers=2)._analyse(training_trace, kind="training")
+    assert training["trace"]["kind"] == "training"
+
+
 def test_report_command_refuses_workers_on_a_training_trace(training_trace, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert report_main([str(training_trace), "--json", str(out), "--workers", "2"]) == 2
@@ -133,28 +153,100 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc to see the workers")
-def test_ctrl_c_stops_the_workers_with_one_line(tmp_path):
-    """Ctrl-C (SIGINT to the terminal's process group) while the workers fold: one line, exit 130,
-    no worker left running, no output written."""
-    trace = write_layout(tmp_path / "big.h5", 16, timesteps=8, tokens=4096)
-    out = tmp_path / "r.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def big_trace(tmp_path_factory):
+    """Long enough to fold that a signal lands while the workers run."""
+    return write_layout(tmp_path_factory.mktemp("parallel_big") / "big.h5", 16, timesteps=8, tokens=4096)
+
+
+def _ignores_sigint(pid: int) -> bool:
+    """The worker has set itself up (parallel._worker: the parent-death signal, then SIGINT ignored)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return False
+    mask = next(int(line.split()[1], 16) for line in status if line.startswith("SigIgn:"))
+    return bool(mask & 1 << (signal.SIGINT - 1))
+
+
+def _report_with_workers(trace: Path, out: Path) -> tuple[subprocess.Popen, list[int]]:
+    """`probes.report --workers 2` in its own session, once both workers are running and set up."""
     p = subprocess.Popen([sys.executable, "-m", "probes.report", str(trace), "--json", str(out), "--no-probes",
-                          "--workers", "2"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
-                         start_new_session=True)
+                          "--workers", "2"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     deadline = time.monotonic() + 120
-    while len(_children(p.pid)) < 2 and p.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
+    while not (len(_children(p.pid)) >= 2 and all(map(_ignores_sigint, _children(p.pid)))) \
+            and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
     workers = _children(p.pid)
     assert len(workers) >= 2, "the workers never started"
+    return p, workers
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc to see the workers")
+def test_ctrl_c_stops_the_workers_with_one_line(big_trace, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while the workers fold: one line, exit 130,
+    no worker left running, no output written."""
+    out = tmp_path / "r.json"
+    p, workers = _report_with_workers(big_trace, out)
     os.killpg(p.pid, signal.SIGINT)
     err = p.communicate(timeout=60)[1].strip().splitlines()
     assert p.returncode == 130 and len(err) == 1 and err[0].startswith("error:"), err
-    time.sleep(0.2)
-    assert not [w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in
-                Path(f"/proc/{w}/stat").read_text().split()[2]], "a worker outlived the command"
+    assert not [w for w in workers if _alive(w)], "a worker outlived the command"
     assert not out.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc to see the workers")
+def test_a_killed_worker_ends_the_report_with_one_line(big_trace, tmp_path):
+    """A worker killed mid-fold (the out-of-memory killer, say): one error line naming it, exit 2,
+    not a wait for a result that never comes; the other worker stopped."""
+    out = tmp_path / "r.json"
+    p, workers = _report_with_workers(big_trace, out)
+    os.kill(workers[0], signal.SIGKILL)
+    err = p.communicate(timeout=60)[1].strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and "killed by signal 9" in err[0], err
+    assert not [w for w in workers if _alive(w)]
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc to see the workers")
+def test_workers_end_when_the_command_is_killed(big_trace, tmp_path):
+    """SIGKILL to the command itself (no chance to clean up): its workers are sent SIGTERM when
+    their parent dies, instead of folding on as orphans. The workers are stopped first, so the
+    signal waits, pending, where this test can see it, whatever their speed."""
+    p, workers = _report_with_workers(big_trace, tmp_path / "r.json")
+    try:
+        for w in workers:
+            os.kill(w, signal.SIGSTOP)
+        p.kill()
+        p.wait(timeout=60)  # not communicate(): the stopped workers still hold its stderr open
+        p.stderr.close()
+        deadline = time.monotonic() + 10
+        while not all(map(_told_to_end, workers)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all(map(_told_to_end, workers)), "a worker was not told that the command died"
+    finally:
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+
+
+def _told_to_end(pid: int) -> bool:
+    """Gone, or SIGTERM pending (a stopped process keeps it until continued)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return True
+    pending = sum(int(line.split()[1], 16) for line in status if line.startswith(("SigPnd:", "ShdPnd:")))
+    return not _alive(pid) or bool(pending & 1 << (signal.SIGTERM - 1))
 
 
 def test_scale_benchmark_measures_the_workers_pass_and_floor(tmp_path):

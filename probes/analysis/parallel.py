@@ -16,27 +16,25 @@ sampling trace with fewer written samples than two.
 
 Workers are forked where the platform allows it (Linux): the parent has imported numpy, h5py
 and the probes already (1.3 s of imports per worker otherwise), and a worker touches none of
-the parent's open files. Workers ignore Ctrl-C; the parent stops them when it is interrupted.
+the parent's open files. Workers ignore Ctrl-C; the parent stops them when it is interrupted,
+and a worker that dies ends the pass with one error (`run_workers`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
-import os
 import signal
+from multiprocessing.connection import wait
 
 import numpy as np
 
+from cli_common.errors import UserError
 from traces import TraceReader, open_trace
 
 from .families import FAMILIES, ProbeFamily
 from .run import stream
 from .setup import Context, Options, grid_of, labels_of
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (a cluster job's share, not the node's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def sample_ranges(written: np.ndarray, workers: int) -> list[range]:
@@ -52,6 +50,10 @@ def sample_ranges(written: np.ndarray, workers: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a and cells[a:b].any()]
 
 
+class WorkerError(UserError):
+    """A worker process ended without its result (killed: out of memory, say)."""
+
+
 def fold_in_workers(trace: TraceReader, families: list[ProbeFamily], context: Context,
                     workers: int) -> tuple[int, int]:
     """Fold the trace into `families` with up to `workers` processes; returns the chunk count
@@ -60,31 +62,86 @@ def fold_in_workers(trace: TraceReader, families: list[ProbeFamily], context: Co
     if len(ranges) < 2:
         return stream(trace, families, context), 1
     names = [family.name for family in families]
-    jobs = [(str(trace.path), context.options, names, rows) for rows in ranges]
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    # Ctrl-C reaches the workers too (the terminal signals the whole process group): they are
-    # born with SIGINT blocked and ignore it, and the parent, which holds it back until the
-    # pool stands, stops them (Pool.__exit__ terminates) and reports the interrupt
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        pool = multiprocessing.get_context(method).Pool(len(jobs), initializer=_ignore_interrupt)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    with pool:
-        results = pool.map(_fold_range, jobs, chunksize=1)  # in row order
+    results = run_workers([(str(trace.path), context.options, names, rows) for rows in ranges])
     n_chunks = 0
-    for states, n in results:
+    for states, n in results:  # in row order
         for family, state in zip(families, states):
             theirs = type(family)(context)
             theirs.load_state_dict(state)
             family.merge(theirs)
         n_chunks += n
-    return n_chunks, len(jobs)
+    return n_chunks, len(ranges)
 
 
-def _ignore_interrupt() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides: it terminates the pool
+def run_workers(jobs: list[tuple]) -> list:
+    """`_fold_range(job)` of every job, each in its own process; the results in job order.
+
+    Ctrl-C reaches the workers too (a terminal signals the whole process group): they are born
+    with SIGINT blocked and then ignore it; the parent, which holds it back until they stand,
+    stops them and raises KeyboardInterrupt. A worker that dies (killed, out of memory) ends
+    the fold with a `WorkerError`, not a wait for a result that never comes; a worker's own
+    error is raised in the parent. Workers get SIGTERM if the parent dies (Linux)."""
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    processes, pipes = [], []
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        for job in jobs:
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(target=_worker, args=(job, send), daemon=True)
+            process.start()
+            send.close()  # only the worker writes: its death closes the pipe (EOFError below)
+            processes.append(process)
+            pipes.append(receive)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    try:
+        results: list = [None] * len(jobs)
+        pending = {pipe: i for i, pipe in enumerate(pipes)}
+        while pending:
+            for pipe in wait(list(pending)):
+                i = pending.pop(pipe)
+                try:
+                    ok, value = pipe.recv()
+                except EOFError:
+                    processes[i].join()
+                    code = processes[i].exitcode
+                    how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited ({code})"
+                    raise WorkerError(f"report worker {i + 1} of {len(jobs)} {how} before it sent its result "
+                                      "(out of memory? try fewer --workers)") from None
+                if not ok:
+                    raise value
+                results[i] = value
+        return results
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join()
+
+
+def _worker(job: tuple, send) -> None:
+    _end_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides: it stops the workers
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        result = (True, _fold_range(job))
+    except Exception as e:  # raised again in the parent (a TraceError stays one error line there)
+        result = (False, e)
+    try:
+        send.send(result)
+    except Exception as e:  # an exception that does not pickle
+        send.send((False, RuntimeError(f"report worker: {type(e).__name__}: {e}")))
+    send.close()
+
+
+def _end_with_parent() -> None:
+    """Linux: SIGTERM this worker when its parent dies (killed), so no fold outlives the command."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _fold_range(job: tuple[str, Options, list[str], range]) -> tuple[list[dict], int]:
