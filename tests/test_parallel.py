@@ -146,6 +146,23 @@ def test_report_command_refuses_workers_on_a_training_trace(training_trace, tmp_
     assert not out.exists()
 
 
+def test_a_damaged_chunk_in_a_workers_range_is_the_same_one_line(tmp_path, capsys):
+    """A worker's error reaches the command as the one-process pass's would: one line, exit 2."""
+    import h5py
+
+    trace = write_layout(tmp_path / "damaged.h5", 12)
+    with h5py.File(trace) as f:  # a chunk of sample 10: the second worker's range
+        chunk = f["/routing/expert"].id.get_chunk_info_by_coord((10, 0, 2, 0, 0, 0))
+    with open(trace, "r+b") as fh:
+        fh.seek(chunk.byte_offset + 16)
+        fh.write(b"\xff" * 64)
+    errors = []
+    for workers in ("1", "2"):
+        assert report_main([str(trace), "--no-probes", "--workers", workers]) == 2
+        errors.append(capsys.readouterr().err.strip().splitlines())
+    assert len(errors[1]) == 1 and errors[1][0].startswith("error:") and errors[1] == errors[0]
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -178,10 +195,13 @@ def _ignores_sigint(pid: int) -> bool:
 
 
 def _report_with_workers(trace: Path, out: Path) -> tuple[subprocess.Popen, list[int]]:
-    """`probes.report --workers 2` in its own session, once both workers are running and set up."""
+    """`probes.report --workers 2` in its own session, once both workers are running and set up.
+    SIGINT at its default in the command, as at a terminal: a suite run as a background job (CI,
+    nohup) has SIGINT ignored, and children would inherit that."""
     p = subprocess.Popen([sys.executable, "-m", "probes.report", str(trace), "--json", str(out), "--no-probes",
                           "--workers", "2"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (len(_children(p.pid)) >= 2 and all(map(_ignores_sigint, _children(p.pid)))) \
             and p.poll() is None and time.monotonic() < deadline:

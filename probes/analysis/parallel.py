@@ -130,6 +130,8 @@ def _worker(job: tuple, send) -> None:
         result = (False, e)
     try:
         send.send(result)
+    except OSError:
+        pass  # the parent is gone (it was killed or stopped the workers): nobody to tell
     except Exception as e:  # an exception that does not pickle
         send.send((False, RuntimeError(f"report worker: {type(e).__name__}: {e}")))
     send.close()
