@@ -195,7 +195,7 @@ class Registry:
             steps = tr.refresh()
             stale = steps != e.report_steps and time.monotonic() - e.report_time > self.live_reanalyse_s
             if e.report is None or stale:
-                e.report = self._analyse(e.path, self.routing_value(tid), tr.kind)
+                e.report = self._analyse(e.path, self.routing_value(tid), parallel=False)  # still written
                 e.report_steps, e.report_time = steps, time.monotonic()
             return e.report
 
@@ -204,16 +204,16 @@ class Registry:
         tr = self.reader(tid)
         return find_routing_value(self.entry(tid).path, tr.attrs.get("checkpoint_sha256"), tr.attrs.get("command"))
 
-    def _analyse(self, path: Path, routing_value: Path | None = None, kind: str = "sampling") -> dict:
+    def _analyse(self, path: Path, routing_value: Path | None = None, parallel: bool = True) -> dict:
         """The report, computed by `python -m probes.report` in a child process: the server's
         memory stays what serving needs, and a crash inside the analysis cannot take it down.
-        A sampling trace's report is folded by `self.workers` processes (a training trace's by one)."""
+        With `parallel` (a complete sampling trace) it is folded by `self.workers` processes."""
         with tempfile.TemporaryDirectory(prefix="dashboard-report-") as tmp:
             out = Path(tmp) / "report.json"
             cmd = [sys.executable, "-m", "probes.report", str(path), "--json", str(out),
                    "--permutations", str(self.n_perm)] + ([] if self.linear_probes else ["--no-probes"]) \
                 + (["--routing-value", str(routing_value)] if routing_value else []) \
-                + (["--workers", str(self.workers)] if self.workers > 1 and kind == "sampling" else [])
+                + (["--workers", str(self.workers)] if self.workers > 1 and parallel else [])
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0 or not out.is_file():
                 lines = [x for x in done.stderr.splitlines() if x.strip()] or [f"exit code {done.returncode}"]
@@ -229,7 +229,7 @@ class Registry:
         stored = _read_json(cache)
         if stored and stored.get("sha256") == sha and stored.get("dashboard_options") == options:
             return stored["report"]
-        report = self._analyse(e.path, value, self.reader(e.id).kind)
+        report = self._analyse(e.path, value, parallel=self.reader(e.id).kind == "sampling")  # complete here
         st = e.path.stat()
         _write_json(cache, {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                             "dashboard_options": options, "report": report})

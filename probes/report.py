@@ -334,6 +334,9 @@ def _check_inputs(args) -> dict | None:
         if args.workers > 1 and tr.kind != "sampling":
             raise ReportError(f"--workers {args.workers}: a training trace is folded in one process "
                               "(its curves follow the events in order); leave --workers out")
+        if args.workers > 1 and not tr.complete:
+            raise ReportError(f"--workers {args.workers}: the trace is incomplete (still being written, or its "
+                              "writer was stopped), so it is folded in one process; leave --workers out")
     return value
 
 

@@ -4,18 +4,20 @@
 samples, fold each in a forked worker and merge the families' states. Checked on real traces:
 a benchmark-layout trace whose same-prompt runs cross the workers' boundaries (the seed
 comparison must reach back to a reference sample in another worker's range), the same trace
-killed half-way, and the tiny model's recorded trace with latents (projections, convergence,
+stopped half-way, and the tiny model's recorded trace with latents (projections, convergence,
 linear probes). The command refuses what does not apply, and Ctrl-C stops the workers.
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -24,7 +26,7 @@ from dashboard.data import Registry
 from probes.analysis import Options, analyze, jsonable
 from probes.analysis.parallel import sample_ranges
 from probes.report import main as report_main
-from traces import SampleTable, SamplingLayout, SamplingWriter, open_trace
+from traces import SampleTable, SamplingLayout, SamplingWriter, join_ranks, open_trace
 from traces.synthetic import cell_routing, gate_probs
 
 from .test_stream_fast import assert_same_report
@@ -36,7 +38,7 @@ PROMPTS = ["a", "a", "a", "b", "b", "c", "a", "d", "d", "d", "d", "e"]
 
 def write_layout(path: Path, samples: int, timesteps: int = 4, tokens: int = 1024, stop_after: int | None = None):
     """The benchmark layout, small: 2 layers x 3 steps, K = 8, two branches, probabilities;
-    `stop_after` batches of 2 samples written, the rest of the file left unwritten (a killed run)."""
+    `stop_after` batches of 2 samples written, the rest of the file left unwritten (a run stopped early)."""
     lo = SamplingLayout(n_experts=8, layers=[3, 9], steps=3, tokens=tokens, timesteps=list(range(timesteps)),
                         timestep_values=list(np.linspace(1.0, 0.0, timesteps, endpoint=False)), store_prob=True,
                         branches=("cond", "uncond"))
@@ -56,7 +58,11 @@ def write_layout(path: Path, samples: int, timesteps: int = 4, tokens: int = 102
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory):
     d = tmp_path_factory.mktemp("parallel")
-    return {"whole": write_layout(d / "whole.h5", 12), "killed": write_layout(d / "killed.h5", 12, stop_after=4)}
+    short = write_layout(d / "short.h5", 12, stop_after=4)  # closed cleanly after 8 of 12 samples
+    killed = shutil.copy(short, d / "killed.h5")
+    with h5py.File(killed, "r+") as f:  # as a writer killed before its clean close leaves it
+        f.attrs["complete"] = False
+    return {"whole": write_layout(d / "whole.h5", 12), "short": short, "killed": killed}
 
 
 def test_sample_ranges_split_the_written_cells_evenly_and_drop_empty_ranges():
@@ -81,12 +87,30 @@ def test_parallel_report_equals_the_one_process_report(layout, workers):
     assert any("1 samples skipped" in note for note in one["notes"])  # "a" again, later: skipped in both
 
 
-def test_parallel_report_of_a_killed_run(layout):
-    trace = open_trace(layout["killed"])
-    assert not trace.written[8:].any() and trace.written[:8].all()
+def test_parallel_report_of_a_run_stopped_early(layout):
+    """Samples never written (a run closed after 8 of its 12 samples): the ranges split the written cells."""
+    trace = open_trace(layout["short"])
+    assert trace.complete and not trace.written[8:].any() and trace.written[:8].all()
+    timings = {}
     one = jsonable(analyze(trace, Options(n_perm=19)))
-    assert_same_report(jsonable(analyze(trace, Options(n_perm=19), workers=2)), one)
+    assert_same_report(jsonable(analyze(trace, Options(n_perm=19), timings=timings, workers=2)), one)
+    assert timings["processes"] == 2
     trace.close()
+
+
+def test_an_incomplete_trace_is_folded_in_one_process(layout, capsys):
+    """An incomplete trace (a killed run's, or one still written) is folded in one process: workers
+    opening a file still being written could each see another snapshot. The command says so."""
+    trace = open_trace(layout["killed"])
+    assert not trace.complete
+    timings = {}
+    one = jsonable(analyze(trace, Options(n_perm=19)))
+    assert_same_report(jsonable(analyze(trace, Options(n_perm=19), timings=timings, workers=2)), one)
+    assert timings["processes"] == 1
+    trace.close()
+    assert report_main([str(layout["killed"]), "--workers", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the trace is incomplete" in err[0]
 
 
 def test_parallel_report_with_latents_and_linear_probes(tiny_trace):
@@ -97,6 +121,37 @@ def test_parallel_report_with_latents_and_linear_probes(tiny_trace):
     got = jsonable(analyze(str(tiny_trace), options, workers=2))
     assert_same_report(got, one)
     assert one["trace"]["has_latents"] and "convergence" in one["layers"][next(iter(one["layers"]))]
+
+
+def test_parallel_report_of_a_joined_multi_rank_trace(tmp_path):
+    """The trace `probes.record` leaves under a launcher: rank files joined through virtual datasets
+    (traces.join_ranks), sample ids not in row order (rank 0 holds 0, 2, 4, 6; rank 1 holds 1, 3).
+    The workers read the joined file; a same-prompt run crosses from one rank's samples into the
+    other's; the linear probes' prompt labels are looked up by the latents' sample ids."""
+    lo = SamplingLayout(n_experts=8, layers=[2, 4], steps=2, tokens=64, timesteps=[0, 5, 9],
+                        branches=("cond", "uncond"), latent_tokens=list(range(0, 64, 4)), latent_dim=8)
+    prompts = {0: "a", 2: "a", 4: "b", 6: "c", 1: "c", 3: "c"}
+    rng = np.random.default_rng(3)
+    ranks = []
+    for rank, ids in enumerate(([0, 2, 4, 6], [1, 3])):
+        table = SampleTable(prompt=[prompts[i] for i in ids], seed=ids, sample_id=ids)
+        path = tmp_path / f"run.rank{rank}.h5"
+        with SamplingWriter(path, lo, table, rank=rank, world_size=2, run_id="run-a") as w:
+            for b0 in range(0, len(ids), 2):
+                w.begin_batch(2)
+                for t in range(3):
+                    latents = rng.standard_normal((2, 2, 2, 2, 16, 8)).astype(np.float16)
+                    w.write_timestep(t, cell_routing(rank, b0, t, (2, 2, 2, 2, 64), 8), latents=latents)
+        ranks.append(path)
+    joined = join_ranks(ranks, tmp_path / "run.h5")
+    options = Options(n_perm=19, probe_splits=2)
+    one = jsonable(analyze(str(joined), options))
+    timings = {}
+    got = jsonable(analyze(str(joined), options, timings=timings, workers=3))
+    assert timings["processes"] == 3
+    assert_same_report(got, one)
+    assert one["layers"]["2"]["steps"]["0"]["stability"]["seeds"]["n"] > 0
+    assert "accuracy" in one["linear_probes"]["2"]["prompt"]
 
 
 def test_report_command_with_workers_writes_the_same_json(layout, tmp_path, capsys):
@@ -127,15 +182,41 @@ def test_dashboard_refuses_bad_report_workers(layout, capsys, value):
     assert len(err) == 1 and err[0].startswith("error:") and "--report-workers" in err[0]
 
 
-def test_dashboard_report_folded_by_workers_is_the_same(layout, training_trace):
-    """The dashboard's report child with --report-workers 2: the same report for a sampling
-    trace; a training trace's report is computed by one process (not refused)."""
-    one = Registry([layout["whole"]], n_perm=19)._analyse(layout["whole"])
-    two = Registry([layout["whole"]], n_perm=19, workers=2)._analyse(layout["whole"], kind="sampling")
+def test_dashboard_report_folded_by_workers_is_the_same(layout, training_trace, tmp_path, monkeypatch):
+    """`python -m dashboard --report-workers 2`: a complete sampling trace's report child gets
+    --workers 2 and gives the same report; a training trace's report is computed by one process."""
+    import dashboard.data
+
+    served = tmp_path / "served"  # copies: the dashboard writes its report cache beside the trace
+    served.mkdir()
+    sampling, training = shutil.copy(layout["whole"], served / "s.h5"), shutil.copy(training_trace, served / "t.h5")
+    commands = []
+    run = dashboard.data.subprocess.run
+    monkeypatch.setattr(dashboard.data.subprocess, "run", lambda cmd, **kw: commands.append(cmd) or run(cmd, **kw))
+    registry = Registry([sampling, training], n_perm=19, workers=2)
+    ids = {Path(registry.entry(tid).path).name: tid for tid in registry.ids()}
+    two = registry.report(ids["s.h5"])
+    assert registry.report(ids["t.h5"])["trace"]["kind"] == "training"
+    assert [cmd[cmd.index("--workers") + 1] if "--workers" in cmd else None for cmd in commands] == ["2", None]
+    one = Registry([sampling], n_perm=19)._analyse(sampling)
     one.pop("elapsed_s"), two.pop("elapsed_s")
     assert_same_report(two, one)
-    training = Registry([training_trace], n_perm=0, workers=2)._analyse(training_trace, kind="training")
-    assert training["trace"]["kind"] == "training"
+
+
+def test_a_fresh_familys_state_is_zero(layout, training_trace):
+    """What merges is state (counts, sums), all zero before the first chunk: an index grid or other
+    constant kept as a plain array attribute would be added up by `Stat.merge` (`constants`)."""
+    from probes.analysis.families import FAMILIES
+    from probes.analysis.setup import Context, grid_of, labels_of
+
+    for path in (layout["whole"], training_trace):
+        with open_trace(path) as trace:
+            grid = grid_of(trace, Options())
+            context = Context(trace, grid, labels_of(trace, grid)[0], Options())
+            for family in (cls(context) for cls in FAMILIES):
+                if family.skipped is None:
+                    nonzero = [k for k, v in family.state_dict().items() if np.any(v)]
+                    assert not nonzero, f"{family.name}: {nonzero} are not zero before any chunk"
 
 
 def test_report_command_refuses_workers_on_a_training_trace(training_trace, tmp_path, capsys):
@@ -148,8 +229,6 @@ def test_report_command_refuses_workers_on_a_training_trace(training_trace, tmp_
 
 def test_a_damaged_chunk_in_a_workers_range_is_the_same_one_line(tmp_path, capsys):
     """A worker's error reaches the command as the one-process pass's would: one line, exit 2."""
-    import h5py
-
     trace = write_layout(tmp_path / "damaged.h5", 12)
     with h5py.File(trace) as f:  # a chunk of sample 10: the second worker's range
         chunk = f["/routing/expert"].id.get_chunk_info_by_coord((10, 0, 2, 0, 0, 0))

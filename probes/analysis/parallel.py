@@ -12,9 +12,10 @@ null and verdict is the one-process report's; float sums (gate probabilities, la
 distances) are added in another order and agree to float64 rounding (tests/test_parallel.py).
 
 Training traces are folded in one process (their curves follow the events in order); so is a
-sampling trace with fewer written samples than two.
+sampling trace with fewer written samples than two, and an incomplete one (still written, or a
+killed run's: workers that each open a file still being written could see other snapshots).
 
-Workers are forked where the platform allows it (Linux): the parent has imported numpy, h5py
+Workers are forked on Linux (spawned elsewhere): the parent has imported numpy, h5py
 and the probes already (1.3 s of imports per worker otherwise), and a worker touches none of
 the parent's open files. Workers ignore Ctrl-C; the parent stops them when it is interrupted,
 and a worker that dies ends the pass with one error (`run_workers`).
@@ -25,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import signal
+import sys
 from multiprocessing.connection import wait
 
 import numpy as np
@@ -58,7 +60,9 @@ def fold_in_workers(trace: TraceReader, families: list[ProbeFamily], context: Co
                     workers: int) -> tuple[int, int]:
     """Fold the trace into `families` with up to `workers` processes; returns the chunk count
     and the processes used (1 where the trace does not split: see the module doc)."""
-    ranges = sample_ranges(trace.written, workers) if context.grid.sampling else []
+    # an incomplete trace (live, or a killed run's) is read in one process: workers opening a file
+    # that is still written could each see another snapshot
+    ranges = sample_ranges(trace.written, workers) if context.grid.sampling and trace.complete else []
     if len(ranges) < 2:
         return stream(trace, families, context), 1
     names = [family.name for family in families]
@@ -80,37 +84,38 @@ def run_workers(jobs: list[tuple]) -> list:
     with SIGINT blocked and then ignore it; the parent, which holds it back until they stand,
     stops them and raises KeyboardInterrupt. A worker that dies (killed, out of memory) ends
     the fold with a `WorkerError`, not a wait for a result that never comes; a worker's own
-    error is raised in the parent. Workers get SIGTERM if the parent dies (Linux)."""
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    error is raised in the parent. When several fail, the first range's error is raised, as
+    the one-process pass would meet it first. Workers get SIGTERM if the parent dies (Linux)."""
+    # fork where it is safe (Linux): no re-import; spawn elsewhere (macOS forbids fork after threads)
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     processes, pipes = [], []
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    hold = hasattr(signal, "pthread_sigmask")  # POSIX; Windows has no signal masks
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if hold else None
     try:
-        for job in jobs:
-            receive, send = context.Pipe(duplex=False)
-            process = context.Process(target=_worker, args=(job, send), daemon=True)
-            process.start()
-            send.close()  # only the worker writes: its death closes the pipe (EOFError below)
-            processes.append(process)
-            pipes.append(receive)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    try:
+        try:
+            for job in jobs:
+                receive, send = context.Pipe(duplex=False)
+                process = context.Process(target=_worker, args=(job, send), daemon=True)
+                process.start()
+                send.close()  # only the worker writes: its death closes the pipe (EOFError below)
+                processes.append(process)
+                pipes.append(receive)
+        finally:
+            if hold:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a held-back Ctrl-C is raised here
         results: list = [None] * len(jobs)
+        errors: dict[int, BaseException] = {}
         pending = {pipe: i for i, pipe in enumerate(pipes)}
         while pending:
             for pipe in wait(list(pending)):
                 i = pending.pop(pipe)
-                try:
-                    ok, value = pipe.recv()
-                except EOFError:
-                    processes[i].join()
-                    code = processes[i].exitcode
-                    how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited ({code})"
-                    raise WorkerError(f"report worker {i + 1} of {len(jobs)} {how} before it sent its result "
-                                      "(out of memory? try fewer --workers)") from None
-                if not ok:
-                    raise value
-                results[i] = value
+                ok, value = _receive(pipe, processes[i], i, len(jobs))
+                if ok:
+                    results[i] = value
+                else:
+                    errors[i] = value
+        if errors:
+            raise errors[min(errors)]
         return results
     finally:
         for process in processes:
@@ -120,10 +125,27 @@ def run_workers(jobs: list[tuple]) -> list:
             process.join()
 
 
+def _receive(pipe, process, i: int, n: int) -> tuple[bool, object]:
+    """A worker's (ok, result or exception); a worker that died or sent what cannot be read
+    gives a `WorkerError`."""
+    try:
+        return pipe.recv()
+    except (EOFError, OSError):  # closed before (EOFError) or during (OSError) the message: it died
+        process.join()
+        code = process.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited ({code})"
+        return False, WorkerError(f"report worker {i + 1} of {n} {how} before it sent its result "
+                                  "(out of memory? try fewer --workers)")
+    except Exception as e:  # sent, but does not unpickle
+        return False, WorkerError(f"report worker {i + 1} of {n} sent a result that cannot be read "
+                                  f"({type(e).__name__}: {e})")
+
+
 def _worker(job: tuple, send) -> None:
     _end_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides: it stops the workers
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
         result = (True, _fold_range(job))
     except Exception as e:  # raised again in the parent (a TraceError stays one error line there)

@@ -42,6 +42,7 @@ class ProbeFamily(Stat):
 
     name: str = ""
     needs: tuple[str, ...] = ()
+    constants: tuple[str, ...] = ()  # array attributes set up once (index grids): not state, never merged
     sampling_only = False  # compares samples / timesteps: not for training traces
 
     def __init__(self, context: Context) -> None:
@@ -60,6 +61,9 @@ class ProbeFamily(Stat):
 
     def setup(self) -> None:
         """Allocate the tables (only when the family runs)."""
+
+    def _state(self) -> dict:
+        return {k: v for k, v in super()._state().items() if k not in self.constants}
 
     def cells(self) -> list[tuple[int, int]]:
         """(layer index, step index) of every recorded cell, in report order."""

@@ -17,6 +17,7 @@ FIELDS = ("dist_to_last", "rel_step", "step_cos", "contraction", "log_rho_mean",
 
 class ConvergenceFamily(ProbeFamily):
     name = "convergence"
+    constants = ("layer_index",)
     needs = ("/latents/h",)
 
     @classmethod

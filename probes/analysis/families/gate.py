@@ -14,6 +14,7 @@ from .base import Part, ProbeFamily
 
 class GateFamily(ProbeFamily):
     name = "gate"
+    constants = ("layer_index", "step_index")
     needs = ("/routing/prob",)
 
     @classmethod

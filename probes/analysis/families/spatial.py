@@ -14,6 +14,7 @@ from .base import Part, ProbeFamily
 
 class SpatialFamily(ProbeFamily):
     name = "spatial"
+    constants = ("layer_index", "step_index")
 
     @classmethod
     def unavailable(cls, context: Context) -> str | None:
