@@ -12,8 +12,9 @@ table per layer and recursion step, and optionally writes the JSON and PNG figur
     --compare OTHER   also routing stability against another trace with the same grid
                       (e.g. another checkpoint, same prompts and seeds)
     --no-probes       skip the linear probes (the slowest part)
-    --workers N       fold a sampling trace in N processes (at most the CPUs this process may
-                      use; probes.analysis.parallel): the same report, float sums to rounding
+    --workers N       fold a complete sampling trace in up to N processes (at most the CPUs
+                      this process may use, one per written sample; probes.analysis.parallel):
+                      the same report, float sums to rounding
     --overwrite       replace existing output files (never replaced otherwise)
 
 Bad input (missing or foreign trace, existing output without --overwrite, unwritable

@@ -154,10 +154,17 @@ def test_parallel_report_of_a_joined_multi_rank_trace(tmp_path):
     assert "accuracy" in one["linear_probes"]["2"]["prompt"]
 
 
-def test_report_command_with_workers_writes_the_same_json(layout, tmp_path, capsys):
+def test_report_command_with_workers_writes_the_same_json(layout, tmp_path, capsys, monkeypatch):
+    """`probes.report --workers 2` runs two workers (not the one-process pass) and writes the same JSON."""
+    import probes.analysis.parallel as parallel
+
+    started = []
+    run_workers = parallel.run_workers
+    monkeypatch.setattr(parallel, "run_workers", lambda jobs: started.append(len(jobs)) or run_workers(jobs))
     for workers in (1, 2):
         assert report_main([str(layout["whole"]), "--json", str(tmp_path / f"w{workers}.json"), "--no-probes",
                             "--permutations", "19", "--workers", str(workers)]) == 0
+    assert started == [2]
     one, two = (json.loads((tmp_path / f"w{w}.json").read_text()) for w in (1, 2))
     one.pop("elapsed_s"), two.pop("elapsed_s")
     assert_same_report(two, one)
@@ -207,12 +214,11 @@ def test_a_fresh_familys_state_is_zero(layout, training_trace):
     """What merges is state (counts, sums), all zero before the first chunk: an index grid or other
     constant kept as a plain array attribute would be added up by `Stat.merge` (`constants`)."""
     from probes.analysis.families import FAMILIES
-    from probes.analysis.setup import Context, grid_of, labels_of
+    from probes.analysis.setup import context_of
 
     for path in (layout["whole"], training_trace):
         with open_trace(path) as trace:
-            grid = grid_of(trace, Options())
-            context = Context(trace, grid, labels_of(trace, grid)[0], Options())
+            context, _ = context_of(trace, Options())
             for family in (cls(context) for cls in FAMILIES):
                 if family.skipped is None:
                     nonzero = [k for k, v in family.state_dict().items() if np.any(v)]

@@ -36,7 +36,7 @@ from traces import TraceReader, open_trace
 
 from .families import FAMILIES, ProbeFamily
 from .run import stream
-from .setup import Context, Options, grid_of, labels_of
+from .setup import Context, Options, context_of
 
 
 def sample_ranges(written: np.ndarray, workers: int) -> list[range]:
@@ -67,10 +67,10 @@ def fold_in_workers(trace: TraceReader, families: list[ProbeFamily], context: Co
         return stream(trace, families, context), 1
     names = [family.name for family in families]
     results = run_workers([(str(trace.path), context.options, names, rows) for rows in ranges])
+    scratch = [type(family)(context) for family in families]  # built once; each worker's state loaded in turn
     n_chunks = 0
     for states, n in results:  # in row order
-        for family, state in zip(families, states):
-            theirs = type(family)(context)
+        for family, theirs, state in zip(families, scratch, states):
             theirs.load_state_dict(state)
             family.merge(theirs)
         n_chunks += n
@@ -172,11 +172,9 @@ def _fold_range(job: tuple[str, Options, list[str], range]) -> tuple[list[dict],
     """One worker: the families named, folded over the sample rows `rows`; their states."""
     path, options, names, rows = job
     with open_trace(path) as trace:
-        grid = grid_of(trace, options)
-        labels, _ = labels_of(trace, grid)
-        context = Context(trace, grid, labels, options)
-        by_name = {family.name: family for family in (cls(context) for cls in FAMILIES)}
-        families = [by_name[name] for name in names]
+        context, _ = context_of(trace, options)
+        by_name = {cls.name: cls for cls in FAMILIES}
+        families = [by_name[name](context) for name in names]  # the parent's running families, in its order
         for family in families:
             family.start_at(rows.start)
         n = stream(trace, families, context, rows)

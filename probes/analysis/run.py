@@ -11,7 +11,7 @@ from traces import TraceReader
 from ..verdict import add_verdicts
 from .chunk import ChunkTables, make_chunk
 from .families import FAMILIES, Part, ProbeFamily
-from .setup import Context, Options, TraceGrid, grid_of, labels_of
+from .setup import Context, Options, TraceGrid, context_of
 
 REPORT_SCHEMA = "rsr-report"
 REPORT_VERSION = 5  # probes/REPORT.md: 2 adds expert_change, 3 the verdicts, 4 toolkit_version, 5 issue 19 verdicts
@@ -22,7 +22,7 @@ def fold(trace: TraceReader, families: list[ProbeFamily], context: Context,
     """Fold every chunk cell of the trace into the running families, in this process or (a
     sampling trace, `workers` > 1) in up to `workers` processes (`parallel`); returns the
     chunk count and the processes that folded them."""
-    if workers > 1 and context.grid.sampling:
+    if workers > 1:
         from .parallel import fold_in_workers
 
         return fold_in_workers(trace, families, context, workers)
@@ -71,9 +71,8 @@ class SampleCounts:
 
 def run_pass(trace: TraceReader, options: Options, timings: dict[str, float], workers: int = 1) -> dict[str, Any]:
     start = time.perf_counter()
-    grid = grid_of(trace, options)
-    labels, notes = labels_of(trace, grid)
-    context = Context(trace, grid, labels, options)
+    context, notes = context_of(trace, options)
+    grid = context.grid
     families = [family(context) for family in FAMILIES]
     running = [f for f in families if f.skipped is None]
     n_chunks, processes = fold(trace, running, context, workers)

@@ -256,3 +256,11 @@ def labels_of(trace: TraceReader, grid: TraceGrid) -> tuple[list[Label], list[st
         code = {v: i for i, v in enumerate(distinct)}
         out.append(Label("class", [str(u) for u in distinct], "event", np.array([code[v] for v in events.tolist()])))
     return out, notes
+
+
+def context_of(trace: TraceReader, options: Options) -> tuple[Context, list[str]]:
+    """The pass's `Context` (grid and labels of the trace) and the notes the labels left; the
+    one-process pass and every worker of the parallel pass build it alike."""
+    grid = grid_of(trace, options)
+    labels, notes = labels_of(trace, grid)
+    return Context(trace, grid, labels, options), notes
