@@ -87,6 +87,21 @@ def test_parallel_report_equals_the_one_process_report(layout, workers):
     assert any("1 samples skipped" in note for note in one["notes"])  # "a" again, later: skipped in both
 
 
+def test_spawned_workers_give_the_same_report(layout, monkeypatch):
+    """Where fork is not used (macOS, Windows) workers are spawned: fresh interpreters that
+    import the probes again and get their job by pickle. Forced here on Linux."""
+    from probes.analysis import parallel
+
+    monkeypatch.setattr(parallel, "START_METHOD", "spawn")
+    asked, get_context = [], parallel.multiprocessing.get_context
+    monkeypatch.setattr(parallel.multiprocessing, "get_context",
+                        lambda method: asked.append(method) or get_context(method))
+    one = jsonable(analyze(str(layout["whole"]), Options(n_perm=19)))
+    timings = {}
+    assert_same_report(jsonable(analyze(str(layout["whole"]), Options(n_perm=19), timings=timings, workers=2)), one)
+    assert timings["processes"] == 2 and asked == ["spawn"]
+
+
 def test_parallel_report_of_a_run_stopped_early(layout):
     """Samples never written (a run closed after 8 of its 12 samples): the ranges split the written cells."""
     trace = open_trace(layout["short"])
@@ -233,19 +248,31 @@ def test_report_command_refuses_workers_on_a_training_trace(training_trace, tmp_
     assert not out.exists()
 
 
-def test_a_damaged_chunk_in_a_workers_range_is_the_same_one_line(tmp_path, capsys):
-    """A worker's error reaches the command as the one-process pass's would: one line, exit 2."""
-    trace = write_layout(tmp_path / "damaged.h5", 12)
-    with h5py.File(trace) as f:  # a chunk of sample 10: the second worker's range
-        chunk = f["/routing/expert"].id.get_chunk_info_by_coord((10, 0, 2, 0, 0, 0))
+def _damage(trace: Path, dataset: str, coord: tuple) -> None:
+    with h5py.File(trace) as f:
+        chunk = f[dataset].id.get_chunk_info_by_coord(coord)
     with open(trace, "r+b") as fh:
         fh.seek(chunk.byte_offset + 16)
         fh.write(b"\xff" * 64)
+
+
+def test_a_damaged_chunk_in_a_workers_range_is_the_same_one_line(tmp_path, capsys):
+    """A worker's error reaches the command as the one-process pass's would: one line, exit 2,
+    naming the chunk that cannot be read. With damage in both workers' ranges, the first
+    range's error is the one printed, as the one-process pass meets it first."""
+    trace = write_layout(tmp_path / "damaged.h5", 12)
+    _damage(trace, "/routing/expert", (10, 0, 2, 0, 0, 0))  # sample 10: the second worker's range
     errors = []
     for workers in ("1", "2"):
         assert report_main([str(trace), "--no-probes", "--workers", workers]) == 2
         errors.append(capsys.readouterr().err.strip().splitlines())
     assert len(errors[1]) == 1 and errors[1][0].startswith("error:") and errors[1] == errors[0]
+    assert "/routing/expert at index (sample 10, branch 0, timestep 2) cannot be read" in errors[0][0]
+    _damage(trace, "/routing/prob", (2, 0, 1, 0, 0, 0, 0))  # and sample 2: the first worker's range
+    for workers in ("1", "2"):
+        assert report_main([str(trace), "--no-probes", "--workers", workers]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "/routing/prob at index (sample 2, branch 0, timestep 1) cannot be read" in err[0]
 
 
 def _children(pid: int) -> list[int]:

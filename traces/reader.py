@@ -26,6 +26,8 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
+from cli_common.outputs import os_error_reason
+
 from . import select
 from .compression import missing_plugin, plugin_hint  # also registers the Blosc filters if installed
 from .errors import TraceError
@@ -271,14 +273,17 @@ class TraceReader:
         return self._select(self.dataset(path), self._keys(path, sel), self._chunks(path))
 
     def _select(self, d: h5py.Dataset, keys: list[Any], chunks: tuple[int, ...]) -> np.ndarray:
-        """select.read, with a missing compression plugin reported as what to install."""
+        """select.read, with a missing compression plugin reported as what to install, and any
+        other read failure (a damaged chunk, an I/O error) as where it happened."""
         try:
             return select.read(d, keys, chunks)
-        except OSError:
+        except OSError as e:
             missing = missing_plugin(d)
-            if missing is None:
-                raise
-            raise TraceError(f"{self.path}: {d.name}: {plugin_hint(missing)}") from None
+            if missing is not None:
+                raise TraceError(f"{self.path}: {d.name}: {plugin_hint(missing)}") from None
+            where = ", ".join(f"{axis} {key}" for axis, key in zip(self.axes(d.name), keys) if isinstance(key, int))
+            raise TraceError(f"{self.path}: {d.name}{f' at index ({where})' if where else ''} cannot be read "
+                             f"({os_error_reason(e)}): the file may be damaged there") from None
 
     def _chunks(self, path: str) -> tuple[int, ...]:
         """Chunk shape, or for a virtual dataset (joined ranks) the schema's chunk rule."""

@@ -69,12 +69,15 @@ def preference_figure(report: dict, layer: int, step_value: int, k: int) -> go.F
         names = [str(x) for x in m.get("labels", [])]
         lift = np.asarray(m["lift"], float)[k]
         # the p-value tests the label against the choice among all experts, not this expert alone
-        fig.add_trace(go.Bar(x=[f"{label}: {n}"[:40] for n in names], y=lift,
+        fig.add_trace(go.Bar(x=[f"{label}: {n}"[:32] for n in names], y=lift,
                              name=f"{label} (MI with routing, all experts: p={fmt(m.get('p_value'), '{:.2g}')})"))
     fig.add_hline(y=1, line_dash="dot")
-    fig.update_layout(height=260, margin=dict(l=40, r=10, t=30, b=90), yaxis_title="lift P(k|label)/P(k)",
-                      title=dict(text="prompts and attributes it prefers", font_size=12), legend_font_size=9,
-                      xaxis_tickfont_size=9)
+    # the legend above the bars and the long tick labels below get their own room (automargin),
+    # so neither squeezes the bars nor runs into the title
+    fig.update_layout(height=360, margin=dict(l=45, r=10, t=40, b=10), yaxis=dict(title="lift", automargin=True),
+                      title=dict(text="prompts and attributes it prefers: lift P(k|label) / P(k)", font_size=12),
+                      legend=dict(orientation="h", x=0, y=1.0, yanchor="bottom", font_size=9),
+                      xaxis=dict(tickfont_size=9, automargin=True))
     return fig
 
 

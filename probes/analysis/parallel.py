@@ -38,6 +38,9 @@ from .families import FAMILIES, ProbeFamily
 from .run import stream
 from .setup import Context, Options, context_of
 
+# fork where it is safe (Linux): no re-import; spawn elsewhere (macOS forbids fork after threads)
+START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+
 
 def sample_ranges(written: np.ndarray, workers: int) -> list[range]:
     """Contiguous ranges of sample rows, at most `workers`, each with about 1/workers of the
@@ -86,8 +89,7 @@ def run_workers(jobs: list[tuple]) -> list:
     the fold with a `WorkerError`, not a wait for a result that never comes; a worker's own
     error is raised in the parent. When several fail, the first range's error is raised, as
     the one-process pass would meet it first. Workers get SIGTERM if the parent dies (Linux)."""
-    # fork where it is safe (Linux): no re-import; spawn elsewhere (macOS forbids fork after threads)
-    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    context = multiprocessing.get_context(START_METHOD)
     processes, pipes = [], []
     hold = hasattr(signal, "pthread_sigmask")  # POSIX; Windows has no signal masks
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if hold else None
