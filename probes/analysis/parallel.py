@@ -15,7 +15,7 @@ Training traces are folded in one process (their curves follow the events in ord
 sampling trace with fewer written samples than two, and an incomplete one (still written, or a
 killed run's: workers that each open a file still being written could see other snapshots).
 
-Workers are forked on Linux (spawned elsewhere): the parent has imported numpy, h5py
+Workers are forked on Linux (spawned elsewhere: `START_METHOD`): the parent has imported numpy, h5py
 and the probes already (1.3 s of imports per worker otherwise), and a worker touches none of
 the parent's open files. Workers ignore Ctrl-C; the parent stops them when it is interrupted,
 and a worker that dies ends the pass with one error (`run_workers`).
