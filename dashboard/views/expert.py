@@ -70,13 +70,15 @@ def preference_figure(report: dict, layer: int, step_value: int, k: int) -> go.F
         lift = np.asarray(m["lift"], float)[k]
         # the p-value tests the label against the choice among all experts, not this expert alone
         fig.add_trace(go.Bar(x=[f"{label}: {n}"[:32] for n in names], y=lift,
-                             name=f"{label} (MI with routing, all experts: p={fmt(m.get('p_value'), '{:.2g}')})"))
+                             name=f"{label} (p={fmt(m.get('p_value'), '{:.2g}')})"))
     fig.add_hline(y=1, line_dash="dot")
-    # the legend above the bars and the long tick labels below get their own room (automargin),
-    # so neither squeezes the bars nor runs into the title
-    fig.update_layout(height=360, margin=dict(l=45, r=10, t=40, b=10), yaxis=dict(title="lift", automargin=True),
-                      title=dict(text="prompts and attributes it prefers: lift P(k|label) / P(k)", font_size=12),
-                      legend=dict(orientation="h", x=0, y=1.0, yanchor="bottom", font_size=9),
+    # title (two lines), then the legend in one row, then the bars; the long tick labels below get
+    # their own room (automargin): none of them runs into another or squeezes the bars
+    fig.update_layout(height=380, margin=dict(l=45, r=10, t=90, b=10), yaxis=dict(title="lift", automargin=True),
+                      title=dict(text="prompts and attributes it prefers: lift P(k|label) / P(k)<br><sup>p: "
+                                      "permutation test of the label's MI with the routing (all experts)</sup>",
+                                 font_size=12, x=0.01, y=0.96, yanchor="top"),
+                      legend=dict(orientation="h", x=0, y=1.02, yanchor="bottom", font_size=9),
                       xaxis=dict(tickfont_size=9, automargin=True))
     return fig
 
