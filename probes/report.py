@@ -12,7 +12,8 @@ table per layer and recursion step, and optionally writes the JSON and PNG figur
     --compare OTHER   also routing stability against another trace with the same grid
                       (e.g. another checkpoint, same prompts and seeds)
     --no-probes       skip the linear probes (the slowest part)
-    --workers N       fold a complete sampling trace in up to N processes (at most the CPUs
+    --workers N       fold a sampling trace (complete, or a killed run's recorded on this host)
+                      in up to N processes (at most the CPUs
                       this process may use, one per written sample; probes.analysis.parallel):
                       the same report, float sums to rounding
     --overwrite       replace existing output files (never replaced otherwise)
@@ -323,6 +324,8 @@ def _check_inputs(args) -> dict | None:
     are not inputs, the trace readable, a routing value of the trace's own checkpoint."""
     from traces import open_trace
 
+    from .analysis.parallel import splittable
+
     inputs = {"trace": args.trace, "--compare": args.compare, "--routing-value": args.routing_value}
     check_output(args.json, args.overwrite, flag="--json", inputs=inputs)
     check_output(args.figures, args.overwrite, flag="--figures", folder=True, inputs=inputs)
@@ -335,9 +338,10 @@ def _check_inputs(args) -> dict | None:
         if args.workers > 1 and tr.kind != "sampling":
             raise ReportError(f"--workers {args.workers}: a training trace is folded in one process "
                               "(its curves follow the events in order); leave --workers out")
-        if args.workers > 1 and not tr.complete:
-            raise ReportError(f"--workers {args.workers}: the trace is incomplete (still being written, or its "
-                              "writer was stopped), so it is folded in one process; leave --workers out")
+        if args.workers > 1 and not splittable(tr):
+            raise ReportError(f"--workers {args.workers}: the trace is incomplete and its writer may still be "
+                              "running (here, or on another host), so it is folded in one process; leave "
+                              "--workers out")
     return value
 
 

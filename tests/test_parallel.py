@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -125,7 +126,37 @@ def test_an_incomplete_trace_is_folded_in_one_process(layout, capsys):
     trace.close()
     assert report_main([str(layout["killed"]), "--workers", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the trace is incomplete" in err[0]
+    assert len(err) == 1 and "the trace is incomplete and its writer may still be running" in err[0]
+
+
+def _written_by(src: Path, dst: Path, pid: int, host: str) -> Path:
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        f.attrs["writer_pid"], f.attrs["writer_host"] = pid, host
+    return dst
+
+
+def test_a_killed_runs_trace_is_split_when_its_writer_is_known_gone(layout, tmp_path, capsys):
+    """A killed run's trace recorded on this host, whose writer process no longer exists, will not
+    grow: workers may split it. Its writer still running, or on another host (it cannot be
+    checked), the trace is folded in one process and the command refuses --workers."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: a pid that no longer exists
+    host = socket.gethostname()
+    cases = {"gone": (gone.pid, host, 2), "running": (os.getppid(), host, 1), "elsewhere": (gone.pid, host + "-x", 1)}
+    one = jsonable(analyze(str(layout["killed"]), Options(n_perm=19)))
+    for name, (pid, where, processes) in cases.items():
+        path = _written_by(layout["killed"], tmp_path / f"{name}.h5", pid, where)
+        timings = {}
+        with open_trace(path) as trace:
+            assert not trace.complete and trace.writer_gone == (name == "gone") and trace.live == (name == "running")
+            got = jsonable(analyze(trace, Options(n_perm=19), timings=timings, workers=2))
+        got["trace"]["path"] = one["trace"]["path"]  # a copy, elsewhere
+        assert_same_report(got, one)
+        assert timings["processes"] == processes, name
+        code = report_main([str(path), "--workers", "2", "--no-probes", "--json", str(tmp_path / f"{name}.json")])
+        err = capsys.readouterr().err
+        assert (code, bool(err)) == ((0, False) if name == "gone" else (2, True)), (name, err)
 
 
 def test_parallel_report_with_latents_and_linear_probes(tiny_trace):

@@ -217,18 +217,25 @@ class TraceReader:
         """True while a writer may still be appending: not complete, and the process that wrote it
         (`writer_pid` on `writer_host`) still runs. Only a writer on this host can be checked; a
         trace whose writer ran elsewhere, or is this very process, counts as not live."""
+        pid = self._checkable_writer()
+        return pid is not None and _process_exists(pid)
+
+    @property
+    def writer_gone(self) -> bool:
+        """True when the trace is incomplete and its writer is known to have ended without closing
+        it (a killed run's): the writer ran on this host and its process no longer exists, so
+        nothing will append to the file. A writer on another host cannot be checked: False."""
+        pid = self._checkable_writer()
+        return pid is not None and not _process_exists(pid)
+
+    def _checkable_writer(self) -> int | None:
+        """The writer's pid of an incomplete trace written by another process on this host."""
         if self.complete:
-            return False
+            return None
         pid, host = self.attrs.get("writer_pid"), self.attrs.get("writer_host")
         if pid is None or host != socket.gethostname() or int(pid) == os.getpid():
-            return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # alive, owned by another user
-            return True
-        return True
+            return None
+        return int(pid)
 
     @property
     def closed(self) -> bool:
@@ -514,3 +521,13 @@ def _maybe_json(s: str) -> Any:
         return json.loads(s)
     except json.JSONDecodeError:
         return s
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True

@@ -12,8 +12,9 @@ null and verdict is the one-process report's; float sums (gate probabilities, la
 distances) are added in another order and agree to float64 rounding (tests/test_parallel.py).
 
 Training traces are folded in one process (their curves follow the events in order); so is a
-sampling trace with fewer written samples than two, and an incomplete one (still written, or a
-killed run's: workers that each open a file still being written could see other snapshots).
+sampling trace with fewer written samples than two, and an incomplete one whose writer may still
+run (workers that each open a file still being written could see other snapshots). A killed run's
+trace whose writer ran on this host and is gone is split (`splittable`).
 
 Workers are forked on Linux (spawned elsewhere: `START_METHOD`): the parent has imported numpy, h5py
 and the probes already (1.3 s of imports per worker otherwise), and a worker touches none of
@@ -55,6 +56,13 @@ def sample_ranges(written: np.ndarray, workers: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a and cells[a:b].any()]
 
 
+def splittable(trace: TraceReader) -> bool:
+    """Whether workers may each open the trace: it is complete, or its writer is known to be gone
+    (a killed run's, on this host). A trace that may still be written is not: workers opening a
+    file still being appended to could each see another snapshot."""
+    return trace.complete or trace.writer_gone
+
+
 class WorkerError(UserError):
     """A worker process ended without its result (killed: out of memory, say)."""
 
@@ -63,9 +71,7 @@ def fold_in_workers(trace: TraceReader, families: list[ProbeFamily], context: Co
                     workers: int) -> tuple[int, int]:
     """Fold the trace into `families` with up to `workers` processes; returns the chunk count
     and the processes used (1 where the trace does not split: see the module doc)."""
-    # an incomplete trace (live, or a killed run's) is read in one process: workers opening a file
-    # that is still written could each see another snapshot
-    ranges = sample_ranges(trace.written, workers) if context.grid.sampling and trace.complete else []
+    ranges = sample_ranges(trace.written, workers) if context.grid.sampling and splittable(trace) else []
     if len(ranges) < 2:
         return stream(trace, families, context), 1
     names = [family.name for family in families]
