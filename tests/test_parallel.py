@@ -28,6 +28,7 @@ from probes.analysis import Options, analyze, jsonable
 from probes.analysis.parallel import sample_ranges
 from probes.report import main as report_main
 from traces import SampleTable, SamplingLayout, SamplingWriter, join_ranks, open_trace
+from traces.reader import pid_namespace
 from traces.synthetic import cell_routing, gate_probs
 
 from .test_stream_fast import assert_same_report
@@ -129,10 +130,15 @@ def test_an_incomplete_trace_is_folded_in_one_process(layout, capsys):
     assert len(err) == 1 and "the trace is incomplete and its writer may still be running" in err[0]
 
 
-def _written_by(src: Path, dst: Path, pid: int, host: str) -> Path:
+def _written_by(src: Path, dst: Path, pid: int, host: str, namespace: str | None = "same") -> Path:
     shutil.copy(src, dst)
     with h5py.File(dst, "r+") as f:
+        assert f.attrs["writer_pid_namespace"] == pid_namespace()  # recorded by the writer
         f.attrs["writer_pid"], f.attrs["writer_host"] = pid, host
+        if namespace is None:  # a trace written before the namespace was recorded
+            del f.attrs["writer_pid_namespace"]
+        elif namespace != "same":
+            f.attrs["writer_pid_namespace"] = namespace
     return dst
 
 
@@ -143,13 +149,18 @@ def test_a_killed_runs_trace_is_split_when_its_writer_is_known_gone(layout, tmp_
     gone = subprocess.Popen(["true"])
     gone.wait()  # reaped: a pid that no longer exists
     host = socket.gethostname()
-    cases = {"gone": (gone.pid, host, 2), "running": (os.getppid(), host, 1), "elsewhere": (gone.pid, host + "-x", 1)}
+    cases = {"gone": (gone.pid, host, "same", 2), "running": (os.getppid(), host, "same", 1),
+             "elsewhere": (gone.pid, host + "-x", "same", 1),
+             "another_namespace": (gone.pid, host, "pid:[1]", 1),  # a container with the host's name
+             "namespace_unrecorded": (gone.pid, host, None, 1), "bad_pid": ("abc", host, "same", 1),
+             "huge_pid": (1 << 40, host, "same", 1)}
     one = jsonable(analyze(str(layout["killed"]), Options(n_perm=19)))
-    for name, (pid, where, processes) in cases.items():
-        path = _written_by(layout["killed"], tmp_path / f"{name}.h5", pid, where)
+    for name, (pid, where, namespace, processes) in cases.items():
+        path = _written_by(layout["killed"], tmp_path / f"{name}.h5", pid, where, namespace)
         timings = {}
         with open_trace(path) as trace:
-            assert not trace.complete and trace.writer_gone == (name == "gone") and trace.live == (name == "running")
+            assert not trace.complete and trace.live == (name == "running"), name
+            assert trace.writer_gone == (name == "gone"), name
             got = jsonable(analyze(trace, Options(n_perm=19), timings=timings, workers=2))
         got["trace"]["path"] = one["trace"]["path"]  # a copy, elsewhere
         assert_same_report(got, one)
@@ -198,6 +209,20 @@ def test_parallel_report_of_a_joined_multi_rank_trace(tmp_path):
     assert_same_report(got, one)
     assert one["layers"]["2"]["steps"]["0"]["stability"]["seeds"]["n"] > 0
     assert "accuracy" in one["linear_probes"]["2"]["prompt"]
+    # killed ranks: rank 0 here (its process gone), rank 1 on another node, which cannot be checked:
+    # the joined file (rank 0's writer in its attributes) is not split
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for rank, path in enumerate(ranks):
+        with h5py.File(path, "r+") as f:
+            f.attrs["complete"] = False
+            here = (gone.pid, socket.gethostname())
+            f.attrs["writer_pid"], f.attrs["writer_host"] = here if rank == 0 else (4242, "nodeB")
+    killed = join_ranks(ranks, tmp_path / "killed.h5")
+    with open_trace(ranks[0]) as first, open_trace(killed) as trace:
+        assert first.writer_gone and not trace.complete and not trace.writer_gone
+        analyze(trace, options, timings=timings, workers=3)
+    assert timings["processes"] == 1
 
 
 def test_report_command_with_workers_writes_the_same_json(layout, tmp_path, capsys, monkeypatch):
@@ -298,12 +323,21 @@ def test_a_damaged_chunk_in_a_workers_range_is_the_same_one_line(tmp_path, capsy
         assert report_main([str(trace), "--no-probes", "--workers", workers]) == 2
         errors.append(capsys.readouterr().err.strip().splitlines())
     assert len(errors[1]) == 1 and errors[1][0].startswith("error:") and errors[1] == errors[0]
-    assert "/routing/expert at index (sample 10, branch 0, timestep 2) cannot be read" in errors[0][0]
+    assert "/routing/expert at sample 10, branch cond, timestep 2 cannot be read" in errors[0][0]
     _damage(trace, "/routing/prob", (2, 0, 1, 0, 0, 0, 0))  # and sample 2: the first worker's range
     for workers in ("1", "2"):
         assert report_main([str(trace), "--no-probes", "--workers", workers]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "/routing/prob at index (sample 2, branch 0, timestep 1) cannot be read" in err[0]
+        assert len(err) == 1 and "/routing/prob at sample 2, branch cond, timestep 1 cannot be read" in err[0]
+        assert err[0].endswith("the file may be damaged there")
+    # the same failure while the writer still runs (a read racing a write, say): not called damage
+    running = _written_by(trace, tmp_path / "running.h5", os.getppid(), socket.gethostname())
+    with h5py.File(running, "r+") as f:
+        f.attrs["complete"] = False
+    assert report_main([str(running), "--no-probes"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "/routing/prob at sample 2, branch cond, timestep 1 cannot be read (" in err[0]
+    assert err[0].endswith("its writer is still running: try again")
 
 
 def _children(pid: int) -> list[int]:

@@ -223,19 +223,27 @@ class TraceReader:
     @property
     def writer_gone(self) -> bool:
         """True when the trace is incomplete and its writer is known to have ended without closing
-        it (a killed run's): the writer ran on this host and its process no longer exists, so
-        nothing will append to the file. A writer on another host cannot be checked: False."""
+        it (a killed run's): one file (not joined from ranks that may run elsewhere), written on
+        this host in this pid namespace (a container can share the host name), whose writer
+        process no longer exists, so nothing will append to it. Anything that cannot be checked
+        (another host, another or unrecorded namespace, a joined trace): False."""
         pid = self._checkable_writer()
-        return pid is not None and not _process_exists(pid)
+        return (pid is not None and "joined_from" not in self.attrs
+                and self.attrs.get("writer_pid_namespace") == pid_namespace() is not None
+                and not _process_exists(pid))
 
     def _checkable_writer(self) -> int | None:
         """The writer's pid of an incomplete trace written by another process on this host."""
         if self.complete:
             return None
         pid, host = self.attrs.get("writer_pid"), self.attrs.get("writer_host")
-        if pid is None or host != socket.gethostname() or int(pid) == os.getpid():
+        try:
+            pid = int(pid)
+        except (TypeError, ValueError):  # absent or not a number: nothing to check
             return None
-        return int(pid)
+        if not 0 < pid < 1 << 22 or host != socket.gethostname() or pid == os.getpid():  # Linux pids < 2**22
+            return None
+        return pid
 
     @property
     def closed(self) -> bool:
@@ -288,9 +296,20 @@ class TraceReader:
             missing = missing_plugin(d)
             if missing is not None:
                 raise TraceError(f"{self.path}: {d.name}: {plugin_hint(missing)}") from None
-            where = ", ".join(f"{axis} {key}" for axis, key in zip(self.axes(d.name), keys) if isinstance(key, int))
-            raise TraceError(f"{self.path}: {d.name}{f' at index ({where})' if where else ''} cannot be read "
-                             f"({os_error_reason(e)}): the file may be damaged there") from None
+            where = ", ".join(f"{axis} {self._coordinate(axis, key)}"
+                              for axis, key in zip(self.axes(d.name), keys) if isinstance(key, int))
+            cause = "its writer is still running: try again" if self.live else "the file may be damaged there"
+            raise TraceError(f"{self.path}: {d.name}{f' at {where}' if where else ''} cannot be read "
+                             f"({os_error_reason(e)}): {cause}") from None
+
+    def _coordinate(self, axis: str, index: int) -> Any:
+        """The coordinate value at a position of an axis (a sample's id, a branch's name, a layer's
+        block index), as users name it; the position itself where the axis has none."""
+        values = self.coords.get(axis)
+        if values is None or not 0 <= index < len(values):
+            return index
+        value = values[index]
+        return _text(value) if isinstance(value, (bytes, str, np.str_)) else np.asarray(value).item()
 
     def _chunks(self, path: str) -> tuple[int, ...]:
         """Chunk shape, or for a virtual dataset (joined ranks) the schema's chunk rule."""
@@ -521,6 +540,14 @@ def _maybe_json(s: str) -> Any:
         return json.loads(s)
     except json.JSONDecodeError:
         return s
+
+
+def pid_namespace() -> str | None:
+    """This process's pid namespace (Linux, e.g. "pid:[4026531836]"), None where there is none to read."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def _process_exists(pid: int) -> bool:

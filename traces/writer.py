@@ -32,6 +32,7 @@ from cli_common.version import toolkit_version
 from .compression import filter_kwargs
 from .errors import TraceError
 from .layout import SampleTable, SamplingLayout, TraceMeta, TrainingLayout
+from .reader import pid_namespace
 from .schema import AXIS_COORDS, LIBVER, SCHEMA_NAME, SCHEMA_VERSION, WRITER_VERSION, Dataset, datasets
 
 _STR = h5py.string_dtype("utf-8")
@@ -116,6 +117,9 @@ class _BaseWriter:
         # who writes: a reader on this host tells a live trace from one whose writer died
         a["writer_host"] = socket.gethostname()
         a["writer_pid"] = os.getpid()
+        namespace = pid_namespace()
+        if namespace is not None:  # a pid means something only in its namespace (containers share host names)
+            a["writer_pid_namespace"] = namespace
         for key, value in meta.extra.items():
             if key in a:
                 raise TraceError(f"extra attribute {key!r} clashes with a schema attribute")
