@@ -12,10 +12,10 @@ table per layer and recursion step, and optionally writes the JSON and PNG figur
     --compare OTHER   also routing stability against another trace with the same grid
                       (e.g. another checkpoint, same prompts and seeds)
     --no-probes       skip the linear probes (the slowest part)
-    --workers N       fold a sampling trace (complete, or a killed run's recorded on this host)
-                      in up to N processes (at most the CPUs
-                      this process may use, one per written sample; probes.analysis.parallel):
-                      the same report, float sums to rounding
+    --workers N       fold a sampling trace in up to N processes (at most the CPUs this process
+                      may use, one per written sample; probes.analysis.parallel): the same
+                      report, float sums to rounding. A trace that may still be written is
+                      refused; a killed run's recorded on this host is split
     --overwrite       replace existing output files (never replaced otherwise)
 
 Bad input (missing or foreign trace, existing output without --overwrite, unwritable

@@ -104,7 +104,7 @@ def top_tokens(tr: TraceReader, expert: int, layer: int, step: int, n: int = 20)
     has_prob = tr.has("/routing/prob")
     path = "/routing/prob" if has_prob else "/routing/expert"
     # Blocks carry coordinate values; selections and the result use positions on each axis.
-    sample_pos = {int(v): i for i, v in enumerate(tr.coords["sample"])}
+    sample_pos = tr.sample_rows()
     time_pos = {int(v): i for i, v in enumerate(tr.coords["timestep"])}
     best: list[tuple[float, dict]] = []
     for blk in tr.iter_chunks(path, layer=layer, step=step):

@@ -363,6 +363,12 @@ class TraceReader:
             raise TraceError(f"no coordinate {coord!r}; have {sorted(self.coords)}")
         return select._lookup(np.atleast_1d(values), coord, self.coords[coord])
 
+    def sample_rows(self) -> dict[int, int]:
+        """Row of each sample id (`/coords/sample`). Ids and rows differ in rank files and joined
+        traces (rank r of W holds ids r, r + W, ...): blocks name samples by id, per-sample tables
+        are by row."""
+        return {int(i): row for row, i in enumerate(self.coords["sample"])}
+
     def samples(self) -> dict[str, Any]:
         """Per-sample metadata of the recorded samples: prompt, seed, label, scene (parsed)."""
         n = self.n_samples

@@ -57,7 +57,7 @@ class SampleCounts:
 
     def __init__(self, trace: TraceReader, tables: ChunkTables) -> None:
         self.trace, self.tables = trace, tables
-        self.row = {int(s): r for r, s in enumerate(trace.coords["sample"])}
+        self.row = trace.sample_rows()
         self.branch = {str(b): i for i, b in enumerate(trace.coords["branch"])}
         self.sample: int | None = None
         self.block: Any = None

@@ -29,10 +29,8 @@ class InformationFamily(ProbeFamily):
         grid = self.grid
         n_layers, n_steps = len(grid.layers), len(grid.steps)
         self.labels = self.context.labels
-        # per-sample label codes are in row order; a chunk names its sample by id (a rank file
-        # holds ids rank, rank + W, ...)
-        self.row_of = ({int(i): r for r, i in enumerate(self.context.trace.coords["sample"])}
-                       if grid.sampling else None)
+        # per-sample label codes are in row order; a chunk names its sample by id
+        self.row_of = self.context.trace.sample_rows() if grid.sampling else None
         self.tables = {lab.name: ContingencyAccumulator(grid.n_experts, len(lab.values),
                                                         (n_layers, grid.n_bins) if lab.kind == "step"
                                                         else (n_layers, n_steps, grid.n_bins))

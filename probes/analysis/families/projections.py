@@ -89,12 +89,11 @@ class ProjectionFamily(ProbeFamily):
         x, m = x[finite], m[finite]
         targets = {"timestep_bin": m[:, column["tbin"]], "recursion_step": m[:, column["step"]],
                    "expert": m[:, column["expert"]]}
-        ids = np.asarray(self.context.trace.coords["sample"], dtype=np.int64)
-        row_of_id = np.zeros(int(ids.max()) + 1 if len(ids) else 0, np.int64)
-        row_of_id[ids] = np.arange(len(ids))  # label codes are by row; meta names samples by id (rank files)
+        rows = self.context.trace.sample_rows()  # label codes are by row; meta names samples by id
+        sample_rows = np.fromiter((rows[int(i)] for i in m[:, column["sample"]]), np.int64, count=len(m))
         for lab in self.context.labels:
             if lab.kind == "sample":
-                targets[lab.name] = lab.codes[row_of_id[m[:, column["sample"]]]]
+                targets[lab.name] = lab.codes[sample_rows]
         opt, out = self.context.options, {}
         for name, y in targets.items():
             keep = y < self.grid.n_experts if name == "expert" else np.ones(len(y), bool)
